@@ -1,0 +1,110 @@
+"""Platform activities: the send with its receipt, and redemption lookups."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+from psycopg_pool import AsyncConnectionPool
+from temporalio import activity
+from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
+
+from coupons import activity_names as act
+from coupons.ledger import claims
+from coupons.model import (
+    IssueInput,
+    LookupInput,
+    PlatformView,
+    Receipt,
+    Transition,
+    idempotency_key,
+)
+from coupons.platforms.base import Platform, PlatformCoupon, PlatformRefused, SendRequest
+
+# Lookups right after a send may not show the coupon yet; poll at these gaps (seconds).
+CONFIRM_BACKOFF = (0.2, 0.4, 0.8, 1.6, 3.2, 5.0)
+
+
+class PlatformActivities:
+    def __init__(
+        self, platform: Platform, pool: AsyncConnectionPool, lag_window_s: float = 30.0
+    ) -> None:
+        self._platform = platform
+        self._pool = pool
+        self._lag_window_s = lag_window_s
+
+    @activity.defn(name=act.ISSUE_COUPON)
+    async def issue_coupon(self, input: IssueInput) -> Receipt:
+        """Send the coupon to the user's wallet and record the receipt.
+
+        Safe to retry from any point: the usable event and the receipt are unique in the
+        ledger, and the send always carries the coupon's own idempotency key, so an
+        ambiguous answer (timeout, 5xx) is resolved by sending the same key again.
+        """
+        if input.became_usable is not None:
+            await claims.record(self._pool, input.coupon_id, input.became_usable)
+        key = idempotency_key(input.coupon_id)
+        try:
+            sent = await self._platform.send_coupon(SendRequest(input.batch_id, input.user_id, key))
+        except PlatformRefused as err:
+            raise ApplicationError(
+                f"{err.code}: {err.message}",
+                err.code,
+                type=act.PLATFORM_REFUSED,
+                non_retryable=True,
+            ) from err
+        if not await self._visible(sent):
+            # Lag is not failure: retrying resends the same key and looks again.
+            raise ApplicationError(
+                f"coupon {sent.coupon_id} not visible after {self._lag_window_s:.0f}s of lookups",
+                type="ReceiptNotVisible",
+                category=ApplicationErrorCategory.BENIGN,
+            )
+        confirmed_at = datetime.now(UTC)
+        receipt = Receipt(
+            platform_coupon_id=sent.coupon_id,
+            idempotency_key=key,
+            sent_at=sent.sent_at,
+            valid_until=sent.valid_until,
+            confirmed_at=confirmed_at,
+            raw=sent.raw,
+        )
+        issued = Transition("usable", "issued", "platform confirmed the send", confirmed_at)
+        await claims.record_receipt(self._pool, input.coupon_id, receipt, issued)
+        return receipt
+
+    async def _visible(self, sent: PlatformCoupon) -> bool:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._lag_window_s
+        attempt = 0
+        while True:
+            if await self._platform.get_coupon(sent.user_id, sent.coupon_id) is not None:
+                return True
+            delay = CONFIRM_BACKOFF[min(attempt, len(CONFIRM_BACKOFF) - 1)]
+            if loop.time() + delay > give_up:
+                return False
+            activity.heartbeat(f"lookup {attempt + 1}: not visible yet")
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    @activity.defn(name=act.LOOKUP_COUPON)
+    async def lookup_coupon(self, input: LookupInput) -> PlatformView:
+        coupon = await self._platform.get_coupon(input.user_id, input.platform_coupon_id)
+        if coupon is None:
+            return PlatformView("missing")
+        return PlatformView(coupon.status.value, coupon.used_at)
+
+    @activity.defn(name=act.WAIT_FOR_REDEMPTION)
+    async def wait_for_redemption(self, input: LookupInput) -> PlatformView:
+        """Completes once the platform shows the coupon used or expired.
+
+        Until then it fails benignly and Temporal's retry backoff is the polling loop.
+        """
+        view = await self.lookup_coupon(input)
+        if view.status in ("used", "expired"):
+            return view
+        raise ApplicationError(
+            f"coupon {input.platform_coupon_id} is {view.status}",
+            type=act.NOT_YET_REDEEMED,
+            category=ApplicationErrorCategory.BENIGN,
+        )

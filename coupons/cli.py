@@ -1,0 +1,209 @@
+"""The command line an app or operator uses (`python starter.py ...`).
+
+Exit codes: 0 success, 2 bad input (the reason on stderr), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
+
+from coupons.claims import ClaimRefused, ClaimService, validate_id
+from coupons.config import ConfigError, Settings
+from coupons.ledger import claims as ledger
+from coupons.ledger import db
+from coupons.model import CancelRequest, CouponStatus, TaskCompletion
+from coupons.temporal import connect
+from workflows.user_coupon import UserCouponWorkflow
+
+# Refusals that mean the request itself was wrong.
+BAD_INPUT_CODES = {
+    "invalid_request",
+    "unknown_campaign",
+    "unknown_coupon",
+    "UnknownTask",
+    "WrongState",
+}
+
+
+class BadInput(Exception):
+    """The request names something that does not exist or is not allowed."""
+
+
+@dataclasses.dataclass
+class Context:
+    settings: Settings
+    pool: AsyncConnectionPool
+    client: Client
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="starter.py", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("claim", help="claim a coupon of a campaign for a user")
+    c.add_argument("--campaign", required=True)
+    c.add_argument("--user", required=True)
+    t = sub.add_parser("complete-task", help="report that the coupon's user completed a task")
+    t.add_argument("--coupon", required=True)
+    t.add_argument("--task", required=True)
+    t.add_argument("--wait", action="store_true", help="use the update: answer with the new state")
+    s = sub.add_parser("show", help="print a coupon's state, tasks, receipt and events")
+    s.add_argument("--coupon", required=True)
+    x = sub.add_parser("cancel", help="cancel a coupon that is not yet sent to the platform")
+    x.add_argument("--coupon", required=True)
+    x.add_argument("--reason", default="cancelled by operator")
+    x.add_argument("--no-wait", action="store_true", help="send the signal and do not wait")
+    st = sub.add_parser("stats", help="count a campaign's coupons by state (from the ledger)")
+    st.add_argument("--campaign", required=True)
+    sub.add_parser("repair", help="start the workflows of claims that lack one")
+    return p
+
+
+async def cmd_claim(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
+    result = await ClaimService(ctx.pool, ctx.client, ctx.settings).claim(args.campaign, args.user)
+    return dataclasses.asdict(result)
+
+
+async def _claim_of(ctx: Context, coupon_id: str) -> ledger.Claim:
+    claim = await ledger.get_claim(ctx.pool, coupon_id)
+    if claim is None:
+        raise BadInput(f"no coupon {coupon_id!r}")
+    return claim
+
+
+async def cmd_complete_task(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
+    claim = await _claim_of(ctx, args.coupon)
+    handle = ctx.client.get_workflow_handle_for(UserCouponWorkflow.run, claim.workflow_id)
+    completion = TaskCompletion(args.task)
+    if args.wait:
+        status = await handle.execute_update(UserCouponWorkflow.complete_task, completion)
+        return {
+            "coupon_id": claim.coupon_id,
+            "state": status.state,
+            "tasks_done": status.tasks_done,
+        }
+    if args.task not in claim.required_tasks:
+        known = ", ".join(claim.required_tasks) or "none"
+        raise BadInput(f"unknown task {args.task!r}; this coupon's tasks are: {known}")
+    await handle.signal(UserCouponWorkflow.task_done, completion)
+    return {"coupon_id": claim.coupon_id, "signalled": "task_done", "task": args.task}
+
+
+async def cmd_cancel(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
+    claim = await _claim_of(ctx, args.coupon)
+    handle = ctx.client.get_workflow_handle_for(UserCouponWorkflow.run, claim.workflow_id)
+    if args.no_wait:
+        await handle.signal(UserCouponWorkflow.cancel, CancelRequest(args.reason))
+        return {"coupon_id": claim.coupon_id, "signalled": "cancel"}
+    status = await handle.execute_update(
+        UserCouponWorkflow.cancel_coupon, CancelRequest(args.reason)
+    )
+    return {"coupon_id": claim.coupon_id, "state": status.state}
+
+
+async def cmd_show(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
+    view = await ledger.coupon_view(ctx.pool, args.coupon)
+    if view is None:
+        raise BadInput(f"no coupon {args.coupon!r}")
+    claim: ledger.Claim = view["claim"]
+    handle = ctx.client.get_workflow_handle_for(UserCouponWorkflow.run, claim.workflow_id)
+    workflow: CouponStatus | None = None
+    try:
+        workflow = await handle.query(UserCouponWorkflow.status)
+    except RPCError as err:
+        if err.status != RPCStatusCode.NOT_FOUND:
+            raise
+    return {
+        "coupon_id": claim.coupon_id,
+        "campaign_id": claim.campaign_id,
+        "user_id": claim.user_id,
+        "state": claim.state,
+        "workflow_id": claim.workflow_id,
+        "workflow_state": workflow.state if workflow else None,
+        "waiting_for": workflow.waiting_for if workflow else None,
+        "tasks": {
+            "required": claim.required_tasks,
+            "done": workflow.tasks_done if workflow else None,
+            "deadline": claim.task_deadline,
+        },
+        "claimed_at": claim.claimed_at,
+        "receipt": view["receipt"],
+        "events": view["events"],
+    }
+
+
+async def cmd_stats(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
+    validate_id("campaign", args.campaign)
+    return {
+        "campaign_id": args.campaign,
+        "states": await ledger.count_by_state(ctx.pool, args.campaign),
+    }
+
+
+async def cmd_repair(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
+    return {"repaired": await ClaimService(ctx.pool, ctx.client, ctx.settings).repair()}
+
+
+COMMANDS: dict[str, Callable[[Context, argparse.Namespace], Awaitable[dict[str, Any]]]] = {
+    "claim": cmd_claim,
+    "complete-task": cmd_complete_task,
+    "show": cmd_show,
+    "cancel": cmd_cancel,
+    "stats": cmd_stats,
+    "repair": cmd_repair,
+}
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+async def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    client = await connect(settings)
+    async with db.pool(settings.database_url, max_size=2) as pool:
+        return await COMMANDS[args.command](Context(settings, pool, client), args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = parser().parse_args(argv)
+    try:
+        result = asyncio.run(run(args, Settings.from_env()))
+    except (BadInput, ConfigError) as err:
+        return _fail(2, str(err))
+    except ClaimRefused as err:
+        return _fail(2 if err.code in BAD_INPUT_CODES else 1, f"{err.code}: {err}")
+    except WorkflowUpdateFailedError as err:
+        cause = err.cause
+        if isinstance(cause, ApplicationError):
+            return _fail(
+                2 if cause.type in BAD_INPUT_CODES else 1, f"{cause.type}: {cause.message}"
+            )
+        return _fail(1, str(err))
+    except (RPCError, OSError) as err:
+        return _fail(1, f"{type(err).__name__}: {err}")
+    print(json.dumps(result, default=_json_default, indent=2))
+    return 0
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code

@@ -1,0 +1,94 @@
+"""Configuration: one typed object, built from the environment in one place.
+
+Every default points at the embedded stack that `make run` starts, so the command
+line and the worker work against it with no configuration at all.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+N = TypeVar("N", int, float)
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = Path(".data")
+    database_url_override: str | None = None
+    pg_port: int = 55432
+    temporal_address_override: str | None = None
+    temporal_port: int = 7233
+    temporal_ui_port: int = 8233
+    temporal_namespace: str = "default"
+    task_queue: str = "coupons"
+    platform_task_queue: str = "coupons-platform"
+    platform_url_override: str | None = None
+    simulator_port: int = 8600
+    platform_api_key: str | None = None
+    platform_timeout_s: float = 5.0
+    platform_rate_limit: float = 500.0
+    lag_window_s: float = 30.0
+    redemption_poll_initial_s: float = 300.0
+    redemption_poll_max_s: float = 6 * 3600.0
+    db_pool_size: int = 20
+    claim_repair_after_s: float = 30.0
+
+    @property
+    def database_url(self) -> str:
+        return (
+            self.database_url_override or f"postgresql://postgres@127.0.0.1:{self.pg_port}/coupons"
+        )
+
+    @property
+    def temporal_address(self) -> str:
+        return self.temporal_address_override or f"127.0.0.1:{self.temporal_port}"
+
+    @property
+    def platform_url(self) -> str:
+        return self.platform_url_override or f"http://127.0.0.1:{self.simulator_port}"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        return cls(
+            data_dir=Path(env.get("DATA_DIR", ".data")),
+            database_url_override=env.get("DATABASE_URL") or None,
+            pg_port=_number(env, "PG_PORT", 55432, int),
+            temporal_address_override=env.get("TEMPORAL_ADDRESS") or None,
+            temporal_port=_number(env, "TEMPORAL_PORT", 7233, int),
+            temporal_ui_port=_number(env, "TEMPORAL_UI_PORT", 8233, int),
+            temporal_namespace=env.get("TEMPORAL_NAMESPACE", "default"),
+            task_queue=env.get("TASK_QUEUE", "coupons"),
+            platform_task_queue=env.get("PLATFORM_TASK_QUEUE", "coupons-platform"),
+            platform_url_override=env.get("PLATFORM_URL") or None,
+            simulator_port=_number(env, "SIMULATOR_PORT", 8600, int),
+            platform_api_key=env.get("PLATFORM_API_KEY") or None,
+            platform_timeout_s=_number(env, "PLATFORM_TIMEOUT_S", 5.0, float),
+            platform_rate_limit=_number(env, "PLATFORM_RATE_LIMIT", 500.0, float),
+            lag_window_s=_number(env, "LAG_WINDOW_S", 30.0, float),
+            redemption_poll_initial_s=_number(env, "REDEMPTION_POLL_INITIAL_S", 300.0, float),
+            redemption_poll_max_s=_number(env, "REDEMPTION_POLL_MAX_S", 21600.0, float),
+            db_pool_size=_number(env, "DB_POOL_SIZE", 20, int),
+            claim_repair_after_s=_number(env, "CLAIM_REPAIR_AFTER_S", 30.0, float),
+        )
+
+
+def _number(env: Mapping[str, str], name: str, default: N, kind: type[N]) -> N:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+    if value <= 0:
+        raise ConfigError(f"{name}={raw!r} must be greater than zero")
+    return value

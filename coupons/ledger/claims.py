@@ -1,0 +1,201 @@
+"""Claims (one row per user coupon), their receipts and the append-only event trail."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from psycopg import AsyncConnection
+from psycopg.rows import class_row, dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from coupons.model import Receipt, Transition, coupon_workflow_id
+
+
+class ClaimRefused(Exception):
+    """A claim the campaign's rules refuse; `code` is stable for callers."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Claim:
+    coupon_id: str
+    campaign_id: str
+    user_id: str
+    seq: int
+    state: str
+    workflow_id: str
+    workflow_started: bool
+    claimed_at: datetime
+    task_deadline: datetime | None
+    batch_id: str
+    required_tasks: list[str]
+
+
+_CLAIM_COLUMNS = (
+    "c.coupon_id, c.campaign_id, c.user_id, c.seq, c.state, c.workflow_id, c.workflow_started,"
+    " c.claimed_at, c.task_deadline, k.batch_id, k.required_tasks"
+)
+
+
+async def claim(pool: AsyncConnectionPool, campaign_id: str, user_id: str) -> tuple[Claim, bool]:
+    """Claim a coupon atomically: (the claim, True) or, at the user's limit, (their latest, False).
+
+    The campaign row is locked for the length of one short transaction, so the quota
+    and the per-user limit hold whatever the concurrency.
+    """
+    async with pool.connection() as conn, conn.transaction():
+        cur = await conn.execute(
+            "SELECT per_user_limit, quota, claimed, task_deadline, required_tasks"
+            " FROM campaigns WHERE id = %s FOR UPDATE",
+            (campaign_id,),
+        )
+        campaign = await cur.fetchone()
+        if campaign is None:
+            raise ClaimRefused("unknown_campaign", f"no campaign {campaign_id!r}")
+        per_user_limit, quota, claimed, deadline, required_tasks = campaign
+        held = await _claims_of(conn, campaign_id, user_id)
+        if len(held) >= per_user_limit:
+            return held[0], False
+        if claimed >= quota:
+            raise ClaimRefused("sold_out", f"campaign {campaign_id!r} has no coupons left")
+        seq = len(held) + 1
+        coupon_id = f"{campaign_id}:{user_id}:{seq}"
+        state = "received" if required_tasks else "usable"
+        await conn.execute(
+            "UPDATE campaigns SET claimed = claimed + 1 WHERE id = %s", (campaign_id,)
+        )
+        await conn.execute(
+            "INSERT INTO claims (coupon_id, campaign_id, user_id, seq, state, workflow_id,"
+            " task_deadline) VALUES (%s, %s, %s, %s, %s, %s, now() + %s)",
+            (coupon_id, campaign_id, user_id, seq, state, coupon_workflow_id(coupon_id), deadline),
+        )
+        await conn.execute(
+            "INSERT INTO coupon_events (coupon_id, from_state, to_state, cause, at)"
+            " VALUES (%s, NULL, %s, 'claimed', now())",
+            (coupon_id, state),
+        )
+        new = await _claims_of(conn, campaign_id, user_id)
+        return new[0], True
+
+
+async def _claims_of(conn: AsyncConnection[Any], campaign_id: str, user_id: str) -> list[Claim]:
+    cur = conn.cursor(row_factory=class_row(Claim))
+    await cur.execute(
+        f"SELECT {_CLAIM_COLUMNS} FROM claims c JOIN campaigns k ON k.id = c.campaign_id"
+        " WHERE c.campaign_id = %s AND c.user_id = %s ORDER BY c.seq DESC",
+        (campaign_id, user_id),
+    )
+    return await cur.fetchall()
+
+
+async def get_claim(pool: AsyncConnectionPool, coupon_id: str) -> Claim | None:
+    async with pool.connection() as conn:
+        cur = conn.cursor(row_factory=class_row(Claim))
+        await cur.execute(
+            f"SELECT {_CLAIM_COLUMNS} FROM claims c JOIN campaigns k ON k.id = c.campaign_id"
+            " WHERE c.coupon_id = %s",
+            (coupon_id,),
+        )
+        return await cur.fetchone()
+
+
+async def mark_started(pool: AsyncConnectionPool, coupon_id: str) -> None:
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE claims SET workflow_started = true"
+            " WHERE coupon_id = %s AND NOT workflow_started",
+            (coupon_id,),
+        )
+
+
+async def unstarted(
+    pool: AsyncConnectionPool, older_than: timedelta, limit: int = 500
+) -> list[Claim]:
+    """Claims whose workflow start was never confirmed (a crash between the two steps)."""
+    async with pool.connection() as conn:
+        cur = conn.cursor(row_factory=class_row(Claim))
+        await cur.execute(
+            f"SELECT {_CLAIM_COLUMNS} FROM claims c JOIN campaigns k ON k.id = c.campaign_id"
+            " WHERE NOT c.workflow_started AND c.claimed_at < now() - %s"
+            " ORDER BY c.claimed_at LIMIT %s",
+            (older_than, limit),
+        )
+        return await cur.fetchall()
+
+
+async def record_transition(conn: AsyncConnection[Any], coupon_id: str, t: Transition) -> bool:
+    """Append the event and move the claim's state; False when it was already recorded."""
+    cur = await conn.execute(
+        "WITH event AS ("
+        " INSERT INTO coupon_events (coupon_id, from_state, to_state, cause, at)"
+        " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (coupon_id, to_state) DO NOTHING"
+        " RETURNING coupon_id)"
+        " UPDATE claims SET state = %s, updated_at = now()"
+        " WHERE coupon_id = (SELECT coupon_id FROM event) RETURNING 1",
+        (coupon_id, t.from_state, t.to_state, t.cause, t.at, t.to_state),
+    )
+    return await cur.fetchone() is not None
+
+
+async def record_receipt(
+    pool: AsyncConnectionPool, coupon_id: str, receipt: Receipt, issued: Transition
+) -> None:
+    """The receipt and the move to `issued`, in one transaction: never one without the other."""
+    async with pool.connection() as conn, conn.transaction():
+        await conn.execute(
+            "INSERT INTO receipts (coupon_id, platform_coupon_id, idempotency_key, sent_at,"
+            " valid_until, confirmed_at, raw) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (coupon_id) DO NOTHING",
+            (
+                coupon_id,
+                receipt.platform_coupon_id,
+                receipt.idempotency_key,
+                receipt.sent_at,
+                receipt.valid_until,
+                receipt.confirmed_at,
+                Jsonb(receipt.raw),
+            ),
+        )
+        await record_transition(conn, coupon_id, issued)
+
+
+async def record(pool: AsyncConnectionPool, coupon_id: str, transition: Transition) -> bool:
+    async with pool.connection() as conn, conn.transaction():
+        return await record_transition(conn, coupon_id, transition)
+
+
+async def coupon_view(pool: AsyncConnectionPool, coupon_id: str) -> dict[str, Any] | None:
+    """The ledger's whole record of one coupon: claim, receipt and events."""
+    claim_row = await get_claim(pool, coupon_id)
+    if claim_row is None:
+        return None
+    async with pool.connection() as conn:
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(
+            "SELECT platform_coupon_id, idempotency_key, sent_at, valid_until, confirmed_at, raw"
+            " FROM receipts WHERE coupon_id = %s",
+            (coupon_id,),
+        )
+        receipt = await cur.fetchone()
+        await cur.execute(
+            "SELECT from_state, to_state, cause, at FROM coupon_events"
+            " WHERE coupon_id = %s ORDER BY id",
+            (coupon_id,),
+        )
+        events = await cur.fetchall()
+    return {"claim": claim_row, "receipt": receipt, "events": events}
+
+
+async def count_by_state(pool: AsyncConnectionPool, campaign_id: str) -> dict[str, int]:
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT state, count(*) FROM claims WHERE campaign_id = %s GROUP BY state",
+            (campaign_id,),
+        )
+        return {state: n for state, n in await cur.fetchall()}

@@ -1,0 +1,70 @@
+"""The connection pool and the versioned migrations applied at start."""
+
+from __future__ import annotations
+
+import logging
+import re
+from importlib import resources
+
+from psycopg import AsyncConnection, sql
+from psycopg_pool import AsyncConnectionPool
+
+log = logging.getLogger(__name__)
+
+_MIGRATION = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
+
+
+def pool(url: str, *, schema: str | None = None, max_size: int = 10) -> AsyncConnectionPool:
+    """One pool per process; open it with `await pool.open()` (or `async with`)."""
+    kwargs: dict[str, object] = {"autocommit": True}
+    if schema is not None:
+        # Tests give every test its own schema; the SQL never names one.
+        kwargs["options"] = f"-c search_path={schema}"
+    return AsyncConnectionPool(url, min_size=1, max_size=max_size, kwargs=kwargs, open=False)
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) for every migration file, in order."""
+    found = []
+    for entry in resources.files("coupons.ledger").joinpath("migrations").iterdir():
+        match = _MIGRATION.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), match.group(2), entry.read_text()))
+    return sorted(found)
+
+
+async def migrate(conn: AsyncConnection[object]) -> list[int]:
+    """Apply the migrations not yet applied, each in its own transaction; returns them."""
+    applied: list[int] = []
+    async with conn.transaction():
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+    for version, name, text in migrations():
+        async with conn.transaction():
+            # Two processes starting at once must not both apply the same migration.
+            await conn.execute("SELECT pg_advisory_xact_lock(7236001)")
+            cur = await conn.execute(
+                "SELECT 1 FROM schema_migrations WHERE version = %s", (version,)
+            )
+            if await cur.fetchone():
+                continue
+            await conn.execute(sql.SQL(text))  # type: ignore[call-overload]
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, name)
+            )
+            log.info("applied migration %03d_%s", version, name)
+            applied.append(version)
+    return applied
+
+
+async def migrate_url(url: str, *, schema: str | None = None) -> list[int]:
+    options = f"-c search_path={schema}" if schema else ""
+    async with await AsyncConnection.connect(url, autocommit=True, options=options) as conn:
+        if schema is not None:
+            await conn.execute(
+                sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema))
+            )
+        return await migrate(conn)

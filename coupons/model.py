@@ -1,0 +1,131 @@
+"""Dataclasses shared by the workflow, the activities and the command line.
+
+One argument per workflow, signal, update and activity, so fields can be added later
+without breaking stored histories. Only stdlib and temporalio's pure `common` module
+here: the workflow sandbox imports this file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from temporalio.common import SearchAttributeKey
+
+COUPON_STATE = SearchAttributeKey.for_keyword("CouponState")
+CAMPAIGN_ID = SearchAttributeKey.for_keyword("CampaignId")
+USER_ID = SearchAttributeKey.for_keyword("UserId")
+SEARCH_ATTRIBUTES = (COUPON_STATE, CAMPAIGN_ID, USER_ID)
+
+
+def coupon_workflow_id(coupon_id: str) -> str:
+    """Stable, so a repeated claim or a repair finds the same workflow."""
+    return f"coupon:{coupon_id}"
+
+
+@dataclass
+class Transition:
+    from_state: str | None
+    to_state: str
+    cause: str
+    at: datetime
+
+
+@dataclass
+class CouponInput:
+    coupon_id: str
+    campaign_id: str
+    user_id: str
+    batch_id: str
+    required_tasks: list[str]
+    claimed_at: datetime
+    task_deadline: datetime | None
+    # Platform calls run on their own task queue, rate-limited to the platform's limit.
+    platform_task_queue: str = "coupons-platform"
+    # Redemption is polled with a long backoff until the coupon's validity ends.
+    redemption_poll_initial_s: float = 300.0
+    redemption_poll_max_s: float = 6 * 3600.0
+
+
+@dataclass
+class TaskCompletion:
+    task: str
+
+
+@dataclass
+class CancelRequest:
+    reason: str = "cancelled"
+
+
+@dataclass
+class RedemptionReport:
+    used_at: datetime
+    source: str = "callback"
+
+
+@dataclass
+class Receipt:
+    platform_coupon_id: str
+    idempotency_key: str
+    sent_at: datetime
+    valid_until: datetime
+    confirmed_at: datetime
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class IssueInput:
+    coupon_id: str
+    batch_id: str
+    user_id: str
+    # The transition into `usable` still to be written to the ledger (None when the
+    # claim already recorded it), written by the issue activity to save a round trip.
+    became_usable: Transition | None
+
+
+@dataclass
+class RecordTransitionInput:
+    coupon_id: str
+    transition: Transition
+
+
+@dataclass
+class LookupInput:
+    user_id: str
+    platform_coupon_id: str
+
+
+@dataclass
+class PlatformView:
+    """What the platform's lookup says of an issued coupon."""
+
+    status: str  # "sent", "used", "expired" or "missing"
+    used_at: datetime | None = None
+
+
+@dataclass
+class CouponStatus:
+    """The full state of one coupon as the workflow holds it (the `status` query)."""
+
+    coupon_id: str
+    campaign_id: str
+    user_id: str
+    state: str
+    tasks_required: list[str]
+    tasks_done: list[str]
+    task_deadline: datetime | None
+    waiting_for: str
+    receipt: Receipt | None = None
+    transitions: list[Transition] = field(default_factory=list)
+    ignored_signals: list[str] = field(default_factory=list)
+
+
+def idempotency_key(coupon_id: str) -> str:
+    """The platform-side request key of a coupon's send: 32 hex chars, as WeChat allows.
+
+    Derived, never random, so every retry and every resend after an ambiguous answer
+    carries the same key.
+    """
+    return hashlib.sha256(coupon_id.encode()).hexdigest()[:32]

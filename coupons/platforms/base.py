@@ -1,0 +1,104 @@
+"""The one small interface every coupon platform adapter implements.
+
+Adapters translate between these types and a platform's own paths, field names and
+error codes; nothing outside an adapter knows a platform field name. Adapters know
+nothing of Temporal or the ledger: the activities decide what an error means for the
+coupon's lifecycle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Protocol
+
+
+class PlatformCouponStatus(StrEnum):
+    SENT = "sent"
+    USED = "used"
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """What we ask the platform to create. `request_key` makes creation idempotent."""
+
+    request_key: str
+    name: str
+    face_value_cents: int
+    min_spend_cents: int
+    quantity: int
+    valid_days: int
+    per_user_limit: int = 1
+
+
+@dataclass(frozen=True)
+class PlatformBatch:
+    batch_id: str
+    name: str
+    status: str
+    quantity: int
+    remaining: int
+    valid_days: int
+    raw: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SendRequest:
+    batch_id: str
+    user_id: str
+    # Derived from our coupon id (WeChat `out_request_no`, Alipay `out_biz_no`): resending
+    # the same key after an ambiguous answer can never put a second coupon in the wallet.
+    idempotency_key: str
+
+
+@dataclass(frozen=True)
+class PlatformCoupon:
+    coupon_id: str
+    batch_id: str
+    user_id: str
+    status: PlatformCouponStatus
+    sent_at: datetime
+    valid_until: datetime
+    used_at: datetime | None
+    raw: dict[str, Any]
+
+
+class PlatformError(Exception):
+    """Base of every error an adapter raises; `code` is the platform's own code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class PlatformRefused(PlatformError):
+    """A definitive refusal (unknown batch, restricted user, batch ended): never retried."""
+
+
+class PlatformUnavailable(PlatformError):
+    """5xx, timeouts, dropped connections: the request may or may not have been applied."""
+
+
+class PlatformRateLimited(PlatformError):
+    """The platform's frequency limit answered: back off and try again."""
+
+
+class PlatformBudgetExhausted(PlatformError):
+    """The batch has no budget left right now; it may come back (the catalog rules decide)."""
+
+
+class Platform(Protocol):
+    async def create_batch(self, spec: BatchSpec) -> PlatformBatch: ...
+
+    async def get_batch(self, batch_id: str) -> PlatformBatch: ...
+
+    async def send_coupon(self, request: SendRequest) -> PlatformCoupon: ...
+
+    async def get_coupon(self, user_id: str, coupon_id: str) -> PlatformCoupon | None:
+        """The coupon as the platform's lookup shows it now; None while it is not (yet) visible."""
+        ...
+
+    async def aclose(self) -> None: ...

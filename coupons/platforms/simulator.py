@@ -1,0 +1,552 @@
+"""A real HTTP coupon platform speaking our own small REST protocol ("generic" mode).
+
+Tests, the demo, chaos runs and benchmarks talk to it over the network exactly as they
+would to a third-party platform. State lives in SQLite so it survives restarts, and the
+`/sim/*` control plane turns the knobs that make a platform hard to live with: latency,
+errors, ambiguous timeouts, lookup lag, rate limits, restricted users.
+
+Run: python -m coupons.platforms.simulator --host 127.0.0.1 --port 8600 --data PATH.sqlite3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import logging
+import os
+import random
+import sqlite3
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+log = logging.getLogger("coupons.platforms.simulator")
+
+DEFAULT_DATA = Path(".data/simulator.sqlite3")
+AMBIGUOUS_MODES = ("hang", "5xx")
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"code": self.code, "message": self.message}, self.status)
+
+
+# ---------------------------------------------------------------- knobs
+
+
+def _number(value: object, *, lo: float = 0.0, hi: float | None = None) -> float:
+    # bool is an int in Python; `true` as a latency is a caller bug, not 1 ms.
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError("must be a number")
+    number = float(value)
+    if number < lo or (hi is not None and number > hi):
+        raise ValueError(f"must be between {lo} and {hi}" if hi is not None else f"must be >= {lo}")
+    return number
+
+
+def _rate(value: object) -> float:
+    return _number(value, hi=1.0)
+
+
+def _count(value: object) -> int:
+    number = _number(value)
+    if number != int(number):
+        raise ValueError("must be a whole number")
+    return int(number)
+
+
+def _mode(value: object) -> str:
+    if value not in AMBIGUOUS_MODES:
+        raise ValueError(f"must be one of {', '.join(AMBIGUOUS_MODES)}")
+    return str(value)
+
+
+def _users(value: object) -> list[str]:
+    if isinstance(value, str):  # the env var form: "u1,u2"
+        return [user.strip() for user in value.split(",") if user.strip()]
+    if isinstance(value, list) and all(isinstance(user, str) for user in value):
+        return list(value)
+    raise ValueError("must be a list of user ids")
+
+
+def _seed(value: object) -> int | None:
+    return None if value is None or value == "" else _count(value)
+
+
+_KNOB_PARSERS: dict[str, Callable[[object], object]] = {
+    "latency_ms": _number,
+    "error_rate": _rate,
+    "ambiguous_rate": _rate,
+    "ambiguous_hang_s": _number,
+    "ambiguous_mode": _mode,
+    "lookup_lag_s": _number,
+    "rate_limit_per_s": _count,
+    "restricted_users": _users,
+    "seed": _seed,
+    "clock_offset_s": lambda value: _number(value, lo=float("-inf")),
+}
+
+
+@dataclass
+class Knobs:
+    """Operator knobs; each one is read from `SIM_<NAME>` at start and set via PUT /sim/knobs."""
+
+    latency_ms: float = 0.0
+    error_rate: float = 0.0
+    ambiguous_rate: float = 0.0
+    ambiguous_hang_s: float = 10.0
+    ambiguous_mode: str = "hang"
+    lookup_lag_s: float = 0.0
+    rate_limit_per_s: int = 0  # 0 means unlimited
+    restricted_users: list[str] = field(default_factory=list)
+    seed: int | None = None
+    # Shifts the simulator's clock, so validity windows can run out without waiting days.
+    clock_offset_s: float = 0.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Knobs:
+        env = os.environ if env is None else env
+        names = {f"SIM_{name.upper()}": name for name in _KNOB_PARSERS}
+        knobs = cls()
+        knobs.update({name: env[var] for var, name in names.items() if var in env})
+        return knobs
+
+    def update(self, changes: Mapping[str, object]) -> None:
+        """Validate every change first, so a bad request changes nothing."""
+        parsed: dict[str, object] = {}
+        for name, value in changes.items():
+            parser = _KNOB_PARSERS.get(name)
+            if parser is None:
+                raise ApiError(400, "INVALID_REQUEST", f"unknown knob: {name}")
+            try:
+                parsed[name] = parser(value)
+            except ValueError as exc:
+                raise ApiError(400, "INVALID_REQUEST", f"{name} {exc}") from None
+        for name, value in parsed.items():
+            setattr(self, name, value)
+
+
+# ---------------------------------------------------------------- storage
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id TEXT PRIMARY KEY,
+    request_key TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    status TEXT NOT NULL,
+    face_value_cents INTEGER NOT NULL,
+    min_spend_cents INTEGER NOT NULL,
+    quantity INTEGER NOT NULL,
+    remaining INTEGER NOT NULL CHECK (remaining >= 0),
+    valid_days INTEGER NOT NULL,
+    per_user_limit INTEGER NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS coupons (
+    coupon_id TEXT PRIMARY KEY,
+    idempotency_key TEXT NOT NULL UNIQUE,
+    batch_id TEXT NOT NULL REFERENCES batches (batch_id),
+    user_id TEXT NOT NULL,
+    sent_at TEXT NOT NULL,
+    valid_until TEXT NOT NULL,
+    used_at TEXT
+);
+CREATE INDEX IF NOT EXISTS coupons_by_batch_user ON coupons (batch_id, user_id);
+"""
+
+
+class Store:
+    """One SQLite connection, used only from the event loop thread.
+
+    Every read-check-write runs synchronously inside one transaction with no `await` in
+    between, so concurrent requests cannot interleave within it; the UNIQUE constraints are
+    the second line of defence.
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # check_same_thread=False: the app may be built in one thread and served in another.
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        # WAL + NORMAL loses nothing when the process is killed, only on an OS crash.
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(_SCHEMA)
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def close(self) -> None:
+        self.db.close()
+
+
+# ---------------------------------------------------------------- request helpers
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ApiError(400, "INVALID_REQUEST", "body must be JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "INVALID_REQUEST", "body must be a JSON object")
+    return body
+
+
+def _text(body: Mapping[str, Any], name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise ApiError(400, "INVALID_REQUEST", f"{name} must be a non-empty string")
+    return value
+
+
+def _integer(body: Mapping[str, Any], name: str, *, minimum: int) -> int:
+    value = body.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ApiError(400, "INVALID_REQUEST", f"{name} must be an integer >= {minimum}")
+    return value
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat()
+
+
+def _batch_json(row: sqlite3.Row) -> dict[str, Any]:
+    return {key: row[key] for key in row.keys() if key != "request_key"}
+
+
+# ---------------------------------------------------------------- the simulator
+
+
+class Simulator:
+    def __init__(self, data_path: Path, knobs: Knobs, api_key: str | None) -> None:
+        self.store = Store(data_path)
+        self.knobs = knobs
+        self.rng = random.Random(knobs.seed)
+        self._api_key = api_key
+        self._window = (0, 0)  # (second, requests seen in it)
+        self.counters = dict.fromkeys(
+            (
+                "sends_applied",
+                "sends_replayed",
+                "lookups_not_found",
+                "errors_injected",
+                "ambiguous_injected",
+                "rate_limited",
+            ),
+            0,
+        )
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + timedelta(seconds=self.knobs.clock_offset_s)
+
+    def _roll(self, rate: float) -> bool:
+        return rate > 0 and self.rng.random() < rate
+
+    def _coupon_json(self, row: sqlite3.Row) -> dict[str, Any]:
+        if row["used_at"] is not None:
+            status = "used"
+        elif self.now() > datetime.fromisoformat(row["valid_until"]):
+            status = "expired"
+        else:
+            status = "sent"
+        return {
+            "coupon_id": row["coupon_id"],
+            "batch_id": row["batch_id"],
+            "user_id": row["user_id"],
+            "status": status,
+            "sent_at": row["sent_at"],
+            "valid_until": row["valid_until"],
+            "used_at": row["used_at"],
+        }
+
+    # -- guards ---------------------------------------------------------------
+
+    def _check_auth(self, request: Request) -> None:
+        if self._api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self._api_key}".encode()):
+            raise ApiError(401, "UNAUTHORIZED", "missing or wrong API key")
+
+    def _check_rate(self) -> None:
+        limit = self.knobs.rate_limit_per_s
+        if limit <= 0:
+            return
+        second = int(time.monotonic())
+        seen = self._window[1] + 1 if self._window[0] == second else 1
+        self._window = (second, seen)
+        if seen > limit:
+            self.counters["rate_limited"] += 1
+            raise ApiError(429, "RATE_LIMITED", f"more than {limit} requests per second")
+
+    def v1(self, handler: Handler) -> Handler:
+        async def endpoint(request: Request) -> Response:
+            try:
+                self._check_auth(request)
+                self._check_rate()
+                response: Response = await handler(request)
+            except ApiError as exc:
+                response = exc.response()
+            if self.knobs.latency_ms > 0:
+                await asyncio.sleep(self.knobs.latency_ms / 1000)
+            return response
+
+        return endpoint
+
+    @staticmethod
+    def control(handler: Handler) -> Handler:
+        async def endpoint(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except ApiError as exc:
+                return exc.response()
+
+        return endpoint
+
+    # -- /v1 --------------------------------------------------------------------
+
+    async def create_batch(self, request: Request) -> Response:
+        body = await _json_object(request)
+        spec: dict[str, Any] = {
+            "name": _text(body, "name"),
+            "face_value_cents": _integer(body, "face_value_cents", minimum=1),
+            "min_spend_cents": _integer(body, "min_spend_cents", minimum=0),
+            "quantity": _integer(body, "quantity", minimum=1),
+            "valid_days": _integer(body, "valid_days", minimum=1),
+            "per_user_limit": _integer(body, "per_user_limit", minimum=1),
+        }
+        request_key = _text(body, "request_key")
+        with self.store.tx() as db:
+            row = db.execute(
+                "SELECT * FROM batches WHERE request_key = ?", (request_key,)
+            ).fetchone()
+            if row is not None:
+                if any(row[name] != value for name, value in spec.items()):
+                    raise ApiError(
+                        409, "IDEMPOTENCY_KEY_REUSED", "request_key was used for another batch"
+                    )
+                return JSONResponse(_batch_json(row), 200)
+            batch_id = f"bat_{uuid.uuid4().hex[:20]}"
+            db.execute(
+                "INSERT INTO batches (batch_id, request_key, status, remaining, created_at,"
+                f" {', '.join(spec)}) VALUES (?, ?, 'active', ?, ?, {', '.join('?' * len(spec))})",
+                (batch_id, request_key, spec["quantity"], _iso(self.now()), *spec.values()),
+            )
+            row = db.execute("SELECT * FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()
+        log.info("batch %s created (%s coupons)", batch_id, spec["quantity"])
+        return JSONResponse(_batch_json(row), 201)
+
+    async def get_batch(self, request: Request) -> Response:
+        batch_id = request.path_params["batch_id"]
+        row = self.store.db.execute(
+            "SELECT * FROM batches WHERE batch_id = ?", (batch_id,)
+        ).fetchone()
+        if row is None:
+            raise ApiError(404, "BATCH_NOT_FOUND", f"no batch {batch_id}")
+        return JSONResponse(_batch_json(row))
+
+    async def send_coupon(self, request: Request) -> Response:
+        batch_id: str = request.path_params["batch_id"]
+        body = await _json_object(request)
+        user_id = _text(body, "user_id")
+        key = _text(body, "idempotency_key")
+        if self._roll(self.knobs.error_rate):
+            self.counters["errors_injected"] += 1
+            log.info("send %s: injected SYSTEM_ERROR, not applied", key)
+            raise ApiError(500, "SYSTEM_ERROR", "system error, please retry")
+
+        row, created = self._apply_send(batch_id, user_id, key)
+        self.counters["sends_applied" if created else "sends_replayed"] += 1
+        coupon = self._coupon_json(row)
+
+        if self._roll(self.knobs.ambiguous_rate):
+            # The send is committed; the caller just cannot tell. Only resending the same key
+            # finds out what happened.
+            self.counters["ambiguous_injected"] += 1
+            log.info("send %s: applied, answering ambiguously (%s)", key, self.knobs.ambiguous_mode)
+            if self.knobs.ambiguous_mode == "5xx":
+                raise ApiError(500, "SYSTEM_ERROR", "system error, please retry")
+            await asyncio.sleep(self.knobs.ambiguous_hang_s)
+        return JSONResponse(coupon, 201 if created else 200)
+
+    def _apply_send(self, batch_id: str, user_id: str, key: str) -> tuple[sqlite3.Row, bool]:
+        with self.store.tx() as db:
+            row = db.execute("SELECT * FROM coupons WHERE idempotency_key = ?", (key,)).fetchone()
+            if row is not None:
+                if (row["batch_id"], row["user_id"]) != (batch_id, user_id):
+                    raise ApiError(
+                        409,
+                        "IDEMPOTENCY_KEY_REUSED",
+                        "idempotency_key was used for another batch or user",
+                    )
+                return row, False
+            batch = db.execute("SELECT * FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()
+            if batch is None:
+                raise ApiError(404, "BATCH_NOT_FOUND", f"no batch {batch_id}")
+            if user_id in self.knobs.restricted_users:
+                raise ApiError(403, "USER_RESTRICTED", "this user may not receive coupons")
+            (held,) = db.execute(
+                "SELECT count(*) FROM coupons WHERE batch_id = ? AND user_id = ?",
+                (batch_id, user_id),
+            ).fetchone()
+            if held >= batch["per_user_limit"]:
+                raise ApiError(403, "USER_LIMIT_REACHED", "the user holds the batch's limit")
+            if batch["remaining"] <= 0:
+                raise ApiError(409, "BUDGET_EXHAUSTED", "the batch has no coupons left")
+            sent_at = self.now()
+            coupon_id = f"cpn_{uuid.uuid4().hex[:20]}"
+            db.execute(
+                "INSERT INTO coupons (coupon_id, idempotency_key, batch_id, user_id, sent_at,"
+                " valid_until) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    coupon_id,
+                    key,
+                    batch_id,
+                    user_id,
+                    _iso(sent_at),
+                    _iso(sent_at + timedelta(days=batch["valid_days"])),
+                ),
+            )
+            db.execute(
+                "UPDATE batches SET remaining = remaining - 1 WHERE batch_id = ?", (batch_id,)
+            )
+            row = db.execute("SELECT * FROM coupons WHERE coupon_id = ?", (coupon_id,)).fetchone()
+        return row, True
+
+    async def get_coupon(self, request: Request) -> Response:
+        user_id, coupon_id = request.path_params["user_id"], request.path_params["coupon_id"]
+        row = self.store.db.execute(
+            "SELECT * FROM coupons WHERE coupon_id = ? AND user_id = ?", (coupon_id, user_id)
+        ).fetchone()
+        visible_at = (
+            datetime.fromisoformat(row["sent_at"]) + timedelta(seconds=self.knobs.lookup_lag_s)
+            if row is not None
+            else None
+        )
+        if visible_at is None or self.now() < visible_at:
+            self.counters["lookups_not_found"] += 1
+            raise ApiError(404, "COUPON_NOT_FOUND", f"no coupon {coupon_id} for this user")
+        return JSONResponse(self._coupon_json(row))
+
+    async def use_coupon(self, request: Request) -> Response:
+        coupon_id = request.path_params["coupon_id"]
+        with self.store.tx() as db:
+            row = db.execute("SELECT * FROM coupons WHERE coupon_id = ?", (coupon_id,)).fetchone()
+            if row is None:
+                raise ApiError(404, "COUPON_NOT_FOUND", f"no coupon {coupon_id}")
+            status = self._coupon_json(row)["status"]
+            if status == "expired":
+                raise ApiError(409, "COUPON_EXPIRED", "the coupon's validity has ended")
+            if status == "sent":
+                db.execute(
+                    "UPDATE coupons SET used_at = ? WHERE coupon_id = ?",
+                    (_iso(self.now()), coupon_id),
+                )
+                row = db.execute(
+                    "SELECT * FROM coupons WHERE coupon_id = ?", (coupon_id,)
+                ).fetchone()
+        return JSONResponse(self._coupon_json(row))
+
+    # -- /sim and /health -------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def get_knobs(self, request: Request) -> Response:
+        return JSONResponse(asdict(self.knobs))
+
+    async def put_knobs(self, request: Request) -> Response:
+        changes = await _json_object(request)
+        self.knobs.update(changes)
+        if "seed" in changes:
+            self.rng.seed(self.knobs.seed)
+        if "rate_limit_per_s" in changes:
+            self._window = (0, 0)  # a new limit starts from a fresh window
+        log.info("knobs changed: %s", ", ".join(sorted(changes)))
+        return JSONResponse(asdict(self.knobs))
+
+    async def stats(self, request: Request) -> Response:
+        db = self.store.db
+        (batches,) = db.execute("SELECT count(*) FROM batches").fetchone()
+        (coupons,) = db.execute("SELECT count(*) FROM coupons").fetchone()
+        return JSONResponse({"batches": batches, "coupons": coupons, **self.counters})
+
+
+def create_app(data_path: Path, knobs: Knobs | None = None) -> Starlette:
+    """The simulator as an ASGI app; `PLATFORM_API_KEY`, if set now, guards every /v1 path."""
+    api_key = os.environ.get("PLATFORM_API_KEY") or None
+    sim = Simulator(data_path, knobs if knobs is not None else Knobs.from_env(), api_key)
+    log.info("simulator data at %s, auth %s", data_path, "on" if api_key else "off")
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        sim.store.close()
+
+    v1, control = sim.v1, sim.control
+    routes = [
+        Route("/health", sim.health, methods=["GET"]),
+        Route("/v1/batches", v1(sim.create_batch), methods=["POST"]),
+        Route("/v1/batches/{batch_id}", v1(sim.get_batch), methods=["GET"]),
+        Route("/v1/batches/{batch_id}/coupons", v1(sim.send_coupon), methods=["POST"]),
+        Route("/v1/users/{user_id}/coupons/{coupon_id}", v1(sim.get_coupon), methods=["GET"]),
+        Route("/v1/coupons/{coupon_id}/use", v1(sim.use_coupon), methods=["POST"]),
+        Route("/sim/knobs", control(sim.get_knobs), methods=["GET"]),
+        Route("/sim/knobs", control(sim.put_knobs), methods=["PUT"]),
+        Route("/sim/stats", control(sim.stats), methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.simulator = sim
+    return app
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Coupon platform simulator (generic protocol)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8600)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="SQLite file")
+    parser.add_argument("--access-log", action="store_true", help="log every request")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    app = create_app(args.data)
+    # A hanging ambiguous answer must not hold up shutdown for its whole hang.
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        access_log=args.access_log,
+        timeout_graceful_shutdown=1,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The worker process: workflows and ledger activities on one task queue, platform
+calls on their own, rate-limited one, and the claim repair loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from psycopg_pool import AsyncConnectionPool
+from temporalio.client import Client
+from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+
+from activities.ledger import LedgerActivities
+from activities.platform import PlatformActivities
+from coupons.claims import ClaimService
+from coupons.config import Settings
+from coupons.ledger import db
+from coupons.platforms.base import Platform
+from coupons.platforms.rest import RestPlatform
+from coupons.temporal import connect
+from workflows.user_coupon import UserCouponWorkflow
+
+log = logging.getLogger(__name__)
+
+REPAIR_EVERY_S = 10.0
+
+
+def workflow_runner() -> SandboxedWorkflowRunner:
+    # The state machine library is pure but not written for the sandbox: pass it through.
+    return SandboxedWorkflowRunner(
+        restrictions=SandboxRestrictions.default.with_passthrough_modules("statemachine", "coupons")
+    )
+
+
+def build_workers(
+    client: Client, pool: AsyncConnectionPool, platform: Platform, settings: Settings
+) -> list[Worker]:
+    platform_activities = PlatformActivities(platform, pool, settings.lag_window_s)
+    return [
+        Worker(
+            client,
+            task_queue=settings.task_queue,
+            workflows=[UserCouponWorkflow],
+            activities=[LedgerActivities(pool).record_transition],
+            workflow_runner=workflow_runner(),
+        ),
+        Worker(
+            client,
+            task_queue=settings.platform_task_queue,
+            activities=[
+                platform_activities.issue_coupon,
+                platform_activities.wait_for_redemption,
+                platform_activities.lookup_coupon,
+            ],
+            # A burst of unlocks queues in Temporal instead of drawing the platform's
+            # frequency-limit refusals.
+            max_task_queue_activities_per_second=settings.platform_rate_limit,
+        ),
+    ]
+
+
+def make_platform(settings: Settings) -> RestPlatform:
+    return RestPlatform(
+        settings.platform_url,
+        api_key=settings.platform_api_key,
+        timeout_s=settings.platform_timeout_s,
+    )
+
+
+async def repair_forever(claims: ClaimService) -> None:
+    while True:
+        try:
+            repaired = await claims.repair()
+            if repaired:
+                log.info("repaired %d claims without a workflow", repaired)
+        except Exception:
+            # Postgres or Temporal may be restarting; the next round tries again.
+            log.exception("claim repair round failed")
+        await asyncio.sleep(REPAIR_EVERY_S)
+
+
+async def run_worker(settings: Settings) -> None:
+    await db.migrate_url(settings.database_url)
+    client = await connect(settings)
+    platform = make_platform(settings)
+    async with db.pool(settings.database_url, max_size=settings.db_pool_size) as pool:
+        workers = build_workers(client, pool, platform, settings)
+        repair = asyncio.create_task(repair_forever(ClaimService(pool, client, settings)))
+        log.info(
+            "worker polling %s and %s on %s",
+            settings.task_queue,
+            settings.platform_task_queue,
+            settings.temporal_address,
+        )
+        try:
+            await asyncio.gather(*(w.run() for w in workers))
+        finally:
+            repair.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await repair
+            await platform.aclose()

@@ -1,0 +1,272 @@
+"""UserCouponWorkflow on the time-skipping server, with the real ledger and simulator.
+
+Handles come from the claim service, not from the test environment's own start, so
+time is skipped explicitly with `ts_env.sleep` where a test waits on a timer.
+
+Deadlines of days and validity of a month pass in seconds; everything else is real:
+PostgreSQL, the simulator over HTTP, the activities.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from psycopg_pool import AsyncConnectionPool
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.testing import WorkflowEnvironment
+
+from coupons.config import Settings
+from coupons.ledger import claims as ledger
+from coupons.model import CancelRequest, CouponStatus, RedemptionReport, TaskCompletion
+from coupons.platforms.rest import RestPlatform
+from tests.conftest import claims_of, new_campaign, running_workers, sim_stats
+from workflows.user_coupon import UserCouponWorkflow
+
+Handle = WorkflowHandle[UserCouponWorkflow, CouponStatus]
+
+
+async def claim(
+    env: WorkflowEnvironment,
+    simulator: httpx.AsyncClient,
+    pool: AsyncConnectionPool,
+    platform: RestPlatform,
+    settings: Settings,
+    user: str = "u1",
+    **campaign: object,
+) -> Handle:
+    # Earlier tests skipped the server's clock ahead: the platform must share its time,
+    # or the coupon's validity would already be over when it is issued.
+    skew = await env.get_current_time() - datetime.now(UTC)
+    await simulator.put("/sim/knobs", json={"clock_offset_s": skew.total_seconds()})
+    c = await new_campaign(pool, platform, **campaign)
+    result = await claims_of(pool, env.client, settings).claim(c.id, user)
+    return env.client.get_workflow_handle_for(UserCouponWorkflow.run, result.workflow_id)
+
+
+async def ledger_states(pool: AsyncConnectionPool, coupon_id: str) -> list[tuple[str | None, str]]:
+    view = await ledger.coupon_view(pool, coupon_id)
+    assert view is not None
+    return [(e["from_state"], e["to_state"]) for e in view["events"]]
+
+
+async def wait_for_state(handle: Handle, state: str, timeout_s: float = 30) -> CouponStatus:
+    async with asyncio.timeout(timeout_s):
+        while True:
+            status = await handle.query(UserCouponWorkflow.status)
+            if status.state == state:
+                return status
+            await asyncio.sleep(0.5)
+
+
+async def update_events(handle: Handle) -> int:
+    history = await handle.fetch_history()
+    kinds = {
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED,
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ADMITTED,
+    }
+    return sum(1 for e in history.events if e.event_type in kinds)
+
+
+async def test_task_deadline_expires_a_received_coupon(
+    ts_env: WorkflowEnvironment,
+    pool: AsyncConnectionPool,
+    platform: RestPlatform,
+    settings: Settings,
+    simulator: httpx.AsyncClient,
+) -> None:
+    async with running_workers(ts_env.client, pool, settings):
+        handle = await claim(
+            ts_env, simulator, pool, platform, settings, task_deadline=timedelta(days=3)
+        )
+        await ts_env.sleep(timedelta(days=3, minutes=1))
+        status = await handle.result()
+    assert status.state == "expired"
+    assert status.transitions[-1].cause == "task deadline passed"
+    coupon_id = status.coupon_id
+    assert await ledger_states(pool, coupon_id) == [(None, "received"), ("received", "expired")]
+    assert (await ledger.get_claim(pool, coupon_id)).state == "expired"  # type: ignore[union-attr]
+
+
+async def test_issued_coupon_lapses_when_validity_ends_unused(
+    ts_env: WorkflowEnvironment,
+    pool: AsyncConnectionPool,
+    platform: RestPlatform,
+    settings: Settings,
+    simulator: httpx.AsyncClient,
+) -> None:
+    # Poll once a day over the 30-day validity, so the skipped month costs few lookups.
+    settings = replace(settings, redemption_poll_initial_s=86400, redemption_poll_max_s=86400)
+    async with running_workers(ts_env.client, pool, settings):
+        handle = await claim(ts_env, simulator, pool, platform, settings, valid_days=30)
+        await handle.signal(UserCouponWorkflow.task_done, TaskCompletion("first-order"))
+        await wait_for_state(handle, "issued")
+        await ts_env.sleep(timedelta(days=31))
+        status = await handle.result()
+    assert status.state == "lapsed"
+    assert status.receipt is not None
+    assert await ledger_states(pool, status.coupon_id) == [
+        (None, "received"),
+        ("received", "usable"),
+        ("usable", "issued"),
+        ("issued", "lapsed"),
+    ]
+
+
+async def test_lookup_lag_is_not_failure_and_never_sends_twice(
+    ts_env: WorkflowEnvironment,
+    pool: AsyncConnectionPool,
+    platform: RestPlatform,
+    settings: Settings,
+    simulator: httpx.AsyncClient,
+) -> None:
+    # The platform's lookup lags 4 s; our lag window is 1.5 s, so the first attempt gives
+    # up looking, and the retry must resend the same key rather than fail or pay twice.
+    await simulator.put("/sim/knobs", json={"lookup_lag_s": 4.0})
+    settings = replace(settings, lag_window_s=1.5)
+    before = await sim_stats(simulator)
+    async with running_workers(ts_env.client, pool, settings):
+        handle = await claim(ts_env, simulator, pool, platform, settings)
+        await handle.execute_update(UserCouponWorkflow.complete_task, TaskCompletion("first-order"))
+        await wait_for_state(handle, "issued")
+        await handle.signal(
+            UserCouponWorkflow.report_redemption, RedemptionReport(datetime.now(UTC))
+        )
+        status = await handle.result()
+    after = await sim_stats(simulator)
+    assert after["sends_applied"] - before["sends_applied"] == 1
+    assert after["sends_replayed"] - before["sends_replayed"] >= 1
+    assert after["lookups_not_found"] - before["lookups_not_found"] >= 1
+    assert [t.to_state for t in status.transitions] == ["usable", "issued", "redeemed"]
+    assert "failed" not in [s for _, s in await ledger_states(pool, status.coupon_id)]
+
+
+async def test_cancel_received_coupon_then_every_further_change_is_refused(
+    ts_env: WorkflowEnvironment,
+    pool: AsyncConnectionPool,
+    platform: RestPlatform,
+    settings: Settings,
+    simulator: httpx.AsyncClient,
+) -> None:
+    async with running_workers(ts_env.client, pool, settings):
+        handle = await claim(ts_env, simulator, pool, platform, settings)
+        status = await handle.execute_update(
+            UserCouponWorkflow.cancel_coupon, CancelRequest("user left")
+        )
+        assert status.state == "cancelled"
+        accepted = await update_events(handle)
+        with pytest.raises(WorkflowUpdateFailedError) as refused:
+            await handle.execute_update(
+                UserCouponWorkflow.complete_task, TaskCompletion("first-order")
+            )
+        assert "coupon is cancelled" in str(refused.value.cause)
+        with pytest.raises(WorkflowUpdateFailedError) as again:
+            await handle.execute_update(UserCouponWorkflow.cancel_coupon, CancelRequest())
+        assert "only received or usable" in str(again.value.cause)
+        final = await handle.result()
+        # A validator's rejection leaves nothing in history.
+        assert await update_events(handle) == accepted
+    assert final.state == "cancelled"
+    assert await ledger_states(pool, final.coupon_id) == [
+        (None, "received"),
+        ("received", "cancelled"),
+    ]
+
+
+async def test_update_with_unknown_task_is_refused_before_history(
+    ts_env: WorkflowEnvironment,
+    pool: AsyncConnectionPool,
+    platform: RestPlatform,
+    settings: Settings,
+    simulator: httpx.AsyncClient,
+) -> None:
+    async with running_workers(ts_env.client, pool, settings):
+        handle = await claim(
+            ts_env, simulator, pool, platform, settings, required_tasks=["first-order", "survey"]
+        )
+        with pytest.raises(WorkflowUpdateFailedError) as refused:
+            await handle.execute_update(UserCouponWorkflow.complete_task, TaskCompletion("share"))
+        cause = refused.value.cause
+        assert "unknown task 'share'" in str(cause) and "first-order, survey" in str(cause)
+        assert await update_events(handle) == 0
+        # One task of two leaves the coupon received; the signal path ignores bad tasks.
+        partial = await handle.execute_update(
+            UserCouponWorkflow.complete_task, TaskCompletion("survey")
+        )
+        assert (partial.state, partial.tasks_done) == ("received", ["survey"])
+        await handle.signal(UserCouponWorkflow.task_done, TaskCompletion("share"))
+        status = await handle.query(UserCouponWorkflow.status)
+        assert status.state == "received"
+        assert any("unknown task 'share'" in s for s in status.ignored_signals)
+        await handle.execute_update(UserCouponWorkflow.cancel_coupon, CancelRequest())
+        await handle.result()
+
+
+async def test_platform_refusal_marks_failed_with_its_code(
+    ts_env: WorkflowEnvironment,
+    pool: AsyncConnectionPool,
+    platform: RestPlatform,
+    settings: Settings,
+    simulator: httpx.AsyncClient,
+) -> None:
+    await simulator.put("/sim/knobs", json={"restricted_users": ["risky"]})
+    async with running_workers(ts_env.client, pool, settings):
+        handle = await claim(
+            ts_env, simulator, pool, platform, settings, user="risky", required_tasks=[]
+        )
+        status = await handle.result()
+    assert status.state == "failed"
+    assert "USER_RESTRICTED" in status.transitions[-1].cause
+    assert await ledger_states(pool, status.coupon_id) == [(None, "usable"), ("usable", "failed")]
+
+
+async def test_redemption_is_found_by_polling_the_platform(
+    ts_env: WorkflowEnvironment,
+    pool: AsyncConnectionPool,
+    platform: RestPlatform,
+    settings: Settings,
+    simulator: httpx.AsyncClient,
+) -> None:
+    async with running_workers(ts_env.client, pool, settings):
+        handle = await claim(ts_env, simulator, pool, platform, settings)
+        await handle.signal(UserCouponWorkflow.task_done, TaskCompletion("first-order"))
+        issued = await wait_for_state(handle, "issued")
+        assert issued.receipt is not None
+        used = await simulator.post(f"/v1/coupons/{issued.receipt.platform_coupon_id}/use")
+        assert used.status_code == 200
+        # The first poll comes a minute after the send; retries back off from there.
+        await ts_env.sleep(timedelta(minutes=3))
+        status = await handle.result()
+    assert status.state == "redeemed"
+    assert status.transitions[-1].cause == "redeemed (platform lookup)"
+    states = await ledger_states(pool, status.coupon_id)
+    assert states[-1] == ("issued", "redeemed")
+    view = await ledger.coupon_view(pool, status.coupon_id)
+    assert (
+        view is not None
+        and view["receipt"]["platform_coupon_id"] == issued.receipt.platform_coupon_id
+    )
+
+
+async def test_redemption_report_signal_redeems_at_once(
+    ts_env: WorkflowEnvironment,
+    pool: AsyncConnectionPool,
+    platform: RestPlatform,
+    settings: Settings,
+    simulator: httpx.AsyncClient,
+) -> None:
+    used_at = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+    async with running_workers(ts_env.client, pool, settings):
+        handle = await claim(ts_env, simulator, pool, platform, settings, required_tasks=[])
+        await wait_for_state(handle, "issued")
+        await handle.signal(
+            UserCouponWorkflow.report_redemption, RedemptionReport(used_at, "callback")
+        )
+        status = await handle.result()
+    assert status.state == "redeemed"
+    assert status.transitions[-1].at == used_at
+    assert status.transitions[-1].cause == "redeemed (callback)"

@@ -1,0 +1,13 @@
+"""Runs the coupon worker: `python worker.py` (settings from the environment)."""
+
+import asyncio
+import logging
+
+from coupons.config import Settings
+from coupons.workers import run_worker
+
+if __name__ == "__main__":
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    asyncio.run(run_worker(Settings.from_env()))

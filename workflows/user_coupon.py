@@ -1,0 +1,369 @@
+"""One long-running workflow per user coupon."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from coupons import activity_names as act
+    from coupons.lifecycle import CouponLifecycle, TransitionNotAllowed, UnknownTask
+    from coupons.model import (
+        CAMPAIGN_ID,
+        COUPON_STATE,
+        USER_ID,
+        CancelRequest,
+        CouponInput,
+        CouponStatus,
+        IssueInput,
+        LookupInput,
+        PlatformView,
+        Receipt,
+        RecordTransitionInput,
+        RedemptionReport,
+        TaskCompletion,
+        Transition,
+    )
+
+LEDGER_TIMEOUT = timedelta(seconds=30)
+LEDGER_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1), maximum_interval=timedelta(minutes=1)
+)
+# Sending retries forever on 5xx, timeouts and rate limits, always with the same
+# idempotency key; only a definitive refusal stops it (and marks the coupon failed).
+ISSUE_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    maximum_interval=timedelta(minutes=1),
+    non_retryable_error_types=[act.PLATFORM_REFUSED],
+)
+ISSUE_START_TO_CLOSE = timedelta(minutes=5)
+ISSUE_HEARTBEAT = timedelta(seconds=30)
+
+
+@workflow.defn
+class UserCouponWorkflow:
+    """The lifecycle of one claimed coupon, from claim to redemption or lapse.
+
+    Exposes:
+    - signal `task_done` (fire and forget) and update `complete_task` (validated, answers
+      with the new status) for task completion;
+    - signal `cancel` and update `cancel_coupon`;
+    - signal `report_redemption` for platform callbacks;
+    - query `status` with the full state.
+
+    The workflow stays open after issuing so one history tells the coupon's whole story.
+    """
+
+    @workflow.init
+    def __init__(self, input: CouponInput) -> None:
+        self._input = input
+        self._machine = CouponLifecycle(input.required_tasks)
+        self._transitions: list[Transition] = []
+        self._unrecorded: list[Transition] = []
+        self._receipt: Receipt | None = None
+        self._redemption: RedemptionReport | None = None
+        self._ignored: list[str] = []
+        self._waiting_for = "start"
+        # The claim started the workflow with these search attributes already set.
+        self._published_state = self._machine.state
+
+    # ----- the process -------------------------------------------------------------
+
+    @workflow.run
+    async def run(self, input: CouponInput) -> CouponStatus:
+        if self._machine.state == "received":
+            await self._await_tasks()
+        if self._machine.state == "usable":
+            await self._issue()
+        if self._machine.state == "issued":
+            await self._await_redemption()
+        await self._record_pending()
+        self._waiting_for = "nothing (final)"
+        self._publish()
+        # Let update handlers that are still running reply before the workflow closes.
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        return self.status()
+
+    async def _await_tasks(self) -> None:
+        deadline = self._input.task_deadline
+        self._waiting_for = "task completion" + (
+            f" until {deadline.isoformat()}" if deadline else ""
+        )
+        self._publish()
+        try:
+            if deadline is not None and _until(deadline) <= timedelta(0):
+                raise TimeoutError
+            await workflow.wait_condition(
+                lambda: self._machine.state != "received",
+                timeout=_until(deadline) if deadline else None,
+                timeout_summary="task deadline",
+            )
+        except TimeoutError:
+            self._fire("expire", "task deadline passed")
+
+    async def _issue(self) -> None:
+        self._machine.begin_send()
+        # The move into `usable` is written by the issue activity itself, saving a round trip.
+        became_usable = self._unrecorded.pop() if self._unrecorded else None
+        self._waiting_for = "the platform to confirm the send"
+        self._publish()
+        try:
+            receipt = await workflow.execute_activity(
+                act.ISSUE_COUPON,
+                IssueInput(
+                    self._input.coupon_id, self._input.batch_id, self._input.user_id, became_usable
+                ),
+                result_type=Receipt,
+                task_queue=self._input.platform_task_queue,
+                start_to_close_timeout=ISSUE_START_TO_CLOSE,
+                heartbeat_timeout=ISSUE_HEARTBEAT,
+                retry_policy=ISSUE_RETRY,
+                summary="send to the platform and record the receipt",
+            )
+        except ActivityError as err:
+            refusal = err.cause
+            if not (isinstance(refusal, ApplicationError) and refusal.type == act.PLATFORM_REFUSED):
+                raise
+            self._fire("refuse", f"platform refused: {refusal.message}")
+            return
+        self._receipt = receipt
+        # The issue activity wrote `issued` with the receipt in one transaction.
+        self._fire("issue", "platform confirmed the send", at=receipt.confirmed_at, recorded=True)
+
+    async def _await_redemption(self) -> None:
+        assert self._receipt is not None
+        valid_until = self._receipt.valid_until
+        lookup = LookupInput(self._input.user_id, self._receipt.platform_coupon_id)
+        self._waiting_for = f"redemption until {valid_until.isoformat()}"
+        self._publish()
+        remaining = _until(valid_until)
+        poll: workflow.ActivityHandle[PlatformView] | None = None
+        if remaining > timedelta(seconds=1):
+            # Retries are the polling loop: a retried activity writes no history.
+            poll = workflow.start_activity(
+                act.WAIT_FOR_REDEMPTION,
+                lookup,
+                result_type=PlatformView,
+                task_queue=self._input.platform_task_queue,
+                start_to_close_timeout=timedelta(seconds=30),
+                schedule_to_close_timeout=remaining,
+                retry_policy=RetryPolicy(
+                    initial_interval=timedelta(seconds=self._input.redemption_poll_initial_s),
+                    backoff_coefficient=2.0,
+                    maximum_interval=timedelta(seconds=self._input.redemption_poll_max_s),
+                ),
+                summary="poll the platform for redemption",
+            )
+            try:
+                await workflow.wait_condition(
+                    lambda: self._redemption is not None or (poll is not None and poll.done()),
+                    timeout=remaining,
+                    timeout_summary="coupon validity",
+                )
+            except TimeoutError:
+                pass
+        view = await self._redemption_outcome(poll, lookup)
+        if self._redemption is not None:
+            self._fire(
+                "redeem", f"redeemed ({self._redemption.source})", at=self._redemption.used_at
+            )
+        elif view.status == "used":
+            self._fire("redeem", "redeemed (platform lookup)", at=view.used_at)
+        else:
+            self._fire("lapse", f"validity ended unused (platform: {view.status})")
+
+    async def _redemption_outcome(
+        self, poll: workflow.ActivityHandle[PlatformView] | None, lookup: LookupInput
+    ) -> PlatformView:
+        if poll is not None and poll.done():
+            try:
+                return poll.result()
+            except ActivityError:
+                pass  # polling ran out with the validity; the final lookup below decides
+        elif poll is not None:
+            poll.cancel()
+            try:
+                await poll
+            except ActivityError:
+                pass  # the cancellation we just asked for
+        if self._redemption is not None:
+            return PlatformView("used", self._redemption.used_at)
+        # A coupon used just before its validity ended may not have been polled yet.
+        return await workflow.execute_activity(
+            act.LOOKUP_COUPON,
+            lookup,
+            result_type=PlatformView,
+            task_queue=self._input.platform_task_queue,
+            start_to_close_timeout=timedelta(seconds=30),
+            schedule_to_close_timeout=timedelta(hours=1),
+            summary="final platform lookup at validity end",
+        )
+
+    # ----- task completion ---------------------------------------------------------
+
+    @workflow.signal
+    def task_done(self, completion: TaskCompletion) -> None:
+        try:
+            self._complete(completion)
+        except ApplicationError as err:
+            # A signal cannot answer; keep the refusal visible instead of failing the task.
+            workflow.logger.warning("ignored task_done(%s): %s", completion.task, err.message)
+            self._ignored.append(f"task_done({completion.task}): {err.message}")
+
+    @workflow.update
+    def complete_task(self, completion: TaskCompletion) -> CouponStatus:
+        self._complete(completion)
+        return self.status()
+
+    @complete_task.validator
+    def _validate_complete_task(self, completion: TaskCompletion) -> None:
+        # Rejected here, the update leaves nothing in history.
+        self._check_task(completion)
+
+    def _check_task(self, completion: TaskCompletion) -> bool:
+        """True when the completion changes something; raises when it is refused."""
+        try:
+            self._machine.is_known_task(completion.task)
+        except UnknownTask as err:
+            raise ApplicationError(str(err), type="UnknownTask", non_retryable=True) from None
+        if completion.task in self._machine.tasks_done:
+            return False  # a duplicate report of a done task is answered, not refused
+        if self._machine.state != "received":
+            raise ApplicationError(
+                f"coupon is {self._machine.state}; tasks can only be completed while received",
+                type="WrongState",
+                non_retryable=True,
+            )
+        return True
+
+    def _complete(self, completion: TaskCompletion) -> None:
+        if self._check_task(completion):
+            before = self._machine.state
+            self._machine.complete_task(completion.task)
+            if self._machine.state != before:
+                done = ", ".join(self._machine.tasks_done)
+                self._note(before, f"tasks done: {done}")
+            else:
+                self._publish()
+
+    # ----- cancel and redemption reports -------------------------------------------
+
+    @workflow.signal
+    def cancel(self, request: CancelRequest) -> None:
+        try:
+            self._cancel(request)
+        except ApplicationError as err:
+            workflow.logger.warning("ignored cancel: %s", err.message)
+            self._ignored.append(f"cancel: {err.message}")
+
+    @workflow.update
+    def cancel_coupon(self, request: CancelRequest) -> CouponStatus:
+        self._cancel(request)
+        return self.status()
+
+    @cancel_coupon.validator
+    def _validate_cancel(self, request: CancelRequest) -> None:
+        self._check_cancel()
+
+    def _check_cancel(self) -> None:
+        if self._machine.state not in ("received", "usable") or self._machine.send_started:
+            why = "the send to the platform has begun" if self._machine.send_started else ""
+            raise ApplicationError(
+                f"coupon is {self._machine.state}{'; ' + why if why else ''}; "
+                "only received or usable coupons not yet sent can be cancelled",
+                type="WrongState",
+                non_retryable=True,
+            )
+
+    def _cancel(self, request: CancelRequest) -> None:
+        self._check_cancel()
+        self._fire("cancel", request.reason)
+
+    @workflow.signal
+    def report_redemption(self, report: RedemptionReport) -> None:
+        if self._machine.state == "issued" and self._redemption is None:
+            self._redemption = report
+        else:
+            self._ignored.append(f"report_redemption: coupon is {self._machine.state}")
+
+    @workflow.query
+    def status(self) -> CouponStatus:
+        return CouponStatus(
+            coupon_id=self._input.coupon_id,
+            campaign_id=self._input.campaign_id,
+            user_id=self._input.user_id,
+            state=self._machine.state,
+            tasks_required=list(self._input.required_tasks),
+            tasks_done=list(self._machine.tasks_done),
+            task_deadline=self._input.task_deadline,
+            waiting_for=self._waiting_for,
+            receipt=self._receipt,
+            transitions=list(self._transitions),
+            ignored_signals=list(self._ignored),
+        )
+
+    # ----- effects -------------------------------------------------------------------
+
+    def _fire(
+        self, event: str, cause: str, *, at: datetime | None = None, recorded: bool = False
+    ) -> None:
+        before = self._machine.state
+        try:
+            self._machine.send(event)
+        except TransitionNotAllowed as err:
+            # Handlers validate first, so this is a bug in the workflow, not bad input.
+            raise RuntimeError(f"lifecycle refused {event} in {before}: {err}") from err
+        self._note(before, cause, at=at, recorded=recorded)
+
+    def _note(
+        self, before: str, cause: str, *, at: datetime | None = None, recorded: bool = False
+    ) -> None:
+        transition = Transition(before, self._machine.state, cause, at or workflow.now())
+        self._transitions.append(transition)
+        if not recorded:
+            self._unrecorded.append(transition)
+        self._publish()
+
+    async def _record_pending(self) -> None:
+        while self._unrecorded:
+            transition = self._unrecorded[0]
+            await workflow.execute_activity(
+                act.RECORD_TRANSITION,
+                RecordTransitionInput(self._input.coupon_id, transition),
+                start_to_close_timeout=LEDGER_TIMEOUT,
+                retry_policy=LEDGER_RETRY,
+                summary=f"ledger: {transition.from_state} → {transition.to_state}",
+            )
+            self._unrecorded.pop(0)
+
+    def _publish(self) -> None:
+        """Keep the Web UI's search attributes and current details in step with the machine."""
+        state = self._machine.state
+        if state != self._published_state:
+            # Only on a state change: each upsert is a history event.
+            workflow.upsert_search_attributes(
+                [
+                    COUPON_STATE.value_set(state),
+                    CAMPAIGN_ID.value_set(self._input.campaign_id),
+                    USER_ID.value_set(self._input.user_id),
+                ]
+            )
+            self._published_state = state
+        done = len(self._machine.tasks_done)
+        required = len(self._input.required_tasks)
+        pending = ", ".join(self._machine.tasks_pending) or "none"
+        lines = [
+            f"**{state}** · campaign `{self._input.campaign_id}` · user `{self._input.user_id}`",
+            f"tasks {done}/{required} done (pending: {pending})",
+            f"waiting for: {self._waiting_for}",
+        ]
+        if self._receipt is not None:
+            lines.append(f"platform coupon `{self._receipt.platform_coupon_id}`")
+        workflow.set_current_details("\n\n".join(lines))
+
+
+def _until(moment: datetime) -> timedelta:
+    return max(moment - workflow.now(), timedelta(0))
