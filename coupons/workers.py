@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
@@ -82,20 +83,28 @@ async def repair_forever(claims: ClaimService) -> None:
 
 
 async def run_worker(settings: Settings) -> None:
+    """Run until SIGINT or SIGTERM, then shut the workers down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     await db.migrate_url(settings.database_url)
     client = await connect(settings)
     platform = make_platform(settings)
     async with db.pool(settings.database_url, max_size=settings.db_pool_size) as pool:
-        workers = build_workers(client, pool, platform, settings)
         repair = asyncio.create_task(repair_forever(ClaimService(pool, client, settings)))
-        log.info(
-            "worker polling %s and %s on %s",
-            settings.task_queue,
-            settings.platform_task_queue,
-            settings.temporal_address,
-        )
         try:
-            await asyncio.gather(*(w.run() for w in workers))
+            async with contextlib.AsyncExitStack() as running:
+                for worker in build_workers(client, pool, platform, settings):
+                    await running.enter_async_context(worker)
+                log.info(
+                    "worker polling %s and %s on %s",
+                    settings.task_queue,
+                    settings.platform_task_queue,
+                    settings.temporal_address,
+                )
+                await stop.wait()
+                log.info("shutting down")
         finally:
             repair.cancel()
             with contextlib.suppress(asyncio.CancelledError):
