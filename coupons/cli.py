@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -83,8 +84,26 @@ async def _claim_of(ctx: Context, coupon_id: str) -> ledger.Claim:
     return claim
 
 
+@contextlib.asynccontextmanager
+async def _open_coupon(claim: ledger.Claim) -> AsyncIterator[None]:
+    """Turn "workflow already completed" into the answer a user can act on."""
+    try:
+        yield
+    except RPCError as err:
+        if err.status != RPCStatusCode.NOT_FOUND:
+            raise
+        raise BadInput(f"coupon {claim.coupon_id!r} is {claim.state}: it is finished") from err
+
+
 async def cmd_complete_task(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     claim = await _claim_of(ctx, args.coupon)
+    async with _open_coupon(claim):
+        return await _complete_task(ctx, claim, args)
+
+
+async def _complete_task(
+    ctx: Context, claim: ledger.Claim, args: argparse.Namespace
+) -> dict[str, Any]:
     handle = ctx.client.get_workflow_handle_for(UserCouponWorkflow.run, claim.workflow_id)
     completion = TaskCompletion(args.task)
     if args.wait:
@@ -103,6 +122,11 @@ async def cmd_complete_task(ctx: Context, args: argparse.Namespace) -> dict[str,
 
 async def cmd_cancel(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     claim = await _claim_of(ctx, args.coupon)
+    async with _open_coupon(claim):
+        return await _cancel(ctx, claim, args)
+
+
+async def _cancel(ctx: Context, claim: ledger.Claim, args: argparse.Namespace) -> dict[str, Any]:
     handle = ctx.client.get_workflow_handle_for(UserCouponWorkflow.run, claim.workflow_id)
     if args.no_wait:
         await handle.signal(UserCouponWorkflow.cancel, CancelRequest(args.reason))

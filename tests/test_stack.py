@@ -1,0 +1,209 @@
+"""`make run`'s stack as a user meets it: started, used through `starter.py`, stopped,
+started again on the same data, with nothing lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from coupons.embedded import find_binary, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class RunningStack:
+    def __init__(self, data_dir: Path) -> None:
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("SIM_", "PLATFORM_"))},
+            "DATA_DIR": str(data_dir),
+            "PG_PORT": str(free_port()),
+            "TEMPORAL_PORT": str(free_port()),
+            "TEMPORAL_UI_PORT": str(free_port()),
+            "SIMULATOR_PORT": str(free_port()),
+        }
+        for key in ("DATABASE_URL", "TEMPORAL_ADDRESS", "PLATFORM_URL"):
+            self.env.pop(key, None)
+        self.log = data_dir.parent / "stack.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def database_url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.env['PG_PORT']}/coupons"
+
+    def start(self, timeout_s: float = 90) -> None:
+        self.log.write_text("")
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "coupons.stack"],
+                cwd=ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout_s
+        while "coupon service up" not in self.log.read_text():
+            assert self.process.poll() is None, f"stack exited:\n{self.log.read_text()}"
+            assert time.monotonic() < deadline, f"stack not up:\n{self.log.read_text()}"
+            time.sleep(0.2)
+
+    def stop(self) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        rc = self.process.wait(timeout=60)
+        self.process = None
+        return rc
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "starter.py", *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def cli_many(self, calls: list[list[str]]) -> list[subprocess.CompletedProcess[str]]:
+        with ThreadPoolExecutor(max_workers=5) as pool:
+            return list(pool.map(lambda args: self.cli(*args), calls))
+
+    def states(self) -> dict[str, int]:
+        with psycopg.connect(self.database_url) as conn:
+            rows = conn.execute(
+                "SELECT c.state, count(*), count(r.coupon_id) FROM claims c"
+                " LEFT JOIN receipts r USING (coupon_id) WHERE c.campaign_id = 'demo'"
+                " GROUP BY c.state"
+            ).fetchall()
+        for state, n, receipts in rows:
+            assert receipts == (n if state == "issued" else 0), f"{state}: receipts {receipts}/{n}"
+        return {state: n for state, n, _ in rows}
+
+    def wait_states(self, expected: dict[str, int], timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while (seen := self.states()) != expected:
+            assert time.monotonic() < deadline, f"ledger shows {seen}, expected {expected}"
+            time.sleep(0.5)
+
+    def temporal_count(self, query: str) -> int:
+        out = subprocess.run(
+            [
+                str(find_binary("temporal")),
+                "workflow",
+                "count",
+                "--query",
+                query,
+                "--address",
+                f"127.0.0.1:{self.env['TEMPORAL_PORT']}",
+                "-o",
+                "json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        return int(json.loads(out)["count"])
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[RunningStack]:
+    running = RunningStack(tmp_path / "data")
+    yield running
+    if running.process is not None:
+        running.stop()
+
+
+def test_twenty_claims_ten_tasks_then_restart_and_the_rest(stack: RunningStack) -> None:
+    users = [f"user{i}" for i in range(1, 21)]
+    stack.start()
+    claims = stack.cli_many([["claim", "--campaign", "demo", "--user", u] for u in users])
+    assert [c.returncode for c in claims] == [0] * 20, claims
+    coupons = {json.loads(c.stdout)["user_id"]: json.loads(c.stdout)["coupon_id"] for c in claims}
+    assert all(json.loads(c.stdout)["state"] == "received" for c in claims)
+
+    done = stack.cli_many(
+        [["complete-task", "--coupon", coupons[u], "--task", "first-order"] for u in users[:10]]
+    )
+    assert [c.returncode for c in done] == [0] * 10, done
+    stack.wait_states({"issued": 10, "received": 10})
+    deadline = time.monotonic() + 30  # visibility trails the workflows by a moment
+    while stack.temporal_count("CouponState='issued'") != 10:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert stack.temporal_count("CouponState='received'") == 10
+
+    assert stack.stop() == 0
+    stack.start()
+    assert stack.states() == {"issued": 10, "received": 10}, "nothing lost across the restart"
+    rest = stack.cli_many(
+        [
+            ["complete-task", "--coupon", coupons[u], "--task", "first-order", "--wait"]
+            for u in users[10:]
+        ]
+    )
+    assert [c.returncode for c in rest] == [0] * 10, rest
+    assert all(json.loads(c.stdout)["state"] == "usable" for c in rest)
+    stack.wait_states({"issued": 20})
+    with psycopg.connect(stack.database_url) as conn:
+        distinct = conn.execute(
+            "SELECT count(DISTINCT platform_coupon_id) FROM receipts"
+        ).fetchone()
+    assert distinct == (20,)
+
+
+def test_command_line_answers_and_exit_codes(stack: RunningStack) -> None:
+    stack.start()
+    first = stack.cli("claim", "--campaign", "demo", "--user", "ann")
+    assert first.returncode == 0, first.stderr
+    coupon = json.loads(first.stdout)
+    assert coupon["created"] is True and coupon["state"] == "received"
+
+    again = stack.cli("claim", "--campaign", "demo", "--user", "ann")
+    assert (again.returncode, json.loads(again.stdout)["coupon_id"]) == (0, coupon["coupon_id"])
+    assert json.loads(again.stdout)["created"] is False
+
+    bad = {
+        ("claim", "--campaign", "nope", "--user", "ann"): "unknown_campaign",
+        ("claim", "--campaign", "demo", "--user", "bad user!"): "is not valid",
+        ("show", "--coupon", "demo:nobody:1"): "no coupon",
+        ("complete-task", "--coupon", coupon["coupon_id"], "--task", "survey"): "unknown task",
+        (
+            "complete-task",
+            "--coupon",
+            coupon["coupon_id"],
+            "--task",
+            "survey",
+            "--wait",
+        ): "UnknownTask",
+    }
+    for args, reason in bad.items():
+        result = stack.cli(*args)
+        assert (result.returncode, result.stdout) == (2, ""), (args, result)
+        assert reason in result.stderr, (args, result.stderr)
+    assert stack.cli("claim").returncode == 2  # usage error
+
+    shown = stack.cli("show", "--coupon", coupon["coupon_id"])
+    assert shown.returncode == 0
+    view = json.loads(shown.stdout)
+    assert view["tasks"] == {
+        "required": ["first-order"],
+        "done": [],
+        "deadline": view["tasks"]["deadline"],
+    }
+    assert [e["to_state"] for e in view["events"]] == ["received"]
+
+    cancelled = stack.cli("cancel", "--coupon", coupon["coupon_id"])
+    assert (cancelled.returncode, json.loads(cancelled.stdout)["state"]) == (0, "cancelled")
+    twice = stack.cli("cancel", "--coupon", coupon["coupon_id"])
+    assert twice.returncode == 2 and "is cancelled: it is finished" in twice.stderr, twice.stderr
+    stack.wait_states({"cancelled": 1})
