@@ -192,7 +192,7 @@ class UserCouponWorkflow:
         if self._redemption is not None:
             return PlatformView("used", self._redemption.used_at)
         # A coupon used just before its validity ended may not have been polled yet.
-        return await workflow.execute_activity(
+        final: PlatformView = await workflow.execute_activity(
             act.LOOKUP_COUPON,
             lookup,
             result_type=PlatformView,
@@ -201,6 +201,7 @@ class UserCouponWorkflow:
             schedule_to_close_timeout=timedelta(hours=1),
             summary="final platform lookup at validity end",
         )
+        return final
 
     # ----- task completion ---------------------------------------------------------
 

@@ -51,7 +51,7 @@ async def migrate(conn: AsyncConnection[object]) -> list[int]:
             )
             if await cur.fetchone():
                 continue
-            await conn.execute(sql.SQL(text))  # type: ignore[call-overload]
+            await conn.execute(sql.SQL(text))
             await conn.execute(
                 "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, name)
             )
