@@ -30,13 +30,13 @@ from workflows.user_coupon import UserCouponWorkflow
 
 log = logging.getLogger(__name__)
 
-_ID = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
+_ID = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 
 __all__ = ["ClaimRefused", "ClaimResult", "ClaimService", "validate_id"]
 
 
 def validate_id(kind: str, value: str) -> str:
-    if not _ID.match(value):
+    if not _ID.fullmatch(value):
         raise ClaimRefused(
             "invalid_request",
             f"{kind} {value!r} is not valid: use 1 to 64 letters, digits, '.', '_', '@' or '-'",

@@ -112,6 +112,7 @@ DEFAULT_KNOBS = {
     "error_rate": 0.0,
     "ambiguous_rate": 0.0,
     "ambiguous_mode": "hang",
+    "ambiguous_hang_s": 10.0,
     "lookup_lag_s": 0.0,
     "rate_limit_per_s": 0,
     "restricted_users": [],
