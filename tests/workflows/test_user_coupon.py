@@ -19,11 +19,14 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
 
+from activities.ledger import LedgerActivities
 from coupons.config import Settings
 from coupons.ledger import claims as ledger
 from coupons.model import CancelRequest, CouponStatus, RedemptionReport, TaskCompletion
 from coupons.platforms.rest import RestPlatform
+from coupons.workers import workflow_runner
 from tests.conftest import claims_of, new_campaign, running_workers, sim_stats
 from workflows.user_coupon import UserCouponWorkflow
 
@@ -43,6 +46,9 @@ async def claim(
     # or the coupon's validity would already be over when it is issued.
     skew = await env.get_current_time() - datetime.now(UTC)
     await simulator.put("/sim/knobs", json={"clock_offset_s": skew.total_seconds()})
+    # The ledger sets deadlines by PostgreSQL's clock, which the skipped time left behind.
+    if isinstance(campaign.get("task_deadline"), timedelta):
+        campaign["task_deadline"] = campaign["task_deadline"] + skew
     c = await new_campaign(pool, platform, **campaign)
     result = await claims_of(pool, env.client, settings).claim(c.id, user)
     return env.client.get_workflow_handle_for(UserCouponWorkflow.run, result.workflow_id)
@@ -83,6 +89,10 @@ async def test_task_deadline_expires_a_received_coupon(
         handle = await claim(
             ts_env, simulator, pool, platform, settings, task_deadline=timedelta(days=3)
         )
+        status = await handle.query(UserCouponWorkflow.status)
+        assert status.task_deadline is not None
+        assert status.task_deadline > await ts_env.get_current_time() + timedelta(days=2)
+        assert status.state == "received"
         await ts_env.sleep(timedelta(days=3, minutes=1))
         status = await handle.result()
     assert status.state == "expired"
@@ -152,7 +162,14 @@ async def test_cancel_received_coupon_then_every_further_change_is_refused(
     settings: Settings,
     simulator: httpx.AsyncClient,
 ) -> None:
-    async with running_workers(ts_env.client, pool, settings):
+    # Without the ledger activity the cancelled workflow cannot close yet, so the refused
+    # updates below reach an open workflow and its validators, not a closed one.
+    async with Worker(
+        ts_env.client,
+        task_queue=settings.task_queue,
+        workflows=[UserCouponWorkflow],
+        workflow_runner=workflow_runner(),
+    ):
         handle = await claim(ts_env, simulator, pool, platform, settings)
         status = await handle.execute_update(
             UserCouponWorkflow.cancel_coupon, CancelRequest("user left")
@@ -167,7 +184,12 @@ async def test_cancel_received_coupon_then_every_further_change_is_refused(
         with pytest.raises(WorkflowUpdateFailedError) as again:
             await handle.execute_update(UserCouponWorkflow.cancel_coupon, CancelRequest())
         assert "only received or usable" in str(again.value.cause)
-        final = await handle.result()
+        async with Worker(
+            ts_env.client,
+            task_queue=settings.task_queue,
+            activities=[LedgerActivities(pool).record_transition],
+        ):
+            final = await handle.result()
         # A validator's rejection leaves nothing in history.
         assert await update_events(handle) == accepted
     assert final.state == "cancelled"

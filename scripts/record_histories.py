@@ -1,0 +1,498 @@
+"""Extend the replay corpus after a patched workflow change; never paper over a replay failure."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+# Run as `scripts/record_histories.py`, the project root is not on the path by itself.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import httpx
+from psycopg_pool import AsyncConnectionPool
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
+from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from activities.ledger import LedgerActivities
+from coupons.catalog import ensure_campaign
+from coupons.claims import ClaimService
+from coupons.config import Settings
+from coupons.embedded import EmbeddedPostgres, SimulatorProcess, find_binary, free_port
+from coupons.ledger import db
+from coupons.model import (
+    SEARCH_ATTRIBUTES,
+    CancelRequest,
+    CouponStatus,
+    RedemptionReport,
+    TaskCompletion,
+)
+from coupons.platforms.rest import RestPlatform
+from coupons.workers import build_workers, workflow_runner
+from workflows.user_coupon import UserCouponWorkflow
+
+ROOT = Path(__file__).resolve().parent.parent
+HISTORIES = ROOT / "tests" / "histories"
+
+Handle = WorkflowHandle[UserCouponWorkflow, CouponStatus]
+
+
+class PathFailed(RuntimeError):
+    """A path did not go the way it is meant to; its history is not written."""
+
+
+class Recorder:
+    """The running stack and the helpers every path uses (as tests/conftest.py does)."""
+
+    def __init__(
+        self,
+        env: WorkflowEnvironment,
+        pool: AsyncConnectionPool,
+        platform: RestPlatform,
+        sim: httpx.AsyncClient,
+        base: Settings,
+        default_knobs: dict[str, Any],
+    ) -> None:
+        self.env = env
+        self.pool = pool
+        self.platform = platform
+        self.sim = sim
+        self.base = base
+        self.default_knobs = default_knobs
+
+    def settings(self, name: str, **changes: Any) -> Settings:
+        """Settings of one path: its own task queues."""
+        return replace(
+            self.base,
+            task_queue=f"record-{name}",
+            platform_task_queue=f"record-{name}-platform",
+            **changes,
+        )
+
+    @contextlib.asynccontextmanager
+    async def workers(self, settings: Settings) -> AsyncIterator[None]:
+        platform = RestPlatform(settings.platform_url, timeout_s=settings.platform_timeout_s)
+        workers = build_workers(self.env.client, self.pool, platform, settings)
+        try:
+            async with workers[0], workers[1]:
+                yield
+        finally:
+            await platform.aclose()
+
+    async def knobs(self, **knobs: Any) -> None:
+        response = await self.sim.put("/sim/knobs", json=knobs)
+        response.raise_for_status()
+
+    async def skew(self) -> timedelta:
+        """How far the time-skipping server's clock is ahead of the wall clock."""
+        return await self.env.get_current_time() - datetime.now(UTC)
+
+    async def claim(
+        self, name: str, settings: Settings, user: str = "u1", **campaign: Any
+    ) -> Handle:
+        # Earlier paths skipped the server's clock ahead: the platform must share its time,
+        # or the coupon's validity would already be over when it is issued.
+        await self.knobs(clock_offset_s=(await self.skew()).total_seconds())
+        campaign.setdefault("required_tasks", ["first-order"])
+        campaign.setdefault("quota", 10)
+        c = await ensure_campaign(self.pool, self.platform, f"rec-{name}", **campaign)
+        result = await ClaimService(self.pool, self.env.client, settings).claim(c.id, user)
+        return self.env.client.get_workflow_handle_for(UserCouponWorkflow.run, result.workflow_id)
+
+    async def stats(self) -> dict[str, int]:
+        response = await self.sim.get("/sim/stats")
+        response.raise_for_status()
+        stats: dict[str, int] = response.json()
+        return stats
+
+
+async def wait_for_state(handle: Handle, state: str, timeout_s: float = 60) -> CouponStatus:
+    async with asyncio.timeout(timeout_s):
+        while True:
+            status = await handle.query(UserCouponWorkflow.status)
+            if status.state == state:
+                return status
+            await asyncio.sleep(0.2)
+
+
+async def refused(update: Awaitable[Any], expected: str) -> None:
+    """The update must be rejected, with `expected` in the reason."""
+    try:
+        await update
+    except WorkflowUpdateFailedError as err:
+        if expected not in str(err.cause):
+            raise PathFailed(f"update refused for another reason: {err.cause}") from err
+        return
+    raise PathFailed(f"update was accepted; expected a refusal with {expected!r}")
+
+
+def check(condition: bool, what: str) -> None:
+    if not condition:
+        raise PathFailed(what)
+
+
+# ----- the paths ----------------------------------------------------------------------
+# Each drives one coupon and returns its handle once the workflow has closed.
+
+
+async def issued_redeemed_by_poll(r: Recorder, name: str) -> Handle:
+    s = r.settings(name, redemption_poll_initial_s=60.0, redemption_poll_max_s=3600.0)
+    async with r.workers(s):
+        handle = await r.claim(name, s)
+        await handle.signal(UserCouponWorkflow.task_done, TaskCompletion("first-order"))
+        issued = await wait_for_state(handle, "issued")
+        assert issued.receipt is not None
+        used = await r.sim.post(f"/v1/coupons/{issued.receipt.platform_coupon_id}/use")
+        used.raise_for_status()
+        # The first poll comes a minute after the send; retries back off from there.
+        await r.env.sleep(timedelta(minutes=3))
+        status = await handle.result()
+    check(status.transitions[-1].cause == "redeemed (platform lookup)", "not found by polling")
+    return handle
+
+
+async def issued_redeemed_by_signal(r: Recorder, name: str) -> Handle:
+    s = r.settings(name)
+    async with r.workers(s):
+        handle = await r.claim(name, s)
+        await handle.execute_update(UserCouponWorkflow.complete_task, TaskCompletion("first-order"))
+        await wait_for_state(handle, "issued")
+        used_at = await r.env.get_current_time()
+        await handle.signal(
+            UserCouponWorkflow.report_redemption, RedemptionReport(used_at, "callback")
+        )
+        status = await handle.result()
+    check(status.transitions[-1].cause == "redeemed (callback)", "not redeemed by the report")
+    return handle
+
+
+async def issued_lapsed(r: Recorder, name: str) -> Handle:
+    # Poll once a day over the 30-day validity, so the skipped month costs few lookups.
+    s = r.settings(name, redemption_poll_initial_s=86400.0, redemption_poll_max_s=86400.0)
+    async with r.workers(s):
+        handle = await r.claim(name, s, valid_days=30)
+        await handle.signal(UserCouponWorkflow.task_done, TaskCompletion("first-order"))
+        await wait_for_state(handle, "issued")
+        await r.env.sleep(timedelta(days=31))
+        await handle.result()
+    return handle
+
+
+async def received_expired(r: Recorder, name: str) -> Handle:
+    s = r.settings(name)
+    async with r.workers(s):
+        # The ledger computes the deadline from its own clock; the workflow reads the
+        # server's, which earlier paths moved ahead. Three days on the server's clock:
+        deadline = await r.skew() + timedelta(days=3)
+        handle = await r.claim(name, s, task_deadline=deadline)
+        await r.env.sleep(timedelta(days=3, minutes=1))
+        status = await handle.result()
+    check(status.transitions[-1].cause == "task deadline passed", "not expired by the deadline")
+    return handle
+
+
+async def received_cancelled(r: Recorder, name: str) -> Handle:
+    s = r.settings(name)
+    async with r.workers(s):
+        handle = await r.claim(name, s)
+        status = await handle.execute_update(
+            UserCouponWorkflow.cancel_coupon, CancelRequest("user left")
+        )
+        check(status.state == "cancelled", f"cancel update answered {status.state}")
+        await handle.result()
+    return handle
+
+
+async def received_cancelled_by_signal(r: Recorder, name: str) -> Handle:
+    s = r.settings(name)
+    async with r.workers(s):
+        handle = await r.claim(name, s)
+        await handle.signal(UserCouponWorkflow.cancel, CancelRequest("campaign withdrawn"))
+        await handle.result()
+    return handle
+
+
+async def two_tasks_partial_then_done(r: Recorder, name: str) -> Handle:
+    # A one-day validity polled hourly: the poll runs out with the validity, and the
+    # final lookup decides the lapse.
+    s = r.settings(name, redemption_poll_initial_s=3600.0, redemption_poll_max_s=3600.0)
+    async with r.workers(s):
+        handle = await r.claim(name, s, required_tasks=["first-order", "survey"], valid_days=1)
+        partial = await handle.execute_update(
+            UserCouponWorkflow.complete_task, TaskCompletion("survey")
+        )
+        check(partial.state == "received", f"one task of two made it {partial.state}")
+        await handle.signal(UserCouponWorkflow.task_done, TaskCompletion("first-order"))
+        await wait_for_state(handle, "issued")
+        await r.env.sleep(timedelta(days=1, hours=1))
+        status = await handle.result()
+    check(status.tasks_done == ["survey", "first-order"], f"tasks done: {status.tasks_done}")
+    return handle
+
+
+async def no_task_usable_issued(r: Recorder, name: str) -> Handle:
+    s = r.settings(name)
+    async with r.workers(s):
+        handle = await r.claim(name, s, required_tasks=[])
+        issued = await wait_for_state(handle, "issued")
+        check(
+            [t.to_state for t in issued.transitions] == ["issued"],
+            f"transitions: {issued.transitions}",
+        )
+        used_at = await r.env.get_current_time()
+        await handle.signal(
+            UserCouponWorkflow.report_redemption, RedemptionReport(used_at, "callback")
+        )
+        await handle.result()
+    return handle
+
+
+async def platform_refused_failed(r: Recorder, name: str) -> Handle:
+    await r.knobs(restricted_users=["risky"])
+    s = r.settings(name)
+    async with r.workers(s):
+        handle = await r.claim(name, s, user="risky", required_tasks=[])
+        status = await handle.result()
+    check("USER_RESTRICTED" in status.transitions[-1].cause, status.transitions[-1].cause)
+    return handle
+
+
+async def lag_window_resend(r: Recorder, name: str) -> Handle:
+    # The lookup lags 4 s behind a send and the lag window is 1.5 s: the first attempt
+    # gives up looking, the retry resends the same key and then sees the coupon.
+    await r.knobs(lookup_lag_s=4.0)
+    s = r.settings(name, lag_window_s=1.5)
+    before = await r.stats()
+    async with r.workers(s):
+        handle = await r.claim(name, s)
+        await handle.execute_update(UserCouponWorkflow.complete_task, TaskCompletion("first-order"))
+        await wait_for_state(handle, "issued")
+        used_at = await r.env.get_current_time()
+        await handle.signal(
+            UserCouponWorkflow.report_redemption, RedemptionReport(used_at, "callback")
+        )
+        status = await handle.result()
+    after = await r.stats()
+    check(after["sends_applied"] - before["sends_applied"] == 1, "sent more than once")
+    check(after["sends_replayed"] - before["sends_replayed"] >= 1, "no resend of the same key")
+    check(
+        [t.to_state for t in status.transitions] == ["usable", "issued", "redeemed"],
+        f"transitions: {status.transitions}",
+    )
+    return handle
+
+
+async def rejected_updates(r: Recorder, name: str) -> Handle:
+    s = r.settings(name)
+    client = r.env.client
+    # The workflow's worker first, without the ledger activity: after the cancel the
+    # workflow then stays open (cancelled, its ledger write pending), so the wrong-state
+    # updates reach a running workflow, not a closed one.
+    async with Worker(
+        client,
+        task_queue=s.task_queue,
+        workflows=[UserCouponWorkflow],
+        workflow_runner=workflow_runner(),
+    ):
+        handle = await r.claim(name, s, required_tasks=["first-order", "survey"])
+        await refused(
+            handle.execute_update(UserCouponWorkflow.complete_task, TaskCompletion("share")),
+            "unknown task 'share'",
+        )
+        status = await handle.execute_update(
+            UserCouponWorkflow.cancel_coupon, CancelRequest("user left")
+        )
+        check(status.state == "cancelled", f"cancel update answered {status.state}")
+        await refused(
+            handle.execute_update(UserCouponWorkflow.complete_task, TaskCompletion("survey")),
+            "coupon is cancelled",
+        )
+        await refused(
+            handle.execute_update(UserCouponWorkflow.cancel_coupon, CancelRequest()),
+            "only received or usable",
+        )
+        async with Worker(
+            client,
+            task_queue=s.task_queue,
+            activities=[LedgerActivities(r.pool).record_transition],
+        ):
+            await handle.result()
+    return handle
+
+
+async def ignored_signals(r: Recorder, name: str) -> Handle:
+    s = r.settings(name)
+    async with r.workers(s):
+        handle = await r.claim(name, s)
+        await handle.signal(UserCouponWorkflow.task_done, TaskCompletion("share"))
+        early = await r.env.get_current_time()
+        await handle.signal(UserCouponWorkflow.report_redemption, RedemptionReport(early))
+        await handle.signal(UserCouponWorkflow.task_done, TaskCompletion("first-order"))
+        await wait_for_state(handle, "issued")
+        await handle.signal(UserCouponWorkflow.cancel, CancelRequest("too late"))
+        issued = await wait_for_state(handle, "issued")
+        # The cancel of an issued coupon is ignored like the two early signals.
+        for _ in range(50):
+            if len(issued.ignored_signals) == 3:
+                break
+            await asyncio.sleep(0.2)
+            issued = await handle.query(UserCouponWorkflow.status)
+        check(len(issued.ignored_signals) == 3, f"ignored: {issued.ignored_signals}")
+        used_at = await r.env.get_current_time()
+        await handle.signal(
+            UserCouponWorkflow.report_redemption, RedemptionReport(used_at, "callback")
+        )
+        await handle.result()
+    return handle
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    final_state: str
+    drive: Callable[[Recorder, str], Awaitable[Handle]]
+
+
+PATHS = [
+    Scenario("issued_redeemed_by_poll", "redeemed", issued_redeemed_by_poll),
+    Scenario("issued_redeemed_by_signal", "redeemed", issued_redeemed_by_signal),
+    Scenario("issued_lapsed", "lapsed", issued_lapsed),
+    Scenario("received_expired", "expired", received_expired),
+    Scenario("received_cancelled", "cancelled", received_cancelled),
+    Scenario("received_cancelled_by_signal", "cancelled", received_cancelled_by_signal),
+    Scenario("two_tasks_partial_then_done", "lapsed", two_tasks_partial_then_done),
+    Scenario("no_task_usable_issued", "redeemed", no_task_usable_issued),
+    Scenario("platform_refused_failed", "failed", platform_refused_failed),
+    Scenario("lag_window_resend", "redeemed", lag_window_resend),
+    Scenario("rejected_updates", "cancelled", rejected_updates),
+    Scenario("ignored_signals", "redeemed", ignored_signals),
+]
+
+
+async def record(r: Recorder, path: Scenario, out: Path) -> None:
+    began = time.monotonic()
+    await r.knobs(**r.default_knobs)
+    handle = await asyncio.wait_for(path.drive(r, path.name), timeout=300)
+    status = await handle.result()
+    if status.state != path.final_state:
+        raise PathFailed(f"{path.name} ended {status.state}, expected {path.final_state}")
+    history = await handle.fetch_history()
+    target = out / f"{path.name}.json"
+    target.write_text(history.to_json() + "\n")
+    print(
+        f"  {path.name:<30} {status.state:<9} {len(history.events):>3} events "
+        f"{target.stat().st_size:>7,} bytes  {time.monotonic() - began:5.1f} s",
+        flush=True,
+    )
+
+
+async def start_time_skipping() -> WorkflowEnvironment:
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=str(find_binary("temporal-test-server"))
+    )
+    try:
+        # It hangs on search attributes it does not know: register ours first.
+        await env.client.operator_service.add_search_attributes(
+            AddSearchAttributesRequest(
+                namespace=env.client.namespace,
+                search_attributes={
+                    k.name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD for k in SEARCH_ATTRIBUTES
+                },
+            )
+        )
+    except BaseException:
+        await env.shutdown()
+        raise
+    return env
+
+
+async def run(paths: list[Scenario], out: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix="record-histories-") as tmp:
+        run_dir = Path(tmp)
+        postgres = EmbeddedPostgres(
+            run_dir / "postgres", free_port(), log_path=run_dir / "postgres.log"
+        )
+        simulator = SimulatorProcess(
+            run_dir / "simulator.sqlite3", free_port(), log_path=run_dir / "simulator.log"
+        )
+        env: WorkflowEnvironment | None = None
+        try:
+            postgres.start()
+            simulator.start()
+            env = await start_time_skipping()
+            await db.migrate_url(postgres.url())
+            base = replace(
+                Settings(),
+                database_url_override=postgres.url(),
+                platform_url_override=simulator.url,
+                platform_timeout_s=2.0,
+                lag_window_s=3.0,
+                redemption_poll_initial_s=60.0,
+                redemption_poll_max_s=3600.0,
+            )
+            print(
+                f"stack up: postgres pid {postgres.pid}, simulator pid {simulator.pid}, "
+                f"time-skipping server; recording {len(paths)} paths to {out}",
+                flush=True,
+            )
+            async with (
+                db.pool(postgres.url()) as pool,
+                httpx.AsyncClient(base_url=simulator.url, timeout=10) as sim,
+            ):
+                platform = RestPlatform(simulator.url, timeout_s=5.0)
+                try:
+                    default_knobs = (await sim.get("/sim/knobs")).raise_for_status().json()
+                    r = Recorder(env, pool, platform, sim, base, default_knobs)
+                    for path in paths:
+                        await record(r, path, out)
+                finally:
+                    await platform.aclose()
+        finally:
+            if env is not None:
+                await env.shutdown()
+            simulator.stop()
+            postgres.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "paths", nargs="*", metavar="PATH", help=f"record only these: {[p.name for p in PATHS]}"
+    )
+    parser.add_argument("--out", type=Path, default=HISTORIES, help="default: %(default)s")
+    args = parser.parse_args()
+    unknown = set(args.paths) - {p.name for p in PATHS}
+    if unknown:
+        parser.error(f"unknown paths: {', '.join(sorted(unknown))}")
+    chosen = [p for p in PATHS if not args.paths or p.name in args.paths]
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # The paths fail activities and ignore signals on purpose: keep the progress readable.
+    logging.getLogger("temporalio").setLevel(logging.ERROR)
+    quiet = TelemetryFilter(core_level="ERROR", other_level="ERROR")
+    Runtime.set_default(Runtime(telemetry=TelemetryConfig(logging=LoggingConfig(filter=quiet))))
+    args.out.mkdir(parents=True, exist_ok=True)
+    began = time.monotonic()
+    try:
+        asyncio.run(run(chosen, args.out))
+    except PathFailed as err:
+        print(f"FAILED: {err}", file=sys.stderr)
+        return 1
+    print(f"recorded {len(chosen)} histories in {time.monotonic() - began:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

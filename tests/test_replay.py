@@ -1,0 +1,137 @@
+"""Today's UserCouponWorkflow must replay every stored history in tests/histories.
+
+A replay failure means a change altered the commands of running workflows: guard it
+with `workflow.patched` instead. Never re-record the corpus to make this test pass;
+`scripts/record_histories.py` only extends it after an intentional, patched change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from temporalio import workflow
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import WorkflowHistory
+from temporalio.converter import DataConverter, decode_typed_search_attributes
+from temporalio.worker import Replayer
+
+from coupons.lifecycle import FINAL_STATES
+from coupons.model import COUPON_STATE, CouponInput, CouponStatus, coupon_workflow_id
+from coupons.workers import workflow_runner
+from workflows.user_coupon import UserCouponWorkflow
+
+HISTORIES = Path(__file__).parent / "histories"
+FILES = sorted(HISTORIES.glob("*.json"))
+
+_payloads = DataConverter.default.payload_converter
+
+
+def load(path: Path) -> WorkflowHistory:
+    """The stored history under the workflow id it ran with (read from its input)."""
+    text = path.read_text()
+    events = WorkflowHistory.from_json("unknown", text).events
+    started = events[0].workflow_execution_started_event_attributes
+    [coupon] = _payloads.from_payloads(started.input.payloads, [CouponInput])
+    return WorkflowHistory.from_json(coupon_workflow_id(coupon.coupon_id), text)
+
+
+def coupon_states(history: WorkflowHistory) -> list[str]:
+    """Every `CouponState` the workflow published, from its start to its last upsert."""
+    states: list[str] = []
+    for event in history.events:
+        if event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
+            attributes = event.workflow_execution_started_event_attributes.search_attributes
+        elif event.event_type == EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES:
+            attributes = event.upsert_workflow_search_attributes_event_attributes.search_attributes
+        else:
+            continue
+        state = decode_typed_search_attributes(attributes).get(COUPON_STATE)
+        if state is not None:
+            states.append(state)
+    return states
+
+
+def final_status(history: WorkflowHistory) -> CouponStatus | None:
+    """The workflow's result, None if the history does not end in its completion."""
+    last = history.events[-1]
+    if last.event_type != EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED:
+        return None
+    result = last.workflow_execution_completed_event_attributes.result.payloads
+    [status] = _payloads.from_payloads(result, [CouponStatus])
+    return status  # type: ignore[no-any-return]
+
+
+def replayer(*workflows: type) -> Replayer:
+    # The same sandbox runner (and passthrough modules) as the production worker.
+    return Replayer(workflows=list(workflows), workflow_runner=workflow_runner())
+
+
+async def one_by_one(histories: Iterable[WorkflowHistory]) -> AsyncIterator[WorkflowHistory]:
+    for history in histories:
+        yield history
+
+
+def test_corpus_is_stored() -> None:
+    assert FILES, f"no histories in {HISTORIES}: run scripts/record_histories.py"
+    run_ids = [load(path).run_id for path in FILES]
+    assert len(set(run_ids)) == len(run_ids), "two stored histories share a run id"
+
+
+async def test_every_stored_history_replays() -> None:
+    histories = {path.name: load(path) for path in FILES}
+    file_of = {history.run_id: name for name, history in histories.items()}
+    results = await replayer(UserCouponWorkflow).replay_workflows(
+        one_by_one(histories.values()), raise_on_replay_failure=False
+    )
+    failures = {file_of[run_id]: err for run_id, err in results.replay_failures.items()}
+    assert not failures, "replay failed for " + "; ".join(
+        f"tests/histories/{name}: {type(err).__name__}: {err}"
+        for name, err in sorted(failures.items())
+    )
+
+
+def test_corpus_covers_every_final_state() -> None:
+    reached: dict[str, list[str]] = {}
+    for path in FILES:
+        history = load(path)
+        states = coupon_states(history)
+        assert states, f"{path.name}: no CouponState in the history"
+        status = final_status(history)
+        # A closed workflow's last published state is the one it returned. (A history of
+        # a workflow still open is welcome too: it counts with its current state.)
+        if status is not None:
+            assert states[-1] == status.state, f"{path.name}: {states} but result {status.state}"
+        reached.setdefault(states[-1], []).append(path.name)
+    assert set(reached) >= FINAL_STATES, (
+        f"no stored history ends {sorted(FINAL_STATES - set(reached))}; "
+        f"final states covered: {reached}"
+    )
+
+
+# ----- the check can fail -------------------------------------------------------------
+
+
+@workflow.defn(name="UserCouponWorkflow")
+class UnpatchedChangeWorkflow(UserCouponWorkflow):
+    """UserCouponWorkflow with an unguarded new command before everything else: the kind
+    of change `workflow.patched` exists for."""
+
+    @workflow.run
+    async def run(self, input: CouponInput) -> CouponStatus:
+        await workflow.sleep(timedelta(seconds=1), summary="a new, unpatched timer")
+        return await super().run(input)
+
+
+@pytest.mark.parametrize("name", ["received_cancelled.json", "issued_redeemed_by_signal.json"])
+async def test_an_unpatched_command_change_fails_replay(name: str) -> None:
+    history = load(HISTORIES / name)
+    results = await replayer(UnpatchedChangeWorkflow).replay_workflows(
+        one_by_one([history]), raise_on_replay_failure=False
+    )
+    failure = results.replay_failures.get(history.run_id)
+    assert isinstance(failure, workflow.NondeterminismError), (
+        f"tests/histories/{name} replayed against an incompatible workflow: {failure!r}"
+    )
