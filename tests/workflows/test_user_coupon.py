@@ -47,8 +47,9 @@ async def claim(
     skew = await env.get_current_time() - datetime.now(UTC)
     await simulator.put("/sim/knobs", json={"clock_offset_s": skew.total_seconds()})
     # The ledger sets deadlines by PostgreSQL's clock, which the skipped time left behind.
-    if isinstance(campaign.get("task_deadline"), timedelta):
-        campaign["task_deadline"] = campaign["task_deadline"] + skew
+    deadline = campaign.get("task_deadline")
+    if isinstance(deadline, timedelta):
+        campaign["task_deadline"] = deadline + skew
     c = await new_campaign(pool, platform, **campaign)
     result = await claims_of(pool, env.client, settings).claim(c.id, user)
     return env.client.get_workflow_handle_for(UserCouponWorkflow.run, result.workflow_id)
