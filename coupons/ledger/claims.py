@@ -51,14 +51,14 @@ async def claim(pool: AsyncConnectionPool, campaign_id: str, user_id: str) -> tu
     """
     async with pool.connection() as conn, conn.transaction():
         cur = await conn.execute(
-            "SELECT per_user_limit, quota, claimed, task_deadline, required_tasks"
+            "SELECT per_user_limit, quota, claimed, task_deadline, required_tasks, batch_id"
             " FROM campaigns WHERE id = %s FOR UPDATE",
             (campaign_id,),
         )
         campaign = await cur.fetchone()
         if campaign is None:
             raise ClaimRefused("unknown_campaign", f"no campaign {campaign_id!r}")
-        per_user_limit, quota, claimed, deadline, required_tasks = campaign
+        per_user_limit, quota, claimed, deadline, required_tasks, batch_id = campaign
         held = await _claims_of(conn, campaign_id, user_id)
         if len(held) >= per_user_limit:
             return held[0], False
@@ -70,18 +70,34 @@ async def claim(pool: AsyncConnectionPool, campaign_id: str, user_id: str) -> tu
         await conn.execute(
             "UPDATE campaigns SET claimed = claimed + 1 WHERE id = %s", (campaign_id,)
         )
-        await conn.execute(
+        cur = await conn.execute(
             "INSERT INTO claims (coupon_id, campaign_id, user_id, seq, state, workflow_id,"
-            " task_deadline) VALUES (%s, %s, %s, %s, %s, %s, now() + %s)",
+            " task_deadline) VALUES (%s, %s, %s, %s, %s, %s, now() + %s)"
+            " RETURNING workflow_id, claimed_at, task_deadline",
             (coupon_id, campaign_id, user_id, seq, state, coupon_workflow_id(coupon_id), deadline),
         )
+        inserted = await cur.fetchone()
+        assert inserted is not None  # INSERT ... RETURNING always yields its row
+        workflow_id, claimed_at, task_deadline = inserted
         await conn.execute(
             "INSERT INTO coupon_events (coupon_id, from_state, to_state, cause, at)"
             " VALUES (%s, NULL, %s, 'claimed', now())",
             (coupon_id, state),
         )
-        new = await _claims_of(conn, campaign_id, user_id)
-        return new[0], True
+        new = Claim(
+            coupon_id=coupon_id,
+            campaign_id=campaign_id,
+            user_id=user_id,
+            seq=seq,
+            state=state,
+            workflow_id=workflow_id,
+            workflow_started=False,
+            claimed_at=claimed_at,
+            task_deadline=task_deadline,
+            batch_id=batch_id,
+            required_tasks=list(required_tasks),
+        )
+        return new, True
 
 
 async def _claims_of(conn: AsyncConnection[Any], campaign_id: str, user_id: str) -> list[Claim]:
