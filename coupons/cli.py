@@ -25,6 +25,7 @@ from coupons.claims import ClaimRefused, ClaimService, validate_id
 from coupons.config import ConfigError, Settings
 from coupons.ledger import claims as ledger
 from coupons.ledger import db
+from coupons.lifecycle import STATES
 from coupons.model import CancelRequest, CouponStatus, TaskCompletion
 from coupons.temporal import connect
 from workflows.user_coupon import UserCouponWorkflow
@@ -66,6 +67,11 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--coupon", required=True)
     x.add_argument("--reason", default="cancelled by operator")
     x.add_argument("--no-wait", action="store_true", help="send the signal and do not wait")
+    ls = sub.add_parser("list", help="list a campaign's coupons (from the ledger)")
+    ls.add_argument("--campaign", required=True)
+    ls.add_argument("--user")
+    ls.add_argument("--state", choices=STATES)
+    ls.add_argument("--limit", type=int, default=100)
     st = sub.add_parser("stats", help="count a campaign's coupons by state (from the ledger)")
     st.add_argument("--campaign", required=True)
     sub.add_parser("repair", help="start the workflows of claims that lack one")
@@ -168,6 +174,29 @@ async def cmd_show(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+async def cmd_list(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
+    validate_id("campaign", args.campaign)
+    if args.user is not None:
+        validate_id("user", args.user)
+    if not 1 <= args.limit <= 10_000:
+        raise BadInput(f"--limit {args.limit} must be between 1 and 10000")
+    found = await ledger.list_claims(
+        ctx.pool, args.campaign, user_id=args.user, state=args.state, limit=args.limit
+    )
+    return {
+        "campaign_id": args.campaign,
+        "coupons": [
+            {
+                "coupon_id": c.coupon_id,
+                "user_id": c.user_id,
+                "state": c.state,
+                "claimed_at": c.claimed_at,
+            }
+            for c in found
+        ],
+    }
+
+
 async def cmd_stats(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     validate_id("campaign", args.campaign)
     return {
@@ -185,6 +214,7 @@ COMMANDS: dict[str, Callable[[Context, argparse.Namespace], Awaitable[dict[str, 
     "complete-task": cmd_complete_task,
     "show": cmd_show,
     "cancel": cmd_cancel,
+    "list": cmd_list,
     "stats": cmd_stats,
     "repair": cmd_repair,
 }

@@ -202,6 +202,11 @@ def test_command_line_answers_and_exit_codes(stack: RunningStack) -> None:
     }
     assert [e["to_state"] for e in view["events"]] == ["received"]
 
+    listed = stack.cli("list", "--campaign", "demo", "--user", "ann")
+    assert listed.returncode == 0, listed.stderr
+    assert [c["coupon_id"] for c in json.loads(listed.stdout)["coupons"]] == [coupon["coupon_id"]]
+    assert stack.cli("list", "--campaign", "demo", "--state", "bogus").returncode == 2
+
     cancelled = stack.cli("cancel", "--coupon", coupon["coupon_id"])
     assert (cancelled.returncode, json.loads(cancelled.stdout)["state"]) == (0, "cancelled")
     twice = stack.cli("cancel", "--coupon", coupon["coupon_id"])

@@ -208,6 +208,27 @@ async def coupon_view(pool: AsyncConnectionPool, coupon_id: str) -> dict[str, An
     return {"claim": claim_row, "receipt": receipt, "events": events}
 
 
+async def list_claims(
+    pool: AsyncConnectionPool,
+    campaign_id: str,
+    *,
+    user_id: str | None = None,
+    state: str | None = None,
+    limit: int = 100,
+) -> list[Claim]:
+    async with pool.connection() as conn:
+        cur = conn.cursor(row_factory=class_row(Claim))
+        await cur.execute(
+            f"SELECT {_CLAIM_COLUMNS} FROM claims c JOIN campaigns k ON k.id = c.campaign_id"
+            " WHERE c.campaign_id = %(campaign)s"
+            " AND (%(user)s::text IS NULL OR c.user_id = %(user)s)"
+            " AND (%(state)s::text IS NULL OR c.state = %(state)s)"
+            " ORDER BY c.claimed_at, c.coupon_id LIMIT %(limit)s",
+            {"campaign": campaign_id, "user": user_id, "state": state, "limit": limit},
+        )
+        return await cur.fetchall()
+
+
 async def count_by_state(pool: AsyncConnectionPool, campaign_id: str) -> dict[str, int]:
     async with pool.connection() as conn:
         cur = await conn.execute(

@@ -1,0 +1,93 @@
+"""The ledger's own guarantees, straight against PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import psycopg
+import pytest
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from coupons.embedded import EmbeddedPostgres
+from coupons.ledger import claims, db
+from coupons.model import Receipt, Transition
+from coupons.platforms.rest import RestPlatform
+from tests.conftest import new_campaign
+
+AT = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+
+
+async def test_migrations_build_an_empty_database_once(postgres: EmbeddedPostgres) -> None:
+    async with await AsyncConnection.connect(postgres.url(), autocommit=True) as conn:
+        await conn.execute("DROP DATABASE IF EXISTS migrate_check")
+        await conn.execute("CREATE DATABASE migrate_check")
+    url = postgres.url("migrate_check")
+    assert await db.migrate_url(url) == [v for v, _, _ in db.migrations()]
+    assert await db.migrate_url(url) == []
+    async with await AsyncConnection.connect(url) as conn:
+        cur = await conn.execute("SELECT version, name FROM schema_migrations ORDER BY version")
+        assert await cur.fetchall() == [(1, "initial")]
+
+
+async def claimed(pool: AsyncConnectionPool, platform: RestPlatform) -> str:
+    campaign = await new_campaign(pool, platform)
+    claim, created = await claims.claim(pool, campaign.id, "u1")
+    assert created
+    return claim.coupon_id
+
+
+async def test_a_transition_is_recorded_once_however_often_it_is_written(
+    pool: AsyncConnectionPool, platform: RestPlatform
+) -> None:
+    coupon_id = await claimed(pool, platform)
+    usable = Transition("received", "usable", "tasks done: first-order", AT)
+    assert await claims.record(pool, coupon_id, usable) is True
+    assert await claims.record(pool, coupon_id, usable) is False
+    view = await claims.coupon_view(pool, coupon_id)
+    assert view is not None
+    assert [e["to_state"] for e in view["events"]] == ["received", "usable"]
+    assert view["claim"].state == "usable"
+
+
+async def test_receipt_and_issued_are_written_together_and_once(
+    pool: AsyncConnectionPool, platform: RestPlatform
+) -> None:
+    coupon_id = await claimed(pool, platform)
+    await claims.record(pool, coupon_id, Transition("received", "usable", "tasks done", AT))
+    receipt = Receipt("cpn_1", "key-1", AT, AT, AT, {"coupon_id": "cpn_1"})
+    issued = Transition("usable", "issued", "platform confirmed the send", AT)
+    await claims.record_receipt(pool, coupon_id, receipt, issued)
+    await claims.record_receipt(pool, coupon_id, receipt, issued)
+    view = await claims.coupon_view(pool, coupon_id)
+    assert view is not None
+    assert view["receipt"]["platform_coupon_id"] == "cpn_1"
+    assert [e["to_state"] for e in view["events"]] == ["received", "usable", "issued"]
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT count(*) FROM receipts WHERE coupon_id = %s", (coupon_id,))
+        assert await cur.fetchone() == (1,)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    ["UPDATE coupon_events SET cause = 'rewritten'", "DELETE FROM coupon_events"],
+)
+async def test_the_event_table_is_append_only(
+    pool: AsyncConnectionPool, platform: RestPlatform, statement: str
+) -> None:
+    await claimed(pool, platform)
+    async with pool.connection() as conn:
+        with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+            await conn.execute(statement)
+
+
+async def test_the_quota_holds_even_against_direct_sql(
+    pool: AsyncConnectionPool, platform: RestPlatform
+) -> None:
+    campaign = await new_campaign(pool, platform, quota=1)
+    await claims.claim(pool, campaign.id, "u1")
+    async with pool.connection() as conn:
+        with pytest.raises(psycopg.errors.CheckViolation, match="claimed_within_quota"):
+            await conn.execute(
+                "UPDATE campaigns SET claimed = claimed + 1 WHERE id = %s", (campaign.id,)
+            )
