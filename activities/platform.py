@@ -104,7 +104,8 @@ class PlatformActivities:
         if view.status in ("used", "expired"):
             return view
         raise ApplicationError(
-            f"coupon {input.platform_coupon_id} is {view.status}",
+            f"not redeemed yet (platform says {view.status}); polling again after the retry "
+            "backoff, as designed",
             type=act.NOT_YET_REDEEMED,
             category=ApplicationErrorCategory.BENIGN,
         )

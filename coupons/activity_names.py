@@ -12,3 +12,7 @@ LOOKUP_COUPON = "lookup_coupon"
 # Error types the activities raise and the workflow reads.
 PLATFORM_REFUSED = "PlatformRefused"
 NOT_YET_REDEEMED = "NotYetRedeemed"
+
+# Refusals of the workflow's updates: stable codes that callers (CLI, apps) act on.
+UNKNOWN_TASK = "unknown_task"
+WRONG_STATE = "wrong_state"

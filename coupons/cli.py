@@ -16,39 +16,46 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from psycopg_pool import AsyncConnectionPool
+import psycopg
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from coupons.claims import ClaimRefused, ClaimService, validate_id
+from coupons.claims import ClaimService, validate_id
 from coupons.config import ConfigError, Settings
+from coupons.errors import BAD_INPUT, Refused
 from coupons.ledger import claims as ledger
 from coupons.ledger import db
+from coupons.ledger.campaigns import get_campaign
 from coupons.lifecycle import STATES
 from coupons.model import CancelRequest, CouponStatus, TaskCompletion
 from coupons.temporal import connect
 from workflows.user_coupon import UserCouponWorkflow
 
-# Refusals that mean the request itself was wrong.
-BAD_INPUT_CODES = {
-    "invalid_request",
-    "unknown_campaign",
-    "unknown_coupon",
-    "UnknownTask",
-    "WrongState",
-}
+
+class Unavailable(Exception):
+    """A part the command needs (PostgreSQL, Temporal) cannot be reached."""
 
 
-class BadInput(Exception):
-    """The request names something that does not exist or is not allowed."""
-
-
-@dataclasses.dataclass
 class Context:
-    settings: Settings
-    pool: AsyncConnectionPool
-    client: Client
+    """What a command needs; Temporal is connected only by the commands that use it."""
+
+    def __init__(self, settings: Settings, pool: AsyncConnectionPool) -> None:
+        self.settings = settings
+        self.pool = pool
+        self._client: Client | None = None
+
+    async def client(self) -> Client:
+        if self._client is None:
+            try:
+                self._client = await connect(self.settings)
+            except RuntimeError as err:
+                raise Unavailable(
+                    f"cannot reach Temporal at {self.settings.temporal_address} ({err}); "
+                    "is `make run` up, with the same environment as this shell?"
+                ) from None
+        return self._client
 
 
 def parser() -> argparse.ArgumentParser:
@@ -79,14 +86,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 async def cmd_claim(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
-    result = await ClaimService(ctx.pool, ctx.client, ctx.settings).claim(args.campaign, args.user)
+    claims = ClaimService(ctx.pool, await ctx.client(), ctx.settings)
+    result = await claims.claim(args.campaign, args.user)
     return dataclasses.asdict(result)
 
 
 async def _claim_of(ctx: Context, coupon_id: str) -> ledger.Claim:
     claim = await ledger.get_claim(ctx.pool, coupon_id)
     if claim is None:
-        raise BadInput(f"no coupon {coupon_id!r}")
+        raise Refused("unknown_coupon", f"no coupon {coupon_id!r}")
     return claim
 
 
@@ -98,7 +106,9 @@ async def _open_coupon(claim: ledger.Claim) -> AsyncIterator[None]:
     except RPCError as err:
         if err.status != RPCStatusCode.NOT_FOUND:
             raise
-        raise BadInput(f"coupon {claim.coupon_id!r} is {claim.state}: it is finished") from err
+        raise Refused(
+            "coupon_finished", f"coupon {claim.coupon_id!r} is {claim.state}: it is finished"
+        ) from err
 
 
 async def cmd_complete_task(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
@@ -110,7 +120,7 @@ async def cmd_complete_task(ctx: Context, args: argparse.Namespace) -> dict[str,
 async def _complete_task(
     ctx: Context, claim: ledger.Claim, args: argparse.Namespace
 ) -> dict[str, Any]:
-    handle = ctx.client.get_workflow_handle_for(UserCouponWorkflow.run, claim.workflow_id)
+    handle = (await ctx.client()).get_workflow_handle_for(UserCouponWorkflow.run, claim.workflow_id)
     completion = TaskCompletion(args.task)
     if args.wait:
         status = await handle.execute_update(UserCouponWorkflow.complete_task, completion)
@@ -121,7 +131,9 @@ async def _complete_task(
         }
     if args.task not in claim.required_tasks:
         known = ", ".join(claim.required_tasks) or "none"
-        raise BadInput(f"unknown task {args.task!r}; this coupon's tasks are: {known}")
+        raise Refused(
+            "unknown_task", f"unknown task {args.task!r}; this coupon's tasks are: {known}"
+        )
     await handle.signal(UserCouponWorkflow.task_done, completion)
     return {"coupon_id": claim.coupon_id, "signalled": "task_done", "task": args.task}
 
@@ -133,7 +145,7 @@ async def cmd_cancel(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _cancel(ctx: Context, claim: ledger.Claim, args: argparse.Namespace) -> dict[str, Any]:
-    handle = ctx.client.get_workflow_handle_for(UserCouponWorkflow.run, claim.workflow_id)
+    handle = (await ctx.client()).get_workflow_handle_for(UserCouponWorkflow.run, claim.workflow_id)
     if args.no_wait:
         await handle.signal(UserCouponWorkflow.cancel, CancelRequest(args.reason))
         return {"coupon_id": claim.coupon_id, "signalled": "cancel"}
@@ -146,9 +158,9 @@ async def _cancel(ctx: Context, claim: ledger.Claim, args: argparse.Namespace) -
 async def cmd_show(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     view = await ledger.coupon_view(ctx.pool, args.coupon)
     if view is None:
-        raise BadInput(f"no coupon {args.coupon!r}")
+        raise Refused("unknown_coupon", f"no coupon {args.coupon!r}")
     claim: ledger.Claim = view["claim"]
-    handle = ctx.client.get_workflow_handle_for(UserCouponWorkflow.run, claim.workflow_id)
+    handle = (await ctx.client()).get_workflow_handle_for(UserCouponWorkflow.run, claim.workflow_id)
     workflow: CouponStatus | None = None
     try:
         workflow = await handle.query(UserCouponWorkflow.status)
@@ -179,7 +191,7 @@ async def cmd_list(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     if args.user is not None:
         validate_id("user", args.user)
     if not 1 <= args.limit <= 10_000:
-        raise BadInput(f"--limit {args.limit} must be between 1 and 10000")
+        raise Refused("invalid_request", f"--limit {args.limit} must be between 1 and 10000")
     found = await ledger.list_claims(
         ctx.pool, args.campaign, user_id=args.user, state=args.state, limit=args.limit
     )
@@ -199,14 +211,20 @@ async def cmd_list(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
 
 async def cmd_stats(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     validate_id("campaign", args.campaign)
+    campaign = await get_campaign(ctx.pool, args.campaign)
+    if campaign is None:
+        raise Refused("unknown_campaign", f"no campaign {args.campaign!r}")
     return {
-        "campaign_id": args.campaign,
-        "states": await ledger.count_by_state(ctx.pool, args.campaign),
+        "campaign_id": campaign.id,
+        "quota": campaign.quota,
+        "claimed": campaign.claimed,
+        "remaining": campaign.quota - campaign.claimed,
+        "states": await ledger.count_by_state(ctx.pool, campaign.id),
     }
 
 
 async def cmd_repair(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
-    return {"repaired": await ClaimService(ctx.pool, ctx.client, ctx.settings).repair()}
+    return {"repaired": await ClaimService(ctx.pool, await ctx.client(), ctx.settings).repair()}
 
 
 COMMANDS: dict[str, Callable[[Context, argparse.Namespace], Awaitable[dict[str, Any]]]] = {
@@ -231,30 +249,38 @@ def _json_default(value: object) -> object:
 
 
 async def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
-    client = await connect(settings)
-    async with db.pool(settings.database_url, max_size=2) as pool:
-        return await COMMANDS[args.command](Context(settings, pool, client), args)
+    # A short wait: a person at a prompt wants "PostgreSQL is down" now, not in 30 s.
+    async with db.pool(settings.database_url, max_size=2, timeout_s=5) as pool:
+        try:
+            return await COMMANDS[args.command](Context(settings, pool), args)
+        except (PoolTimeout, psycopg.OperationalError) as err:
+            raise Unavailable(f"cannot reach PostgreSQL ({err})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # psycopg_pool logs every failed connection attempt; the one-line error says it all.
+    logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
     args = parser().parse_args(argv)
     try:
         result = asyncio.run(run(args, Settings.from_env()))
-    except (BadInput, ConfigError) as err:
+    except ConfigError as err:
         return _fail(2, str(err))
-    except ClaimRefused as err:
-        return _fail(2 if err.code in BAD_INPUT_CODES else 1, f"{err.code}: {err}")
+    except Refused as err:
+        return _fail(2 if err.code in BAD_INPUT else 1, str(err))
     except WorkflowUpdateFailedError as err:
         cause = err.cause
-        if isinstance(cause, ApplicationError):
-            return _fail(
-                2 if cause.type in BAD_INPUT_CODES else 1, f"{cause.type}: {cause.message}"
-            )
+        if isinstance(cause, ApplicationError) and cause.type:
+            return _fail(2 if cause.type in BAD_INPUT else 1, f"{cause.type}: {cause.message}")
         return _fail(1, str(err))
-    except (RPCError, OSError) as err:
-        return _fail(1, f"{type(err).__name__}: {err}")
-    print(json.dumps(result, default=_json_default, indent=2))
+    except Unavailable as err:
+        return _fail(1, str(err))
+    except RPCError as err:
+        return _fail(1, f"Temporal answered {err.status.name}: {err}")
+    try:
+        print(json.dumps(result, default=_json_default, indent=2))
+    except BrokenPipeError:
+        pass  # the reader (`| head`) has seen enough
     return 0
 
 

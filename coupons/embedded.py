@@ -121,7 +121,8 @@ def _require_free_port(what: str, port: int) -> None:
     if _port_open(LOCALHOST, port):
         raise ProcessStartError(
             f"cannot start {what}: {LOCALHOST}:{port} is already in use (a server left over "
-            "from an earlier run?)"
+            "from an earlier run?); set PG_PORT, TEMPORAL_PORT, TEMPORAL_UI_PORT or "
+            "SIMULATOR_PORT to use another port"
         )
 
 

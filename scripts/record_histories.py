@@ -322,7 +322,7 @@ async def rejected_updates(r: Recorder, name: str) -> Handle:
         )
         await refused(
             handle.execute_update(UserCouponWorkflow.cancel_coupon, CancelRequest()),
-            "only received or usable",
+            "only received coupons, or usable ones not yet sent",
         )
         async with Worker(
             client,

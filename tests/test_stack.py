@@ -176,7 +176,13 @@ def test_command_line_answers_and_exit_codes(stack: RunningStack) -> None:
         ("claim", "--campaign", "nope", "--user", "ann"): "unknown_campaign",
         ("claim", "--campaign", "demo", "--user", "bad user!"): "is not valid",
         ("show", "--coupon", "demo:nobody:1"): "no coupon",
-        ("complete-task", "--coupon", coupon["coupon_id"], "--task", "survey"): "unknown task",
+        (
+            "complete-task",
+            "--coupon",
+            coupon["coupon_id"],
+            "--task",
+            "survey",
+        ): "unknown_task: unknown task",
         (
             "complete-task",
             "--coupon",
@@ -184,8 +190,9 @@ def test_command_line_answers_and_exit_codes(stack: RunningStack) -> None:
             "--task",
             "survey",
             "--wait",
-        ): "UnknownTask",
+        ): "unknown_task: unknown task",
     }
+    bad[("stats", "--campaign", "nope")] = "unknown_campaign"
     for args, reason in bad.items():
         result = stack.cli(*args)
         assert (result.returncode, result.stdout) == (2, ""), (args, result)

@@ -229,13 +229,13 @@ class UserCouponWorkflow:
         try:
             self._machine.is_known_task(completion.task)
         except UnknownTask as err:
-            raise ApplicationError(str(err), type="UnknownTask", non_retryable=True) from None
+            raise ApplicationError(str(err), type=act.UNKNOWN_TASK, non_retryable=True) from None
         if completion.task in self._machine.tasks_done:
             return False  # a duplicate report of a done task is answered, not refused
         if self._machine.state != "received":
             raise ApplicationError(
                 f"coupon is {self._machine.state}; tasks can only be completed while received",
-                type="WrongState",
+                type=act.WRONG_STATE,
                 non_retryable=True,
             )
         return True
@@ -270,14 +270,16 @@ class UserCouponWorkflow:
         self._check_cancel()
 
     def _check_cancel(self) -> None:
-        if self._machine.state not in ("received", "usable") or self._machine.send_started:
-            why = "the send to the platform has begun" if self._machine.send_started else ""
-            raise ApplicationError(
-                f"coupon is {self._machine.state}{'; ' + why if why else ''}; "
-                "only received or usable coupons not yet sent can be cancelled",
-                type="WrongState",
-                non_retryable=True,
-            )
+        if "cancel" in {event.id for event in self._machine.enabled_events()}:
+            return
+        state = self._machine.state
+        if state == "usable":
+            why = "its send to the platform has begun, so it can no longer be cancelled"
+        else:
+            why = "only received coupons, or usable ones not yet sent, can be cancelled"
+        raise ApplicationError(
+            f"coupon is {state}; {why}", type=act.WRONG_STATE, non_retryable=True
+        )
 
     def _cancel(self, request: CancelRequest) -> None:
         self._check_cancel()

@@ -11,15 +11,12 @@ from psycopg.rows import class_row, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from coupons.errors import Refused
 from coupons.model import Receipt, Transition, coupon_workflow_id
 
 
-class ClaimRefused(Exception):
-    """A claim the campaign's rules refuse; `code` is stable for callers."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+class ClaimRefused(Refused):
+    """A claim the campaign's rules refuse."""
 
 
 @dataclass

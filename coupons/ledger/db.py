@@ -14,13 +14,20 @@ log = logging.getLogger(__name__)
 _MIGRATION = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
 
 
-def pool(url: str, *, schema: str | None = None, max_size: int = 10) -> AsyncConnectionPool:
-    """One pool per process; open it with `await pool.open()` (or `async with`)."""
+def pool(
+    url: str, *, schema: str | None = None, max_size: int = 10, timeout_s: float = 30.0
+) -> AsyncConnectionPool:
+    """One pool per process; open it with `await pool.open()` (or `async with`).
+
+    `timeout_s` bounds the wait for a connection, including while PostgreSQL is down.
+    """
     kwargs: dict[str, object] = {"autocommit": True}
     if schema is not None:
         # Tests give every test its own schema; the SQL never names one.
         kwargs["options"] = f"-c search_path={schema}"
-    return AsyncConnectionPool(url, min_size=1, max_size=max_size, kwargs=kwargs, open=False)
+    return AsyncConnectionPool(
+        url, min_size=1, max_size=max_size, kwargs=kwargs, open=False, timeout=timeout_s
+    )
 
 
 def migrations() -> list[tuple[int, str, str]]:

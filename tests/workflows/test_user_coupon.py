@@ -184,7 +184,7 @@ async def test_cancel_received_coupon_then_every_further_change_is_refused(
         assert "coupon is cancelled" in str(refused.value.cause)
         with pytest.raises(WorkflowUpdateFailedError) as again:
             await handle.execute_update(UserCouponWorkflow.cancel_coupon, CancelRequest())
-        assert "only received or usable" in str(again.value.cause)
+        assert "only received coupons, or usable ones not yet sent" in str(again.value.cause)
         async with Worker(
             ts_env.client,
             task_queue=settings.task_queue,

@@ -1,0 +1,30 @@
+"""Refusals: a request the service understood and declined, with a stable code.
+
+Callers act on the code (`sold_out`, `unknown_task`, ...); the message is for people.
+"""
+
+from __future__ import annotations
+
+
+class Refused(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+# Refusals caused by the request itself (bad input), as opposed to the state of the
+# world (`sold_out`), which a later retry may not meet.
+BAD_INPUT = frozenset(
+    {
+        "invalid_request",
+        "unknown_campaign",
+        "unknown_coupon",
+        "unknown_task",
+        "wrong_state",
+        "coupon_finished",
+    }
+)
