@@ -5,7 +5,7 @@ from __future__ import annotations
 from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 
-from coupons import activity_names as act
+from coupons import contract as act
 from coupons.ledger import claims
 from coupons.model import RecordTransitionInput
 

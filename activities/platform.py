@@ -9,7 +9,7 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
-from coupons import activity_names as act
+from coupons import contract as act
 from coupons.ledger import claims
 from coupons.model import (
     IssueInput,
@@ -19,7 +19,13 @@ from coupons.model import (
     Transition,
     idempotency_key,
 )
-from coupons.platforms.base import Platform, PlatformCoupon, PlatformRefused, SendRequest
+from coupons.platforms.base import (
+    Platform,
+    PlatformCoupon,
+    PlatformError,
+    PlatformRefused,
+    SendRequest,
+)
 
 # Lookups right after a send may not show the coupon yet; poll at these gaps (seconds).
 CONFIRM_BACKOFF = (0.2, 0.4, 0.8, 1.6, 3.2, 5.0)
@@ -50,10 +56,18 @@ class PlatformActivities:
             raise ApplicationError(
                 f"{err.code}: {err.message}",
                 err.code,
-                type=act.PLATFORM_REFUSED,
+                type=act.SEND_REFUSED,
                 non_retryable=True,
             ) from err
-        if not await self._visible(sent):
+        try:
+            visible = await self._visible(sent)
+        except PlatformError as err:
+            # The send went through; a failing lookup says nothing against it. Retry
+            # (same key), never a refusal.
+            raise ApplicationError(
+                f"lookup after the send failed: {err}", type="lookup_failed"
+            ) from err
+        if not visible:
             # Lag is not failure: retrying resends the same key and looks again.
             raise ApplicationError(
                 f"coupon {sent.coupon_id} not visible after {self._lag_window_s:.0f}s of lookups",
@@ -70,8 +84,9 @@ class PlatformActivities:
             raw=sent.raw,
         )
         issued = Transition("usable", "issued", "platform confirmed the send", confirmed_at)
-        await claims.record_receipt(self._pool, input.coupon_id, receipt, issued)
-        return receipt
+        # A retry after the receipt was written gets the first one back, so the workflow
+        # and the ledger agree on it.
+        return await claims.record_receipt(self._pool, input.coupon_id, receipt, issued)
 
     async def _visible(self, sent: PlatformCoupon) -> bool:
         loop = asyncio.get_running_loop()

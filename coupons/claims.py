@@ -21,6 +21,7 @@ from temporalio.common import (
     WorkflowIDReusePolicy,
 )
 from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError
 
 from coupons.config import Settings
 from coupons.ledger import claims as ledger
@@ -92,9 +93,6 @@ class ClaimService:
                     required_tasks=list(claim.required_tasks),
                     claimed_at=claim.claimed_at,
                     task_deadline=claim.task_deadline,
-                    platform_task_queue=self._settings.platform_task_queue,
-                    redemption_poll_initial_s=self._settings.redemption_poll_initial_s,
-                    redemption_poll_max_s=self._settings.redemption_poll_max_s,
                 ),
                 id=claim.workflow_id,
                 task_queue=self._settings.task_queue,
@@ -121,7 +119,14 @@ class ClaimService:
         stale = await ledger.unstarted(
             self._pool, timedelta(seconds=self._settings.claim_repair_after_s)
         )
+        repaired = 0
         for claim in stale:
             log.warning("repairing claim %s: starting its missing workflow", claim.coupon_id)
-            await self.start_workflow(claim)
-        return len(stale)
+            try:
+                await self.start_workflow(claim)
+            except RPCError:
+                # One claim Temporal will not start must not hold up the others.
+                log.exception("could not start the workflow of claim %s", claim.coupon_id)
+                continue
+            repaired += 1
+        return repaired

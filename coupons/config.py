@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
+
+from coupons.contract import ISSUE_HEARTBEAT, ISSUE_START_TO_CLOSE, platform_task_queue
 
 N = TypeVar("N", int, float)
 
@@ -29,15 +31,12 @@ class Settings:
     temporal_ui_port: int = 8233
     temporal_namespace: str = "default"
     task_queue: str = "coupons"
-    platform_task_queue: str = "coupons-platform"
     platform_url_override: str | None = None
     simulator_port: int = 8600
-    platform_api_key: str | None = None
+    platform_api_key: str | None = field(default=None, repr=False)
     platform_timeout_s: float = 5.0
     platform_rate_limit: float = 500.0
     lag_window_s: float = 30.0
-    redemption_poll_initial_s: float = 300.0
-    redemption_poll_max_s: float = 6 * 3600.0
     db_pool_size: int = 20
     claim_repair_after_s: float = 30.0
 
@@ -52,8 +51,30 @@ class Settings:
         return self.temporal_address_override or f"127.0.0.1:{self.temporal_port}"
 
     @property
+    def platform_task_queue(self) -> str:
+        return platform_task_queue(self.task_queue)
+
+    @property
     def platform_url(self) -> str:
         return self.platform_url_override or f"http://127.0.0.1:{self.simulator_port}"
+
+    def check(self) -> Settings:
+        """Refuse settings under which no send could ever complete."""
+        heartbeat = ISSUE_HEARTBEAT.total_seconds()
+        if self.platform_timeout_s >= heartbeat / 2:
+            raise ConfigError(
+                f"PLATFORM_TIMEOUT_S={self.platform_timeout_s:g} must stay under "
+                f"{heartbeat / 2:g}: a platform call has to answer well within the issue "
+                f"activity's {heartbeat:g} s heartbeat timeout"
+            )
+        budget = ISSUE_START_TO_CLOSE.total_seconds() - 3 * self.platform_timeout_s
+        if self.lag_window_s > budget:
+            raise ConfigError(
+                f"LAG_WINDOW_S={self.lag_window_s:g} must be at most {budget:g}: the send and "
+                f"the lag window must fit in the issue activity's "
+                f"{ISSUE_START_TO_CLOSE.total_seconds():g} s"
+            )
+        return self
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -67,18 +88,15 @@ class Settings:
             temporal_ui_port=_number(env, "TEMPORAL_UI_PORT", 8233, int),
             temporal_namespace=env.get("TEMPORAL_NAMESPACE", "default"),
             task_queue=env.get("TASK_QUEUE", "coupons"),
-            platform_task_queue=env.get("PLATFORM_TASK_QUEUE", "coupons-platform"),
             platform_url_override=env.get("PLATFORM_URL") or None,
             simulator_port=_number(env, "SIMULATOR_PORT", 8600, int),
             platform_api_key=env.get("PLATFORM_API_KEY") or None,
             platform_timeout_s=_number(env, "PLATFORM_TIMEOUT_S", 5.0, float),
             platform_rate_limit=_number(env, "PLATFORM_RATE_LIMIT", 500.0, float),
             lag_window_s=_number(env, "LAG_WINDOW_S", 30.0, float),
-            redemption_poll_initial_s=_number(env, "REDEMPTION_POLL_INITIAL_S", 300.0, float),
-            redemption_poll_max_s=_number(env, "REDEMPTION_POLL_MAX_S", 21600.0, float),
             db_pool_size=_number(env, "DB_POOL_SIZE", 20, int),
             claim_repair_after_s=_number(env, "CLAIM_REPAIR_AFTER_S", 30.0, float),
-        )
+        ).check()
 
 
 def _number(env: Mapping[str, str], name: str, default: N, kind: type[N]) -> N:

@@ -16,6 +16,9 @@ class Refused(Exception):
         return f"{self.code}: {self.message}"
 
 
+UNKNOWN_TASK = "unknown_task"
+WRONG_STATE = "wrong_state"
+
 # Refusals caused by the request itself (bad input), as opposed to the state of the
 # world (`sold_out`), which a later retry may not meet.
 BAD_INPUT = frozenset(
@@ -23,8 +26,8 @@ BAD_INPUT = frozenset(
         "invalid_request",
         "unknown_campaign",
         "unknown_coupon",
-        "unknown_task",
-        "wrong_state",
+        UNKNOWN_TASK,
+        WRONG_STATE,
         "coupon_finished",
     }
 )

@@ -42,11 +42,6 @@ class CouponInput:
     required_tasks: list[str]
     claimed_at: datetime
     task_deadline: datetime | None
-    # Platform calls run on their own task queue, rate-limited to the platform's limit.
-    platform_task_queue: str = "coupons-platform"
-    # Redemption is polled with a long backoff until the coupon's validity ends.
-    redemption_poll_initial_s: float = 300.0
-    redemption_poll_max_s: float = 6 * 3600.0
 
 
 @dataclass
@@ -116,6 +111,7 @@ class CouponStatus:
     tasks_required: list[str]
     tasks_done: list[str]
     task_deadline: datetime | None
+    claimed_at: datetime
     waiting_for: str
     receipt: Receipt | None = None
     transitions: list[Transition] = field(default_factory=list)

@@ -44,8 +44,10 @@ def platform_api_key(settings: Settings) -> str:
         return settings.platform_api_key
     path = settings.data_dir / "platform-api-key"
     if not path.exists():
-        path.write_text(secrets.token_urlsafe(24))
-        path.chmod(0o600)
+        # Created owner-only from the first byte, never readable by others in between.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as key_file:
+            key_file.write(secrets.token_urlsafe(24))
     return path.read_text().strip()
 
 
@@ -145,13 +147,15 @@ class Stack:
     def supervise(self) -> None:
         """Keep the worker running until asked to stop; a dead server ends the stack."""
         restarts = 0
+        up_since = time.monotonic()
         while not self.stopping.wait(1.0):
             for name, part in self.started:
                 if part is self.worker or getattr(part, "alive", True):
                     continue
                 raise RuntimeError(f"{name} stopped unexpectedly; see its log under .data/logs")
             if not self.worker.alive:
-                restarts += 1
+                # A worker that ran a good while before dying starts over with a short wait.
+                restarts = 1 if time.monotonic() - up_since > 60 else restarts + 1
                 delay = min(30, 2**restarts)
                 log.warning(
                     "worker exited (rc %s); restarting in %d s", self.worker.returncode, delay
@@ -159,6 +163,7 @@ class Stack:
                 if self.stopping.wait(delay):
                     break
                 self.worker.start()
+                up_since = time.monotonic()
 
     def stop(self) -> None:
         for name, part in reversed(self.started):

@@ -31,7 +31,7 @@ REPAIR_EVERY_S = 10.0
 def workflow_runner() -> SandboxedWorkflowRunner:
     # The state machine library is pure but not written for the sandbox: pass it through.
     return SandboxedWorkflowRunner(
-        restrictions=SandboxRestrictions.default.with_passthrough_modules("statemachine", "coupons")
+        restrictions=SandboxRestrictions.default.with_passthrough_modules("statemachine")
     )
 
 
@@ -70,7 +70,7 @@ def make_platform(settings: Settings) -> RestPlatform:
     )
 
 
-async def repair_forever(claims: ClaimService) -> None:
+async def repair_forever(claims: ClaimService, every_s: float) -> None:
     while True:
         try:
             repaired = await claims.repair()
@@ -79,7 +79,7 @@ async def repair_forever(claims: ClaimService) -> None:
         except Exception:
             # Postgres or Temporal may be restarting; the next round tries again.
             log.exception("claim repair round failed")
-        await asyncio.sleep(REPAIR_EVERY_S)
+        await asyncio.sleep(every_s)
 
 
 async def run_worker(settings: Settings) -> None:
@@ -92,7 +92,12 @@ async def run_worker(settings: Settings) -> None:
     client = await connect(settings)
     platform = make_platform(settings)
     async with db.pool(settings.database_url, max_size=settings.db_pool_size) as pool:
-        repair = asyncio.create_task(repair_forever(ClaimService(pool, client, settings)))
+        repair = asyncio.create_task(
+            repair_forever(
+                ClaimService(pool, client, settings),
+                min(REPAIR_EVERY_S, settings.claim_repair_after_s),
+            )
+        )
         try:
             async with contextlib.AsyncExitStack() as running:
                 for worker in build_workers(client, pool, platform, settings):

@@ -78,7 +78,6 @@ class Recorder:
         return replace(
             self.base,
             task_queue=f"record-{name}",
-            platform_task_queue=f"record-{name}-platform",
             **changes,
         )
 
@@ -149,7 +148,7 @@ def check(condition: bool, what: str) -> None:
 
 
 async def issued_redeemed_by_poll(r: Recorder, name: str) -> Handle:
-    s = r.settings(name, redemption_poll_initial_s=60.0, redemption_poll_max_s=3600.0)
+    s = r.settings(name)
     async with r.workers(s):
         handle = await r.claim(name, s)
         await handle.signal(UserCouponWorkflow.task_done, TaskCompletion("first-order"))
@@ -157,8 +156,8 @@ async def issued_redeemed_by_poll(r: Recorder, name: str) -> Handle:
         assert issued.receipt is not None
         used = await r.sim.post(f"/v1/coupons/{issued.receipt.platform_coupon_id}/use")
         used.raise_for_status()
-        # The first poll comes a minute after the send; retries back off from there.
-        await r.env.sleep(timedelta(minutes=3))
+        # The first poll comes right after the send; the next after the 5-minute backoff.
+        await r.env.sleep(timedelta(minutes=6))
         status = await handle.result()
     check(status.transitions[-1].cause == "redeemed (platform lookup)", "not found by polling")
     return handle
@@ -180,8 +179,7 @@ async def issued_redeemed_by_signal(r: Recorder, name: str) -> Handle:
 
 
 async def issued_lapsed(r: Recorder, name: str) -> Handle:
-    # Poll once a day over the 30-day validity, so the skipped month costs few lookups.
-    s = r.settings(name, redemption_poll_initial_s=86400.0, redemption_poll_max_s=86400.0)
+    s = r.settings(name)
     async with r.workers(s):
         handle = await r.claim(name, s, valid_days=30)
         await handle.signal(UserCouponWorkflow.task_done, TaskCompletion("first-order"))
@@ -226,9 +224,8 @@ async def received_cancelled_by_signal(r: Recorder, name: str) -> Handle:
 
 
 async def two_tasks_partial_then_done(r: Recorder, name: str) -> Handle:
-    # A one-day validity polled hourly: the poll runs out with the validity, and the
-    # final lookup decides the lapse.
-    s = r.settings(name, redemption_poll_initial_s=3600.0, redemption_poll_max_s=3600.0)
+    # A one-day validity: the validity timer ends the polling, the final lookup decides.
+    s = r.settings(name)
     async with r.workers(s):
         handle = await r.claim(name, s, required_tasks=["first-order", "survey"], valid_days=1)
         partial = await handle.execute_update(
@@ -440,8 +437,6 @@ async def run(paths: list[Scenario], out: Path) -> None:
                 platform_url_override=simulator.url,
                 platform_timeout_s=2.0,
                 lag_window_s=3.0,
-                redemption_poll_initial_s=60.0,
-                redemption_poll_max_s=3600.0,
             )
             print(
                 f"stack up: postgres pid {postgres.pid}, simulator pid {simulator.pid}, "

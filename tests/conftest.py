@@ -128,12 +128,9 @@ def settings(postgres: EmbeddedPostgres, schema: str, simulator_url: str) -> Set
         Settings(),
         database_url_override=f"{postgres.url()}?options=-csearch_path%3D{schema}",
         task_queue=f"coupons-{tag}",
-        platform_task_queue=f"coupons-platform-{tag}",
         platform_url_override=simulator_url,
         platform_timeout_s=2.0,
         lag_window_s=3.0,
-        redemption_poll_initial_s=60.0,
-        redemption_poll_max_s=3600.0,
         claim_repair_after_s=0.5,
     )
 

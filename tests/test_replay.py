@@ -18,10 +18,12 @@ from temporalio.client import WorkflowHistory
 from temporalio.converter import DataConverter, decode_typed_search_attributes
 from temporalio.worker import Replayer
 
-from coupons.lifecycle import FINAL_STATES
-from coupons.model import COUPON_STATE, CouponInput, CouponStatus, coupon_workflow_id
-from coupons.workers import workflow_runner
-from workflows.user_coupon import UserCouponWorkflow
+# This module defines a workflow, so the sandbox re-imports it: pass the rest through.
+with workflow.unsafe.imports_passed_through():
+    from coupons.lifecycle import FINAL_STATES
+    from coupons.model import COUPON_STATE, CouponInput, CouponStatus, coupon_workflow_id
+    from coupons.workers import workflow_runner
+    from workflows.user_coupon import UserCouponWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
 FILES = sorted(HISTORIES.glob("*.json"))
@@ -109,6 +111,18 @@ def test_corpus_covers_every_final_state() -> None:
         f"no stored history ends {sorted(FINAL_STATES - set(reached))}; "
         f"final states covered: {reached}"
     )
+
+
+def test_every_stored_lapse_comes_after_the_validity_ends() -> None:
+    lapsed = 0
+    for path in FILES:
+        status = final_status(load(path))
+        if status is None or status.state != "lapsed":
+            continue
+        lapsed += 1
+        assert status.receipt is not None
+        assert status.transitions[-1].at >= status.receipt.valid_until, path.name
+    assert lapsed >= 1
 
 
 # ----- the check can fail -------------------------------------------------------------

@@ -9,7 +9,8 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from coupons import activity_names as act
+    from coupons import contract as act
+    from coupons.errors import UNKNOWN_TASK, WRONG_STATE
     from coupons.lifecycle import CouponLifecycle, TransitionNotAllowed, UnknownTask
     from coupons.model import (
         CAMPAIGN_ID,
@@ -37,10 +38,20 @@ LEDGER_RETRY = RetryPolicy(
 ISSUE_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     maximum_interval=timedelta(minutes=1),
-    non_retryable_error_types=[act.PLATFORM_REFUSED],
+    non_retryable_error_types=[act.SEND_REFUSED],
 )
-ISSUE_START_TO_CLOSE = timedelta(minutes=5)
-ISSUE_HEARTBEAT = timedelta(seconds=30)
+# The retries of the redemption poll are the polling loop (a retry writes no history);
+# the coupon's validity timer, not a retry limit, ends it.
+REDEMPTION_POLL = RetryPolicy(
+    initial_interval=timedelta(minutes=5),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(hours=6),
+)
+# The last look at validity end waits out any platform outage: never fail the workflow.
+FINAL_LOOKUP_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=5), maximum_interval=timedelta(minutes=10)
+)
+PLATFORM_CALL_TIMEOUT = timedelta(seconds=30)
 
 
 @workflow.defn
@@ -67,6 +78,7 @@ class UserCouponWorkflow:
         self._redemption: RedemptionReport | None = None
         self._ignored: list[str] = []
         self._waiting_for = "start"
+        self._platform_queue = act.platform_task_queue(workflow.info().task_queue)
         # The claim started the workflow with these search attributes already set.
         self._published_state = self._machine.state
 
@@ -117,15 +129,15 @@ class UserCouponWorkflow:
                     self._input.coupon_id, self._input.batch_id, self._input.user_id, became_usable
                 ),
                 result_type=Receipt,
-                task_queue=self._input.platform_task_queue,
-                start_to_close_timeout=ISSUE_START_TO_CLOSE,
-                heartbeat_timeout=ISSUE_HEARTBEAT,
+                task_queue=self._platform_queue,
+                start_to_close_timeout=act.ISSUE_START_TO_CLOSE,
+                heartbeat_timeout=act.ISSUE_HEARTBEAT,
                 retry_policy=ISSUE_RETRY,
                 summary="send to the platform and record the receipt",
             )
         except ActivityError as err:
             refusal = err.cause
-            if not (isinstance(refusal, ApplicationError) and refusal.type == act.PLATFORM_REFUSED):
+            if not (isinstance(refusal, ApplicationError) and refusal.type == act.SEND_REFUSED):
                 raise
             self._fire("refuse", f"platform refused: {refusal.message}")
             return
@@ -139,69 +151,52 @@ class UserCouponWorkflow:
         lookup = LookupInput(self._input.user_id, self._receipt.platform_coupon_id)
         self._waiting_for = f"redemption until {valid_until.isoformat()}"
         self._publish()
-        remaining = _until(valid_until)
-        poll: workflow.ActivityHandle[PlatformView] | None = None
-        if remaining > timedelta(seconds=1):
-            # Retries are the polling loop: a retried activity writes no history.
+        view: PlatformView | None = None
+        if self._redemption is None and _until(valid_until) > timedelta(0):
             poll = workflow.start_activity(
                 act.WAIT_FOR_REDEMPTION,
                 lookup,
                 result_type=PlatformView,
-                task_queue=self._input.platform_task_queue,
-                start_to_close_timeout=timedelta(seconds=30),
-                schedule_to_close_timeout=remaining,
-                retry_policy=RetryPolicy(
-                    initial_interval=timedelta(seconds=self._input.redemption_poll_initial_s),
-                    backoff_coefficient=2.0,
-                    maximum_interval=timedelta(seconds=self._input.redemption_poll_max_s),
-                ),
+                task_queue=self._platform_queue,
+                start_to_close_timeout=PLATFORM_CALL_TIMEOUT,
+                retry_policy=REDEMPTION_POLL,
                 summary="poll the platform for redemption",
             )
             try:
                 await workflow.wait_condition(
-                    lambda: self._redemption is not None or (poll is not None and poll.done()),
-                    timeout=remaining,
+                    lambda: self._redemption is not None or poll.done(),
+                    timeout=_until(valid_until),
                     timeout_summary="coupon validity",
                 )
             except TimeoutError:
                 pass
-        view = await self._redemption_outcome(poll, lookup)
+            if poll.done():
+                view = poll.result()  # retried until it answers: it completes, never fails
+            else:
+                poll.cancel()
+                try:
+                    await poll
+                except ActivityError:
+                    pass  # the cancellation we just asked for
         if self._redemption is not None:
-            self._fire(
-                "redeem", f"redeemed ({self._redemption.source})", at=self._redemption.used_at
+            report = self._redemption
+            self._fire("redeem", f"redeemed ({report.source})", at=report.used_at)
+            return
+        if view is None:
+            # Validity is over: one last look, for a use since the last poll.
+            view = await workflow.execute_activity(
+                act.LOOKUP_COUPON,
+                lookup,
+                result_type=PlatformView,
+                task_queue=self._platform_queue,
+                start_to_close_timeout=PLATFORM_CALL_TIMEOUT,
+                retry_policy=FINAL_LOOKUP_RETRY,
+                summary="final platform lookup at validity end",
             )
-        elif view.status == "used":
+        if view.status == "used":
             self._fire("redeem", "redeemed (platform lookup)", at=view.used_at)
         else:
             self._fire("lapse", f"validity ended unused (platform: {view.status})")
-
-    async def _redemption_outcome(
-        self, poll: workflow.ActivityHandle[PlatformView] | None, lookup: LookupInput
-    ) -> PlatformView:
-        if poll is not None and poll.done():
-            try:
-                return poll.result()
-            except ActivityError:
-                pass  # polling ran out with the validity; the final lookup below decides
-        elif poll is not None:
-            poll.cancel()
-            try:
-                await poll
-            except ActivityError:
-                pass  # the cancellation we just asked for
-        if self._redemption is not None:
-            return PlatformView("used", self._redemption.used_at)
-        # A coupon used just before its validity ended may not have been polled yet.
-        final: PlatformView = await workflow.execute_activity(
-            act.LOOKUP_COUPON,
-            lookup,
-            result_type=PlatformView,
-            task_queue=self._input.platform_task_queue,
-            start_to_close_timeout=timedelta(seconds=30),
-            schedule_to_close_timeout=timedelta(hours=1),
-            summary="final platform lookup at validity end",
-        )
-        return final
 
     # ----- task completion ---------------------------------------------------------
 
@@ -226,16 +221,21 @@ class UserCouponWorkflow:
 
     def _check_task(self, completion: TaskCompletion) -> bool:
         """True when the completion changes something; raises when it is refused."""
+        state = self._machine.state
+        if self._machine.is_final:
+            raise ApplicationError(
+                f"coupon is {state}: it is finished", type=WRONG_STATE, non_retryable=True
+            )
         try:
             self._machine.is_known_task(completion.task)
         except UnknownTask as err:
-            raise ApplicationError(str(err), type=act.UNKNOWN_TASK, non_retryable=True) from None
+            raise ApplicationError(str(err), type=UNKNOWN_TASK, non_retryable=True) from None
         if completion.task in self._machine.tasks_done:
             return False  # a duplicate report of a done task is answered, not refused
-        if self._machine.state != "received":
+        if state != "received":
             raise ApplicationError(
-                f"coupon is {self._machine.state}; tasks can only be completed while received",
-                type=act.WRONG_STATE,
+                f"coupon is {state}; tasks can only be completed while received",
+                type=WRONG_STATE,
                 non_retryable=True,
             )
         return True
@@ -277,9 +277,7 @@ class UserCouponWorkflow:
             why = "its send to the platform has begun, so it can no longer be cancelled"
         else:
             why = "only received coupons, or usable ones not yet sent, can be cancelled"
-        raise ApplicationError(
-            f"coupon is {state}; {why}", type=act.WRONG_STATE, non_retryable=True
-        )
+        raise ApplicationError(f"coupon is {state}; {why}", type=WRONG_STATE, non_retryable=True)
 
     def _cancel(self, request: CancelRequest) -> None:
         self._check_cancel()
@@ -287,7 +285,8 @@ class UserCouponWorkflow:
 
     @workflow.signal
     def report_redemption(self, report: RedemptionReport) -> None:
-        if self._machine.state == "issued" and self._redemption is None:
+        # A report may overtake our own confirmation of the send: keep it for `issued`.
+        if self._machine.state in ("usable", "issued") and self._redemption is None:
             self._redemption = report
         else:
             self._ignored.append(f"report_redemption: coupon is {self._machine.state}")
@@ -302,6 +301,7 @@ class UserCouponWorkflow:
             tasks_required=list(self._input.required_tasks),
             tasks_done=list(self._machine.tasks_done),
             task_deadline=self._input.task_deadline,
+            claimed_at=self._input.claimed_at,
             waiting_for=self._waiting_for,
             receipt=self._receipt,
             transitions=list(self._transitions),

@@ -158,8 +158,11 @@ async def record_transition(conn: AsyncConnection[Any], coupon_id: str, t: Trans
 
 async def record_receipt(
     pool: AsyncConnectionPool, coupon_id: str, receipt: Receipt, issued: Transition
-) -> None:
-    """The receipt and the move to `issued`, in one transaction: never one without the other."""
+) -> Receipt:
+    """The receipt and the move to `issued`, in one transaction: never one without the other.
+
+    Returns the receipt as stored: the first one written, however often this runs.
+    """
     async with pool.connection() as conn, conn.transaction():
         await conn.execute(
             "INSERT INTO receipts (coupon_id, platform_coupon_id, idempotency_key, sent_at,"
@@ -176,6 +179,15 @@ async def record_receipt(
             ),
         )
         await record_transition(conn, coupon_id, issued)
+        cur = conn.cursor(row_factory=class_row(Receipt))
+        await cur.execute(
+            "SELECT platform_coupon_id, idempotency_key, sent_at, valid_until, confirmed_at, raw"
+            " FROM receipts WHERE coupon_id = %s",
+            (coupon_id,),
+        )
+        stored = await cur.fetchone()
+        assert stored is not None  # written above, or by the attempt before
+        return stored
 
 
 async def record(pool: AsyncConnectionPool, coupon_id: str, transition: Transition) -> bool:

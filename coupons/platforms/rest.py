@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -22,23 +23,38 @@ from coupons.platforms.base import (
     SendRequest,
 )
 
-# What a non-2xx answer means, most specific first: (status, code) then (status, None).
-# Anything else: other 4xx are refusals, the rest (5xx above all) may have been applied.
-_ERRORS: dict[tuple[int, str | None], type[PlatformError]] = {
+log = logging.getLogger(__name__)
+
+# What a non-2xx answer means. Only the codes listed as refusals are definitive: each
+# says something about this request that no retry can change. Everything else (auth
+# failures after a key rotation, an unknown 4xx from a proxy, 5xx) is retried, because
+# calling it a refusal would fail coupons for good over an operator's slip.
+_REFUSALS = frozenset(
+    {
+        "INVALID_REQUEST",
+        "BATCH_NOT_FOUND",
+        "USER_RESTRICTED",
+        "USER_LIMIT_REACHED",
+        "IDEMPOTENCY_KEY_REUSED",
+        "COUPON_EXPIRED",
+        "COUPON_NOT_FOUND",  # get_coupon answers None: not visible (yet)
+    }
+)
+_RETRIED: dict[tuple[int, str | None], type[PlatformError]] = {
     (409, "BUDGET_EXHAUSTED"): PlatformBudgetExhausted,
     (429, None): PlatformRateLimited,
-    (400, None): PlatformRefused,
-    (401, None): PlatformRefused,
-    (403, None): PlatformRefused,
-    (404, None): PlatformRefused,
-    (409, None): PlatformRefused,
 }
 
 
 def _error_for(status: int, code: str, message: str) -> PlatformError:
-    kind = _ERRORS.get((status, code)) or _ERRORS.get((status, None))
+    if 400 <= status < 500 and code in _REFUSALS:
+        return PlatformRefused(code, message)
+    kind = _RETRIED.get((status, code)) or _RETRIED.get((status, None))
     if kind is None:
-        kind = PlatformRefused if 400 <= status < 500 else PlatformUnavailable
+        if status in (401, 403):
+            # Not the coupon's fault: our key or the platform's configuration is wrong.
+            log.error("platform refused our credentials (%s %s): %s", status, code, message)
+        kind = PlatformUnavailable
     return kind(code, message)
 
 

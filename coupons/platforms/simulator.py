@@ -89,6 +89,13 @@ def _users(value: object) -> list[str]:
     raise ValueError("must be a list of user ids")
 
 
+def _status(value: object) -> int:
+    status = _count(value)
+    if status != 0 and not 400 <= status <= 599:
+        raise ValueError("must be 0 (off) or an HTTP error status, 400 to 599")
+    return status
+
+
 def _seed(value: object) -> int | None:
     return None if value is None or value == "" else _count(value)
 
@@ -104,6 +111,7 @@ _KNOB_PARSERS: dict[str, Callable[[object], object]] = {
     "restricted_users": _users,
     "seed": _seed,
     "clock_offset_s": lambda value: _number(value, lo=float("-inf")),
+    "lookup_error_status": _status,
 }
 
 
@@ -122,6 +130,9 @@ class Knobs:
     seed: int | None = None
     # Shifts the simulator's clock, so validity windows can run out without waiting days.
     clock_offset_s: float = 0.0
+    # Coupon lookups answer this HTTP status (0: off), to prove a failing lookup after a
+    # successful send is never taken for a refusal of the send.
+    lookup_error_status: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Knobs:
@@ -444,6 +455,9 @@ class Simulator:
 
     async def get_coupon(self, request: Request) -> Response:
         user_id, coupon_id = request.path_params["user_id"], request.path_params["coupon_id"]
+        if self.knobs.lookup_error_status:
+            self.counters["errors_injected"] += 1
+            raise ApiError(self.knobs.lookup_error_status, "INJECTED", "lookup fault injected")
         row = self.store.db.execute(
             "SELECT * FROM coupons WHERE coupon_id = ? AND user_id = ?", (coupon_id, user_id)
         ).fetchone()

@@ -13,7 +13,6 @@ from coupons.platforms.base import (
     PlatformBatch,
     PlatformCouponStatus,
     PlatformRateLimited,
-    PlatformRefused,
     PlatformUnavailable,
     SendRequest,
 )
@@ -118,15 +117,18 @@ async def test_rate_limit_gives_rate_limited(platform: RestPlatform, sim: SimCon
     assert {error.code for error in limited} == {"RATE_LIMITED"}
 
 
-async def test_api_key_is_required_when_configured(start_simulator: StartSimulator) -> None:
+async def test_api_key_is_required_and_a_bad_key_is_retried_not_refused(
+    start_simulator: StartSimulator,
+) -> None:
     process = start_simulator(env={"PLATFORM_API_KEY": "s3cret-key"})
     anonymous = RestPlatform(process.url)
     wrong = RestPlatform(process.url, api_key="guess")
     right = RestPlatform(process.url, api_key="s3cret-key")
     try:
-        with pytest.raises(PlatformRefused) as no_key:
+        # A missing or rotated key is an operator's problem, not the coupon's: retryable.
+        with pytest.raises(PlatformUnavailable) as no_key:
             await anonymous.create_batch(batch_spec())
-        with pytest.raises(PlatformRefused) as wrong_key:
+        with pytest.raises(PlatformUnavailable) as wrong_key:
             await wrong.get_batch("bat_any")
         batch = await right.create_batch(batch_spec())
         async with httpx.AsyncClient(base_url=process.url) as http:

@@ -1,7 +1,8 @@
 """UserCouponWorkflow on the time-skipping server, with the real ledger and simulator.
 
 Handles come from the claim service, not from the test environment's own start, so
-time is skipped explicitly with `ts_env.sleep` where a test waits on a timer.
+time is skipped explicitly with `ts_env.sleep` where a test waits on a timer. Every test
+leaves its workflows closed: an open one's timers would hold back skipping for the next.
 
 Deadlines of days and validity of a month pass in seconds; everything else is real:
 PostgreSQL, the simulator over HTTP, the activities.
@@ -31,6 +32,9 @@ from tests.conftest import claims_of, new_campaign, running_workers, sim_stats
 from workflows.user_coupon import UserCouponWorkflow
 
 Handle = WorkflowHandle[UserCouponWorkflow, CouponStatus]
+DAY = timedelta(days=1)
+HOUR = timedelta(hours=1)
+USED_AT = datetime(2026, 11, 2, 9, 30, tzinfo=UTC)
 
 
 async def claim(
@@ -110,16 +114,21 @@ async def test_issued_coupon_lapses_when_validity_ends_unused(
     settings: Settings,
     simulator: httpx.AsyncClient,
 ) -> None:
-    # Poll once a day over the 30-day validity, so the skipped month costs few lookups.
-    settings = replace(settings, redemption_poll_initial_s=86400, redemption_poll_max_s=86400)
     async with running_workers(ts_env.client, pool, settings):
         handle = await claim(ts_env, simulator, pool, platform, settings, valid_days=30)
         await handle.signal(UserCouponWorkflow.task_done, TaskCompletion("first-order"))
-        await wait_for_state(handle, "issued")
-        await ts_env.sleep(timedelta(days=31))
+        issued = await wait_for_state(handle, "issued")
+        assert issued.receipt is not None
+        # A day before the validity ends the coupon is still issued, polls or not...
+        await ts_env.sleep(issued.receipt.valid_until - await ts_env.get_current_time() - DAY)
+        assert (await handle.query(UserCouponWorkflow.status)).state == "issued"
+        # ...and it lapses only once the validity is over.
+        await ts_env.sleep(2 * DAY)
         status = await handle.result()
     assert status.state == "lapsed"
-    assert status.receipt is not None
+    lapse = status.transitions[-1]
+    assert lapse.at >= issued.receipt.valid_until
+    assert lapse.cause == "validity ended unused (platform: sent)"
     assert await ledger_states(pool, status.coupon_id) == [
         (None, "received"),
         ("received", "usable"),
@@ -261,8 +270,9 @@ async def test_redemption_is_found_by_polling_the_platform(
         assert issued.receipt is not None
         used = await simulator.post(f"/v1/coupons/{issued.receipt.platform_coupon_id}/use")
         assert used.status_code == 200
-        # The first poll comes a minute after the send; retries back off from there.
-        await ts_env.sleep(timedelta(minutes=3))
+        # The first poll comes right after the send and finds it unused; the next one
+        # follows the retry backoff (5 minutes).
+        await ts_env.sleep(timedelta(minutes=6))
         status = await handle.result()
     assert status.state == "redeemed"
     assert status.transitions[-1].cause == "redeemed (platform lookup)"
@@ -293,3 +303,78 @@ async def test_redemption_report_signal_redeems_at_once(
     assert status.state == "redeemed"
     assert status.transitions[-1].at == used_at
     assert status.transitions[-1].cause == "redeemed (callback)"
+
+
+async def test_a_failing_lookup_after_the_send_is_retried_never_a_refusal(
+    ts_env: WorkflowEnvironment,
+    pool: AsyncConnectionPool,
+    platform: RestPlatform,
+    settings: Settings,
+    simulator: httpx.AsyncClient,
+) -> None:
+    before = await sim_stats(simulator)
+    async with running_workers(ts_env.client, pool, settings):
+        handle = await claim(ts_env, simulator, pool, platform, settings)
+        # The send goes through; the lookup that confirms it answers 401.
+        await simulator.put("/sim/knobs", json={"lookup_error_status": 401})
+        await handle.signal(UserCouponWorkflow.task_done, TaskCompletion("first-order"))
+        async with asyncio.timeout(30):
+            while True:  # until the lookup after the send has failed twice
+                stats = await sim_stats(simulator)
+                if stats["errors_injected"] - before["errors_injected"] >= 2:
+                    break
+                await asyncio.sleep(0.2)
+        assert (await handle.query(UserCouponWorkflow.status)).state == "usable"
+        await simulator.put("/sim/knobs", json={"lookup_error_status": 0})
+        issued = await wait_for_state(handle, "issued")
+        # Close it: an open workflow's timers would hold back time skipping for later tests.
+        await handle.signal(UserCouponWorkflow.report_redemption, RedemptionReport(USED_AT))
+        await handle.result()
+    after = await sim_stats(simulator)
+    assert after["sends_applied"] - before["sends_applied"] == 1
+    assert issued.receipt is not None
+    states = [s for _, s in await ledger_states(pool, issued.coupon_id)]
+    assert states == ["received", "usable", "issued", "redeemed"]
+
+
+async def test_a_platform_outage_at_validity_end_waits_it_out_instead_of_failing(
+    ts_env: WorkflowEnvironment,
+    pool: AsyncConnectionPool,
+    platform: RestPlatform,
+    settings: Settings,
+    simulator: httpx.AsyncClient,
+) -> None:
+    async with running_workers(ts_env.client, pool, settings):
+        handle = await claim(ts_env, simulator, pool, platform, settings, required_tasks=[])
+        issued = await wait_for_state(handle, "issued")
+        assert issued.receipt is not None
+        await simulator.put("/sim/knobs", json={"lookup_error_status": 500})
+        await ts_env.sleep(issued.receipt.valid_until - await ts_env.get_current_time() + HOUR)
+        during = await handle.query(UserCouponWorkflow.status)
+        assert during.state == "issued"
+        assert during.waiting_for.startswith("redemption until")
+        await simulator.put("/sim/knobs", json={"lookup_error_status": 0})
+        await ts_env.sleep(timedelta(minutes=15))  # past the final lookup's longest backoff
+        status = await handle.result()
+    assert status.state == "lapsed"
+    assert [s for _, s in await ledger_states(pool, status.coupon_id)][-1] == "lapsed"
+
+
+async def test_a_redemption_report_that_overtakes_the_send_confirmation_is_kept(
+    ts_env: WorkflowEnvironment,
+    pool: AsyncConnectionPool,
+    platform: RestPlatform,
+    settings: Settings,
+    simulator: httpx.AsyncClient,
+) -> None:
+    async with running_workers(ts_env.client, pool, settings):
+        handle = await claim(ts_env, simulator, pool, platform, settings)
+        # Slow answers keep the coupon `usable` while the send is being confirmed.
+        await simulator.put("/sim/knobs", json={"latency_ms": 1500})
+        await handle.signal(UserCouponWorkflow.task_done, TaskCompletion("first-order"))
+        await wait_for_state(handle, "usable")
+        await handle.signal(UserCouponWorkflow.report_redemption, RedemptionReport(USED_AT))
+        status = await handle.result()
+    assert [t.to_state for t in status.transitions] == ["usable", "issued", "redeemed"]
+    assert status.transitions[-1].at == USED_AT
+    assert status.ignored_signals == []

@@ -1,0 +1,28 @@
+"""What the workflow and the activities agree on: names, error types and time limits.
+
+The workflow calls activities by name so that `workflows/` never imports the modules
+that do I/O (psycopg, httpx, platform adapters).
+"""
+
+from datetime import timedelta
+
+RECORD_TRANSITION = "record_transition"
+ISSUE_COUPON = "issue_coupon"
+WAIT_FOR_REDEMPTION = "wait_for_redemption"
+LOOKUP_COUPON = "lookup_coupon"
+
+# Error types the activities raise and the workflow reads. No Python exception class is
+# named like these, so an exception that escapes an activity can never pass for them.
+SEND_REFUSED = "send_refused"
+NOT_YET_REDEEMED = "not_yet_redeemed"
+
+# The issue activity heartbeats while it waits for a lagging lookup; a single platform
+# call must answer well inside the heartbeat timeout, and the whole attempt (the send
+# plus the lag window) inside the start-to-close timeout.
+ISSUE_HEARTBEAT = timedelta(seconds=30)
+ISSUE_START_TO_CLOSE = timedelta(minutes=5)
+
+
+def platform_task_queue(task_queue: str) -> str:
+    """Platform calls run on their own, rate-limited task queue, named after the main one."""
+    return f"{task_queue}-platform"
