@@ -18,7 +18,11 @@ from typing import Any
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
-from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.client import (
+    Client,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -32,6 +36,9 @@ from coupons.lifecycle import STATES
 from coupons.model import CancelRequest, CouponStatus, TaskCompletion
 from coupons.temporal import connect
 from workflows.user_coupon import UserCouponWorkflow
+
+# How long an update waits for a worker to answer before the command gives up.
+UPDATE_WAIT_S = 20.0
 
 
 class Unavailable(Exception):
@@ -68,12 +75,14 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--coupon", required=True)
     t.add_argument("--task", required=True)
     t.add_argument("--wait", action="store_true", help="use the update: answer with the new state")
+    t.add_argument("--timeout", type=float, default=UPDATE_WAIT_S, help="seconds --wait waits")
     s = sub.add_parser("show", help="print a coupon's state, tasks, receipt and events")
     s.add_argument("--coupon", required=True)
     x = sub.add_parser("cancel", help="cancel a coupon that is not yet sent to the platform")
     x.add_argument("--coupon", required=True)
     x.add_argument("--reason", default="cancelled by operator")
     x.add_argument("--no-wait", action="store_true", help="send the signal and do not wait")
+    x.add_argument("--timeout", type=float, default=UPDATE_WAIT_S, help="seconds to wait")
     ls = sub.add_parser("list", help="list a campaign's coupons (from the ledger)")
     ls.add_argument("--campaign", required=True)
     ls.add_argument("--user")
@@ -83,6 +92,12 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--campaign", required=True)
     sub.add_parser("repair", help="start the workflows of claims that lack one")
     return p
+
+
+def _wait(args: argparse.Namespace) -> timedelta:
+    if not 0 < args.timeout <= 3600:
+        raise Refused("invalid_request", f"--timeout {args.timeout:g} must be between 0 and 3600")
+    return timedelta(seconds=args.timeout)
 
 
 async def cmd_claim(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
@@ -106,9 +121,19 @@ async def _open_coupon(claim: ledger.Claim) -> AsyncIterator[None]:
     except RPCError as err:
         if err.status != RPCStatusCode.NOT_FOUND:
             raise
+        if not claim.workflow_started:
+            raise Unavailable(
+                f"coupon {claim.coupon_id!r} has no workflow yet; the worker starts it within "
+                "CLAIM_REPAIR_AFTER_S (or run `starter.py repair`), then try again"
+            ) from err
         raise Refused(
             "coupon_finished", f"coupon {claim.coupon_id!r} is {claim.state}: it is finished"
         ) from err
+    except WorkflowUpdateRPCTimeoutOrCancelledError:
+        raise Unavailable(
+            "no worker answered in time (is the worker running?); the request stays queued "
+            "and may still apply"
+        ) from None
 
 
 async def cmd_complete_task(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
@@ -123,7 +148,9 @@ async def _complete_task(
     handle = (await ctx.client()).get_workflow_handle_for(UserCouponWorkflow.run, claim.workflow_id)
     completion = TaskCompletion(args.task)
     if args.wait:
-        status = await handle.execute_update(UserCouponWorkflow.complete_task, completion)
+        status = await handle.execute_update(
+            UserCouponWorkflow.complete_task, completion, rpc_timeout=_wait(args)
+        )
         return {
             "coupon_id": claim.coupon_id,
             "state": status.state,
@@ -150,7 +177,7 @@ async def _cancel(ctx: Context, claim: ledger.Claim, args: argparse.Namespace) -
         await handle.signal(UserCouponWorkflow.cancel, CancelRequest(args.reason))
         return {"coupon_id": claim.coupon_id, "signalled": "cancel"}
     status = await handle.execute_update(
-        UserCouponWorkflow.cancel_coupon, CancelRequest(args.reason)
+        UserCouponWorkflow.cancel_coupon, CancelRequest(args.reason), rpc_timeout=_wait(args)
     )
     return {"coupon_id": claim.coupon_id, "state": status.state}
 
