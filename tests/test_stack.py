@@ -3,8 +3,10 @@ started again on the same data, with nothing lost."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,10 +15,13 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 
 from coupons.embedded import find_binary, free_port
+from coupons.ledger import claims as ledger
+from coupons.ledger import db
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,6 +81,17 @@ class RunningStack:
     def cli_many(self, calls: list[list[str]]) -> list[subprocess.CompletedProcess[str]]:
         with ThreadPoolExecutor(max_workers=5) as pool:
             return list(pool.map(lambda args: self.cli(*args), calls))
+
+    def sim_stats(self) -> dict[str, int]:
+        url = f"http://127.0.0.1:{self.env['SIMULATOR_PORT']}/sim/stats"
+        stats: dict[str, int] = httpx.get(url, timeout=10).json()
+        return stats
+
+    def worker_pid(self) -> int:
+        banner = self.log.read_text().split("coupon service up")[-1]
+        match = re.search(r"Worker\s+pid (\d+)", banner)
+        assert match, banner
+        return int(match.group(1))
 
     def states(self) -> dict[str, int]:
         with psycopg.connect(self.database_url) as conn:
@@ -219,3 +235,47 @@ def test_command_line_answers_and_exit_codes(stack: RunningStack) -> None:
     twice = stack.cli("cancel", "--coupon", coupon["coupon_id"])
     assert twice.returncode == 2 and "is cancelled: it is finished" in twice.stderr, twice.stderr
     stack.wait_states({"cancelled": 1})
+
+
+def test_worker_killed_mid_send_and_a_lost_workflow_start_lose_nothing(
+    tmp_path: Path,
+) -> None:
+    stack = RunningStack(tmp_path / "data")
+    # Answers come 1.5 s after each send is applied: the kill lands while they are pending.
+    stack.env.update({"SIM_LATENCY_MS": "1500", "CLAIM_REPAIR_AFTER_S": "1"})
+    users = [f"k{i}" for i in range(10)]
+    try:
+        stack.start()
+        claims = stack.cli_many([["claim", "--campaign", "demo", "--user", u] for u in users])
+        coupons = [json.loads(c.stdout)["coupon_id"] for c in claims]
+        stats = stack.sim_stats()
+        done = stack.cli_many(
+            [["complete-task", "--coupon", c, "--task", "first-order"] for c in coupons]
+        )
+        assert [c.returncode for c in done] == [0] * 10
+        deadline = time.monotonic() + 30
+        while stack.sim_stats()["sends_applied"] - stats["sends_applied"] < 3:
+            assert time.monotonic() < deadline, "sends never started"
+            time.sleep(0.05)
+        os.kill(stack.worker_pid(), signal.SIGKILL)
+
+        # A claim whose process died before starting its workflow.
+        asyncio.run(ledger_only_claim(stack.database_url, "demo", "crashed"))
+
+        # The stack restarts the worker; the killed sends time out and are resent with
+        # the same keys.
+        stack.wait_states({"issued": 10, "received": 1}, timeout_s=120)
+        assert stack.sim_stats()["sends_applied"] - stats["sends_applied"] == 10
+        deadline = time.monotonic() + 30
+        while stack.temporal_count("UserId='crashed'") != 1:
+            assert time.monotonic() < deadline, "the lost workflow start was never repaired"
+            time.sleep(0.5)
+        assert "worker exited" in stack.log.read_text()
+    finally:
+        if stack.process is not None:
+            assert stack.stop() == 0
+
+
+async def ledger_only_claim(url: str, campaign: str, user: str) -> None:
+    async with db.pool(url, max_size=1) as pool:
+        await ledger.claim(pool, campaign, user)
