@@ -3,6 +3,7 @@ platform simulator per test run; each test gets its own schema and task queues."
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -17,7 +18,7 @@ from psycopg import AsyncConnection, sql
 from psycopg_pool import AsyncConnectionPool
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -25,11 +26,14 @@ from coupons.catalog import ensure_campaign
 from coupons.claims import ClaimService
 from coupons.config import Settings
 from coupons.embedded import EmbeddedPostgres, SimulatorProcess, find_binary, free_port
+from coupons.ledger import claims as ledger
 from coupons.ledger import db
 from coupons.ledger.campaigns import Campaign
-from coupons.model import SEARCH_ATTRIBUTES
+from coupons.lifecycle import FINAL_STATES
+from coupons.model import SEARCH_ATTRIBUTES, CouponStatus
 from coupons.platforms.rest import RestPlatform
 from coupons.workers import build_workers
+from workflows.user_coupon import UserCouponWorkflow
 
 
 @pytest.fixture(scope="session")
@@ -173,3 +177,29 @@ async def sim_stats(control: httpx.AsyncClient) -> dict[str, int]:
     response.raise_for_status()
     stats: dict[str, int] = response.json()
     return stats
+
+
+Handle = WorkflowHandle[UserCouponWorkflow, CouponStatus]
+
+
+async def wait_for_state(handle: Handle, state: str, timeout_s: float = 30.0) -> CouponStatus:
+    """Poll the `status` query until the coupon is in `state`; fails after `timeout_s`."""
+    last: str | None = None
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                status = await handle.query(UserCouponWorkflow.status)
+                last = status.state
+                if last == state:
+                    return status
+                if last in FINAL_STATES:
+                    pytest.fail(f"{handle.id} ended {last} ({status.transitions[-1].cause})")
+                await asyncio.sleep(0.2)
+    except TimeoutError:
+        pytest.fail(f"{handle.id} still {last} after {timeout_s}s, expected {state}")
+
+
+async def ledger_states(pool: AsyncConnectionPool, coupon_id: str) -> list[tuple[str | None, str]]:
+    view = await ledger.coupon_view(pool, coupon_id)
+    assert view is not None
+    return [(e["from_state"], e["to_state"]) for e in view["events"]]

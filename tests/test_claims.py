@@ -27,7 +27,6 @@ from coupons.claims import ClaimRefused, ClaimResult
 from coupons.config import Settings
 from coupons.ledger import campaigns
 from coupons.ledger import claims as ledger
-from coupons.lifecycle import FINAL_STATES
 from coupons.model import (
     CancelRequest,
     CouponStatus,
@@ -36,7 +35,14 @@ from coupons.model import (
     idempotency_key,
 )
 from coupons.platforms.rest import RestPlatform
-from tests.conftest import claims_of, new_campaign, running_workers, sim_stats
+from tests.conftest import (
+    claims_of,
+    ledger_states,
+    new_campaign,
+    running_workers,
+    sim_stats,
+    wait_for_state,
+)
 from workflows.user_coupon import UserCouponWorkflow
 
 Handle = WorkflowHandle[UserCouponWorkflow, CouponStatus]
@@ -50,29 +56,6 @@ WAIT_S = 30.0
 
 def handle_of(client: Client, workflow_id: str) -> Handle:
     return client.get_workflow_handle_for(UserCouponWorkflow.run, workflow_id)
-
-
-async def wait_for_state(handle: Handle, state: str, timeout_s: float = WAIT_S) -> CouponStatus:
-    """Poll the `status` query until the coupon is in `state`; fails after `timeout_s`."""
-    last: str | None = None
-    try:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                status = await handle.query(UserCouponWorkflow.status)
-                last = status.state
-                if last == state:
-                    return status
-                if last in FINAL_STATES:
-                    pytest.fail(f"{handle.id} ended {last} ({status.transitions[-1].cause})")
-                await asyncio.sleep(0.2)
-    except TimeoutError:
-        pytest.fail(f"{handle.id} still {last} after {timeout_s}s, expected {state}")
-
-
-async def ledger_states(pool: AsyncConnectionPool, coupon_id: str) -> list[tuple[str | None, str]]:
-    view = await ledger.coupon_view(pool, coupon_id)
-    assert view is not None
-    return [(e["from_state"], e["to_state"]) for e in view["events"]]
 
 
 async def scalar(pool: AsyncConnectionPool, query: LiteralString, *params: Any) -> Any:

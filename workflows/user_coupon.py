@@ -205,9 +205,7 @@ class UserCouponWorkflow:
         try:
             self._complete(completion)
         except ApplicationError as err:
-            # A signal cannot answer; keep the refusal visible instead of failing the task.
-            workflow.logger.warning("ignored task_done(%s): %s", completion.task, err.message)
-            self._ignored.append(f"task_done({completion.task}): {err.message}")
+            self._ignore(f"task_done({completion.task})", err)
 
     @workflow.update
     def complete_task(self, completion: TaskCompletion) -> CouponStatus:
@@ -257,8 +255,7 @@ class UserCouponWorkflow:
         try:
             self._cancel(request)
         except ApplicationError as err:
-            workflow.logger.warning("ignored cancel: %s", err.message)
-            self._ignored.append(f"cancel: {err.message}")
+            self._ignore("cancel", err)
 
     @workflow.update
     def cancel_coupon(self, request: CancelRequest) -> CouponStatus:
@@ -282,6 +279,11 @@ class UserCouponWorkflow:
     def _cancel(self, request: CancelRequest) -> None:
         self._check_cancel()
         self._fire("cancel", request.reason)
+
+    def _ignore(self, signal: str, refusal: ApplicationError) -> None:
+        # A signal cannot answer; keep the refusal visible instead of failing the task.
+        workflow.logger.warning("ignored %s: %s", signal, refusal.message)
+        self._ignored.append(f"{signal}: {refusal.message}")
 
     @workflow.signal
     def report_redemption(self, report: RedemptionReport) -> None:

@@ -34,9 +34,11 @@ class Claim:
     required_tasks: list[str]
 
 
-_CLAIM_COLUMNS = (
-    "c.coupon_id, c.campaign_id, c.user_id, c.seq, c.state, c.workflow_id, c.workflow_started,"
-    " c.claimed_at, c.task_deadline, k.batch_id, k.required_tasks"
+# A claim with what its workflow needs from the campaign.
+_SELECT_CLAIMS = (
+    "SELECT c.coupon_id, c.campaign_id, c.user_id, c.seq, c.state, c.workflow_id,"
+    " c.workflow_started, c.claimed_at, c.task_deadline, k.batch_id, k.required_tasks"
+    " FROM claims c JOIN campaigns k ON k.id = c.campaign_id"
 )
 
 
@@ -100,8 +102,7 @@ async def claim(pool: AsyncConnectionPool, campaign_id: str, user_id: str) -> tu
 async def _claims_of(conn: AsyncConnection[Any], campaign_id: str, user_id: str) -> list[Claim]:
     cur = conn.cursor(row_factory=class_row(Claim))
     await cur.execute(
-        f"SELECT {_CLAIM_COLUMNS} FROM claims c JOIN campaigns k ON k.id = c.campaign_id"
-        " WHERE c.campaign_id = %s AND c.user_id = %s ORDER BY c.seq DESC",
+        _SELECT_CLAIMS + " WHERE c.campaign_id = %s AND c.user_id = %s ORDER BY c.seq DESC",
         (campaign_id, user_id),
     )
     return await cur.fetchall()
@@ -111,8 +112,7 @@ async def get_claim(pool: AsyncConnectionPool, coupon_id: str) -> Claim | None:
     async with pool.connection() as conn:
         cur = conn.cursor(row_factory=class_row(Claim))
         await cur.execute(
-            f"SELECT {_CLAIM_COLUMNS} FROM claims c JOIN campaigns k ON k.id = c.campaign_id"
-            " WHERE c.coupon_id = %s",
+            _SELECT_CLAIMS + " WHERE c.coupon_id = %s",
             (coupon_id,),
         )
         return await cur.fetchone()
@@ -134,8 +134,7 @@ async def unstarted(
     async with pool.connection() as conn:
         cur = conn.cursor(row_factory=class_row(Claim))
         await cur.execute(
-            f"SELECT {_CLAIM_COLUMNS} FROM claims c JOIN campaigns k ON k.id = c.campaign_id"
-            " WHERE NOT c.workflow_started AND c.claimed_at < now() - %s"
+            _SELECT_CLAIMS + " WHERE NOT c.workflow_started AND c.claimed_at < now() - %s"
             " ORDER BY c.claimed_at LIMIT %s",
             (older_than, limit),
         )
@@ -228,8 +227,7 @@ async def list_claims(
     async with pool.connection() as conn:
         cur = conn.cursor(row_factory=class_row(Claim))
         await cur.execute(
-            f"SELECT {_CLAIM_COLUMNS} FROM claims c JOIN campaigns k ON k.id = c.campaign_id"
-            " WHERE c.campaign_id = %(campaign)s"
+            _SELECT_CLAIMS + " WHERE c.campaign_id = %(campaign)s"
             " AND (%(user)s::text IS NULL OR c.user_id = %(user)s)"
             " AND (%(state)s::text IS NULL OR c.state = %(state)s)"
             " ORDER BY c.claimed_at, c.coupon_id LIMIT %(limit)s",

@@ -28,7 +28,14 @@ from coupons.ledger import claims as ledger
 from coupons.model import CancelRequest, CouponStatus, RedemptionReport, TaskCompletion
 from coupons.platforms.rest import RestPlatform
 from coupons.workers import workflow_runner
-from tests.conftest import claims_of, new_campaign, running_workers, sim_stats
+from tests.conftest import (
+    claims_of,
+    ledger_states,
+    new_campaign,
+    running_workers,
+    sim_stats,
+    wait_for_state,
+)
 from workflows.user_coupon import UserCouponWorkflow
 
 Handle = WorkflowHandle[UserCouponWorkflow, CouponStatus]
@@ -57,21 +64,6 @@ async def claim(
     c = await new_campaign(pool, platform, **campaign)
     result = await claims_of(pool, env.client, settings).claim(c.id, user)
     return env.client.get_workflow_handle_for(UserCouponWorkflow.run, result.workflow_id)
-
-
-async def ledger_states(pool: AsyncConnectionPool, coupon_id: str) -> list[tuple[str | None, str]]:
-    view = await ledger.coupon_view(pool, coupon_id)
-    assert view is not None
-    return [(e["from_state"], e["to_state"]) for e in view["events"]]
-
-
-async def wait_for_state(handle: Handle, state: str, timeout_s: float = 30) -> CouponStatus:
-    async with asyncio.timeout(timeout_s):
-        while True:
-            status = await handle.query(UserCouponWorkflow.status)
-            if status.state == state:
-                return status
-            await asyncio.sleep(0.5)
 
 
 async def update_events(handle: Handle) -> int:
