@@ -35,8 +35,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-import psycopg
-from psycopg import sql
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import (
     AddSearchAttributesRequest,
@@ -44,6 +42,8 @@ from temporalio.api.operatorservice.v1 import (
 )
 from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
 from temporalio.client import Client
+
+from coupons.ledger.db import create_database, ping
 
 logger = logging.getLogger(__name__)
 
@@ -720,22 +720,12 @@ class EmbeddedPostgres:
             self._temp_socket_dir = False
 
     def _accepts_connections(self) -> bool:
-        with psycopg.connect(self.url("postgres"), connect_timeout=2, autocommit=True) as conn:
-            conn.execute("SELECT 1")
+        ping(self.url("postgres"))
         return True
 
     def _ensure_database(self) -> None:
-        with psycopg.connect(self.url("postgres"), connect_timeout=5, autocommit=True) as conn:
-            exists = conn.execute(
-                "SELECT 1 FROM pg_database WHERE datname = %s", (self.database,)
-            ).fetchone()
-            if exists:
-                return
-            try:
-                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.database)))
-                logger.info("created database %r", self.database)
-            except psycopg.errors.DuplicateDatabase:
-                pass  # created concurrently by someone else: fine
+        if create_database(self.url("postgres"), self.database):
+            logger.info("created database %r", self.database)
 
 
 # --------------------------------------------------------------------------------------

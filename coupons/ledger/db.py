@@ -6,6 +6,7 @@ import logging
 import re
 from importlib import resources
 
+import psycopg
 from psycopg import AsyncConnection, sql
 from psycopg_pool import AsyncConnectionPool
 
@@ -75,3 +76,21 @@ async def migrate_url(url: str, *, schema: str | None = None) -> list[int]:
                 sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema))
             )
         return await migrate(conn)
+
+
+def create_database(admin_url: str, name: str) -> bool:
+    """Create database `name` unless it exists; True when this call created it."""
+    with psycopg.connect(admin_url, connect_timeout=5, autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+            return False
+        try:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        except psycopg.errors.DuplicateDatabase:
+            return False  # created concurrently by someone else: fine
+        return True
+
+
+def ping(url: str, timeout_s: int = 2) -> None:
+    """Raises unless the server at `url` accepts a connection and answers."""
+    with psycopg.connect(url, connect_timeout=timeout_s, autocommit=True) as conn:
+        conn.execute("SELECT 1")
