@@ -4,7 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test lint setup clean-data
+.PHONY: run test lint bench chaos setup clean-data
+
+# bench and chaos sizes: full (default) or quick
+SIZE ?= full
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +22,12 @@ run: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(BIN)/python scripts/run_tests.py $(ARGS)
+
+bench: $(INSTALLED)
+	$(BIN)/python -m bench --size $(SIZE)
+
+chaos: $(INSTALLED)
+	$(BIN)/python -m chaos --size $(SIZE)
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

@@ -514,6 +514,21 @@ class Simulator:
         (coupons,) = db.execute("SELECT count(*) FROM coupons").fetchone()
         return JSONResponse({"batches": batches, "coupons": coupons, **self.counters})
 
+    async def batch_coupons(self, request: Request) -> Response:
+        """Every coupon the platform holds for a batch: what chaos runs and reconciliation
+        count duplicates against."""
+        rows = self.store.db.execute(
+            "SELECT * FROM coupons WHERE batch_id = ? ORDER BY sent_at, coupon_id",
+            (request.path_params["batch_id"],),
+        ).fetchall()
+        return JSONResponse(
+            {
+                "coupons": [
+                    {**self._coupon_json(r), "idempotency_key": r["idempotency_key"]} for r in rows
+                ]
+            }
+        )
+
 
 def create_app(data_path: Path, knobs: Knobs | None = None) -> Starlette:
     """The simulator as an ASGI app; `PLATFORM_API_KEY`, if set now, guards every /v1 path."""
@@ -537,6 +552,7 @@ def create_app(data_path: Path, knobs: Knobs | None = None) -> Starlette:
         Route("/sim/knobs", control(sim.get_knobs), methods=["GET"]),
         Route("/sim/knobs", control(sim.put_knobs), methods=["PUT"]),
         Route("/sim/stats", control(sim.stats), methods=["GET"]),
+        Route("/sim/batches/{batch_id}/coupons", control(sim.batch_coupons), methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.simulator = sim

@@ -251,3 +251,18 @@ async def test_state_survives_a_restart(start_simulator: StartSimulator) -> None
         assert (await platform.get_batch(batch.batch_id)).remaining == 3
     finally:
         await platform.aclose()
+
+
+async def test_control_plane_lists_a_batch_coupons_with_their_keys(
+    platform: RestPlatform, sim: SimControl
+) -> None:
+    batch = await platform.create_batch(batch_spec())
+    keys = [new_key("send"), new_key("send")]
+    sent = [
+        await platform.send_coupon(SendRequest(batch.batch_id, f"user-{i}", key))
+        for i, key in enumerate(keys)
+    ]
+    await platform.send_coupon(SendRequest(batch.batch_id, "user-0", keys[0]))  # replayed
+    listed = (await sim.http.get(f"/sim/batches/{batch.batch_id}/coupons")).json()["coupons"]
+    assert [c["coupon_id"] for c in listed] == [c.coupon_id for c in sent]
+    assert [c["idempotency_key"] for c in listed] == keys
