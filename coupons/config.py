@@ -76,6 +76,31 @@ class Settings:
             )
         return self
 
+    def to_env(self) -> dict[str, str]:
+        """The environment that makes `from_env` rebuild these settings in a child process."""
+        env = {
+            "DATA_DIR": str(self.data_dir),
+            "PG_PORT": str(self.pg_port),
+            "TEMPORAL_PORT": str(self.temporal_port),
+            "TEMPORAL_UI_PORT": str(self.temporal_ui_port),
+            "TEMPORAL_NAMESPACE": self.temporal_namespace,
+            "TASK_QUEUE": self.task_queue,
+            "SIMULATOR_PORT": str(self.simulator_port),
+            "PLATFORM_TIMEOUT_S": str(self.platform_timeout_s),
+            "PLATFORM_RATE_LIMIT": str(self.platform_rate_limit),
+            "LAG_WINDOW_S": str(self.lag_window_s),
+            "DB_POOL_SIZE": str(self.db_pool_size),
+            "CLAIM_REPAIR_AFTER_S": str(self.claim_repair_after_s),
+        }
+        optional = {
+            "DATABASE_URL": self.database_url_override,
+            "TEMPORAL_ADDRESS": self.temporal_address_override,
+            "PLATFORM_URL": self.platform_url_override,
+            "PLATFORM_API_KEY": self.platform_api_key,
+        }
+        env.update({name: value for name, value in optional.items() if value})
+        return env
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env

@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
@@ -70,21 +71,31 @@ async def seed_demo(settings: Settings) -> None:
 
 
 class Stack:
-    def __init__(self, settings: Settings) -> None:
+    """The embedded parts, started in order; benchmarks and chaos runs drive them too."""
+
+    def __init__(
+        self, settings: Settings, *, worker_env: dict[str, str] | None = None, demo: bool = True
+    ) -> None:
         self.settings = settings
+        self.worker_env = worker_env or {}
+        self.demo = demo
         self.started: list[tuple[str, Stoppable]] = []
         self.stopping = threading.Event()
         self.lines: list[str] = []
+        self.postgres: EmbeddedPostgres | None = None
+        self.temporal: TemporalDevServer | None = None
+        self.simulator: SimulatorProcess | None = None
 
     def start(self) -> None:
         s = self.settings
         data = s.data_dir.resolve()
         logs = data / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
 
         if s.database_url_override is None:
-            pg = EmbeddedPostgres(data / "postgres", s.pg_port, log_path=logs / "postgres.log")
+            self.postgres = pg = EmbeddedPostgres(
+                data / "postgres", s.pg_port, log_path=logs / "postgres.log"
+            )
             pg.start()
             self.started.append(("PostgreSQL", pg))
             self.lines.append(f"PostgreSQL  {s.database_url}  (embedded, data {data / 'postgres'})")
@@ -94,7 +105,7 @@ class Stack:
         log.info("migrations applied: %s", applied or "none (up to date)")
 
         if s.temporal_address_override is None:
-            temporal = TemporalDevServer(
+            self.temporal = temporal = TemporalDevServer(
                 data / "temporal.db",
                 s.temporal_port,
                 s.temporal_ui_port,
@@ -113,9 +124,8 @@ class Stack:
 
         if s.platform_url_override is None:
             key = platform_api_key(s)
-            env["PLATFORM_API_KEY"] = key
-            self.settings = s = Settings.from_env(env)
-            sim = SimulatorProcess(
+            self.settings = s = replace(s, platform_api_key=key)
+            self.simulator = sim = SimulatorProcess(
                 data / "simulator.sqlite3",
                 s.simulator_port,
                 env={"PLATFORM_API_KEY": key},
@@ -129,10 +139,13 @@ class Stack:
         else:
             self.lines.append(f"Platform    {s.platform_url}  (external)")
 
-        asyncio.run(seed_demo(s))
-        self.lines.append(
-            "Demo        campaign 'demo': task first-order, quota 1000, 1 per user, valid 30 days"
-        )
+        if self.demo:
+            asyncio.run(seed_demo(s))
+            self.lines.append(
+                "Demo        campaign 'demo': task first-order, quota 1000, 1 per user, "
+                "valid 30 days"
+            )
+        env = {**os.environ, **s.to_env(), **self.worker_env}
         self.worker = ManagedProcess(
             "worker", [sys.executable, "worker.py"], logs / "worker.log", env=env, cwd=PROJECT_ROOT
         )
