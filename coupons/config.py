@@ -39,6 +39,8 @@ class Settings:
     lag_window_s: float = 30.0
     db_pool_size: int = 20
     claim_repair_after_s: float = 30.0
+    # Workflows kept in the worker's memory; the rest are rebuilt from history on demand.
+    worker_cache_size: int = 1000
 
     @property
     def database_url(self) -> str:
@@ -91,6 +93,7 @@ class Settings:
             "LAG_WINDOW_S": str(self.lag_window_s),
             "DB_POOL_SIZE": str(self.db_pool_size),
             "CLAIM_REPAIR_AFTER_S": str(self.claim_repair_after_s),
+            "WORKER_CACHE_SIZE": str(self.worker_cache_size),
         }
         optional = {
             "DATABASE_URL": self.database_url_override,
@@ -121,6 +124,7 @@ class Settings:
             lag_window_s=_number(env, "LAG_WINDOW_S", 30.0, float),
             db_pool_size=_number(env, "DB_POOL_SIZE", 20, int),
             claim_repair_after_s=_number(env, "CLAIM_REPAIR_AFTER_S", 30.0, float),
+            worker_cache_size=_number(env, "WORKER_CACHE_SIZE", 1000, int),
         ).check()
 
 

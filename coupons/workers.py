@@ -46,6 +46,7 @@ def build_workers(
             workflows=[UserCouponWorkflow],
             activities=[LedgerActivities(pool).record_transition],
             workflow_runner=workflow_runner(),
+            max_cached_workflows=settings.worker_cache_size,
         ),
         Worker(
             client,
