@@ -65,13 +65,13 @@ class PlatformActivities:
             # The send went through; a failing lookup says nothing against it. Retry
             # (same key), never a refusal.
             raise ApplicationError(
-                f"lookup after the send failed: {err}", type="lookup_failed"
+                f"lookup after the send failed: {err}", type=act.LOOKUP_FAILED
             ) from err
         if not visible:
             # Lag is not failure: retrying resends the same key and looks again.
             raise ApplicationError(
                 f"coupon {sent.coupon_id} not visible after {self._lag_window_s:.0f}s of lookups",
-                type="ReceiptNotVisible",
+                type=act.RECEIPT_NOT_VISIBLE,
                 category=ApplicationErrorCategory.BENIGN,
             )
         confirmed_at = datetime.now(UTC)

@@ -15,6 +15,9 @@ LOOKUP_COUPON = "lookup_coupon"
 # named like these, so an exception that escapes an activity can never pass for them.
 SEND_REFUSED = "send_refused"
 NOT_YET_REDEEMED = "not_yet_redeemed"
+# Retried, never final: the send went through but could not be confirmed yet.
+LOOKUP_FAILED = "lookup_failed"
+RECEIPT_NOT_VISIBLE = "receipt_not_visible"
 
 # The issue activity heartbeats while it waits for a lagging lookup; a single platform
 # call must answer well inside the heartbeat timeout, and the whole attempt (the send
