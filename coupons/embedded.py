@@ -957,15 +957,24 @@ class SimulatorProcess:
         log_path: Path | None = None,
         *,
         startup_timeout_s: float = 15.0,
+        inherit_knobs: bool = True,
     ) -> None:
-        """`env` is added to this process's environment (the simulator's knobs)."""
+        """`env` is added to this process's environment (the simulator's knobs).
+
+        `inherit_knobs=False` drops `SIM_*` and `PLATFORM_API_KEY` from our own environment
+        first, so tests start from known knobs whatever the developer's shell exports.
+        """
         self.data_file = data_file.expanduser().absolute()
         self.port = port
         self.extra_env = dict(env or {})
         self.log_path = log_path or self.data_file.with_name(self.data_file.name + ".log")
         self.startup_timeout_s = startup_timeout_s
         project_root = Path(__file__).resolve().parent.parent
-        child_env = dict(os.environ)
+        child_env = {
+            key: value
+            for key, value in os.environ.items()
+            if inherit_knobs or not (key.startswith("SIM_") or key == "PLATFORM_API_KEY")
+        }
         # The child must import this checkout's `coupons`, installed or not.
         child_env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(project_root), child_env.get("PYTHONPATH", "")) if p

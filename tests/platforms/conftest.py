@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import asdict
@@ -17,81 +11,17 @@ from typing import Any
 import httpx
 import pytest
 
+from coupons.embedded import SimulatorProcess, free_port
 from coupons.platforms.base import BatchSpec
 from coupons.platforms.rest import RestPlatform
 from coupons.platforms.simulator import Knobs
 
-ROOT = Path(__file__).resolve().parents[2]
-START_TIMEOUT_S = 15.0
-STOP_TIMEOUT_S = 5.0
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class SimulatorProcess:
-    """One `python -m coupons.platforms.simulator` child; restartable on the same port and data."""
-
-    def __init__(self, data: Path, log: Path, env: Mapping[str, str] | None = None) -> None:
-        self.data = data
-        self.log = log
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        # Tests start from known knobs and no auth, whatever the developer's shell exports.
-        self._env = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith("SIM_") and key != "PLATFORM_API_KEY"
-        }
-        self._env["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
-        )
-        self._env.update(env or {})
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        assert self.proc is None, "already running"
-        args = ["--port", str(self.port), "--data", str(self.data)]
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "coupons.platforms.simulator", *args],
-                cwd=ROOT,
-                env=self._env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.proc = None
-                raise RuntimeError(f"simulator exited at start:\n{self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=0.5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"simulator not healthy in {START_TIMEOUT_S}s:\n{self.log.read_text()}")
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        proc, self.proc = self.proc, None
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
+def simulator_process(data: Path, env: Mapping[str, str] | None = None) -> SimulatorProcess:
+    """A simulator child on its own port, with no knobs or key from the developer's shell."""
+    return SimulatorProcess(
+        data, free_port(), env, log_path=data.with_suffix(".log"), inherit_knobs=False
+    )
 
 
 StartSimulator = Callable[..., SimulatorProcess]
@@ -101,7 +31,7 @@ StartSimulator = Callable[..., SimulatorProcess]
 def simulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatorProcess]:
     """One simulator shared by the session; tests keep apart by using fresh keys and users."""
     tmp = tmp_path_factory.mktemp("simulator")
-    process = SimulatorProcess(tmp / "sim.sqlite3", tmp / "sim.log")
+    process = simulator_process(tmp / "sim.sqlite3")
     process.start()
     try:
         yield process
@@ -116,7 +46,7 @@ def start_simulator(tmp_path: Path) -> Iterator[StartSimulator]:
 
     def start(env: Mapping[str, str] | None = None) -> SimulatorProcess:
         name = f"sim{len(started)}"
-        process = SimulatorProcess(tmp_path / f"{name}.sqlite3", tmp_path / f"{name}.log", env)
+        process = simulator_process(tmp_path / f"{name}.sqlite3", env)
         started.append(process)
         process.start()
         return process

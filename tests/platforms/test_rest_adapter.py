@@ -140,7 +140,7 @@ async def test_api_key_is_required_and_a_bad_key_is_retried_not_refused(
     assert no_key.value.code == wrong_key.value.code == "UNAUTHORIZED"
     assert batch.status == "active"
     assert health.status_code == 200
-    assert "s3cret-key" not in process.log.read_text()
+    assert "s3cret-key" not in process.log_path.read_text()
 
 
 async def test_unreachable_platform_gives_unavailable() -> None:
