@@ -11,7 +11,7 @@ PostgreSQL, the simulator over HTTP, the activities.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -44,26 +44,39 @@ HOUR = timedelta(hours=1)
 USED_AT = datetime(2026, 11, 2, 9, 30, tzinfo=UTC)
 
 
-async def claim(
-    env: WorkflowEnvironment,
-    simulator: httpx.AsyncClient,
+@dataclass
+class TimeSkipping:
+    """One test's world on the time-skipping server: its schema, queues and simulator."""
+
+    env: WorkflowEnvironment
+    pool: AsyncConnectionPool
+    platform: RestPlatform
+    settings: Settings
+    simulator: httpx.AsyncClient
+
+    async def claim(self, user: str = "u1", **campaign: object) -> Handle:
+        # Earlier tests skipped the server's clock ahead: the platform must share its
+        # time, or the coupon's validity would already be over when it is issued.
+        skew = await self.env.get_current_time() - datetime.now(UTC)
+        await self.simulator.put("/sim/knobs", json={"clock_offset_s": skew.total_seconds()})
+        # The ledger sets deadlines by PostgreSQL's clock, which skipped time left behind.
+        deadline = campaign.get("task_deadline")
+        if isinstance(deadline, timedelta):
+            campaign["task_deadline"] = deadline + skew
+        c = await new_campaign(self.pool, self.platform, **campaign)
+        result = await claims_of(self.pool, self.env.client, self.settings).claim(c.id, user)
+        return self.env.client.get_workflow_handle_for(UserCouponWorkflow.run, result.workflow_id)
+
+
+@pytest.fixture
+def ts(
+    ts_env: WorkflowEnvironment,
     pool: AsyncConnectionPool,
     platform: RestPlatform,
     settings: Settings,
-    user: str = "u1",
-    **campaign: object,
-) -> Handle:
-    # Earlier tests skipped the server's clock ahead: the platform must share its time,
-    # or the coupon's validity would already be over when it is issued.
-    skew = await env.get_current_time() - datetime.now(UTC)
-    await simulator.put("/sim/knobs", json={"clock_offset_s": skew.total_seconds()})
-    # The ledger sets deadlines by PostgreSQL's clock, which the skipped time left behind.
-    deadline = campaign.get("task_deadline")
-    if isinstance(deadline, timedelta):
-        campaign["task_deadline"] = deadline + skew
-    c = await new_campaign(pool, platform, **campaign)
-    result = await claims_of(pool, env.client, settings).claim(c.id, user)
-    return env.client.get_workflow_handle_for(UserCouponWorkflow.run, result.workflow_id)
+    simulator: httpx.AsyncClient,
+) -> TimeSkipping:
+    return TimeSkipping(ts_env, pool, platform, settings, simulator)
 
 
 async def update_events(handle: Handle) -> int:
@@ -75,53 +88,39 @@ async def update_events(handle: Handle) -> int:
     return sum(1 for e in history.events if e.event_type in kinds)
 
 
-async def test_task_deadline_expires_a_received_coupon(
-    ts_env: WorkflowEnvironment,
-    pool: AsyncConnectionPool,
-    platform: RestPlatform,
-    settings: Settings,
-    simulator: httpx.AsyncClient,
-) -> None:
-    async with running_workers(ts_env.client, pool, settings):
-        handle = await claim(
-            ts_env, simulator, pool, platform, settings, task_deadline=timedelta(days=3)
-        )
+async def test_task_deadline_expires_a_received_coupon(ts: TimeSkipping) -> None:
+    async with running_workers(ts.env.client, ts.pool, ts.settings):
+        handle = await ts.claim(task_deadline=timedelta(days=3))
         status = await handle.query(UserCouponWorkflow.status)
         assert status.task_deadline is not None
-        assert status.task_deadline > await ts_env.get_current_time() + timedelta(days=2)
+        assert status.task_deadline > await ts.env.get_current_time() + timedelta(days=2)
         assert status.state == "received"
-        await ts_env.sleep(timedelta(days=3, minutes=1))
+        await ts.env.sleep(timedelta(days=3, minutes=1))
         status = await handle.result()
     assert status.state == "expired"
     assert status.transitions[-1].cause == "task deadline passed"
     coupon_id = status.coupon_id
-    assert await ledger_states(pool, coupon_id) == [(None, "received"), ("received", "expired")]
-    assert (await ledger.get_claim(pool, coupon_id)).state == "expired"  # type: ignore[union-attr]
+    assert await ledger_states(ts.pool, coupon_id) == [(None, "received"), ("received", "expired")]
+    assert (await ledger.get_claim(ts.pool, coupon_id)).state == "expired"  # type: ignore[union-attr]
 
 
-async def test_issued_coupon_lapses_when_validity_ends_unused(
-    ts_env: WorkflowEnvironment,
-    pool: AsyncConnectionPool,
-    platform: RestPlatform,
-    settings: Settings,
-    simulator: httpx.AsyncClient,
-) -> None:
-    async with running_workers(ts_env.client, pool, settings):
-        handle = await claim(ts_env, simulator, pool, platform, settings, valid_days=30)
+async def test_issued_coupon_lapses_when_validity_ends_unused(ts: TimeSkipping) -> None:
+    async with running_workers(ts.env.client, ts.pool, ts.settings):
+        handle = await ts.claim(valid_days=30)
         await handle.signal(UserCouponWorkflow.task_done, TaskCompletion("first-order"))
         issued = await wait_for_state(handle, "issued")
         assert issued.receipt is not None
         # A day before the validity ends the coupon is still issued, polls or not...
-        await ts_env.sleep(issued.receipt.valid_until - await ts_env.get_current_time() - DAY)
+        await ts.env.sleep(issued.receipt.valid_until - await ts.env.get_current_time() - DAY)
         assert (await handle.query(UserCouponWorkflow.status)).state == "issued"
         # ...and it lapses only once the validity is over.
-        await ts_env.sleep(2 * DAY)
+        await ts.env.sleep(2 * DAY)
         status = await handle.result()
     assert status.state == "lapsed"
     lapse = status.transitions[-1]
     assert lapse.at >= issued.receipt.valid_until
     assert lapse.cause == "validity ended unused (platform: sent)"
-    assert await ledger_states(pool, status.coupon_id) == [
+    assert await ledger_states(ts.pool, status.coupon_id) == [
         (None, "received"),
         ("received", "usable"),
         ("usable", "issued"),
@@ -129,50 +128,40 @@ async def test_issued_coupon_lapses_when_validity_ends_unused(
     ]
 
 
-async def test_lookup_lag_is_not_failure_and_never_sends_twice(
-    ts_env: WorkflowEnvironment,
-    pool: AsyncConnectionPool,
-    platform: RestPlatform,
-    settings: Settings,
-    simulator: httpx.AsyncClient,
-) -> None:
+async def test_lookup_lag_is_not_failure_and_never_sends_twice(ts: TimeSkipping) -> None:
     # The platform's lookup lags 4 s; our lag window is 1.5 s, so the first attempt gives
     # up looking, and the retry must resend the same key rather than fail or pay twice.
-    await simulator.put("/sim/knobs", json={"lookup_lag_s": 4.0})
-    settings = replace(settings, lag_window_s=1.5)
-    before = await sim_stats(simulator)
-    async with running_workers(ts_env.client, pool, settings):
-        handle = await claim(ts_env, simulator, pool, platform, settings)
+    await ts.simulator.put("/sim/knobs", json={"lookup_lag_s": 4.0})
+    ts.settings = replace(ts.settings, lag_window_s=1.5)
+    before = await sim_stats(ts.simulator)
+    async with running_workers(ts.env.client, ts.pool, ts.settings):
+        handle = await ts.claim()
         await handle.execute_update(UserCouponWorkflow.complete_task, TaskCompletion("first-order"))
         await wait_for_state(handle, "issued")
         await handle.signal(
             UserCouponWorkflow.report_redemption, RedemptionReport(datetime.now(UTC))
         )
         status = await handle.result()
-    after = await sim_stats(simulator)
+    after = await sim_stats(ts.simulator)
     assert after["sends_applied"] - before["sends_applied"] == 1
     assert after["sends_replayed"] - before["sends_replayed"] >= 1
     assert after["lookups_not_found"] - before["lookups_not_found"] >= 1
     assert [t.to_state for t in status.transitions] == ["usable", "issued", "redeemed"]
-    assert "failed" not in [s for _, s in await ledger_states(pool, status.coupon_id)]
+    assert "failed" not in [s for _, s in await ledger_states(ts.pool, status.coupon_id)]
 
 
 async def test_cancel_received_coupon_then_every_further_change_is_refused(
-    ts_env: WorkflowEnvironment,
-    pool: AsyncConnectionPool,
-    platform: RestPlatform,
-    settings: Settings,
-    simulator: httpx.AsyncClient,
+    ts: TimeSkipping,
 ) -> None:
     # Without the ledger activity the cancelled workflow cannot close yet, so the refused
     # updates below reach an open workflow and its validators, not a closed one.
     async with Worker(
-        ts_env.client,
-        task_queue=settings.task_queue,
+        ts.env.client,
+        task_queue=ts.settings.task_queue,
         workflows=[UserCouponWorkflow],
         workflow_runner=workflow_runner(),
     ):
-        handle = await claim(ts_env, simulator, pool, platform, settings)
+        handle = await ts.claim()
         status = await handle.execute_update(
             UserCouponWorkflow.cancel_coupon, CancelRequest("user left")
         )
@@ -187,30 +176,24 @@ async def test_cancel_received_coupon_then_every_further_change_is_refused(
             await handle.execute_update(UserCouponWorkflow.cancel_coupon, CancelRequest())
         assert "only received coupons, or usable ones not yet sent" in str(again.value.cause)
         async with Worker(
-            ts_env.client,
-            task_queue=settings.task_queue,
-            activities=[LedgerActivities(pool).record_transition],
+            ts.env.client,
+            task_queue=ts.settings.task_queue,
+            activities=[LedgerActivities(ts.pool).record_transition],
         ):
             final = await handle.result()
         # A validator's rejection leaves nothing in history.
         assert await update_events(handle) == accepted
     assert final.state == "cancelled"
-    assert await ledger_states(pool, final.coupon_id) == [
+    assert await ledger_states(ts.pool, final.coupon_id) == [
         (None, "received"),
         ("received", "cancelled"),
     ]
 
 
-async def test_update_with_unknown_task_is_refused_before_history(
-    ts_env: WorkflowEnvironment,
-    pool: AsyncConnectionPool,
-    platform: RestPlatform,
-    settings: Settings,
-    simulator: httpx.AsyncClient,
-) -> None:
-    async with running_workers(ts_env.client, pool, settings):
-        handle = await claim(
-            ts_env, simulator, pool, platform, settings, required_tasks=["first-order", "survey"]
+async def test_update_with_unknown_task_is_refused_before_history(ts: TimeSkipping) -> None:
+    async with running_workers(ts.env.client, ts.pool, ts.settings):
+        handle = await ts.claim(
+            required_tasks=["first-order", "survey"],
         )
         with pytest.raises(WorkflowUpdateFailedError) as refused:
             await handle.execute_update(UserCouponWorkflow.complete_task, TaskCompletion("share"))
@@ -230,63 +213,46 @@ async def test_update_with_unknown_task_is_refused_before_history(
         await handle.result()
 
 
-async def test_platform_refusal_marks_failed_with_its_code(
-    ts_env: WorkflowEnvironment,
-    pool: AsyncConnectionPool,
-    platform: RestPlatform,
-    settings: Settings,
-    simulator: httpx.AsyncClient,
-) -> None:
-    await simulator.put("/sim/knobs", json={"restricted_users": ["risky"]})
-    async with running_workers(ts_env.client, pool, settings):
-        handle = await claim(
-            ts_env, simulator, pool, platform, settings, user="risky", required_tasks=[]
-        )
+async def test_platform_refusal_marks_failed_with_its_code(ts: TimeSkipping) -> None:
+    await ts.simulator.put("/sim/knobs", json={"restricted_users": ["risky"]})
+    async with running_workers(ts.env.client, ts.pool, ts.settings):
+        handle = await ts.claim(user="risky", required_tasks=[])
         status = await handle.result()
     assert status.state == "failed"
     assert "USER_RESTRICTED" in status.transitions[-1].cause
-    assert await ledger_states(pool, status.coupon_id) == [(None, "usable"), ("usable", "failed")]
+    assert await ledger_states(ts.pool, status.coupon_id) == [
+        (None, "usable"),
+        ("usable", "failed"),
+    ]
 
 
-async def test_redemption_is_found_by_polling_the_platform(
-    ts_env: WorkflowEnvironment,
-    pool: AsyncConnectionPool,
-    platform: RestPlatform,
-    settings: Settings,
-    simulator: httpx.AsyncClient,
-) -> None:
-    async with running_workers(ts_env.client, pool, settings):
-        handle = await claim(ts_env, simulator, pool, platform, settings)
+async def test_redemption_is_found_by_polling_the_platform(ts: TimeSkipping) -> None:
+    async with running_workers(ts.env.client, ts.pool, ts.settings):
+        handle = await ts.claim()
         await handle.signal(UserCouponWorkflow.task_done, TaskCompletion("first-order"))
         issued = await wait_for_state(handle, "issued")
         assert issued.receipt is not None
-        used = await simulator.post(f"/v1/coupons/{issued.receipt.platform_coupon_id}/use")
+        used = await ts.simulator.post(f"/v1/coupons/{issued.receipt.platform_coupon_id}/use")
         assert used.status_code == 200
         # The first poll comes right after the send and finds it unused; the next one
         # follows the retry backoff (5 minutes).
-        await ts_env.sleep(timedelta(minutes=6))
+        await ts.env.sleep(timedelta(minutes=6))
         status = await handle.result()
     assert status.state == "redeemed"
     assert status.transitions[-1].cause == "redeemed (platform lookup)"
-    states = await ledger_states(pool, status.coupon_id)
+    states = await ledger_states(ts.pool, status.coupon_id)
     assert states[-1] == ("issued", "redeemed")
-    view = await ledger.coupon_view(pool, status.coupon_id)
+    view = await ledger.coupon_view(ts.pool, status.coupon_id)
     assert (
         view is not None
         and view["receipt"]["platform_coupon_id"] == issued.receipt.platform_coupon_id
     )
 
 
-async def test_redemption_report_signal_redeems_at_once(
-    ts_env: WorkflowEnvironment,
-    pool: AsyncConnectionPool,
-    platform: RestPlatform,
-    settings: Settings,
-    simulator: httpx.AsyncClient,
-) -> None:
+async def test_redemption_report_signal_redeems_at_once(ts: TimeSkipping) -> None:
     used_at = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
-    async with running_workers(ts_env.client, pool, settings):
-        handle = await claim(ts_env, simulator, pool, platform, settings, required_tasks=[])
+    async with running_workers(ts.env.client, ts.pool, ts.settings):
+        handle = await ts.claim(required_tasks=[])
         await wait_for_state(handle, "issued")
         await handle.signal(
             UserCouponWorkflow.report_redemption, RedemptionReport(used_at, "callback")
@@ -297,72 +263,58 @@ async def test_redemption_report_signal_redeems_at_once(
     assert status.transitions[-1].cause == "redeemed (callback)"
 
 
-async def test_a_failing_lookup_after_the_send_is_retried_never_a_refusal(
-    ts_env: WorkflowEnvironment,
-    pool: AsyncConnectionPool,
-    platform: RestPlatform,
-    settings: Settings,
-    simulator: httpx.AsyncClient,
-) -> None:
-    before = await sim_stats(simulator)
-    async with running_workers(ts_env.client, pool, settings):
-        handle = await claim(ts_env, simulator, pool, platform, settings)
+async def test_a_failing_lookup_after_the_send_is_retried_never_a_refusal(ts: TimeSkipping) -> None:
+    before = await sim_stats(ts.simulator)
+    async with running_workers(ts.env.client, ts.pool, ts.settings):
+        handle = await ts.claim()
         # The send goes through; the lookup that confirms it answers 401.
-        await simulator.put("/sim/knobs", json={"lookup_error_status": 401})
+        await ts.simulator.put("/sim/knobs", json={"lookup_error_status": 401})
         await handle.signal(UserCouponWorkflow.task_done, TaskCompletion("first-order"))
         async with asyncio.timeout(30):
             while True:  # until the lookup after the send has failed twice
-                stats = await sim_stats(simulator)
+                stats = await sim_stats(ts.simulator)
                 if stats["errors_injected"] - before["errors_injected"] >= 2:
                     break
                 await asyncio.sleep(0.2)
         assert (await handle.query(UserCouponWorkflow.status)).state == "usable"
-        await simulator.put("/sim/knobs", json={"lookup_error_status": 0})
+        await ts.simulator.put("/sim/knobs", json={"lookup_error_status": 0})
         issued = await wait_for_state(handle, "issued")
         # Close it: an open workflow's timers would hold back time skipping for later tests.
         await handle.signal(UserCouponWorkflow.report_redemption, RedemptionReport(USED_AT))
         await handle.result()
-    after = await sim_stats(simulator)
+    after = await sim_stats(ts.simulator)
     assert after["sends_applied"] - before["sends_applied"] == 1
     assert issued.receipt is not None
-    states = [s for _, s in await ledger_states(pool, issued.coupon_id)]
+    states = [s for _, s in await ledger_states(ts.pool, issued.coupon_id)]
     assert states == ["received", "usable", "issued", "redeemed"]
 
 
 async def test_a_platform_outage_at_validity_end_waits_it_out_instead_of_failing(
-    ts_env: WorkflowEnvironment,
-    pool: AsyncConnectionPool,
-    platform: RestPlatform,
-    settings: Settings,
-    simulator: httpx.AsyncClient,
+    ts: TimeSkipping,
 ) -> None:
-    async with running_workers(ts_env.client, pool, settings):
-        handle = await claim(ts_env, simulator, pool, platform, settings, required_tasks=[])
+    async with running_workers(ts.env.client, ts.pool, ts.settings):
+        handle = await ts.claim(required_tasks=[])
         issued = await wait_for_state(handle, "issued")
         assert issued.receipt is not None
-        await simulator.put("/sim/knobs", json={"lookup_error_status": 500})
-        await ts_env.sleep(issued.receipt.valid_until - await ts_env.get_current_time() + HOUR)
+        await ts.simulator.put("/sim/knobs", json={"lookup_error_status": 500})
+        await ts.env.sleep(issued.receipt.valid_until - await ts.env.get_current_time() + HOUR)
         during = await handle.query(UserCouponWorkflow.status)
         assert during.state == "issued"
         assert during.waiting_for.startswith("redemption until")
-        await simulator.put("/sim/knobs", json={"lookup_error_status": 0})
-        await ts_env.sleep(timedelta(minutes=15))  # past the final lookup's longest backoff
+        await ts.simulator.put("/sim/knobs", json={"lookup_error_status": 0})
+        await ts.env.sleep(timedelta(minutes=15))  # past the final lookup's longest backoff
         status = await handle.result()
     assert status.state == "lapsed"
-    assert [s for _, s in await ledger_states(pool, status.coupon_id)][-1] == "lapsed"
+    assert [s for _, s in await ledger_states(ts.pool, status.coupon_id)][-1] == "lapsed"
 
 
 async def test_a_redemption_report_that_overtakes_the_send_confirmation_is_kept(
-    ts_env: WorkflowEnvironment,
-    pool: AsyncConnectionPool,
-    platform: RestPlatform,
-    settings: Settings,
-    simulator: httpx.AsyncClient,
+    ts: TimeSkipping,
 ) -> None:
-    async with running_workers(ts_env.client, pool, settings):
-        handle = await claim(ts_env, simulator, pool, platform, settings)
+    async with running_workers(ts.env.client, ts.pool, ts.settings):
+        handle = await ts.claim()
         # Slow answers keep the coupon `usable` while the send is being confirmed.
-        await simulator.put("/sim/knobs", json={"latency_ms": 1500})
+        await ts.simulator.put("/sim/knobs", json={"latency_ms": 1500})
         await handle.signal(UserCouponWorkflow.task_done, TaskCompletion("first-order"))
         await wait_for_state(handle, "usable")
         await handle.signal(UserCouponWorkflow.report_redemption, RedemptionReport(USED_AT))
