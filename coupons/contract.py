@@ -22,7 +22,8 @@ RECEIPT_NOT_VISIBLE = "receipt_not_visible"
 # The issue activity heartbeats while it waits for a lagging lookup; a single platform
 # call must answer well inside the heartbeat timeout, and the whole attempt (the send
 # plus the lag window) inside the start-to-close timeout.
-ISSUE_HEARTBEAT = timedelta(seconds=30)
+# 15 s: a send lost with a killed worker is resent that soon (chaos: worker_kill).
+ISSUE_HEARTBEAT = timedelta(seconds=15)
 ISSUE_START_TO_CLOSE = timedelta(minutes=5)
 
 

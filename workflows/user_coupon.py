@@ -37,7 +37,8 @@ LEDGER_RETRY = RetryPolicy(
 # idempotency key; only a definitive refusal stops it (and marks the coupon failed).
 ISSUE_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
-    maximum_interval=timedelta(minutes=1),
+    # Short enough that coupons follow a recovered platform within half a minute.
+    maximum_interval=timedelta(seconds=30),
     non_retryable_error_types=[act.SEND_REFUSED],
 )
 # The retries of the redemption poll are the polling loop (a retry writes no history);

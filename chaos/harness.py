@@ -1,0 +1,315 @@
+"""One scenario's stack and the driver that plays the app against it.
+
+The stack is `coupons.stack.Stack` in a temporary DATA_DIR on free ports, so a chaos run
+never touches `make run`'s `.data` or its default ports, and every process it signals is
+one this stack started (by pid, through `ManagedProcess`).
+
+The driver claims through `ClaimService` and reports task completion as the app would
+(signal or update). A call that fails because a part is down is retried until it
+succeeds or its deadline passes; only acknowledged claims count as coupons.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+from psycopg_pool import AsyncConnectionPool
+from temporalio.client import (
+    Client,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+)
+
+from coupons.catalog import ensure_campaign
+from coupons.claims import ClaimResult, ClaimService
+from coupons.config import Settings
+from coupons.embedded import free_port
+from coupons.ledger import claims as ledger
+from coupons.ledger import db
+from coupons.ledger.campaigns import get_campaign
+from coupons.ledger.claims import ClaimRefused
+from coupons.model import CouponStatus, TaskCompletion
+from coupons.stack import Stack
+from coupons.temporal import connect
+from coupons.workers import make_platform
+from workflows.user_coupon import UserCouponWorkflow
+
+log = logging.getLogger("chaos.harness")
+
+TASK = "first-order"
+# One driver call (claim, signal, update) may take this long before it is retried: long
+# enough for the SDK's own retries, short enough to notice a part that came back.
+CALL_TIMEOUT_S = 15.0
+SLOW_CALL_S = 2.0
+Via = Literal["signal", "update"]
+
+
+class Harness:
+    """A scenario's embedded stack; start() and stop() are synchronous (Stack is)."""
+
+    def __init__(self, root: Path, *, lag_window_s: float = 30.0) -> None:
+        self.settings = Settings(
+            data_dir=root,
+            pg_port=free_port(),
+            temporal_port=free_port(),
+            temporal_ui_port=free_port(),
+            simulator_port=free_port(),
+            lag_window_s=lag_window_s,
+            # The driver retries its claims itself; the worker's repair is the second line,
+            # made quick so a start lost to an outage does not outlast the run.
+            claim_repair_after_s=5.0,
+        ).check()
+        self.stack = Stack(self.settings, demo=False)
+        # Set while a scenario takes the worker down on purpose.
+        self.worker_down_on_purpose = False
+        self.worker_restarts: list[str] = []
+
+    def start(self) -> None:
+        self.stack.start()
+        self.settings = self.stack.settings  # now with the simulator's API key
+
+    def stop(self) -> None:
+        self.stack.stop()
+
+    def ensure_worker(self) -> None:
+        """Restart a worker that died when no scenario killed it, and remember it."""
+        worker = self.stack.worker
+        if self.worker_down_on_purpose or worker.alive:
+            return
+        note = f"worker exited on its own (rc {worker.returncode}); restarted by the driver"
+        log.warning(note)
+        self.worker_restarts.append(note)
+        worker.start()
+
+
+@dataclass
+class Acked:
+    """An acknowledged claim."""
+
+    coupon_id: str
+    user_id: str
+    workflow_id: str
+    acked_at: float
+
+
+@dataclass
+class Counters:
+    claimed: int = 0
+    claims_unacknowledged: int = 0
+    completions_acked: int = 0
+    completions_sent: int = 0
+    completions_failed: int = 0
+    refusals: list[str] = field(default_factory=list)
+    # Calls that failed because a part was down and were tried again, by kind: the
+    # evidence that the fault met the flow.
+    retried: dict[str, int] = field(default_factory=dict)
+    # Calls that succeeded at the first try but took over SLOW_CALL_S, by kind.
+    delayed: dict[str, int] = field(default_factory=dict)
+    last_completion_at: float = 0.0
+
+
+class Driver:
+    """The app side: claims, completions, the simulator's control plane, ledger reads."""
+
+    def __init__(self, harness: Harness, campaign: str, tag: str) -> None:
+        self.harness = harness
+        self.settings = harness.settings
+        self.campaign = campaign
+        self.tag = tag
+        self.batch_id = ""
+        self.acked: dict[str, Acked] = {}
+        self.counters = Counters()
+        self._pool: AsyncConnectionPool | None = None
+        self._client: Client | None = None
+        self._http: httpx.AsyncClient | None = None
+        self._claims: ClaimService | None = None
+
+    async def __aenter__(self) -> Driver:
+        # A short pool timeout: a claim during an outage fails fast and is retried.
+        self._pool = db.pool(self.settings.database_url, max_size=20, timeout_s=5)
+        await self._pool.open(wait=True, timeout=30)
+        self._client = await connect(self.settings)
+        self._claims = ClaimService(self._pool, self._client, self.settings)
+        # The control plane is unauthenticated and never rate limited or faulted.
+        self._http = httpx.AsyncClient(
+            base_url=self.settings.platform_url, timeout=10, trust_env=False
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+        if self._pool is not None:
+            await self._pool.close()
+
+    @property
+    def pool(self) -> AsyncConnectionPool:
+        assert self._pool is not None
+        return self._pool
+
+    @property
+    def client(self) -> Client:
+        assert self._client is not None
+        return self._client
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        assert self._http is not None
+        return self._http
+
+    # ----- setup ----------------------------------------------------------------------
+
+    async def create_campaign(self, quota: int) -> None:
+        platform = make_platform(self.settings)
+        try:
+            await ensure_campaign(
+                self.pool,
+                platform,
+                self.campaign,
+                required_tasks=[TASK],
+                quota=quota,
+                per_user_limit=1,
+                valid_days=30,
+                task_deadline=timedelta(days=7),
+            )
+        finally:
+            await platform.aclose()
+        found = await ledger.list_claims(self.pool, self.campaign, limit=1)
+        assert not found, "a fresh campaign has no claims"
+        campaign = await get_campaign(self.pool, self.campaign)
+        assert campaign is not None
+        self.batch_id = campaign.batch_id
+
+    # ----- the app's calls, retried while a part is down ----------------------------
+
+    async def _retry(
+        self, what: str, call: Callable[[], Awaitable[Any]], deadline: float
+    ) -> tuple[bool, Any]:
+        attempt = 0
+        while True:
+            attempt += 1
+            began = time.monotonic()
+            try:
+                answer = await asyncio.wait_for(call(), timeout=CALL_TIMEOUT_S)
+                if time.monotonic() - began > SLOW_CALL_S:
+                    # The SDK's own retries rode out the outage: the fault met this call.
+                    kind = what.split()[0]
+                    self.counters.delayed[kind] = self.counters.delayed.get(kind, 0) + 1
+                return True, answer
+            except (ClaimRefused, WorkflowUpdateFailedError):
+                raise  # an answer, not an outage
+            except Exception as err:
+                if time.monotonic() >= deadline:
+                    log.error("%s: giving up after %d attempts: %r", what, attempt, err)
+                    return False, err
+                log.info("%s: attempt %d failed (%s), retrying", what, attempt, _short(err))
+                kind = what.split()[0]
+                self.counters.retried[kind] = self.counters.retried.get(kind, 0) + 1
+                await asyncio.sleep(min(0.25 * attempt, 2.0))
+
+    async def claim(self, user: str, deadline: float) -> Acked | None:
+        assert self._claims is not None
+        claims = self._claims
+
+        async def once() -> ClaimResult:
+            return await claims.claim(self.campaign, user)
+
+        try:
+            ok, result = await self._retry(f"claim {user}", once, deadline)
+        except ClaimRefused as err:
+            self.counters.refusals.append(f"claim {user}: {err}")
+            self.counters.claims_unacknowledged += 1
+            return None
+        if not ok:
+            self.counters.claims_unacknowledged += 1
+            return None
+        assert isinstance(result, ClaimResult)
+        acked = Acked(result.coupon_id, user, result.workflow_id, time.monotonic())
+        previous = self.acked.setdefault(result.coupon_id, acked)
+        if previous is acked:
+            self.counters.claimed += 1
+        return acked
+
+    def handle(self, acked: Acked) -> WorkflowHandle[UserCouponWorkflow, CouponStatus]:
+        return self.client.get_workflow_handle_for(UserCouponWorkflow.run, acked.workflow_id)
+
+    async def complete(self, acked: Acked, via: Via, deadline: float) -> bool:
+        handle = self.handle(acked)
+        completion = TaskCompletion(TASK)
+
+        async def once() -> object:
+            if via == "signal":
+                await handle.signal(UserCouponWorkflow.task_done, completion)
+                return None
+            return await handle.execute_update(
+                UserCouponWorkflow.complete_task,
+                completion,
+                rpc_timeout=timedelta(seconds=CALL_TIMEOUT_S - 1),
+            )
+
+        self.counters.completions_sent += 1
+        try:
+            ok, _ = await self._retry(f"{via} {acked.coupon_id}", once, deadline)
+        except WorkflowUpdateFailedError as err:
+            # A duplicate report of a done task is answered, never refused: a refusal
+            # here means the coupon is somewhere it should not be.
+            self.counters.refusals.append(f"update {acked.coupon_id}: {_short(err.cause or err)}")
+            return False
+        if ok:
+            self.counters.completions_acked += 1
+            self.counters.last_completion_at = time.monotonic()
+        else:
+            self.counters.completions_failed += 1
+        return bool(ok)
+
+    # ----- the simulator's control plane --------------------------------------------
+
+    async def knobs(self, **changes: object) -> None:
+        response = await self.http.put("/sim/knobs", json=changes)
+        response.raise_for_status()
+
+    async def sim_stats(self) -> dict[str, int]:
+        response = await self.http.get("/sim/stats")
+        response.raise_for_status()
+        stats: dict[str, int] = response.json()
+        return stats
+
+    async def platform_coupons(self) -> list[dict[str, Any]]:
+        response = await self.http.get(f"/sim/batches/{self.batch_id}/coupons")
+        response.raise_for_status()
+        coupons: list[dict[str, Any]] = response.json()["coupons"]
+        return coupons
+
+    # ----- the ledger ------------------------------------------------------------------
+
+    async def states(self) -> dict[str, int]:
+        return await ledger.count_by_state(self.pool, self.campaign)
+
+    async def wait_all_issued(self, timeout_s: float) -> float | None:
+        """Poll the ledger until every acknowledged coupon is issued; the monotonic time
+        it was first seen, or None when the bound ran out."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.harness.ensure_worker()
+            try:
+                states = await self.states()
+            except Exception as err:
+                log.info("ledger unreadable while waiting: %s", _short(err))
+                states = {}
+            if states.get("issued", 0) >= len(self.acked) and len(self.acked) > 0:
+                return time.monotonic()
+            await asyncio.sleep(0.5)
+        return None
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text[:160]}" if text else type(err).__name__

@@ -1,0 +1,442 @@
+"""The five scenarios: what each injects, and the common run around it.
+
+Every scenario has the same shape: a fresh stack and campaign; claims spread over
+`Size.load_s`, each followed at once by its task completion; the fault injected while
+that load flows; then a bounded wait until every acknowledged coupon is issued, and the
+checks of `chaos.verify`. `converge_s` counts from the end of the fault (the moment the
+last part is back; for the platform scenario, whose faults stay on through the load and
+a hold after it, the moment it calms down) to the moment the ledger shows every coupon
+issued, or 0 when they all were before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chaos.harness import Acked, Driver, Harness, Via
+from chaos.report import ScenarioResult
+from chaos.sizes import Size
+from chaos.verify import verify
+
+log = logging.getLogger("chaos.scenarios")
+
+# Calls in flight from the driver at once: enough to keep claims and completions
+# flowing, far below the dev server's trouble zone (about 1,000 in flight).
+DRIVER_CONCURRENCY = 40
+VERIFY_BUDGET_S = 60.0
+PROGRESS_EVERY_S = 5.0
+
+
+@dataclass
+class Run:
+    """What a scenario's fault and load share while it runs."""
+
+    scenario: Scenario
+    size: Size
+    harness: Harness
+    driver: Driver
+    result: ScenarioResult
+    t0: float = field(default_factory=time.monotonic)
+    gate: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(DRIVER_CONCURRENCY))
+    phase: str = "load"
+
+    def at(self) -> str:
+        return f"t={time.monotonic() - self.t0:5.1f}s"
+
+    def fault(self, text: str) -> None:
+        line = f"{self.at()} {text}"
+        self.result.faults.append(line)
+        say(self.scenario.name, line)
+
+
+def say(name: str, text: str) -> None:
+    print(f"[{name}] {text}", flush=True)
+
+
+FaultFn = Callable[[Run, "asyncio.Task[None]"], Awaitable[float]]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    fault: FaultFn
+    # The completion reports each coupon gets (all sent at once when more than one).
+    reports: Callable[[Size, int], list[Via]]
+    latency_ms: float = 0.0
+    claim_twice: bool = False
+    lag_window: Callable[[Size], float] = lambda size: 30.0
+    # After the checks: every issued coupon reported done again (signal and update);
+    # any new send counts as a duplicate.
+    late_duplicates: bool = False
+
+
+# ----- the load ----------------------------------------------------------------------
+
+
+async def _one_user(run: Run, index: int, start_at: float) -> None:
+    await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+    driver, size = run.driver, run.size
+    user = f"u{index:05d}"
+    deadline = time.monotonic() + size.converge_timeout_s
+    async with run.gate:
+        claims = [driver.claim(user, deadline)]
+        if run.scenario.claim_twice:
+            claims.append(driver.claim(user, deadline))
+        answers = await asyncio.gather(*claims)
+    acked = [a for a in answers if a is not None]
+    if not acked:
+        return
+    if len({a.coupon_id for a in acked}) > 1:
+        run.result.notes.append(f"user {user} got two coupons from one campaign: {acked}")
+    await _report(run, acked[0], run.scenario.reports(size, index), deadline)
+
+
+async def _report(run: Run, acked: Acked, vias: list[Via], deadline: float) -> None:
+    async with run.gate:
+        await asyncio.gather(*(run.driver.complete(acked, via, deadline) for via in vias))
+
+
+async def _load(run: Run) -> None:
+    n, spread = run.size.coupons, run.size.load_s
+    begin = time.monotonic()
+    await asyncio.gather(*(_one_user(run, i, begin + spread * i / n) for i in range(n)))
+    say(run.scenario.name, f"{run.at()} load done: {_counts(run.driver)}")
+
+
+def _counts(driver: Driver) -> str:
+    c = driver.counters
+    return (
+        f"claimed {c.claimed} (unacknowledged {c.claims_unacknowledged}), completions "
+        f"acked {c.completions_acked}/{c.completions_sent} (failed {c.completions_failed})"
+    )
+
+
+async def _progress(run: Run) -> None:
+    while True:
+        await asyncio.sleep(PROGRESS_EVERY_S)
+        try:
+            states = await asyncio.wait_for(run.driver.states(), timeout=3)
+            ledger = ", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "no claims"
+        except Exception:
+            ledger = "ledger unreachable"
+        say(run.scenario.name, f"{run.at()} {run.phase}: {_counts(run.driver)}; {ledger}")
+
+
+async def _watch_worker(run: Run) -> None:
+    while True:
+        await asyncio.sleep(1.0)
+        run.harness.ensure_worker()
+
+
+# ----- the faults --------------------------------------------------------------------
+
+
+async def _sends_in_flight(run: Run, wait_s: float = 5.0) -> int:
+    """Wait (up to `wait_s`) until a send is applied: with the scenario's latency the
+    worker is then still waiting for its answer. Returns the sends applied so far."""
+    before = (await run.driver.sim_stats())["sends_applied"]
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        now = (await run.driver.sim_stats())["sends_applied"]
+        if now > before:
+            return now
+    return before
+
+
+async def kill_worker(run: Run, load: asyncio.Task[None]) -> float:
+    harness, kills = run.harness, run.size.worker_kills
+    gap = run.size.load_s / (kills + 1)
+    for k in range(kills):
+        await asyncio.sleep(gap if k else gap * 0.7)
+        applied = await _sends_in_flight(run)
+        worker = harness.stack.worker
+        harness.worker_down_on_purpose = True
+        pid = worker.pid
+        await asyncio.to_thread(worker.kill)
+        run.fault(f"SIGKILL worker pid {pid} ({applied} sends applied so far, answers pending)")
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(worker.start)
+        harness.worker_down_on_purpose = False
+        run.fault(f"worker restarted, pid {worker.pid}")
+    return time.monotonic()
+
+
+async def restart_temporal(run: Run, load: asyncio.Task[None]) -> float:
+    temporal = run.harness.stack.temporal
+    assert temporal is not None
+    modes = run.size.temporal_restarts
+    gap = run.size.load_s / (len(modes) + 1)
+    for mode in modes:
+        await asyncio.sleep(gap)
+        pid = temporal.pid
+        began = time.monotonic()
+        if mode == "kill":
+            await asyncio.to_thread(temporal.kill)
+            run.fault(f"Temporal dev server pid {pid} SIGKILLed")
+        else:
+            await asyncio.to_thread(temporal.stop)
+            run.fault(f"Temporal dev server pid {pid} stopped (SIGTERM)")
+        await asyncio.sleep(max(0.0, run.size.temporal_down_s - (time.monotonic() - began)))
+        await asyncio.to_thread(temporal.start)
+        run.fault(
+            f"Temporal dev server back on its file database, pid {temporal.pid}, "
+            f"{time.monotonic() - began:.1f} s down"
+        )
+    return time.monotonic()
+
+
+async def postgres_outage(run: Run, load: asyncio.Task[None]) -> float:
+    postgres = run.harness.stack.postgres
+    assert postgres is not None
+    outages = run.size.postgres_outages
+    gap = run.size.load_s / (len(outages) + 1)
+    for mode, down_s in outages:
+        await asyncio.sleep(gap)
+        pid = postgres.pid
+        began = time.monotonic()
+        if mode == "kill":
+            await asyncio.to_thread(postgres.kill)
+            run.fault(f"PostgreSQL pid {pid} and its backends SIGKILLed (crash)")
+        else:
+            await asyncio.to_thread(postgres.stop)
+            run.fault(f"PostgreSQL pid {pid} fast shutdown")
+        await asyncio.sleep(max(0.0, down_s - (time.monotonic() - began)))
+        await asyncio.to_thread(postgres.start)
+        run.fault(f"PostgreSQL back, pid {postgres.pid}, {time.monotonic() - began:.1f} s down")
+    return time.monotonic()
+
+
+def platform_knobs(size: Size) -> dict[str, object]:
+    return {
+        "error_rate": 0.3,
+        "ambiguous_rate": 0.15,
+        "ambiguous_mode": "hang",
+        # Longer than the service's PLATFORM_TIMEOUT_S (5 s): the client gives up first.
+        "ambiguous_hang_s": 8,
+        "lookup_lag_s": size.lookup_lag_s,
+        "rate_limit_per_s": size.rate_limit_per_s,
+    }
+
+
+async def misbehave(run: Run, load: asyncio.Task[None]) -> float:
+    knobs = platform_knobs(run.size)
+    await run.driver.knobs(**knobs)
+    run.fault(
+        "platform: 30% sends answer 5xx unapplied, 15% applied then hang 8 s past the "
+        f"5 s client timeout, lookups lag {run.size.lookup_lag_s:g} s (LAG_WINDOW_S "
+        f"{run.harness.settings.lag_window_s:g}), {run.size.rate_limit_per_s} requests/s"
+    )
+    await asyncio.sleep(run.size.load_s / 2)
+    await run.driver.knobs(ambiguous_mode="5xx")
+    run.fault("platform: ambiguous answers switch to applied-then-5xx")
+    await load
+    hold = run.size.platform_fault_hold_s
+    run.fault(f"load done; the platform's faults stay on {hold:g} s more")
+    await asyncio.sleep(hold)
+    await run.driver.knobs(**CALM_KNOBS)
+    run.fault("platform calm again")
+    return time.monotonic()
+
+
+async def no_fault(run: Run, load: asyncio.Task[None]) -> float:
+    # The duplicates are the fault: they flow with the load.
+    await load
+    return time.monotonic()
+
+
+CALM_KNOBS: dict[str, object] = {
+    "error_rate": 0,
+    "ambiguous_rate": 0,
+    "lookup_lag_s": 0,
+    "rate_limit_per_s": 0,
+    "latency_ms": 0,
+}
+
+
+def _mixed(size: Size, index: int) -> list[Via]:
+    # Signals and updates interleaved, starting with either, all sent at once.
+    first: list[Via] = ["signal", "update"] if index % 2 else ["update", "signal"]
+    return [first[i % 2] for i in range(size.duplicates)]
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario(
+            name="worker_kill",
+            description="The worker SIGKILLed while sends are in flight (the simulator answers "
+            "1.5 s after applying each send), several times, and restarted by the driver.",
+            fault=kill_worker,
+            reports=lambda size, i: ["signal"],
+            latency_ms=1500,
+        ),
+        Scenario(
+            name="temporal_restart",
+            description="The Temporal dev server (file database) restarted while claims and "
+            "completions flow: once gracefully, once SIGKILLed (quick/full), down 10 s each "
+            "at full size (5 s quick, 3 s tiny).",
+            fault=restart_temporal,
+            reports=lambda size, i: ["update" if i % 2 else "signal"],
+            latency_ms=200,
+        ),
+        Scenario(
+            name="postgres_outage",
+            description="PostgreSQL down while claims and completions flow (10 s per outage at "
+            "full size, a fast shutdown and a crash; 5 s quick and 3 s tiny, a crash).",
+            fault=postgres_outage,
+            reports=lambda size, i: ["update" if i % 2 else "signal"],
+            latency_ms=200,
+        ),
+        Scenario(
+            name="platform_faults",
+            description="The platform misbehaving throughout: 30% 5xx, ambiguous answers "
+            "(applied, then a hang past the client timeout or a 5xx), lookup lag at or past "
+            "LAG_WINDOW_S (30 s full), rate limiting; on through the load and a hold after "
+            "it, then calm (converge_s counts from the calm).",
+            fault=misbehave,
+            reports=lambda size, i: ["update" if i % 2 else "signal"],
+            lag_window=lambda size: size.lag_window_s,
+        ),
+        Scenario(
+            name="duplicate_reports",
+            description="Every claim made twice at once, every completion reported several "
+            "times at once, signals and updates mixed, and again after the coupon is issued.",
+            fault=no_fault,
+            reports=_mixed,
+            latency_ms=300,
+            claim_twice=True,
+            late_duplicates=True,
+        ),
+    )
+}
+
+
+# ----- one scenario, start to verdict ------------------------------------------------
+
+
+async def _drive(scenario: Scenario, size: Size, harness: Harness, result: ScenarioResult) -> None:
+    async with Driver(harness, f"chaos-{scenario.name}", scenario.name) as driver:
+        await driver.create_campaign(quota=size.coupons)
+        if scenario.latency_ms:
+            await driver.knobs(latency_ms=scenario.latency_ms)
+        run = Run(scenario, size, harness, driver, result)
+        say(scenario.name, f"stack up; {size.coupons} users over {size.load_s:g} s")
+        helpers = [asyncio.create_task(_progress(run)), asyncio.create_task(_watch_worker(run))]
+        try:
+            await asyncio.wait_for(_phases(run), timeout=size.hard_timeout_s)
+        except TimeoutError:
+            result.notes.append(
+                f"hard timeout: load, faults and convergence took over "
+                f"{size.hard_timeout_s:.0f} s; checked as found"
+            )
+        finally:
+            for helper in helpers:
+                helper.cancel()
+        await _restore(run)
+        run.phase = "verify"
+        await asyncio.wait_for(verify(driver, result), timeout=VERIFY_BUDGET_S)
+        if scenario.late_duplicates and result.converge_s is not None:
+            await _late_duplicates(run)
+        c = driver.counters
+        result.coupons = len(driver.acked)
+        result.claims_unacknowledged = c.claims_unacknowledged
+        result.completions_sent = c.completions_sent
+        result.completions_failed = c.completions_failed
+        if c.retried:
+            retried = ", ".join(f"{kind} {n}" for kind, n in sorted(c.retried.items()))
+            result.notes.append(f"driver calls retried while a part was down: {retried}")
+        if c.delayed:
+            delayed = ", ".join(f"{kind} {n}" for kind, n in sorted(c.delayed.items()))
+            result.notes.append(f"driver calls that took over 2 s (held up by a fault): {delayed}")
+        result.notes += [f"refused: {r}" for r in c.refusals[:10]]
+        result.notes += harness.worker_restarts
+        repairs = _worker_log_count(harness, "repairing claim")
+        if repairs:
+            result.notes.append(
+                f"the worker's repair loop started {repairs} workflows whose claim had not yet "
+                "confirmed its start (held up by the fault; the start is idempotent by workflow id)"
+            )
+        result.platform_stats = await driver.sim_stats()
+
+
+async def _phases(run: Run) -> None:
+    load = asyncio.create_task(_load(run))
+    try:
+        fault_end = await run.scenario.fault(run, load)
+        await load
+    finally:
+        load.cancel()
+    run.phase = "converging"
+    issued_at = await run.driver.wait_all_issued(run.size.converge_timeout_s)
+    if issued_at is None:
+        run.result.notes.append(
+            f"not every coupon issued within {run.size.converge_timeout_s:.0f} s of the load"
+        )
+        return
+    run.result.converge_s = round(max(0.0, issued_at - fault_end), 2)
+    say(run.scenario.name, f"{run.at()} all {len(run.driver.acked)} coupons issued")
+
+
+def _worker_log_count(harness: Harness, text: str) -> int:
+    path = harness.settings.data_dir / "logs" / "worker.log"
+    try:
+        with path.open(errors="replace") as log_file:
+            return sum(text in line for line in log_file)
+    except OSError:
+        return 0
+
+
+async def _restore(run: Run) -> None:
+    """Every part up and the platform calm, so the checks see the final state."""
+    stack = run.harness.stack
+    for name, part in (("PostgreSQL", stack.postgres), ("Temporal", stack.temporal)):
+        if part is not None and not part.alive:
+            run.result.notes.append(f"{name} was down at the end of the run: started for checks")
+            try:
+                await asyncio.to_thread(part.start)
+            except Exception as err:
+                # A start the hard timeout interrupted may still be under way.
+                run.result.notes.append(f"starting {name} for the checks: {err}")
+    run.harness.worker_down_on_purpose = False
+    run.harness.ensure_worker()
+    await run.driver.knobs(**CALM_KNOBS)
+
+
+async def _late_duplicates(run: Run) -> None:
+    """Report every issued coupon's task again, both ways: answered, never refused."""
+    deadline = time.monotonic() + 60
+    before = (await run.driver.sim_stats())["sends_applied"]
+    coupons = list(run.driver.acked.values())
+    await asyncio.gather(
+        *(_report(run, acked, ["signal", "update"], deadline) for acked in coupons)
+    )
+    after = (await run.driver.sim_stats())["sends_applied"]
+    if after != before:
+        run.result.duplicate_sends += after - before
+        run.result.notes.append(f"late duplicate reports caused {after - before} new sends")
+    run.fault(f"late duplicates: {len(coupons)} coupons reported done again (signal + update)")
+
+
+def execute(name: str, size: Size, root: Path) -> ScenarioResult:
+    """Run one scenario on a fresh stack under `root`; always stops what it started."""
+    scenario = SCENARIOS[name]
+    result = ScenarioResult(name=name, description=scenario.description, size=size.name)
+    began = time.monotonic()
+    harness = Harness(root, lag_window_s=scenario.lag_window(size))
+    try:
+        harness.start()
+        asyncio.run(_drive(scenario, size, harness, result))
+    except Exception as err:
+        log.exception("scenario %s failed", name)
+        result.error = f"{type(err).__name__}: {err}"
+    finally:
+        harness.stop()
+        result.wall_s = round(time.monotonic() - began, 1)
+    return result

@@ -1,0 +1,41 @@
+"""`make chaos` itself: every scenario at its tiny size, as the command runs it.
+
+A regression in the harness (or a coupon lost, sent twice or left in a wrong state
+under a crash) fails here. Timings are read from the run, never asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from chaos.report import MUST_BE_ZERO
+from chaos.scenarios import SCENARIOS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_scenario_at_tiny_size_loses_nothing(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "chaos", "--size", "tiny", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
+    written = list(tmp_path.glob("tiny-chaos-*.json"))
+    assert len(written) == 1, output
+    assert written[0].with_suffix(".md").exists()
+    results = json.loads(written[0].read_text())
+    assert [r["name"] for r in results] == list(SCENARIOS), output
+    for result in results:
+        assert result["error"] is None, (result["name"], result["error"], output)
+        assert result["coupons"] > 0, (result["name"], output)
+        counts = {name: result[name] for name in MUST_BE_ZERO}
+        assert counts == dict.fromkeys(MUST_BE_ZERO, 0), (result["name"], result, output)
+        assert result["converge_s"] is not None, (result["name"], result["notes"], output)
+    assert run.returncode == 0, output
+    assert "converge s" in run.stdout  # the table
