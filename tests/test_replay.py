@@ -149,3 +149,12 @@ async def test_an_unpatched_command_change_fails_replay(name: str) -> None:
     assert isinstance(failure, workflow.NondeterminismError), (
         f"tests/histories/{name} replayed against an incompatible workflow: {failure!r}"
     )
+
+
+def test_the_corpus_holds_both_sides_of_every_patch() -> None:
+    """Histories from before a patch prove the old branch; after it, the new one."""
+    marked = [
+        any(e.event_type == EventType.EVENT_TYPE_MARKER_RECORDED for e in load(p).events)
+        for p in FILES
+    ]
+    assert any(marked) and not all(marked)

@@ -53,6 +53,8 @@ FINAL_LOOKUP_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=5), maximum_interval=timedelta(minutes=10)
 )
 PLATFORM_CALL_TIMEOUT = timedelta(seconds=30)
+# Patches, each named for the change it guards; see "Changing the workflow" in the README.
+FIRST_POLL_AFTER_BACKOFF = "first-poll-after-backoff"
 
 
 @workflow.defn
@@ -153,6 +155,19 @@ class UserCouponWorkflow:
         self._waiting_for = f"redemption until {valid_until.isoformat()}"
         self._publish()
         view: PlatformView | None = None
+        first_poll = min(REDEMPTION_POLL.initial_interval, _until(valid_until))
+        if workflow.patched(FIRST_POLL_AFTER_BACKOFF) and first_poll > timedelta(0):
+            # Nobody redeems a coupon within seconds of receiving it: look first after
+            # the poll's initial interval, which keeps a platform call and an activity
+            # off the busy moment of the send.
+            try:
+                await workflow.wait_condition(
+                    lambda: self._redemption is not None,
+                    timeout=first_poll,
+                    timeout_summary="first redemption poll",
+                )
+            except TimeoutError:
+                pass
         if self._redemption is None and _until(valid_until) > timedelta(0):
             poll = workflow.start_activity(
                 act.WAIT_FOR_REDEMPTION,

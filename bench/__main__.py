@@ -1,0 +1,288 @@
+"""`python -m bench --size full|quick|tiny`: what `make bench` runs.
+
+Starts a fresh embedded stack (temporary DATA_DIR, free ports: never the user's `.data`
+or default ports), runs every part against it, writes bench/results/<date>.{json,png,md}
+(quick and tiny runs prefixed with their size, so they never overwrite a full run) and
+stops everything it started, also on error, Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import platform
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from importlib.metadata import version
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from bench import report
+from bench.floor import floor_worker_process, measure_floor
+from bench.lifecycle import TASK, LifecycleDriver, measure_lifecycle
+from bench.load import progress
+from bench.open_coupons import measure_open
+from bench.peer_dbos import run_peer
+from bench.probes import IssuedWatcher, create_statement_stats, enable_statement_stats
+from bench.proc import memory_gib
+from bench.sizes import SIZES, Size
+from bench.storm import measure_storm
+from coupons.catalog import ensure_campaign
+from coupons.claims import ClaimService
+from coupons.config import Settings
+from coupons.embedded import ManagedProcess, free_port
+from coupons.ledger import db
+from coupons.stack import Stack
+from coupons.temporal import connect
+from coupons.workers import make_platform
+
+log = logging.getLogger("bench")
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# Variables that would point the run at someone's real services or fault knobs.
+FOREIGN_ENV = ("DATABASE_URL", "TEMPORAL_ADDRESS", "PLATFORM_URL", "PLATFORM_API_KEY")
+# The bench client's connections (claims serialize on the campaign row anyway); with the
+# storm's 100, the worker's 20 and DBOS's, it stays under the server's max_connections.
+CLIENT_POOL = 50
+PEER_TIMEOUT_S = {"tiny": 120.0, "quick": 180.0, "full": 420.0}
+
+
+def machine(size: Size) -> dict[str, Any]:
+    model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": memory_gib(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "temporalio": version("temporalio"),
+        "dbos": version("dbos"),
+        "size": size.name,
+    }
+
+
+def bench_settings(data_dir: Path, size: Size) -> Settings:
+    return Settings(
+        data_dir=data_dir,
+        pg_port=free_port(),
+        temporal_port=free_port(),
+        temporal_ui_port=free_port(),
+        simulator_port=free_port(),
+        worker_cache_size=size.worker_cache_size,
+    ).check()
+
+
+async def campaign(settings: Settings, campaign_id: str, quota: int) -> None:
+    platform_client = make_platform(settings)
+    try:
+        async with db.pool(settings.database_url, max_size=2) as pool:
+            await ensure_campaign(
+                pool,
+                platform_client,
+                campaign_id,
+                required_tasks=[TASK],
+                quota=quota,
+                task_deadline=timedelta(days=7),
+            )
+    finally:
+        await platform_client.aclose()
+
+
+async def run_parts(
+    stack: Stack, floor_worker: ManagedProcess, size: Size, statements: bool, log_dir: Path
+) -> dict[str, Any]:
+    settings = stack.settings
+    worker_pid = stack.worker.pid
+    assert worker_pid is not None
+    client = await connect(settings)
+    for name, quota in (
+        ("bench-life", 1_000_000),
+        ("bench-open", 1_000_000),
+        ("bench-storm", size.storm_quota),
+    ):
+        await campaign(settings, name, quota)
+    results: dict[str, Any] = {}
+    assert stack.temporal and stack.postgres and stack.simulator
+    processes = {
+        "worker": worker_pid,
+        "temporal": stack.temporal.pid or 0,
+        "postgres": stack.postgres.pid or 0,
+        "simulator": stack.simulator.pid or 0,
+        "bench (load, claims)": os.getpid(),
+    }
+
+    progress("floor", f"{size.floor_n} workflows, {size.concurrency} in flight")
+    results["floor"] = await measure_floor(
+        client,
+        settings,
+        n=size.floor_n,
+        concurrency=size.concurrency,
+        light_n=size.light_n,
+        light_rate=size.light_rate_per_s,
+        processes={**processes, "floor worker": floor_worker.pid or 0},
+    )
+    # Its worker would otherwise compete for the CPU with the parts that follow.
+    floor_worker.stop()
+
+    async with (
+        db.pool(settings.database_url, max_size=CLIENT_POOL, timeout_s=120) as pool,
+        IssuedWatcher(pool) as watcher,
+    ):
+        claims = ClaimService(pool, client, settings)
+        progress("lifecycle", f"{size.lifecycle_n} lifecycles, {size.concurrency} in flight")
+        life = await measure_lifecycle(
+            LifecycleDriver(client, claims, watcher, "bench-life"),
+            pool,
+            worker_pid,
+            n=size.lifecycle_n,
+            concurrency=size.concurrency,
+            light_n=size.light_n,
+            light_rate=size.light_rate_per_s,
+            history_sample=size.history_sample,
+            statements_enabled=statements,
+            processes=processes,
+        )
+        life["ratio_to_floor"] = round(
+            life["throughput_per_s"] / results["floor"]["throughput_per_s"], 3
+        )
+        results["lifecycle"] = life
+
+        progress("claim storm", f"{size.storm_claims} claims at once, quota {size.storm_quota}")
+        results["claim_storm"] = await measure_storm(
+            settings.database_url,
+            client,
+            settings,
+            "bench-storm",
+            claims=size.storm_claims,
+            quota=size.storm_quota,
+        )
+
+        progress("peer", f"DBOS: {size.peer_n} lifecycles, {size.concurrency} in flight")
+        results["peer"] = await asyncio.to_thread(
+            run_peer,
+            settings,
+            dict(os.environ),
+            log_dir,
+            n=size.peer_n,
+            concurrency=size.concurrency,
+            timeout_s=PEER_TIMEOUT_S[size.name],
+        )
+        if results["peer"].get("error"):
+            progress("peer", f"not measured: {results['peer']['error'].splitlines()[0]}")
+
+        progress("open coupons", f"{size.open_count} coupons left in received")
+        results["open_coupons"] = await measure_open(
+            LifecycleDriver(client, claims, watcher, "bench-open"),
+            worker_pid,
+            settings.task_queue,
+            count=size.open_count,
+            probes=size.open_probe_claims,
+            evicted_sample=size.evicted_sample,
+            cache_size=settings.worker_cache_size,
+        )
+    return results
+
+
+def with_statement_stats(stack: Stack) -> bool:
+    """Restart PostgreSQL with pg_stat_statements loaded, the worker stopped meanwhile."""
+    assert stack.postgres is not None
+    try:
+        enable_statement_stats(stack.postgres.url("postgres"))
+        stack.worker.stop()
+        stack.postgres.restart()
+        stack.worker.start()
+    except Exception:
+        log.exception("could not load pg_stat_statements")
+        if not stack.worker.alive:
+            stack.worker.start()
+        return False
+    return create_statement_stats(stack.settings.database_url)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--keep-data", action="store_true", help="keep the temporary DATA_DIR (logs)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    size = SIZES[args.size]
+    for key in list(os.environ):
+        if key in FOREIGN_ENV or key.startswith("SIM_"):
+            del os.environ[key]
+
+    def interrupted(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, interrupted)
+    began = time.monotonic()
+    data_dir = Path(tempfile.mkdtemp(prefix="coupons-bench-"))
+    settings = bench_settings(data_dir, size)
+    stack = Stack(settings, demo=False)
+    floor_worker = floor_worker_process(settings, dict(os.environ), data_dir / "logs")
+    ok = False
+    try:
+        progress("stack", f"starting in {data_dir}")
+        stack.start()
+        statements = with_statement_stats(stack)
+        floor_worker.start()
+        # The worker restarted with PostgreSQL above: name its current pid, not the first.
+        parts = "; ".join(line.split("  (")[0] for line in stack.lines[:3])
+        progress("stack", f"up: {parts}; worker pid {stack.worker.pid}")
+        results = asyncio.run(run_parts(stack, floor_worker, size, statements, data_dir / "logs"))
+        ok = True
+    except KeyboardInterrupt:
+        progress("bench", "interrupted: stopping everything it started")
+        return 130
+    finally:
+        floor_worker.stop()
+        stack.stop()
+        if ok and not args.keep_data:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        else:
+            progress("bench", f"data and logs kept in {data_dir}")
+
+    date = time.strftime("%Y-%m-%d")
+    data: dict[str, Any] = {
+        "date": date,
+        "size": size.as_dict(),
+        "machine": machine(size),
+        "wall_s": round(time.monotonic() - began, 1),
+        **results,
+    }
+    data["targets"] = report.targets(data)
+    prefix = "" if size.name == "full" else f"{size.name}-"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.out_dir / f"{prefix}{date}"
+    report.write_json(data, stem.with_suffix(".json"))
+    report.write_plot(data, stem.with_suffix(".png"))
+    report.write_markdown(data, stem.with_suffix(".md"), stem.with_suffix(".png").name)
+    progress("bench", f"done in {data['wall_s']} s: {stem}.json, .png, .md")
+    for target in data["targets"]:
+        progress(
+            "target",
+            f"{'met   ' if target['met'] else 'MISSED'} {target['target']}: {target['figure']}",
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The floor's worker process (`python -m bench.floor`, settings from the environment)
+and the driver that measures it.
+
+The worker is built like the coupon worker (coupons/workers.py): the same sandboxed
+workflow runner, the activity on a `-platform` queue with the same rate limit, default
+cache and pollers; only the workflow and the activity are trivial.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from temporalio import activity
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from bench.floor_workflow import FLOOR_ACTIVITY, FLOOR_SIGNAL, FLOOR_WORKFLOW, FloorWorkflow
+from bench.load import LoadResult, closed_loop, fixed_rate, progress
+from bench.proc import CpuSplit
+from bench.stats import summary_ms
+from coupons.config import Settings
+from coupons.contract import platform_task_queue
+from coupons.embedded import ManagedProcess
+from coupons.temporal import connect
+from coupons.workers import workflow_runner
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+RESULT_TIMEOUT_S = 120.0
+
+
+def floor_task_queue(settings: Settings) -> str:
+    return f"{settings.task_queue}-floor"
+
+
+@activity.defn(name=FLOOR_ACTIVITY)
+async def noop() -> float:
+    return time.time()
+
+
+async def run_floor_worker(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    client = await connect(settings)
+    queue = floor_task_queue(settings)
+    async with contextlib.AsyncExitStack() as running:
+        await running.enter_async_context(
+            Worker(
+                client,
+                task_queue=queue,
+                workflows=[FloorWorkflow],
+                workflow_runner=workflow_runner(),
+            )
+        )
+        await running.enter_async_context(
+            Worker(
+                client,
+                task_queue=platform_task_queue(queue),
+                activities=[noop],
+                max_task_queue_activities_per_second=settings.platform_rate_limit,
+            )
+        )
+        log.info("floor worker polling %s", queue)
+        await stop.wait()
+
+
+def floor_worker_process(settings: Settings, env: dict[str, str], log_dir: Path) -> ManagedProcess:
+    return ManagedProcess(
+        "floor worker",
+        [sys.executable, "-m", "bench.floor"],
+        log_dir / "floor-worker.log",
+        env={**env, **settings.to_env()},
+        cwd=PROJECT_ROOT,
+    )
+
+
+async def _one(client: Client, settings: Settings, workflow_id: str) -> float:
+    handle = await client.start_workflow(
+        FLOOR_WORKFLOW, id=workflow_id, task_queue=floor_task_queue(settings), result_type=float
+    )
+    sent = time.time()
+    await handle.signal(FLOOR_SIGNAL)
+    done: float = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
+    return done - sent
+
+
+async def _signal_started(client: Client, workflow_id: str) -> float:
+    handle = client.get_workflow_handle(workflow_id, result_type=float)
+    sent = time.time()
+    await handle.signal(FLOOR_SIGNAL)
+    done: float = await asyncio.wait_for(handle.result(), RESULT_TIMEOUT_S)
+    return done - sent
+
+
+async def measure_floor(
+    client: Client,
+    settings: Settings,
+    *,
+    n: int,
+    concurrency: int,
+    light_n: int,
+    light_rate: float,
+    processes: dict[str, int],
+) -> dict[str, Any]:
+    # Warm-up: the first workflows pay for the worker's sandbox imports and connections.
+    await closed_loop("floor warm-up", 10, 10, lambda i: _one(client, settings, f"floor-w-{i}"))
+
+    # Light rate: start the workflows first and let their first task run, so the figure
+    # is signal-to-activity-done alone, like unlock-to-issued.
+    ids = [f"floor-l-{i}" for i in range(light_n)]
+    for workflow_id in ids:
+        await client.start_workflow(
+            FLOOR_WORKFLOW, id=workflow_id, task_queue=floor_task_queue(settings)
+        )
+    await asyncio.sleep(1.0)
+    light = await fixed_rate(
+        "floor light rate", light_n, light_rate, lambda i: _signal_started(client, ids[i])
+    )
+
+    cpu = CpuSplit(processes)
+    cpu.start()
+    saturated: LoadResult = await closed_loop(
+        "floor saturation", n, concurrency, lambda i: _one(client, settings, f"floor-s-{i}")
+    )
+    cpu_split = cpu.stop(saturated.wall_s)
+    progress("floor", f"{saturated.throughput_per_s:.1f} workflows/s at saturation")
+    return {
+        "workflows": n,
+        "concurrency": concurrency,
+        "wall_s": round(saturated.wall_s, 2),
+        "throughput_per_s": round(saturated.throughput_per_s, 2),
+        "throughput_overall_per_s": round(saturated.overall_per_s, 2),
+        "throughput_measure": "completions between the 10th and 90th percentile of "
+        "finishing times, per second (overall: all items over the whole wall time)",
+        "signal_to_done_ms": summary_ms(saturated.latencies_s),
+        "cpu_by_process": cpu_split,
+        "light_rate": {
+            "rate_per_s": light_rate,
+            "signal_to_done_ms": summary_ms(light.latencies_s),
+        },
+        "worker": "bench/floor.py: same sandboxed runner, activity on a -platform queue "
+        "with the same rate limit, SDK defaults otherwise (as coupons/workers.py)",
+    }
+
+
+if __name__ == "__main__":
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    asyncio.run(run_floor_worker(Settings.from_env()))

@@ -1,0 +1,133 @@
+"""The coupon lifecycle measured end to end: claim, task completion (signal), `issued`
+with its receipt in the ledger, through the real worker process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+from temporalio.client import Client
+
+from bench.load import closed_loop, fixed_rate, progress
+from bench.probes import IssuedWatcher, per_item, statement_counts
+from bench.proc import CpuSplit, cpu_seconds
+from bench.stats import summary_ms
+from coupons.claims import ClaimService
+from coupons.model import TaskCompletion
+
+log = logging.getLogger(__name__)
+
+TASK = "first-order"
+ISSUED_TIMEOUT_S = 180.0
+
+
+@dataclass
+class LifecycleDriver:
+    client: Client
+    claims: ClaimService
+    watcher: IssuedWatcher
+    campaign: str
+
+    async def claim(self, user: str) -> tuple[str, str]:
+        result = await self.claims.claim(self.campaign, user)
+        return result.coupon_id, result.workflow_id
+
+    async def unlock_and_wait(self, coupon_id: str, workflow_id: str) -> float:
+        """Signal the task done (the unlock); seconds until the ledger shows `issued`."""
+        handle = self.client.get_workflow_handle(workflow_id)
+        sent = time.time()
+        await handle.signal("task_done", TaskCompletion(TASK))
+        issued = await self.watcher.issued_at(coupon_id, ISSUED_TIMEOUT_S)
+        return issued.timestamp() - sent
+
+    async def whole(self, user: str) -> float:
+        coupon_id, workflow_id = await self.claim(user)
+        return await self.unlock_and_wait(coupon_id, workflow_id)
+
+
+async def history_events(client: Client, workflow_ids: list[str]) -> dict[str, Any]:
+    counts = []
+    for workflow_id in workflow_ids:
+        history = await client.get_workflow_handle(workflow_id).fetch_history()
+        counts.append(len(history.events))
+    return {
+        "sampled": len(counts),
+        "mean": round(sum(counts) / len(counts), 1) if counts else None,
+        "min": min(counts, default=None),
+        "max": max(counts, default=None),
+        "note": "history of an issued coupon so far: the workflow stays open, polling for "
+        "redemption (that pending activity adds no events until it ends)",
+    }
+
+
+async def measure_lifecycle(
+    driver: LifecycleDriver,
+    pool: AsyncConnectionPool,
+    worker_pid: int,
+    *,
+    n: int,
+    concurrency: int,
+    light_n: int,
+    light_rate: float,
+    history_sample: int,
+    statements_enabled: bool,
+    processes: dict[str, int],
+) -> dict[str, Any]:
+    await closed_loop("lifecycle warm-up", 10, 10, lambda i: driver.whole(f"warm-{i}"))
+
+    # Light rate: claimed first (their first workflow task done), then unlocked evenly.
+    light_claims = [await driver.claim(f"light-{i}") for i in range(light_n)]
+    await asyncio.sleep(1.0)
+    light = await fixed_rate(
+        "lifecycle light rate",
+        light_n,
+        light_rate,
+        lambda i: driver.unlock_and_wait(*light_claims[i]),
+    )
+
+    cpu_before = cpu_seconds(worker_pid)
+    sql_before = await statement_counts(pool, statements_enabled)
+    split = CpuSplit(processes)
+    split.start()
+    saturated = await closed_loop(
+        "lifecycle saturation", n, concurrency, lambda i: driver.whole(f"sat-{i}")
+    )
+    cpu_split = split.stop(saturated.wall_s)
+    sql_after = await statement_counts(pool, statements_enabled)
+    cpu = cpu_seconds(worker_pid) - cpu_before
+    progress("lifecycle", f"{saturated.throughput_per_s:.1f} lifecycles/s at saturation")
+
+    sample = [f"coupon:{driver.campaign}:sat-{i}:1" for i in range(min(history_sample, n))]
+    return {
+        "lifecycles": n,
+        "concurrency": concurrency,
+        "wall_s": round(saturated.wall_s, 2),
+        "throughput_per_s": round(saturated.throughput_per_s, 2),
+        "throughput_overall_per_s": round(saturated.overall_per_s, 2),
+        "throughput_measure": "completions between the 10th and 90th percentile of "
+        "finishing times, per second (overall: all items over the whole wall time)",
+        "unlock_to_issued_ms": summary_ms(saturated.latencies_s),
+        "light_rate": {
+            "rate_per_s": light_rate,
+            "unlock_to_issued_ms": summary_ms(light.latencies_s),
+        },
+        "worker_cpu_s_per_1000": round(cpu / n * 1000, 2),
+        "cpu_by_process": cpu_split,
+        "history_events_per_coupon": await history_events(driver.client, sample),
+        "sql_per_coupon": {
+            **per_item(sql_before, sql_after, n),
+            "measure": (
+                "pg_stat_statements calls in the ledger database during the saturation run "
+                "(claims by the bench client, worker activities and its repair loop; "
+                "BEGIN/COMMIT included, also shown apart), minus the benchmark's own reads"
+                if statements_enabled
+                else "transactions from pg_stat_database only (pg_stat_statements unavailable)"
+            ),
+        },
+        "issued_at": "the `issued` row's recorded_at in coupon_events (PostgreSQL's clock, "
+        "same machine as the signal's)",
+    }

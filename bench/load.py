@@ -1,0 +1,103 @@
+"""Load shapes shared by every part: a closed loop at saturation, a light fixed rate,
+and the progress lines printed while they run."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+PROGRESS_EVERY_S = 2.0
+
+
+def progress(phase: str, message: str) -> None:
+    """One line for the person watching the run (stdout, unlike the diagnostics log)."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {phase}: {message}", flush=True)
+
+
+@dataclass
+class LoadResult:
+    n: int
+    wall_s: float
+    # Per-item latency in seconds, as each item defines it (signal to done, ...).
+    latencies_s: list[float] = field(default_factory=list)
+    # When each item finished, in seconds from the start of the run.
+    finished_s: list[float] = field(default_factory=list)
+
+    @property
+    def overall_per_s(self) -> float:
+        """Items over the whole wall time, ramp-up and the last stragglers included."""
+        return self.n / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def throughput_per_s(self) -> float:
+        """The sustained rate: completions between the 10th and the 90th percentile of
+        finishing times. A closed loop starts empty and ends with a few stragglers whose
+        waits say nothing about the rate the system holds while saturated."""
+        done = sorted(self.finished_s)
+        if len(done) < 10:
+            return self.overall_per_s
+        first, last = len(done) // 10, len(done) * 9 // 10
+        span = done[last] - done[first]
+        return (last - first) / span if span > 0 else self.overall_per_s
+
+
+class _Ticker:
+    """Prints done/total and the rate every few seconds while a load runs."""
+
+    def __init__(self, phase: str, total: int) -> None:
+        self.phase = phase
+        self.total = total
+        self.done = 0
+        self.began = time.monotonic()
+        self._last = self.began
+
+    def tick(self) -> None:
+        self.done += 1
+        now = time.monotonic()
+        if now - self._last >= PROGRESS_EVERY_S or self.done == self.total:
+            self._last = now
+            rate = self.done / max(now - self.began, 1e-9)
+            progress(self.phase, f"{self.done}/{self.total} done, {rate:.1f}/s")
+
+
+async def closed_loop(
+    phase: str, n: int, concurrency: int, item: Callable[[int], Awaitable[float]]
+) -> LoadResult:
+    """Run item(0..n-1) with at most `concurrency` in flight; each returns its latency (s).
+
+    Closed loop: a new item starts only when one finishes, so the rate found is what the
+    system sustains, not what the generator offers.
+    """
+    gate = asyncio.Semaphore(concurrency)
+    ticker = _Ticker(phase, n)
+    latencies: list[float] = []
+    finished: list[float] = []
+    began = time.monotonic()
+
+    async def one(i: int) -> None:
+        async with gate:
+            latencies.append(await item(i))
+            finished.append(time.monotonic() - began)
+            ticker.tick()
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return LoadResult(n, time.monotonic() - began, latencies, finished)
+
+
+async def fixed_rate(
+    phase: str, n: int, rate_per_s: float, item: Callable[[int], Awaitable[float]]
+) -> LoadResult:
+    """Start item(i) at i / rate seconds, whether or not earlier ones finished (open loop)."""
+    ticker = _Ticker(phase, n)
+    latencies: list[float] = []
+    began = time.monotonic()
+
+    async def one(i: int) -> None:
+        await asyncio.sleep(max(0.0, began + i / rate_per_s - time.monotonic()))
+        latencies.append(await item(i))
+        ticker.tick()
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return LoadResult(n, time.monotonic() - began, latencies)

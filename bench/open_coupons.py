@@ -1,0 +1,157 @@
+"""Open coupons: many coupons waiting in `received`, what they cost the worker, whether
+claims slow down, and whether coupons evicted from the worker's cache resume."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+from temporalio.client import Client
+from temporalio.service import RPCError
+
+from bench.lifecycle import LifecycleDriver
+from bench.load import closed_loop, progress
+from bench.proc import cpu_seconds, rss_mib
+from bench.stats import summary_ms
+
+log = logging.getLogger(__name__)
+
+FILL_CONCURRENCY = 100  # well under the dev server's SQLite limit of ~1,000 in flight
+BASELINE_OPEN = 100
+SETTLE_TIMEOUT_S = 240.0
+# Idle enough: the earlier runs' issued coupons keep polling for redemption (their first
+# retry falls five minutes after the send) and the repair loop never stops.
+IDLE_CORES = 0.5
+
+
+async def backlog(client: Client, task_queue: str) -> int:
+    """Workflow tasks waiting on the queue: first tasks of coupons the worker has not run."""
+    response = await client.workflow_service.describe_task_queue(
+        DescribeTaskQueueRequest(
+            namespace=client.namespace,
+            task_queue=TaskQueue(name=task_queue),
+            task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+            report_stats=True,
+        )
+    )
+    return int(response.stats.approximate_backlog_count)
+
+
+async def settle(
+    client: Client, task_queue: str, pid: int, timeout_s: float = SETTLE_TIMEOUT_S
+) -> dict[str, float]:
+    """Wait until every started coupon has had its first workflow task and the worker is
+    idle: the figures are about open coupons at rest, not about absorbing their starts.
+
+    Returns the seconds waited and what was last seen (backlog, worker cores busy)."""
+    began = time.monotonic()
+    waiting = -1
+    cores = 0.0
+    while time.monotonic() - began < timeout_s:
+        before = cpu_seconds(pid)
+        await asyncio.sleep(1.0)
+        cores = cpu_seconds(pid) - before
+        try:
+            waiting = await backlog(client, task_queue)
+        except RPCError:
+            log.warning("task queue stats unavailable; judging by worker CPU alone")
+            waiting = 0
+        if waiting == 0 and cores < IDLE_CORES:
+            break
+    return {
+        "settle_s": round(time.monotonic() - began, 1),
+        "backlog_left": waiting,
+        "worker_cores": round(cores, 2),
+    }
+
+
+async def claim_latencies(driver: LifecycleDriver, prefix: str, count: int) -> list[float]:
+    """Claims one after another, so each figure is a claim alone, not a queue."""
+    latencies = []
+    for i in range(count):
+        began = time.monotonic()
+        await driver.claim(f"{prefix}-{i}")
+        latencies.append(time.monotonic() - began)
+    return latencies
+
+
+async def measure_open(
+    driver: LifecycleDriver,
+    worker_pid: int,
+    task_queue: str,
+    *,
+    count: int,
+    probes: int,
+    evicted_sample: int,
+    cache_size: int,
+) -> dict[str, Any]:
+    fill = max(count - BASELINE_OPEN - 2 * probes, 0)
+    # The oldest coupons: claimed first, completed last.
+    await closed_loop("open coupons (first 100)", BASELINE_OPEN, 20, lambda i: _claim(driver, i))
+    await settle(driver.client, task_queue, worker_pid)
+    rss_at_100 = rss_mib(worker_pid)
+    at_100 = await claim_latencies(driver, "probe-a", probes)
+
+    began = time.monotonic()
+    await closed_loop(
+        "open coupons (fill)",
+        fill,
+        FILL_CONCURRENCY,
+        lambda i: _claim(driver, BASELINE_OPEN + i),
+    )
+    fill_s = time.monotonic() - began
+    settled = await settle(driver.client, task_queue, worker_pid)
+    open_now = BASELINE_OPEN + probes + fill
+    rss_at_all = rss_mib(worker_pid)
+    at_all = await claim_latencies(driver, "probe-b", probes)
+    open_now += probes
+    progress("open coupons", f"{open_now} open, worker RSS {rss_at_all} MiB")
+
+    # The oldest coupons have long left the worker's cache (an LRU of `cache_size`):
+    # completing their task makes the worker replay their history from the server.
+    oldest = [
+        (f"{driver.campaign}:open-{i}:1", f"coupon:{driver.campaign}:open-{i}:1")
+        for i in range(min(evicted_sample, BASELINE_OPEN))
+    ]
+    results = await asyncio.gather(
+        *(driver.unlock_and_wait(coupon, workflow) for coupon, workflow in oldest),
+        return_exceptions=True,
+    )
+    resumed = [r for r in results if isinstance(r, float)]
+    failures = [repr(r) for r in results if not isinstance(r, float)]
+    progress("open coupons", f"{len(resumed)}/{len(oldest)} of the oldest coupons issued")
+    p50_100 = summary_ms(at_100)
+    p50_all = summary_ms(at_all)
+    return {
+        "count": open_now,
+        "fill_s": round(fill_s, 1),
+        "fill_rate_per_s": round(fill / fill_s, 1) if fill_s > 0 else None,
+        "settle": settled,
+        "settle_note": "after the fill, waited for the workflow task backlog to drain and the "
+        "worker to go idle before measuring RSS and claim latency (open coupons at rest)",
+        "worker_rss_mib": rss_at_all,
+        "worker_rss_mib_at_100": rss_at_100,
+        "claim_latency_ms_at_100": p50_100,
+        "claim_latency_ms_at_all": p50_all,
+        "claim_latency_ratio_p50": round(p50_all["p50"] / p50_100["p50"], 2),
+        "worker_cache_size": cache_size,
+        "worker_cache_note": "WORKER_CACHE_SIZE; coupons beyond it are evicted and replayed "
+        "from history on their next task",
+        "evicted_expected": open_now > cache_size,
+        "evicted_sample": len(oldest),
+        "evicted_resumed": len(resumed),
+        "evicted_resumed_ok": len(resumed) == len(oldest),
+        "evicted_unlock_to_issued_ms": summary_ms(resumed),
+        "evicted_failures": failures[:5],
+    }
+
+
+async def _claim(driver: LifecycleDriver, i: int) -> float:
+    began = time.monotonic()
+    await driver.claim(f"open-{i}")
+    return time.monotonic() - began

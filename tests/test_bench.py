@@ -1,0 +1,80 @@
+"""The benchmark harness, run end to end at its tiny size: every part runs, and the JSON
+holds every figure the issue asks for with sane values. Timings are never asserted
+against targets here: those are read from a full run."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+REQUIRED = (
+    "floor.throughput_per_s",
+    "floor.light_rate.signal_to_done_ms.p50",
+    "lifecycle.throughput_per_s",
+    "lifecycle.ratio_to_floor",
+    "lifecycle.unlock_to_issued_ms.p50",
+    "lifecycle.unlock_to_issued_ms.p99",
+    "lifecycle.light_rate.unlock_to_issued_ms.p50",
+    "lifecycle.worker_cpu_s_per_1000",
+    "lifecycle.history_events_per_coupon.mean",
+    "lifecycle.sql_per_coupon",
+    "open_coupons.count",
+    "open_coupons.worker_rss_mib",
+    "open_coupons.evicted_resumed_ok",
+    "claim_storm.granted",
+    "claim_storm.quota",
+    "peer.throughput_per_s",
+    "machine.cpu_count",
+    "machine.temporalio",
+)
+
+
+def lookup(data: dict[str, Any], path: str) -> Any:
+    node: Any = data
+    for key in path.split("."):
+        assert isinstance(node, dict) and key in node, f"missing {path}"
+        node = node[key]
+    return node
+
+
+def test_tiny_bench_end_to_end(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--size", "tiny", "--out-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert run.returncode == 0, f"{run.stdout}\n{run.stderr}"
+    assert "lifecycle saturation" in run.stdout  # progress lines while it runs
+    [json_file] = tmp_path.glob("tiny-*.json")
+    assert json_file.with_suffix(".png").stat().st_size > 0
+    assert "## Targets" in json_file.with_suffix(".md").read_text()
+    data = json.loads(json_file.read_text())
+
+    for path in REQUIRED:
+        lookup(data, path)
+    assert data["claim_storm"]["granted"] == data["claim_storm"]["quota"]
+    assert data["claim_storm"]["claims_in_ledger"] == data["claim_storm"]["quota"]
+    for part in ("floor", "lifecycle"):
+        assert data[part]["throughput_per_s"] > 0
+    for key in ("floor.signal_to_done_ms", "lifecycle.unlock_to_issued_ms"):
+        summary = lookup(data, key)
+        assert 0 < summary["p50"] <= summary["p99"]
+    assert data["lifecycle"]["ratio_to_floor"] > 0
+    assert data["lifecycle"]["history_events_per_coupon"]["mean"] > 0
+    assert data["lifecycle"]["sql_per_coupon"]["statements"] > 0
+    assert data["open_coupons"]["count"] == data["size"]["open_count"]
+    assert data["open_coupons"]["worker_rss_mib"] > 0
+    assert data["open_coupons"]["evicted_resumed_ok"] is True
+    # The peer either measured or said why not; never a made-up number.
+    peer = data["peer"]
+    assert (peer["throughput_per_s"] or 0) > 0 or peer.get("error")
+    assert not math.isnan(data["lifecycle"]["unlock_to_issued_ms"]["p99"])
+    assert len(data["targets"]) == 5
