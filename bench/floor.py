@@ -137,11 +137,7 @@ async def measure_floor(
     return {
         "workflows": n,
         "concurrency": concurrency,
-        "wall_s": round(saturated.wall_s, 2),
-        "throughput_per_s": round(saturated.throughput_per_s, 2),
-        "throughput_overall_per_s": round(saturated.overall_per_s, 2),
-        "throughput_measure": "completions between the 10th and 90th percentile of "
-        "finishing times, per second (overall: all items over the whole wall time)",
+        **saturated.saturation_figures(),
         "signal_to_done_ms": summary_ms(saturated.latencies_s),
         "cpu_by_process": cpu_split,
         "light_rate": {

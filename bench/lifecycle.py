@@ -105,11 +105,7 @@ async def measure_lifecycle(
     return {
         "lifecycles": n,
         "concurrency": concurrency,
-        "wall_s": round(saturated.wall_s, 2),
-        "throughput_per_s": round(saturated.throughput_per_s, 2),
-        "throughput_overall_per_s": round(saturated.overall_per_s, 2),
-        "throughput_measure": "completions between the 10th and 90th percentile of "
-        "finishing times, per second (overall: all items over the whole wall time)",
+        **saturated.saturation_figures(),
         "unlock_to_issued_ms": summary_ms(saturated.latencies_s),
         "light_rate": {
             "rate_per_s": light_rate,

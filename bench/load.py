@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 PROGRESS_EVERY_S = 2.0
 
@@ -41,6 +42,16 @@ class LoadResult:
         first, last = len(done) // 10, len(done) * 9 // 10
         span = done[last] - done[first]
         return (last - first) / span if span > 0 else self.overall_per_s
+
+    def saturation_figures(self) -> dict[str, Any]:
+        """The rate figures every saturation run reports, in one form."""
+        return {
+            "wall_s": round(self.wall_s, 2),
+            "throughput_per_s": round(self.throughput_per_s, 2),
+            "throughput_overall_per_s": round(self.overall_per_s, 2),
+            "throughput_measure": "completions between the 10th and 90th percentile of "
+            "finishing times, per second (overall: all items over the whole wall time)",
+        }
 
 
 class _Ticker:
