@@ -21,6 +21,7 @@ from coupons.model import (
 )
 from coupons.platforms.base import (
     Platform,
+    PlatformBatchUnavailable,
     PlatformCoupon,
     PlatformError,
     PlatformRefused,
@@ -57,6 +58,15 @@ class PlatformActivities:
                 f"{err.code}: {err.message}",
                 err.code,
                 type=act.SEND_REFUSED,
+                non_retryable=True,
+            ) from err
+        except PlatformBatchUnavailable as err:
+            if not input.wait_for_budget:
+                raise  # retried with the send's backoff, as before waiting existed
+            raise ApplicationError(
+                f"{err.code}: {err.message}",
+                err.code,
+                type=act.BATCH_UNAVAILABLE,
                 non_retryable=True,
             ) from err
         try:

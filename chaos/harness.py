@@ -34,7 +34,7 @@ from coupons.config import Settings
 from coupons.embedded import free_port
 from coupons.ledger import claims as ledger
 from coupons.ledger import db
-from coupons.ledger.campaigns import get_campaign
+from coupons.ledger.campaigns import get_batch, get_campaign
 from coupons.ledger.claims import ClaimRefused
 from coupons.model import CouponStatus, TaskCompletion
 from coupons.stack import Stack
@@ -186,7 +186,10 @@ class Driver:
         assert not found, "a fresh campaign has no claims"
         campaign = await get_campaign(self.pool, self.campaign)
         assert campaign is not None
-        self.batch_id = campaign.batch_id
+        batch = await get_batch(self.pool, campaign.batch_id)
+        assert batch is not None
+        # The simulator's control plane knows the batch by the platform's id.
+        self.batch_id = batch.platform_batch_id
 
     # ----- the app's calls, retried while a part is down ----------------------------
 

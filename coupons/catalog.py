@@ -1,23 +1,310 @@
-"""Step 1 of the method: batches created at the platform on demand, synced to our ledger."""
+"""Step 1 of the method: batches created at the platform on demand and synced to our
+ledger, and the campaigns that hand them out.
+
+Everything here validates first and writes after, so a refused request changes nothing.
+"""
 
 from __future__ import annotations
 
-from datetime import timedelta
+import logging
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
-from coupons.ledger import campaigns
-from coupons.ledger.campaigns import Campaign
-from coupons.platforms.base import BatchSpec, Platform, PlatformBatch
+from coupons.errors import InvalidField, Refused
+from coupons.ledger import campaigns as ledger
+from coupons.ledger.campaigns import Batch, Campaign, CampaignSpec, Task
+from coupons.model import BatchSync
+from coupons.platforms.base import (
+    FINISHED_BATCH,
+    BatchAction,
+    BatchSpec,
+    BatchStatus,
+    Platform,
+    PlatformBatch,
+    PlatformRefused,
+)
+from coupons.validation import validate_id
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Batch",
+    "BatchSync",
+    "Campaign",
+    "CampaignSpec",
+    "Task",
+    "change_batch",
+    "change_campaign_status",
+    "create_batch",
+    "create_campaign",
+    "ensure_campaign",
+    "sync_batch",
+    "update_campaign",
+    "validate_campaign",
+]
 
 
-async def ensure_batch(
-    pool: AsyncConnectionPool, platform: Platform, spec: BatchSpec
-) -> PlatformBatch:
-    """Create the batch at the platform (idempotent by `spec.request_key`) and store it."""
-    batch = await platform.create_batch(spec)
-    await campaigns.upsert_batch(pool, batch)
+def batch_request_key(batch_id: str) -> str:
+    """The platform-side creation key of our batch: a retried create finds the first one."""
+    return f"batch-{batch_id}"
+
+
+# ------------------------------------------------------------------ batches
+
+
+async def create_batch(
+    pool: AsyncConnectionPool,
+    platform: Platform,
+    batch_id: str,
+    *,
+    quantity: int,
+    face_value_cents: int = 500,
+    min_spend_cents: int = 0,
+    valid_days: int = 30,
+    per_user_limit: int = 1,
+    name: str | None = None,
+    starts_at: datetime | None = None,
+    ends_at: datetime | None = None,
+    start: bool = True,
+) -> Batch:
+    """Create batch `batch_id` at the platform (once, however often this runs), store it,
+    and start it unless `start` is False."""
+    validate_id("batch", batch_id)
+    _at_least("quantity", quantity, 1)
+    _at_least("value", face_value_cents, 1)
+    _at_least("min_spend", min_spend_cents, 0)
+    _at_least("valid_days", valid_days, 1)
+    _at_least("per_user_limit", per_user_limit, 1)
+    if starts_at is not None and ends_at is not None and ends_at <= starts_at:
+        raise InvalidField("ends_at", "the batch's window ends before it starts")
+    spec = BatchSpec(
+        request_key=batch_request_key(batch_id),
+        name=name or f"batch {batch_id}",
+        face_value_cents=face_value_cents,
+        min_spend_cents=min_spend_cents,
+        quantity=quantity,
+        valid_days=valid_days,
+        per_user_limit=per_user_limit,
+        starts_at=starts_at,
+        ends_at=ends_at,
+    )
+    try:
+        created = await platform.create_batch(spec)
+        if start and created.status == BatchStatus.CREATED:
+            created = await platform.change_batch(created.batch_id, BatchAction.START)
+    except PlatformRefused as err:
+        if err.code == "IDEMPOTENCY_KEY_REUSED":
+            raise Refused(
+                "batch_exists", f"batch {batch_id!r} exists with other terms: {err.message}"
+            ) from err
+        raise Refused("platform_refused", f"the platform refused the batch: {err}") from err
+    stored = await ledger.upsert_batch(pool, batch_id, created)
+    log.info("batch %s is %s at the platform as %s", batch_id, created.status, created.batch_id)
+    return stored
+
+
+async def get_batch(pool: AsyncConnectionPool, batch_id: str) -> Batch:
+    validate_id("batch", batch_id)
+    batch = await ledger.get_batch(pool, batch_id)
+    if batch is None:
+        raise Refused("unknown_batch", f"no batch {batch_id!r}")
     return batch
+
+
+async def change_batch(
+    pool: AsyncConnectionPool, platform: Platform, batch_id: str, action: BatchAction
+) -> Batch:
+    batch = await get_batch(pool, batch_id)
+    try:
+        changed = await platform.change_batch(batch.platform_batch_id, action)
+    except PlatformRefused as err:
+        raise Refused("wrong_state", f"batch {batch_id!r}: {err.message}") from err
+    return await ledger.upsert_batch(pool, batch_id, changed)
+
+
+async def sync_batch(pool: AsyncConnectionPool, platform: Platform, batch_id: str) -> BatchSync:
+    """Read the batch at the platform, store it, and flag where it drifted from the ledger."""
+    batch = await get_batch(pool, batch_id)
+    seen = await platform.get_batch(batch.platform_batch_id)
+    stored = await ledger.upsert_batch(pool, batch_id, seen)
+    owes = await ledger.obligations(pool, batch_id)
+    drift = drift_of(seen, owes)
+    if drift:
+        log.warning("batch %s drifted: %s", batch_id, "; ".join(drift))
+    await ledger.record_sync(pool, batch_id, owes.owed, owes.backlog, drift)
+    return BatchSync(
+        batch_id=batch_id,
+        platform_batch_id=seen.batch_id,
+        status=seen.status.value,
+        quantity=seen.quantity,
+        remaining=seen.remaining,
+        owed=owes.owed,
+        backlog=owes.backlog,
+        drift=drift,
+        synced_at=stored.synced_at,
+    )
+
+
+def drift_of(seen: PlatformBatch, owes: ledger.Obligations) -> list[str]:
+    """Where the platform's batch no longer covers what the ledger promised."""
+    drift = []
+    if seen.remaining < owes.owed:
+        drift.append(
+            f"the platform has {seen.remaining} coupons left, below the {owes.owed} we still owe"
+        )
+    if owes.backlog and seen.remaining == 0:
+        drift.append(f"budget exhausted: {owes.backlog} usable coupons wait for budget")
+    if owes.backlog and seen.status == BatchStatus.PAUSED:
+        drift.append(f"paused at the platform: {owes.backlog} usable coupons wait for it")
+    if seen.status in FINISHED_BATCH and owes.active_campaigns:
+        drift.append(
+            f"{seen.status.value} at the platform while campaigns use it: "
+            + ", ".join(owes.active_campaigns)
+        )
+    return drift
+
+
+# ------------------------------------------------------------------ campaigns
+
+
+def validate_campaign(spec: CampaignSpec, batch: Batch | None, existing: Campaign | None) -> None:
+    """Refuse a definition that cannot work, naming the field; pure, writes nothing."""
+    validate_id("campaign", spec.id)
+    if batch is None:
+        raise InvalidField("batch", f"unknown batch {spec.batch_id!r}")
+    if existing is not None and existing.status == "ended":
+        raise Refused("wrong_state", f"campaign {spec.id!r} has ended; it can no longer change")
+    if batch.status in FINISHED_BATCH and (existing is None or existing.batch_id != batch.id):
+        raise InvalidField("batch", f"batch {batch.id!r} is {batch.status} at the platform")
+    if existing is not None and existing.batch_id != spec.batch_id and existing.claimed:
+        raise InvalidField(
+            "batch", f"campaign {spec.id!r} has {existing.claimed} claims on {existing.batch_id!r}"
+        )
+    _at_least("quota", spec.quota, 1)
+    if spec.quota > batch.quantity:
+        raise InvalidField(
+            "quota", f"{spec.quota} is more than batch {batch.id!r} holds ({batch.quantity})"
+        )
+    if existing is not None and spec.quota < existing.claimed:
+        raise InvalidField("quota", f"{spec.quota} is below the {existing.claimed} already claimed")
+    _at_least("per_user_limit", spec.per_user_limit, 1)
+    if batch.per_user_limit is not None and spec.per_user_limit > batch.per_user_limit:
+        raise InvalidField(
+            "per_user_limit",
+            f"{spec.per_user_limit} is more than batch {batch.id!r} gives one user at the "
+            f"platform ({batch.per_user_limit})",
+        )
+    _check_tasks(spec.tasks)
+    if spec.starts_at and spec.ends_at and spec.ends_at <= spec.starts_at:
+        raise InvalidField("ends_at", "the claim window ends before it starts")
+    if spec.ends_at and batch.ends_at and spec.ends_at > batch.ends_at:
+        raise InvalidField(
+            "ends_at",
+            f"the claim window ends after batch {batch.id!r} does ({batch.ends_at.isoformat()})",
+        )
+    _check_deadline(spec, batch)
+
+
+def _check_tasks(tasks: list[Task]) -> None:
+    seen: set[str] = set()
+    for task in tasks:
+        validate_id("task", task.key)
+        if task.key in seen:
+            raise InvalidField("tasks", f"task key {task.key!r} appears twice")
+        if not task.name.strip():
+            raise InvalidField("tasks", f"task {task.key!r} needs a display name")
+        seen.add(task.key)
+
+
+def _check_deadline(spec: CampaignSpec, batch: Batch) -> None:
+    if spec.task_deadline is not None and spec.task_deadline <= timedelta(0):
+        raise InvalidField("task_deadline", "must be a positive duration")
+    if spec.deadline_at is not None and spec.starts_at and spec.deadline_at <= spec.starts_at:
+        raise InvalidField("deadline_at", "the task deadline is before the claim window opens")
+    if batch.ends_at is None:
+        return
+    if spec.deadline_at is not None and spec.deadline_at > batch.ends_at:
+        raise InvalidField(
+            "deadline_at",
+            f"the task deadline is after batch {batch.id!r} ends ({batch.ends_at.isoformat()})",
+        )
+    if spec.task_deadline is not None and spec.deadline_at is None:
+        # The last claim the window allows must still be able to finish inside the batch.
+        last_claim = spec.ends_at or datetime.now(UTC)
+        if last_claim + spec.task_deadline > batch.ends_at:
+            raise InvalidField(
+                "task_deadline",
+                f"a claim at {last_claim.isoformat()} would have until "
+                f"{(last_claim + spec.task_deadline).isoformat()}, after batch {batch.id!r} "
+                f"ends ({batch.ends_at.isoformat()})",
+            )
+
+
+def _check_create(spec: CampaignSpec, batch: Batch | None, existing: Campaign | None) -> None:
+    if existing is not None and existing.spec() != spec:
+        raise Refused(
+            "campaign_exists",
+            f"campaign {spec.id!r} exists with another definition; use `campaign update`",
+        )
+    if existing is None:
+        validate_campaign(spec, batch, existing)
+
+
+async def create_campaign(pool: AsyncConnectionPool, spec: CampaignSpec) -> tuple[Campaign, bool]:
+    """Create the campaign; the same definition again returns it (created False)."""
+    return await ledger.save_campaign(pool, spec, _check_create)
+
+
+def _check_update(spec: CampaignSpec, batch: Batch | None, existing: Campaign | None) -> None:
+    if existing is None:
+        raise Refused("unknown_campaign", f"no campaign {spec.id!r}")
+    validate_campaign(spec, batch, existing)
+
+
+async def update_campaign(pool: AsyncConnectionPool, campaign_id: str, **changes: Any) -> Campaign:
+    """Change some fields of a campaign's definition; claims already made keep theirs."""
+    current = await get_campaign(pool, campaign_id)
+    try:
+        spec = replace(current.spec(), **changes)
+    except TypeError as err:
+        raise Refused("invalid_request", f"cannot change that: {err}") from None
+    campaign, _ = await ledger.save_campaign(pool, spec, _check_update)
+    return campaign
+
+
+async def get_campaign(pool: AsyncConnectionPool, campaign_id: str) -> Campaign:
+    validate_id("campaign", campaign_id)
+    campaign = await ledger.get_campaign(pool, campaign_id)
+    if campaign is None:
+        raise Refused("unknown_campaign", f"no campaign {campaign_id!r}")
+    return campaign
+
+
+# Which statuses each operator action moves a campaign from, and to.
+_STATUS_ACTIONS = {
+    "pause": (("active",), "paused"),
+    "resume": (("paused",), "active"),
+    "end": (("active", "paused"), "ended"),
+}
+
+
+async def change_campaign_status(
+    pool: AsyncConnectionPool, campaign_id: str, action: str
+) -> Campaign:
+    """Pause, resume or end a campaign; repeating an action already done is a no-op."""
+    allowed_from, target = _STATUS_ACTIONS[action]
+    validate_id("campaign", campaign_id)
+    campaign, moved = await ledger.set_campaign_status(pool, campaign_id, allowed_from, target)
+    if campaign is None:
+        raise Refused("unknown_campaign", f"no campaign {campaign_id!r}")
+    if not moved and campaign.status != target:
+        raise Refused(
+            "wrong_state", f"campaign {campaign_id!r} is {campaign.status}; cannot {action}"
+        )
+    return campaign
 
 
 async def ensure_campaign(
@@ -33,28 +320,31 @@ async def ensure_campaign(
     min_spend_cents: int = 0,
     valid_days: int = 30,
 ) -> Campaign:
-    """A campaign with a batch of its own sized to its quota; safe to call again."""
-    batch = await ensure_batch(
+    """A campaign with a running batch of its own (same id) sized to its quota; safe to call
+    again. The demo, tests and benchmarks use it."""
+    await create_batch(
         pool,
         platform,
-        BatchSpec(
-            request_key=f"campaign-{campaign_id}",
-            name=f"{campaign_id} coupons",
-            face_value_cents=face_value_cents,
-            min_spend_cents=min_spend_cents,
-            quantity=quota,
-            valid_days=valid_days,
-            per_user_limit=per_user_limit,
-        ),
-    )
-    campaign = Campaign(
-        id=campaign_id,
-        batch_id=batch.batch_id,
-        required_tasks=required_tasks,
-        task_deadline=task_deadline,
+        campaign_id,
+        quantity=quota,
+        face_value_cents=face_value_cents,
+        min_spend_cents=min_spend_cents,
+        valid_days=valid_days,
         per_user_limit=per_user_limit,
-        quota=quota,
-        claimed=0,
+        name=f"{campaign_id} coupons",
     )
-    await campaigns.upsert_campaign(pool, campaign)
+    spec = CampaignSpec(
+        id=campaign_id,
+        batch_id=campaign_id,
+        quota=quota,
+        per_user_limit=per_user_limit,
+        tasks=[Task(key, key) for key in required_tasks],
+        task_deadline=task_deadline,
+    )
+    campaign, _ = await create_campaign(pool, spec)
     return campaign
+
+
+def _at_least(field: str, value: int, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidField(field, f"{value!r} must be a whole number of at least {minimum}")

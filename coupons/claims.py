@@ -8,7 +8,6 @@ the worker on a timer, and by any repeated claim) starts it with the same id.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -27,22 +26,12 @@ from coupons.config import Settings
 from coupons.ledger import claims as ledger
 from coupons.ledger.claims import Claim, ClaimRefused
 from coupons.model import CAMPAIGN_ID, COUPON_STATE, USER_ID, CouponInput
+from coupons.validation import validate_id
 from workflows.user_coupon import UserCouponWorkflow
 
 log = logging.getLogger(__name__)
 
-_ID = re.compile(r"[A-Za-z0-9._@-]{1,64}")
-
-__all__ = ["ClaimRefused", "ClaimResult", "ClaimService", "validate_id"]
-
-
-def validate_id(kind: str, value: str) -> str:
-    if not _ID.fullmatch(value):
-        raise ClaimRefused(
-            "invalid_request",
-            f"{kind} {value!r} is not valid: use 1 to 64 letters, digits, '.', '_', '@' or '-'",
-        )
-    return value
+__all__ = ["ClaimRefused", "ClaimResult", "ClaimService"]
 
 
 @dataclass

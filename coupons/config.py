@@ -41,6 +41,9 @@ class Settings:
     claim_repair_after_s: float = 30.0
     # Workflows kept in the worker's memory; the rest are rebuilt from history on demand.
     worker_cache_size: int = 1000
+    # The catalog sync schedule's interval, and the hour (UTC) of the daily reconciliation.
+    sync_interval_s: float = 300.0
+    reconcile_hour_utc: int = 3
 
     @property
     def database_url(self) -> str:
@@ -94,6 +97,8 @@ class Settings:
             "DB_POOL_SIZE": str(self.db_pool_size),
             "CLAIM_REPAIR_AFTER_S": str(self.claim_repair_after_s),
             "WORKER_CACHE_SIZE": str(self.worker_cache_size),
+            "SYNC_INTERVAL_S": str(self.sync_interval_s),
+            "RECONCILE_HOUR_UTC": str(self.reconcile_hour_utc),
         }
         optional = {
             "DATABASE_URL": self.database_url_override,
@@ -125,6 +130,8 @@ class Settings:
             db_pool_size=_number(env, "DB_POOL_SIZE", 20, int),
             claim_repair_after_s=_number(env, "CLAIM_REPAIR_AFTER_S", 30.0, float),
             worker_cache_size=_number(env, "WORKER_CACHE_SIZE", 1000, int),
+            sync_interval_s=_number(env, "SYNC_INTERVAL_S", 300.0, float),
+            reconcile_hour_utc=_hour(env, "RECONCILE_HOUR_UTC", 3),
         ).check()
 
 
@@ -139,3 +146,12 @@ def _number(env: Mapping[str, str], name: str, default: N, kind: type[N]) -> N:
     if value <= 0:
         raise ConfigError(f"{name}={raw!r} must be greater than zero")
     return value
+
+
+def _hour(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or not 0 <= int(raw) <= 23:
+        raise ConfigError(f"{name}={raw!r} must be an hour of the day, 0 to 23")
+    return int(raw)

@@ -10,6 +10,26 @@ RECORD_TRANSITION = "record_transition"
 ISSUE_COUPON = "issue_coupon"
 WAIT_FOR_REDEMPTION = "wait_for_redemption"
 LOOKUP_COUPON = "lookup_coupon"
+SYNCABLE_BATCHES = "syncable_batches"
+SYNC_BATCH = "sync_batch"
+ALL_BATCHES = "all_batches"
+RECONCILE_BATCH = "reconcile_batch"
+AWAIT_STATES = "await_states"
+COUNT_RECEIVED = "count_received"
+EXPIRE_RECEIVED_PAGE = "expire_received_page"
+
+# Handlers of the coupon workflow that activities reach by name (`activities/` never
+# imports `workflows/`).
+REPORT_REDEMPTION = "report_redemption"
+BUDGET_AVAILABLE = "budget_available"
+EXPIRE_COUPON = "expire_coupon"
+
+# Workflow types and the ids of their runs, for schedules and the command line.
+CATALOG_SYNC_WORKFLOW = "CatalogSyncWorkflow"
+RECONCILE_WORKFLOW = "ReconcileWorkflow"
+END_CAMPAIGN_WORKFLOW = "EndCampaignWorkflow"
+CATALOG_SYNC_SCHEDULE = "catalog-sync"
+RECONCILE_SCHEDULE = "reconcile-daily"
 
 # Error types the activities raise and the workflow reads. No Python exception class is
 # named like these, so an exception that escapes an activity can never pass for them.
@@ -18,6 +38,8 @@ NOT_YET_REDEEMED = "not_yet_redeemed"
 # Retried, never final: the send went through but could not be confirmed yet.
 LOOKUP_FAILED = "lookup_failed"
 RECEIPT_NOT_VISIBLE = "receipt_not_visible"
+# The batch cannot send now (budget used up, paused): the coupon waits for it.
+BATCH_UNAVAILABLE = "batch_unavailable"
 
 # The issue activity heartbeats while it waits for a lagging lookup; a single platform
 # call must answer well inside the heartbeat timeout, and the whole attempt (the send

@@ -16,6 +16,14 @@ class Refused(Exception):
         return f"{self.code}: {self.message}"
 
 
+class InvalidField(Refused):
+    """Bad input in one named field of a definition; nothing was written."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__("invalid_request", f"{field}: {message}")
+        self.field = field
+
+
 UNKNOWN_TASK = "unknown_task"
 WRONG_STATE = "wrong_state"
 
@@ -26,6 +34,7 @@ BAD_INPUT = frozenset(
         "invalid_request",
         "unknown_campaign",
         "unknown_coupon",
+        "unknown_batch",
         UNKNOWN_TASK,
         WRONG_STATE,
         "coupon_finished",

@@ -55,6 +55,18 @@ class CancelRequest:
 
 
 @dataclass
+class ExpireRequest:
+    reason: str = "expired by operator"
+
+
+@dataclass
+class BudgetNotice:
+    """The catalog sync saw budget at the platform again for this (platform) batch."""
+
+    batch_id: str
+
+
+@dataclass
 class RedemptionReport:
     used_at: datetime
     source: str = "callback"
@@ -78,6 +90,9 @@ class IssueInput:
     # The transition into `usable` still to be written to the ledger (None when the
     # claim already recorded it), written by the issue activity to save a round trip.
     became_usable: Transition | None
+    # Answer "the batch cannot send now" (budget, paused) at once instead of retrying, so
+    # the workflow can wait for budget. False for workflows started before that existed.
+    wait_for_budget: bool = False
 
 
 @dataclass
@@ -116,6 +131,117 @@ class CouponStatus:
     receipt: Receipt | None = None
     transitions: list[Transition] = field(default_factory=list)
     ignored_signals: list[str] = field(default_factory=list)
+
+
+# ----- the catalog: sync, reconciliation, ending a campaign ---------------------------
+
+
+@dataclass
+class SyncInput:
+    batch_ids: list[str] | None = None  # None: every batch still in use
+
+
+@dataclass
+class BatchSync:
+    """One batch after a sync: the platform's figures beside what we owe from it."""
+
+    batch_id: str
+    platform_batch_id: str
+    status: str
+    quantity: int
+    remaining: int
+    owed: int
+    backlog: int
+    drift: list[str]
+    synced_at: datetime
+    woken: int = 0  # coupons waiting for budget that this sync told to try again
+
+
+@dataclass
+class SyncReport:
+    batches: list[BatchSync]
+    failed: list[str] = field(default_factory=list)  # "batch: why"
+
+    @property
+    def drifted(self) -> list[BatchSync]:
+        return [b for b in self.batches if b.drift]
+
+
+@dataclass
+class ReconcileInput:
+    batch_id: str | None = None  # None: every batch
+    repair: bool = True
+
+
+@dataclass
+class Mismatch:
+    kind: str  # platform_only, ledger_only, state
+    detail: str
+    coupon_id: str | None = None
+    platform_coupon_id: str | None = None
+    repair: str | None = None  # what reconciliation did about it, None: left for an operator
+
+
+@dataclass
+class BatchReconciliation:
+    batch_id: str
+    platform_sent: int
+    platform_used: int
+    ledger_coupons: int
+    mismatches: list[Mismatch]
+    repairs_requested: list[str]  # coupon ids told to become `redeemed`
+    repaired: int = 0  # of those, the ones the ledger shows repaired
+
+
+@dataclass
+class RepairCheck:
+    coupon_ids: list[str]
+    state: str
+    timeout_s: float = 60.0
+
+
+@dataclass
+class ReconcileReport:
+    batches: list[BatchReconciliation]
+
+    @property
+    def mismatches(self) -> int:
+        return sum(len(b.mismatches) for b in self.batches)
+
+    @property
+    def repaired(self) -> int:
+        return sum(b.repaired for b in self.batches)
+
+
+@dataclass
+class EndCampaignInput:
+    campaign_id: str
+    reason: str = "campaign ended"
+
+
+@dataclass
+class ExpirePage:
+    campaign_id: str
+    after: str
+    reason: str
+    limit: int = 200
+
+
+@dataclass
+class ExpirePageResult:
+    expired: int
+    skipped: int  # no longer received when asked (task done, cancelled, finished)
+    last: str  # the last coupon id looked at: the next page starts after it
+    done: bool
+
+
+@dataclass
+class EndProgress:
+    campaign_id: str
+    total: int  # received when the expiry began
+    expired: int = 0
+    skipped: int = 0
+    done: bool = False
 
 
 def idempotency_key(coupon_id: str) -> str:

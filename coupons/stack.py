@@ -25,6 +25,7 @@ from typing import Protocol
 from coupons.catalog import ensure_campaign
 from coupons.config import Settings
 from coupons.embedded import EmbeddedPostgres, ManagedProcess, SimulatorProcess, TemporalDevServer
+from coupons.errors import Refused
 from coupons.ledger import db
 from coupons.model import SEARCH_ATTRIBUTES
 from coupons.workers import make_platform
@@ -66,6 +67,9 @@ async def seed_demo(settings: Settings) -> None:
                 valid_days=30,
                 task_deadline=timedelta(days=7),
             )
+    except Refused as err:
+        # An operator changed the demo campaign (or its data predates this version): keep it.
+        log.warning("demo campaign left as it is: %s", err)
     finally:
         await platform.aclose()
 

@@ -13,6 +13,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from activities.catalog import CatalogActivities
 from activities.ledger import LedgerActivities
 from activities.platform import PlatformActivities
 from coupons.claims import ClaimService
@@ -20,7 +21,11 @@ from coupons.config import Settings
 from coupons.ledger import db
 from coupons.platforms.base import Platform
 from coupons.platforms.rest import RestPlatform
+from coupons.schedules import ensure_schedules
 from coupons.temporal import connect
+from workflows.catalog_sync import CatalogSyncWorkflow
+from workflows.end_campaign import EndCampaignWorkflow
+from workflows.reconcile import ReconcileWorkflow
 from workflows.user_coupon import UserCouponWorkflow
 
 log = logging.getLogger(__name__)
@@ -39,12 +44,25 @@ def build_workers(
     client: Client, pool: AsyncConnectionPool, platform: Platform, settings: Settings
 ) -> list[Worker]:
     platform_activities = PlatformActivities(platform, pool, settings.lag_window_s)
+    catalog = CatalogActivities(pool, platform, client)
     return [
         Worker(
             client,
             task_queue=settings.task_queue,
-            workflows=[UserCouponWorkflow],
-            activities=[LedgerActivities(pool).record_transition],
+            workflows=[
+                UserCouponWorkflow,
+                CatalogSyncWorkflow,
+                ReconcileWorkflow,
+                EndCampaignWorkflow,
+            ],
+            activities=[
+                LedgerActivities(pool).record_transition,
+                catalog.syncable_batches,
+                catalog.all_batches,
+                catalog.await_states,
+                catalog.count_received,
+                catalog.expire_received_page,
+            ],
             workflow_runner=workflow_runner(),
             max_cached_workflows=settings.worker_cache_size,
         ),
@@ -55,6 +73,8 @@ def build_workers(
                 platform_activities.issue_coupon,
                 platform_activities.wait_for_redemption,
                 platform_activities.lookup_coupon,
+                catalog.sync_batch,
+                catalog.reconcile_batch,
             ],
             # A burst of unlocks queues in Temporal instead of drawing the platform's
             # frequency-limit refusals.
@@ -91,6 +111,7 @@ async def run_worker(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     await db.migrate_url(settings.database_url)
     client = await connect(settings)
+    await ensure_schedules(client, settings)
     platform = make_platform(settings)
     async with db.pool(settings.database_url, max_size=settings.db_pool_size) as pool:
         repair = asyncio.create_task(

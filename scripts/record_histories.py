@@ -33,13 +33,17 @@ from coupons.claims import ClaimService
 from coupons.config import Settings
 from coupons.embedded import EmbeddedPostgres, SimulatorProcess, find_binary, free_port
 from coupons.ledger import db
+from coupons.ledger.campaigns import get_batch
 from coupons.model import (
     SEARCH_ATTRIBUTES,
+    BudgetNotice,
     CancelRequest,
     CouponStatus,
+    ExpireRequest,
     RedemptionReport,
     TaskCompletion,
 )
+from coupons.platforms.base import BatchAction
 from coupons.platforms.rest import RestPlatform
 from coupons.workers import build_workers, workflow_runner
 from workflows.user_coupon import UserCouponWorkflow
@@ -356,6 +360,57 @@ async def ignored_signals(r: Recorder, name: str) -> Handle:
     return handle
 
 
+async def received_expired_by_operator(r: Recorder, name: str) -> Handle:
+    s = r.settings(name)
+    async with r.workers(s):
+        handle = await r.claim(name, s)
+        status = await handle.execute_update(
+            UserCouponWorkflow.expire_coupon, ExpireRequest("campaign ended")
+        )
+        check(status.state == "expired", f"expire update answered {status.state}")
+        await handle.result()
+    return handle
+
+
+async def budget_wait_then_issued(r: Recorder, name: str) -> Handle:
+    # The batch is paused at the platform when the task is done: the coupon waits for it,
+    # tries again when its recheck timer fires (still paused), and is sent once the
+    # catalog sync's notice arrives after the batch resumed.
+    s = r.settings(name)
+    async with r.workers(s):
+        handle = await r.claim(name, s)
+        batch = await get_batch(r.pool, f"rec-{name}")
+        assert batch is not None
+        await r.platform.change_batch(batch.platform_batch_id, BatchAction.PAUSE)
+        await handle.signal(UserCouponWorkflow.task_done, TaskCompletion("first-order"))
+        await wait_for_waiting(handle, "budget")
+        await r.env.sleep(timedelta(minutes=11))
+        await wait_for_waiting(handle, "budget")
+        await r.platform.change_batch(batch.platform_batch_id, BatchAction.RESUME)
+        await handle.signal(
+            UserCouponWorkflow.budget_available, BudgetNotice(batch.platform_batch_id)
+        )
+        await wait_for_state(handle, "issued")
+        used_at = await r.env.get_current_time()
+        await handle.signal(
+            UserCouponWorkflow.report_redemption, RedemptionReport(used_at, "callback")
+        )
+        status = await handle.result()
+    check(
+        [t.to_state for t in status.transitions] == ["usable", "issued", "redeemed"],
+        f"transitions: {status.transitions}",
+    )
+    return handle
+
+
+async def wait_for_waiting(handle: Handle, what: str, timeout_s: float = 60) -> None:
+    async with asyncio.timeout(timeout_s):
+        while True:
+            if what in (await handle.query(UserCouponWorkflow.status)).waiting_for:
+                return
+            await asyncio.sleep(0.2)
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -376,6 +431,8 @@ PATHS = [
     Scenario("lag_window_resend", "redeemed", lag_window_resend),
     Scenario("rejected_updates", "cancelled", rejected_updates),
     Scenario("ignored_signals", "redeemed", ignored_signals),
+    Scenario("received_expired_by_operator", "expired", received_expired_by_operator),
+    Scenario("budget_wait_then_issued", "redeemed", budget_wait_then_issued),
 ]
 
 

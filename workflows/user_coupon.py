@@ -16,9 +16,11 @@ with workflow.unsafe.imports_passed_through():
         CAMPAIGN_ID,
         COUPON_STATE,
         USER_ID,
+        BudgetNotice,
         CancelRequest,
         CouponInput,
         CouponStatus,
+        ExpireRequest,
         IssueInput,
         LookupInput,
         PlatformView,
@@ -53,8 +55,11 @@ FINAL_LOOKUP_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=5), maximum_interval=timedelta(minutes=10)
 )
 PLATFORM_CALL_TIMEOUT = timedelta(seconds=30)
+# A coupon waiting for budget tries again when the catalog sync sees budget, or after this.
+BUDGET_RECHECK = timedelta(minutes=10)
 # Patches, each named for the change it guards; see "Changing the workflow" in the README.
 FIRST_POLL_AFTER_BACKOFF = "first-poll-after-backoff"
+WAIT_FOR_BUDGET = "wait-for-budget"
 
 
 @workflow.defn
@@ -65,7 +70,9 @@ class UserCouponWorkflow:
     - signal `task_done` (fire and forget) and update `complete_task` (validated, answers
       with the new status) for task completion;
     - signal `cancel` and update `cancel_coupon`;
-    - signal `report_redemption` for platform callbacks;
+    - signal `report_redemption` for platform callbacks and reconciliation repairs;
+    - update `expire_coupon` for an operator ending the campaign;
+    - signal `budget_available` from the catalog sync, for coupons waiting for budget;
     - query `status` with the full state.
 
     The workflow stays open after issuing so one history tells the coupon's whole story.
@@ -80,6 +87,7 @@ class UserCouponWorkflow:
         self._receipt: Receipt | None = None
         self._redemption: RedemptionReport | None = None
         self._ignored: list[str] = []
+        self._budget_notices = 0
         self._waiting_for = "start"
         self._platform_queue = act.platform_task_queue(workflow.info().task_queue)
         # The claim started the workflow with these search attributes already set.
@@ -123,30 +131,60 @@ class UserCouponWorkflow:
         self._machine.begin_send()
         # The move into `usable` is written by the issue activity itself, saving a round trip.
         became_usable = self._unrecorded.pop() if self._unrecorded else None
-        self._waiting_for = "the platform to confirm the send"
-        self._publish()
-        try:
-            receipt = await workflow.execute_activity(
-                act.ISSUE_COUPON,
-                IssueInput(
-                    self._input.coupon_id, self._input.batch_id, self._input.user_id, became_usable
-                ),
-                result_type=Receipt,
-                task_queue=self._platform_queue,
-                start_to_close_timeout=act.ISSUE_START_TO_CLOSE,
-                heartbeat_timeout=act.ISSUE_HEARTBEAT,
-                retry_policy=ISSUE_RETRY,
-                summary="send to the platform and record the receipt",
-            )
-        except ActivityError as err:
-            refusal = err.cause
-            if not (isinstance(refusal, ApplicationError) and refusal.type == act.SEND_REFUSED):
-                raise
-            self._fire("refuse", f"platform refused: {refusal.message}")
-            return
+        wait_for_budget = workflow.patched(WAIT_FOR_BUDGET)
+        while True:
+            self._waiting_for = "the platform to confirm the send"
+            self._publish()
+            try:
+                receipt = await workflow.execute_activity(
+                    act.ISSUE_COUPON,
+                    IssueInput(
+                        self._input.coupon_id,
+                        self._input.batch_id,
+                        self._input.user_id,
+                        became_usable,
+                        wait_for_budget=wait_for_budget,
+                    ),
+                    result_type=Receipt,
+                    task_queue=self._platform_queue,
+                    start_to_close_timeout=act.ISSUE_START_TO_CLOSE,
+                    heartbeat_timeout=act.ISSUE_HEARTBEAT,
+                    retry_policy=ISSUE_RETRY,
+                    summary="send to the platform and record the receipt",
+                )
+                break
+            except ActivityError as err:
+                cause = err.cause
+                if not isinstance(cause, ApplicationError):
+                    raise
+                if cause.type == act.BATCH_UNAVAILABLE:
+                    await self._wait_for_budget(cause.message)
+                    continue
+                if cause.type != act.SEND_REFUSED:
+                    raise
+                self._fire("refuse", f"platform refused: {cause.message}")
+                return
         self._receipt = receipt
         # The issue activity wrote `issued` with the receipt in one transaction.
         self._fire("issue", "platform confirmed the send", at=receipt.confirmed_at, recorded=True)
+
+    async def _wait_for_budget(self, why: str) -> None:
+        """The batch cannot send now: wait for the catalog sync to see budget, or a while.
+
+        Retrying the send on a short backoff instead would turn a campaign's backlog into a
+        flood of refused calls at the platform.
+        """
+        notices = self._budget_notices
+        self._waiting_for = f"budget at the platform ({why})"
+        self._publish()
+        try:
+            await workflow.wait_condition(
+                lambda: self._budget_notices != notices,
+                timeout=BUDGET_RECHECK,
+                timeout_summary="budget recheck",
+            )
+        except TimeoutError:
+            pass
 
     async def _await_redemption(self) -> None:
         assert self._receipt is not None
@@ -296,12 +334,32 @@ class UserCouponWorkflow:
         self._check_cancel()
         self._fire("cancel", request.reason)
 
+    # ----- operator expiry and budget notices --------------------------------------
+
+    @workflow.update(name=act.EXPIRE_COUPON)
+    def expire_coupon(self, request: ExpireRequest) -> CouponStatus:
+        self._fire("expire", request.reason)
+        return self.status()
+
+    @expire_coupon.validator
+    def _validate_expire(self, request: ExpireRequest) -> None:
+        if self._machine.state != "received":
+            raise ApplicationError(
+                f"coupon is {self._machine.state}; only received coupons can be expired",
+                type=WRONG_STATE,
+                non_retryable=True,
+            )
+
+    @workflow.signal(name=act.BUDGET_AVAILABLE)
+    def budget_available(self, notice: BudgetNotice) -> None:
+        self._budget_notices += 1
+
     def _ignore(self, signal: str, refusal: ApplicationError) -> None:
         # A signal cannot answer; keep the refusal visible instead of failing the task.
         workflow.logger.warning("ignored %s: %s", signal, refusal.message)
         self._ignored.append(f"{signal}: {refusal.message}")
 
-    @workflow.signal
+    @workflow.signal(name=act.REPORT_REDEMPTION)
     def report_redemption(self, report: RedemptionReport) -> None:
         # A report may overtake our own confirmation of the send: keep it for `issued`.
         if self._machine.state in ("usable", "issued") and self._redemption is None:

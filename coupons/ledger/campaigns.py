@@ -1,16 +1,65 @@
-"""Batches (as synced from the platform) and campaigns."""
+"""Batches (ours, as synced from the platform) and campaigns."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import timedelta
-from typing import LiteralString
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, LiteralString
 
+from psycopg import AsyncConnection
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from coupons.platforms.base import PlatformBatch
+
+CAMPAIGN_STATUSES = ("active", "paused", "ended")
+
+
+@dataclass
+class Batch:
+    """A batch as our ledger holds it: our id, the platform's id and its last sync."""
+
+    id: str
+    platform_batch_id: str
+    name: str
+    status: str
+    quantity: int
+    remaining: int
+    valid_days: int
+    face_value_cents: int | None
+    min_spend_cents: int | None
+    per_user_limit: int | None
+    starts_at: datetime | None
+    ends_at: datetime | None
+    created_at: datetime
+    synced_at: datetime
+    owed: int
+    backlog: int
+    drift: list[str]
+
+
+@dataclass(frozen=True)
+class Task:
+    key: str
+    name: str
+
+
+@dataclass
+class CampaignSpec:
+    """What an operator defines; the catalog validates it against its batch."""
+
+    id: str
+    batch_id: str
+    quota: int
+    per_user_limit: int = 1
+    tasks: list[Task] = field(default_factory=list)
+    name: str | None = None
+    starts_at: datetime | None = None
+    ends_at: datetime | None = None
+    task_deadline: timedelta | None = None  # after the claim
+    deadline_at: datetime | None = None  # a fixed time; the earlier of the two wins
 
 
 @dataclass
@@ -18,62 +67,262 @@ class Campaign:
     id: str
     batch_id: str
     required_tasks: list[str]
+    task_names: list[str]
     task_deadline: timedelta | None
+    deadline_at: datetime | None
     per_user_limit: int
     quota: int
     claimed: int
+    name: str | None
+    starts_at: datetime | None
+    ends_at: datetime | None
+    status: str
+    created_at: datetime
+    updated_at: datetime
+    ended_at: datetime | None
+
+    @property
+    def tasks(self) -> list[Task]:
+        return [Task(k, n) for k, n in zip(self.required_tasks, self.task_names, strict=True)]
+
+    def spec(self) -> CampaignSpec:
+        return CampaignSpec(
+            id=self.id,
+            batch_id=self.batch_id,
+            quota=self.quota,
+            per_user_limit=self.per_user_limit,
+            tasks=self.tasks,
+            name=self.name,
+            starts_at=self.starts_at,
+            ends_at=self.ends_at,
+            task_deadline=self.task_deadline,
+            deadline_at=self.deadline_at,
+        )
 
 
-async def upsert_batch(pool: AsyncConnectionPool, batch: PlatformBatch) -> None:
-    """Store the platform's view of a batch: one row per batch, refreshed on every sync."""
+_BATCH_COLUMNS = (
+    "id, platform_batch_id, name, status, quantity, remaining, valid_days, face_value_cents,"
+    " min_spend_cents, per_user_limit, starts_at, ends_at, created_at, synced_at, owed,"
+    " backlog, drift"
+)
+_CAMPAIGN_COLUMNS = (
+    "id, batch_id, required_tasks, task_names, task_deadline, deadline_at, per_user_limit,"
+    " quota, claimed, name, starts_at, ends_at, status, created_at, updated_at, ended_at"
+)
+
+
+# ------------------------------------------------------------------ batches
+
+
+async def upsert_batch(pool: AsyncConnectionPool, batch_id: str, platform: PlatformBatch) -> Batch:
+    """Store the platform's view of our batch `batch_id`: one row, refreshed on every sync."""
+    async with pool.connection() as conn:
+        cur = conn.cursor(row_factory=class_row(Batch))
+        await cur.execute(
+            "INSERT INTO batches (id, platform_batch_id, name, status, quantity, remaining,"
+            " valid_days, face_value_cents, min_spend_cents, per_user_limit, starts_at, ends_at,"
+            " raw) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (id) DO UPDATE SET platform_batch_id = EXCLUDED.platform_batch_id,"
+            " name = EXCLUDED.name, status = EXCLUDED.status, quantity = EXCLUDED.quantity,"
+            " remaining = EXCLUDED.remaining, valid_days = EXCLUDED.valid_days,"
+            " face_value_cents = EXCLUDED.face_value_cents,"
+            " min_spend_cents = EXCLUDED.min_spend_cents,"
+            " per_user_limit = EXCLUDED.per_user_limit, starts_at = EXCLUDED.starts_at,"
+            " ends_at = EXCLUDED.ends_at, raw = EXCLUDED.raw, synced_at = now()"
+            f" RETURNING {_BATCH_COLUMNS}",
+            (
+                batch_id,
+                platform.batch_id,
+                platform.name,
+                platform.status.value,
+                platform.quantity,
+                platform.remaining,
+                platform.valid_days,
+                platform.face_value_cents,
+                platform.min_spend_cents,
+                platform.per_user_limit,
+                platform.starts_at,
+                platform.ends_at,
+                Jsonb(platform.raw),
+            ),
+        )
+        stored = await cur.fetchone()
+        assert stored is not None  # INSERT ... RETURNING always yields its row
+        return stored
+
+
+async def get_batch(pool: AsyncConnectionPool, batch_id: str) -> Batch | None:
+    async with pool.connection() as conn:
+        cur = conn.cursor(row_factory=class_row(Batch))
+        await cur.execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = %s", (batch_id,))
+        return await cur.fetchone()
+
+
+async def list_batches(pool: AsyncConnectionPool, *, syncable_only: bool = False) -> list[Batch]:
+    """Every batch, or only those a sync still reads (not stopped or expired)."""
+    async with pool.connection() as conn:
+        cur = conn.cursor(row_factory=class_row(Batch))
+        await cur.execute(
+            f"SELECT {_BATCH_COLUMNS} FROM batches"
+            " WHERE NOT %s OR status NOT IN ('stopped', 'expired') ORDER BY created_at, id",
+            (syncable_only,),
+        )
+        return await cur.fetchall()
+
+
+@dataclass
+class Obligations:
+    """What the ledger still owes from a batch."""
+
+    owed: int  # `usable`, plus `received` whose task deadline has not passed
+    backlog: int  # `usable`: entitled, waiting to be sent
+    active_campaigns: list[str]
+
+
+async def obligations(pool: AsyncConnectionPool, batch_id: str) -> Obligations:
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FILTER (WHERE c.state = 'usable' OR (c.state = 'received'"
+            "   AND (c.task_deadline IS NULL OR c.task_deadline > now()))),"
+            " count(*) FILTER (WHERE c.state = 'usable')"
+            " FROM claims c JOIN campaigns k ON k.id = c.campaign_id"
+            " WHERE k.batch_id = %s AND c.state IN ('received', 'usable')",
+            (batch_id,),
+        )
+        row = await cur.fetchone()
+        assert row is not None  # an aggregate always answers
+        cur = await conn.execute(
+            "SELECT id FROM campaigns WHERE batch_id = %s AND status <> 'ended' ORDER BY id",
+            (batch_id,),
+        )
+        active = [campaign_id for (campaign_id,) in await cur.fetchall()]
+    return Obligations(owed=row[0], backlog=row[1], active_campaigns=active)
+
+
+async def record_sync(
+    pool: AsyncConnectionPool, batch_id: str, owed: int, backlog: int, drift: list[str]
+) -> None:
     await pool_execute(
         pool,
-        "INSERT INTO batches (id, name, status, quantity, remaining, valid_days, raw)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s)"
-        " ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, status = EXCLUDED.status,"
-        " quantity = EXCLUDED.quantity, remaining = EXCLUDED.remaining,"
-        " valid_days = EXCLUDED.valid_days, raw = EXCLUDED.raw, synced_at = now()",
-        (
-            batch.batch_id,
-            batch.name,
-            batch.status,
-            batch.quantity,
-            batch.remaining,
-            batch.valid_days,
-            Jsonb(batch.raw),
-        ),
+        "UPDATE batches SET owed = %s, backlog = %s, drift = %s WHERE id = %s",
+        (owed, backlog, drift, batch_id),
     )
 
 
-async def upsert_campaign(pool: AsyncConnectionPool, campaign: Campaign) -> None:
-    """Create the campaign or update its definition; `claimed` is never overwritten."""
-    await pool_execute(
-        pool,
-        "INSERT INTO campaigns (id, batch_id, required_tasks, task_deadline, per_user_limit, quota)"
-        " VALUES (%s, %s, %s, %s, %s, %s)"
-        " ON CONFLICT (id) DO UPDATE SET batch_id = EXCLUDED.batch_id,"
-        " required_tasks = EXCLUDED.required_tasks, task_deadline = EXCLUDED.task_deadline,"
-        " per_user_limit = EXCLUDED.per_user_limit, quota = EXCLUDED.quota",
-        (
-            campaign.id,
-            campaign.batch_id,
-            campaign.required_tasks,
-            campaign.task_deadline,
-            campaign.per_user_limit,
-            campaign.quota,
-        ),
+# ------------------------------------------------------------------ campaigns
+
+# Checks a definition against its batch (None: no such batch) and the campaign as stored
+# (None: a new one); raises a refusal naming the field. Runs inside the writing transaction.
+CampaignCheck = Callable[[CampaignSpec, "Batch | None", "Campaign | None"], None]
+
+
+async def save_campaign(
+    pool: AsyncConnectionPool, spec: CampaignSpec, check: CampaignCheck
+) -> tuple[Campaign, bool]:
+    """Create or update the campaign after `check` passes; (campaign, changed).
+
+    Creating an existing campaign with the same definition changes nothing, so a retried
+    create is harmless; `check` decides what a different definition means.
+    """
+    async with pool.connection() as conn, conn.transaction():
+        batch = await _batch_for_share(conn, spec.batch_id)
+        existing = await _campaign_for_update(conn, spec.id)
+        check(spec, batch, existing)
+        if existing is not None and existing.spec() == spec:
+            return existing, False
+        values = (
+            spec.batch_id,
+            [t.key for t in spec.tasks],
+            [t.name for t in spec.tasks],
+            spec.task_deadline,
+            spec.deadline_at,
+            spec.per_user_limit,
+            spec.quota,
+            spec.name,
+            spec.starts_at,
+            spec.ends_at,
+            spec.id,
+        )
+        cur = conn.cursor(row_factory=class_row(Campaign))
+        if existing is None:
+            await cur.execute(
+                "INSERT INTO campaigns (batch_id, required_tasks, task_names, task_deadline,"
+                " deadline_at, per_user_limit, quota, name, starts_at, ends_at, id)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                f" RETURNING {_CAMPAIGN_COLUMNS}",
+                values,
+            )
+        else:
+            await cur.execute(
+                "UPDATE campaigns SET batch_id = %s, required_tasks = %s, task_names = %s,"
+                " task_deadline = %s, deadline_at = %s, per_user_limit = %s, quota = %s,"
+                " name = %s, starts_at = %s, ends_at = %s, updated_at = now()"
+                f" WHERE id = %s RETURNING {_CAMPAIGN_COLUMNS}",
+                values,
+            )
+        saved = await cur.fetchone()
+        assert saved is not None  # the row exists: inserted or locked above
+        return saved, True
+
+
+async def _batch_for_share(conn: AsyncConnection[Any], batch_id: str) -> Batch | None:
+    cur = conn.cursor(row_factory=class_row(Batch))
+    await cur.execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = %s FOR SHARE", (batch_id,))
+    return await cur.fetchone()
+
+
+async def _campaign_for_update(conn: AsyncConnection[Any], campaign_id: str) -> Campaign | None:
+    cur = conn.cursor(row_factory=class_row(Campaign))
+    await cur.execute(
+        f"SELECT {_CAMPAIGN_COLUMNS} FROM campaigns WHERE id = %s FOR UPDATE", (campaign_id,)
     )
+    return await cur.fetchone()
+
+
+async def set_campaign_status(
+    pool: AsyncConnectionPool, campaign_id: str, allowed_from: tuple[str, ...], status: str
+) -> tuple[Campaign | None, bool]:
+    """Move the campaign to `status` if it is in one of `allowed_from`; (campaign, moved).
+
+    Returns the campaign as it is either way (None when unknown), so the caller can tell
+    "already there" from "not allowed".
+    """
+    async with pool.connection() as conn, conn.transaction():
+        current = await _campaign_for_update(conn, campaign_id)
+        if current is None or current.status not in allowed_from:
+            return current, False
+        cur = conn.cursor(row_factory=class_row(Campaign))
+        await cur.execute(
+            "UPDATE campaigns SET status = %s, updated_at = now(),"
+            " ended_at = CASE WHEN %s = 'ended' THEN now() ELSE ended_at END"
+            f" WHERE id = %s RETURNING {_CAMPAIGN_COLUMNS}",
+            (status, status, campaign_id),
+        )
+        return await cur.fetchone(), True
 
 
 async def get_campaign(pool: AsyncConnectionPool, campaign_id: str) -> Campaign | None:
     async with pool.connection() as conn:
         cur = conn.cursor(row_factory=class_row(Campaign))
         await cur.execute(
-            "SELECT id, batch_id, required_tasks, task_deadline, per_user_limit, quota, claimed"
-            " FROM campaigns WHERE id = %s",
-            (campaign_id,),
+            f"SELECT {_CAMPAIGN_COLUMNS} FROM campaigns WHERE id = %s", (campaign_id,)
         )
         return await cur.fetchone()
+
+
+async def list_campaigns(
+    pool: AsyncConnectionPool, *, batch_id: str | None = None, status: str | None = None
+) -> list[Campaign]:
+    async with pool.connection() as conn:
+        cur = conn.cursor(row_factory=class_row(Campaign))
+        await cur.execute(
+            f"SELECT {_CAMPAIGN_COLUMNS} FROM campaigns"
+            " WHERE (%(batch)s::text IS NULL OR batch_id = %(batch)s)"
+            " AND (%(status)s::text IS NULL OR status = %(status)s)"
+            " ORDER BY created_at, id",
+            {"batch": batch_id, "status": status},
+        )
+        return await cur.fetchall()
 
 
 async def pool_execute(

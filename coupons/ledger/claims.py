@@ -34,11 +34,12 @@ class Claim:
     required_tasks: list[str]
 
 
-# A claim with what its workflow needs from the campaign.
+# A claim with what its workflow needs from the campaign; `batch_id` is the platform's.
 _SELECT_CLAIMS = (
     "SELECT c.coupon_id, c.campaign_id, c.user_id, c.seq, c.state, c.workflow_id,"
-    " c.workflow_started, c.claimed_at, c.task_deadline, k.batch_id, k.required_tasks"
-    " FROM claims c JOIN campaigns k ON k.id = c.campaign_id"
+    " c.workflow_started, c.claimed_at, c.task_deadline, b.platform_batch_id AS batch_id,"
+    " k.required_tasks"
+    " FROM claims c JOIN campaigns k ON k.id = c.campaign_id JOIN batches b ON b.id = k.batch_id"
 )
 
 
@@ -46,21 +47,27 @@ async def claim(pool: AsyncConnectionPool, campaign_id: str, user_id: str) -> tu
     """Claim a coupon atomically: (the claim, True) or, at the user's limit, (their latest, False).
 
     The campaign row is locked for the length of one short transaction, so the quota
-    and the per-user limit hold whatever the concurrency.
+    and the per-user limit hold whatever the concurrency. A holder's repeated claim gets
+    their coupon back whatever the campaign's state now: it is a retry, not a new claim.
     """
     async with pool.connection() as conn, conn.transaction():
         cur = await conn.execute(
-            "SELECT per_user_limit, quota, claimed, task_deadline, required_tasks, batch_id"
-            " FROM campaigns WHERE id = %s FOR UPDATE",
+            "SELECT k.per_user_limit, k.quota, k.claimed, k.required_tasks, b.platform_batch_id,"
+            " k.status, k.starts_at, k.ends_at, now(),"
+            " LEAST(now() + k.task_deadline, k.deadline_at)"
+            " FROM campaigns k JOIN batches b ON b.id = k.batch_id WHERE k.id = %s"
+            " FOR UPDATE OF k",
             (campaign_id,),
         )
         campaign = await cur.fetchone()
         if campaign is None:
             raise ClaimRefused("unknown_campaign", f"no campaign {campaign_id!r}")
-        per_user_limit, quota, claimed, deadline, required_tasks, batch_id = campaign
+        (per_user_limit, quota, claimed, required_tasks, batch_id, status, starts_at, ends_at,
+         now, task_deadline) = campaign  # fmt: skip
         held = await _claims_of(conn, campaign_id, user_id)
         if len(held) >= per_user_limit:
             return held[0], False
+        _check_open(campaign_id, status, starts_at, ends_at, now)
         if claimed >= quota:
             raise ClaimRefused("sold_out", f"campaign {campaign_id!r} has no coupons left")
         seq = len(held) + 1
@@ -71,9 +78,18 @@ async def claim(pool: AsyncConnectionPool, campaign_id: str, user_id: str) -> tu
         )
         cur = await conn.execute(
             "INSERT INTO claims (coupon_id, campaign_id, user_id, seq, state, workflow_id,"
-            " task_deadline) VALUES (%s, %s, %s, %s, %s, %s, now() + %s)"
+            " task_deadline, claimed_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
             " RETURNING workflow_id, claimed_at, task_deadline",
-            (coupon_id, campaign_id, user_id, seq, state, coupon_workflow_id(coupon_id), deadline),
+            (
+                coupon_id,
+                campaign_id,
+                user_id,
+                seq,
+                state,
+                coupon_workflow_id(coupon_id),
+                task_deadline if required_tasks else None,
+                now,
+            ),
         )
         inserted = await cur.fetchone()
         assert inserted is not None  # INSERT ... RETURNING always yields its row
@@ -97,6 +113,29 @@ async def claim(pool: AsyncConnectionPool, campaign_id: str, user_id: str) -> tu
             required_tasks=list(required_tasks),
         )
         return new, True
+
+
+def _check_open(
+    campaign_id: str,
+    status: str,
+    starts_at: datetime | None,
+    ends_at: datetime | None,
+    now: datetime,
+) -> None:
+    if status == "ended":
+        raise ClaimRefused("campaign_ended", f"campaign {campaign_id!r} has ended")
+    if status == "paused":
+        raise ClaimRefused("campaign_paused", f"campaign {campaign_id!r} is paused")
+    if starts_at is not None and now < starts_at:
+        raise ClaimRefused(
+            "campaign_not_open",
+            f"campaign {campaign_id!r} opens for claims at {starts_at.isoformat()}",
+        )
+    if ends_at is not None and now >= ends_at:
+        raise ClaimRefused(
+            "campaign_closed",
+            f"campaign {campaign_id!r} closed for claims at {ends_at.isoformat()}",
+        )
 
 
 async def _claims_of(conn: AsyncConnection[Any], campaign_id: str, user_id: str) -> list[Claim]:
@@ -243,3 +282,65 @@ async def count_by_state(pool: AsyncConnectionPool, campaign_id: str) -> dict[st
             (campaign_id,),
         )
         return {state: n for state, n in await cur.fetchall()}
+
+
+@dataclass
+class LedgerCoupon:
+    """One claim of a batch as reconciliation compares it with the platform's flows."""
+
+    coupon_id: str
+    user_id: str
+    state: str
+    workflow_id: str
+    idempotency_key: str | None
+    platform_coupon_id: str | None
+
+
+async def batch_coupons(pool: AsyncConnectionPool, batch_id: str) -> list[LedgerCoupon]:
+    """Every claim of every campaign on our batch `batch_id`, with its receipt if any."""
+    async with pool.connection() as conn:
+        cur = conn.cursor(row_factory=class_row(LedgerCoupon))
+        await cur.execute(
+            "SELECT c.coupon_id, c.user_id, c.state, c.workflow_id, r.idempotency_key,"
+            " r.platform_coupon_id FROM claims c JOIN campaigns k ON k.id = c.campaign_id"
+            " LEFT JOIN receipts r ON r.coupon_id = c.coupon_id"
+            " WHERE k.batch_id = %s ORDER BY c.coupon_id",
+            (batch_id,),
+        )
+        return await cur.fetchall()
+
+
+async def coupons_in_state(
+    pool: AsyncConnectionPool,
+    state: str,
+    *,
+    campaign_id: str | None = None,
+    batch_id: str | None = None,
+    after: str = "",
+    limit: int = 200,
+) -> list[Claim]:
+    """A page of claims in `state` (of a campaign, or of our batch), in coupon id order."""
+    async with pool.connection() as conn:
+        cur = conn.cursor(row_factory=class_row(Claim))
+        await cur.execute(
+            _SELECT_CLAIMS + " WHERE c.state = %(state)s AND c.coupon_id > %(after)s"
+            " AND (%(campaign)s::text IS NULL OR c.campaign_id = %(campaign)s)"
+            " AND (%(batch)s::text IS NULL OR k.batch_id = %(batch)s)"
+            " ORDER BY c.coupon_id LIMIT %(limit)s",
+            {
+                "state": state,
+                "after": after,
+                "campaign": campaign_id,
+                "batch": batch_id,
+                "limit": limit,
+            },
+        )
+        return await cur.fetchall()
+
+
+async def states_of(pool: AsyncConnectionPool, coupon_ids: list[str]) -> dict[str, str]:
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT coupon_id, state FROM claims WHERE coupon_id = ANY(%s)", (coupon_ids,)
+        )
+        return {coupon_id: state for coupon_id, state in await cur.fetchall()}

@@ -41,8 +41,9 @@ def migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
-async def migrate(conn: AsyncConnection[object]) -> list[int]:
-    """Apply the migrations not yet applied, each in its own transaction; returns them."""
+async def migrate(conn: AsyncConnection[object], upto: int | None = None) -> list[int]:
+    """Apply the migrations not yet applied (up to version `upto`, default all), each in
+    its own transaction; returns them."""
     applied: list[int] = []
     async with conn.transaction():
         await conn.execute(
@@ -51,6 +52,8 @@ async def migrate(conn: AsyncConnection[object]) -> list[int]:
             " applied_at timestamptz NOT NULL DEFAULT now())"
         )
     for version, name, text in migrations():
+        if upto is not None and version > upto:
+            break
         async with conn.transaction():
             # Two processes starting at once must not both apply the same migration.
             await conn.execute("SELECT pg_advisory_xact_lock(7236001)")
@@ -68,14 +71,14 @@ async def migrate(conn: AsyncConnection[object]) -> list[int]:
     return applied
 
 
-async def migrate_url(url: str, *, schema: str | None = None) -> list[int]:
+async def migrate_url(url: str, *, schema: str | None = None, upto: int | None = None) -> list[int]:
     options = f"-c search_path={schema}" if schema else ""
     async with await AsyncConnection.connect(url, autocommit=True, options=options) as conn:
         if schema is not None:
             await conn.execute(
                 sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema))
             )
-        return await migrate(conn)
+        return await migrate(conn, upto)
 
 
 def create_database(admin_url: str, name: str) -> bool:

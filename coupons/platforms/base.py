@@ -20,6 +20,35 @@ class PlatformCouponStatus(StrEnum):
     EXPIRED = "expired"
 
 
+class BatchStatus(StrEnum):
+    """A batch's life at the platform: created, then started; paused and resumed; stopped
+    (by us) or expired (its window over) for good."""
+
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+    EXPIRED = "expired"
+
+
+# Batches in these states never send again.
+FINISHED_BATCH = frozenset({BatchStatus.STOPPED, BatchStatus.EXPIRED})
+
+
+class BatchAction(StrEnum):
+    START = "start"
+    PAUSE = "pause"
+    RESUME = "resume"
+    STOP = "stop"
+
+
+class FlowKind(StrEnum):
+    """The platform's own record of a batch, published as downloadable flow files."""
+
+    SENT = "sent"
+    USED = "used"
+
+
 @dataclass(frozen=True)
 class BatchSpec:
     """What we ask the platform to create. `request_key` makes creation idempotent."""
@@ -29,18 +58,28 @@ class BatchSpec:
     face_value_cents: int
     min_spend_cents: int
     quantity: int
+    # A coupon is valid this many days after it lands in a wallet, and never after `ends_at`.
     valid_days: int
     per_user_limit: int = 1
+    # The batch's window: coupons are sent and used only inside it. None: the platform's
+    # defaults (from creation, for `valid_days` days).
+    starts_at: datetime | None = None
+    ends_at: datetime | None = None
 
 
 @dataclass(frozen=True)
 class PlatformBatch:
     batch_id: str
     name: str
-    status: str
+    status: BatchStatus
     quantity: int
     remaining: int
     valid_days: int
+    face_value_cents: int
+    min_spend_cents: int
+    per_user_limit: int
+    starts_at: datetime
+    ends_at: datetime
     raw: dict[str, Any]
 
 
@@ -65,6 +104,19 @@ class PlatformCoupon:
     raw: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class FlowRecord:
+    """One line of a flow file: a coupon the platform sent, or one it saw used."""
+
+    coupon_id: str
+    batch_id: str
+    user_id: str
+    # The send's idempotency key (sent flow only): ties a platform coupon to our claim
+    # even when we never saw its receipt.
+    idempotency_key: str | None
+    at: datetime
+
+
 class PlatformError(Exception):
     """Base of every error an adapter raises; `code` is the platform's own code."""
 
@@ -86,7 +138,12 @@ class PlatformRateLimited(PlatformError):
     """The platform's frequency limit answered: back off and try again."""
 
 
-class PlatformBudgetExhausted(PlatformError):
+class PlatformBatchUnavailable(PlatformError):
+    """The batch cannot send right now but may again (paused, budget used up): coupons wait
+    for it instead of failing."""
+
+
+class PlatformBudgetExhausted(PlatformBatchUnavailable):
     """The batch has no budget left right now; it may come back (the catalog rules decide)."""
 
 
@@ -94,6 +151,14 @@ class Platform(Protocol):
     async def create_batch(self, spec: BatchSpec) -> PlatformBatch: ...
 
     async def get_batch(self, batch_id: str) -> PlatformBatch: ...
+
+    async def change_batch(self, batch_id: str, action: BatchAction) -> PlatformBatch:
+        """Start, pause, resume or stop a batch; repeating an action already done is a no-op."""
+        ...
+
+    async def batch_flow(self, batch_id: str, kind: FlowKind) -> list[FlowRecord]:
+        """Download and verify the batch's flow file of sent or used coupons."""
+        ...
 
     async def send_coupon(self, request: SendRequest) -> PlatformCoupon: ...
 

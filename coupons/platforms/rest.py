@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -11,8 +15,13 @@ from urllib.parse import quote
 import httpx
 
 from coupons.platforms.base import (
+    BatchAction,
     BatchSpec,
+    BatchStatus,
+    FlowKind,
+    FlowRecord,
     PlatformBatch,
+    PlatformBatchUnavailable,
     PlatformBudgetExhausted,
     PlatformCoupon,
     PlatformCouponStatus,
@@ -25,37 +34,50 @@ from coupons.platforms.base import (
 
 log = logging.getLogger(__name__)
 
-# What a non-2xx answer means. Only the codes listed as refusals are definitive: each
-# says something about this request that no retry can change. Everything else (auth
-# failures after a key rotation, an unknown 4xx from a proxy, 5xx) is retried, because
-# calling it a refusal would fail coupons for good over an operator's slip.
-_REFUSALS = frozenset(
-    {
-        "INVALID_REQUEST",
-        "BATCH_NOT_FOUND",
-        "USER_RESTRICTED",
-        "USER_LIMIT_REACHED",
-        "IDEMPOTENCY_KEY_REUSED",
-        "COUPON_EXPIRED",
-        "COUPON_NOT_FOUND",  # get_coupon answers None: not visible (yet)
-    }
-)
-_RETRIED: dict[tuple[int, str | None], type[PlatformError]] = {
+# What a non-2xx answer means, by (HTTP status, platform code); a None code stands for any
+# code of that status. Only the refusals are definitive: each says something about this
+# request that no retry can change. Anything not listed (auth failures after a key rotation,
+# an unknown 4xx from a proxy, a known code with an unexpected status, 5xx) is
+# PlatformUnavailable and retried, because calling it a refusal would fail coupons for good
+# over an operator's slip.
+_ERRORS: dict[tuple[int, str | None], type[PlatformError]] = {
+    (400, "INVALID_REQUEST"): PlatformRefused,
+    (404, "BATCH_NOT_FOUND"): PlatformRefused,
+    (403, "USER_RESTRICTED"): PlatformRefused,
+    (403, "USER_LIMIT_REACHED"): PlatformRefused,
+    (409, "IDEMPOTENCY_KEY_REUSED"): PlatformRefused,
+    (409, "COUPON_EXPIRED"): PlatformRefused,
+    (404, "COUPON_NOT_FOUND"): PlatformRefused,  # get_coupon answers None: not visible (yet)
+    # Created, stopped, expired or before its window: this batch does not send.
+    (409, "BATCH_NOT_RUNNING"): PlatformRefused,
+    (409, "BATCH_STATE_INVALID"): PlatformRefused,  # e.g. pausing a stopped batch
+    # The batch may send again (resumed, budget raised): the coupon waits, it does not fail.
+    (409, "BATCH_PAUSED"): PlatformBatchUnavailable,
     (409, "BUDGET_EXHAUSTED"): PlatformBudgetExhausted,
     (429, None): PlatformRateLimited,
 }
 
 
 def _error_for(status: int, code: str, message: str) -> PlatformError:
-    if 400 <= status < 500 and code in _REFUSALS:
-        return PlatformRefused(code, message)
-    kind = _RETRIED.get((status, code)) or _RETRIED.get((status, None))
+    kind = _ERRORS.get((status, code)) or _ERRORS.get((status, None))
     if kind is None:
         if status in (401, 403):
             # Not the coupon's fault: our key or the platform's configuration is wrong.
             log.error("platform refused our credentials (%s %s): %s", status, code, message)
         kind = PlatformUnavailable
     return kind(code, message)
+
+
+def _error_of(response: httpx.Response) -> PlatformError:
+    try:
+        payload = response.json()
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict) and isinstance(payload.get("code"), str):
+        code, message = payload["code"], str(payload.get("message", ""))
+    else:
+        code, message = f"HTTP_{response.status_code}", response.text[:200]
+    return _error_for(response.status_code, code, message)
 
 
 def _time(value: Any) -> datetime:
@@ -67,10 +89,15 @@ def _batch(raw: dict[str, Any]) -> PlatformBatch:
     return PlatformBatch(
         batch_id=raw["batch_id"],
         name=raw["name"],
-        status=raw["status"],
+        status=BatchStatus(raw["status"]),  # a status we do not know is an unreadable answer
         quantity=int(raw["quantity"]),
         remaining=int(raw["remaining"]),
         valid_days=int(raw["valid_days"]),
+        face_value_cents=int(raw["face_value_cents"]),
+        min_spend_cents=int(raw["min_spend_cents"]),
+        per_user_limit=int(raw["per_user_limit"]),
+        starts_at=_time(raw["starts_at"]),
+        ends_at=_time(raw["ends_at"]),
         raw=raw,
     )
 
@@ -86,6 +113,57 @@ def _coupon(raw: dict[str, Any]) -> PlatformCoupon:
         used_at=_time(raw["used_at"]) if raw.get("used_at") is not None else None,
         raw=raw,
     )
+
+
+@dataclass(frozen=True)
+class _FlowFile:
+    """Where a flow file is and what it must hash to."""
+
+    url: str
+    sha1: str
+    records: int
+
+
+def _flow_file(raw: dict[str, Any]) -> _FlowFile:
+    if raw["hash_type"] != "SHA1":
+        raise ValueError(f"hash_type {raw['hash_type']!r}, not SHA1")
+    return _FlowFile(
+        url=str(raw["url"]), sha1=str(raw["hash_value"]).lower(), records=int(raw["records"])
+    )
+
+
+_FLOW_COLUMNS = ["coupon_id", "batch_id", "user_id", "idempotency_key", "at"]
+
+
+def _flow_records(text: str) -> list[FlowRecord]:
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    if reader.fieldnames != _FLOW_COLUMNS:
+        raise ValueError(f"columns {reader.fieldnames}, not {_FLOW_COLUMNS}")
+    return [
+        FlowRecord(
+            coupon_id=row["coupon_id"],
+            batch_id=row["batch_id"],
+            user_id=row["user_id"],
+            idempotency_key=row["idempotency_key"] or None,  # the used flow has none
+            at=_time(row["at"]),
+        )
+        for row in reader
+    ]
+
+
+def _verified_flow(file: _FlowFile, content: bytes) -> list[FlowRecord]:
+    """The records of a downloaded flow file, once its bytes are the ones the platform hashed."""
+    if hashlib.sha1(content, usedforsecurity=False).hexdigest() != file.sha1:
+        raise PlatformUnavailable("BAD_FLOW_FILE", "the flow file does not match its SHA1")
+    try:
+        records = _flow_records(content.decode("utf-8"))
+    except (csv.Error, KeyError, TypeError, ValueError) as exc:
+        raise PlatformUnavailable("BAD_FLOW_FILE", f"unreadable flow file: {exc!r}") from exc
+    if len(records) != file.records:
+        raise PlatformUnavailable(
+            "BAD_FLOW_FILE", f"{len(records)} records in the file, {file.records} announced"
+        )
+    return records
 
 
 T = TypeVar("T")
@@ -110,6 +188,7 @@ class RestPlatform:
         client: httpx.AsyncClient | None = None,
     ) -> None:
         self._base_url = base_url.rstrip("/")
+        self._origin = httpx.URL(self._base_url + "/")
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._timeout = httpx.Timeout(timeout_s)
         self._owns_client = client is None
@@ -118,34 +197,57 @@ class RestPlatform:
     def __repr__(self) -> str:  # never show the key
         return f"RestPlatform({self._base_url!r})"
 
-    async def _call(
-        self, method: str, path: str, body: dict[str, Any] | None = None
-    ) -> dict[str, Any]:
+    async def _request(
+        self, method: str, url: str | httpx.URL, what: str, body: dict[str, Any] | None = None
+    ) -> httpx.Response:
+        """One HTTP exchange; any answer but 2xx raises the `PlatformError` it means."""
         try:
             response = await self._client.request(
                 method,
-                self._base_url + path,
+                url,
                 json=body,
                 headers=self._headers,
                 timeout=self._timeout,
+                # A redirect could lead off the platform, with our key: never follow one.
+                follow_redirects=False,
             )
         except httpx.TimeoutException as exc:
-            raise PlatformUnavailable("TIMEOUT", f"{method} {path}: {exc!r}") from exc
+            raise PlatformUnavailable("TIMEOUT", f"{what}: {exc!r}") from exc
         except httpx.TransportError as exc:
-            raise PlatformUnavailable("TRANSPORT_ERROR", f"{method} {path}: {exc!r}") from exc
+            raise PlatformUnavailable("TRANSPORT_ERROR", f"{what}: {exc!r}") from exc
+        if not response.is_success:
+            raise _error_of(response)
+        return response
+
+    async def _call(
+        self, method: str, path: str, body: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        what = f"{method} {path}"
+        response = await self._request(method, self._base_url + path, what, body)
         try:
             payload = response.json()
         except ValueError:
             payload = None
-        if response.is_success:
-            if not isinstance(payload, dict):
-                raise PlatformUnavailable("BAD_RESPONSE", f"{method} {path}: not a JSON object")
-            return payload
-        if isinstance(payload, dict) and isinstance(payload.get("code"), str):
-            code, message = payload["code"], str(payload.get("message", ""))
-        else:
-            code, message = f"HTTP_{response.status_code}", response.text[:200]
-        raise _error_for(response.status_code, code, message)
+        if not isinstance(payload, dict):
+            raise PlatformUnavailable("BAD_RESPONSE", f"{what}: not a JSON object")
+        return payload
+
+    def _platform_url(self, url: str) -> httpx.URL:
+        """`url` resolved against the platform, only if it stays on the platform's origin: the
+        API key goes with every request, and a descriptor must not send it anywhere else."""
+        try:
+            target = self._origin.join(url)
+        except httpx.InvalidURL as exc:
+            raise PlatformUnavailable("BAD_FLOW_URL", f"unreadable flow file URL: {exc}") from exc
+        if (target.scheme, target.host, target.port) != (
+            self._origin.scheme,
+            self._origin.host,
+            self._origin.port,
+        ):
+            raise PlatformUnavailable(
+                "BAD_FLOW_URL", f"flow file at {target.scheme}://{target.host}, off the platform"
+            )
+        return target
 
     async def create_batch(self, spec: BatchSpec) -> PlatformBatch:
         raw = await self._call(
@@ -159,12 +261,29 @@ class RestPlatform:
                 "quantity": spec.quantity,
                 "valid_days": spec.valid_days,
                 "per_user_limit": spec.per_user_limit,
+                **{
+                    name: moment.isoformat()
+                    for name, moment in (("starts_at", spec.starts_at), ("ends_at", spec.ends_at))
+                    if moment is not None
+                },
             },
         )
         return _read(_batch, raw)
 
     async def get_batch(self, batch_id: str) -> PlatformBatch:
         return _read(_batch, await self._call("GET", f"/v1/batches/{quote(batch_id, safe='')}"))
+
+    async def change_batch(self, batch_id: str, action: BatchAction) -> PlatformBatch:
+        path = f"/v1/batches/{quote(batch_id, safe='')}/{BatchAction(action).value}"
+        return _read(_batch, await self._call("POST", path))
+
+    async def batch_flow(self, batch_id: str, kind: FlowKind) -> list[FlowRecord]:
+        name = FlowKind(kind).value
+        what = f"{name} flow of {batch_id}"
+        path = f"/v1/batches/{quote(batch_id, safe='')}/flows/{name}"
+        file = _read(_flow_file, await self._call("GET", path))
+        response = await self._request("GET", self._platform_url(file.url), f"download {what}")
+        return _verified_flow(file, response.content)
 
     async def send_coupon(self, request: SendRequest) -> PlatformCoupon:
         raw = await self._call(

@@ -3,7 +3,13 @@
 Tests, the demo, chaos runs and benchmarks talk to it over the network exactly as they
 would to a third-party platform. State lives in SQLite so it survives restarts, and the
 `/sim/*` control plane turns the knobs that make a platform hard to live with: latency,
-errors, ambiguous timeouts, lookup lag, rate limits, restricted users.
+errors, ambiguous timeouts, lookup lag, rate limits, restricted users, and changes batches
+behind the service's back (budget raised or cut, a batch paused or stopped by an operator).
+
+Batches live like WeChat Pay stocks: created, then started; paused and resumed; stopped for
+good, or expired once their window is over. Coupons are sent only by a running batch inside
+its window. Each batch publishes flow files (every coupon sent, every coupon used) that a
+caller downloads and verifies by their SHA1, the platform's own record to reconcile against.
 
 Run: python -m coupons.platforms.simulator --host 127.0.0.1 --port 8600 --data PATH.sqlite3
 """
@@ -12,13 +18,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
+import hashlib
 import hmac
+import io
+import json
 import logging
 import os
 import random
+import secrets
 import sqlite3
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, field
@@ -36,6 +48,25 @@ log = logging.getLogger("coupons.platforms.simulator")
 
 DEFAULT_DATA = Path(".data/simulator.sqlite3")
 AMBIGUOUS_MODES = ("hang", "5xx")
+
+# Stored batch statuses. "expired" is stored only when the control plane forces it; otherwise
+# a batch reads expired once the clock passes its `ends_at`.
+FINISHED = frozenset({"stopped", "expired"})
+# action: (the statuses it leaves, the status it leads to). An action whose target is already
+# the status is a no-op, so a retried call after a lost answer is harmless.
+ACTIONS: dict[str, tuple[frozenset[str], str]] = {
+    "start": (frozenset({"created"}), "running"),
+    "pause": (frozenset({"running"}), "paused"),
+    "resume": (frozenset({"paused"}), "running"),
+    "stop": (frozenset({"created", "running", "paused"}), "stopped"),
+}
+# What the control plane may force a batch into, whatever the protocol's actions allow.
+CONTROL_STATUSES = ("running", "paused", "stopped", "expired")
+FLOW_KINDS = ("sent", "used")
+FLOW_COLUMNS = ("coupon_id", "batch_id", "user_id", "idempotency_key", "at")
+# Flow files are kept in memory; a caller downloads one right after asking for it, so only the
+# newest few are kept and an old token answers FILE_NOT_FOUND (ask for the flow again).
+FLOW_FILES_KEPT = 256
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -171,7 +202,12 @@ CREATE TABLE IF NOT EXISTS batches (
     remaining INTEGER NOT NULL CHECK (remaining >= 0),
     valid_days INTEGER NOT NULL,
     per_user_limit INTEGER NOT NULL,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    starts_at TEXT NOT NULL,
+    ends_at TEXT NOT NULL,
+    -- The create request as asked (JSON): a retry is compared with it, not with the batch as
+    -- it is now (its budget may have been changed since, its default window was computed).
+    request TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS coupons (
     coupon_id TEXT PRIMARY KEY,
@@ -204,6 +240,7 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(_SCHEMA)
+        _upgrade(self.db)
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
@@ -217,6 +254,34 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+
+
+def _upgrade(db: sqlite3.Connection) -> None:
+    """Bring a data file written before batch windows up to date, so its batches keep working:
+    their window becomes the default one, and the old `active` reads `running`."""
+    columns = {row["name"] for row in db.execute("PRAGMA table_info(batches)")}
+    if "request" in columns:
+        return
+    spec = ("name", "face_value_cents", "min_spend_cents", "quantity", "valid_days")
+    db.execute("BEGIN IMMEDIATE")
+    for column in ("starts_at", "ends_at", "request"):
+        db.execute(f"ALTER TABLE batches ADD COLUMN {column} TEXT")
+    for row in db.execute("SELECT * FROM batches").fetchall():
+        created = datetime.fromisoformat(row["created_at"])
+        asked = {name: row[name] for name in (*spec, "per_user_limit")}
+        db.execute(
+            "UPDATE batches SET starts_at = ?, ends_at = ?, request = ?,"
+            " status = CASE status WHEN 'active' THEN 'running' ELSE status END"
+            " WHERE batch_id = ?",
+            (
+                _iso(created),
+                _iso(created + timedelta(days=row["valid_days"])),
+                json.dumps(asked, sort_keys=True),
+                row["batch_id"],
+            ),
+        )
+    db.execute("COMMIT")
+    log.info("data file upgraded: batches have windows")
 
 
 # ---------------------------------------------------------------- request helpers
@@ -246,12 +311,34 @@ def _integer(body: Mapping[str, Any], name: str, *, minimum: int) -> int:
     return value
 
 
+def _moment(body: Mapping[str, Any], name: str) -> datetime | None:
+    """An optional ISO 8601 time; it must carry its timezone, since a platform cannot guess it."""
+    value = body.get(name)
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise ApiError(400, "INVALID_REQUEST", f"{name} must be an ISO 8601 time with a timezone")
+    return moment.astimezone(UTC)
+
+
+def _a(word: str) -> str:
+    return "an" if word[:1] in ("a", "e", "i", "o", "u") else "a"
+
+
 def _iso(moment: datetime) -> str:
     return moment.isoformat()
 
 
-def _batch_json(row: sqlite3.Row) -> dict[str, Any]:
-    return {key: row[key] for key in row.keys() if key != "request_key"}
+def _flow_csv(records: list[tuple[str, ...]]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(FLOW_COLUMNS)
+    writer.writerows(records)
+    return buffer.getvalue().encode()
 
 
 # ---------------------------------------------------------------- the simulator
@@ -264,6 +351,7 @@ class Simulator:
         self.rng = random.Random(knobs.seed)
         self._api_key = api_key
         self._window = (0, 0)  # (second, requests seen in it)
+        self._files: OrderedDict[str, bytes] = OrderedDict()  # flow file token -> CSV bytes
         self.counters = dict.fromkeys(
             (
                 "sends_applied",
@@ -281,6 +369,30 @@ class Simulator:
 
     def _roll(self, rate: float) -> bool:
         return rate > 0 and self.rng.random() < rate
+
+    def _batch_status(self, row: sqlite3.Row, now: datetime | None = None) -> str:
+        # Stopped stays stopped after its window ends: it was ended by hand, not by time.
+        status: str = row["status"]
+        if status in FINISHED:
+            return status
+        moment = self.now() if now is None else now
+        return "expired" if moment > datetime.fromisoformat(row["ends_at"]) else status
+
+    def _batch_json(self, row: sqlite3.Row) -> dict[str, Any]:
+        return {
+            "batch_id": row["batch_id"],
+            "name": row["name"],
+            "status": self._batch_status(row),
+            "face_value_cents": row["face_value_cents"],
+            "min_spend_cents": row["min_spend_cents"],
+            "quantity": row["quantity"],
+            "remaining": row["remaining"],
+            "valid_days": row["valid_days"],
+            "per_user_limit": row["per_user_limit"],
+            "starts_at": row["starts_at"],
+            "ends_at": row["ends_at"],
+            "created_at": row["created_at"],
+        }
 
     def _coupon_json(self, row: sqlite3.Row) -> dict[str, Any]:
         if row["used_at"] is not None:
@@ -355,35 +467,82 @@ class Simulator:
             "valid_days": _integer(body, "valid_days", minimum=1),
             "per_user_limit": _integer(body, "per_user_limit", minimum=1),
         }
+        window = {
+            name: moment
+            for name in ("starts_at", "ends_at")
+            if (moment := _moment(body, name)) is not None
+        }
         request_key = _text(body, "request_key")
+        now = self.now()
+        starts_at = window.get("starts_at", now)
+        ends_at = window.get("ends_at", starts_at + timedelta(days=spec["valid_days"]))
+        if ends_at <= starts_at:
+            raise ApiError(400, "INVALID_REQUEST", "ends_at must be after starts_at")
+        # Only an explicit window is part of the request: a default one depends on when the
+        # request arrived, and a retry without a window must find the batch it created.
+        asked = {**spec, **{name: _iso(moment) for name, moment in window.items()}}
         with self.store.tx() as db:
             row = db.execute(
                 "SELECT * FROM batches WHERE request_key = ?", (request_key,)
             ).fetchone()
             if row is not None:
-                if any(row[name] != value for name, value in spec.items()):
+                if json.loads(row["request"]) != asked:
                     raise ApiError(
                         409, "IDEMPOTENCY_KEY_REUSED", "request_key was used for another batch"
                     )
-                return JSONResponse(_batch_json(row), 200)
+                return JSONResponse(self._batch_json(row), 200)
             batch_id = f"bat_{uuid.uuid4().hex[:20]}"
             db.execute(
                 "INSERT INTO batches (batch_id, request_key, status, remaining, created_at,"
-                f" {', '.join(spec)}) VALUES (?, ?, 'active', ?, ?, {', '.join('?' * len(spec))})",
-                (batch_id, request_key, spec["quantity"], _iso(self.now()), *spec.values()),
+                f" starts_at, ends_at, request, {', '.join(spec)})"
+                f" VALUES (?, ?, 'created', ?, ?, ?, ?, ?, {', '.join('?' * len(spec))})",
+                (
+                    batch_id,
+                    request_key,
+                    spec["quantity"],
+                    _iso(now),
+                    _iso(starts_at),
+                    _iso(ends_at),
+                    json.dumps(asked, sort_keys=True),
+                    *spec.values(),
+                ),
             )
             row = db.execute("SELECT * FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()
         log.info("batch %s created (%s coupons)", batch_id, spec["quantity"])
-        return JSONResponse(_batch_json(row), 201)
+        return JSONResponse(self._batch_json(row), 201)
 
-    async def get_batch(self, request: Request) -> Response:
-        batch_id = request.path_params["batch_id"]
-        row = self.store.db.execute(
+    @staticmethod
+    def _batch_row(db: sqlite3.Connection, batch_id: str) -> sqlite3.Row:
+        row: sqlite3.Row | None = db.execute(
             "SELECT * FROM batches WHERE batch_id = ?", (batch_id,)
         ).fetchone()
         if row is None:
             raise ApiError(404, "BATCH_NOT_FOUND", f"no batch {batch_id}")
-        return JSONResponse(_batch_json(row))
+        return row
+
+    async def get_batch(self, request: Request) -> Response:
+        return JSONResponse(
+            self._batch_json(self._batch_row(self.store.db, request.path_params["batch_id"]))
+        )
+
+    async def change_batch(self, request: Request) -> Response:
+        batch_id, action = request.path_params["batch_id"], request.path_params["action"]
+        if action not in ACTIONS:
+            raise ApiError(404, "NOT_FOUND", f"no action {action}; one of {', '.join(ACTIONS)}")
+        leaves, target = ACTIONS[action]
+        with self.store.tx() as db:
+            row = self._batch_row(db, batch_id)
+            status = self._batch_status(row)
+            if status == target:
+                return JSONResponse(self._batch_json(row))
+            if status not in leaves:
+                raise ApiError(
+                    409, "BATCH_STATE_INVALID", f"cannot {action} {_a(status)} {status} batch"
+                )
+            db.execute("UPDATE batches SET status = ? WHERE batch_id = ?", (target, batch_id))
+            row = self._batch_row(db, batch_id)
+        log.info("batch %s: %s, now %s", batch_id, action, target)
+        return JSONResponse(self._batch_json(row))
 
     async def send_coupon(self, request: Request) -> Response:
         batch_id: str = request.path_params["batch_id"]
@@ -420,9 +579,9 @@ class Simulator:
                         "idempotency_key was used for another batch or user",
                     )
                 return row, False
-            batch = db.execute("SELECT * FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()
-            if batch is None:
-                raise ApiError(404, "BATCH_NOT_FOUND", f"no batch {batch_id}")
+            batch = self._batch_row(db, batch_id)
+            sent_at = self.now()
+            self._check_sending(batch, sent_at)
             if user_id in self.knobs.restricted_users:
                 raise ApiError(403, "USER_RESTRICTED", "this user may not receive coupons")
             (held,) = db.execute(
@@ -433,7 +592,11 @@ class Simulator:
                 raise ApiError(403, "USER_LIMIT_REACHED", "the user holds the batch's limit")
             if batch["remaining"] <= 0:
                 raise ApiError(409, "BUDGET_EXHAUSTED", "the batch has no coupons left")
-            sent_at = self.now()
+            # A coupon never outlives the batch's window.
+            valid_until = min(
+                sent_at + timedelta(days=batch["valid_days"]),
+                datetime.fromisoformat(batch["ends_at"]),
+            )
             coupon_id = f"cpn_{uuid.uuid4().hex[:20]}"
             db.execute(
                 "INSERT INTO coupons (coupon_id, idempotency_key, batch_id, user_id, sent_at,"
@@ -444,7 +607,7 @@ class Simulator:
                     batch_id,
                     user_id,
                     _iso(sent_at),
-                    _iso(sent_at + timedelta(days=batch["valid_days"])),
+                    _iso(valid_until),
                 ),
             )
             db.execute(
@@ -452,6 +615,16 @@ class Simulator:
             )
             row = db.execute("SELECT * FROM coupons WHERE coupon_id = ?", (coupon_id,)).fetchone()
         return row, True
+
+    def _check_sending(self, batch: sqlite3.Row, now: datetime) -> None:
+        # Paused may send again (the caller waits); any other non-running batch is a refusal.
+        status = self._batch_status(batch, now)
+        if status == "paused":
+            raise ApiError(409, "BATCH_PAUSED", "the batch is paused")
+        if status != "running":
+            raise ApiError(409, "BATCH_NOT_RUNNING", f"the batch is {status}, not running")
+        if now < datetime.fromisoformat(batch["starts_at"]):
+            raise ApiError(409, "BATCH_NOT_RUNNING", f"the batch starts at {batch['starts_at']}")
 
     async def get_coupon(self, request: Request) -> Response:
         user_id, coupon_id = request.path_params["user_id"], request.path_params["coupon_id"]
@@ -490,6 +663,55 @@ class Simulator:
                 ).fetchone()
         return JSONResponse(self._coupon_json(row))
 
+    async def batch_flow(self, request: Request) -> Response:
+        """Publish the batch's flow file of `kind` and answer where to download it and its
+        SHA1, as WeChat Pay's use-flow endpoint does."""
+        batch_id, kind = request.path_params["batch_id"], request.path_params["kind"]
+        if kind not in FLOW_KINDS:
+            raise ApiError(404, "NOT_FOUND", f"no flow {kind}; one of {', '.join(FLOW_KINDS)}")
+        self._batch_row(self.store.db, batch_id)
+        records = self._flow_records(batch_id, kind)
+        content = _flow_csv(records)
+        token = secrets.token_urlsafe(24)
+        self._files[token] = content
+        while len(self._files) > FLOW_FILES_KEPT:
+            self._files.popitem(last=False)
+        return JSONResponse(
+            {
+                "url": str(request.url_for("flow_file", token=token)),
+                "hash_type": "SHA1",
+                "hash_value": hashlib.sha1(content, usedforsecurity=False).hexdigest(),
+                "records": len(records),
+            }
+        )
+
+    def _flow_records(self, batch_id: str, kind: str) -> list[tuple[str, ...]]:
+        # `at` is when the platform saw it happen: the send for "sent", the use for "used".
+        # The used flow has no idempotency key: a till knows nothing of our requests.
+        column = "sent_at" if kind == "sent" else "used_at"
+        rows = self.store.db.execute(
+            f"SELECT * FROM coupons WHERE batch_id = ? AND {column} IS NOT NULL", (batch_id,)
+        ).fetchall()
+        records: list[tuple[str, ...]] = [
+            (
+                row["coupon_id"],
+                row["batch_id"],
+                row["user_id"],
+                row["idempotency_key"] if kind == "sent" else "",
+                row[column],
+            )
+            for row in rows
+        ]
+        # Parsed, not compared as text: an ISO time without microseconds is shorter.
+        records.sort(key=lambda record: (datetime.fromisoformat(record[4]), record[0]))
+        return records
+
+    async def flow_file(self, request: Request) -> Response:
+        content = self._files.get(request.path_params["token"])
+        if content is None:
+            raise ApiError(404, "FILE_NOT_FOUND", "no such file (ask for the flow again)")
+        return Response(content, media_type="text/csv")
+
     # -- /sim and /health -------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
@@ -513,6 +735,53 @@ class Simulator:
         (batches,) = db.execute("SELECT count(*) FROM batches").fetchone()
         (coupons,) = db.execute("SELECT count(*) FROM coupons").fetchone()
         return JSONResponse({"batches": batches, "coupons": coupons, **self.counters})
+
+    async def put_batch(self, request: Request) -> Response:
+        """Change a batch behind the service's back, as the platform's operator can: set its
+        `remaining` budget (the total `quantity` follows, always sent + remaining) and/or force
+        its `status`. Coupons already sent stay as they are, stopped or expired batch or not."""
+        batch_id = request.path_params["batch_id"]
+        body = await _json_object(request)
+        unknown = sorted(set(body) - {"remaining", "status"})
+        if unknown:
+            raise ApiError(400, "INVALID_REQUEST", f"unknown field: {', '.join(unknown)}")
+        if not body:
+            raise ApiError(400, "INVALID_REQUEST", "give remaining and/or status")
+        remaining = _integer(body, "remaining", minimum=0) if "remaining" in body else None
+        status = body.get("status")
+        if "status" in body and status not in CONTROL_STATUSES:
+            raise ApiError(
+                400, "INVALID_REQUEST", f"status must be one of {', '.join(CONTROL_STATUSES)}"
+            )
+        with self.store.tx() as db:
+            row = self._batch_row(db, batch_id)
+            if status is not None:
+                self._force_status(db, row, status)
+            if remaining is not None:
+                db.execute(
+                    "UPDATE batches SET quantity = quantity - remaining + ?, remaining = ?"
+                    " WHERE batch_id = ?",
+                    (remaining, remaining, batch_id),
+                )
+            row = self._batch_row(db, batch_id)
+        log.info("batch %s changed by the operator: %s", batch_id, body)
+        return JSONResponse(self._batch_json(row))
+
+    def _force_status(self, db: sqlite3.Connection, row: sqlite3.Row, status: str) -> None:
+        # Nothing brings a finished batch back: its coupons' windows and the caller's view of
+        # it as final would no longer hold. Checked before any write, so a refusal changes nothing.
+        current = self._batch_status(row)
+        if status not in FINISHED and current in FINISHED:
+            raise ApiError(
+                409, "BATCH_STATE_INVALID", f"{_a(current)} {current} batch cannot be {status}"
+            )
+        ends_at = datetime.fromisoformat(row["ends_at"])
+        if status == "expired":
+            ends_at = min(ends_at, self.now())  # its window is over now
+        db.execute(
+            "UPDATE batches SET status = ?, ends_at = ? WHERE batch_id = ?",
+            (status, _iso(ends_at), row["batch_id"]),
+        )
 
     async def batch_coupons(self, request: Request) -> Response:
         """Every coupon the platform holds for a batch: what chaos runs and reconciliation
@@ -547,11 +816,15 @@ def create_app(data_path: Path, knobs: Knobs | None = None) -> Starlette:
         Route("/v1/batches", v1(sim.create_batch), methods=["POST"]),
         Route("/v1/batches/{batch_id}", v1(sim.get_batch), methods=["GET"]),
         Route("/v1/batches/{batch_id}/coupons", v1(sim.send_coupon), methods=["POST"]),
+        Route("/v1/batches/{batch_id}/flows/{kind}", v1(sim.batch_flow), methods=["GET"]),
+        Route("/v1/batches/{batch_id}/{action}", v1(sim.change_batch), methods=["POST"]),
+        Route("/v1/files/{token}", v1(sim.flow_file), methods=["GET"], name="flow_file"),
         Route("/v1/users/{user_id}/coupons/{coupon_id}", v1(sim.get_coupon), methods=["GET"]),
         Route("/v1/coupons/{coupon_id}/use", v1(sim.use_coupon), methods=["POST"]),
         Route("/sim/knobs", control(sim.get_knobs), methods=["GET"]),
         Route("/sim/knobs", control(sim.put_knobs), methods=["PUT"]),
         Route("/sim/stats", control(sim.stats), methods=["GET"]),
+        Route("/sim/batches/{batch_id}", control(sim.put_batch), methods=["PUT"]),
         Route("/sim/batches/{batch_id}/coupons", control(sim.batch_coupons), methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import psycopg
 import pytest
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, sql
 from psycopg_pool import AsyncConnectionPool
 
 from coupons.embedded import EmbeddedPostgres
@@ -27,7 +27,33 @@ async def test_migrations_build_an_empty_database_once(postgres: EmbeddedPostgre
     assert await db.migrate_url(url) == []
     async with await AsyncConnection.connect(url) as conn:
         cur = await conn.execute("SELECT version, name FROM schema_migrations ORDER BY version")
-        assert await cur.fetchall() == [(1, "initial")]
+        assert await cur.fetchall() == [(1, "initial"), (2, "catalog")]
+
+
+async def test_the_catalog_migration_keeps_existing_batches_and_campaigns(
+    postgres: EmbeddedPostgres, schema: str
+) -> None:
+    """A ledger from before the catalog (batch ids were the platform's) upgrades in place."""
+    upgraded = f"{schema}_upgrade"
+    assert await db.migrate_url(postgres.url(), schema=upgraded, upto=1) == [1]
+    options = f"-c search_path={upgraded}"
+    async with await AsyncConnection.connect(
+        postgres.url(), options=options, autocommit=True
+    ) as conn:
+        await conn.execute(
+            "INSERT INTO batches (id, name, quantity, valid_days, status, remaining, raw)"
+            " VALUES ('bat_1', 'old', 10, 30, 'active', 10, '{}')"
+        )
+        await conn.execute(
+            "INSERT INTO campaigns (id, batch_id, required_tasks, per_user_limit, quota)"
+            " VALUES ('old', 'bat_1', '{first-order}', 1, 10)"
+        )
+        assert await db.migrate(conn) == [2]
+        cur = await conn.execute("SELECT id, platform_batch_id, drift FROM batches")
+        assert await cur.fetchall() == [("bat_1", "bat_1", [])]
+        cur = await conn.execute("SELECT required_tasks, task_names, status FROM campaigns")
+        assert await cur.fetchall() == [(["first-order"], ["first-order"], "active")]
+        await conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(upgraded)))
 
 
 async def claimed(pool: AsyncConnectionPool, platform: RestPlatform) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import asdict
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import httpx
 import pytest
 
 from coupons.embedded import SimulatorProcess, free_port
-from coupons.platforms.base import BatchSpec
+from coupons.platforms.base import BatchAction, BatchSpec, Platform, PlatformBatch
 from coupons.platforms.rest import RestPlatform
 from coupons.platforms.simulator import Knobs
 
@@ -83,6 +84,10 @@ class SimControl:
     async def use(self, coupon_id: str) -> httpx.Response:
         return await self.http.post(f"/v1/coupons/{coupon_id}/use")
 
+    async def change_batch(self, batch_id: str, **changes: Any) -> httpx.Response:
+        """What the platform's operator does behind the service's back (budget, status)."""
+        return await self.http.put(f"/sim/batches/{batch_id}", json=changes)
+
 
 @pytest.fixture
 async def sim(simulator: SimulatorProcess) -> AsyncIterator[SimControl]:
@@ -108,7 +113,13 @@ def new_key(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
-def batch_spec(quantity: int = 10, per_user_limit: int = 1, valid_days: int = 7) -> BatchSpec:
+def batch_spec(
+    quantity: int = 10,
+    per_user_limit: int = 1,
+    valid_days: int = 7,
+    starts_at: datetime | None = None,
+    ends_at: datetime | None = None,
+) -> BatchSpec:
     return BatchSpec(
         request_key=new_key("batch"),
         name="10 off 50",
@@ -117,4 +128,12 @@ def batch_spec(quantity: int = 10, per_user_limit: int = 1, valid_days: int = 7)
         quantity=quantity,
         valid_days=valid_days,
         per_user_limit=per_user_limit,
+        starts_at=starts_at,
+        ends_at=ends_at,
     )
+
+
+async def running_batch(platform: Platform, spec: BatchSpec | None = None) -> PlatformBatch:
+    """A batch that sends: created, then started, as a platform wants it."""
+    batch = await platform.create_batch(spec if spec is not None else batch_spec())
+    return await platform.change_batch(batch.batch_id, BatchAction.START)

@@ -3,33 +3,47 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
+from typing import Any
 
 import httpx
 import pytest
 
 from coupons.platforms.base import (
+    BatchAction,
+    BatchStatus,
     Platform,
     PlatformBatch,
+    PlatformBatchUnavailable,
+    PlatformBudgetExhausted,
     PlatformCouponStatus,
+    PlatformError,
     PlatformRateLimited,
+    PlatformRefused,
     PlatformUnavailable,
     SendRequest,
 )
 from coupons.platforms.rest import RestPlatform
 
-from .conftest import SimControl, StartSimulator, batch_spec, new_key
+from .conftest import SimControl, StartSimulator, batch_spec, new_key, running_batch
 
 
 async def test_success_maps_to_typed_results_with_raw_json(platform: RestPlatform) -> None:
     typed: Platform = platform  # RestPlatform satisfies the protocol (checked by mypy)
-    batch = await typed.create_batch(batch_spec(valid_days=7))
+    batch = await running_batch(typed, batch_spec(valid_days=7))
     coupon = await typed.send_coupon(SendRequest(batch.batch_id, "typed", new_key("send")))
 
+    assert batch.status is BatchStatus.RUNNING
+    assert (batch.face_value_cents, batch.min_spend_cents, batch.per_user_limit) == (1000, 5000, 1)
     assert batch.raw["face_value_cents"] == 1000
+    # The default window: from creation, for `valid_days`; no coupon outlives it.
+    assert batch.starts_at.tzinfo is not None
+    assert batch.ends_at - batch.starts_at == timedelta(days=7)
     assert coupon.status is PlatformCouponStatus.SENT
     assert coupon.sent_at.tzinfo is not None and coupon.valid_until.tzinfo is not None
-    assert coupon.valid_until - coupon.sent_at == timedelta(days=7)
+    assert coupon.valid_until == batch.ends_at
     assert coupon.used_at is None
     assert coupon.raw["coupon_id"] == coupon.coupon_id
 
@@ -41,7 +55,7 @@ async def test_get_coupon_not_found_is_none(platform: RestPlatform) -> None:
 async def test_error_rate_gives_unavailable_and_applies_nothing(
     platform: RestPlatform, sim: SimControl
 ) -> None:
-    batch = await platform.create_batch(batch_spec())
+    batch = await running_batch(platform, batch_spec())
     await sim.knobs(error_rate=1.0)
     before = await sim.stats()
 
@@ -59,7 +73,7 @@ async def test_error_rate_gives_unavailable_and_applies_nothing(
 async def test_ambiguous_timeout_gives_unavailable_but_the_send_was_applied(
     platform: RestPlatform, sim: SimControl
 ) -> None:
-    batch = await platform.create_batch(batch_spec())
+    batch = await running_batch(platform, batch_spec())
     request = SendRequest(batch.batch_id, "ambiguous", new_key("send"))
     await sim.knobs(ambiguous_rate=1.0, ambiguous_hang_s=1.0)
     before = await sim.stats()
@@ -87,7 +101,7 @@ async def test_ambiguous_timeout_gives_unavailable_but_the_send_was_applied(
 async def test_ambiguous_5xx_gives_unavailable_and_a_resend_returns_the_coupon(
     platform: RestPlatform, sim: SimControl
 ) -> None:
-    batch = await platform.create_batch(batch_spec())
+    batch = await running_batch(platform, batch_spec())
     request = SendRequest(batch.batch_id, "ambiguous5xx", new_key("send"))
     await sim.knobs(ambiguous_rate=1.0, ambiguous_mode="5xx")
 
@@ -138,7 +152,7 @@ async def test_api_key_is_required_and_a_bad_key_is_retried_not_refused(
             await adapter.aclose()
 
     assert no_key.value.code == wrong_key.value.code == "UNAUTHORIZED"
-    assert batch.status == "active"
+    assert batch.status is BatchStatus.CREATED
     assert health.status_code == 200
     assert "s3cret-key" not in process.log_path.read_text()
 
@@ -161,3 +175,45 @@ async def test_aclose_leaves_a_borrowed_client_open(sim: SimControl) -> None:
 
         assert not client.is_closed
         assert await adapter.get_coupon("nobody", "cpn_nope") is None
+
+
+@asynccontextmanager
+async def answering(status: int, payload: dict[str, Any]) -> AsyncIterator[RestPlatform]:
+    """An adapter whose platform answers every request with `payload`."""
+    transport = httpx.MockTransport(lambda request: httpx.Response(status, json=payload))
+    async with httpx.AsyncClient(transport=transport) as client:
+        yield RestPlatform("http://platform.test", client=client)
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "error"),
+    [
+        (409, "BATCH_NOT_RUNNING", PlatformRefused),
+        (409, "BATCH_STATE_INVALID", PlatformRefused),
+        (409, "BATCH_PAUSED", PlatformBatchUnavailable),
+        (409, "BUDGET_EXHAUSTED", PlatformBudgetExhausted),
+        (429, "ANYTHING", PlatformRateLimited),
+        # A known code with a status it never comes with: someone else answered, retry.
+        (502, "BATCH_NOT_RUNNING", PlatformUnavailable),
+        (403, "BATCH_PAUSED", PlatformUnavailable),
+    ],
+)
+async def test_error_codes_map_by_status_and_code(
+    status: int, code: str, error: type[PlatformError]
+) -> None:
+    async with answering(status, {"code": code, "message": "m"}) as adapter:
+        with pytest.raises(PlatformError) as raised:
+            await adapter.change_batch("bat_x", BatchAction.START)
+
+    assert type(raised.value) is error
+    assert raised.value.code == code
+
+
+async def test_an_unknown_batch_status_is_an_unreadable_answer(platform: RestPlatform) -> None:
+    batch = await platform.create_batch(batch_spec())
+    # A platform that grew a status we do not know: the answer cannot be trusted as read.
+    async with answering(200, {**batch.raw, "status": "archived"}) as adapter:
+        with pytest.raises(PlatformUnavailable) as unreadable:
+            await adapter.get_batch(batch.batch_id)
+
+    assert unreadable.value.code == "BAD_RESPONSE"

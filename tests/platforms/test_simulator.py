@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
+from contextlib import closing
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
 from coupons.platforms.base import (
+    BatchStatus,
     PlatformBudgetExhausted,
     PlatformCouponStatus,
     PlatformRefused,
@@ -17,7 +22,14 @@ from coupons.platforms.base import (
 )
 from coupons.platforms.rest import RestPlatform
 
-from .conftest import SimControl, StartSimulator, batch_spec, new_key
+from .conftest import (
+    SimControl,
+    StartSimulator,
+    batch_spec,
+    new_key,
+    running_batch,
+    simulator_process,
+)
 
 
 async def test_batch_create_is_idempotent(platform: RestPlatform, sim: SimControl) -> None:
@@ -28,7 +40,7 @@ async def test_batch_create_is_idempotent(platform: RestPlatform, sim: SimContro
     again = await platform.create_batch(spec)
 
     assert again.batch_id == first.batch_id
-    assert (first.status, first.quantity, first.remaining) == ("active", 5, 5)
+    assert (first.status, first.quantity, first.remaining) == (BatchStatus.CREATED, 5, 5)
     assert (await sim.stats())["batches"] == before["batches"] + 1
 
 
@@ -63,7 +75,7 @@ async def test_unknown_batch_is_refused(platform: RestPlatform) -> None:
 
 
 async def test_send_is_idempotent(platform: RestPlatform, sim: SimControl) -> None:
-    batch = await platform.create_batch(batch_spec(quantity=3))
+    batch = await running_batch(platform, batch_spec(quantity=3))
     request = SendRequest(batch.batch_id, new_key("user"), new_key("send"))
     before = await sim.stats()
 
@@ -81,7 +93,7 @@ async def test_send_is_idempotent(platform: RestPlatform, sim: SimControl) -> No
 async def test_twenty_concurrent_sends_with_one_key_make_one_coupon(
     platform: RestPlatform, sim: SimControl
 ) -> None:
-    batch = await platform.create_batch(batch_spec(quantity=50, per_user_limit=50))
+    batch = await running_batch(platform, batch_spec(quantity=50, per_user_limit=50))
     request = SendRequest(batch.batch_id, new_key("user"), new_key("send"))
     before = await sim.stats()
 
@@ -98,8 +110,8 @@ async def test_twenty_concurrent_sends_with_one_key_make_one_coupon(
 async def test_idempotency_key_reused_with_another_user_or_batch_is_refused(
     platform: RestPlatform, sim: SimControl
 ) -> None:
-    batch = await platform.create_batch(batch_spec())
-    other_batch = await platform.create_batch(batch_spec())
+    batch = await running_batch(platform, batch_spec())
+    other_batch = await running_batch(platform, batch_spec())
     key = new_key("send")
     await platform.send_coupon(SendRequest(batch.batch_id, "alice", key))
     before = await sim.stats()
@@ -114,7 +126,7 @@ async def test_idempotency_key_reused_with_another_user_or_batch_is_refused(
 
 
 async def test_budget_exhausted_raises_budget_exhausted(platform: RestPlatform) -> None:
-    batch = await platform.create_batch(batch_spec(quantity=1))
+    batch = await running_batch(platform, batch_spec(quantity=1))
     await platform.send_coupon(SendRequest(batch.batch_id, new_key("user"), new_key("send")))
 
     with pytest.raises(PlatformBudgetExhausted) as exhausted:
@@ -125,7 +137,7 @@ async def test_budget_exhausted_raises_budget_exhausted(platform: RestPlatform) 
 
 
 async def test_user_limit_reached_is_refused(platform: RestPlatform) -> None:
-    batch = await platform.create_batch(batch_spec(per_user_limit=2))
+    batch = await running_batch(platform, batch_spec(per_user_limit=2))
     user = new_key("user")
     for _ in range(2):
         await platform.send_coupon(SendRequest(batch.batch_id, user, new_key("send")))
@@ -140,7 +152,7 @@ async def test_user_limit_reached_is_refused(platform: RestPlatform) -> None:
 async def test_restricted_user_is_refused_with_code(
     platform: RestPlatform, sim: SimControl
 ) -> None:
-    batch = await platform.create_batch(batch_spec())
+    batch = await running_batch(platform, batch_spec())
     await sim.knobs(restricted_users=["mallory"])
 
     with pytest.raises(PlatformRefused) as refused:
@@ -153,7 +165,7 @@ async def test_restricted_user_is_refused_with_code(
 async def test_lookup_lag_hides_a_new_coupon_then_shows_it(
     platform: RestPlatform, sim: SimControl
 ) -> None:
-    batch = await platform.create_batch(batch_spec())
+    batch = await running_batch(platform, batch_spec())
     await sim.knobs(lookup_lag_s=1.0)
     coupon = await platform.send_coupon(SendRequest(batch.batch_id, "lag", new_key("send")))
     before = await sim.stats()
@@ -169,7 +181,7 @@ async def test_lookup_lag_hides_a_new_coupon_then_shows_it(
 
 
 async def test_use_marks_the_coupon_used(platform: RestPlatform, sim: SimControl) -> None:
-    batch = await platform.create_batch(batch_spec())
+    batch = await running_batch(platform, batch_spec())
     coupon = await platform.send_coupon(SendRequest(batch.batch_id, "till", new_key("send")))
 
     used = await sim.use(coupon.coupon_id)
@@ -186,7 +198,7 @@ async def test_use_marks_the_coupon_used(platform: RestPlatform, sim: SimControl
 
 
 async def test_coupon_expires_after_its_validity(platform: RestPlatform, sim: SimControl) -> None:
-    batch = await platform.create_batch(batch_spec(valid_days=1))
+    batch = await running_batch(platform, batch_spec(valid_days=1))
     coupon = await platform.send_coupon(SendRequest(batch.batch_id, "late", new_key("send")))
     await sim.knobs(clock_offset_s=86_400 + 60)
 
@@ -210,7 +222,7 @@ async def test_latency_is_added_to_every_v1_answer(platform: RestPlatform, sim: 
 
 
 async def test_seeded_error_injection_repeats(platform: RestPlatform, sim: SimControl) -> None:
-    batch = await platform.create_batch(batch_spec(quantity=50))
+    batch = await running_batch(platform, batch_spec(quantity=50))
 
     async def outcomes() -> list[bool]:
         await sim.knobs(seed=42, error_rate=0.5)
@@ -235,7 +247,7 @@ async def test_state_survives_a_restart(start_simulator: StartSimulator) -> None
     platform = RestPlatform(process.url, timeout_s=5.0)
     try:
         spec = batch_spec(quantity=4)
-        batch = await platform.create_batch(spec)
+        batch = await running_batch(platform, spec)
         request = SendRequest(batch.batch_id, "durable", new_key("send"))
         coupon = await platform.send_coupon(request)
         await platform.aclose()
@@ -256,7 +268,7 @@ async def test_state_survives_a_restart(start_simulator: StartSimulator) -> None
 async def test_control_plane_lists_a_batch_coupons_with_their_keys(
     platform: RestPlatform, sim: SimControl
 ) -> None:
-    batch = await platform.create_batch(batch_spec())
+    batch = await running_batch(platform, batch_spec())
     keys = [new_key("send"), new_key("send")]
     sent = [
         await platform.send_coupon(SendRequest(batch.batch_id, f"user-{i}", key))
@@ -266,3 +278,58 @@ async def test_control_plane_lists_a_batch_coupons_with_their_keys(
     listed = (await sim.http.get(f"/sim/batches/{batch.batch_id}/coupons")).json()["coupons"]
     assert [c["coupon_id"] for c in listed] == [c.coupon_id for c in sent]
     assert [c["idempotency_key"] for c in listed] == keys
+
+
+# The schema of data files written before batches had windows and a lifecycle.
+_OLD_SCHEMA = """
+CREATE TABLE batches (
+    batch_id TEXT PRIMARY KEY, request_key TEXT NOT NULL UNIQUE, name TEXT NOT NULL,
+    status TEXT NOT NULL, face_value_cents INTEGER NOT NULL, min_spend_cents INTEGER NOT NULL,
+    quantity INTEGER NOT NULL, remaining INTEGER NOT NULL CHECK (remaining >= 0),
+    valid_days INTEGER NOT NULL, per_user_limit INTEGER NOT NULL, created_at TEXT NOT NULL
+);
+CREATE TABLE coupons (
+    coupon_id TEXT PRIMARY KEY, idempotency_key TEXT NOT NULL UNIQUE,
+    batch_id TEXT NOT NULL REFERENCES batches (batch_id), user_id TEXT NOT NULL,
+    sent_at TEXT NOT NULL, valid_until TEXT NOT NULL, used_at TEXT
+);
+"""
+
+
+async def test_an_old_data_file_keeps_its_batches_sending(tmp_path: Path) -> None:
+    data = tmp_path / "old.sqlite3"
+    spec = batch_spec(quantity=4, valid_days=7)
+    created = datetime.now(UTC)
+    with closing(sqlite3.connect(data)) as db, db:
+        db.executescript(_OLD_SCHEMA)
+        db.execute(
+            "INSERT INTO batches VALUES ('bat_old', ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?)",
+            (
+                spec.request_key,
+                spec.name,
+                spec.face_value_cents,
+                spec.min_spend_cents,
+                spec.quantity,
+                spec.quantity,
+                spec.valid_days,
+                spec.per_user_limit,
+                created.isoformat(),
+            ),
+        )
+    process = simulator_process(data)
+    await asyncio.to_thread(process.start)
+    platform = RestPlatform(process.url, timeout_s=5.0)
+    try:
+        batch = await platform.get_batch("bat_old")
+        retried = await platform.create_batch(spec)
+        await platform.send_coupon(SendRequest("bat_old", "old-user", new_key("send")))
+        remaining = (await platform.get_batch("bat_old")).remaining
+    finally:
+        await platform.aclose()
+        await asyncio.to_thread(process.stop)
+
+    # `active` meant sending: it reads running, in the default window it would have had.
+    assert batch.status is BatchStatus.RUNNING
+    assert (batch.starts_at, batch.ends_at) == (created, created + timedelta(days=7))
+    assert retried.batch_id == "bat_old"
+    assert remaining == 3

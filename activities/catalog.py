@@ -1,0 +1,190 @@
+"""Catalog activities: batch sync, reconciliation, and expiring a campaign's pending coupons.
+
+They reach coupon workflows by handler name (from `coupons.contract`), through the
+worker's Temporal client: repairs and expiries go through the workflows, never around them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
+
+from psycopg_pool import AsyncConnectionPool
+from temporalio import activity
+from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from coupons import catalog
+from coupons import contract as act
+from coupons.ledger import campaigns as batches
+from coupons.ledger import claims
+from coupons.model import (
+    BatchReconciliation,
+    BatchSync,
+    BudgetNotice,
+    ExpirePage,
+    ExpirePageResult,
+    ExpireRequest,
+    ReconcileInput,
+    RedemptionReport,
+    RepairCheck,
+)
+from coupons.platforms.base import BatchStatus, FlowKind, Platform
+from coupons.reconcile import REDEEM, compare
+
+# Signals and updates to coupon workflows in flight at once: enough to be quick, few
+# enough that a bulk operation never crowds out the app's own traffic.
+FAN_OUT = 32
+PAGE = 500
+
+
+class CatalogActivities:
+    def __init__(self, pool: AsyncConnectionPool, platform: Platform, client: Client) -> None:
+        self._pool = pool
+        self._platform = platform
+        self._client = client
+
+    # ----- sync ---------------------------------------------------------------------
+
+    @activity.defn(name=act.SYNCABLE_BATCHES)
+    async def syncable_batches(self) -> list[str]:
+        return [b.id for b in await batches.list_batches(self._pool, syncable_only=True)]
+
+    @activity.defn(name=act.ALL_BATCHES)
+    async def all_batches(self) -> list[str]:
+        return [b.id for b in await batches.list_batches(self._pool)]
+
+    @activity.defn(name=act.SYNC_BATCH)
+    async def sync_batch(self, batch_id: str) -> BatchSync:
+        """Upsert the platform's figures and flag drift; when budget is back, tell the
+        coupons waiting for it to try again."""
+        synced = await catalog.sync_batch(self._pool, self._platform, batch_id)
+        if synced.backlog and synced.remaining > 0 and synced.status == BatchStatus.RUNNING:
+            synced.woken = await self._wake_waiters(batch_id, synced.platform_batch_id)
+        return synced
+
+    async def _wake_waiters(self, batch_id: str, platform_batch_id: str) -> int:
+        notice = BudgetNotice(platform_batch_id)
+
+        async def wake(claim: claims.Claim) -> bool:
+            handle = self._client.get_workflow_handle(claim.workflow_id)
+            await handle.signal(act.BUDGET_AVAILABLE, notice)
+            return True
+
+        woken = 0
+        after = ""
+        while True:
+            page = await claims.coupons_in_state(
+                self._pool, "usable", batch_id=batch_id, after=after, limit=PAGE
+            )
+            if not page:
+                return woken
+            woken += sum(await _each(page, wake))
+            after = page[-1].coupon_id
+            activity.heartbeat(after)
+
+    # ----- reconciliation -------------------------------------------------------------
+
+    @activity.defn(name=act.RECONCILE_BATCH)
+    async def reconcile_batch(self, input: ReconcileInput) -> BatchReconciliation:
+        assert input.batch_id is not None  # the workflow runs one batch per activity
+        batch = await catalog.get_batch(self._pool, input.batch_id)
+        sent = await self._platform.batch_flow(batch.platform_batch_id, FlowKind.SENT)
+        activity.heartbeat("sent flow read")
+        used = await self._platform.batch_flow(batch.platform_batch_id, FlowKind.USED)
+        activity.heartbeat("used flow read")
+        ours = await claims.batch_coupons(self._pool, batch.id)
+        mismatches = compare(ours, sent, used)
+        used_at = {record.coupon_id: record.at for record in used}
+        to_redeem = [m for m in mismatches if m.repair == REDEEM and input.repair]
+        workflow_of = {c.coupon_id: c.workflow_id for c in ours}
+
+        async def redeem(coupon_id: str, platform_coupon_id: str) -> bool:
+            handle = self._client.get_workflow_handle(workflow_of[coupon_id])
+            report = RedemptionReport(used_at[platform_coupon_id], source="reconciliation")
+            try:
+                await handle.signal(act.REPORT_REDEMPTION, report)
+            except RPCError as err:
+                if err.status != RPCStatusCode.NOT_FOUND:
+                    raise
+                return False  # closed since: the ledger already moved on
+            return True
+
+        requested = await _each(
+            [(m.coupon_id or "", m.platform_coupon_id or "") for m in to_redeem],
+            lambda pair: redeem(*pair),
+        )
+        for mismatch, signalled in zip(to_redeem, requested, strict=True):
+            mismatch.repair = "redeem requested" if signalled else None
+        return BatchReconciliation(
+            batch_id=batch.id,
+            platform_sent=len(sent),
+            platform_used=len(used),
+            ledger_coupons=len(ours),
+            mismatches=mismatches,
+            repairs_requested=[
+                m.coupon_id for m in to_redeem if m.repair is not None and m.coupon_id
+            ],
+        )
+
+    @activity.defn(name=act.AWAIT_STATES)
+    async def await_states(self, check: RepairCheck) -> int:
+        """How many of the coupons reached `state` in the ledger within the timeout."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + check.timeout_s
+        while True:
+            states = await claims.states_of(self._pool, check.coupon_ids)
+            reached = sum(1 for s in states.values() if s == check.state)
+            if reached == len(check.coupon_ids) or loop.time() >= give_up:
+                return reached
+            activity.heartbeat(f"{reached}/{len(check.coupon_ids)} {check.state}")
+            await asyncio.sleep(0.2)
+
+    # ----- ending a campaign ------------------------------------------------------------
+
+    @activity.defn(name=act.COUNT_RECEIVED)
+    async def count_received(self, campaign_id: str) -> int:
+        return (await claims.count_by_state(self._pool, campaign_id)).get("received", 0)
+
+    @activity.defn(name=act.EXPIRE_RECEIVED_PAGE)
+    async def expire_received_page(self, page: ExpirePage) -> ExpirePageResult:
+        """Expire one page of the campaign's received coupons through their workflows."""
+        found = await claims.coupons_in_state(
+            self._pool, "received", campaign_id=page.campaign_id, after=page.after, limit=page.limit
+        )
+        request = ExpireRequest(page.reason)
+
+        async def expire(claim: claims.Claim) -> bool:
+            handle = self._client.get_workflow_handle(claim.workflow_id)
+            try:
+                await handle.execute_update(act.EXPIRE_COUPON, request)
+            except WorkflowUpdateFailedError:
+                return False  # no longer received: the task was done, or it was cancelled
+            except RPCError as err:
+                if err.status != RPCStatusCode.NOT_FOUND:
+                    raise
+                return False  # finished since the page was read
+            return True
+
+        expired = sum(await _each(found, expire))
+        return ExpirePageResult(
+            expired=expired,
+            skipped=len(found) - expired,
+            last=found[-1].coupon_id if found else page.after,
+            done=len(found) < page.limit,
+        )
+
+
+T = TypeVar("T")
+
+
+async def _each(items: Iterable[T], call: Callable[[T], Awaitable[bool]]) -> list[bool]:
+    """`call` for every item, at most FAN_OUT at once, answers in order."""
+    gate = asyncio.Semaphore(FAN_OUT)
+
+    async def one(item: T) -> bool:
+        async with gate:
+            return await call(item)
+
+    return list(await asyncio.gather(*(one(item) for item in items)))

@@ -1,0 +1,70 @@
+"""The catalog sync: every batch still in use, read at the platform and upserted."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError
+
+with workflow.unsafe.imports_passed_through():
+    from coupons import contract as act
+    from coupons.model import BatchSync, SyncInput, SyncReport
+
+LEDGER_CALL = timedelta(seconds=30)
+# A sync that cannot reach the platform gives up on that batch for this round; the
+# schedule's next run tries again.
+PLATFORM_CALL = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=5)
+# Batches read at once.
+PARALLEL = 8
+
+
+@workflow.defn(name=act.CATALOG_SYNC_WORKFLOW)
+class CatalogSyncWorkflow:
+    """Run by the `catalog-sync` schedule and by `starter.py batch sync`; its current
+    details name the batches that drifted."""
+
+    @workflow.run
+    async def run(self, input: SyncInput) -> SyncReport:
+        batch_ids = input.batch_ids
+        if batch_ids is None:
+            batch_ids = await workflow.execute_activity(
+                act.SYNCABLE_BATCHES, start_to_close_timeout=LEDGER_CALL, result_type=list[str]
+            )
+        report = SyncReport(batches=[])
+        for start in range(0, len(batch_ids), PARALLEL):
+            chunk = batch_ids[start : start + PARALLEL]
+            answers = await asyncio.gather(
+                *(self._sync(batch_id) for batch_id in chunk), return_exceptions=True
+            )
+            for batch_id, answer in zip(chunk, answers, strict=True):
+                if isinstance(answer, ActivityError):
+                    report.failed.append(f"{batch_id}: {answer.cause or answer}")
+                elif isinstance(answer, BaseException):
+                    raise answer
+                else:
+                    report.batches.append(answer)
+        workflow.set_current_details(_details(report))
+        return report
+
+    async def _sync(self, batch_id: str) -> BatchSync:
+        synced: BatchSync = await workflow.execute_activity(
+            act.SYNC_BATCH,
+            batch_id,
+            task_queue=act.platform_task_queue(workflow.info().task_queue),
+            start_to_close_timeout=timedelta(minutes=5),
+            heartbeat_timeout=timedelta(seconds=30),
+            retry_policy=PLATFORM_CALL,
+            result_type=BatchSync,
+            summary=f"sync batch {batch_id}",
+        )
+        return synced
+
+
+def _details(report: SyncReport) -> str:
+    lines = [f"**{len(report.batches)} batches synced**, {len(report.drifted)} drifted"]
+    lines += [f"- `{b.batch_id}`: {'; '.join(b.drift)}" for b in report.drifted]
+    lines += [f"- failed: {why}" for why in report.failed]
+    return "\n\n".join(lines)

@@ -1,0 +1,58 @@
+"""Expiring an ended campaign's pending coupons, page by page, through their workflows."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from coupons import contract as act
+    from coupons.model import EndCampaignInput, EndProgress, ExpirePage, ExpirePageResult
+
+LEDGER_CALL = timedelta(seconds=30)
+
+
+@workflow.defn(name=act.END_CAMPAIGN_WORKFLOW)
+class EndCampaignWorkflow:
+    """Started by `starter.py campaign end --expire-pending` once the campaign is ended (so
+    no new claim arrives); the `progress` query drives the command's progress bar."""
+
+    @workflow.init
+    def __init__(self, input: EndCampaignInput) -> None:
+        self._progress = EndProgress(campaign_id=input.campaign_id, total=0)
+
+    @workflow.run
+    async def run(self, input: EndCampaignInput) -> EndProgress:
+        progress = self._progress
+        progress.total = await workflow.execute_activity(
+            act.COUNT_RECEIVED,
+            input.campaign_id,
+            start_to_close_timeout=LEDGER_CALL,
+            result_type=int,
+        )
+        after = ""
+        while True:
+            workflow.set_current_details(
+                f"campaign `{input.campaign_id}`: {progress.expired} expired, "
+                f"{progress.skipped} skipped of {progress.total} received"
+            )
+            page = await workflow.execute_activity(
+                act.EXPIRE_RECEIVED_PAGE,
+                ExpirePage(input.campaign_id, after, input.reason),
+                start_to_close_timeout=timedelta(minutes=5),
+                heartbeat_timeout=timedelta(minutes=1),
+                result_type=ExpirePageResult,
+                summary=f"expire received coupons after {after or 'the start'}",
+            )
+            progress.expired += page.expired
+            progress.skipped += page.skipped
+            after = page.last
+            if page.done:
+                break
+        progress.done = True
+        return progress
+
+    @workflow.query
+    def progress(self) -> EndProgress:
+        return self._progress

@@ -1,0 +1,74 @@
+"""Reconciliation (对账): each batch's flow files at the platform against the ledger."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+
+with workflow.unsafe.imports_passed_through():
+    from coupons import contract as act
+    from coupons.model import BatchReconciliation, ReconcileInput, ReconcileReport, RepairCheck
+
+LEDGER_CALL = timedelta(seconds=30)
+PLATFORM_CALL = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=5)
+# How long a repair may take to reach the ledger through its coupon's workflow.
+REPAIR_WAIT_S = 60.0
+
+
+@workflow.defn(name=act.RECONCILE_WORKFLOW)
+class ReconcileWorkflow:
+    """Run daily by the `reconcile-daily` schedule and by `starter.py reconcile`.
+
+    Safe repairs (a use we missed) go to the coupon's workflow as a redemption report;
+    `repaired` counts only those the ledger then shows `redeemed`.
+    """
+
+    @workflow.run
+    async def run(self, input: ReconcileInput) -> ReconcileReport:
+        if input.batch_id is not None:
+            batch_ids = [input.batch_id]
+        else:
+            batch_ids = await workflow.execute_activity(
+                act.ALL_BATCHES, start_to_close_timeout=LEDGER_CALL, result_type=list[str]
+            )
+        report = ReconcileReport(batches=[])
+        for batch_id in batch_ids:
+            report.batches.append(await self._reconcile(batch_id, input.repair))
+            workflow.set_current_details(_details(report, len(batch_ids)))
+        return report
+
+    async def _reconcile(self, batch_id: str, repair: bool) -> BatchReconciliation:
+        found: BatchReconciliation = await workflow.execute_activity(
+            act.RECONCILE_BATCH,
+            ReconcileInput(batch_id, repair),
+            task_queue=act.platform_task_queue(workflow.info().task_queue),
+            start_to_close_timeout=timedelta(minutes=10),
+            heartbeat_timeout=timedelta(minutes=1),
+            retry_policy=PLATFORM_CALL,
+            result_type=BatchReconciliation,
+            summary=f"reconcile batch {batch_id}",
+        )
+        if found.repairs_requested:
+            found.repaired = await workflow.execute_activity(
+                act.AWAIT_STATES,
+                RepairCheck(found.repairs_requested, "redeemed", REPAIR_WAIT_S),
+                start_to_close_timeout=timedelta(seconds=REPAIR_WAIT_S + 30),
+                heartbeat_timeout=timedelta(seconds=30),
+                result_type=int,
+                summary=f"wait for {len(found.repairs_requested)} repairs in the ledger",
+            )
+        return found
+
+
+def _details(report: ReconcileReport, total: int) -> str:
+    lines = [
+        f"**{len(report.batches)}/{total} batches reconciled**: {report.mismatches} mismatches, "
+        f"{report.repaired} repaired"
+    ]
+    for batch in report.batches:
+        left = [m for m in batch.mismatches if m.repair is None]
+        if left:
+            lines.append(f"- `{batch.batch_id}`: {len(left)} for an operator")
+    return "\n\n".join(lines)
