@@ -26,7 +26,8 @@ from temporalio.client import (
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from coupons.claims import ClaimService, validate_id
+from coupons.claims import ClaimService
+from coupons.validation import validate_id
 from coupons.config import ConfigError, Settings
 from coupons.errors import BAD_INPUT, Refused
 from coupons.ledger import claims as ledger
