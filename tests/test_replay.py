@@ -23,7 +23,11 @@ with workflow.unsafe.imports_passed_through():
     from coupons.lifecycle import FINAL_STATES
     from coupons.model import COUPON_STATE, CouponInput, CouponStatus, coupon_workflow_id
     from coupons.workers import workflow_runner
-    from workflows.user_coupon import UserCouponWorkflow
+    from workflows.user_coupon import (
+        FIRST_POLL_AFTER_BACKOFF,
+        WAIT_FOR_BUDGET,
+        UserCouponWorkflow,
+    )
 
 HISTORIES = Path(__file__).parent / "histories"
 FILES = sorted(HISTORIES.glob("*.json"))
@@ -151,10 +155,20 @@ async def test_an_unpatched_command_change_fails_replay(name: str) -> None:
     )
 
 
+def patches_of(history: WorkflowHistory) -> set[str]:
+    """The ids of the patches a history recorded (its `core_patch` markers)."""
+    found = set()
+    for event in history.events:
+        if event.event_type != EventType.EVENT_TYPE_MARKER_RECORDED:
+            continue
+        for payload in event.marker_recorded_event_attributes.details["patch-data"].payloads:
+            found.add(_payloads.from_payloads([payload])[0]["id"])
+    return found
+
+
 def test_the_corpus_holds_both_sides_of_every_patch() -> None:
-    """Histories from before a patch prove the old branch; after it, the new one."""
-    marked = [
-        any(e.event_type == EventType.EVENT_TYPE_MARKER_RECORDED for e in load(p).events)
-        for p in FILES
-    ]
-    assert any(marked) and not all(marked)
+    """Histories from before the patches prove the old branches; after each, the new one."""
+    recorded = {path.name: patches_of(load(path)) for path in FILES}
+    assert any(not patches for patches in recorded.values()), "no history from before patches"
+    for patch in (FIRST_POLL_AFTER_BACKOFF, WAIT_FOR_BUDGET):
+        assert any(patch in patches for patches in recorded.values()), f"no history has {patch}"
