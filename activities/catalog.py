@@ -13,10 +13,12 @@ from typing import TypeVar
 from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from coupons import catalog
 from coupons import contract as act
+from coupons.errors import Refused
 from coupons.ledger import campaigns as batches
 from coupons.ledger import claims
 from coupons.model import (
@@ -59,6 +61,7 @@ class CatalogActivities:
     async def sync_batch(self, batch_id: str) -> BatchSync:
         """Upsert the platform's figures and flag drift; when budget is back, tell the
         coupons waiting for it to try again."""
+        await _known_batch(self._pool, batch_id)
         synced = await catalog.sync_batch(self._pool, self._platform, batch_id)
         if synced.backlog and synced.remaining > 0 and synced.status == BatchStatus.RUNNING:
             synced.woken = await self._wake_waiters(batch_id, synced.platform_batch_id)
@@ -69,7 +72,12 @@ class CatalogActivities:
 
         async def wake(claim: claims.Claim) -> bool:
             handle = self._client.get_workflow_handle(claim.workflow_id)
-            await handle.signal(act.BUDGET_AVAILABLE, notice)
+            try:
+                await handle.signal(act.BUDGET_AVAILABLE, notice)
+            except RPCError as err:
+                if err.status != RPCStatusCode.NOT_FOUND:
+                    raise
+                return False  # not started yet (the repair starts it) or closed since
             return True
 
         woken = 0
@@ -89,7 +97,7 @@ class CatalogActivities:
     @activity.defn(name=act.RECONCILE_BATCH)
     async def reconcile_batch(self, input: ReconcileInput) -> BatchReconciliation:
         assert input.batch_id is not None  # the workflow runs one batch per activity
-        batch = await catalog.get_batch(self._pool, input.batch_id)
+        batch = await _known_batch(self._pool, input.batch_id)
         sent = await self._platform.batch_flow(batch.platform_batch_id, FlowKind.SENT)
         activity.heartbeat("sent flow read")
         used = await self._platform.batch_flow(batch.platform_batch_id, FlowKind.USED)
@@ -97,7 +105,11 @@ class CatalogActivities:
         ours = await claims.batch_coupons(self._pool, batch.id)
         mismatches = compare(ours, sent, used)
         used_at = {record.coupon_id: record.at for record in used}
-        to_redeem = [m for m in mismatches if m.repair == REDEEM and input.repair]
+        to_redeem = [m for m in mismatches if m.repair == REDEEM]
+        if not input.repair:
+            for mismatch in to_redeem:
+                mismatch.repair = None  # found, left for an operator as asked
+            to_redeem = []
         workflow_of = {c.coupon_id: c.workflow_id for c in ours}
 
         async def redeem(coupon_id: str, platform_coupon_id: str) -> bool:
@@ -167,16 +179,25 @@ class CatalogActivities:
                 return False  # finished since the page was read
             return True
 
-        expired = sum(await _each(found, expire))
+        accepted = await _each(found, expire)
+        expired = [c.coupon_id for c, ok in zip(found, accepted, strict=True) if ok]
         return ExpirePageResult(
             expired=expired,
-            skipped=len(found) - expired,
+            skipped=len(found) - len(expired),
             last=found[-1].coupon_id if found else page.after,
             done=len(found) < page.limit,
         )
 
 
 T = TypeVar("T")
+
+
+async def _known_batch(pool: AsyncConnectionPool, batch_id: str) -> batches.Batch:
+    """The batch, or a non-retryable failure: no retry makes an unknown batch known."""
+    try:
+        return await catalog.get_batch(pool, batch_id)
+    except Refused as err:
+        raise ApplicationError(str(err), type=err.code, non_retryable=True) from err
 
 
 async def _each(items: Iterable[T], call: Callable[[T], Awaitable[bool]]) -> list[bool]:

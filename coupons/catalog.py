@@ -15,7 +15,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from coupons.errors import InvalidField, Refused
 from coupons.ledger import campaigns as ledger
-from coupons.ledger.campaigns import Batch, Campaign, CampaignSpec, Task
+from coupons.ledger.campaigns import Batch, BatchUse, Campaign, CampaignSpec, Task
 from coupons.model import BatchSync
 from coupons.platforms.base import (
     FINISHED_BATCH,
@@ -170,8 +170,19 @@ def drift_of(seen: PlatformBatch, owes: ledger.Obligations) -> list[str]:
 # ------------------------------------------------------------------ campaigns
 
 
-def validate_campaign(spec: CampaignSpec, batch: Batch | None, existing: Campaign | None) -> None:
-    """Refuse a definition that cannot work, naming the field; pure, writes nothing."""
+def validate_campaign(
+    spec: CampaignSpec,
+    batch: Batch | None,
+    existing: Campaign | None,
+    *,
+    promised_elsewhere: int = 0,
+    now: datetime | None = None,
+) -> None:
+    """Refuse a definition that cannot work, naming the field; pure, writes nothing.
+
+    `promised_elsewhere`: coupons of the batch that its other campaigns hold.
+    """
+    now = now or datetime.now(UTC)
     validate_id("campaign", spec.id)
     if batch is None:
         raise InvalidField("batch", f"unknown batch {spec.batch_id!r}")
@@ -179,6 +190,11 @@ def validate_campaign(spec: CampaignSpec, batch: Batch | None, existing: Campaig
         raise Refused("wrong_state", f"campaign {spec.id!r} has ended; it can no longer change")
     if batch.status in FINISHED_BATCH and (existing is None or existing.batch_id != batch.id):
         raise InvalidField("batch", f"batch {batch.id!r} is {batch.status} at the platform")
+    if batch.status == BatchStatus.CREATED:
+        # Its sends would be refused for good, failing every coupon claimed meanwhile.
+        raise InvalidField(
+            "batch", f"batch {batch.id!r} has not been started at the platform: start it first"
+        )
     if existing is not None and existing.batch_id != spec.batch_id and existing.claimed:
         raise InvalidField(
             "batch", f"campaign {spec.id!r} has {existing.claimed} claims on {existing.batch_id!r}"
@@ -187,6 +203,12 @@ def validate_campaign(spec: CampaignSpec, batch: Batch | None, existing: Campaig
     if spec.quota > batch.quantity:
         raise InvalidField(
             "quota", f"{spec.quota} is more than batch {batch.id!r} holds ({batch.quantity})"
+        )
+    if spec.quota + promised_elsewhere > batch.quantity:
+        raise InvalidField(
+            "quota",
+            f"{spec.quota} is more than batch {batch.id!r} has left for this campaign "
+            f"({batch.quantity} minus {promised_elsewhere} held by its other campaigns)",
         )
     if existing is not None and spec.quota < existing.claimed:
         raise InvalidField("quota", f"{spec.quota} is below the {existing.claimed} already claimed")
@@ -205,7 +227,7 @@ def validate_campaign(spec: CampaignSpec, batch: Batch | None, existing: Campaig
             "ends_at",
             f"the claim window ends after batch {batch.id!r} does ({batch.ends_at.isoformat()})",
         )
-    _check_deadline(spec, batch)
+    _check_deadline(spec, batch, now)
 
 
 def _check_tasks(tasks: list[Task]) -> None:
@@ -219,7 +241,7 @@ def _check_tasks(tasks: list[Task]) -> None:
         seen.add(task.key)
 
 
-def _check_deadline(spec: CampaignSpec, batch: Batch) -> None:
+def _check_deadline(spec: CampaignSpec, batch: Batch, now: datetime) -> None:
     if spec.task_deadline is not None and spec.task_deadline <= timedelta(0):
         raise InvalidField("task_deadline", "must be a positive duration")
     if spec.deadline_at is not None and spec.starts_at and spec.deadline_at <= spec.starts_at:
@@ -233,7 +255,7 @@ def _check_deadline(spec: CampaignSpec, batch: Batch) -> None:
         )
     if spec.task_deadline is not None and spec.deadline_at is None:
         # The last claim the window allows must still be able to finish inside the batch.
-        last_claim = spec.ends_at or datetime.now(UTC)
+        last_claim = spec.ends_at or now
         if last_claim + spec.task_deadline > batch.ends_at:
             raise InvalidField(
                 "task_deadline",
@@ -243,14 +265,14 @@ def _check_deadline(spec: CampaignSpec, batch: Batch) -> None:
             )
 
 
-def _check_create(spec: CampaignSpec, batch: Batch | None, existing: Campaign | None) -> None:
+def _check_create(spec: CampaignSpec, use: BatchUse, existing: Campaign | None) -> None:
     if existing is not None and existing.spec() != spec:
         raise Refused(
             "campaign_exists",
             f"campaign {spec.id!r} exists with another definition; use `campaign update`",
         )
     if existing is None:
-        validate_campaign(spec, batch, existing)
+        validate_campaign(spec, use.batch, existing, promised_elsewhere=use.promised_elsewhere)
 
 
 async def create_campaign(pool: AsyncConnectionPool, spec: CampaignSpec) -> tuple[Campaign, bool]:
@@ -258,10 +280,10 @@ async def create_campaign(pool: AsyncConnectionPool, spec: CampaignSpec) -> tupl
     return await ledger.save_campaign(pool, spec, _check_create)
 
 
-def _check_update(spec: CampaignSpec, batch: Batch | None, existing: Campaign | None) -> None:
+def _check_update(spec: CampaignSpec, use: BatchUse, existing: Campaign | None) -> None:
     if existing is None:
         raise Refused("unknown_campaign", f"no campaign {spec.id!r}")
-    validate_campaign(spec, batch, existing)
+    validate_campaign(spec, use.batch, existing, promised_elsewhere=use.promised_elsewhere)
 
 
 async def update_campaign(pool: AsyncConnectionPool, campaign_id: str, **changes: Any) -> Campaign:

@@ -1,6 +1,14 @@
 """The command line an app or operator uses (`python starter.py ...`).
 
-Exit codes: 0 success, 2 bad input (the reason on stderr), 1 anything else.
+Coupons: `claim`, `complete-task`, `show`, `cancel`, `list`, `stats`, `repair` print JSON.
+Catalog: `batch create|list|show|start|pause|resume|stop|sync`,
+`campaign create|update|list|show|pause|resume|end` and `reconcile` print a table, or
+JSON with `--json`.
+
+Exit codes: 0 success; 2 refused, by the service or for bad input (`error: <code>:
+<message>` on stderr, with a stable code such as `sold_out`, `campaign_closed`,
+`unknown_task`, `invalid_request`); 1 a part that cannot be reached (PostgreSQL,
+Temporal, the platform, no worker answering in time) or an unexpected error.
 """
 
 from __future__ import annotations
@@ -11,48 +19,101 @@ import contextlib
 import dataclasses
 import json
 import logging
+import re
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+import traceback
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from rich import box
+from rich.console import Console, RenderableType
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
 from temporalio.client import (
     Client,
+    WorkflowFailureError,
+    WorkflowHandle,
+    WorkflowQueryFailedError,
     WorkflowUpdateFailedError,
     WorkflowUpdateRPCTimeoutOrCancelledError,
 )
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
+from coupons import catalog
 from coupons.claims import ClaimService
-from coupons.validation import validate_id
 from coupons.config import ConfigError, Settings
-from coupons.errors import BAD_INPUT, Refused
+from coupons.contract import CATALOG_SYNC_WORKFLOW, END_CAMPAIGN_WORKFLOW, RECONCILE_WORKFLOW
+from coupons.errors import InvalidField, Refused
+from coupons.ledger import campaigns as catalog_ledger
 from coupons.ledger import claims as ledger
 from coupons.ledger import db
-from coupons.ledger.campaigns import get_campaign
+from coupons.ledger.campaigns import CAMPAIGN_STATUSES, Batch, Campaign, CampaignSpec, Task
 from coupons.lifecycle import STATES
-from coupons.model import CancelRequest, CouponStatus, TaskCompletion
+from coupons.model import (
+    BatchReconciliation,
+    BatchSync,
+    CancelRequest,
+    CouponStatus,
+    EndCampaignInput,
+    EndProgress,
+    ReconcileInput,
+    ReconcileReport,
+    SyncInput,
+    SyncReport,
+    TaskCompletion,
+)
+from coupons.platforms.base import BatchAction, Platform, PlatformError
 from coupons.temporal import connect
+from coupons.validation import validate_id
+from coupons.workers import make_platform
+from workflows.end_campaign import EndCampaignWorkflow
 from workflows.user_coupon import UserCouponWorkflow
 
 # How long an update waits for a worker to answer before the command gives up.
 UPDATE_WAIT_S = 20.0
+# How long `batch sync` and `reconcile` wait for their workflow's answer.
+SYNC_WAIT_S = 60.0
+RECONCILE_WAIT_S = 300.0
+# How long `campaign end` waits for a worker to answer the progress query.
+PROGRESS_SILENCE_S = 30.0
+PROGRESS_POLL_S = 0.3
+
+R = TypeVar("R")
 
 
 class Unavailable(Exception):
-    """A part the command needs (PostgreSQL, Temporal) cannot be reached."""
+    """A part the command needs (PostgreSQL, Temporal, the platform) cannot be reached."""
+
+
+@dataclass
+class Answer:
+    """What a catalog command answers: `data` for `--json`, `view` for a person.
+
+    `error` marks a partial failure: the answer is printed, then the error, exit 1.
+    """
+
+    data: dict[str, Any]
+    view: Callable[[], list[RenderableType]]
+    error: str | None = None
 
 
 class Context:
-    """What a command needs; Temporal is connected only by the commands that use it."""
+    """What a command needs; Temporal and the platform are reached only by the commands
+    that use them."""
 
     def __init__(self, settings: Settings, pool: AsyncConnectionPool) -> None:
         self.settings = settings
         self.pool = pool
         self._client: Client | None = None
+        self._platform: Platform | None = None
 
     async def client(self) -> Client:
         if self._client is None:
@@ -65,9 +126,36 @@ class Context:
                 ) from None
         return self._client
 
+    def platform(self) -> Platform:
+        if self._platform is None:
+            self._platform = make_platform(_with_platform_key(self.settings))
+        return self._platform
+
+    async def aclose(self) -> None:
+        if self._platform is not None:
+            await self._platform.aclose()
+
+
+def _with_platform_key(settings: Settings) -> Settings:
+    """The embedded simulator's key comes from `make run`'s data directory when this shell
+    does not export PLATFORM_API_KEY (the stack keeps it there)."""
+    if settings.platform_api_key or settings.platform_url_override:
+        return settings
+    path = settings.data_dir / "platform-api-key"
+    try:
+        key = path.read_text().strip()
+    except FileNotFoundError:
+        return settings
+    return dataclasses.replace(settings, platform_api_key=key or None)
+
+
+# ------------------------------------------------------------------ arguments
+
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="starter.py", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="starter.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("claim", help="claim a coupon of a campaign for a user")
     c.add_argument("--campaign", required=True)
@@ -92,13 +180,156 @@ def parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", help="count a campaign's coupons by state (from the ledger)")
     st.add_argument("--campaign", required=True)
     sub.add_parser("repair", help="start the workflows of claims that lack one")
+    _batch_parser(sub.add_parser("batch", help="coupon batches at the platform"))
+    _campaign_parser(sub.add_parser("campaign", help="campaigns that hand out a batch"))
+    r = sub.add_parser("reconcile", help="compare the platform's flow files with the ledger")
+    r.add_argument("--batch", help="one batch (default: every batch)")
+    r.add_argument("--no-repair", action="store_true", help="report only, repair nothing")
+    _timeout_flag(r, RECONCILE_WAIT_S, "seconds to wait for the reconciliation")
+    _json_flag(r)
     return p
 
 
-def _wait(args: argparse.Namespace) -> timedelta:
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _timeout_flag(p: argparse.ArgumentParser, default: float, help: str) -> None:
+    p.add_argument("--timeout", type=float, default=default, help=f"{help} (default {default:g})")
+
+
+def _batch_parser(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True)
+    c = sub.add_parser("create", help="create a batch at the platform (idempotent) and start it")
+    c.add_argument("--id", required=True, help="our batch id")
+    c.add_argument("--quantity", type=int, required=True, help="coupons the batch holds")
+    c.add_argument("--value", type=int, help="face value in cents (default 500)")
+    c.add_argument("--min-spend", type=int, help="minimum spend in cents (default 0)")
+    c.add_argument("--valid-days", type=int, help="days a sent coupon is valid (default 30)")
+    c.add_argument("--per-user-limit", type=int, help="coupons per user at the platform")
+    c.add_argument("--name")
+    c.add_argument("--starts-at", help="ISO time with a timezone, e.g. 2026-06-01T00:00+08:00")
+    c.add_argument("--ends-at", help="ISO time with a timezone")
+    c.add_argument("--no-start", action="store_true", help="create it, do not start it")
+    _json_flag(c)
+    _json_flag(sub.add_parser("list", help="every batch as last synced"))
+    s = sub.add_parser("show", help="one batch as last synced, with its campaigns")
+    s.add_argument("batch")
+    _json_flag(s)
+    for action in BatchAction:
+        a = sub.add_parser(action.value, help=f"{action.value} the batch at the platform")
+        a.add_argument("batch")
+        _json_flag(a)
+    y = sub.add_parser("sync", help="read batches at the platform now (the catalog sync)")
+    y.add_argument(
+        "--batch", action="append", help="a batch to sync (repeatable; default: all in use)"
+    )
+    _timeout_flag(y, SYNC_WAIT_S, "seconds to wait for the sync")
+    _json_flag(y)
+
+
+def _campaign_parser(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True)
+    c = sub.add_parser("create", help="define a campaign (the same definition again is a no-op)")
+    c.add_argument("--id", required=True)
+    c.add_argument("--batch", required=True)
+    c.add_argument("--quota", type=int, required=True)
+    _campaign_fields(c)
+    _json_flag(c)
+    u = sub.add_parser("update", help="change some fields; claims already made keep theirs")
+    u.add_argument("campaign")
+    u.add_argument("--batch")
+    u.add_argument("--quota", type=int)
+    _campaign_fields(u)
+    u.add_argument("--no-tasks", action="store_true", help="no tasks: usable at claim")
+    u.add_argument("--no-deadline", action="store_true", help="no task deadline")
+    _json_flag(u)
+    ls = sub.add_parser("list", help="campaigns, with their claims against the quota")
+    ls.add_argument("--batch")
+    ls.add_argument("--status", choices=CAMPAIGN_STATUSES)
+    _json_flag(ls)
+    s = sub.add_parser("show", help="a campaign's definition, status and coupons by state")
+    s.add_argument("campaign")
+    _json_flag(s)
+    for action in ("pause", "resume"):
+        a = sub.add_parser(action, help=f"{action} claims of the campaign")
+        a.add_argument("campaign")
+        _json_flag(a)
+    e = sub.add_parser("end", help="end the campaign for good; optionally expire its pending")
+    e.add_argument("campaign")
+    e.add_argument("--expire-pending", action="store_true", help="expire its received coupons too")
+    e.add_argument("--reason", help="the expired coupons' cause (default: campaign ended)")
+    e.add_argument("--no-wait", action="store_true", help="start the expiry and return")
+    _timeout_flag(e, PROGRESS_SILENCE_S, "seconds without an answer from a worker")
+    _json_flag(e)
+
+
+def _campaign_fields(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--per-user-limit", type=int)
+    p.add_argument(
+        "--task",
+        action="append",
+        metavar="KEY[=Display name]",
+        help="a required task (repeatable; all must be done; on update, replaces the list)",
+    )
+    p.add_argument("--deadline", help="task deadline after the claim: 7d, 12h, 30m, 90s, 1d12h")
+    p.add_argument("--deadline-at", help="fixed task deadline (ISO time with a timezone)")
+    p.add_argument("--starts-at", help="claims open (ISO time with a timezone)")
+    p.add_argument("--ends-at", help="claims close (ISO time with a timezone)")
+    p.add_argument("--name")
+
+
+_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+_DURATION_FORMS = "7d, 12h, 30m, 90s or 1d12h"
+
+
+def parse_duration(flag: str, text: str) -> timedelta:
+    """`7d`, `12h`, `30m`, `90s` or a sequence such as `1d12h`; refused naming `flag`."""
+    match = _DURATION.fullmatch(text)
+    if not text or match is None:
+        raise InvalidField(flag, f"{text!r} is not a duration; use a form like {_DURATION_FORMS}")
+    try:
+        days, hours, minutes, seconds = (int(part or 0) for part in match.groups())
+        value = timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+    except (OverflowError, ValueError):
+        raise InvalidField(flag, f"{text!r} is too long a duration") from None
+    if value <= timedelta(0):
+        raise InvalidField(flag, f"{text!r} must be longer than zero")
+    return value
+
+
+def parse_time(flag: str, text: str) -> datetime:
+    """An ISO 8601 time that names its timezone (`Z` or an offset); refused naming `flag`."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidField(
+            flag, f"{text!r} is not an ISO 8601 time such as 2026-06-01T00:00:00+08:00"
+        ) from None
+    if value.utcoffset() is None:
+        raise InvalidField(flag, f"{text!r} has no timezone; add Z or an offset such as +08:00")
+    return value
+
+
+def _optional_time(flag: str, text: str | None) -> datetime | None:
+    return None if text is None else parse_time(flag, text)
+
+
+def _optional_duration(flag: str, text: str | None) -> timedelta | None:
+    return None if text is None else parse_duration(flag, text)
+
+
+def _seconds(args: argparse.Namespace) -> float:
     if not 0 < args.timeout <= 3600:
         raise Refused("invalid_request", f"--timeout {args.timeout:g} must be between 0 and 3600")
-    return timedelta(seconds=args.timeout)
+    return float(args.timeout)
+
+
+def _wait(args: argparse.Namespace) -> timedelta:
+    return timedelta(seconds=_seconds(args))
+
+
+# ------------------------------------------------------------------ coupons
 
 
 async def cmd_claim(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
@@ -238,10 +469,7 @@ async def cmd_list(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def cmd_stats(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
-    validate_id("campaign", args.campaign)
-    campaign = await get_campaign(ctx.pool, args.campaign)
-    if campaign is None:
-        raise Refused("unknown_campaign", f"no campaign {args.campaign!r}")
+    campaign = await catalog.get_campaign(ctx.pool, args.campaign)
     return {
         "campaign_id": campaign.id,
         "quota": campaign.quota,
@@ -255,7 +483,288 @@ async def cmd_repair(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     return {"repaired": await ClaimService(ctx.pool, await ctx.client(), ctx.settings).repair()}
 
 
-COMMANDS: dict[str, Callable[[Context, argparse.Namespace], Awaitable[dict[str, Any]]]] = {
+# ------------------------------------------------------------------ batches
+
+
+async def cmd_batch_create(ctx: Context, args: argparse.Namespace) -> Answer:
+    given = {
+        "face_value_cents": args.value,
+        "min_spend_cents": args.min_spend,
+        "valid_days": args.valid_days,
+        "per_user_limit": args.per_user_limit,
+    }
+    batch = await catalog.create_batch(
+        ctx.pool,
+        ctx.platform(),
+        args.id,
+        quantity=args.quantity,
+        name=args.name,
+        starts_at=_optional_time("--starts-at", args.starts_at),
+        ends_at=_optional_time("--ends-at", args.ends_at),
+        start=not args.no_start,
+        **{field: value for field, value in given.items() if value is not None},
+    )
+    return Answer(_batch_json(batch), lambda: _batch_detail(batch))
+
+
+async def cmd_batch_list(ctx: Context, args: argparse.Namespace) -> Answer:
+    batches = await catalog_ledger.list_batches(ctx.pool)
+    return Answer(
+        {"batches": [_batch_json(b) for b in batches]},
+        lambda: [_batch_table(batches)] if batches else [Text("no batches")],
+    )
+
+
+async def cmd_batch_show(ctx: Context, args: argparse.Namespace) -> Answer:
+    batch = await catalog.get_batch(ctx.pool, args.batch)
+    campaigns = await catalog_ledger.list_campaigns(ctx.pool, batch_id=batch.id)
+    data = _batch_json(batch)
+    data["campaigns"] = [
+        {"id": c.id, "status": c.status, "quota": c.quota, "claimed": c.claimed} for c in campaigns
+    ]
+    return Answer(
+        data,
+        lambda: [
+            *_batch_detail(batch),
+            Text(""),
+            _campaign_table(campaigns) if campaigns else Text("no campaigns use it"),
+        ],
+    )
+
+
+async def cmd_batch_change(ctx: Context, args: argparse.Namespace) -> Answer:
+    batch = await catalog.change_batch(
+        ctx.pool, ctx.platform(), args.batch, BatchAction(args.action)
+    )
+    return Answer(_batch_json(batch), lambda: _batch_detail(batch))
+
+
+async def cmd_batch_sync(ctx: Context, args: argparse.Namespace) -> Answer:
+    timeout_s = _seconds(args)
+    batch_ids = None
+    if args.batch:
+        # Refused here, at once: the workflow would retry an unknown batch before giving up.
+        batch_ids = list(dict.fromkeys(args.batch))
+        for batch_id in batch_ids:
+            await catalog.get_batch(ctx.pool, batch_id)
+    workflow_id = f"catalog-sync:manual:{uuid.uuid4()}"
+    report = await _run_workflow(
+        ctx, CATALOG_SYNC_WORKFLOW, SyncInput(batch_ids), workflow_id, SyncReport, timeout_s
+    )
+    data = {
+        "workflow_id": workflow_id,
+        "batches": report.batches,
+        "drifted": len(report.drifted),
+        "failed": report.failed,
+    }
+    error = None
+    if report.failed:
+        error = f"{len(report.failed)} batches could not be synced: " + "; ".join(report.failed)
+    return Answer(data, lambda: _sync_view(report), error)
+
+
+# ------------------------------------------------------------------ campaigns
+
+
+def _tasks(flags: list[str]) -> list[Task]:
+    tasks = []
+    for flag in flags:
+        key, _, name = flag.partition("=")
+        tasks.append(Task(key, name if "=" in flag else key))
+    return tasks
+
+
+def _campaign_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """The CampaignSpec fields the flags give, parsed; absent flags are left out."""
+    changes: dict[str, Any] = {
+        "batch_id": args.batch,
+        "quota": args.quota,
+        "per_user_limit": args.per_user_limit,
+        "name": args.name,
+        "tasks": None if args.task is None else _tasks(args.task),
+        "task_deadline": _optional_duration("--deadline", args.deadline),
+        "deadline_at": _optional_time("--deadline-at", args.deadline_at),
+        "starts_at": _optional_time("--starts-at", args.starts_at),
+        "ends_at": _optional_time("--ends-at", args.ends_at),
+    }
+    return {field: value for field, value in changes.items() if value is not None}
+
+
+async def cmd_campaign_create(ctx: Context, args: argparse.Namespace) -> Answer:
+    fields = _campaign_changes(args)
+    spec = CampaignSpec(id=args.id, **fields)
+    campaign, created = await catalog.create_campaign(ctx.pool, spec)
+    data = {**_campaign_json(campaign), "created": created}
+    return Answer(data, lambda: _campaign_detail(campaign))
+
+
+async def cmd_campaign_update(ctx: Context, args: argparse.Namespace) -> Answer:
+    changes = _campaign_changes(args)
+    if args.no_tasks:
+        if "tasks" in changes:
+            raise InvalidField("--no-tasks", "give either --task or --no-tasks, not both")
+        changes["tasks"] = []
+    if args.no_deadline:
+        if "task_deadline" in changes or "deadline_at" in changes:
+            raise InvalidField(
+                "--no-deadline", "give either --deadline/--deadline-at or --no-deadline, not both"
+            )
+        changes["task_deadline"] = changes["deadline_at"] = None
+    if not changes:
+        raise Refused("invalid_request", "nothing to change: give at least one field's flag")
+    campaign = await catalog.update_campaign(ctx.pool, args.campaign, **changes)
+    return Answer(_campaign_json(campaign), lambda: _campaign_detail(campaign))
+
+
+async def cmd_campaign_list(ctx: Context, args: argparse.Namespace) -> Answer:
+    if args.batch is not None:
+        validate_id("batch", args.batch)
+    campaigns = await catalog_ledger.list_campaigns(
+        ctx.pool, batch_id=args.batch, status=args.status
+    )
+    return Answer(
+        {"campaigns": [_campaign_json(c) for c in campaigns]},
+        lambda: [_campaign_table(campaigns)] if campaigns else [Text("no campaigns")],
+    )
+
+
+async def cmd_campaign_show(ctx: Context, args: argparse.Namespace) -> Answer:
+    campaign = await catalog.get_campaign(ctx.pool, args.campaign)
+    states = await ledger.count_by_state(ctx.pool, campaign.id)
+    data = {**_campaign_json(campaign), "states": states}
+    return Answer(data, lambda: [*_campaign_detail(campaign), Text(""), _states_table(states)])
+
+
+async def cmd_campaign_status(ctx: Context, args: argparse.Namespace) -> Answer:
+    campaign = await catalog.change_campaign_status(ctx.pool, args.campaign, args.action)
+    return Answer(_campaign_json(campaign), lambda: _campaign_detail(campaign))
+
+
+async def cmd_campaign_end(ctx: Context, args: argparse.Namespace) -> Answer:
+    if not args.expire_pending:
+        for flag, given in (("--reason", args.reason is not None), ("--no-wait", args.no_wait)):
+            if given:
+                raise InvalidField(flag, "applies only with --expire-pending")
+    silence_s = _seconds(args)
+    campaign = await catalog.change_campaign_status(ctx.pool, args.campaign, "end")
+    data: dict[str, Any] = {**_campaign_json(campaign), "expiry": None}
+    if not args.expire_pending:
+        return Answer(data, lambda: _campaign_detail(campaign))
+    expire = EndCampaignInput(campaign.id)
+    if args.reason is not None:
+        expire.reason = args.reason
+    workflow_id = f"end-campaign:{campaign.id}"
+    handle = await (await ctx.client()).start_workflow(
+        END_CAMPAIGN_WORKFLOW,
+        expire,
+        id=workflow_id,
+        task_queue=ctx.settings.task_queue,
+        # One expiry at a time; a later run (the campaign already ended) catches coupons
+        # that were still being claimed when the first one read the ledger.
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+        result_type=EndProgress,
+        static_summary=f"expire the received coupons of ended campaign {campaign.id}",
+    )
+    if args.no_wait:
+        data["expiry"] = {"workflow_id": workflow_id, "done": False}
+    else:
+        progress = await _follow_expiry(handle, campaign.id, silence_s)
+        data["expiry"] = {"workflow_id": workflow_id, **dataclasses.asdict(progress)}
+    expiry = data["expiry"]
+    return Answer(data, lambda: [*_campaign_detail(campaign), Text(""), _expiry_view(expiry)])
+
+
+async def _follow_expiry(
+    handle: WorkflowHandle[Any, EndProgress], campaign_id: str, silence_s: float
+) -> EndProgress:
+    """Wait for the expiry, drawing its `progress` query as a bar on stderr."""
+    loop = asyncio.get_running_loop()
+    result = asyncio.ensure_future(handle.result())
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        disable=not sys.stderr.isatty(),
+    )
+    last_answer, why = loop.time(), "no answer yet"
+    try:
+        with bar:
+            task = bar.add_task(f"expiring received coupons of {campaign_id}", total=None)
+            while not result.done():
+                try:
+                    progress = await handle.query(
+                        EndCampaignWorkflow.progress,
+                        rpc_timeout=timedelta(seconds=min(5.0, silence_s)),
+                    )
+                except (RPCError, WorkflowQueryFailedError) as err:
+                    why = str(err)
+                    if loop.time() - last_answer > silence_s:
+                        raise Unavailable(
+                            f"no worker answered for {silence_s:g} s ({why}); is the worker "
+                            f"running? The expiry goes on in workflow {handle.id}"
+                        ) from None
+                else:
+                    last_answer = loop.time()
+                    done = progress.expired + progress.skipped
+                    bar.update(task, total=progress.total or None, completed=done)
+                await asyncio.wait({result}, timeout=PROGRESS_POLL_S)
+            final = result.result()
+            bar.update(task, total=final.total, completed=final.expired + final.skipped)
+            return final
+    finally:
+        result.cancel()
+
+
+# ------------------------------------------------------------------ reconciliation
+
+
+async def cmd_reconcile(ctx: Context, args: argparse.Namespace) -> Answer:
+    timeout_s = _seconds(args)
+    if args.batch is not None:
+        # Refused here, at once: the workflow would retry an unknown batch before giving up.
+        await catalog.get_batch(ctx.pool, args.batch)
+    workflow_id = f"reconcile:manual:{uuid.uuid4()}"
+    report = await _run_workflow(
+        ctx,
+        RECONCILE_WORKFLOW,
+        ReconcileInput(args.batch, repair=not args.no_repair),
+        workflow_id,
+        ReconcileReport,
+        timeout_s,
+    )
+    data = {
+        "workflow_id": workflow_id,
+        "mismatches": report.mismatches,
+        "repaired": report.repaired,
+        "batches": report.batches,
+    }
+    return Answer(data, lambda: _reconcile_view(report))
+
+
+async def _run_workflow(
+    ctx: Context, workflow: str, arg: object, workflow_id: str, result: type[R], timeout_s: float
+) -> R:
+    handle: WorkflowHandle[Any, R] = await (await ctx.client()).start_workflow(
+        workflow, arg, id=workflow_id, task_queue=ctx.settings.task_queue, result_type=result
+    )
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await handle.result()
+    except TimeoutError:
+        raise Unavailable(
+            f"workflow {workflow_id} did not finish within {timeout_s:g} s (is the worker "
+            f"polling task queue {ctx.settings.task_queue!r}?); it stays queued and runs then"
+        ) from None
+
+
+# ------------------------------------------------------------------ output
+
+CommandResult = dict[str, Any] | Answer
+
+COMMANDS: dict[str, Callable[[Context, argparse.Namespace], Awaitable[CommandResult]]] = {
     "claim": cmd_claim,
     "complete-task": cmd_complete_task,
     "show": cmd_show,
@@ -263,7 +772,25 @@ COMMANDS: dict[str, Callable[[Context, argparse.Namespace], Awaitable[dict[str, 
     "list": cmd_list,
     "stats": cmd_stats,
     "repair": cmd_repair,
+    "batch create": cmd_batch_create,
+    "batch list": cmd_batch_list,
+    "batch show": cmd_batch_show,
+    **{f"batch {action.value}": cmd_batch_change for action in BatchAction},
+    "batch sync": cmd_batch_sync,
+    "campaign create": cmd_campaign_create,
+    "campaign update": cmd_campaign_update,
+    "campaign list": cmd_campaign_list,
+    "campaign show": cmd_campaign_show,
+    "campaign pause": cmd_campaign_status,
+    "campaign resume": cmd_campaign_status,
+    "campaign end": cmd_campaign_end,
+    "reconcile": cmd_reconcile,
 }
+
+
+def _command(args: argparse.Namespace) -> str:
+    action = getattr(args, "action", None)
+    return f"{args.command} {action}" if action else str(args.command)
 
 
 def _json_default(value: object) -> object:
@@ -276,39 +803,333 @@ def _json_default(value: object) -> object:
     raise TypeError(f"cannot encode {type(value).__name__}")
 
 
-async def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+def _batch_json(batch: Batch) -> dict[str, Any]:
+    return dataclasses.asdict(batch)
+
+
+def _campaign_json(campaign: Campaign) -> dict[str, Any]:
+    return {
+        "id": campaign.id,
+        "name": campaign.name,
+        "batch_id": campaign.batch_id,
+        "status": campaign.status,
+        "quota": campaign.quota,
+        "claimed": campaign.claimed,
+        "remaining": campaign.quota - campaign.claimed,
+        "per_user_limit": campaign.per_user_limit,
+        "tasks": [{"key": t.key, "name": t.name} for t in campaign.tasks],
+        "task_deadline_s": (
+            campaign.task_deadline.total_seconds() if campaign.task_deadline else None
+        ),
+        "deadline_at": campaign.deadline_at,
+        "starts_at": campaign.starts_at,
+        "ends_at": campaign.ends_at,
+        "created_at": campaign.created_at,
+        "updated_at": campaign.updated_at,
+        "ended_at": campaign.ended_at,
+    }
+
+
+def _plain() -> bool:
+    return not sys.stdout.isatty()
+
+
+def _table(*columns: str, header: bool = True) -> Table:
+    """A table: boxed for a terminal, plain columns (no box, no colour) for a pipe."""
+    plain = _plain()
+    table = Table(
+        box=None if plain else box.SIMPLE_HEAD,
+        show_header=header,
+        header_style="" if plain else "bold",
+        pad_edge=False,
+    )
+    for name in columns:
+        table.add_column(name, overflow="fold")
+    return table
+
+
+def _time(value: datetime | None) -> str:
+    return value.isoformat(timespec="seconds") if value else "-"
+
+
+def _duration(value: timedelta) -> str:
+    """The inverse of `parse_duration`: 1d12h, 30m, 90s -> 1m30s."""
+    seconds = int(value.total_seconds())
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts) or "0s"
+
+
+def _details(rows: list[tuple[str, str]]) -> Table:
+    table = _table("field", "value", header=False)
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def _batch_table(batches: list[Batch]) -> Table:
+    table = _table(
+        "id",
+        "platform id",
+        "status",
+        "quantity",
+        "remaining",
+        "owed",
+        "backlog",
+        "synced at",
+        "drift",
+    )
+    for b in batches:
+        table.add_row(
+            b.id,
+            b.platform_batch_id,
+            b.status,
+            str(b.quantity),
+            str(b.remaining),
+            str(b.owed),
+            str(b.backlog),
+            _time(b.synced_at),
+            "; ".join(b.drift) or "-",
+        )
+    return table
+
+
+def _money(cents: int | None) -> str:
+    return "-" if cents is None else f"{cents / 100:.2f}"
+
+
+def _batch_detail(b: Batch) -> list[RenderableType]:
+    rows = [
+        ("batch", b.id),
+        ("platform id", b.platform_batch_id),
+        ("name", b.name),
+        ("status", b.status),
+        ("quantity", str(b.quantity)),
+        ("remaining", str(b.remaining)),
+        ("face value", _money(b.face_value_cents)),
+        ("minimum spend", _money(b.min_spend_cents)),
+        ("valid days", str(b.valid_days)),
+        ("per-user limit", "-" if b.per_user_limit is None else str(b.per_user_limit)),
+        ("window", f"{_time(b.starts_at)} to {_time(b.ends_at)}"),
+        ("owed", str(b.owed)),
+        ("backlog", str(b.backlog)),
+        ("synced at", _time(b.synced_at)),
+    ]
+    rows += [("drift", line) for line in b.drift]
+    return [_details(rows)]
+
+
+def _sync_view(report: SyncReport) -> list[RenderableType]:
+    table = _table(
+        "batch", "platform id", "status", "quantity", "remaining", "owed", "backlog", "drift"
+    )
+    synced: list[BatchSync] = report.batches
+    for b in synced:
+        table.add_row(
+            b.batch_id,
+            b.platform_batch_id,
+            b.status,
+            str(b.quantity),
+            str(b.remaining),
+            str(b.owed),
+            str(b.backlog),
+            "; ".join(b.drift) or "-",
+        )
+    lines: list[RenderableType] = [
+        Text(f"{len(synced)} batches synced, {len(report.drifted)} drifted")
+    ]
+    if synced:
+        lines.insert(0, table)
+    lines += [Text(f"failed: {why}") for why in report.failed]
+    return lines
+
+
+def _window(c: Campaign) -> str:
+    if c.starts_at is None and c.ends_at is None:
+        return "always"
+    return f"{_time(c.starts_at)} to {_time(c.ends_at)}"
+
+
+def _deadline(c: Campaign) -> str:
+    parts = []
+    if c.task_deadline is not None:
+        parts.append(f"{_duration(c.task_deadline)} after the claim")
+    if c.deadline_at is not None:
+        parts.append(f"at {_time(c.deadline_at)}")
+    return ", at the latest ".join(parts) or "none"
+
+
+def _campaign_table(campaigns: list[Campaign]) -> Table:
+    table = _table(
+        "campaign", "batch", "status", "claimed", "quota", "per user", "tasks", "window", "deadline"
+    )
+    for c in campaigns:
+        table.add_row(
+            c.id,
+            c.batch_id,
+            c.status,
+            str(c.claimed),
+            str(c.quota),
+            str(c.per_user_limit),
+            ", ".join(c.required_tasks) or "-",
+            _window(c),
+            _deadline(c),
+        )
+    return table
+
+
+def _campaign_detail(c: Campaign) -> list[RenderableType]:
+    tasks = ", ".join(f"{t.key} ({t.name})" if t.name != t.key else t.key for t in c.tasks)
+    return [
+        _details(
+            [
+                ("campaign", c.id),
+                ("name", c.name or "-"),
+                ("batch", c.batch_id),
+                ("status", c.status),
+                ("claimed", f"{c.claimed} of {c.quota}"),
+                ("per-user limit", str(c.per_user_limit)),
+                ("tasks", tasks or "none: usable at claim"),
+                ("claim window", _window(c)),
+                ("task deadline", _deadline(c)),
+                ("updated at", _time(c.updated_at)),
+                ("ended at", _time(c.ended_at)),
+            ]
+        )
+    ]
+
+
+def _states_table(states: dict[str, int]) -> RenderableType:
+    if not states:
+        return Text("no coupons claimed yet")
+    table = _table("state", "coupons")
+    for state in STATES:
+        if state in states:
+            table.add_row(state, str(states[state]))
+    return table
+
+
+def _expiry_view(expiry: dict[str, Any]) -> RenderableType:
+    if not expiry.get("done"):
+        return Text(f"expiring its received coupons in workflow {expiry['workflow_id']}")
+    return Text(
+        f"{expiry['expired']} received coupons expired, {expiry['skipped']} skipped "
+        f"(of {expiry['total']}) by workflow {expiry['workflow_id']}"
+    )
+
+
+def _reconcile_view(report: ReconcileReport) -> list[RenderableType]:
+    lines: list[RenderableType] = []
+    found: list[BatchReconciliation] = report.batches
+    for b in found:
+        lines.append(
+            Text(
+                f"batch {b.batch_id}: the platform sent {b.platform_sent} and saw "
+                f"{b.platform_used} used; the ledger has {b.ledger_coupons} coupons; "
+                f"{len(b.mismatches)} mismatches, {b.repaired} repaired"
+            )
+        )
+        if b.mismatches:
+            table = _table("kind", "coupon", "platform coupon", "detail", "repair")
+            for m in b.mismatches:
+                table.add_row(
+                    m.kind,
+                    m.coupon_id or "-",
+                    m.platform_coupon_id or "-",
+                    m.detail,
+                    m.repair or "for an operator",
+                )
+            lines.append(table)
+    lines.append(
+        Text(f"{report.mismatches} mismatches, {report.repaired} repaired in {len(found)} batches")
+    )
+    return lines
+
+
+def _print(args: argparse.Namespace, result: CommandResult) -> None:
+    if isinstance(result, Answer) and not args.json:
+        plain = _plain()
+        console = Console(
+            force_terminal=not plain,
+            no_color=plain,
+            highlight=False,
+            markup=False,
+            emoji=False,
+            # A pipe gets whole lines, not lines cut to an imagined 80-column terminal.
+            width=200 if plain else None,
+        )
+        if not plain:
+            for renderable in result.view():
+                console.print(renderable)
+            return
+        with console.capture() as captured:
+            for renderable in result.view():
+                console.print(renderable)
+        # Plain lines for a pipe: no padding after the last column.
+        sys.stdout.writelines(f"{line.rstrip()}\n" for line in captured.get().splitlines())
+        return
+    data = result.data if isinstance(result, Answer) else result
+    print(json.dumps(data, default=_json_default, indent=2))
+
+
+# ------------------------------------------------------------------ running
+
+
+async def run(args: argparse.Namespace, settings: Settings) -> CommandResult:
     # A short wait: a person at a prompt wants "PostgreSQL is down" now, not in 30 s.
     async with db.pool(settings.database_url, max_size=2, timeout_s=5) as pool:
+        ctx = Context(settings, pool)
         try:
-            return await COMMANDS[args.command](Context(settings, pool), args)
+            return await COMMANDS[_command(args)](ctx, args)
         except (PoolTimeout, psycopg.OperationalError) as err:
             raise Unavailable(f"cannot reach PostgreSQL ({err})") from None
+        except PlatformError as err:
+            raise Unavailable(
+                f"the platform at {settings.platform_url} failed: {err} (is it up, and is "
+                "PLATFORM_API_KEY the platform's key?)"
+            ) from None
+        finally:
+            await ctx.aclose()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Run one command; `environ` (default: the process's) configures it, as for `make run`."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # psycopg_pool logs every failed connection attempt; the one-line error says it all.
     logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
     args = parser().parse_args(argv)
     try:
-        result = asyncio.run(run(args, Settings.from_env()))
+        result = asyncio.run(run(args, Settings.from_env(environ)))
     except ConfigError as err:
         return _fail(2, str(err))
     except Refused as err:
-        return _fail(2 if err.code in BAD_INPUT else 1, str(err))
+        return _fail(2, str(err))
     except WorkflowUpdateFailedError as err:
         cause = err.cause
         if isinstance(cause, ApplicationError) and cause.type:
-            return _fail(2 if cause.type in BAD_INPUT else 1, f"{cause.type}: {cause.message}")
+            # The coupon's workflow refused the update with a stable code (its validator:
+            # nothing was written to history).
+            return _fail(2, f"{cause.type}: {cause.message}")
         return _fail(1, str(err))
+    except WorkflowFailureError as err:
+        return _fail(1, f"the workflow failed: {err.cause or err}")
     except Unavailable as err:
         return _fail(1, str(err))
     except RPCError as err:
         return _fail(1, f"Temporal answered {err.status.name}: {err}")
+    except Exception as err:  # a bug: one line first, then what a developer needs
+        _fail(1, f"unexpected {type(err).__name__}: {err}")
+        traceback.print_exc()
+        return 1
     try:
-        print(json.dumps(result, default=_json_default, indent=2))
+        _print(args, result)
     except BrokenPipeError:
-        pass  # the reader (`| head`) has seen enough
+        return 0  # the reader (`| head`) has seen enough
+    if isinstance(result, Answer) and result.error:
+        return _fail(1, result.error)
     return 0
 
 

@@ -229,7 +229,7 @@ class ExpirePage:
 
 @dataclass
 class ExpirePageResult:
-    expired: int
+    expired: list[str]  # coupon ids whose workflow accepted the expiry
     skipped: int  # no longer received when asked (task done, cancelled, finished)
     last: str  # the last coupon id looked at: the next page starts after it
     done: bool

@@ -146,8 +146,8 @@ class Stack:
         if self.demo:
             asyncio.run(seed_demo(s))
             self.lines.append(
-                "Demo        campaign 'demo': task first-order, quota 1000, 1 per user, "
-                "valid 30 days"
+                "Demo        campaign 'demo' on batch 'demo': task first-order, quota 1000, "
+                "1 per user, valid 30 days"
             )
         env = {**os.environ, **s.to_env(), **self.worker_env}
         self.worker = ManagedProcess(
@@ -158,6 +158,10 @@ class Stack:
         self.lines.append(
             f"Worker      pid {self.worker.pid}, task queues {s.task_queue} and "
             f"{s.platform_task_queue}"
+        )
+        self.lines.append(
+            f"Schedules   catalog-sync every {s.sync_interval_s:g} s, reconcile-daily at "
+            f"{s.reconcile_hour_utc:02d}:00 UTC (kept up to date by the worker)"
         )
         self.lines.append(f"Logs        {logs}")
 

@@ -1,20 +1,44 @@
-"""The command line when a part it needs is down: one clear line, exit 1, no traceback."""
+"""The command line: every catalog command, its refusals and its output, on the real stack.
+
+Most tests run `coupons.cli.main` in-process (in a thread: it runs its own event loop)
+with the environment of the test's settings, against the dev server, the test's
+PostgreSQL schema and the simulator over HTTP; `running_workers` serves the commands that
+run workflows. The first tests run `starter.py` as a process: the parts it needs are
+down, and the answer must be one clear line with exit code 1.
+
+Exit codes: 0 success, 2 any refusal (`error: <code>: <message>` on stderr, nothing
+written), 1 a part that cannot be reached.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import re
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
+import httpx
+import pytest
 from psycopg_pool import AsyncConnectionPool
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
+from coupons.cli import main, parse_duration, parse_time
 from coupons.config import Settings
 from coupons.embedded import EmbeddedPostgres, free_port
+from coupons.errors import InvalidField
 from coupons.ledger import claims as ledger
 from coupons.platforms.rest import RestPlatform
-from tests.conftest import claims_of, new_campaign
+from tests.conftest import claims_of, new_campaign, running_workers, sim_stats
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,3 +125,727 @@ async def test_a_coupon_without_its_workflow_yet_says_so(
     )
     assert result.returncode == 1
     assert "has no workflow yet" in result.stderr, result.stderr
+
+
+# ----------------------------------------------------------------- in-process harness
+
+
+@dataclass
+class Ran:
+    code: int
+    out: str
+    err: str
+
+
+class Cli:
+    """`starter.py` in-process, configured like the test's workers."""
+
+    def __init__(self, env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+        self.env = env
+        self._capsys = capsys
+
+    async def __call__(self, *args: str) -> Ran:
+        self._capsys.readouterr()
+        code = await asyncio.to_thread(self._main, list(args))
+        out, err = self._capsys.readouterr()
+        return Ran(code, out, err)
+
+    def _main(self, argv: list[str]) -> int:
+        try:
+            return main(argv, self.env)
+        except SystemExit as exit:  # argparse's answer to a usage error
+            return int(exit.code or 0)
+
+    async def json(self, *args: str) -> Any:
+        """Run with --json; it must succeed and print nothing on stderr."""
+        return await self.coupon_json(*args, "--json")
+
+    async def coupon_json(self, *args: str) -> Any:
+        """Run a coupon command (JSON always); it must succeed, nothing on stderr."""
+        ran = await self(*args)
+        assert (ran.code, ran.err) == (0, ""), ran
+        return json.loads(ran.out)
+
+    async def claim(self, campaign_id: str, user_id: str) -> Any:
+        return await self.coupon_json("claim", "--campaign", campaign_id, "--user", user_id)
+
+    async def table(self, *args: str) -> str:
+        """Run for a person's eyes; it must succeed and print plain text (stdout is a pipe)."""
+        ran = await self(*args)
+        assert (ran.code, ran.err) == (0, ""), ran
+        assert "\x1b" not in ran.out  # no colours or cursor moves when stdout is not a TTY
+        assert all(line == line.rstrip() for line in ran.out.splitlines()), ran.out
+        return ran.out
+
+    async def refused(self, *args: str, code: str) -> str:
+        """Run; it must be refused with `code`: exit 2, one line on stderr, nothing on stdout."""
+        ran = await self(*args)
+        assert (ran.code, ran.out) == (2, ""), ran
+        assert ran.err.startswith(f"error: {code}: "), ran.err
+        assert ran.err.count("\n") == 1, ran.err
+        return ran.err
+
+
+@pytest.fixture
+def cli(
+    dev_env: WorkflowEnvironment, settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> Cli:
+    env = {
+        **settings.to_env(),
+        "TEMPORAL_ADDRESS": dev_env.client.service_client.config.target_host,
+    }
+    return Cli(env, capsys)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def iso(at: datetime) -> str:
+    return at.isoformat(timespec="seconds")
+
+
+async def new_batch(cli: Cli, *flags: str) -> dict[str, Any]:
+    batch: dict[str, Any] = await cli.json(
+        "batch", "create", "--id", new_id("b"), "--quantity", "20", *flags
+    )
+    return batch
+
+
+async def new_cli_campaign(cli: Cli, batch_id: str, *flags: str) -> dict[str, Any]:
+    campaign: dict[str, Any] = await cli.json(
+        "campaign", "create", "--id", new_id("c"), "--batch", batch_id, "--quota", "10", *flags
+    )
+    return campaign
+
+
+async def close_workflows(client: Client, workflow_ids: Iterable[str]) -> None:
+    """Terminate what a test left open on the dev server; closed ones are fine as they are."""
+    for workflow_id in workflow_ids:
+        try:
+            await client.get_workflow_handle(workflow_id).terminate("test over")
+        except RPCError as err:
+            if err.status != RPCStatusCode.NOT_FOUND:
+                raise
+
+
+async def wait_for_ledger_states(
+    pool: AsyncConnectionPool, coupon_ids: list[str], state: str, timeout_s: float = 30.0
+) -> None:
+    states: dict[str, str] = {}
+    try:
+        async with asyncio.timeout(timeout_s):
+            while set(states.values()) != {state} or len(states) != len(coupon_ids):
+                await asyncio.sleep(0.2)
+                states = await ledger.states_of(pool, coupon_ids)
+    except TimeoutError:
+        pytest.fail(f"still {states} after {timeout_s}s, expected all {state}")
+
+
+# ----------------------------------------------------------------- durations and times
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("7d", timedelta(days=7)),
+        ("12h", timedelta(hours=12)),
+        ("30m", timedelta(minutes=30)),
+        ("90s", timedelta(seconds=90)),
+        ("1d12h", timedelta(days=1, hours=12)),
+        ("1h30m15s", timedelta(hours=1, minutes=30, seconds=15)),
+    ],
+)
+def test_durations_in_days_hours_minutes_and_seconds_parse(text: str, expected: timedelta) -> None:
+    assert parse_duration("--deadline", text) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["", "7", "7x", "d", "1.5h", "-1d", "1h1d", " 7d", "7d ", "7 d", "0s", "0d0h", "P7D"]
+)
+def test_anything_else_is_refused_as_a_duration_naming_the_flag(text: str) -> None:
+    with pytest.raises(InvalidField) as refused:
+        parse_duration("--deadline", text)
+    assert refused.value.field == "--deadline"
+    assert str(refused.value).startswith("invalid_request: --deadline: ")
+    assert repr(text) in str(refused.value)
+
+
+def test_an_absurdly_long_duration_is_refused_not_a_crash() -> None:
+    with pytest.raises(InvalidField, match="too long"):
+        parse_duration("--deadline", "99999999999d")
+
+
+def test_times_must_name_their_timezone() -> None:
+    assert parse_time("--starts-at", "2026-06-01T00:00:00Z") == datetime(2026, 6, 1, tzinfo=UTC)
+    assert parse_time("--starts-at", "2026-06-01T08:00:00+08:00") == datetime(
+        2026, 6, 1, tzinfo=UTC
+    )
+    for naive in ("2026-06-01T00:00:00", "2026-06-01"):
+        with pytest.raises(InvalidField, match="has no timezone") as refused:
+            parse_time("--ends-at", naive)
+        assert refused.value.field == "--ends-at"
+    for garbage in ("tomorrow", "2026-13-01T00:00:00Z", ""):
+        with pytest.raises(InvalidField, match="not an ISO 8601 time") as refused:
+            parse_time("--deadline-at", garbage)
+        assert refused.value.field == "--deadline-at"
+
+
+# ----------------------------------------------------------------- batches
+
+
+async def test_batch_create_makes_one_batch_at_the_simulator_however_often_it_runs(
+    cli: Cli, simulator: httpx.AsyncClient
+) -> None:
+    before = await sim_stats(simulator)
+    batch_id = new_id("b")
+    args = ("batch", "create", "--id", batch_id, "--quantity", "100", "--value", "300")
+    first = await cli.json(*args, "--min-spend", "1000", "--valid-days", "10", "--name", "Spring")
+    again = await cli.json(*args, "--min-spend", "1000", "--valid-days", "10", "--name", "Spring")
+
+    assert (await sim_stats(simulator))["batches"] - before["batches"] == 1
+    assert again["platform_batch_id"] == first["platform_batch_id"]
+    assert {k: first[k] for k in ("id", "status", "quantity", "remaining", "name")} == {
+        "id": batch_id,
+        "status": "running",
+        "quantity": 100,
+        "remaining": 100,
+        "name": "Spring",
+    }
+    assert (first["face_value_cents"], first["min_spend_cents"], first["valid_days"]) == (
+        300,
+        1000,
+        10,
+    )
+    at_platform = (await simulator.get(f"/v1/batches/{first['platform_batch_id']}")).json()
+    assert (at_platform["status"], at_platform["remaining"]) == ("running", 100)
+
+
+async def test_batch_create_no_start_and_a_window_are_passed_to_the_platform(
+    cli: Cli, simulator: httpx.AsyncClient
+) -> None:
+    starts = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=1)
+    ends = starts + timedelta(days=3)
+    batch = await new_batch(
+        cli,
+        "--no-start",
+        "--per-user-limit",
+        "3",
+        "--starts-at",
+        iso(starts.astimezone(UTC)).replace("+00:00", "Z"),
+        "--ends-at",
+        iso(ends),
+    )
+    assert (batch["status"], batch["per_user_limit"]) == ("created", 3)
+    assert datetime.fromisoformat(batch["starts_at"]) == starts
+    assert datetime.fromisoformat(batch["ends_at"]) == ends
+    at_platform = (await simulator.get(f"/v1/batches/{batch['platform_batch_id']}")).json()
+    assert at_platform["status"] == "created"
+
+
+async def test_batch_create_with_other_terms_or_bad_input_is_refused_and_writes_nothing(
+    cli: Cli, simulator: httpx.AsyncClient
+) -> None:
+    batch = await new_batch(cli)
+    before = await sim_stats(simulator)
+    taken = ("batch", "create", "--id", batch["id"])
+    err = await cli.refused(*taken, "--quantity", "21", code="batch_exists")
+    assert batch["id"] in err
+
+    now = datetime.now(UTC)
+    fresh = ("batch", "create", "--id", new_id("b"), "--quantity", "20")
+    bad = {
+        ("--quantity", "0"): "quantity: ",
+        ("--value", "0"): "value: ",
+        ("--valid-days", "0"): "valid_days: ",
+        (
+            "--starts-at",
+            "2026-06-01T00:00:00",
+        ): "--starts-at: '2026-06-01T00:00:00' has no timezone",
+        ("--ends-at", "next week"): "--ends-at: 'next week' is not an ISO 8601 time",
+        ("--starts-at", iso(now), "--ends-at", iso(now - timedelta(hours=1))): "ends_at: ",
+    }
+    for flags, message in bad.items():
+        err = await cli.refused(*fresh, *flags, code="invalid_request")
+        assert message in err, (flags, err)
+    err = await cli.refused(
+        "batch", "create", "--id", "no spaces", "--quantity", "1", code="invalid_request"
+    )
+    assert "batch: 'no spaces' is not valid" in err
+
+    assert (await sim_stats(simulator))["batches"] == before["batches"]
+    listed = await cli.json("batch", "list")
+    assert [(b["id"], b["quantity"]) for b in listed["batches"]] == [(batch["id"], 20)]
+
+
+async def test_an_unreachable_platform_is_one_line_and_exit_1(cli: Cli) -> None:
+    cli.env["PLATFORM_URL"] = f"http://127.0.0.1:{free_port()}"
+    ran = await cli("batch", "create", "--id", new_id("b"), "--quantity", "5")
+    assert (ran.code, ran.out) == (1, "")
+    assert ran.err.startswith(f"error: the platform at {cli.env['PLATFORM_URL']} failed: "), ran
+    assert ran.err.count("\n") == 1
+
+
+async def test_batch_list_and_show_give_the_synced_figures(cli: Cli) -> None:
+    assert (await cli.json("batch", "list")) == {"batches": []}
+    assert (await cli.table("batch", "list")) == "no batches\n"
+    first = await new_batch(cli)
+    second = await new_batch(cli, "--no-start")
+    campaign = await new_cli_campaign(cli, first["id"])
+
+    listed = await cli.json("batch", "list")
+    assert [(b["id"], b["status"], b["remaining"], b["drift"]) for b in listed["batches"]] == [
+        (first["id"], "running", 20, []),
+        (second["id"], "created", 20, []),
+    ]
+    table = (await cli.table("batch", "list")).splitlines()
+    assert table[0].split() == [
+        "id", "platform", "id", "status", "quantity", "remaining", "owed", "backlog", "synced",
+        "at", "drift",
+    ]  # fmt: skip
+    assert table[1].split()[:7] == [
+        first["id"], first["platform_batch_id"], "running", "20", "20", "0", "0"
+    ]  # fmt: skip
+
+    shown = await cli.json("batch", "show", first["id"])
+    assert shown["remaining"] == 20
+    assert shown["platform_batch_id"] == first["platform_batch_id"]
+    assert shown["campaigns"] == [
+        {"id": campaign["id"], "status": "active", "quota": 10, "claimed": 0}
+    ]
+    text = await cli.table("batch", "show", first["id"])
+    assert first["platform_batch_id"] in text and campaign["id"] in text
+    assert re.search(r"remaining\s+20\b", text), text
+
+    await cli.refused("batch", "show", "nope", code="unknown_batch")
+    await cli.refused("batch", "show", "no/pe", code="invalid_request")
+
+
+async def test_batch_start_pause_resume_stop_follow_the_platform_and_a_wrong_one_is_refused(
+    cli: Cli, simulator: httpx.AsyncClient
+) -> None:
+    batch = await new_batch(cli, "--no-start")
+    seen = []
+    for action in ("start", "pause", "resume", "stop"):
+        changed = await cli.json("batch", action, batch["id"])
+        at_platform = (await simulator.get(f"/v1/batches/{batch['platform_batch_id']}")).json()
+        seen.append((changed["status"], at_platform["status"]))
+    assert seen == [
+        ("running", "running"),
+        ("paused", "paused"),
+        ("running", "running"),
+        ("stopped", "stopped"),
+    ]
+    err = await cli.refused("batch", "resume", batch["id"], code="wrong_state")
+    assert batch["id"] in err
+    assert (await cli.json("batch", "show", batch["id"]))["status"] == "stopped"
+    await cli.refused("batch", "pause", batch["id"], code="wrong_state")  # stopped for good
+    # Repeating what is done is a no-op.
+    assert re.search(r"status\s+stopped\b", await cli.table("batch", "stop", batch["id"]))
+    await cli.refused("batch", "pause", "nope", code="unknown_batch")
+
+
+async def test_batch_sync_shows_the_platforms_new_figures_and_drift(
+    cli: Cli,
+    dev_env: WorkflowEnvironment,
+    pool: AsyncConnectionPool,
+    settings: Settings,
+    simulator: httpx.AsyncClient,
+) -> None:
+    batch = await new_batch(cli, "--quantity", "100")
+    campaign = await new_cli_campaign(cli, batch["id"], "--task", "first-order")
+    claimed = await cli.claim(campaign["id"], "u1")
+    assert claimed["state"] == "received"  # owed: its task may still be done
+    set_remaining = f"/sim/batches/{batch['platform_batch_id']}"
+    try:
+        async with running_workers(dev_env.client, pool, settings):
+            (await simulator.put(set_remaining, json={"remaining": 40})).raise_for_status()
+            report = await cli.json("batch", "sync", "--batch", batch["id"])
+            assert report["workflow_id"].startswith("catalog-sync:manual:")
+            assert (report["drifted"], report["failed"]) == (0, [])
+            (synced,) = report["batches"]
+            assert (synced["batch_id"], synced["remaining"], synced["owed"], synced["drift"]) == (
+                batch["id"],
+                40,
+                1,
+                [],
+            )
+            listed = await cli.json("batch", "list")
+            assert [b["remaining"] for b in listed["batches"]] == [40]
+
+            # Below what we owe: drift, in the sync's answer and in the list.
+            (await simulator.put(set_remaining, json={"remaining": 0})).raise_for_status()
+            text = await cli.table("batch", "sync")  # no --batch: every batch in use
+            assert "below the 1 we still owe" in text, text
+            assert "1 batches synced, 1 drifted" in text
+            shown = await cli.json("batch", "show", batch["id"])
+            assert shown["remaining"] == 0
+            assert shown["drift"] == ["the platform has 0 coupons left, below the 1 we still owe"]
+            assert "below the 1 we still owe" in await cli.table("batch", "list")
+    finally:
+        await close_workflows(dev_env.client, [claimed["workflow_id"]])
+
+
+async def test_batch_sync_refuses_an_unknown_batch_at_once_and_says_when_no_worker_runs_it(
+    cli: Cli, dev_env: WorkflowEnvironment
+) -> None:
+    await cli.refused("batch", "sync", "--batch", "nope", code="unknown_batch")
+    batch = await new_batch(cli)
+    # No worker polls this test's task queue.
+    ran = await cli("batch", "sync", "--batch", batch["id"], "--timeout", "1")
+    assert (ran.code, ran.out) == (1, "")
+    found = re.match(
+        r"error: workflow (catalog-sync:manual:\S+) did not finish within 1 s", ran.err
+    )
+    assert found, ran.err
+    await close_workflows(dev_env.client, [found[1]])
+
+
+# ----------------------------------------------------------------- campaigns
+
+
+async def test_campaign_create_takes_every_flag_and_the_same_again_is_a_no_op(cli: Cli) -> None:
+    batch = await new_batch(cli, "--quantity", "50")
+    now = datetime.now(UTC).replace(microsecond=0)
+    deadline_at = (now + timedelta(days=10)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    starts_at = (now - timedelta(hours=1)).astimezone(timezone(timedelta(hours=8))).isoformat()
+    ends_at = (now + timedelta(days=5)).astimezone(timezone(timedelta(hours=-5))).isoformat()
+    flags = (
+        "campaign", "create", "--id", new_id("c"), "--batch", batch["id"], "--quota", "20",
+        "--per-user-limit", "1", "--task", "first-order=First order", "--task", "survey",
+        "--deadline", "1d12h", "--deadline-at", deadline_at, "--starts-at", starts_at,
+        "--ends-at", ends_at, "--name", "Spring sale",
+    )  # fmt: skip
+    created = await cli.json(*flags)
+    assert created["created"] is True
+    assert {k: created[k] for k in ("batch_id", "status", "quota", "claimed", "remaining")} == {
+        "batch_id": batch["id"],
+        "status": "active",
+        "quota": 20,
+        "claimed": 0,
+        "remaining": 20,
+    }
+    assert created["tasks"] == [
+        {"key": "first-order", "name": "First order"},
+        {"key": "survey", "name": "survey"},
+    ]
+    assert (created["per_user_limit"], created["name"]) == (1, "Spring sale")
+    assert created["task_deadline_s"] == timedelta(days=1, hours=12).total_seconds()
+    assert datetime.fromisoformat(created["deadline_at"]) == now + timedelta(days=10)
+    assert datetime.fromisoformat(created["starts_at"]) == now - timedelta(hours=1)
+    assert datetime.fromisoformat(created["ends_at"]) == now + timedelta(days=5)
+
+    again = await cli.json(*flags)
+    assert again == {**created, "created": False}
+    text = await cli.table(*flags)
+    assert "first-order (First order), survey" in text
+    assert "1d12h after the claim, at the latest" in text
+
+    other = list(flags)
+    other[other.index("--quota") + 1] = "21"
+    err = await cli.refused(*other, code="campaign_exists")
+    assert "campaign update" in err
+    assert (await cli.json("campaign", "show", created["id"]))["quota"] == 20
+
+
+async def test_each_invalid_campaign_definition_is_refused_naming_the_field_and_writes_nothing(
+    cli: Cli,
+) -> None:
+    now = datetime.now(UTC)
+    batch = await new_batch(cli, "--ends-at", iso(now + timedelta(days=10)))
+    bad = {
+        ("--quota", "21"): "quota: 21 is more than batch",
+        ("--batch", "nope"): "batch: unknown batch 'nope'",
+        ("--task", "a", "--task", "a=Again"): "tasks: task key 'a' appears twice",
+        ("--task", "a="): "tasks: task 'a' needs a display name",
+        ("--task", "a b"): "task: 'a b' is not valid",
+        ("--per-user-limit", "0"): "per_user_limit: ",
+        ("--per-user-limit", "2"): "per_user_limit: 2 is more than batch",
+        ("--starts-at", iso(now), "--ends-at", iso(now - timedelta(hours=1))): "ends_at: ",
+        ("--ends-at", iso(now + timedelta(days=11))): "ends_at: the claim window ends after",
+        ("--deadline-at", iso(now + timedelta(days=11))): "deadline_at: the task deadline is after",
+        ("--deadline", "20d"): "task_deadline: a claim at",
+        ("--deadline", "7x"): "--deadline: '7x' is not a duration",
+        ("--deadline", "0s"): "--deadline: '0s' must be longer than zero",
+        ("--starts-at", "2026-06-01T00:00"): "--starts-at: '2026-06-01T00:00' has no timezone",
+        ("--deadline-at", "soon"): "--deadline-at: 'soon' is not an ISO 8601 time",
+    }
+    for flags, message in bad.items():
+        args = ["campaign", "create", "--id", new_id("c"), "--quota", "20", *flags]
+        if "--batch" not in flags:
+            args += ["--batch", batch["id"]]
+        err = await cli.refused(*args, code="invalid_request")
+        assert message in err, (flags, err)
+    assert (await cli.json("campaign", "list")) == {"campaigns": []}
+
+
+async def test_campaign_update_changes_only_the_given_fields(cli: Cli) -> None:
+    batch = await new_batch(cli)
+    campaign = await new_cli_campaign(cli, batch["id"], "--task", "a=Sign in", "--deadline", "7d")
+    cid = campaign["id"]
+
+    def unchanged(now: dict[str, Any], *fields: str) -> dict[str, Any]:
+        skip = {"updated_at", "created", *fields}
+        return {k: v for k, v in now.items() if k not in skip}
+
+    bigger = await cli.json("campaign", "update", cid, "--quota", "12", "--name", "Bigger")
+    assert (bigger["quota"], bigger["name"]) == (12, "Bigger")
+    assert unchanged(bigger, "quota", "name", "remaining") == unchanged(
+        campaign, "quota", "name", "remaining"
+    )
+    no_tasks = await cli.json("campaign", "update", cid, "--no-tasks")
+    assert (no_tasks["tasks"], no_tasks["task_deadline_s"]) == ([], 7 * 86400)
+    no_deadline = await cli.json("campaign", "update", cid, "--no-deadline")
+    assert (no_deadline["task_deadline_s"], no_deadline["deadline_at"]) == (None, None)
+    again = await cli.json("campaign", "update", cid, "--task", "b=Buy", "--deadline", "2h")
+    assert (again["tasks"], again["task_deadline_s"], again["quota"]) == (
+        [{"key": "b", "name": "Buy"}],
+        7200,
+        12,
+    )
+
+    refusals = {
+        (): ("invalid_request", "nothing to change"),
+        ("--no-tasks", "--task", "x"): ("invalid_request", "--no-tasks: "),
+        ("--no-deadline", "--deadline", "1d"): ("invalid_request", "--no-deadline: "),
+        ("--quota", "21"): ("invalid_request", "quota: 21 is more than batch"),
+        ("--deadline", "soon"): ("invalid_request", "--deadline: 'soon' is not a duration"),
+        ("--batch", "nope"): ("invalid_request", "batch: unknown batch 'nope'"),
+    }
+    for flags, (code, message) in refusals.items():
+        err = await cli.refused("campaign", "update", cid, *flags, code=code)
+        assert message in err, (flags, err)
+    await cli.refused("campaign", "update", "nope", "--quota", "3", code="unknown_campaign")
+    assert await cli.json("campaign", "show", cid) == {**again, "states": {}}
+
+
+async def test_campaign_list_filters_and_show_and_stats_count_coupons_by_state(
+    cli: Cli, dev_env: WorkflowEnvironment
+) -> None:
+    one, two = await new_batch(cli), await new_batch(cli)
+    first = await new_cli_campaign(cli, one["id"], "--task", "first-order")
+    second = await new_cli_campaign(cli, two["id"])
+    await cli.json("campaign", "pause", second["id"])
+
+    by_batch = await cli.json("campaign", "list", "--batch", one["id"])
+    assert [c["id"] for c in by_batch["campaigns"]] == [first["id"]]
+    paused = await cli.json("campaign", "list", "--status", "paused")
+    assert [(c["id"], c["status"]) for c in paused["campaigns"]] == [(second["id"], "paused")]
+    table = await cli.table("campaign", "list")
+    assert table.splitlines()[0].split()[:5] == ["campaign", "batch", "status", "claimed", "quota"]
+    assert first["id"] in table and second["id"] in table
+    assert (await cli.table("campaign", "list", "--status", "ended")) == "no campaigns\n"
+
+    coupons = [await cli.claim(first["id"], user) for user in ("u1", "u2")]
+    try:
+        shown = await cli.json("campaign", "show", first["id"])
+        assert (shown["claimed"], shown["quota"], shown["states"]) == (2, 10, {"received": 2})
+        text = await cli.table("campaign", "show", first["id"])
+        assert "2 of 10" in text and re.search(r"received\s+2\b", text), text
+        stats = await cli.coupon_json("stats", "--campaign", first["id"])
+        assert (stats["claimed"], stats["remaining"], stats["states"]) == (2, 8, {"received": 2})
+    finally:
+        await close_workflows(dev_env.client, [c["workflow_id"] for c in coupons])
+    await cli.refused("campaign", "show", "nope", code="unknown_campaign")
+    await cli.refused("stats", "--campaign", "nope", code="unknown_campaign")
+
+
+async def test_every_claim_refusal_exits_2_with_its_code_and_claims_nothing(
+    cli: Cli, dev_env: WorkflowEnvironment, pool: AsyncConnectionPool
+) -> None:
+    # Five campaigns of 10 share it: the batch holds all their quotas.
+    batch = await new_batch(cli, "--quantity", "50")
+    now = datetime.now(UTC)
+    one = await new_cli_campaign(cli, batch["id"], "--task", "t")
+    one_left = (await cli.json("campaign", "update", one["id"], "--quota", "1"))["id"]
+    later = await new_cli_campaign(cli, batch["id"], "--starts-at", iso(now + timedelta(hours=1)))
+    over = await new_cli_campaign(
+        cli,
+        batch["id"],
+        "--starts-at",
+        iso(now - timedelta(hours=2)),
+        "--ends-at",
+        iso(now - timedelta(hours=1)),
+    )
+    paused = await new_cli_campaign(cli, batch["id"], "--task", "t")
+    ended = await new_cli_campaign(cli, batch["id"])
+
+    held = await cli.claim(one_left, "u1")
+    try:
+        await cli.refused("claim", "--campaign", one_left, "--user", "u2", code="sold_out")
+        again = await cli.claim(one_left, "u1")
+        assert (again["coupon_id"], again["created"]) == (held["coupon_id"], False)
+        await cli.refused(
+            "claim", "--campaign", later["id"], "--user", "u1", code="campaign_not_open"
+        )
+        await cli.refused("claim", "--campaign", over["id"], "--user", "u1", code="campaign_closed")
+        assert (await cli.json("campaign", "pause", paused["id"]))["status"] == "paused"
+        await cli.refused(
+            "claim", "--campaign", paused["id"], "--user", "u1", code="campaign_paused"
+        )
+        assert (await cli.json("campaign", "end", ended["id"]))["status"] == "ended"
+        await cli.refused("claim", "--campaign", ended["id"], "--user", "u1", code="campaign_ended")
+        await cli.refused("claim", "--campaign", "nope", "--user", "u1", code="unknown_campaign")
+        assert await ledger.count_by_state(pool, one_left) == {"received": 1}
+        for campaign in (later, over, paused, ended):
+            assert await ledger.count_by_state(pool, campaign["id"]) == {}
+
+        # Resumed, the paused campaign takes claims again; resuming twice is a no-op.
+        assert (await cli.json("campaign", "resume", paused["id"]))["status"] == "active"
+        assert (await cli.json("campaign", "resume", paused["id"]))["status"] == "active"
+        resumed = await cli.claim(paused["id"], "u1")
+        await close_workflows(dev_env.client, [resumed["workflow_id"]])
+        # An ended campaign stays ended.
+        await cli.refused("campaign", "resume", ended["id"], code="wrong_state")
+        await cli.refused("campaign", "pause", ended["id"], code="wrong_state")
+        await cli.refused("campaign", "update", ended["id"], "--quota", "5", code="wrong_state")
+        await cli.refused("campaign", "pause", "nope", code="unknown_campaign")
+    finally:
+        await close_workflows(dev_env.client, [held["workflow_id"]])
+
+
+async def test_campaign_end_expire_pending_expires_received_coupons_through_their_workflows(
+    cli: Cli, dev_env: WorkflowEnvironment, pool: AsyncConnectionPool, settings: Settings
+) -> None:
+    batch = await new_batch(cli)
+    campaign = await new_cli_campaign(cli, batch["id"], "--task", "survey=Answer the survey")
+    cid = campaign["id"]
+    coupons = [await cli.claim(cid, f"u{i}") for i in range(3)]
+    coupon_ids = [c["coupon_id"] for c in coupons]
+    try:
+        async with running_workers(dev_env.client, pool, settings):
+            # A refused update exits 2 as well, with the validator's code.
+            await cli.refused(
+                "complete-task", "--coupon", coupon_ids[0], "--task", "quiz", "--wait",
+                code="unknown_task",
+            )  # fmt: skip
+            ended = await cli.json("campaign", "end", cid, "--expire-pending", "--reason", "over")
+            assert ended["status"] == "ended"
+            assert ended["expiry"] == {
+                "workflow_id": f"end-campaign:{cid}",
+                "campaign_id": cid,
+                "total": 3,
+                "expired": 3,
+                "skipped": 0,
+                "done": True,
+            }
+            # The workflows took the expiry; each writes it to the ledger a moment later.
+            await wait_for_ledger_states(pool, coupon_ids, "expired", timeout_s=10)
+            view = await ledger.coupon_view(pool, coupon_ids[0])
+            assert view is not None
+            last = view["events"][-1]
+            assert (last["from_state"], last["to_state"]) == ("received", "expired")
+            assert "over" in last["cause"]
+
+            # Again: the campaign stays ended and a new run finds nothing left.
+            text = await cli.table("campaign", "end", cid, "--expire-pending")
+            assert (
+                f"0 received coupons expired, 0 skipped (of 0) by workflow end-campaign:{cid}"
+                in text
+            )
+            await cli.refused("claim", "--campaign", cid, "--user", "late", code="campaign_ended")
+    finally:
+        await close_workflows(dev_env.client, [c["workflow_id"] for c in coupons])
+
+
+async def test_campaign_end_no_wait_names_the_workflow_and_bad_flags_change_nothing(
+    cli: Cli, dev_env: WorkflowEnvironment
+) -> None:
+    batch = await new_batch(cli)
+    campaign = await new_cli_campaign(cli, batch["id"])
+    cid = campaign["id"]
+    for flags in (("--reason", "over"), ("--no-wait",)):
+        err = await cli.refused("campaign", "end", cid, *flags, code="invalid_request")
+        assert f"{flags[0]}: applies only with --expire-pending" in err
+    assert (await cli.json("campaign", "show", cid))["status"] == "active"
+    await cli.refused("campaign", "end", "nope", "--expire-pending", code="unknown_campaign")
+
+    # No worker polls this test's task queue: the workflow is started and left to run.
+    ended = await cli.json("campaign", "end", cid, "--expire-pending", "--no-wait")
+    workflow_id = f"end-campaign:{cid}"
+    try:
+        assert (ended["status"], ended["expiry"]) == (
+            "ended",
+            {"workflow_id": workflow_id, "done": False},
+        )
+        described = await dev_env.client.get_workflow_handle(workflow_id).describe()
+        assert described.status == WorkflowExecutionStatus.RUNNING
+        # Waiting for it, with nobody to answer, gives up clearly after --timeout.
+        ran = await cli("campaign", "end", cid, "--expire-pending", "--timeout", "1")
+        assert (ran.code, ran.out) == (1, "")
+        assert ran.err.startswith("error: no worker answered for 1 s"), ran.err
+        assert workflow_id in ran.err
+    finally:
+        await close_workflows(dev_env.client, [workflow_id])
+
+
+# ----------------------------------------------------------------- reconciliation
+
+
+async def test_reconcile_reports_a_use_behind_our_back_then_repairs_it(
+    cli: Cli,
+    dev_env: WorkflowEnvironment,
+    pool: AsyncConnectionPool,
+    settings: Settings,
+    simulator: httpx.AsyncClient,
+) -> None:
+    batch = await new_batch(cli)
+    campaign = await new_cli_campaign(cli, batch["id"])  # no tasks: usable at claim
+    coupons: list[dict[str, Any]] = []
+    try:
+        async with running_workers(dev_env.client, pool, settings):
+            coupons += [await cli.claim(campaign["id"], user) for user in ("u1", "u2")]
+            coupon_ids = [c["coupon_id"] for c in coupons]
+            await wait_for_ledger_states(pool, coupon_ids, "issued")
+            view = await ledger.coupon_view(pool, coupon_ids[0])
+            assert view is not None and view["receipt"] is not None
+            used = view["receipt"]["platform_coupon_id"]
+            # Used at a till: the platform knows, we are not told (the first poll is minutes off).
+            (await simulator.post(f"/v1/coupons/{used}/use")).raise_for_status()
+
+            text = await cli.table("reconcile", "--batch", batch["id"], "--no-repair")
+            assert "the platform sent 2 and saw 1 used; the ledger has 2 coupons" in text
+            assert re.search(
+                rf"state\s+{coupon_ids[0]}\s+{used}\s+used at the platform, issued here", text
+            ), text
+
+            listed = await cli.json("reconcile", "--batch", batch["id"], "--no-repair")
+            assert (listed["mismatches"], listed["repaired"]) == (1, 0)
+            assert listed["workflow_id"].startswith("reconcile:manual:")
+            (found,) = listed["batches"]
+            assert {k: found[k] for k in ("batch_id", "platform_sent", "platform_used")} == {
+                "batch_id": batch["id"],
+                "platform_sent": 2,
+                "platform_used": 1,
+            }
+            assert found["ledger_coupons"] == 2
+            (mismatch,) = found["mismatches"]
+            assert {k: mismatch[k] for k in ("kind", "coupon_id", "platform_coupon_id")} == {
+                "kind": "state",
+                "coupon_id": coupon_ids[0],
+                "platform_coupon_id": used,
+            }
+            assert mismatch["repair"] != "redeem requested"  # --no-repair: nothing was asked
+            assert "used at the platform" in mismatch["detail"]
+            assert (await ledger.states_of(pool, coupon_ids))[coupon_ids[0]] == "issued"
+
+            repaired = await cli.json("reconcile", "--batch", batch["id"])
+            assert (repaired["mismatches"], repaired["repaired"]) == (1, 1)
+            assert repaired["batches"][0]["mismatches"][0]["repair"] == "redeem requested"
+            assert await ledger.states_of(pool, coupon_ids) == {
+                coupon_ids[0]: "redeemed",
+                coupon_ids[1]: "issued",
+            }
+
+            clean = await cli.json("reconcile")  # every batch
+            assert (clean["mismatches"], clean["repaired"]) == (0, 0)
+            assert [b["batch_id"] for b in clean["batches"]] == [batch["id"]]
+            assert "0 mismatches, 0 repaired in 1 batches" in await cli.table("reconcile")
+    finally:
+        await close_workflows(dev_env.client, [c["workflow_id"] for c in coupons])
+
+
+async def test_reconcile_refuses_an_unknown_batch_at_once(cli: Cli) -> None:
+    await cli.refused("reconcile", "--batch", "nope", "--json", code="unknown_batch")
+    await cli.refused("reconcile", "--batch", "no pe", code="invalid_request")
+    await cli.refused("reconcile", "--timeout", "0", code="invalid_request")

@@ -8,9 +8,16 @@ from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from coupons import contract as act
-    from coupons.model import EndCampaignInput, EndProgress, ExpirePage, ExpirePageResult
+    from coupons.model import (
+        EndCampaignInput,
+        EndProgress,
+        ExpirePage,
+        ExpirePageResult,
+        RepairCheck,
+    )
 
 LEDGER_CALL = timedelta(seconds=30)
+LEDGER_WAIT_S = 60.0
 
 
 @workflow.defn(name=act.END_CAMPAIGN_WORKFLOW)
@@ -45,7 +52,18 @@ class EndCampaignWorkflow:
                 result_type=ExpirePageResult,
                 summary=f"expire received coupons after {after or 'the start'}",
             )
-            progress.expired += page.expired
+            if page.expired:
+                # Done means done in the ledger too: the workflows write `expired` a
+                # moment after accepting it.
+                await workflow.execute_activity(
+                    act.AWAIT_STATES,
+                    RepairCheck(page.expired, "expired", LEDGER_WAIT_S),
+                    start_to_close_timeout=timedelta(seconds=LEDGER_WAIT_S + 30),
+                    heartbeat_timeout=timedelta(seconds=30),
+                    result_type=int,
+                    summary=f"wait for {len(page.expired)} expiries in the ledger",
+                )
+            progress.expired += len(page.expired)
             progress.skipped += page.skipped
             after = page.last
             if page.done:

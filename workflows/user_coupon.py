@@ -135,6 +135,9 @@ class UserCouponWorkflow:
         while True:
             self._waiting_for = "the platform to confirm the send"
             self._publish()
+            # Counted before the send: a notice that arrives while the send is being
+            # refused must still end the wait that follows.
+            notices = self._budget_notices
             try:
                 receipt = await workflow.execute_activity(
                     act.ISSUE_COUPON,
@@ -158,7 +161,7 @@ class UserCouponWorkflow:
                 if not isinstance(cause, ApplicationError):
                     raise
                 if cause.type == act.BATCH_UNAVAILABLE:
-                    await self._wait_for_budget(cause.message)
+                    await self._wait_for_budget(cause.message, notices)
                     continue
                 if cause.type != act.SEND_REFUSED:
                     raise
@@ -168,13 +171,13 @@ class UserCouponWorkflow:
         # The issue activity wrote `issued` with the receipt in one transaction.
         self._fire("issue", "platform confirmed the send", at=receipt.confirmed_at, recorded=True)
 
-    async def _wait_for_budget(self, why: str) -> None:
-        """The batch cannot send now: wait for the catalog sync to see budget, or a while.
+    async def _wait_for_budget(self, why: str, notices: int) -> None:
+        """The batch cannot send now: wait for the catalog sync to see budget (a notice
+        beyond the `notices` seen before the send), or a while.
 
         Retrying the send on a short backoff instead would turn a campaign's backlog into a
         flood of refused calls at the platform.
         """
-        notices = self._budget_notices
         self._waiting_for = f"budget at the platform ({why})"
         self._publish()
         try:

@@ -211,9 +211,20 @@ async def record_sync(
 
 # ------------------------------------------------------------------ campaigns
 
-# Checks a definition against its batch (None: no such batch) and the campaign as stored
-# (None: a new one); raises a refusal naming the field. Runs inside the writing transaction.
-CampaignCheck = Callable[[CampaignSpec, "Batch | None", "Campaign | None"], None]
+
+@dataclass
+class BatchUse:
+    """The batch a campaign definition names, as the writing transaction sees it."""
+
+    batch: Batch | None  # None: no such batch
+    # Coupons the batch's other campaigns hold it to: their quota, or what they claimed
+    # once ended.
+    promised_elsewhere: int
+
+
+# Checks a definition against its batch and the campaign as stored (None: a new one);
+# raises a refusal naming the field. Runs inside the writing transaction.
+CampaignCheck = Callable[[CampaignSpec, BatchUse, "Campaign | None"], None]
 
 
 async def save_campaign(
@@ -225,9 +236,19 @@ async def save_campaign(
     create is harmless; `check` decides what a different definition means.
     """
     async with pool.connection() as conn, conn.transaction():
-        batch = await _batch_for_share(conn, spec.batch_id)
+        # Serializes writers of one campaign, including two creating it at once (a row
+        # lock cannot: the row does not exist yet), and of one batch's campaigns, whose
+        # quotas share the batch.
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('campaign-batch:' || %s))", (spec.batch_id,)
+        )
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('campaign:' || %s))", (spec.id,))
         existing = await _campaign_for_update(conn, spec.id)
-        check(spec, batch, existing)
+        use = BatchUse(
+            await _batch_for_share(conn, spec.batch_id),
+            await _promised_elsewhere(conn, spec.batch_id, spec.id),
+        )
+        check(spec, use, existing)
         if existing is not None and existing.spec() == spec:
             return existing, False
         values = (
@@ -269,6 +290,17 @@ async def _batch_for_share(conn: AsyncConnection[Any], batch_id: str) -> Batch |
     cur = conn.cursor(row_factory=class_row(Batch))
     await cur.execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = %s FOR SHARE", (batch_id,))
     return await cur.fetchone()
+
+
+async def _promised_elsewhere(conn: AsyncConnection[Any], batch_id: str, campaign_id: str) -> int:
+    cur = await conn.execute(
+        "SELECT COALESCE(sum(CASE WHEN status = 'ended' THEN claimed ELSE quota END), 0)"
+        " FROM campaigns WHERE batch_id = %s AND id <> %s",
+        (batch_id, campaign_id),
+    )
+    row = await cur.fetchone()
+    assert row is not None  # an aggregate always answers
+    return int(row[0])
 
 
 async def _campaign_for_update(conn: AsyncConnection[Any], campaign_id: str) -> Campaign | None:

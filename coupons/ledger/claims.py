@@ -51,10 +51,15 @@ async def claim(pool: AsyncConnectionPool, campaign_id: str, user_id: str) -> tu
     their coupon back whatever the campaign's state now: it is a retry, not a new claim.
     """
     async with pool.connection() as conn, conn.transaction():
-        cur = await conn.execute(
-            "SELECT k.per_user_limit, k.quota, k.claimed, k.required_tasks, b.platform_batch_id,"
-            " k.status, k.starts_at, k.ends_at, now(),"
-            " LEAST(now() + k.task_deadline, k.deadline_at)"
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(
+            "SELECT k.per_user_limit, k.quota, k.claimed, k.required_tasks, k.status,"
+            " k.starts_at, k.ends_at, k.deadline_at, now() AS now,"
+            " b.id AS batch, b.platform_batch_id,"
+            " CASE WHEN b.status IN ('stopped', 'expired') THEN b.status"
+            "      WHEN b.ends_at <= now() THEN 'expired' END AS batch_finished,"
+            # No task can count once the batch has ended: its send would be refused.
+            " LEAST(now() + k.task_deadline, k.deadline_at, b.ends_at) AS task_deadline"
             " FROM campaigns k JOIN batches b ON b.id = k.batch_id WHERE k.id = %s"
             " FOR UPDATE OF k",
             (campaign_id,),
@@ -62,21 +67,21 @@ async def claim(pool: AsyncConnectionPool, campaign_id: str, user_id: str) -> tu
         campaign = await cur.fetchone()
         if campaign is None:
             raise ClaimRefused("unknown_campaign", f"no campaign {campaign_id!r}")
-        (per_user_limit, quota, claimed, required_tasks, batch_id, status, starts_at, ends_at,
-         now, task_deadline) = campaign  # fmt: skip
         held = await _claims_of(conn, campaign_id, user_id)
-        if len(held) >= per_user_limit:
+        if len(held) >= campaign["per_user_limit"]:
             return held[0], False
-        _check_open(campaign_id, status, starts_at, ends_at, now)
-        if claimed >= quota:
+        _check_open(campaign_id, campaign)
+        if campaign["claimed"] >= campaign["quota"]:
             raise ClaimRefused("sold_out", f"campaign {campaign_id!r} has no coupons left")
+        required_tasks = campaign["required_tasks"]
+        now = campaign["now"]
         seq = len(held) + 1
         coupon_id = f"{campaign_id}:{user_id}:{seq}"
         state = "received" if required_tasks else "usable"
         await conn.execute(
             "UPDATE campaigns SET claimed = claimed + 1 WHERE id = %s", (campaign_id,)
         )
-        cur = await conn.execute(
+        inserted_cur = await conn.execute(
             "INSERT INTO claims (coupon_id, campaign_id, user_id, seq, state, workflow_id,"
             " task_deadline, claimed_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
             " RETURNING workflow_id, claimed_at, task_deadline",
@@ -87,11 +92,11 @@ async def claim(pool: AsyncConnectionPool, campaign_id: str, user_id: str) -> tu
                 seq,
                 state,
                 coupon_workflow_id(coupon_id),
-                task_deadline if required_tasks else None,
+                campaign["task_deadline"] if required_tasks else None,
                 now,
             ),
         )
-        inserted = await cur.fetchone()
+        inserted = await inserted_cur.fetchone()
         assert inserted is not None  # INSERT ... RETURNING always yields its row
         workflow_id, claimed_at, task_deadline = inserted
         await conn.execute(
@@ -109,23 +114,20 @@ async def claim(pool: AsyncConnectionPool, campaign_id: str, user_id: str) -> tu
             workflow_started=False,
             claimed_at=claimed_at,
             task_deadline=task_deadline,
-            batch_id=batch_id,
+            batch_id=campaign["platform_batch_id"],
             required_tasks=list(required_tasks),
         )
         return new, True
 
 
-def _check_open(
-    campaign_id: str,
-    status: str,
-    starts_at: datetime | None,
-    ends_at: datetime | None,
-    now: datetime,
-) -> None:
-    if status == "ended":
+def _check_open(campaign_id: str, campaign: dict[str, Any]) -> None:
+    """Refuse a new claim the campaign's status, window, deadline or batch rule out."""
+    now: datetime = campaign["now"]
+    if campaign["status"] == "ended":
         raise ClaimRefused("campaign_ended", f"campaign {campaign_id!r} has ended")
-    if status == "paused":
+    if campaign["status"] == "paused":
         raise ClaimRefused("campaign_paused", f"campaign {campaign_id!r} is paused")
+    starts_at, ends_at = campaign["starts_at"], campaign["ends_at"]
     if starts_at is not None and now < starts_at:
         raise ClaimRefused(
             "campaign_not_open",
@@ -135,6 +137,19 @@ def _check_open(
         raise ClaimRefused(
             "campaign_closed",
             f"campaign {campaign_id!r} closed for claims at {ends_at.isoformat()}",
+        )
+    deadline_at = campaign["deadline_at"]
+    if campaign["required_tasks"] and deadline_at is not None and now >= deadline_at:
+        raise ClaimRefused(
+            "campaign_closed",
+            f"campaign {campaign_id!r}: its task deadline {deadline_at.isoformat()} has passed",
+        )
+    if campaign["batch_finished"]:
+        # As of the last sync: a send from it would be refused and the coupon fail.
+        raise ClaimRefused(
+            "batch_finished",
+            f"campaign {campaign_id!r} hands out batch {campaign['batch']!r}, which is "
+            f"{campaign['batch_finished']} at the platform",
         )
 
 

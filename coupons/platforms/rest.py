@@ -48,11 +48,12 @@ _ERRORS: dict[tuple[int, str | None], type[PlatformError]] = {
     (409, "IDEMPOTENCY_KEY_REUSED"): PlatformRefused,
     (409, "COUPON_EXPIRED"): PlatformRefused,
     (404, "COUPON_NOT_FOUND"): PlatformRefused,  # get_coupon answers None: not visible (yet)
-    # Created, stopped, expired or before its window: this batch does not send.
+    # Created (never started), stopped or expired: this batch will not send.
     (409, "BATCH_NOT_RUNNING"): PlatformRefused,
     (409, "BATCH_STATE_INVALID"): PlatformRefused,  # e.g. pausing a stopped batch
     # The batch may send again (resumed, budget raised): the coupon waits, it does not fail.
     (409, "BATCH_PAUSED"): PlatformBatchUnavailable,
+    (409, "BATCH_NOT_STARTED"): PlatformBatchUnavailable,  # running, its window not open yet
     (409, "BUDGET_EXHAUSTED"): PlatformBudgetExhausted,
     (429, None): PlatformRateLimited,
 }

@@ -624,7 +624,7 @@ class Simulator:
         if status != "running":
             raise ApiError(409, "BATCH_NOT_RUNNING", f"the batch is {status}, not running")
         if now < datetime.fromisoformat(batch["starts_at"]):
-            raise ApiError(409, "BATCH_NOT_RUNNING", f"the batch starts at {batch['starts_at']}")
+            raise ApiError(409, "BATCH_NOT_STARTED", f"the batch starts at {batch['starts_at']}")
 
     async def get_coupon(self, request: Request) -> Response:
         user_id, coupon_id = request.path_params["user_id"], request.path_params["coupon_id"]

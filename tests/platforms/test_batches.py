@@ -154,12 +154,13 @@ async def test_a_running_batch_does_not_send_before_its_window(platform: RestPla
     later = datetime.now(UTC) + timedelta(hours=1)
     batch = await running_batch(platform, batch_spec(starts_at=later))
 
-    with pytest.raises(PlatformRefused) as refused:
+    # Not a refusal: the window opens later, and the coupon waits for it.
+    with pytest.raises(PlatformBatchUnavailable) as early:
         await platform.send_coupon(send(batch))
 
     assert batch.status is RUNNING
-    assert refused.value.code == "BATCH_NOT_RUNNING"
-    assert "starts at" in refused.value.message
+    assert early.value.code == "BATCH_NOT_STARTED"
+    assert "starts at" in early.value.message
 
 
 async def test_a_paused_batch_sends_again_once_resumed(platform: RestPlatform) -> None:

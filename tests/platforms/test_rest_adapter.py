@@ -191,6 +191,7 @@ async def answering(status: int, payload: dict[str, Any]) -> AsyncIterator[RestP
         (409, "BATCH_NOT_RUNNING", PlatformRefused),
         (409, "BATCH_STATE_INVALID", PlatformRefused),
         (409, "BATCH_PAUSED", PlatformBatchUnavailable),
+        (409, "BATCH_NOT_STARTED", PlatformBatchUnavailable),
         (409, "BUDGET_EXHAUSTED", PlatformBudgetExhausted),
         (429, "ANYTHING", PlatformRateLimited),
         # A known code with a status it never comes with: someone else answered, retry.

@@ -1,0 +1,406 @@
+"""The catalog's workflows and Schedules: the batch sync, the Schedules that run it and the
+daily reconciliation, and ending a campaign's pending coupons.
+
+The sync runs on the dev server and on the time-skipping server. The Schedules run on the
+dev server only: the time-skipping test server does not implement them (its
+`CreateSchedule` answers UNIMPLEMENTED, see temporalio/sdk-java#1954), which the first
+Schedule test pins down so that support arriving there is noticed. Schedule ids are
+namespace-global, so each test gives them its own task queue and deletes them after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from datetime import timedelta
+
+import httpx
+import pytest
+from psycopg_pool import AsyncConnectionPool
+from temporalio.api.sdk.v1 import WorkflowMetadata
+from temporalio.client import (
+    Client,
+    ScheduleActionExecutionStartWorkflow,
+    ScheduleActionStartWorkflow,
+    ScheduleOverlapPolicy,
+    ScheduleRange,
+    WorkflowExecutionStatus,
+    WorkflowHandle,
+)
+from temporalio.service import RPCError, RPCStatusCode
+from temporalio.testing import WorkflowEnvironment
+
+from coupons import catalog
+from coupons import contract as act
+from coupons.config import Settings
+from coupons.ledger import campaigns as ledger_catalog
+from coupons.ledger import claims as ledger
+from coupons.model import (
+    CouponStatus,
+    EndCampaignInput,
+    EndProgress,
+    SyncInput,
+    SyncReport,
+    TaskCompletion,
+)
+from coupons.platforms.base import BatchAction
+from coupons.platforms.rest import RestPlatform
+from coupons.schedules import ensure_schedules
+from tests.conftest import claims_of, new_campaign, running_workers, wait_for_state
+from tests.test_budget import wait_for_budget
+from tests.test_catalog import close_workflows, new_batch, set_at_platform
+from workflows.user_coupon import UserCouponWorkflow
+
+Handle = WorkflowHandle[UserCouponWorkflow, CouponStatus]
+SCHEDULES = (act.CATALOG_SYNC_SCHEDULE, act.RECONCILE_SCHEDULE)
+
+
+async def current_details(handle: WorkflowHandle[object, SyncReport]) -> str:
+    """What the Web UI shows as the workflow's current details (a built-in query)."""
+    metadata: WorkflowMetadata = await handle.query(
+        "__temporal_workflow_metadata", result_type=WorkflowMetadata
+    )
+    return str(metadata.current_details)
+
+
+async def sync(
+    client: Client, settings: Settings, input: SyncInput
+) -> WorkflowHandle[object, SyncReport]:
+    handle: WorkflowHandle[object, SyncReport] = await client.start_workflow(
+        act.CATALOG_SYNC_WORKFLOW,
+        input,
+        id=f"sync-{uuid.uuid4().hex[:8]}",
+        task_queue=settings.task_queue,
+        result_type=SyncReport,
+        execution_timeout=timedelta(seconds=60),
+    )
+    return handle
+
+
+# ----------------------------------------------------------------- the catalog sync
+
+
+async def drifting_catalog(
+    pool: AsyncConnectionPool, platform: RestPlatform, simulator: httpx.AsyncClient
+) -> dict[str, str]:
+    """Four batches: fine, short of what we owe, stopped at the platform, stopped by us."""
+    fine = await new_campaign(pool, platform, quota=5)
+    short = await new_campaign(pool, platform, quota=5)
+    for i in range(3):
+        await ledger.claim(pool, short.id, f"owed-{i}")
+    short_batch = await catalog.get_batch(pool, short.batch_id)
+    await set_at_platform(simulator, short_batch.platform_batch_id, remaining=1)
+    stopped = await new_campaign(pool, platform, quota=5)
+    stopped_batch = await catalog.get_batch(pool, stopped.batch_id)
+    await set_at_platform(simulator, stopped_batch.platform_batch_id, status="stopped")
+    retired = await new_batch(pool, platform)
+    await catalog.change_batch(pool, platform, retired.id, BatchAction.STOP)
+    return {
+        "fine": fine.batch_id,
+        "short": short.batch_id,
+        "stopped": stopped.batch_id,
+        "retired": retired.id,
+    }
+
+
+async def test_catalog_sync_reports_every_batch_in_use_and_shows_drift(
+    dev_env: WorkflowEnvironment,
+    pool: AsyncConnectionPool,
+    platform: RestPlatform,
+    settings: Settings,
+    simulator: httpx.AsyncClient,
+) -> None:
+    client = dev_env.client
+    batches = await drifting_catalog(pool, platform, simulator)
+    before = {b.id: b.synced_at for b in await ledger_catalog.list_batches(pool)}
+    async with running_workers(client, pool, settings):
+        handle = await sync(client, settings, SyncInput())
+        typed = await handle.result()
+        details = await current_details(handle)
+
+    # The batch we stopped ourselves is no longer read; the three others are.
+    by_id = {b.batch_id: b for b in typed.batches}
+    assert set(by_id) == {batches["fine"], batches["short"], batches["stopped"]}
+    assert typed.failed == []
+    assert by_id[batches["fine"]].drift == []
+    assert (by_id[batches["short"]].remaining, by_id[batches["short"]].owed) == (1, 3)
+    assert len(by_id[batches["short"]].drift) == 1
+    assert by_id[batches["stopped"]].status == "stopped"
+    assert len(by_id[batches["stopped"]].drift) == 1
+    assert {b.batch_id for b in typed.drifted} == {batches["short"], batches["stopped"]}
+
+    assert "3 batches synced" in details and "2 drifted" in details
+    for name in ("short", "stopped"):
+        assert batches[name] in details
+    assert batches["fine"] not in details
+
+    stored = {b.id: b for b in await ledger_catalog.list_batches(pool)}
+    assert stored[batches["short"]].drift == by_id[batches["short"]].drift
+    assert stored[batches["stopped"]].status == "stopped"
+    assert stored[batches["fine"]].drift == []
+    for name in ("fine", "short", "stopped"):
+        assert stored[batches[name]].synced_at > before[batches[name]]
+    assert stored[batches["retired"]].synced_at == before[batches["retired"]]
+
+
+async def test_catalog_sync_of_named_batches_on_the_time_skipping_server(
+    ts_env: WorkflowEnvironment,
+    pool: AsyncConnectionPool,
+    platform: RestPlatform,
+    settings: Settings,
+    simulator: httpx.AsyncClient,
+) -> None:
+    client = ts_env.client
+    batches = await drifting_catalog(pool, platform, simulator)
+    named = [batches["fine"], batches["short"]]
+    async with running_workers(client, pool, settings):
+        report = await client.execute_workflow(
+            act.CATALOG_SYNC_WORKFLOW,
+            SyncInput(batch_ids=named),
+            id=f"sync-{uuid.uuid4().hex[:8]}",
+            task_queue=settings.task_queue,
+            result_type=SyncReport,
+        )
+    assert [b.batch_id for b in report.batches] == named
+    assert [b.batch_id for b in report.drifted] == [batches["short"]]
+    stored = await ledger_catalog.get_batch(pool, batches["short"])
+    assert stored is not None and (stored.remaining, stored.owed) == (1, 3)
+
+
+async def test_a_batch_that_cannot_be_synced_is_reported_failed_not_the_whole_sync(
+    ts_env: WorkflowEnvironment,
+    pool: AsyncConnectionPool,
+    platform: RestPlatform,
+    settings: Settings,
+) -> None:
+    # Its activity is retried 5 times over 15 s before the sync gives up on it: on the
+    # time-skipping server those backoffs pass at once.
+    client = ts_env.client
+    fine = await new_batch(pool, platform)
+    async with running_workers(client, pool, settings):
+        report = await client.execute_workflow(
+            act.CATALOG_SYNC_WORKFLOW,
+            SyncInput(batch_ids=[fine.id, "no-such-batch"]),
+            id=f"sync-{uuid.uuid4().hex[:8]}",
+            task_queue=settings.task_queue,
+            result_type=SyncReport,
+            execution_timeout=timedelta(seconds=60),
+        )
+    assert [b.batch_id for b in report.batches] == [fine.id]
+    assert len(report.failed) == 1 and report.failed[0].startswith("no-such-batch: ")
+
+
+# ----------------------------------------------------------------- the Schedules
+
+
+@asynccontextmanager
+async def schedules_of(client: Client, settings: Settings) -> AsyncIterator[None]:
+    """ensure_schedules, and the Schedules deleted afterwards whatever happens."""
+    try:
+        await ensure_schedules(client, settings)
+        yield
+    finally:
+        for schedule_id in SCHEDULES:
+            try:
+                await client.get_schedule_handle(schedule_id).delete()
+            except RPCError as err:
+                if err.status != RPCStatusCode.NOT_FOUND:
+                    raise
+
+
+async def test_the_time_skipping_server_does_not_implement_schedules(
+    ts_env: WorkflowEnvironment, settings: Settings
+) -> None:
+    with pytest.raises(RPCError) as unimplemented:
+        await ensure_schedules(ts_env.client, settings)
+    assert unimplemented.value.status == RPCStatusCode.UNIMPLEMENTED
+    assert "CreateSchedule" in unimplemented.value.message
+
+
+async def test_ensure_schedules_creates_the_sync_and_the_daily_reconciliation(
+    dev_env: WorkflowEnvironment, settings: Settings
+) -> None:
+    client = dev_env.client
+    settings = replace(settings, sync_interval_s=300.0, reconcile_hour_utc=4)
+    async with schedules_of(client, settings):
+        sync_schedule = await client.get_schedule_handle(act.CATALOG_SYNC_SCHEDULE).describe()
+        daily = await client.get_schedule_handle(act.RECONCILE_SCHEDULE).describe()
+
+    assert [i.every for i in sync_schedule.schedule.spec.intervals] == [timedelta(minutes=5)]
+    assert sync_schedule.schedule.policy.overlap == ScheduleOverlapPolicy.SKIP
+    action = sync_schedule.schedule.action
+    assert isinstance(action, ScheduleActionStartWorkflow)
+    assert (action.workflow, action.task_queue) == (act.CATALOG_SYNC_WORKFLOW, settings.task_queue)
+    assert not sync_schedule.schedule.state.paused
+
+    (calendar,) = daily.schedule.spec.calendars
+    assert list(calendar.hour) == [ScheduleRange(4)]
+    assert list(calendar.minute) == [ScheduleRange(0)]
+    assert daily.schedule.spec.intervals == []
+    assert daily.schedule.policy.overlap == ScheduleOverlapPolicy.SKIP
+    daily_action = daily.schedule.action
+    assert isinstance(daily_action, ScheduleActionStartWorkflow)
+    assert (daily_action.workflow, daily_action.task_queue) == (
+        act.RECONCILE_WORKFLOW,
+        settings.task_queue,
+    )
+
+
+async def test_ensure_schedules_again_updates_them_and_keeps_a_pause(
+    dev_env: WorkflowEnvironment, settings: Settings
+) -> None:
+    client = dev_env.client
+    async with schedules_of(client, replace(settings, sync_interval_s=300.0)):
+        sync_handle = client.get_schedule_handle(act.CATALOG_SYNC_SCHEDULE)
+        await sync_handle.pause(note="operator: platform maintenance")
+
+        await ensure_schedules(client, replace(settings, sync_interval_s=120.0))
+
+        described = await sync_handle.describe()
+        assert [i.every for i in described.schedule.spec.intervals] == [timedelta(minutes=2)]
+        assert described.schedule.state.paused
+        assert described.schedule.state.note == "operator: platform maintenance"
+        daily = await client.get_schedule_handle(act.RECONCILE_SCHEDULE).describe()
+        assert not daily.schedule.state.paused
+
+
+async def test_a_short_interval_schedule_starts_sync_runs_that_complete(
+    dev_env: WorkflowEnvironment,
+    pool: AsyncConnectionPool,
+    platform: RestPlatform,
+    settings: Settings,
+) -> None:
+    client = dev_env.client
+    settings = replace(settings, sync_interval_s=1.0)
+    batch = await new_batch(pool, platform)
+    async with running_workers(client, pool, settings), schedules_of(client, settings):
+        sync_handle = client.get_schedule_handle(act.CATALOG_SYNC_SCHEDULE)
+        runs: list[ScheduleActionExecutionStartWorkflow] = []
+        async with asyncio.timeout(20):
+            while len(runs) < 2:
+                await asyncio.sleep(0.5)
+                info = (await sync_handle.describe()).info
+                runs = [
+                    r.action
+                    for r in info.recent_actions
+                    if isinstance(r.action, ScheduleActionExecutionStartWorkflow)
+                ]
+            reports = [
+                await client.get_workflow_handle(
+                    r.workflow_id, run_id=r.first_execution_run_id, result_type=SyncReport
+                ).result()
+                for r in runs[:2]
+            ]
+            # Leave nothing running: stop the Schedule, then let its last run finish.
+            await sync_handle.pause(note="test over")
+            for running in (await sync_handle.describe()).info.running_actions:
+                if isinstance(running, ScheduleActionExecutionStartWorkflow):
+                    await client.get_workflow_handle(
+                        running.workflow_id, run_id=running.first_execution_run_id
+                    ).result()
+    for report in reports:
+        assert [b.batch_id for b in report.batches] == [batch.id]
+        assert report.failed == []
+    stored = await ledger_catalog.get_batch(pool, batch.id)
+    assert stored is not None and stored.synced_at > batch.synced_at
+
+
+# ----------------------------------------------------------------- ending a campaign
+
+
+async def test_end_campaign_expires_received_coupons_and_leaves_the_others(
+    dev_env: WorkflowEnvironment,
+    pool: AsyncConnectionPool,
+    platform: RestPlatform,
+    settings: Settings,
+    simulator: httpx.AsyncClient,
+) -> None:
+    client = dev_env.client
+    service = claims_of(pool, client, settings)
+    campaign = await new_campaign(pool, platform, quota=20)
+    batch = await catalog.get_batch(pool, campaign.batch_id)
+    workflow_ids: list[str] = []
+    try:
+        async with running_workers(client, pool, settings):
+            pending = [await service.claim(campaign.id, f"pending-{i:02d}") for i in range(12)]
+            done = await service.claim(campaign.id, "done")
+            waiting = await service.claim(campaign.id, "waiting")
+            workflow_ids += [r.workflow_id for r in [*pending, done, waiting]]
+
+            def handle_of(workflow_id: str) -> Handle:
+                return client.get_workflow_handle_for(UserCouponWorkflow.run, workflow_id)
+
+            task = "first-order"
+            await handle_of(done.workflow_id).execute_update(
+                UserCouponWorkflow.complete_task, TaskCompletion(task)
+            )
+            await wait_for_state(handle_of(done.workflow_id), "issued")
+            # Paused at the platform, the next one becomes usable and waits there.
+            await set_at_platform(simulator, batch.platform_batch_id, status="paused")
+            await handle_of(waiting.workflow_id).execute_update(
+                UserCouponWorkflow.complete_task, TaskCompletion(task)
+            )
+            await wait_for_budget(handle_of(waiting.workflow_id))
+
+            await catalog.change_campaign_status(pool, campaign.id, "end")
+            end = await client.start_workflow(
+                act.END_CAMPAIGN_WORKFLOW,
+                EndCampaignInput(campaign.id),
+                id=f"end-{campaign.id}",
+                task_queue=settings.task_queue,
+                result_type=EndProgress,
+                execution_timeout=timedelta(seconds=60),
+            )
+            seen: list[EndProgress] = []
+            while True:
+                snapshot = await end.query("progress", result_type=EndProgress)
+                seen.append(snapshot)
+                if snapshot.done:
+                    break
+                await asyncio.sleep(0.05)
+            result = await end.result()
+            final_query = await end.query("progress", result_type=EndProgress)
+
+            finals = await asyncio.gather(*(handle_of(r.workflow_id).result() for r in pending))
+            done_status = await handle_of(done.workflow_id).query(UserCouponWorkflow.status)
+            waiting_status = await handle_of(waiting.workflow_id).query(UserCouponWorkflow.status)
+            open_ones = [
+                (await handle_of(r.workflow_id).describe()).status for r in (done, waiting)
+            ]
+
+        assert (result.campaign_id, result.total, result.expired, result.skipped, result.done) == (
+            campaign.id,
+            12,
+            12,
+            0,
+            True,
+        )
+        assert final_query == result
+        for earlier, later in itertools.pairwise(seen):
+            assert later.expired >= earlier.expired
+        for snapshot in seen:
+            assert snapshot.expired + snapshot.skipped <= snapshot.total
+        assert {s.state for s in finals} == {"expired"}
+        assert {s.transitions[-1].cause for s in finals} == {"campaign ended"}
+        states = await ledger.states_of(pool, [r.coupon_id for r in pending])
+        assert set(states.values()) == {"expired"}
+        for r in pending[:3]:
+            view = await ledger.coupon_view(pool, r.coupon_id)
+            assert view is not None
+            last = view["events"][-1]
+            assert (last["from_state"], last["to_state"], last["cause"]) == (
+                "received",
+                "expired",
+                "campaign ended",
+            )
+
+        assert (done_status.state, waiting_status.state) == ("issued", "usable")
+        assert open_ones == [WorkflowExecutionStatus.RUNNING] * 2
+        assert (await ledger.get_claim(pool, done.coupon_id)).state == "issued"  # type: ignore[union-attr]
+        assert (await ledger.get_claim(pool, waiting.coupon_id)).state == "usable"  # type: ignore[union-attr]
+    finally:
+        await close_workflows(client, workflow_ids)
