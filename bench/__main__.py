@@ -25,6 +25,7 @@ from types import FrameType
 from typing import Any
 
 from bench import report
+from bench.catalog import measure_reconcile, measure_sync
 from bench.floor import floor_worker_process, measure_floor
 from bench.lifecycle import TASK, LifecycleDriver, measure_lifecycle
 from bench.load import progress
@@ -160,6 +161,19 @@ async def run_parts(
             life["throughput_per_s"] / results["floor"]["throughput_per_s"], 3
         )
         results["lifecycle"] = life
+
+        # Right after the lifecycle part, while its coupons' own redemption polls are
+        # still minutes away (see measure_reconcile).
+        progress("reconciliation", f"a batch of {size.reconcile_coupons}+ issued coupons")
+        results["reconciliation"] = await measure_reconcile(
+            LifecycleDriver(client, claims, watcher, "bench-life"),
+            pool,
+            settings,
+            coupons=size.reconcile_coupons,
+            concurrency=size.concurrency,
+        )
+        progress("catalog sync", f"{size.sync_batches} batches")
+        results["catalog_sync"] = await measure_sync(client, pool, settings, n=size.sync_batches)
 
         progress("claim storm", f"{size.storm_claims} claims at once, quota {size.storm_quota}")
         results["claim_storm"] = await measure_storm(

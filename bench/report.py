@@ -37,6 +37,11 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
     at_all = _num(_get(data, "open_coupons.claim_latency_ms_at_all.p50"))
     granted = _get(data, "claim_storm.granted")
     quota = _get(data, "claim_storm.quota")
+    sync = _get(data, "catalog_sync") or {}
+    recon = _get(data, "reconciliation") or {}
+    marked = recon.get("marked_used")
+    first = recon.get("first") or {}
+    second = recon.get("second") or {}
     return [
         {
             "target": "lifecycle throughput >= 0.5 x floor",
@@ -64,6 +69,26 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
             "figure": f"{granted} granted, quota {quota}",
             "met": granted == quota,
         },
+        {
+            "target": "catalog sync: every batch synced, the platform's changes in the ledger",
+            "figure": f"{sync.get('synced')} of {sync.get('batches')} synced, "
+            f"{sync.get('failed')} failed, {sync.get('changes_seen')} of "
+            f"{sync.get('changed_at_platform')} changes seen",
+            "met": bool(sync)
+            and sync.get("synced") == sync.get("batches")
+            and sync.get("failed") == 0
+            and sync.get("changes_seen") == sync.get("changed_at_platform"),
+        },
+        {
+            "target": "reconciliation: every use behind our back found and repaired, "
+            "a second run finds nothing",
+            "figure": f"{marked} used at the platform: {first.get('mismatches')} found, "
+            f"{first.get('repaired')} repaired; second run {second.get('mismatches')} mismatches",
+            "met": bool(recon)
+            and first.get("mismatches") == marked
+            and first.get("repaired") == marked
+            and second.get("mismatches") == 0,
+        },
     ]
 
 
@@ -86,7 +111,9 @@ def write_plot(data: dict[str, Any], path: Path) -> None:
         ("peer sat.", "peer.unlock_to_issued_ms"),
     ]
     colors = ["#888888", "#1f77b4", "#ff7f0e"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, (left, right, catalog) = plt.subplots(
+        1, 3, figsize=(17, 4.8), gridspec_kw={"width_ratios": [3, 3, 2]}
+    )
     bars = left.bar(names, [0 if math.isnan(t) else t for t in throughput], color=colors)
     for bar, value in zip(bars, throughput, strict=True):
         label = "n/a" if math.isnan(value) else f"{value:.0f}/s"
@@ -112,6 +139,30 @@ def write_plot(data: dict[str, Any], path: Path) -> None:
     right.set_ylabel("ms (log scale)")
     right.set_title("signal/unlock to done/issued latency")
     right.legend()
+
+    catalog_bars = [
+        ("batch sync\n(batches/s)", _num(_get(data, "catalog_sync.batches_per_s"))),
+        ("reconcile + repair\n(coupons/s)", _num(_get(data, "reconciliation.first.coupons_per_s"))),
+        ("reconcile again\n(coupons/s)", _num(_get(data, "reconciliation.second.coupons_per_s"))),
+    ]
+    bars = catalog.bar(
+        [label for label, _ in catalog_bars],
+        [0 if math.isnan(v) else v for _, v in catalog_bars],
+        color=["#2ca02c", "#9467bd", "#c5b0d5"],
+    )
+    for bar, (_, value) in zip(bars, catalog_bars, strict=True):
+        label = "n/a" if math.isnan(value) else f"{value:.0f}/s"
+        catalog.annotate(
+            label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom"
+        )
+    catalog.set_yscale("log")
+    tallest = max((v for _, v in catalog_bars if not math.isnan(v)), default=10.0)
+    catalog.set_ylim(1, max(tallest, 10.0) * 3)  # room for the labels on a log scale
+    catalog.set_ylabel("per second (log scale)")
+    catalog.set_title(
+        f"catalog: {_get(data, 'catalog_sync.batches')} batches, "
+        f"{_get(data, 'reconciliation.coupons')} coupons"
+    )
     size = _get(data, "size.name")
     fig.suptitle(f"coupon lifecycle benchmark ({size}, {_get(data, 'machine.cpu_count')} cpus)")
     fig.tight_layout()
@@ -169,6 +220,19 @@ def write_markdown(data: dict[str, Any], path: Path, plot_name: str) -> None:
         f"{_get(data, 'claim_storm.quota')} from {_get(data, 'claim_storm.claims')} claims, "
         f"{_ms(data, 'claim_storm.claim_latency_ms')} |",
         f"| peer (DBOS) | {peer} |",
+        f"| catalog sync | {_get(data, 'catalog_sync.synced')} batches in "
+        f"{_num(_get(data, 'catalog_sync.wall_s')):.2f} s: "
+        f"{_num(_get(data, 'catalog_sync.batches_per_s')):.1f} batches/s (created at "
+        f"{_num(_get(data, 'catalog_sync.created_per_s')):.1f}/s) |",
+        f"| reconciliation, with repairs | {_get(data, 'reconciliation.coupons')} coupons, "
+        f"{_get(data, 'reconciliation.marked_used')} used behind our back: "
+        f"{_get(data, 'reconciliation.first.mismatches')} found, "
+        f"{_get(data, 'reconciliation.first.repaired')} repaired in "
+        f"{_num(_get(data, 'reconciliation.first.wall_s')):.2f} s "
+        f"({_num(_get(data, 'reconciliation.first.coupons_per_s')):.0f} coupons/s) |",
+        f"| reconciliation, again | {_get(data, 'reconciliation.second.mismatches')} "
+        f"mismatches in {_num(_get(data, 'reconciliation.second.wall_s')):.2f} s "
+        f"({_num(_get(data, 'reconciliation.second.coupons_per_s')):.0f} coupons/s) |",
         "",
         "## Targets",
         "",

@@ -29,6 +29,10 @@ class Size:
     # The worker's workflow cache: smaller than the open coupons, so the oldest are evicted
     # and must be replayed from history when their task completes.
     worker_cache_size: int
+    # The catalog: batches in one catalog sync; issued coupons in the reconciled batch (the
+    # lifecycle part's, topped up to this many when it issued fewer).
+    sync_batches: int
+    reconcile_coupons: int
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,6 +54,8 @@ SIZES = {
         storm_quota=100,
         history_sample=20,
         worker_cache_size=1000,
+        sync_batches=200,
+        reconcile_coupons=2000,
     ),
     "quick": Size(
         name="quick",
@@ -66,6 +72,8 @@ SIZES = {
         storm_quota=100,
         history_sample=10,
         worker_cache_size=100,
+        sync_batches=50,
+        reconcile_coupons=500,
     ),
     # For the test suite: every part runs, only to prove the harness works.
     "tiny": Size(
@@ -83,5 +91,7 @@ SIZES = {
         storm_quota=20,
         history_sample=5,
         worker_cache_size=50,
+        sync_batches=5,
+        reconcile_coupons=20,
     ),
 }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -31,12 +32,13 @@ from temporalio.client import (
 from coupons.catalog import ensure_campaign
 from coupons.claims import ClaimResult, ClaimService
 from coupons.config import Settings
+from coupons.contract import RECONCILE_WORKFLOW
 from coupons.embedded import free_port
 from coupons.ledger import claims as ledger
 from coupons.ledger import db
-from coupons.ledger.campaigns import get_batch, get_campaign
+from coupons.ledger.campaigns import Batch, get_batch, get_campaign
 from coupons.ledger.claims import ClaimRefused
-from coupons.model import CouponStatus, TaskCompletion
+from coupons.model import CouponStatus, ReconcileInput, ReconcileReport, TaskCompletion
 from coupons.stack import Stack
 from coupons.temporal import connect
 from coupons.workers import make_platform
@@ -55,7 +57,9 @@ Via = Literal["signal", "update"]
 class Harness:
     """A scenario's embedded stack; start() and stop() are synchronous (Stack is)."""
 
-    def __init__(self, root: Path, *, lag_window_s: float = 30.0) -> None:
+    def __init__(
+        self, root: Path, *, lag_window_s: float = 30.0, sync_interval_s: float = 300.0
+    ) -> None:
         self.settings = Settings(
             data_dir=root,
             pg_port=free_port(),
@@ -63,6 +67,8 @@ class Harness:
             temporal_ui_port=free_port(),
             simulator_port=free_port(),
             lag_window_s=lag_window_s,
+            # The worker's catalog-sync schedule runs this often.
+            sync_interval_s=sync_interval_s,
             # The driver retries its claims itself; the worker's repair is the second line,
             # made quick so a start lost to an outage does not outlast the run.
             claim_repair_after_s=5.0,
@@ -124,7 +130,11 @@ class Driver:
         self.settings = harness.settings
         self.campaign = campaign
         self.tag = tag
+        # The campaign's batch: the platform's id (the simulator's control plane knows
+        # it by that), ours (the ledger's and the catalog workflows') and its size.
         self.batch_id = ""
+        self.ledger_batch_id = ""
+        self.batch_quantity = 0
         self.acked: dict[str, Acked] = {}
         self.counters = Counters()
         self._pool: AsyncConnectionPool | None = None
@@ -188,8 +198,9 @@ class Driver:
         assert campaign is not None
         batch = await get_batch(self.pool, campaign.batch_id)
         assert batch is not None
-        # The simulator's control plane knows the batch by the platform's id.
         self.batch_id = batch.platform_batch_id
+        self.ledger_batch_id = batch.id
+        self.batch_quantity = batch.quantity
 
     # ----- the app's calls, retried while a part is down ----------------------------
 
@@ -285,11 +296,38 @@ class Driver:
         stats: dict[str, int] = response.json()
         return stats
 
+    async def set_batch(self, **changes: object) -> dict[str, Any]:
+        """Change the batch behind the service's back (`remaining`, `status`), as the
+        platform's operator can; the batch as the platform now has it."""
+        response = await self.http.put(f"/sim/batches/{self.batch_id}", json=changes)
+        response.raise_for_status()
+        batch: dict[str, Any] = response.json()
+        return batch
+
     async def platform_coupons(self) -> list[dict[str, Any]]:
         response = await self.http.get(f"/sim/batches/{self.batch_id}/coupons")
         response.raise_for_status()
         coupons: list[dict[str, Any]] = response.json()["coupons"]
         return coupons
+
+    # ----- the catalog ---------------------------------------------------------------
+
+    async def reconcile(self, timeout_s: float) -> ReconcileReport:
+        """Run the reconciliation of the campaign's batch as `starter.py reconcile` does,
+        as a check only (repair off): the platform's flow files against the ledger."""
+        handle = await self.client.start_workflow(
+            RECONCILE_WORKFLOW,
+            ReconcileInput(self.ledger_batch_id, repair=False),
+            id=f"reconcile:chaos-{self.tag}:{uuid.uuid4()}",
+            task_queue=self.settings.task_queue,
+            result_type=ReconcileReport,
+            execution_timeout=timedelta(seconds=timeout_s),
+        )
+        return await asyncio.wait_for(handle.result(), timeout=timeout_s)
+
+    async def ledger_batch(self) -> Batch | None:
+        """The batch as the ledger holds it after the last catalog sync."""
+        return await get_batch(self.pool, self.ledger_batch_id)
 
     # ----- the ledger ------------------------------------------------------------------
 

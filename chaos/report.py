@@ -9,8 +9,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-# The counts a passing scenario holds at zero.
-MUST_BE_ZERO = ("lost", "duplicate_sends", "wrong_state", "disagreeing", "stuck")
+# The counts a passing scenario holds at zero (a reconciliation that never ran, None,
+# is not zero either).
+MUST_BE_ZERO = (
+    "lost",
+    "duplicate_sends",
+    "wrong_state",
+    "disagreeing",
+    "stuck",
+    "reconcile_mismatches",
+)
 
 
 @dataclass
@@ -33,6 +41,10 @@ class ScenarioResult:
     stuck: int = 0
     # Seconds from the end of the faults to every coupon issued; None: never.
     converge_s: float | None = None
+    # Mismatches the reconciliation (ReconcileWorkflow over the campaign's batch, check
+    # only) found between the platform's flow files and the ledger at the end; None: it
+    # could not run.
+    reconcile_mismatches: int | None = None
     # Claims the driver gave up on (never acknowledged) and completions it never got in.
     claims_unacknowledged: int = 0
     completions_failed: int = 0
@@ -42,6 +54,8 @@ class ScenarioResult:
     # A few coupon ids per non-zero count, with what was seen: the evidence.
     evidence: dict[str, list[str]] = field(default_factory=dict)
     platform_stats: dict[str, int] = field(default_factory=dict)
+    # The scenario's own figures (the budget scenario's backlog, wake-ups, ...).
+    figures: dict[str, float | int] = field(default_factory=dict)
     wall_s: float = 0.0
     error: str | None = None
 
@@ -72,6 +86,7 @@ COLUMNS = (
     ("disagree", 8),
     ("stuck", 5),
     ("converge s", 10),
+    ("reconcile", 9),
     ("wall s", 6),
     ("verdict", 7),
 )
@@ -88,6 +103,7 @@ def _row(result: ScenarioResult) -> list[str]:
         str(result.disagreeing),
         str(result.stuck),
         converge,
+        "n/a" if result.reconcile_mismatches is None else str(result.reconcile_mismatches),
         f"{result.wall_s:.0f}",
         "ok" if result.passed else "FAIL",
     ]
@@ -120,7 +136,13 @@ def markdown(results: list[ScenarioResult], *, size: str, started: str, wall_s: 
         "|" + "---|" * len(COLUMNS),
     ]
     out += ["| " + " | ".join(_row(result)) + " |" for result in results]
-    out.append("")
+    out += [
+        "",
+        "Every count but the times is expected at 0. `reconcile`: the mismatches the "
+        "reconciliation (ReconcileWorkflow over the scenario's batch, check only) found "
+        "between the platform's flow files and the ledger once the scenario was over.",
+        "",
+    ]
     for result in results:
         out += [f"## {result.name}", "", result.description, ""]
         if result.error:
@@ -130,6 +152,9 @@ def markdown(results: list[ScenarioResult], *, size: str, started: str, wall_s: 
             f"sent: {result.completions_sent}, never acknowledged: {result.completions_failed}."
         )
         out.append("")
+        if result.figures:
+            figures = ", ".join(f"{key} {value}" for key, value in result.figures.items())
+            out += [f"Figures: {figures}.", ""]
         if result.faults:
             out += ["Faults:", ""] + [f"- {fault}" for fault in result.faults] + [""]
         if result.notes:

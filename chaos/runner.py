@@ -23,13 +23,13 @@ from pathlib import Path
 
 from chaos import report
 from chaos.report import ScenarioResult
-from chaos.scenarios import SCENARIOS, VERIFY_BUDGET_S
+from chaos.scenarios import OBSERVE_BUDGET_S, RECONCILE_BUDGET_S, SCENARIOS, VERIFY_BUDGET_S
 from chaos.sizes import Size
 
 log = logging.getLogger("chaos.runner")
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-# Beyond a scenario's own hard timeout: stack start and stop, and the verdict.
+# Beyond a scenario's own hard timeout and its checks' budgets: stack start and stop.
 GRACE_S = 45.0
 TERM_WAIT_S = 30.0
 
@@ -80,7 +80,9 @@ def run(names: list[str], size: Size, out: Path, *, jobs: int, keep: bool) -> in
     pending = list(names)
     running: list[Child] = []
     results: dict[str, ScenarioResult] = {}
-    limit_s = size.hard_timeout_s + VERIFY_BUDGET_S + GRACE_S
+    limit_s = (
+        size.hard_timeout_s + VERIFY_BUDGET_S + OBSERVE_BUDGET_S + RECONCILE_BUDGET_S + GRACE_S
+    )
     try:
         while pending or running:
             while pending and len(running) < jobs:

@@ -1,12 +1,14 @@
-"""The five scenarios: what each injects, and the common run around it.
+"""The six scenarios: what each injects, and the common run around it.
 
 Every scenario has the same shape: a fresh stack and campaign; claims spread over
 `Size.load_s`, each followed at once by its task completion; the fault injected while
-that load flows; then a bounded wait until every acknowledged coupon is issued, and the
-checks of `chaos.verify`. `converge_s` counts from the end of the fault (the moment the
-last part is back; for the platform scenario, whose faults stay on through the load and
-a hold after it, the moment it calms down) to the moment the ledger shows every coupon
-issued, or 0 when they all were before.
+that load flows; then a bounded wait until every acknowledged coupon is issued, the
+checks of `chaos.verify`, and last a reconciliation of the campaign's batch (the
+platform's flow files against the ledger), whose mismatches must be 0 too.
+`converge_s` counts from the end of the fault (the moment the last part is back; for the
+platform scenario, whose faults stay on through the load and a hold after it, the moment
+it calms down; for the budget scenario, the moment the budget is back) to the moment the
+ledger shows every coupon issued, or 0 when they all were before.
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ from pathlib import Path
 from chaos.harness import Acked, Driver, Harness, Via
 from chaos.report import ScenarioResult
 from chaos.sizes import Size
-from chaos.verify import verify
+from chaos.verify import EVIDENCE_PER_KIND, verify
+from coupons.contract import CATALOG_SYNC_WORKFLOW
+from coupons.ledger import claims as ledger
+from coupons.model import SyncReport
+from workflows.user_coupon import UserCouponWorkflow
 
 log = logging.getLogger("chaos.scenarios")
 
@@ -29,7 +35,14 @@ log = logging.getLogger("chaos.scenarios")
 # flowing, far below the dev server's trouble zone (about 1,000 in flight).
 DRIVER_CONCURRENCY = 40
 VERIFY_BUDGET_S = 60.0
+# The reconciliation at the end of every scenario (well under a second at these sizes).
+RECONCILE_BUDGET_S = 60.0
+# What the budget scenario's look at the sync workflows after the fact may take.
+OBSERVE_BUDGET_S = 30.0
 PROGRESS_EVERY_S = 5.0
+# The budget scenario cuts the budget this far into the load, so coupons claimed before
+# are issued and those after wait for budget.
+BUDGET_CUT_AT = 0.3
 
 
 @dataclass
@@ -44,6 +57,8 @@ class Run:
     t0: float = field(default_factory=time.monotonic)
     gate: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(DRIVER_CONCURRENCY))
     phase: str = "load"
+    # Wall-clock moments a fault marks for what is read after it (time.time()).
+    marks: dict[str, float] = field(default_factory=dict)
 
     def at(self) -> str:
         return f"t={time.monotonic() - self.t0:5.1f}s"
@@ -74,6 +89,10 @@ class Scenario:
     # After the checks: every issued coupon reported done again (signal and update);
     # any new send counts as a duplicate.
     late_duplicates: bool = False
+    # SYNC_INTERVAL_S of the scenario's worker (the catalog-sync schedule).
+    sync_interval: Callable[[Size], float] = lambda size: 300.0
+    # After convergence: read what the fault left to read (the scenario's figures).
+    observe: Callable[[Run], Awaitable[None]] | None = None
 
 
 # ----- the load ----------------------------------------------------------------------
@@ -251,6 +270,123 @@ async def no_fault(run: Run, load: asyncio.Task[None]) -> float:
     return time.monotonic()
 
 
+async def exhaust_budget(run: Run, load: asyncio.Task[None]) -> float:
+    """The batch's budget at the platform cut to 0 while completions flow, held past the
+    load, then given back; the worker's catalog-sync schedule (not the driver) must see
+    it back and wake the coupons that wait for it."""
+    driver, size = run.driver, run.size
+    await asyncio.sleep(size.load_s * BUDGET_CUT_AT)
+    cut = await driver.set_batch(remaining=0)
+    cut_at = time.monotonic()
+    run.phase = "budget exhausted"
+    run.fault(
+        f"platform: batch {driver.batch_id}'s remaining budget cut to 0 "
+        f"({cut['quantity']} coupons sent before); sends now answer BUDGET_EXHAUSTED"
+    )
+    watch = asyncio.create_task(_watch_backlog(run))
+    try:
+        await load
+        run.fault(f"load done; the budget stays at 0 {size.budget_hold_s:g} s more")
+        await asyncio.sleep(size.budget_hold_s)
+    finally:
+        watch.cancel()
+    await _count_budget_waits(run)
+    # No send applies while the budget is 0, so this count is the one the restore needs
+    # to give the batch back its whole quantity.
+    sent = len(await driver.platform_coupons())
+    # Marked before the budget is back: a sync that ends after this mark but read the
+    # platform before the restore saw no budget and woke nobody.
+    run.marks["budget_back"] = time.time()
+    back = await driver.set_batch(remaining=driver.batch_quantity - sent)
+    restored_at = time.monotonic()
+    run.phase = "budget back"
+    run.result.figures["budget_zero_s"] = round(restored_at - cut_at, 1)
+    run.fault(
+        f"platform: budget back, remaining {back['remaining']} of {back['quantity']} "
+        f"({sent} sent); left to the catalog-sync schedule (every "
+        f"{run.harness.settings.sync_interval_s:g} s) to notice"
+    )
+    return restored_at
+
+
+async def _watch_backlog(run: Run) -> None:
+    """What the schedule's syncs record in the ledger while the budget is 0: the backlog
+    of usable coupons waiting for budget, and the drift they flag."""
+    figures = run.result.figures
+    figures.setdefault("syncs_while_exhausted", 0)
+    figures.setdefault("backlog_seen_by_sync", 0)
+    # The last sync before the cut: every sync after it counts.
+    before = await run.driver.ledger_batch()
+    last_sync = before.synced_at if before is not None else None
+    while True:
+        await asyncio.sleep(0.5)
+        try:
+            batch = await run.driver.ledger_batch()
+        except Exception as err:
+            log.info("batch unreadable while watching: %s", err)
+            continue
+        if batch is None or batch.synced_at == last_sync:
+            continue
+        figures["syncs_while_exhausted"] += 1
+        last_sync = batch.synced_at
+        if batch.remaining == 0 and batch.backlog > figures["backlog_seen_by_sync"]:
+            figures["backlog_seen_by_sync"] = batch.backlog
+            budget_drift = [d for d in batch.drift if "budget" in d]
+            if budget_drift:
+                run.fault(f"catalog sync: remaining 0, drift flagged: {budget_drift[0]}")
+
+
+async def _count_budget_waits(run: Run) -> None:
+    """The coupons that wait for budget as the budget comes back: usable in the ledger,
+    and the workflow says what it waits for."""
+    driver = run.driver
+    usable = await ledger.list_claims(driver.pool, driver.campaign, state="usable", limit=100_000)
+    waiting = 0
+    for claim in usable:
+        acked = driver.acked.get(claim.coupon_id)
+        if acked is None:
+            continue
+        try:
+            status = await asyncio.wait_for(
+                driver.handle(acked).query(UserCouponWorkflow.status), timeout=10
+            )
+        except Exception as err:
+            log.info("status of %s unreadable: %s", claim.coupon_id, err)
+            continue
+        if "budget" in status.waiting_for:
+            waiting += 1
+    run.result.figures["usable_when_budget_back"] = len(usable)
+    run.result.figures["waiting_for_budget"] = waiting
+    run.fault(f"{len(usable)} coupons usable, {waiting} of them waiting for budget")
+
+
+async def observe_wakes(run: Run) -> None:
+    """From the schedule's sync runs that ended after the budget came back: how many
+    coupons they woke, and how soon after the budget the first wake-up sync ended."""
+    back = run.marks.get("budget_back")
+    if back is None:
+        return
+    client, batch_id = run.driver.client, run.driver.ledger_batch_id
+    woken = 0
+    first: list[float] = []
+    query = f"WorkflowType = '{CATALOG_SYNC_WORKFLOW}' AND ExecutionStatus = 'Completed'"
+    async for execution in client.list_workflows(query):
+        ended = execution.close_time
+        if ended is None or ended.timestamp() < back:
+            continue
+        handle = client.get_workflow_handle(
+            execution.id, run_id=execution.run_id, result_type=SyncReport
+        )
+        report = await handle.result()
+        for synced in report.batches:
+            if synced.batch_id == batch_id and synced.woken:
+                woken += synced.woken
+                first.append(ended.timestamp() - back)
+    run.result.figures["woken_by_sync"] = woken
+    if first:
+        run.result.figures["first_wake_after_budget_s"] = round(min(first), 2)
+
+
 CALM_KNOBS: dict[str, object] = {
     "error_rate": 0,
     "ambiguous_rate": 0,
@@ -305,6 +441,20 @@ SCENARIOS: dict[str, Scenario] = {
             lag_window=lambda size: size.lag_window_s,
         ),
         Scenario(
+            name="budget_exhausted",
+            description="The batch's remaining budget at the platform cut to 0 while claims "
+            "and completions flow (sends answer BUDGET_EXHAUSTED: usable coupons must wait, "
+            "not fail), held past the load (30 s full, 10 s quick, 3 s tiny), then given "
+            "back; the worker's catalog-sync schedule (SYNC_INTERVAL_S 5 s full, 3 s quick, "
+            "2 s tiny) sees it back and wakes them (converge_s counts from the budget's "
+            "return).",
+            fault=exhaust_budget,
+            reports=lambda size, i: ["update" if i % 2 else "signal"],
+            latency_ms=200,
+            sync_interval=lambda size: size.sync_interval_s,
+            observe=observe_wakes,
+        ),
+        Scenario(
             name="duplicate_reports",
             description="Every claim made twice at once, every completion reported several "
             "times at once, signals and updates mixed, and again after the coupon is issued.",
@@ -344,6 +494,12 @@ async def _drive(scenario: Scenario, size: Size, harness: Harness, result: Scena
         await asyncio.wait_for(verify(driver, result), timeout=VERIFY_BUDGET_S)
         if scenario.late_duplicates and result.converge_s is not None:
             await _late_duplicates(run)
+        if scenario.observe is not None:
+            try:
+                await asyncio.wait_for(scenario.observe(run), timeout=OBSERVE_BUDGET_S)
+            except Exception as err:
+                result.notes.append(f"could not read the scenario's figures: {err!r}")
+        await _reconcile(run)
         c = driver.counters
         result.coupons = len(driver.acked)
         result.claims_unacknowledged = c.claims_unacknowledged
@@ -409,6 +565,32 @@ async def _restore(run: Run) -> None:
     await run.driver.knobs(**CALM_KNOBS)
 
 
+async def _reconcile(run: Run) -> None:
+    """The reconciliation of the campaign's batch, check only: the platform's sent and
+    used flows against the ledger. Every mismatch counts against the scenario."""
+    result, began = run.result, time.monotonic()
+    try:
+        report = await run.driver.reconcile(RECONCILE_BUDGET_S)
+    except Exception as err:
+        log.exception("reconciliation failed")
+        result.notes.append(f"reconciliation could not run: {type(err).__name__}: {err}")
+        return
+    took = time.monotonic() - began
+    result.reconcile_mismatches = report.mismatches
+    for batch in report.batches:
+        result.notes.append(
+            f"reconciliation (check only) of batch {batch.batch_id} in {took:.2f} s: platform "
+            f"sent {batch.platform_sent}, used {batch.platform_used}; ledger "
+            f"{batch.ledger_coupons} coupons; {len(batch.mismatches)} mismatches"
+        )
+        if batch.mismatches:
+            result.evidence["reconcile_mismatches"] = [
+                f"{m.kind} {m.coupon_id or m.platform_coupon_id}: {m.detail}"
+                for m in batch.mismatches[:EVIDENCE_PER_KIND]
+            ]
+    say(run.scenario.name, f"{run.at()} reconciled: {report.mismatches} mismatches")
+
+
 async def _late_duplicates(run: Run) -> None:
     """Report every issued coupon's task again, both ways: answered, never refused."""
     deadline = time.monotonic() + 60
@@ -429,7 +611,9 @@ def execute(name: str, size: Size, root: Path) -> ScenarioResult:
     scenario = SCENARIOS[name]
     result = ScenarioResult(name=name, description=scenario.description, size=size.name)
     began = time.monotonic()
-    harness = Harness(root, lag_window_s=scenario.lag_window(size))
+    harness = Harness(
+        root, lag_window_s=scenario.lag_window(size), sync_interval_s=scenario.sync_interval(size)
+    )
     try:
         harness.start()
         asyncio.run(_drive(scenario, size, harness, result))

@@ -30,6 +30,11 @@ class Size:
     platform_fault_hold_s: float
     # How many completion reports each coupon gets in the duplicates scenario.
     duplicates: int
+    # The budget scenario: the batch's budget stays at 0 this long past the end of the
+    # load, and the catalog sync schedule runs this often (SYNC_INTERVAL_S), so the
+    # coupons waiting for budget are woken by the schedule, as in production.
+    budget_hold_s: float
+    sync_interval_s: float
     # After the faults: how long every coupon may take to be issued.
     converge_timeout_s: float
     # Load, faults and convergence; past it the scenario stops and checks what it finds.
@@ -55,6 +60,8 @@ SIZES: dict[str, Size] = {
         rate_limit_per_s=10,
         platform_fault_hold_s=10,
         duplicates=4,
+        budget_hold_s=3,
+        sync_interval_s=2,
         converge_timeout_s=75,
         hard_timeout_s=100,
         # Two stacks at a time, not five: each Temporal dev server also binds internal
@@ -75,6 +82,8 @@ SIZES: dict[str, Size] = {
         rate_limit_per_s=15,
         platform_fault_hold_s=20,
         duplicates=5,
+        budget_hold_s=10,
+        sync_interval_s=3,
         converge_timeout_s=100,
         hard_timeout_s=150,
         jobs=5,
@@ -92,6 +101,8 @@ SIZES: dict[str, Size] = {
         rate_limit_per_s=40,
         platform_fault_hold_s=60,
         duplicates=6,
+        budget_hold_s=30,
+        sync_interval_s=5,
         converge_timeout_s=300,
         hard_timeout_s=420,
         jobs=1,

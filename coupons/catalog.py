@@ -156,15 +156,19 @@ def drift_of(seen: PlatformBatch, owes: ledger.Obligations) -> list[str]:
             f"the platform has {seen.remaining} coupons left, below the {owes.owed} we still owe"
         )
     if owes.backlog and seen.remaining == 0:
-        drift.append(f"budget exhausted: {owes.backlog} usable coupons wait for budget")
+        drift.append(f"budget exhausted: {_waiting(owes.backlog)} for budget")
     if owes.backlog and seen.status == BatchStatus.PAUSED:
-        drift.append(f"paused at the platform: {owes.backlog} usable coupons wait for it")
+        drift.append(f"paused at the platform: {_waiting(owes.backlog)} for it")
     if seen.status in FINISHED_BATCH and owes.active_campaigns:
         drift.append(
             f"{seen.status.value} at the platform while campaigns use it: "
             + ", ".join(owes.active_campaigns)
         )
     return drift
+
+
+def _waiting(backlog: int) -> str:
+    return f"{backlog} usable coupon waits" if backlog == 1 else f"{backlog} usable coupons wait"
 
 
 # ------------------------------------------------------------------ campaigns
@@ -188,8 +192,11 @@ def validate_campaign(
         raise InvalidField("batch", f"unknown batch {spec.batch_id!r}")
     if existing is not None and existing.status == "ended":
         raise Refused("wrong_state", f"campaign {spec.id!r} has ended; it can no longer change")
-    if batch.status in FINISHED_BATCH and (existing is None or existing.batch_id != batch.id):
+    new_batch = existing is None or existing.batch_id != batch.id
+    if new_batch and batch.status in FINISHED_BATCH:
         raise InvalidField("batch", f"batch {batch.id!r} is {batch.status} at the platform")
+    if new_batch and batch.ends_at is not None and batch.ends_at <= now:
+        raise InvalidField("batch", f"batch {batch.id!r} ended at {batch.ends_at.isoformat()}")
     if batch.status == BatchStatus.CREATED:
         # Its sends would be refused for good, failing every coupon claimed meanwhile.
         raise InvalidField(
@@ -227,7 +234,7 @@ def validate_campaign(
             "ends_at",
             f"the claim window ends after batch {batch.id!r} does ({batch.ends_at.isoformat()})",
         )
-    _check_deadline(spec, batch, now)
+    _check_deadline(spec, batch, existing, now)
 
 
 def _check_tasks(tasks: list[Task]) -> None:
@@ -241,9 +248,14 @@ def _check_tasks(tasks: list[Task]) -> None:
         seen.add(task.key)
 
 
-def _check_deadline(spec: CampaignSpec, batch: Batch, now: datetime) -> None:
+def _check_deadline(
+    spec: CampaignSpec, batch: Batch, existing: Campaign | None, now: datetime
+) -> None:
     if spec.task_deadline is not None and spec.task_deadline <= timedelta(0):
         raise InvalidField("task_deadline", "must be a positive duration")
+    changed = existing is None or existing.deadline_at != spec.deadline_at
+    if spec.tasks and spec.deadline_at is not None and changed and spec.deadline_at <= now:
+        raise InvalidField("deadline_at", f"{spec.deadline_at.isoformat()} has already passed")
     if spec.deadline_at is not None and spec.starts_at and spec.deadline_at <= spec.starts_at:
         raise InvalidField("deadline_at", "the task deadline is before the claim window opens")
     if batch.ends_at is None:

@@ -1,15 +1,20 @@
 """One real PostgreSQL, one Temporal dev server, one time-skipping server and one
-platform simulator per test run; each test gets its own schema and task queues."""
+platform simulator per test run; each test gets its own schema and task queues.
+
+Below the fixtures are the helpers the test modules share; they import them from here,
+never from one another.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, LiteralString, TypeVar
 
 import httpx
 import pytest
@@ -19,16 +24,17 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.client import Client, WorkflowHandle
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from coupons.catalog import ensure_campaign
+from coupons import catalog
 from coupons.claims import ClaimService
 from coupons.config import Settings
 from coupons.embedded import EmbeddedPostgres, SimulatorProcess, find_binary, free_port
 from coupons.ledger import claims as ledger
 from coupons.ledger import db
-from coupons.ledger.campaigns import Campaign
+from coupons.ledger.campaigns import Batch, Campaign
 from coupons.lifecycle import FINAL_STATES
 from coupons.model import SEARCH_ATTRIBUTES, CouponStatus
 from coupons.platforms.rest import RestPlatform
@@ -159,17 +165,80 @@ async def platform(simulator_url: str) -> AsyncIterator[RestPlatform]:
     await p.aclose()
 
 
+# ----------------------------------------------------------------- helpers the tests import
+
+R = TypeVar("R")
+# The task `new_campaign`'s campaigns require unless told otherwise.
+TASK = "first-order"
+
+
+def new_id(prefix: str) -> str:
+    """An id no other test uses (batches, campaigns, users, workflows)."""
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+async def scalar(pool: AsyncConnectionPool, query: LiteralString, *params: Any) -> Any:
+    """The one value a query answers, straight from the test's schema."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(query, params)
+        row = await cur.fetchone()
+    assert row is not None
+    return row[0]
+
+
+async def row_count(pool: AsyncConnectionPool, table: LiteralString) -> int:
+    """How many rows `table` holds in the test's schema."""
+    n: int = await scalar(pool, "SELECT count(*) FROM " + table)
+    return n
+
+
+async def execute(pool: AsyncConnectionPool, statement: LiteralString, *params: Any) -> None:
+    """Change the ledger behind the service's back (time passing, a crash's leftovers)."""
+    async with pool.connection() as conn:
+        await conn.execute(statement, params)
+
+
+async def claim_workflow_ids(pool: AsyncConnectionPool, campaign_id: str) -> set[str]:
+    """The workflow ids of every claim on the campaign, as the ledger holds them."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT workflow_id FROM claims WHERE campaign_id = %s", (campaign_id,)
+        )
+        return {wid for (wid,) in await cur.fetchall()}
+
+
+async def ledger_states(pool: AsyncConnectionPool, coupon_id: str) -> list[tuple[str | None, str]]:
+    view = await ledger.coupon_view(pool, coupon_id)
+    assert view is not None
+    return [(e["from_state"], e["to_state"]) for e in view["events"]]
+
+
+# ----------------------------------------------------------------- the catalog and the simulator
+
+
+async def new_batch(pool: AsyncConnectionPool, platform: RestPlatform, **kwargs: Any) -> Batch:
+    """A batch (20 coupons unless told otherwise) at the simulator and in the ledger."""
+    kwargs.setdefault("quantity", 20)
+    return await catalog.create_batch(pool, platform, new_id("b"), **kwargs)
+
+
 async def new_campaign(
     pool: AsyncConnectionPool, platform: RestPlatform, **kwargs: Any
 ) -> Campaign:
     """A campaign (and its batch at the simulator) with an id no other test uses."""
-    kwargs.setdefault("required_tasks", ["first-order"])
+    kwargs.setdefault("required_tasks", [TASK])
     kwargs.setdefault("quota", 10)
-    return await ensure_campaign(pool, platform, f"c-{uuid.uuid4().hex[:10]}", **kwargs)
+    return await catalog.ensure_campaign(pool, platform, new_id("c"), **kwargs)
 
 
-def claims_of(pool: AsyncConnectionPool, client: Client, settings: Settings) -> ClaimService:
-    return ClaimService(pool, client, settings)
+async def set_at_platform(
+    pool: AsyncConnectionPool, simulator: httpx.AsyncClient, batch_id: str, **changes: object
+) -> None:
+    """Change our batch `batch_id` at the simulator behind the service's back, as the
+    platform's own operator can (`remaining`, `status`); the ledger learns it at a sync."""
+    batch = await catalog.get_batch(pool, batch_id)
+    response = await simulator.put(f"/sim/batches/{batch.platform_batch_id}", json=changes)
+    response.raise_for_status()
 
 
 async def sim_stats(control: httpx.AsyncClient) -> dict[str, int]:
@@ -179,7 +248,39 @@ async def sim_stats(control: httpx.AsyncClient) -> dict[str, int]:
     return stats
 
 
+async def wait_for_stat(
+    simulator: httpx.AsyncClient, name: str, at_least: int, timeout_s: float = 10.0
+) -> None:
+    """Until the simulator's counter `name` reaches `at_least`; fails after `timeout_s`."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            if (await sim_stats(simulator))[name] >= at_least:
+                return
+            await asyncio.sleep(0.05)
+
+
+async def share_clock(env: WorkflowEnvironment, simulator: httpx.AsyncClient) -> timedelta:
+    """Set the simulator's clock to the time-skipping server's, which earlier tests skipped
+    ahead; returns how far ahead that is (PostgreSQL's clock stayed behind)."""
+    skew = await env.get_current_time() - datetime.now(UTC)
+    knobs = {"clock_offset_s": skew.total_seconds()}
+    (await simulator.put("/sim/knobs", json=knobs)).raise_for_status()
+    return skew
+
+
+# ----------------------------------------------------------------- claims and workflows
+
+
+def claims_of(pool: AsyncConnectionPool, client: Client, settings: Settings) -> ClaimService:
+    return ClaimService(pool, client, settings)
+
+
 Handle = WorkflowHandle[UserCouponWorkflow, CouponStatus]
+
+
+def handle_of(client: Client, workflow_id: str) -> Handle:
+    """The typed handle of a coupon's workflow."""
+    return client.get_workflow_handle_for(UserCouponWorkflow.run, workflow_id)
 
 
 async def wait_for_state(handle: Handle, state: str, timeout_s: float = 30.0) -> CouponStatus:
@@ -199,7 +300,50 @@ async def wait_for_state(handle: Handle, state: str, timeout_s: float = 30.0) ->
         pytest.fail(f"{handle.id} still {last} after {timeout_s}s, expected {state}")
 
 
-async def ledger_states(pool: AsyncConnectionPool, coupon_id: str) -> list[tuple[str | None, str]]:
-    view = await ledger.coupon_view(pool, coupon_id)
-    assert view is not None
-    return [(e["from_state"], e["to_state"]) for e in view["events"]]
+async def wait_for_budget(handle: Handle, timeout_s: float = 15.0) -> CouponStatus:
+    """Until the coupon says it waits for budget; it must stay `usable` all along."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            status = await handle.query(UserCouponWorkflow.status)
+            assert status.state == "usable", status
+            if "budget" in status.waiting_for:
+                return status
+            await asyncio.sleep(0.1)
+
+
+async def start_workflow(
+    client: Client, settings: Settings, workflow: str, arg: object, result_type: type[R]
+) -> WorkflowHandle[Any, R]:
+    """Start one of the service's workflows (by name) on the test's task queue, under an id
+    no other test uses, bounded to a minute."""
+    handle: WorkflowHandle[Any, R] = await client.start_workflow(
+        workflow,
+        arg,
+        id=new_id(workflow),
+        task_queue=settings.task_queue,
+        result_type=result_type,
+        execution_timeout=timedelta(seconds=60),
+    )
+    return handle
+
+
+async def run_workflow(
+    client: Client, settings: Settings, workflow: str, arg: object, result_type: type[R]
+) -> R:
+    """`start_workflow`, then its result."""
+    return await (await start_workflow(client, settings, workflow, arg, result_type)).result()
+
+
+async def close_workflows(client: Client, workflow_ids: Iterable[str]) -> None:
+    """Terminate what a test left open on the dev server; closed ones are fine as they are."""
+    gate = asyncio.Semaphore(50)
+
+    async def close(workflow_id: str) -> None:
+        async with gate:
+            try:
+                await client.get_workflow_handle(workflow_id).terminate("test over")
+            except RPCError as err:
+                if err.status != RPCStatusCode.NOT_FOUND:
+                    raise
+
+    await asyncio.gather(*(close(w) for w in workflow_ids))

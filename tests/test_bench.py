@@ -1,6 +1,6 @@
 """The benchmark harness, run end to end at its tiny size: every part runs, and the JSON
-holds every figure the issue asks for with sane values. Timings are never asserted
-against targets here: those are read from a full run."""
+holds every figure the issues ask for with sane values, and the catalog's counts hold.
+Timings are never asserted against targets here: those are read from a full run."""
 
 from __future__ import annotations
 
@@ -30,6 +30,10 @@ REQUIRED = (
     "claim_storm.granted",
     "claim_storm.quota",
     "peer.throughput_per_s",
+    "catalog_sync.batches_per_s",
+    "catalog_sync.wall_s",
+    "reconciliation.first.coupons_per_s",
+    "reconciliation.second.coupons_per_s",
     "machine.cpu_count",
     "machine.temporalio",
 )
@@ -77,4 +81,21 @@ def test_tiny_bench_end_to_end(tmp_path: Path) -> None:
     peer = data["peer"]
     assert (peer["throughput_per_s"] or 0) > 0 or peer.get("error")
     assert not math.isnan(data["lifecycle"]["unlock_to_issued_ms"]["p99"])
-    assert len(data["targets"]) == 5
+    # The catalog: every batch synced, the platform's changes in the ledger; every use
+    # made behind the service's back found and repaired, and a second look finds nothing.
+    sync = data["catalog_sync"]
+    assert sync["synced"] == sync["batches"] == data["size"]["sync_batches"]
+    assert sync["failed"] == 0
+    assert sync["changes_seen"] == sync["changed_at_platform"] > 0
+    recon = data["reconciliation"]
+    assert recon["coupons"] >= data["size"]["reconcile_coupons"]
+    assert recon["marked_used"] > 0
+    first, second = recon["first"], recon["second"]
+    assert first["mismatches"] == recon["marked_used"], recon
+    assert first["mismatch_kinds"] == {"state": recon["marked_used"]}, recon
+    assert first["repaired"] == recon["marked_used"], recon
+    assert first["platform_used"] == recon["marked_used"], recon
+    assert second["mismatches"] == 0, recon
+    assert second["platform_sent"] == second["ledger_coupons"] == recon["coupons"], recon
+    assert len(data["targets"]) == 7
+    assert all(t["met"] for t in data["targets"][-2:]), data["targets"]

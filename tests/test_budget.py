@@ -10,12 +10,10 @@ behind the service's back through the simulator's control plane.
 from __future__ import annotations
 
 import asyncio
-import uuid
-from datetime import UTC, datetime, timedelta
 
 import httpx
 from psycopg_pool import AsyncConnectionPool
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from coupons import catalog
@@ -24,7 +22,7 @@ from coupons.claims import ClaimResult
 from coupons.config import Settings
 from coupons.ledger import campaigns as ledger_catalog
 from coupons.ledger import claims as ledger
-from coupons.model import BatchSync, CouponStatus, SyncInput, SyncReport
+from coupons.model import BatchSync, SyncInput, SyncReport
 from coupons.platforms.base import (
     BatchAction,
     PlatformBudgetExhausted,
@@ -34,44 +32,29 @@ from coupons.platforms.base import (
 from coupons.platforms.rest import RestPlatform
 from coupons.workers import build_workers
 from tests.conftest import (
+    Handle,
     claims_of,
+    close_workflows,
+    handle_of,
     ledger_states,
     new_campaign,
+    run_workflow,
     running_workers,
+    set_at_platform,
+    share_clock,
     sim_stats,
+    wait_for_budget,
     wait_for_state,
 )
-from tests.test_catalog import close_workflows, set_at_platform
 from workflows.user_coupon import BUDGET_RECHECK, UserCouponWorkflow
 
-Handle = WorkflowHandle[UserCouponWorkflow, CouponStatus]
 # Far below the workflow's own recheck: only the sync's wake-up can be this quick.
 PROMPTLY_S = 20.0
 
 
-def handle_of(client: Client, workflow_id: str) -> Handle:
-    return client.get_workflow_handle_for(UserCouponWorkflow.run, workflow_id)
-
-
-async def wait_for_budget(handle: Handle, timeout_s: float = 15.0) -> CouponStatus:
-    """Until the coupon says it waits for budget; it must stay `usable` all along."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            status = await handle.query(UserCouponWorkflow.status)
-            assert status.state == "usable", status
-            if "budget" in status.waiting_for:
-                return status
-            await asyncio.sleep(0.1)
-
-
 async def sync_one(client: Client, settings: Settings, batch_id: str) -> BatchSync:
-    report: SyncReport = await client.execute_workflow(
-        act.CATALOG_SYNC_WORKFLOW,
-        SyncInput([batch_id]),
-        id=f"sync-{uuid.uuid4().hex[:8]}",
-        task_queue=settings.task_queue,
-        result_type=SyncReport,
-        execution_timeout=timedelta(seconds=60),
+    report = await run_workflow(
+        client, settings, act.CATALOG_SYNC_WORKFLOW, SyncInput([batch_id]), SyncReport
     )
     assert report.failed == []
     (synced,) = report.batches
@@ -95,7 +78,7 @@ async def test_coupons_wait_for_exhausted_budget_and_are_issued_promptly_once_it
     client = dev_env.client
     campaign = await new_campaign(pool, platform, required_tasks=[], quota=10)
     batch = await catalog.get_batch(pool, campaign.batch_id)
-    await set_at_platform(simulator, batch.platform_batch_id, remaining=0)
+    await set_at_platform(pool, simulator, batch.id, remaining=0)
     results: list[ClaimResult] = []
     before = await sim_stats(simulator)
     try:
@@ -117,7 +100,7 @@ async def test_coupons_wait_for_exhausted_budget_and_are_issued_promptly_once_it
             assert (await handles[0].query(UserCouponWorkflow.status)).state == "usable"
 
             # Budget comes back; the next sync wakes the waiting coupons.
-            await set_at_platform(simulator, batch.platform_batch_id, remaining=10)
+            await set_at_platform(pool, simulator, batch.id, remaining=10)
             loop = asyncio.get_running_loop()
             started = loop.time()
             woke = await sync_one(client, settings, batch.id)
@@ -152,8 +135,7 @@ async def test_a_batch_short_of_budget_issues_what_it_can_and_the_rest_wait(
 ) -> None:
     client = dev_env.client
     campaign = await new_campaign(pool, platform, required_tasks=[], quota=10)
-    batch = await catalog.get_batch(pool, campaign.batch_id)
-    await set_at_platform(simulator, batch.platform_batch_id, remaining=2)
+    await set_at_platform(pool, simulator, campaign.batch_id, remaining=2)
     results: list[ClaimResult] = []
     try:
         async with running_workers(client, pool, settings):
@@ -166,18 +148,18 @@ async def test_a_batch_short_of_budget_issues_what_it_can_and_the_rest_wait(
             handles = [handle_of(client, r.workflow_id) for r in results]
             await asyncio.gather(*(wait_for_budget(h) for h in handles[2:]))
 
-            synced = await sync_one(client, settings, batch.id)
+            synced = await sync_one(client, settings, campaign.batch_id)
             assert (synced.remaining, synced.owed, synced.backlog, synced.woken) == (0, 2, 2, 0)
             assert synced.drift != []
 
-            await set_at_platform(simulator, batch.platform_batch_id, remaining=5)
-            woke = await sync_one(client, settings, batch.id)
+            await set_at_platform(pool, simulator, campaign.batch_id, remaining=5)
+            woke = await sync_one(client, settings, campaign.batch_id)
             assert (woke.backlog, woke.woken) == (2, 2)
             await asyncio.gather(
                 *(wait_for_state(h, "issued", timeout_s=PROMPTLY_S) for h in handles[2:])
             )
             await assert_never_failed(pool, handles)
-            settled = await sync_one(client, settings, batch.id)
+            settled = await sync_one(client, settings, campaign.batch_id)
             assert (settled.remaining, settled.owed, settled.backlog, settled.drift) == (
                 3,
                 0,
@@ -261,8 +243,7 @@ async def test_budget_returning_while_the_send_is_being_refused_is_not_missed(
     coupon must still try again at once, not sleep out the 10-minute recheck."""
     client = dev_env.client
     campaign = await new_campaign(pool, platform, required_tasks=[], quota=10)
-    batch = await catalog.get_batch(pool, campaign.batch_id)
-    await set_at_platform(simulator, batch.platform_batch_id, remaining=0)
+    await set_at_platform(pool, simulator, campaign.batch_id, remaining=0)
     held = RefusalHeldBack(settings.platform_url, settings.platform_timeout_s)
     result: ClaimResult | None = None
     try:
@@ -272,8 +253,8 @@ async def test_budget_returning_while_the_send_is_being_refused_is_not_missed(
             handle = handle_of(client, result.workflow_id)
             async with asyncio.timeout(15):
                 await held.refused.wait()  # the platform said "no budget"; not yet reported
-            await set_at_platform(simulator, batch.platform_batch_id, remaining=5)
-            woke = await sync_one(client, settings, batch.id)
+            await set_at_platform(pool, simulator, campaign.batch_id, remaining=5)
+            woke = await sync_one(client, settings, campaign.batch_id)
             assert woke.woken == 1
             await asyncio.sleep(0.5)  # the wake-up is in the workflow's history by now
             held.release.set()  # ...and only now does the refused send come back
@@ -301,15 +282,7 @@ async def test_a_usable_claim_without_its_workflow_does_not_break_the_sync(
     orphan, _ = await ledger.claim(pool, campaign.id, "crashed")
     assert (orphan.state, orphan.workflow_started) == ("usable", False)
     async with running_workers(client, pool, settings):
-        report: SyncReport = await client.execute_workflow(
-            act.CATALOG_SYNC_WORKFLOW,
-            SyncInput([campaign.batch_id]),
-            id=f"sync-{uuid.uuid4().hex[:8]}",
-            task_queue=settings.task_queue,
-            result_type=SyncReport,
-        )
-    assert report.failed == []
-    (synced,) = report.batches
+        synced = await sync_one(client, settings, campaign.batch_id)
     assert (synced.batch_id, synced.backlog) == (campaign.batch_id, 1)
 
 
@@ -323,12 +296,9 @@ async def test_without_a_sync_a_waiting_coupon_tries_again_after_the_recheck(
     """No sync runs (its Schedule paused, say): the coupon still tries again on its own,
     every BUDGET_RECHECK, and never fails."""
     client = ts_env.client
-    # Earlier tests skipped the server's clock ahead: the platform must share its time.
-    skew = await ts_env.get_current_time() - datetime.now(UTC)
-    await simulator.put("/sim/knobs", json={"clock_offset_s": skew.total_seconds()})
+    await share_clock(ts_env, simulator)
     campaign = await new_campaign(pool, platform, required_tasks=[], quota=10)
-    batch = await catalog.get_batch(pool, campaign.batch_id)
-    await set_at_platform(simulator, batch.platform_batch_id, remaining=0)
+    await set_at_platform(pool, simulator, campaign.batch_id, remaining=0)
     async with running_workers(client, pool, settings):
         result = await claims_of(pool, client, settings).claim(campaign.id, "patient")
         handle = handle_of(client, result.workflow_id)
@@ -337,7 +307,7 @@ async def test_without_a_sync_a_waiting_coupon_tries_again_after_the_recheck(
             # Still waiting well inside the recheck, however much time passes in between...
             await ts_env.sleep(BUDGET_RECHECK / 2)
             assert "budget" in (await handle.query(UserCouponWorkflow.status)).waiting_for
-            await set_at_platform(simulator, batch.platform_batch_id, remaining=5)
+            await set_at_platform(pool, simulator, campaign.batch_id, remaining=5)
             # ...and issued once the recheck comes round, with no sync and no signal.
             await ts_env.sleep(BUDGET_RECHECK)
             status = await wait_for_state(handle, "issued")

@@ -10,16 +10,13 @@ claim storm of "done when" 2 runs through `ClaimService` with the real workers.
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
-from typing import Any, LiteralString
+from typing import Any
 
 import httpx
 import pytest
 from psycopg_pool import AsyncConnectionPool
-from temporalio.client import Client, WorkflowExecutionStatus
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.client import WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 
 from coupons import catalog
@@ -31,44 +28,26 @@ from coupons.ledger import claims as ledger
 from coupons.ledger.campaigns import Batch, CampaignSpec, Task
 from coupons.platforms.base import BatchAction
 from coupons.platforms.rest import RestPlatform
-from tests.conftest import claims_of, new_campaign, running_workers, sim_stats
+from tests.conftest import (
+    claim_workflow_ids,
+    claims_of,
+    close_workflows,
+    execute,
+    handle_of,
+    new_batch,
+    new_campaign,
+    new_id,
+    row_count,
+    running_workers,
+    scalar,
+    set_at_platform,
+    sim_stats,
+)
 
 DAY = timedelta(days=1)
 
 
 # ----------------------------------------------------------------- helpers
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-async def scalar(pool: AsyncConnectionPool, query: LiteralString, *params: Any) -> Any:
-    async with pool.connection() as conn:
-        cur = await conn.execute(query, params)
-        row = await cur.fetchone()
-    assert row is not None
-    return row[0]
-
-
-async def rows(pool: AsyncConnectionPool, table: LiteralString) -> int:
-    n: int = await scalar(pool, "SELECT count(*) FROM " + table)
-    return n
-
-
-async def set_at_platform(
-    simulator: httpx.AsyncClient, platform_batch_id: str, **changes: object
-) -> dict[str, Any]:
-    """Change a batch behind the service's back, as the platform's own operator can."""
-    response = await simulator.put(f"/sim/batches/{platform_batch_id}", json=changes)
-    response.raise_for_status()
-    body: dict[str, Any] = response.json()
-    return body
-
-
-async def new_batch(pool: AsyncConnectionPool, platform: RestPlatform, **kwargs: Any) -> Batch:
-    kwargs.setdefault("quantity", 20)
-    return await catalog.create_batch(pool, platform, new_id("b"), **kwargs)
 
 
 async def warm_up(pool: AsyncConnectionPool, connections: int) -> None:
@@ -82,33 +61,6 @@ async def warm_up(pool: AsyncConnectionPool, connections: int) -> None:
 
     async with asyncio.timeout(30):
         await asyncio.gather(*(hold() for _ in range(connections)))
-
-
-async def close_workflows(client: Client, workflow_ids: Iterable[str]) -> None:
-    """Terminate what a test left open on the dev server; closed ones are fine as they are."""
-
-    async def close(workflow_id: str) -> None:
-        try:
-            await client.get_workflow_handle(workflow_id).terminate("test over")
-        except RPCError as err:
-            if err.status != RPCStatusCode.NOT_FOUND:
-                raise
-
-    gate = asyncio.Semaphore(50)
-
-    async def bounded(workflow_id: str) -> None:
-        async with gate:
-            await close(workflow_id)
-
-    await asyncio.gather(*(bounded(w) for w in workflow_ids))
-
-
-async def campaign_workflow_ids(pool: AsyncConnectionPool, campaign_id: str) -> list[str]:
-    async with pool.connection() as conn:
-        cur = await conn.execute(
-            "SELECT workflow_id FROM claims WHERE campaign_id = %s", (campaign_id,)
-        )
-        return [w for (w,) in await cur.fetchall()]
 
 
 # ----------------------------------------------------------------- batches
@@ -133,7 +85,7 @@ async def test_create_batch_makes_one_batch_at_the_platform_however_often_it_run
         100,
         100,
     )
-    assert await rows(pool, "batches") == 1
+    assert await row_count(pool, "batches") == 1
     at_platform = (await simulator.get(f"/v1/batches/{stored.platform_batch_id}")).json()
     assert (at_platform["status"], at_platform["remaining"]) == ("running", 100)
 
@@ -158,7 +110,7 @@ async def test_same_batch_id_with_other_terms_is_refused_and_changes_nothing(
         100,
         100,
     )
-    assert await rows(pool, "batches") == 1
+    assert await row_count(pool, "batches") == 1
 
 
 @pytest.mark.parametrize(
@@ -183,7 +135,7 @@ async def test_a_bad_batch_term_is_refused_naming_the_field_and_writes_nothing_a
     assert invalid.value.code == "invalid_request"
     assert field in str(invalid.value)
     assert (await sim_stats(simulator))["batches"] == before["batches"]
-    assert await rows(pool, "batches") == 0
+    assert await row_count(pool, "batches") == 0
 
 
 async def test_start_pause_resume_stop_are_reflected_in_the_ledger(
@@ -234,7 +186,7 @@ async def test_sync_shows_the_platforms_new_remaining_and_a_newer_synced_at(
     first = await catalog.sync_batch(pool, platform, batch.id)
     assert (first.remaining, first.status, first.drift) == (100, "running", [])
 
-    await set_at_platform(simulator, batch.platform_batch_id, remaining=37)
+    await set_at_platform(pool, simulator, batch.id, remaining=37)
     second = await catalog.sync_batch(pool, platform, batch.id)
 
     assert second.remaining == 37
@@ -242,7 +194,7 @@ async def test_sync_shows_the_platforms_new_remaining_and_a_newer_synced_at(
     stored = await ledger_catalog.get_batch(pool, batch.id)
     assert stored is not None
     assert (stored.remaining, stored.synced_at) == (37, second.synced_at)
-    assert await rows(pool, "batches") == 1
+    assert await row_count(pool, "batches") == 1
 
 
 async def test_sync_flags_drift_when_the_platform_has_less_than_we_owe(
@@ -251,15 +203,14 @@ async def test_sync_flags_drift_when_the_platform_has_less_than_we_owe(
     campaign = await new_campaign(pool, platform, quota=10)
     for i in range(3):
         await ledger.claim(pool, campaign.id, f"owed-{i}")  # received, deadline open
-    batch = await catalog.get_batch(pool, campaign.batch_id)
-    await set_at_platform(simulator, batch.platform_batch_id, remaining=2)
+    await set_at_platform(pool, simulator, campaign.batch_id, remaining=2)
 
-    synced = await catalog.sync_batch(pool, platform, batch.id)
+    synced = await catalog.sync_batch(pool, platform, campaign.batch_id)
 
     assert (synced.remaining, synced.owed, synced.backlog) == (2, 3, 0)
     assert len(synced.drift) == 1
     assert "2" in synced.drift[0] and "3" in synced.drift[0]
-    stored = await ledger_catalog.get_batch(pool, batch.id)
+    stored = await ledger_catalog.get_batch(pool, campaign.batch_id)
     assert stored is not None
     assert (stored.owed, stored.drift) == (3, synced.drift)
 
@@ -272,15 +223,14 @@ async def test_sync_flags_a_batch_finished_at_the_platform_while_a_campaign_uses
     simulator: httpx.AsyncClient,
 ) -> None:
     campaign = await new_campaign(pool, platform, quota=10)
-    batch = await catalog.get_batch(pool, campaign.batch_id)
-    await set_at_platform(simulator, batch.platform_batch_id, status=status)
+    await set_at_platform(pool, simulator, campaign.batch_id, status=status)
 
-    synced = await catalog.sync_batch(pool, platform, batch.id)
+    synced = await catalog.sync_batch(pool, platform, campaign.batch_id)
 
     assert synced.status == status
     assert len(synced.drift) == 1
     assert status in synced.drift[0] and campaign.id in synced.drift[0]
-    stored = await ledger_catalog.get_batch(pool, batch.id)
+    stored = await ledger_catalog.get_batch(pool, campaign.batch_id)
     assert stored is not None
     assert (stored.status, stored.drift) == (status, synced.drift)
 
@@ -294,20 +244,20 @@ async def test_only_usable_and_received_coupons_within_their_deadline_are_owed(
     free, _ = await catalog.create_campaign(pool, spec_on(batch, quota=5, tasks=[]))
     await ledger.claim(pool, open_.id, "u1")  # received, deadline open: owed
     past, _ = await ledger.claim(pool, lapsed.id, "u1")  # received, deadline passed: not owed
-    async with pool.connection() as conn:
-        # Its deadline passed (the workflow that would expire it is not running here).
-        await conn.execute(
-            "UPDATE claims SET task_deadline = now() - interval '1 minute' WHERE coupon_id = %s",
-            (past.coupon_id,),
-        )
+    # Its deadline passed (the workflow that would expire it is not running here).
+    await execute(
+        pool,
+        "UPDATE claims SET task_deadline = now() - interval '1 minute' WHERE coupon_id = %s",
+        past.coupon_id,
+    )
     await ledger.claim(pool, free.id, "u1")  # usable: owed, and waiting to be sent
     await ledger.claim(pool, free.id, "u2")
-    await set_at_platform(simulator, batch.platform_batch_id, remaining=3)
+    await set_at_platform(pool, simulator, batch.id, remaining=3)
 
     synced = await catalog.sync_batch(pool, platform, batch.id)
 
     assert (synced.owed, synced.backlog, synced.drift) == (3, 2, [])
-    await set_at_platform(simulator, batch.platform_batch_id, remaining=2)
+    await set_at_platform(pool, simulator, batch.id, remaining=2)
     assert (await catalog.sync_batch(pool, platform, batch.id)).drift != []
 
 
@@ -317,13 +267,12 @@ async def test_sync_flags_no_drift_when_all_is_fine(
     campaign = await new_campaign(pool, platform, quota=10)
     for i in range(3):
         await ledger.claim(pool, campaign.id, f"fine-{i}")
-    batch = await catalog.get_batch(pool, campaign.batch_id)
-    await set_at_platform(simulator, batch.platform_batch_id, remaining=3)
+    await set_at_platform(pool, simulator, campaign.batch_id, remaining=3)
 
-    synced = await catalog.sync_batch(pool, platform, batch.id)
+    synced = await catalog.sync_batch(pool, platform, campaign.batch_id)
 
     assert (synced.remaining, synced.owed, synced.drift) == (3, 3, [])
-    stored = await ledger_catalog.get_batch(pool, batch.id)
+    stored = await ledger_catalog.get_batch(pool, campaign.batch_id)
     assert stored is not None and stored.drift == []
 
 
@@ -332,10 +281,9 @@ async def test_an_ended_campaign_on_a_stopped_batch_is_no_drift(
 ) -> None:
     campaign = await new_campaign(pool, platform, quota=10)
     await catalog.change_campaign_status(pool, campaign.id, "end")
-    batch = await catalog.get_batch(pool, campaign.batch_id)
-    await set_at_platform(simulator, batch.platform_batch_id, status="stopped")
+    await set_at_platform(pool, simulator, campaign.batch_id, status="stopped")
 
-    synced = await catalog.sync_batch(pool, platform, batch.id)
+    synced = await catalog.sync_batch(pool, platform, campaign.batch_id)
 
     assert (synced.status, synced.drift) == ("stopped", [])
 
@@ -397,7 +345,7 @@ async def test_each_invalid_campaign_is_refused_with_its_own_message_naming_the_
         messages[case] = invalid.value.message
 
     assert len(set(messages.values())) == len(cases), messages
-    assert await rows(pool, "campaigns") == 0
+    assert await row_count(pool, "campaigns") == 0
     # The batches are untouched by all of it.
     stored = await ledger_catalog.get_batch(pool, batch.id)
     assert stored is not None and (stored.quantity, stored.remaining) == (20, 20)
@@ -421,7 +369,7 @@ async def test_valid_edges_of_each_rule_are_accepted(
     campaign, created = await catalog.create_campaign(pool, spec)
     assert created
     assert campaign.spec() == spec
-    assert await rows(pool, "campaigns") == 1
+    assert await row_count(pool, "campaigns") == 1
 
 
 async def test_update_below_what_is_claimed_is_refused_and_changes_nothing(
@@ -455,7 +403,7 @@ async def test_create_again_with_the_same_spec_is_a_no_op_and_with_another_is_re
     assert (created, created_again) == (True, False)
     assert again.updated_at == first.updated_at
     assert again == first
-    assert await rows(pool, "campaigns") == 1
+    assert await row_count(pool, "campaigns") == 1
 
     with pytest.raises(Refused) as exists:
         await catalog.create_campaign(pool, spec_copy(spec, quota=11))
@@ -479,7 +427,7 @@ async def test_concurrent_creates_of_one_campaign_make_one_and_answer_all(
     failures = [o for o in outcomes if isinstance(o, BaseException)]
     assert failures == []
     assert sorted(created for _, created in outcomes) == [False] * 4 + [True]  # type: ignore[misc]
-    assert await rows(pool, "campaigns") == 1
+    assert await row_count(pool, "campaigns") == 1
 
 
 async def test_an_ended_campaign_can_no_longer_change(
@@ -526,8 +474,8 @@ async def test_claims_outside_the_window_are_refused_not_open_and_closed(
 
     assert await refusal(pool, early.id, "u1") == "campaign_not_open"
     assert await refusal(pool, late.id, "u1") == "campaign_closed"
-    assert await rows(pool, "claims") == 0
-    assert await rows(pool, "coupon_events") == 0
+    assert await row_count(pool, "claims") == 0
+    assert await row_count(pool, "coupon_events") == 0
 
 
 async def test_claims_on_a_paused_or_ended_campaign_are_refused_with_distinct_codes(
@@ -540,7 +488,7 @@ async def test_claims_on_a_paused_or_ended_campaign_are_refused_with_distinct_co
 
     assert await refusal(pool, paused.id, "u1") == "campaign_paused"
     assert await refusal(pool, ended.id, "u1") == "campaign_ended"
-    assert await rows(pool, "claims") == 0
+    assert await row_count(pool, "claims") == 0
 
     # Resumed, the paused one takes claims again; the ended one never does.
     await catalog.change_campaign_status(pool, paused.id, "resume")
@@ -559,7 +507,7 @@ async def test_a_sold_out_campaign_refuses_sold_out(
     assert await refusal(pool, campaign.id, "second") == "sold_out"
     stored = await ledger_catalog.get_campaign(pool, campaign.id)
     assert stored is not None and stored.claimed == 1
-    assert await rows(pool, "claims") == 1
+    assert await row_count(pool, "claims") == 1
 
 
 async def test_a_holders_repeated_claim_returns_their_coupon_when_paused_or_sold_out(
@@ -580,7 +528,68 @@ async def test_a_holders_repeated_claim_returns_their_coupon_when_paused_or_sold
     paused_again, created_paused = await ledger.claim(pool, campaign.id, "holder")
     assert (paused_again.coupon_id, created_paused) == (held.coupon_id, False)
 
-    assert await rows(pool, "claims") == 1
+    assert await row_count(pool, "claims") == 1
+
+
+@pytest.mark.parametrize("finish", ["stopped by us", "expired at the platform", "past its end"])
+async def test_a_finished_batch_refuses_batch_finished_and_a_holder_gets_their_coupon_back(
+    finish: str, pool: AsyncConnectionPool, platform: RestPlatform, simulator: httpx.AsyncClient
+) -> None:
+    """What the ledger knows of the batch as of the last sync decides: a coupon claimed
+    now would have nothing left to be sent from."""
+    campaign = await new_campaign(pool, platform, quota=5)
+    held, created = await ledger.claim(pool, campaign.id, "holder")
+    assert created
+    if finish == "stopped by us":
+        await catalog.change_batch(pool, platform, campaign.batch_id, BatchAction.STOP)
+    elif finish == "expired at the platform":
+        await set_at_platform(pool, simulator, campaign.batch_id, status="expired")
+        await catalog.sync_batch(pool, platform, campaign.batch_id)
+    else:
+        # Its window ended since the last sync, which still saw it running.
+        await execute(
+            pool,
+            "UPDATE batches SET ends_at = now() - interval '1 minute' WHERE id = %s",
+            campaign.batch_id,
+        )
+    stored = await ledger_catalog.get_batch(pool, campaign.batch_id)
+    assert stored is not None
+    expected_status = {"stopped by us": "stopped", "expired at the platform": "expired"}
+    assert stored.status == expected_status.get(finish, "running")
+
+    assert await refusal(pool, campaign.id, "newcomer") == "batch_finished"
+    again, created_again = await ledger.claim(pool, campaign.id, "holder")
+    assert (again.coupon_id, created_again) == (held.coupon_id, False)
+    assert await row_count(pool, "claims") == 1
+    stored_campaign = await ledger_catalog.get_campaign(pool, campaign.id)
+    assert stored_campaign is not None and stored_campaign.claimed == 1
+
+
+async def test_claims_after_the_fixed_task_deadline_are_refused_campaign_closed(
+    pool: AsyncConnectionPool, platform: RestPlatform
+) -> None:
+    batch = await new_batch(pool, platform)
+    deadline_at = datetime.now(UTC) + DAY
+    with_task, _ = await catalog.create_campaign(pool, spec_on(batch, deadline_at=deadline_at))
+    no_task, _ = await catalog.create_campaign(
+        pool, spec_on(batch, tasks=[], deadline_at=deadline_at)
+    )
+    held, created = await ledger.claim(pool, with_task.id, "holder")
+    assert created
+    # The deadline passes (moved, rather than waited for).
+    await execute(
+        pool,
+        "UPDATE campaigns SET deadline_at = now() - interval '1 minute' WHERE id = ANY(%s)",
+        [with_task.id, no_task.id],
+    )
+
+    assert await refusal(pool, with_task.id, "latecomer") == "campaign_closed"
+    again, created_again = await ledger.claim(pool, with_task.id, "holder")
+    assert (again.coupon_id, created_again) == (held.coupon_id, False)
+    # Without a task to do the deadline binds nothing: the coupon is usable at once.
+    usable, created_usable = await ledger.claim(pool, no_task.id, "latecomer")
+    assert (usable.state, created_usable) == ("usable", True)
+    assert await row_count(pool, "claims") == 2
 
 
 async def test_the_task_deadline_is_the_earlier_of_claim_plus_duration_and_the_fixed_one(
@@ -653,10 +662,10 @@ async def test_300_concurrent_claims_on_quota_50_give_50_coupons_and_250_sold_ou
 
         stored = await ledger_catalog.get_campaign(pool, campaign.id)
         assert stored is not None and stored.claimed == 50
-        assert await scalar(pool, "SELECT count(*) FROM claims") == 50
+        assert await row_count(pool, "claims") == 50
         assert await scalar(pool, "SELECT count(*) FROM claims WHERE workflow_started") == 50
     finally:
-        await close_workflows(client, await campaign_workflow_ids(pool, campaign.id))
+        await close_workflows(client, await claim_workflow_ids(pool, campaign.id))
 
 
 # ----------------------------------------------------------------- a batch not sending yet
@@ -686,13 +695,13 @@ async def test_a_coupon_never_fails_because_its_batch_has_not_begun_sending(
         await catalog.create_campaign(pool, spec)
     except InvalidField as refused:
         assert refused.field in ("batch", "starts_at"), refused
-        assert await rows(pool, "campaigns") == 0
+        assert await row_count(pool, "campaigns") == 0
         return
     result: ClaimResult | None = None
     try:
         async with running_workers(client, pool, settings):
             result = await claims_of(pool, client, settings).claim(spec.id, "early-bird")
-            handle = client.get_workflow_handle(result.workflow_id)
+            handle = handle_of(client, result.workflow_id)
             # A send and its answer take milliseconds here: 3 s is plenty to see it fail.
             loop = asyncio.get_running_loop()
             give_up = loop.time() + 3.0

@@ -1,7 +1,8 @@
 """`make chaos` itself: every scenario at its tiny size, as the command runs it.
 
 A regression in the harness (or a coupon lost, sent twice or left in a wrong state
-under a crash) fails here. Timings are read from the run, never asserted.
+under a crash, or a reconciliation that finds the platform and the ledger apart) fails
+here. Timings are read from the run, never asserted.
 """
 
 from __future__ import annotations
@@ -37,5 +38,12 @@ def test_every_scenario_at_tiny_size_loses_nothing(tmp_path: Path) -> None:
         counts = {name: result[name] for name in MUST_BE_ZERO}
         assert counts == dict.fromkeys(MUST_BE_ZERO, 0), (result["name"], result, output)
         assert result["converge_s"] is not None, (result["name"], result["notes"], output)
+    # The budget fault met the flow: coupons waited for budget (the sync saw them as its
+    # backlog) and the schedule's sync woke them once it was back.
+    [budget] = [r for r in results if r["name"] == "budget_exhausted"]
+    figures = budget["figures"]
+    assert figures["waiting_for_budget"] > 0, (budget, output)
+    assert figures["backlog_seen_by_sync"] > 0, (budget, output)
+    assert figures["woken_by_sync"] >= figures["waiting_for_budget"], (budget, output)
     assert run.returncode == 0, output
-    assert "converge s" in run.stdout  # the table
+    assert "converge s" in run.stdout and "reconcile" in run.stdout  # the table

@@ -10,16 +10,14 @@ the real activities, the platform is the simulator over HTTP.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, LiteralString
 
 import httpx
 import pytest
 from psycopg_pool import AsyncConnectionPool
 from temporalio.api.enums.v1 import EventType
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
@@ -38,47 +36,32 @@ from coupons.model import (
 )
 from coupons.platforms.rest import RestPlatform
 from tests.conftest import (
+    TASK,
+    Handle,
+    claim_workflow_ids,
     claims_of,
+    handle_of,
     ledger_states,
     new_campaign,
+    new_id,
+    row_count,
     running_workers,
+    scalar,
     sim_stats,
+    wait_for_stat,
     wait_for_state,
 )
 from workflows.user_coupon import UserCouponWorkflow
 
-Handle = WorkflowHandle[UserCouponWorkflow, CouponStatus]
-
-TASK = "first-order"
 WAIT_S = 30.0
 
 
 # ----------------------------------------------------------------- helpers
 
 
-def handle_of(client: Client, workflow_id: str) -> Handle:
-    return client.get_workflow_handle_for(UserCouponWorkflow.run, workflow_id)
-
-
-async def scalar(pool: AsyncConnectionPool, query: LiteralString, *params: Any) -> Any:
-    async with pool.connection() as conn:
-        cur = await conn.execute(query, params)
-        row = await cur.fetchone()
-    assert row is not None
-    return row[0]
-
-
 async def claim_count(pool: AsyncConnectionPool, campaign_id: str) -> int:
     n: int = await scalar(pool, "SELECT count(*) FROM claims WHERE campaign_id = %s", campaign_id)
     return n
-
-
-async def claim_workflow_ids(pool: AsyncConnectionPool, campaign_id: str) -> set[str]:
-    async with pool.connection() as conn:
-        cur = await conn.execute(
-            "SELECT workflow_id FROM claims WHERE campaign_id = %s", (campaign_id,)
-        )
-        return {wid for (wid,) in await cur.fetchall()}
 
 
 async def listed_ids(client: Client, query: str) -> set[str]:
@@ -108,22 +91,8 @@ async def exists(handle: Handle) -> bool:
     return True
 
 
-async def wait_for_stat(
-    simulator: httpx.AsyncClient, name: str, at_least: int, timeout_s: float = 10.0
-) -> None:
-    async with asyncio.timeout(timeout_s):
-        while True:
-            if (await sim_stats(simulator))[name] >= at_least:
-                return
-            await asyncio.sleep(0.05)
-
-
 def delta(after: dict[str, int], before: dict[str, int], name: str) -> int:
     return after[name] - before[name]
-
-
-def user(prefix: str = "u") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 # ----------------------------------------------------------------- the happy path
@@ -139,7 +108,7 @@ async def test_claim_then_task_completed_issues_with_a_receipt_the_platform_know
     client = dev_env.client
     async with running_workers(client, pool, settings):
         campaign = await new_campaign(pool, platform, required_tasks=[TASK])
-        who = user()
+        who = new_id("u")
         result = await claims_of(pool, client, settings).claim(campaign.id, who)
         assert (result.state, result.created) == ("received", True)
         handle = handle_of(client, result.workflow_id)
@@ -256,7 +225,7 @@ async def test_20_concurrent_duplicate_completions_send_once(
     before = await sim_stats(simulator)
     async with running_workers(client, pool, settings):
         campaign = await new_campaign(pool, platform)
-        result = await claims_of(pool, client, settings).claim(campaign.id, user())
+        result = await claims_of(pool, client, settings).claim(campaign.id, new_id("u"))
         handle = handle_of(client, result.workflow_id)
         done = TaskCompletion(TASK)
         answers = await asyncio.gather(
@@ -271,7 +240,7 @@ async def test_20_concurrent_duplicate_completions_send_once(
     after = await sim_stats(simulator)
     assert delta(after, before, "sends_applied") == 1
     assert delta(after, before, "coupons") == 1
-    assert await scalar(pool, "SELECT count(*) FROM receipts") == 1
+    assert await row_count(pool, "receipts") == 1
     view = await ledger.coupon_view(pool, result.coupon_id)
     assert view is not None and view["receipt"] is not None
     assert status.receipt is not None
@@ -307,7 +276,7 @@ async def test_ambiguous_send_is_resolved_by_resending_the_same_key_one_coupon(
     try:
         async with running_workers(client, pool, settings):
             campaign = await new_campaign(pool, platform)
-            who = user()
+            who = new_id("u")
             result = await claims_of(pool, client, settings).claim(campaign.id, who)
             handle = handle_of(client, result.workflow_id)
             knobs = {"ambiguous_rate": 1.0, "ambiguous_mode": mode, "ambiguous_hang_s": 3.0}
@@ -389,7 +358,7 @@ async def test_campaign_without_task_is_usable_at_claim_then_issued_without_a_si
     client = dev_env.client
     async with running_workers(client, pool, settings):
         campaign = await new_campaign(pool, platform, required_tasks=[])
-        result = await claims_of(pool, client, settings).claim(campaign.id, user())
+        result = await claims_of(pool, client, settings).claim(campaign.id, new_id("u"))
         assert result.state == "usable"
         handle = handle_of(client, result.workflow_id)
         status = await wait_for_state(handle, "issued")
@@ -425,8 +394,8 @@ async def test_refused_claims_write_nothing(
         await service.claim("bad campaign!", "u1")
     assert bad_campaign.value.code == "invalid_request"
 
-    assert await scalar(pool, "SELECT count(*) FROM claims") == 0
-    assert await scalar(pool, "SELECT count(*) FROM coupon_events") == 0
+    assert await row_count(pool, "claims") == 0
+    assert await row_count(pool, "coupon_events") == 0
     stored = await campaigns.get_campaign(pool, campaign.id)
     assert stored is not None and stored.claimed == 0
 

@@ -18,8 +18,6 @@ import os
 import re
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -28,8 +26,7 @@ from typing import Any
 import httpx
 import pytest
 from psycopg_pool import AsyncConnectionPool
-from temporalio.client import Client, WorkflowExecutionStatus
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.client import WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 
 from coupons.cli import main, parse_duration, parse_time
@@ -38,7 +35,15 @@ from coupons.embedded import EmbeddedPostgres, free_port
 from coupons.errors import InvalidField
 from coupons.ledger import claims as ledger
 from coupons.platforms.rest import RestPlatform
-from tests.conftest import claims_of, new_campaign, running_workers, sim_stats
+from tests.conftest import (
+    claims_of,
+    close_workflows,
+    new_campaign,
+    new_id,
+    running_workers,
+    set_at_platform,
+    sim_stats,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -197,15 +202,11 @@ def cli(
     return Cli(env, capsys)
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
 def iso(at: datetime) -> str:
     return at.isoformat(timespec="seconds")
 
 
-async def new_batch(cli: Cli, *flags: str) -> dict[str, Any]:
+async def new_cli_batch(cli: Cli, *flags: str) -> dict[str, Any]:
     batch: dict[str, Any] = await cli.json(
         "batch", "create", "--id", new_id("b"), "--quantity", "20", *flags
     )
@@ -217,16 +218,6 @@ async def new_cli_campaign(cli: Cli, batch_id: str, *flags: str) -> dict[str, An
         "campaign", "create", "--id", new_id("c"), "--batch", batch_id, "--quota", "10", *flags
     )
     return campaign
-
-
-async def close_workflows(client: Client, workflow_ids: Iterable[str]) -> None:
-    """Terminate what a test left open on the dev server; closed ones are fine as they are."""
-    for workflow_id in workflow_ids:
-        try:
-            await client.get_workflow_handle(workflow_id).terminate("test over")
-        except RPCError as err:
-            if err.status != RPCStatusCode.NOT_FOUND:
-                raise
 
 
 async def wait_for_ledger_states(
@@ -326,7 +317,7 @@ async def test_batch_create_no_start_and_a_window_are_passed_to_the_platform(
 ) -> None:
     starts = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=1)
     ends = starts + timedelta(days=3)
-    batch = await new_batch(
+    batch = await new_cli_batch(
         cli,
         "--no-start",
         "--per-user-limit",
@@ -346,7 +337,7 @@ async def test_batch_create_no_start_and_a_window_are_passed_to_the_platform(
 async def test_batch_create_with_other_terms_or_bad_input_is_refused_and_writes_nothing(
     cli: Cli, simulator: httpx.AsyncClient
 ) -> None:
-    batch = await new_batch(cli)
+    batch = await new_cli_batch(cli)
     before = await sim_stats(simulator)
     taken = ("batch", "create", "--id", batch["id"])
     err = await cli.refused(*taken, "--quantity", "21", code="batch_exists")
@@ -389,8 +380,8 @@ async def test_an_unreachable_platform_is_one_line_and_exit_1(cli: Cli) -> None:
 async def test_batch_list_and_show_give_the_synced_figures(cli: Cli) -> None:
     assert (await cli.json("batch", "list")) == {"batches": []}
     assert (await cli.table("batch", "list")) == "no batches\n"
-    first = await new_batch(cli)
-    second = await new_batch(cli, "--no-start")
+    first = await new_cli_batch(cli)
+    second = await new_cli_batch(cli, "--no-start")
     campaign = await new_cli_campaign(cli, first["id"])
 
     listed = await cli.json("batch", "list")
@@ -424,7 +415,7 @@ async def test_batch_list_and_show_give_the_synced_figures(cli: Cli) -> None:
 async def test_batch_start_pause_resume_stop_follow_the_platform_and_a_wrong_one_is_refused(
     cli: Cli, simulator: httpx.AsyncClient
 ) -> None:
-    batch = await new_batch(cli, "--no-start")
+    batch = await new_cli_batch(cli, "--no-start")
     seen = []
     for action in ("start", "pause", "resume", "stop"):
         changed = await cli.json("batch", action, batch["id"])
@@ -452,14 +443,13 @@ async def test_batch_sync_shows_the_platforms_new_figures_and_drift(
     settings: Settings,
     simulator: httpx.AsyncClient,
 ) -> None:
-    batch = await new_batch(cli, "--quantity", "100")
+    batch = await new_cli_batch(cli, "--quantity", "100")
     campaign = await new_cli_campaign(cli, batch["id"], "--task", "first-order")
     claimed = await cli.claim(campaign["id"], "u1")
     assert claimed["state"] == "received"  # owed: its task may still be done
-    set_remaining = f"/sim/batches/{batch['platform_batch_id']}"
     try:
         async with running_workers(dev_env.client, pool, settings):
-            (await simulator.put(set_remaining, json={"remaining": 40})).raise_for_status()
+            await set_at_platform(pool, simulator, batch["id"], remaining=40)
             report = await cli.json("batch", "sync", "--batch", batch["id"])
             assert report["workflow_id"].startswith("catalog-sync:manual:")
             assert (report["drifted"], report["failed"]) == (0, [])
@@ -474,7 +464,7 @@ async def test_batch_sync_shows_the_platforms_new_figures_and_drift(
             assert [b["remaining"] for b in listed["batches"]] == [40]
 
             # Below what we owe: drift, in the sync's answer and in the list.
-            (await simulator.put(set_remaining, json={"remaining": 0})).raise_for_status()
+            await set_at_platform(pool, simulator, batch["id"], remaining=0)
             text = await cli.table("batch", "sync")  # no --batch: every batch in use
             assert "below the 1 we still owe" in text, text
             assert "1 batches synced, 1 drifted" in text
@@ -490,7 +480,7 @@ async def test_batch_sync_refuses_an_unknown_batch_at_once_and_says_when_no_work
     cli: Cli, dev_env: WorkflowEnvironment
 ) -> None:
     await cli.refused("batch", "sync", "--batch", "nope", code="unknown_batch")
-    batch = await new_batch(cli)
+    batch = await new_cli_batch(cli)
     # No worker polls this test's task queue.
     ran = await cli("batch", "sync", "--batch", batch["id"], "--timeout", "1")
     assert (ran.code, ran.out) == (1, "")
@@ -505,7 +495,7 @@ async def test_batch_sync_refuses_an_unknown_batch_at_once_and_says_when_no_work
 
 
 async def test_campaign_create_takes_every_flag_and_the_same_again_is_a_no_op(cli: Cli) -> None:
-    batch = await new_batch(cli, "--quantity", "50")
+    batch = await new_cli_batch(cli, "--quantity", "50")
     now = datetime.now(UTC).replace(microsecond=0)
     deadline_at = (now + timedelta(days=10)).strftime("%Y-%m-%dT%H:%M:%SZ")
     starts_at = (now - timedelta(hours=1)).astimezone(timezone(timedelta(hours=8))).isoformat()
@@ -552,7 +542,7 @@ async def test_each_invalid_campaign_definition_is_refused_naming_the_field_and_
     cli: Cli,
 ) -> None:
     now = datetime.now(UTC)
-    batch = await new_batch(cli, "--ends-at", iso(now + timedelta(days=10)))
+    batch = await new_cli_batch(cli, "--ends-at", iso(now + timedelta(days=10)))
     bad = {
         ("--quota", "21"): "quota: 21 is more than batch",
         ("--batch", "nope"): "batch: unknown batch 'nope'",
@@ -580,7 +570,7 @@ async def test_each_invalid_campaign_definition_is_refused_naming_the_field_and_
 
 
 async def test_campaign_update_changes_only_the_given_fields(cli: Cli) -> None:
-    batch = await new_batch(cli)
+    batch = await new_cli_batch(cli)
     campaign = await new_cli_campaign(cli, batch["id"], "--task", "a=Sign in", "--deadline", "7d")
     cid = campaign["id"]
 
@@ -622,7 +612,7 @@ async def test_campaign_update_changes_only_the_given_fields(cli: Cli) -> None:
 async def test_campaign_list_filters_and_show_and_stats_count_coupons_by_state(
     cli: Cli, dev_env: WorkflowEnvironment
 ) -> None:
-    one, two = await new_batch(cli), await new_batch(cli)
+    one, two = await new_cli_batch(cli), await new_cli_batch(cli)
     first = await new_cli_campaign(cli, one["id"], "--task", "first-order")
     second = await new_cli_campaign(cli, two["id"])
     await cli.json("campaign", "pause", second["id"])
@@ -654,7 +644,7 @@ async def test_every_claim_refusal_exits_2_with_its_code_and_claims_nothing(
     cli: Cli, dev_env: WorkflowEnvironment, pool: AsyncConnectionPool
 ) -> None:
     # Five campaigns of 10 share it: the batch holds all their quotas.
-    batch = await new_batch(cli, "--quantity", "50")
+    batch = await new_cli_batch(cli, "--quantity", "50")
     now = datetime.now(UTC)
     one = await new_cli_campaign(cli, batch["id"], "--task", "t")
     one_left = (await cli.json("campaign", "update", one["id"], "--quota", "1"))["id"]
@@ -707,7 +697,7 @@ async def test_every_claim_refusal_exits_2_with_its_code_and_claims_nothing(
 async def test_campaign_end_expire_pending_expires_received_coupons_through_their_workflows(
     cli: Cli, dev_env: WorkflowEnvironment, pool: AsyncConnectionPool, settings: Settings
 ) -> None:
-    batch = await new_batch(cli)
+    batch = await new_cli_batch(cli)
     campaign = await new_cli_campaign(cli, batch["id"], "--task", "survey=Answer the survey")
     cid = campaign["id"]
     coupons = [await cli.claim(cid, f"u{i}") for i in range(3)]
@@ -751,7 +741,7 @@ async def test_campaign_end_expire_pending_expires_received_coupons_through_thei
 async def test_campaign_end_no_wait_names_the_workflow_and_bad_flags_change_nothing(
     cli: Cli, dev_env: WorkflowEnvironment
 ) -> None:
-    batch = await new_batch(cli)
+    batch = await new_cli_batch(cli)
     campaign = await new_cli_campaign(cli, batch["id"])
     cid = campaign["id"]
     for flags in (("--reason", "over"), ("--no-wait",)):
@@ -789,7 +779,7 @@ async def test_reconcile_reports_a_use_behind_our_back_then_repairs_it(
     settings: Settings,
     simulator: httpx.AsyncClient,
 ) -> None:
-    batch = await new_batch(cli)
+    batch = await new_cli_batch(cli)
     campaign = await new_cli_campaign(cli, batch["id"])  # no tasks: usable at claim
     coupons: list[dict[str, Any]] = []
     try:

@@ -9,29 +9,34 @@ to `redeemed` through their workflows, and a second run finds nothing.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from datetime import UTC, datetime, timedelta
 
 import httpx
 from psycopg_pool import AsyncConnectionPool
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 
 from coupons import contract as act
-from coupons.catalog import get_batch
 from coupons.claims import ClaimResult
 from coupons.config import Settings
 from coupons.ledger import claims as ledger
 from coupons.ledger.claims import LedgerCoupon
-from coupons.model import CouponStatus, ReconcileInput, ReconcileReport, idempotency_key
+from coupons.model import Mismatch, ReconcileInput, ReconcileReport, idempotency_key
 from coupons.platforms.base import FlowRecord
 from coupons.platforms.rest import RestPlatform
 from coupons.reconcile import REDEEM, compare
-from tests.conftest import claims_of, new_campaign, running_workers, wait_for_state
-from tests.test_catalog import close_workflows, set_at_platform
+from tests.conftest import (
+    claims_of,
+    close_workflows,
+    handle_of,
+    new_campaign,
+    run_workflow,
+    running_workers,
+    set_at_platform,
+    wait_for_state,
+)
 from workflows.user_coupon import UserCouponWorkflow
 
-Handle = WorkflowHandle[UserCouponWorkflow, CouponStatus]
 AT = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 BATCH = "bat_1"
 
@@ -60,6 +65,15 @@ def used(platform_coupon_id: str, user_id: str = "u1") -> FlowRecord:
     return FlowRecord(platform_coupon_id, BATCH, user_id, None, AT + timedelta(hours=1))
 
 
+def only_one(found: list[Mismatch]) -> Mismatch:
+    assert len(found) == 1, found
+    return found[0]
+
+
+def summary(mismatch: Mismatch) -> tuple[str, str | None, str | None, str | None]:
+    return (mismatch.kind, mismatch.coupon_id, mismatch.platform_coupon_id, mismatch.repair)
+
+
 def test_a_consistent_batch_has_no_mismatch() -> None:
     ledger_side = [
         ours("c:u1:1", "issued", "cpn_1"),
@@ -76,15 +90,8 @@ def test_a_consistent_batch_has_no_mismatch() -> None:
 
 
 def test_a_coupon_the_platform_sent_with_no_claim_of_ours_is_platform_only() -> None:
-    found = compare([], [sent("cpn_x", "f" * 32, "stranger")], [])
-    assert len(found) == 1
-    mismatch = found[0]
-    assert (mismatch.kind, mismatch.coupon_id, mismatch.platform_coupon_id, mismatch.repair) == (
-        "platform_only",
-        None,
-        "cpn_x",
-        None,
-    )
+    mismatch = only_one(compare([], [sent("cpn_x", "f" * 32, "stranger")], []))
+    assert summary(mismatch) == ("platform_only", None, "cpn_x", None)
     assert "stranger" in mismatch.detail
 
 
@@ -93,15 +100,8 @@ def test_a_coupon_sent_for_our_claim_that_lacks_its_receipt_is_platform_only_wit
 ):
     # Our claim failed (or was cancelled) here, yet the platform did send it.
     claim = ours("c:u1:1", "failed")
-    found = compare([claim], [sent("cpn_1", idempotency_key("c:u1:1"))], [])
-    assert len(found) == 1
-    mismatch = found[0]
-    assert (mismatch.kind, mismatch.coupon_id, mismatch.platform_coupon_id, mismatch.repair) == (
-        "platform_only",
-        "c:u1:1",
-        "cpn_1",
-        None,
-    )
+    mismatch = only_one(compare([claim], [sent("cpn_1", idempotency_key("c:u1:1"))], []))
+    assert summary(mismatch) == ("platform_only", "c:u1:1", "cpn_1", None)
     assert "failed" in mismatch.detail
 
 
@@ -113,35 +113,20 @@ def test_a_send_in_flight_for_a_usable_claim_is_not_a_mismatch() -> None:
 
 def test_a_receipt_the_platforms_sent_flow_lacks_is_ledger_only() -> None:
     claim = ours("c:u1:1", "issued", "cpn_gone")
-    found = compare([claim], [], [])
-    assert len(found) == 1
-    mismatch = found[0]
-    assert (mismatch.kind, mismatch.coupon_id, mismatch.platform_coupon_id, mismatch.repair) == (
-        "ledger_only",
-        "c:u1:1",
-        "cpn_gone",
-        None,
-    )
+    mismatch = only_one(compare([claim], [], []))
+    assert summary(mismatch) == ("ledger_only", "c:u1:1", "cpn_gone", None)
 
 
 def test_used_at_the_platform_but_issued_here_is_repaired_by_a_redemption() -> None:
     claim = ours("c:u1:1", "issued", "cpn_1")
     found = compare([claim], [sent("cpn_1", idempotency_key("c:u1:1"))], [used("cpn_1")])
-    assert len(found) == 1
-    mismatch = found[0]
-    assert (mismatch.kind, mismatch.coupon_id, mismatch.platform_coupon_id, mismatch.repair) == (
-        "state",
-        "c:u1:1",
-        "cpn_1",
-        REDEEM,
-    )
+    assert summary(only_one(found)) == ("state", "c:u1:1", "cpn_1", REDEEM)
 
 
 def test_used_at_the_platform_but_lapsed_here_is_listed_not_repaired() -> None:
     claim = ours("c:u1:1", "lapsed", "cpn_1")
     found = compare([claim], [sent("cpn_1", idempotency_key("c:u1:1"))], [used("cpn_1")])
-    assert len(found) == 1
-    mismatch = found[0]
+    mismatch = only_one(found)
     assert (mismatch.kind, mismatch.coupon_id, mismatch.repair) == ("state", "c:u1:1", None)
     assert "lapsed" in mismatch.detail
 
@@ -149,14 +134,7 @@ def test_used_at_the_platform_but_lapsed_here_is_listed_not_repaired() -> None:
 def test_redeemed_here_but_not_used_at_the_platform_is_listed_not_repaired() -> None:
     claim = ours("c:u1:1", "redeemed", "cpn_1")
     found = compare([claim], [sent("cpn_1", idempotency_key("c:u1:1"))], [])
-    assert len(found) == 1
-    mismatch = found[0]
-    assert (mismatch.kind, mismatch.coupon_id, mismatch.platform_coupon_id, mismatch.repair) == (
-        "state",
-        "c:u1:1",
-        "cpn_1",
-        None,
-    )
+    assert summary(only_one(found)) == ("state", "c:u1:1", "cpn_1", None)
 
 
 def test_every_kind_at_once_is_each_found_once() -> None:
@@ -186,16 +164,8 @@ def test_every_kind_at_once_is_each_found_once() -> None:
 # ----------------------------------------------------------------- end to end
 
 
-async def reconcile(client: Client, settings: Settings, batch_id: str) -> ReconcileReport:
-    report: ReconcileReport = await client.execute_workflow(
-        act.RECONCILE_WORKFLOW,
-        ReconcileInput(batch_id),
-        id=f"reconcile-{uuid.uuid4().hex[:8]}",
-        task_queue=settings.task_queue,
-        result_type=ReconcileReport,
-        execution_timeout=timedelta(seconds=60),
-    )
-    return report
+async def reconcile(client: Client, settings: Settings, input: ReconcileInput) -> ReconcileReport:
+    return await run_workflow(client, settings, act.RECONCILE_WORKFLOW, input, ReconcileReport)
 
 
 async def test_uses_behind_our_back_are_found_repaired_to_redeemed_and_then_gone(
@@ -212,10 +182,7 @@ async def test_uses_behind_our_back_are_found_repaired_to_redeemed_and_then_gone
     try:
         async with running_workers(client, pool, settings):
             results += [await service.claim(campaign.id, f"shopper-{i}") for i in range(4)]
-            handles: list[Handle] = [
-                client.get_workflow_handle_for(UserCouponWorkflow.run, r.workflow_id)
-                for r in results
-            ]
+            handles = [handle_of(client, r.workflow_id) for r in results]
             issued = await asyncio.gather(*(wait_for_state(h, "issued") for h in handles))
             receipts = [s.receipt for s in issued]
             assert all(r is not None for r in receipts)
@@ -230,7 +197,7 @@ async def test_uses_behind_our_back_are_found_repaired_to_redeemed_and_then_gone
             states = await ledger.states_of(pool, [r.coupon_id for r in results])
             assert set(states.values()) == {"issued"}
 
-            first = await reconcile(client, settings, campaign.batch_id)
+            first = await reconcile(client, settings, ReconcileInput(campaign.batch_id))
             assert first.mismatches == 2
             assert first.repaired == 2
             (batch,) = first.batches
@@ -258,7 +225,7 @@ async def test_uses_behind_our_back_are_found_repaired_to_redeemed_and_then_gone
                 described = await handle.describe()
                 assert described.status == WorkflowExecutionStatus.RUNNING
 
-            second = await reconcile(client, settings, campaign.batch_id)
+            second = await reconcile(client, settings, ReconcileInput(campaign.batch_id))
             assert (second.mismatches, second.repaired) == (0, 0)
             assert second.batches[0].repairs_requested == []
     finally:
@@ -278,19 +245,14 @@ async def test_without_repair_the_mismatch_is_only_listed(
     try:
         async with running_workers(client, pool, settings):
             result = await claims_of(pool, client, settings).claim(campaign.id, "shopper")
-            handle = client.get_workflow_handle_for(UserCouponWorkflow.run, result.workflow_id)
+            handle = handle_of(client, result.workflow_id)
             status = await wait_for_state(handle, "issued")
             assert status.receipt is not None
             pid = status.receipt.platform_coupon_id
             (await simulator.post(f"/v1/coupons/{pid}/use")).raise_for_status()
 
-            report: ReconcileReport = await client.execute_workflow(
-                act.RECONCILE_WORKFLOW,
-                ReconcileInput(campaign.batch_id, repair=False),
-                id=f"reconcile-{uuid.uuid4().hex[:8]}",
-                task_queue=settings.task_queue,
-                result_type=ReconcileReport,
-                execution_timeout=timedelta(seconds=60),
+            report = await reconcile(
+                client, settings, ReconcileInput(campaign.batch_id, repair=False)
             )
             assert (report.mismatches, report.repaired) == (1, 0)
             assert report.batches[0].repairs_requested == []
@@ -312,20 +274,8 @@ async def test_reconcile_of_every_batch_covers_each_of_them(
     one = await new_campaign(pool, platform, quota=5)
     two = await new_campaign(pool, platform, quota=5)
     # A batch stopped at the platform is still reconciled: its coupons live on.
-    two_batch = await ledger_batch(pool, two.batch_id)
-    await set_at_platform(simulator, two_batch, status="stopped")
+    await set_at_platform(pool, simulator, two.batch_id, status="stopped")
     async with running_workers(client, pool, settings):
-        report: ReconcileReport = await client.execute_workflow(
-            act.RECONCILE_WORKFLOW,
-            ReconcileInput(),
-            id=f"reconcile-{uuid.uuid4().hex[:8]}",
-            task_queue=settings.task_queue,
-            result_type=ReconcileReport,
-            execution_timeout=timedelta(seconds=60),
-        )
+        report = await reconcile(client, settings, ReconcileInput())
     assert sorted(b.batch_id for b in report.batches) == sorted([one.batch_id, two.batch_id])
     assert report.mismatches == 0
-
-
-async def ledger_batch(pool: AsyncConnectionPool, batch_id: str) -> str:
-    return (await get_batch(pool, batch_id)).platform_batch_id

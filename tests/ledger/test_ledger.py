@@ -13,7 +13,7 @@ from coupons.embedded import EmbeddedPostgres
 from coupons.ledger import claims, db
 from coupons.model import Receipt, Transition
 from coupons.platforms.rest import RestPlatform
-from tests.conftest import new_campaign
+from tests.conftest import new_campaign, scalar
 
 AT = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
@@ -89,9 +89,7 @@ async def test_receipt_and_issued_are_written_together_and_once(
     assert view is not None
     assert view["receipt"]["platform_coupon_id"] == "cpn_1"
     assert [e["to_state"] for e in view["events"]] == ["received", "usable", "issued"]
-    async with pool.connection() as conn:
-        cur = await conn.execute("SELECT count(*) FROM receipts WHERE coupon_id = %s", (coupon_id,))
-        assert await cur.fetchone() == (1,)
+    assert await scalar(pool, "SELECT count(*) FROM receipts WHERE coupon_id = %s", coupon_id) == 1
 
 
 @pytest.mark.parametrize(

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import timedelta
+from typing import Any
 
 import httpx
 import pytest
@@ -39,46 +39,35 @@ from coupons import contract as act
 from coupons.config import Settings
 from coupons.ledger import campaigns as ledger_catalog
 from coupons.ledger import claims as ledger
-from coupons.model import (
-    CouponStatus,
-    EndCampaignInput,
-    EndProgress,
-    SyncInput,
-    SyncReport,
-    TaskCompletion,
-)
+from coupons.model import EndCampaignInput, EndProgress, SyncInput, SyncReport, TaskCompletion
 from coupons.platforms.base import BatchAction
 from coupons.platforms.rest import RestPlatform
 from coupons.schedules import ensure_schedules
-from tests.conftest import claims_of, new_campaign, running_workers, wait_for_state
-from tests.test_budget import wait_for_budget
-from tests.test_catalog import close_workflows, new_batch, set_at_platform
+from tests.conftest import (
+    TASK,
+    claims_of,
+    close_workflows,
+    handle_of,
+    new_batch,
+    new_campaign,
+    run_workflow,
+    running_workers,
+    set_at_platform,
+    start_workflow,
+    wait_for_budget,
+    wait_for_state,
+)
 from workflows.user_coupon import UserCouponWorkflow
 
-Handle = WorkflowHandle[UserCouponWorkflow, CouponStatus]
 SCHEDULES = (act.CATALOG_SYNC_SCHEDULE, act.RECONCILE_SCHEDULE)
 
 
-async def current_details(handle: WorkflowHandle[object, SyncReport]) -> str:
+async def current_details(handle: WorkflowHandle[Any, SyncReport]) -> str:
     """What the Web UI shows as the workflow's current details (a built-in query)."""
     metadata: WorkflowMetadata = await handle.query(
         "__temporal_workflow_metadata", result_type=WorkflowMetadata
     )
     return str(metadata.current_details)
-
-
-async def sync(
-    client: Client, settings: Settings, input: SyncInput
-) -> WorkflowHandle[object, SyncReport]:
-    handle: WorkflowHandle[object, SyncReport] = await client.start_workflow(
-        act.CATALOG_SYNC_WORKFLOW,
-        input,
-        id=f"sync-{uuid.uuid4().hex[:8]}",
-        task_queue=settings.task_queue,
-        result_type=SyncReport,
-        execution_timeout=timedelta(seconds=60),
-    )
-    return handle
 
 
 # ----------------------------------------------------------------- the catalog sync
@@ -92,11 +81,9 @@ async def drifting_catalog(
     short = await new_campaign(pool, platform, quota=5)
     for i in range(3):
         await ledger.claim(pool, short.id, f"owed-{i}")
-    short_batch = await catalog.get_batch(pool, short.batch_id)
-    await set_at_platform(simulator, short_batch.platform_batch_id, remaining=1)
+    await set_at_platform(pool, simulator, short.batch_id, remaining=1)
     stopped = await new_campaign(pool, platform, quota=5)
-    stopped_batch = await catalog.get_batch(pool, stopped.batch_id)
-    await set_at_platform(simulator, stopped_batch.platform_batch_id, status="stopped")
+    await set_at_platform(pool, simulator, stopped.batch_id, status="stopped")
     retired = await new_batch(pool, platform)
     await catalog.change_batch(pool, platform, retired.id, BatchAction.STOP)
     return {
@@ -118,7 +105,9 @@ async def test_catalog_sync_reports_every_batch_in_use_and_shows_drift(
     batches = await drifting_catalog(pool, platform, simulator)
     before = {b.id: b.synced_at for b in await ledger_catalog.list_batches(pool)}
     async with running_workers(client, pool, settings):
-        handle = await sync(client, settings, SyncInput())
+        handle = await start_workflow(
+            client, settings, act.CATALOG_SYNC_WORKFLOW, SyncInput(), SyncReport
+        )
         typed = await handle.result()
         details = await current_details(handle)
 
@@ -158,12 +147,8 @@ async def test_catalog_sync_of_named_batches_on_the_time_skipping_server(
     batches = await drifting_catalog(pool, platform, simulator)
     named = [batches["fine"], batches["short"]]
     async with running_workers(client, pool, settings):
-        report = await client.execute_workflow(
-            act.CATALOG_SYNC_WORKFLOW,
-            SyncInput(batch_ids=named),
-            id=f"sync-{uuid.uuid4().hex[:8]}",
-            task_queue=settings.task_queue,
-            result_type=SyncReport,
+        report = await run_workflow(
+            client, settings, act.CATALOG_SYNC_WORKFLOW, SyncInput(batch_ids=named), SyncReport
         )
     assert [b.batch_id for b in report.batches] == named
     assert [b.batch_id for b in report.drifted] == [batches["short"]]
@@ -182,13 +167,12 @@ async def test_a_batch_that_cannot_be_synced_is_reported_failed_not_the_whole_sy
     client = ts_env.client
     fine = await new_batch(pool, platform)
     async with running_workers(client, pool, settings):
-        report = await client.execute_workflow(
+        report = await run_workflow(
+            client,
+            settings,
             act.CATALOG_SYNC_WORKFLOW,
             SyncInput(batch_ids=[fine.id, "no-such-batch"]),
-            id=f"sync-{uuid.uuid4().hex[:8]}",
-            task_queue=settings.task_queue,
-            result_type=SyncReport,
-            execution_timeout=timedelta(seconds=60),
+            SyncReport,
         )
     assert [b.batch_id for b in report.batches] == [fine.id]
     assert len(report.failed) == 1 and report.failed[0].startswith("no-such-batch: ")
@@ -322,7 +306,6 @@ async def test_end_campaign_expires_received_coupons_and_leaves_the_others(
     client = dev_env.client
     service = claims_of(pool, client, settings)
     campaign = await new_campaign(pool, platform, quota=20)
-    batch = await catalog.get_batch(pool, campaign.batch_id)
     workflow_ids: list[str] = []
     try:
         async with running_workers(client, pool, settings):
@@ -331,29 +314,24 @@ async def test_end_campaign_expires_received_coupons_and_leaves_the_others(
             waiting = await service.claim(campaign.id, "waiting")
             workflow_ids += [r.workflow_id for r in [*pending, done, waiting]]
 
-            def handle_of(workflow_id: str) -> Handle:
-                return client.get_workflow_handle_for(UserCouponWorkflow.run, workflow_id)
-
-            task = "first-order"
-            await handle_of(done.workflow_id).execute_update(
-                UserCouponWorkflow.complete_task, TaskCompletion(task)
-            )
-            await wait_for_state(handle_of(done.workflow_id), "issued")
+            done_handle = handle_of(client, done.workflow_id)
+            waiting_handle = handle_of(client, waiting.workflow_id)
+            await done_handle.execute_update(UserCouponWorkflow.complete_task, TaskCompletion(TASK))
+            await wait_for_state(done_handle, "issued")
             # Paused at the platform, the next one becomes usable and waits there.
-            await set_at_platform(simulator, batch.platform_batch_id, status="paused")
-            await handle_of(waiting.workflow_id).execute_update(
-                UserCouponWorkflow.complete_task, TaskCompletion(task)
+            await set_at_platform(pool, simulator, campaign.batch_id, status="paused")
+            await waiting_handle.execute_update(
+                UserCouponWorkflow.complete_task, TaskCompletion(TASK)
             )
-            await wait_for_budget(handle_of(waiting.workflow_id))
+            await wait_for_budget(waiting_handle)
 
             await catalog.change_campaign_status(pool, campaign.id, "end")
-            end = await client.start_workflow(
+            end = await start_workflow(
+                client,
+                settings,
                 act.END_CAMPAIGN_WORKFLOW,
                 EndCampaignInput(campaign.id),
-                id=f"end-{campaign.id}",
-                task_queue=settings.task_queue,
-                result_type=EndProgress,
-                execution_timeout=timedelta(seconds=60),
+                EndProgress,
             )
             seen: list[EndProgress] = []
             while True:
@@ -365,12 +343,12 @@ async def test_end_campaign_expires_received_coupons_and_leaves_the_others(
             result = await end.result()
             final_query = await end.query("progress", result_type=EndProgress)
 
-            finals = await asyncio.gather(*(handle_of(r.workflow_id).result() for r in pending))
-            done_status = await handle_of(done.workflow_id).query(UserCouponWorkflow.status)
-            waiting_status = await handle_of(waiting.workflow_id).query(UserCouponWorkflow.status)
-            open_ones = [
-                (await handle_of(r.workflow_id).describe()).status for r in (done, waiting)
-            ]
+            finals = await asyncio.gather(
+                *(handle_of(client, r.workflow_id).result() for r in pending)
+            )
+            done_status = await done_handle.query(UserCouponWorkflow.status)
+            waiting_status = await waiting_handle.query(UserCouponWorkflow.status)
+            open_ones = [(await h.describe()).status for h in (done_handle, waiting_handle)]
 
         assert (result.campaign_id, result.total, result.expired, result.skipped, result.done) == (
             campaign.id,

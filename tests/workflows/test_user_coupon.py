@@ -10,7 +10,6 @@ PostgreSQL, the simulator over HTTP, the activities.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
@@ -18,27 +17,31 @@ import httpx
 import pytest
 from psycopg_pool import AsyncConnectionPool
 from temporalio.api.enums.v1 import EventType
-from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.client import WorkflowUpdateFailedError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities.ledger import LedgerActivities
 from coupons.config import Settings
 from coupons.ledger import claims as ledger
-from coupons.model import CancelRequest, CouponStatus, RedemptionReport, TaskCompletion
+from coupons.model import CancelRequest, RedemptionReport, TaskCompletion
 from coupons.platforms.rest import RestPlatform
 from coupons.workers import workflow_runner
 from tests.conftest import (
+    TASK,
+    Handle,
     claims_of,
+    handle_of,
     ledger_states,
     new_campaign,
     running_workers,
+    share_clock,
     sim_stats,
+    wait_for_stat,
     wait_for_state,
 )
 from workflows.user_coupon import UserCouponWorkflow
 
-Handle = WorkflowHandle[UserCouponWorkflow, CouponStatus]
 DAY = timedelta(days=1)
 HOUR = timedelta(hours=1)
 USED_AT = datetime(2026, 11, 2, 9, 30, tzinfo=UTC)
@@ -55,17 +58,16 @@ class TimeSkipping:
     simulator: httpx.AsyncClient
 
     async def claim(self, user: str = "u1", **campaign: object) -> Handle:
-        # Earlier tests skipped the server's clock ahead: the platform must share its
-        # time, or the coupon's validity would already be over when it is issued.
-        skew = await self.env.get_current_time() - datetime.now(UTC)
-        await self.simulator.put("/sim/knobs", json={"clock_offset_s": skew.total_seconds()})
+        # The platform shares the server's skipped time, or the coupon's validity would
+        # already be over when it is issued.
+        skew = await share_clock(self.env, self.simulator)
         # The ledger sets deadlines by PostgreSQL's clock, which skipped time left behind.
         deadline = campaign.get("task_deadline")
         if isinstance(deadline, timedelta):
             campaign["task_deadline"] = deadline + skew
         c = await new_campaign(self.pool, self.platform, **campaign)
         result = await claims_of(self.pool, self.env.client, self.settings).claim(c.id, user)
-        return self.env.client.get_workflow_handle_for(UserCouponWorkflow.run, result.workflow_id)
+        return handle_of(self.env.client, result.workflow_id)
 
 
 @pytest.fixture
@@ -107,7 +109,7 @@ async def test_task_deadline_expires_a_received_coupon(ts: TimeSkipping) -> None
 async def test_issued_coupon_lapses_when_validity_ends_unused(ts: TimeSkipping) -> None:
     async with running_workers(ts.env.client, ts.pool, ts.settings):
         handle = await ts.claim(valid_days=30)
-        await handle.signal(UserCouponWorkflow.task_done, TaskCompletion("first-order"))
+        await handle.signal(UserCouponWorkflow.task_done, TaskCompletion(TASK))
         issued = await wait_for_state(handle, "issued")
         assert issued.receipt is not None
         # A day before the validity ends the coupon is still issued, polls or not...
@@ -136,7 +138,7 @@ async def test_lookup_lag_is_not_failure_and_never_sends_twice(ts: TimeSkipping)
     before = await sim_stats(ts.simulator)
     async with running_workers(ts.env.client, ts.pool, ts.settings):
         handle = await ts.claim()
-        await handle.execute_update(UserCouponWorkflow.complete_task, TaskCompletion("first-order"))
+        await handle.execute_update(UserCouponWorkflow.complete_task, TaskCompletion(TASK))
         await wait_for_state(handle, "issued")
         await handle.signal(
             UserCouponWorkflow.report_redemption, RedemptionReport(datetime.now(UTC))
@@ -168,9 +170,7 @@ async def test_cancel_received_coupon_then_every_further_change_is_refused(
         assert status.state == "cancelled"
         accepted = await update_events(handle)
         with pytest.raises(WorkflowUpdateFailedError) as refused:
-            await handle.execute_update(
-                UserCouponWorkflow.complete_task, TaskCompletion("first-order")
-            )
+            await handle.execute_update(UserCouponWorkflow.complete_task, TaskCompletion(TASK))
         assert "coupon is cancelled" in str(refused.value.cause)
         with pytest.raises(WorkflowUpdateFailedError) as again:
             await handle.execute_update(UserCouponWorkflow.cancel_coupon, CancelRequest())
@@ -229,7 +229,7 @@ async def test_platform_refusal_marks_failed_with_its_code(ts: TimeSkipping) -> 
 async def test_redemption_is_found_by_polling_the_platform(ts: TimeSkipping) -> None:
     async with running_workers(ts.env.client, ts.pool, ts.settings):
         handle = await ts.claim()
-        await handle.signal(UserCouponWorkflow.task_done, TaskCompletion("first-order"))
+        await handle.signal(UserCouponWorkflow.task_done, TaskCompletion(TASK))
         issued = await wait_for_state(handle, "issued")
         assert issued.receipt is not None
         used = await ts.simulator.post(f"/v1/coupons/{issued.receipt.platform_coupon_id}/use")
@@ -269,13 +269,11 @@ async def test_a_failing_lookup_after_the_send_is_retried_never_a_refusal(ts: Ti
         handle = await ts.claim()
         # The send goes through; the lookup that confirms it answers 401.
         await ts.simulator.put("/sim/knobs", json={"lookup_error_status": 401})
-        await handle.signal(UserCouponWorkflow.task_done, TaskCompletion("first-order"))
-        async with asyncio.timeout(30):
-            while True:  # until the lookup after the send has failed twice
-                stats = await sim_stats(ts.simulator)
-                if stats["errors_injected"] - before["errors_injected"] >= 2:
-                    break
-                await asyncio.sleep(0.2)
+        await handle.signal(UserCouponWorkflow.task_done, TaskCompletion(TASK))
+        # Wait until the lookup after the send has failed twice.
+        await wait_for_stat(
+            ts.simulator, "errors_injected", before["errors_injected"] + 2, timeout_s=30
+        )
         assert (await handle.query(UserCouponWorkflow.status)).state == "usable"
         await ts.simulator.put("/sim/knobs", json={"lookup_error_status": 0})
         issued = await wait_for_state(handle, "issued")
@@ -315,7 +313,7 @@ async def test_a_redemption_report_that_overtakes_the_send_confirmation_is_kept(
         handle = await ts.claim()
         # Slow answers keep the coupon `usable` while the send is being confirmed.
         await ts.simulator.put("/sim/knobs", json={"latency_ms": 1500})
-        await handle.signal(UserCouponWorkflow.task_done, TaskCompletion("first-order"))
+        await handle.signal(UserCouponWorkflow.task_done, TaskCompletion(TASK))
         await wait_for_state(handle, "usable")
         await handle.signal(UserCouponWorkflow.report_redemption, RedemptionReport(USED_AT))
         status = await handle.result()
