@@ -10,21 +10,26 @@ behind the service's back through the simulator's control plane.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import httpx
+import pytest
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
-from temporalio.testing import WorkflowEnvironment
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 
+from activities.platform import PlatformActivities
 from coupons import catalog
 from coupons import contract as act
 from coupons.claims import ClaimResult
 from coupons.config import Settings
 from coupons.ledger import campaigns as ledger_catalog
 from coupons.ledger import claims as ledger
-from coupons.model import BatchSync, SyncInput, SyncReport
+from coupons.model import BatchSync, IssueInput, SyncInput, SyncReport
 from coupons.platforms.base import (
     BatchAction,
+    PlatformBatchUnavailable,
     PlatformBudgetExhausted,
     PlatformCoupon,
     SendRequest,
@@ -315,3 +320,24 @@ async def test_without_a_sync_a_waiting_coupon_tries_again_after_the_recheck(
             await assert_never_failed(pool, [handle])
         finally:
             await handle.terminate("test over")
+
+
+async def test_an_issue_activity_scheduled_before_the_budget_wait_keeps_retrying(
+    pool: AsyncConnectionPool, platform: RestPlatform
+) -> None:
+    """Workflows started before the wait existed scheduled their sends without
+    `wait_for_budget`: for them the activity still retries a paused batch (Temporal's
+    backoff) instead of raising the failure only newer workflows know how to wait on."""
+    campaign = await new_campaign(pool, platform, required_tasks=[])
+    claim, _ = await ledger.claim(pool, campaign.id, "old-timer")
+    batch = await catalog.change_batch(pool, platform, campaign.batch_id, BatchAction.PAUSE)
+    activities = PlatformActivities(platform, pool, lag_window_s=1.0)
+    env = ActivityEnvironment()
+    older = IssueInput(claim.coupon_id, batch.platform_batch_id, claim.user_id, None)
+
+    with pytest.raises(PlatformBatchUnavailable):
+        await env.run(activities.issue_coupon, older)
+    with pytest.raises(ApplicationError) as newer:
+        await env.run(activities.issue_coupon, replace(older, wait_for_budget=True))
+    assert (newer.value.type, newer.value.non_retryable) == (act.BATCH_UNAVAILABLE, True)
+    assert await ledger_states(pool, claim.coupon_id) == [(None, "usable")]

@@ -23,11 +23,7 @@ with workflow.unsafe.imports_passed_through():
     from coupons.lifecycle import FINAL_STATES
     from coupons.model import COUPON_STATE, CouponInput, CouponStatus, coupon_workflow_id
     from coupons.workers import workflow_runner
-    from workflows.user_coupon import (
-        FIRST_POLL_AFTER_BACKOFF,
-        WAIT_FOR_BUDGET,
-        UserCouponWorkflow,
-    )
+    from workflows.user_coupon import FIRST_POLL_AFTER_BACKOFF, UserCouponWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
 FILES = sorted(HISTORIES.glob("*.json"))
@@ -170,5 +166,5 @@ def test_the_corpus_holds_both_sides_of_every_patch() -> None:
     """Histories from before the patches prove the old branches; after each, the new one."""
     recorded = {path.name: patches_of(load(path)) for path in FILES}
     assert any(not patches for patches in recorded.values()), "no history from before patches"
-    for patch in (FIRST_POLL_AFTER_BACKOFF, WAIT_FOR_BUDGET):
+    for patch in (FIRST_POLL_AFTER_BACKOFF,):
         assert any(patch in patches for patches in recorded.values()), f"no history has {patch}"
