@@ -16,6 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 from coupons.errors import InvalidField, Refused
 from coupons.ledger import campaigns as ledger
 from coupons.ledger.campaigns import Batch, BatchUse, Campaign, CampaignSpec, Task
+from coupons.ledger.tenants import DEFAULT_TENANT
 from coupons.model import BatchSync
 from coupons.platforms.base import (
     FINISHED_BATCH,
@@ -69,10 +70,14 @@ async def create_batch(
     starts_at: datetime | None = None,
     ends_at: datetime | None = None,
     start: bool = True,
+    tenant_id: str = DEFAULT_TENANT,
 ) -> Batch:
-    """Create batch `batch_id` at the platform (once, however often this runs), store it,
-    and start it unless `start` is False."""
+    """Create batch `batch_id` of `tenant_id` at the platform (once, however often this
+    runs), store it, and start it unless `start` is False."""
     validate_id("batch", batch_id)
+    existing = await ledger.get_batch(pool, batch_id)
+    if existing is not None and existing.tenant_id != tenant_id:
+        raise Refused("batch_exists", f"batch id {batch_id!r} is taken")
     _at_least("quantity", quantity, 1)
     _at_least("value", face_value_cents, 1)
     _at_least("min_spend", min_spend_cents, 0)
@@ -101,23 +106,30 @@ async def create_batch(
                 "batch_exists", f"batch {batch_id!r} exists with other terms: {err.message}"
             ) from err
         raise Refused("platform_refused", f"the platform refused the batch: {err}") from err
-    stored = await ledger.upsert_batch(pool, batch_id, created)
+    stored = await ledger.upsert_batch(pool, batch_id, created, tenant_id)
     log.info("batch %s is %s at the platform as %s", batch_id, created.status, created.batch_id)
     return stored
 
 
-async def get_batch(pool: AsyncConnectionPool, batch_id: str) -> Batch:
+async def get_batch(
+    pool: AsyncConnectionPool, batch_id: str, tenant_id: str | None = None
+) -> Batch:
+    """The batch (of `tenant_id`, when given: another tenant's is as unknown as none)."""
     validate_id("batch", batch_id)
-    batch = await ledger.get_batch(pool, batch_id)
+    batch = await ledger.get_batch(pool, batch_id, tenant_id)
     if batch is None:
         raise Refused("unknown_batch", f"no batch {batch_id!r}")
     return batch
 
 
 async def change_batch(
-    pool: AsyncConnectionPool, platform: Platform, batch_id: str, action: BatchAction
+    pool: AsyncConnectionPool,
+    platform: Platform,
+    batch_id: str,
+    action: BatchAction,
+    tenant_id: str | None = None,
 ) -> Batch:
-    batch = await get_batch(pool, batch_id)
+    batch = await get_batch(pool, batch_id, tenant_id)
     try:
         changed = await platform.change_batch(batch.platform_batch_id, action)
     except PlatformRefused as err:
@@ -188,7 +200,7 @@ def validate_campaign(
     """
     now = now or datetime.now(UTC)
     validate_id("campaign", spec.id)
-    if batch is None:
+    if batch is None or batch.tenant_id != spec.tenant_id:
         raise InvalidField("batch", f"unknown batch {spec.batch_id!r}")
     if existing is not None and existing.status == "ended":
         raise Refused("wrong_state", f"campaign {spec.id!r} has ended; it can no longer change")
@@ -293,7 +305,7 @@ async def create_campaign(pool: AsyncConnectionPool, spec: CampaignSpec) -> tupl
 
 
 def _check_update(spec: CampaignSpec, use: BatchUse, existing: Campaign | None) -> None:
-    if existing is None:
+    if existing is None or existing.tenant_id != spec.tenant_id:
         raise Refused("unknown_campaign", f"no campaign {spec.id!r}")
     validate_campaign(spec, use.batch, existing, promised_elsewhere=use.promised_elsewhere)
 
@@ -309,9 +321,12 @@ async def update_campaign(pool: AsyncConnectionPool, campaign_id: str, **changes
     return campaign
 
 
-async def get_campaign(pool: AsyncConnectionPool, campaign_id: str) -> Campaign:
+async def get_campaign(
+    pool: AsyncConnectionPool, campaign_id: str, tenant_id: str | None = None
+) -> Campaign:
+    """The campaign (of `tenant_id`, when given: another tenant's is as unknown as none)."""
     validate_id("campaign", campaign_id)
-    campaign = await ledger.get_campaign(pool, campaign_id)
+    campaign = await ledger.get_campaign(pool, campaign_id, tenant_id)
     if campaign is None:
         raise Refused("unknown_campaign", f"no campaign {campaign_id!r}")
     return campaign
@@ -326,11 +341,11 @@ _STATUS_ACTIONS = {
 
 
 async def change_campaign_status(
-    pool: AsyncConnectionPool, campaign_id: str, action: str
+    pool: AsyncConnectionPool, campaign_id: str, action: str, tenant_id: str | None = None
 ) -> Campaign:
     """Pause, resume or end a campaign; repeating an action already done is a no-op."""
     allowed_from, target = _STATUS_ACTIONS[action]
-    validate_id("campaign", campaign_id)
+    await get_campaign(pool, campaign_id, tenant_id)  # another tenant's is unknown
     campaign, moved = await ledger.set_campaign_status(pool, campaign_id, allowed_from, target)
     if campaign is None:
         raise Refused("unknown_campaign", f"no campaign {campaign_id!r}")

@@ -12,6 +12,7 @@ from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from coupons.ledger.tenants import DEFAULT_TENANT
 from coupons.platforms.base import PlatformBatch
 
 CAMPAIGN_STATUSES = ("active", "paused", "ended")
@@ -23,6 +24,7 @@ class Batch:
 
     id: str
     platform_batch_id: str
+    tenant_id: str
     name: str
     status: str
     quantity: int
@@ -60,11 +62,13 @@ class CampaignSpec:
     ends_at: datetime | None = None
     task_deadline: timedelta | None = None  # after the claim
     deadline_at: datetime | None = None  # a fixed time; the earlier of the two wins
+    tenant_id: str = DEFAULT_TENANT
 
 
 @dataclass
 class Campaign:
     id: str
+    tenant_id: str
     batch_id: str
     required_tasks: list[str]
     task_names: list[str]
@@ -97,31 +101,40 @@ class Campaign:
             ends_at=self.ends_at,
             task_deadline=self.task_deadline,
             deadline_at=self.deadline_at,
+            tenant_id=self.tenant_id,
         )
 
 
 _BATCH_COLUMNS = (
-    "id, platform_batch_id, name, status, quantity, remaining, valid_days, face_value_cents,"
-    " min_spend_cents, per_user_limit, starts_at, ends_at, created_at, synced_at, owed,"
-    " backlog, drift"
+    "id, platform_batch_id, tenant_id, name, status, quantity, remaining, valid_days,"
+    " face_value_cents, min_spend_cents, per_user_limit, starts_at, ends_at, created_at,"
+    " synced_at, owed, backlog, drift"
 )
 _CAMPAIGN_COLUMNS = (
-    "id, batch_id, required_tasks, task_names, task_deadline, deadline_at, per_user_limit,"
-    " quota, claimed, name, starts_at, ends_at, status, created_at, updated_at, ended_at"
+    "id, tenant_id, batch_id, required_tasks, task_names, task_deadline, deadline_at,"
+    " per_user_limit, quota, claimed, name, starts_at, ends_at, status, created_at,"
+    " updated_at, ended_at"
 )
 
 
 # ------------------------------------------------------------------ batches
 
 
-async def upsert_batch(pool: AsyncConnectionPool, batch_id: str, platform: PlatformBatch) -> Batch:
-    """Store the platform's view of our batch `batch_id`: one row, refreshed on every sync."""
+async def upsert_batch(
+    pool: AsyncConnectionPool,
+    batch_id: str,
+    platform: PlatformBatch,
+    tenant_id: str = DEFAULT_TENANT,
+) -> Batch:
+    """Store the platform's view of our batch `batch_id`: one row, refreshed on every sync.
+
+    `tenant_id` counts only when the row is created: a batch never changes hands."""
     async with pool.connection() as conn:
         cur = conn.cursor(row_factory=class_row(Batch))
         await cur.execute(
             "INSERT INTO batches (id, platform_batch_id, name, status, quantity, remaining,"
             " valid_days, face_value_cents, min_spend_cents, per_user_limit, starts_at, ends_at,"
-            " raw) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " raw, tenant_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
             " ON CONFLICT (id) DO UPDATE SET platform_batch_id = EXCLUDED.platform_batch_id,"
             " name = EXCLUDED.name, status = EXCLUDED.status, quantity = EXCLUDED.quantity,"
             " remaining = EXCLUDED.remaining, valid_days = EXCLUDED.valid_days,"
@@ -144,6 +157,7 @@ async def upsert_batch(pool: AsyncConnectionPool, batch_id: str, platform: Platf
                 platform.starts_at,
                 platform.ends_at,
                 Jsonb(platform.raw),
+                tenant_id,
             ),
         )
         stored = await cur.fetchone()
@@ -151,21 +165,31 @@ async def upsert_batch(pool: AsyncConnectionPool, batch_id: str, platform: Platf
         return stored
 
 
-async def get_batch(pool: AsyncConnectionPool, batch_id: str) -> Batch | None:
-    async with pool.connection() as conn:
-        cur = conn.cursor(row_factory=class_row(Batch))
-        await cur.execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = %s", (batch_id,))
-        return await cur.fetchone()
-
-
-async def list_batches(pool: AsyncConnectionPool, *, syncable_only: bool = False) -> list[Batch]:
-    """Every batch, or only those a sync still reads (not stopped or expired)."""
+async def get_batch(
+    pool: AsyncConnectionPool, batch_id: str, tenant_id: str | None = None
+) -> Batch | None:
+    """The batch; with `tenant_id`, only if that tenant owns it."""
     async with pool.connection() as conn:
         cur = conn.cursor(row_factory=class_row(Batch))
         await cur.execute(
             f"SELECT {_BATCH_COLUMNS} FROM batches"
-            " WHERE NOT %s OR status NOT IN ('stopped', 'expired') ORDER BY created_at, id",
-            (syncable_only,),
+            " WHERE id = %s AND (%s::text IS NULL OR tenant_id = %s)",
+            (batch_id, tenant_id, tenant_id),
+        )
+        return await cur.fetchone()
+
+
+async def list_batches(
+    pool: AsyncConnectionPool, *, syncable_only: bool = False, tenant_id: str | None = None
+) -> list[Batch]:
+    """Every batch (of a tenant), or only those a sync still reads (not stopped or expired)."""
+    async with pool.connection() as conn:
+        cur = conn.cursor(row_factory=class_row(Batch))
+        await cur.execute(
+            f"SELECT {_BATCH_COLUMNS} FROM batches"
+            " WHERE (NOT %(syncable)s OR status NOT IN ('stopped', 'expired'))"
+            " AND (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s) ORDER BY created_at, id",
+            {"syncable": syncable_only, "tenant": tenant_id},
         )
         return await cur.fetchall()
 
@@ -262,14 +286,15 @@ async def save_campaign(
             spec.name,
             spec.starts_at,
             spec.ends_at,
+            spec.tenant_id,
             spec.id,
         )
         cur = conn.cursor(row_factory=class_row(Campaign))
         if existing is None:
             await cur.execute(
                 "INSERT INTO campaigns (batch_id, required_tasks, task_names, task_deadline,"
-                " deadline_at, per_user_limit, quota, name, starts_at, ends_at, id)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " deadline_at, per_user_limit, quota, name, starts_at, ends_at, tenant_id, id)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                 f" RETURNING {_CAMPAIGN_COLUMNS}",
                 values,
             )
@@ -277,7 +302,7 @@ async def save_campaign(
             await cur.execute(
                 "UPDATE campaigns SET batch_id = %s, required_tasks = %s, task_names = %s,"
                 " task_deadline = %s, deadline_at = %s, per_user_limit = %s, quota = %s,"
-                " name = %s, starts_at = %s, ends_at = %s, updated_at = now()"
+                " name = %s, starts_at = %s, ends_at = %s, tenant_id = %s, updated_at = now()"
                 f" WHERE id = %s RETURNING {_CAMPAIGN_COLUMNS}",
                 values,
             )
@@ -333,17 +358,26 @@ async def set_campaign_status(
         return await cur.fetchone(), True
 
 
-async def get_campaign(pool: AsyncConnectionPool, campaign_id: str) -> Campaign | None:
+async def get_campaign(
+    pool: AsyncConnectionPool, campaign_id: str, tenant_id: str | None = None
+) -> Campaign | None:
+    """The campaign; with `tenant_id`, only if that tenant owns it."""
     async with pool.connection() as conn:
         cur = conn.cursor(row_factory=class_row(Campaign))
         await cur.execute(
-            f"SELECT {_CAMPAIGN_COLUMNS} FROM campaigns WHERE id = %s", (campaign_id,)
+            f"SELECT {_CAMPAIGN_COLUMNS} FROM campaigns"
+            " WHERE id = %s AND (%s::text IS NULL OR tenant_id = %s)",
+            (campaign_id, tenant_id, tenant_id),
         )
         return await cur.fetchone()
 
 
 async def list_campaigns(
-    pool: AsyncConnectionPool, *, batch_id: str | None = None, status: str | None = None
+    pool: AsyncConnectionPool,
+    *,
+    batch_id: str | None = None,
+    status: str | None = None,
+    tenant_id: str | None = None,
 ) -> list[Campaign]:
     async with pool.connection() as conn:
         cur = conn.cursor(row_factory=class_row(Campaign))
@@ -351,8 +385,9 @@ async def list_campaigns(
             f"SELECT {_CAMPAIGN_COLUMNS} FROM campaigns"
             " WHERE (%(batch)s::text IS NULL OR batch_id = %(batch)s)"
             " AND (%(status)s::text IS NULL OR status = %(status)s)"
+            " AND (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s)"
             " ORDER BY created_at, id",
-            {"batch": batch_id, "status": status},
+            {"batch": batch_id, "status": status, "tenant": tenant_id},
         )
         return await cur.fetchall()
 

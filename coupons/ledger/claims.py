@@ -162,14 +162,45 @@ async def _claims_of(conn: AsyncConnection[Any], campaign_id: str, user_id: str)
     return await cur.fetchall()
 
 
-async def get_claim(pool: AsyncConnectionPool, coupon_id: str) -> Claim | None:
+async def get_claim(
+    pool: AsyncConnectionPool, coupon_id: str, tenant_id: str | None = None
+) -> Claim | None:
+    """The claim; with `tenant_id`, only if it is of that tenant's campaign."""
     async with pool.connection() as conn:
         cur = conn.cursor(row_factory=class_row(Claim))
         await cur.execute(
-            _SELECT_CLAIMS + " WHERE c.coupon_id = %s",
-            (coupon_id,),
+            _SELECT_CLAIMS + " WHERE c.coupon_id = %s AND (%s::text IS NULL OR k.tenant_id = %s)",
+            (coupon_id, tenant_id, tenant_id),
         )
         return await cur.fetchone()
+
+
+async def claims_of_user(
+    pool: AsyncConnectionPool,
+    tenant_id: str,
+    user_id: str,
+    *,
+    campaign_id: str | None = None,
+    state: str | None = None,
+    limit: int = 100,
+) -> list[Claim]:
+    """A user's coupons in a tenant's campaigns, newest first."""
+    async with pool.connection() as conn:
+        cur = conn.cursor(row_factory=class_row(Claim))
+        await cur.execute(
+            _SELECT_CLAIMS + " WHERE k.tenant_id = %(tenant)s AND c.user_id = %(user)s"
+            " AND (%(campaign)s::text IS NULL OR c.campaign_id = %(campaign)s)"
+            " AND (%(state)s::text IS NULL OR c.state = %(state)s)"
+            " ORDER BY c.claimed_at DESC, c.coupon_id LIMIT %(limit)s",
+            {
+                "tenant": tenant_id,
+                "user": user_id,
+                "campaign": campaign_id,
+                "state": state,
+                "limit": limit,
+            },
+        )
+        return await cur.fetchall()
 
 
 async def mark_started(pool: AsyncConnectionPool, coupon_id: str) -> None:
@@ -248,9 +279,12 @@ async def record(pool: AsyncConnectionPool, coupon_id: str, transition: Transiti
         return await record_transition(conn, coupon_id, transition)
 
 
-async def coupon_view(pool: AsyncConnectionPool, coupon_id: str) -> dict[str, Any] | None:
-    """The ledger's whole record of one coupon: claim, receipt and events."""
-    claim_row = await get_claim(pool, coupon_id)
+async def coupon_view(
+    pool: AsyncConnectionPool, coupon_id: str, tenant_id: str | None = None
+) -> dict[str, Any] | None:
+    """The ledger's whole record of one coupon (of `tenant_id`'s campaigns, when given):
+    claim, receipt and events."""
+    claim_row = await get_claim(pool, coupon_id, tenant_id)
     if claim_row is None:
         return None
     async with pool.connection() as conn:

@@ -1,0 +1,101 @@
+"""Tenants and their API keys (only a digest of each secret is stored)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from psycopg.rows import class_row
+from psycopg_pool import AsyncConnectionPool
+
+DEFAULT_TENANT = "default"
+
+
+@dataclass
+class Tenant:
+    id: str
+    name: str
+    created_at: datetime
+
+
+@dataclass
+class ApiKey:
+    id: str
+    tenant_id: str
+    scope: str
+    secret_sha256: bytes
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+_KEY_COLUMNS = "id, tenant_id, scope, secret_sha256, created_at, revoked_at"
+
+
+async def create_tenant(pool: AsyncConnectionPool, tenant_id: str, name: str) -> Tenant | None:
+    """The new tenant, or None when the name is taken."""
+    async with pool.connection() as conn:
+        cur = conn.cursor(row_factory=class_row(Tenant))
+        await cur.execute(
+            "INSERT INTO tenants (id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING"
+            " RETURNING id, name, created_at",
+            (tenant_id, name),
+        )
+        return await cur.fetchone()
+
+
+async def get_tenant(pool: AsyncConnectionPool, tenant_id: str) -> Tenant | None:
+    async with pool.connection() as conn:
+        cur = conn.cursor(row_factory=class_row(Tenant))
+        await cur.execute("SELECT id, name, created_at FROM tenants WHERE id = %s", (tenant_id,))
+        return await cur.fetchone()
+
+
+async def list_tenants(pool: AsyncConnectionPool) -> list[Tenant]:
+    async with pool.connection() as conn:
+        cur = conn.cursor(row_factory=class_row(Tenant))
+        await cur.execute("SELECT id, name, created_at FROM tenants ORDER BY created_at, id")
+        return await cur.fetchall()
+
+
+async def add_key(
+    pool: AsyncConnectionPool, key_id: str, tenant_id: str, scope: str, secret_sha256: bytes
+) -> ApiKey:
+    async with pool.connection() as conn:
+        cur = conn.cursor(row_factory=class_row(ApiKey))
+        await cur.execute(
+            "INSERT INTO api_keys (id, tenant_id, scope, secret_sha256) VALUES (%s, %s, %s, %s)"
+            f" RETURNING {_KEY_COLUMNS}",
+            (key_id, tenant_id, scope, secret_sha256),
+        )
+        key = await cur.fetchone()
+        assert key is not None  # INSERT ... RETURNING always yields its row
+        return key
+
+
+async def get_key(pool: AsyncConnectionPool, key_id: str) -> ApiKey | None:
+    async with pool.connection() as conn:
+        cur = conn.cursor(row_factory=class_row(ApiKey))
+        await cur.execute(f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE id = %s", (key_id,))
+        return await cur.fetchone()
+
+
+async def list_keys(pool: AsyncConnectionPool, tenant_id: str) -> list[ApiKey]:
+    async with pool.connection() as conn:
+        cur = conn.cursor(row_factory=class_row(ApiKey))
+        await cur.execute(
+            f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE tenant_id = %s ORDER BY created_at, id",
+            (tenant_id,),
+        )
+        return await cur.fetchall()
+
+
+async def revoke_key(pool: AsyncConnectionPool, key_id: str) -> ApiKey | None:
+    """Revoke the key (a no-op when it already is); None when there is no such key."""
+    async with pool.connection() as conn:
+        cur = conn.cursor(row_factory=class_row(ApiKey))
+        await cur.execute(
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE id = %s"
+            f" RETURNING {_KEY_COLUMNS}",
+            (key_id,),
+        )
+        return await cur.fetchone()
