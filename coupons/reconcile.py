@@ -96,7 +96,3 @@ def compare(
                 )
             )
     return found
-
-
-def used_records(used: list[FlowRecord]) -> dict[str, FlowRecord]:
-    return {record.coupon_id: record for record in used}
