@@ -16,7 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 from coupons.errors import InvalidField, Refused
 from coupons.ledger import campaigns as ledger
 from coupons.ledger.campaigns import Batch, BatchUse, Campaign, CampaignSpec, Task
-from coupons.ledger.tenants import DEFAULT_TENANT
+from coupons.ledger.tenants import DEFAULT_TENANT, get_tenant
 from coupons.model import BatchSync
 from coupons.platforms.base import (
     FINISHED_BATCH,
@@ -75,6 +75,8 @@ async def create_batch(
     """Create batch `batch_id` of `tenant_id` at the platform (once, however often this
     runs), store it, and start it unless `start` is False."""
     validate_id("batch", batch_id)
+    if await get_tenant(pool, tenant_id) is None:
+        raise Refused("unknown_tenant", f"no tenant {tenant_id!r}")
     existing = await ledger.get_batch(pool, batch_id)
     if existing is not None and existing.tenant_id != tenant_id:
         raise Refused("batch_exists", f"batch id {batch_id!r} is taken")

@@ -3,7 +3,12 @@
 Coupons: `claim`, `complete-task`, `show`, `cancel`, `list`, `stats`, `repair` print JSON.
 Catalog: `batch create|list|show|start|pause|resume|stop|sync`,
 `campaign create|update|list|show|pause|resume|end` and `reconcile` print a table, or
-JSON with `--json`.
+JSON with `--json`. `batch create` and `campaign create` take `--tenant ID` (default
+`default`): the tenant that owns what they create; the other catalog commands see every
+tenant's.
+Tenants (the apps that call the HTTP API) and their keys: `tenant create|list`,
+`key create|list|revoke` print JSON; a new key's secret (`api_key`) is printed once, by
+the command that creates it, and is never stored or shown again.
 
 Exit codes: 0 success; 2 refused, by the service or for bad input (`error: <code>:
 <message>` on stderr, with a stable code such as `sold_out`, `campaign_closed`,
@@ -47,7 +52,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from coupons import catalog
+from coupons import catalog, tenants
 from coupons.claims import ClaimService
 from coupons.config import ConfigError, Settings
 from coupons.contract import CATALOG_SYNC_WORKFLOW, END_CAMPAIGN_WORKFLOW, RECONCILE_WORKFLOW
@@ -55,7 +60,9 @@ from coupons.errors import InvalidField, Refused
 from coupons.ledger import campaigns as catalog_ledger
 from coupons.ledger import claims as ledger
 from coupons.ledger import db
+from coupons.ledger import tenants as tenant_ledger
 from coupons.ledger.campaigns import CAMPAIGN_STATUSES, Batch, Campaign, CampaignSpec, Task
+from coupons.ledger.tenants import DEFAULT_TENANT, ApiKey
 from coupons.lifecycle import STATES
 from coupons.model import (
     BatchReconciliation,
@@ -182,6 +189,8 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("repair", help="start the workflows of claims that lack one")
     _batch_parser(sub.add_parser("batch", help="coupon batches at the platform"))
     _campaign_parser(sub.add_parser("campaign", help="campaigns that hand out a batch"))
+    _tenant_parser(sub.add_parser("tenant", help="tenants: the apps that call the HTTP API"))
+    _key_parser(sub.add_parser("key", help="a tenant's API keys"))
     r = sub.add_parser("reconcile", help="compare the platform's flow files with the ledger")
     r.add_argument("--batch", help="one batch (default: every batch)")
     r.add_argument("--no-repair", action="store_true", help="report only, repair nothing")
@@ -198,6 +207,14 @@ def _timeout_flag(p: argparse.ArgumentParser, default: float, help: str) -> None
     p.add_argument("--timeout", type=float, default=default, help=f"{help} (default {default:g})")
 
 
+def _tenant_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--tenant",
+        default=DEFAULT_TENANT,
+        help=f"the tenant that owns the {what} (default: %(default)s)",
+    )
+
+
 def _batch_parser(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True)
     c = sub.add_parser("create", help="create a batch at the platform (idempotent) and start it")
@@ -211,6 +228,7 @@ def _batch_parser(p: argparse.ArgumentParser) -> None:
     c.add_argument("--starts-at", help="ISO time with a timezone, e.g. 2026-06-01T00:00+08:00")
     c.add_argument("--ends-at", help="ISO time with a timezone")
     c.add_argument("--no-start", action="store_true", help="create it, do not start it")
+    _tenant_flag(c, "batch")
     _json_flag(c)
     _json_flag(sub.add_parser("list", help="every batch as last synced"))
     s = sub.add_parser("show", help="one batch as last synced, with its campaigns")
@@ -235,6 +253,7 @@ def _campaign_parser(p: argparse.ArgumentParser) -> None:
     c.add_argument("--batch", required=True)
     c.add_argument("--quota", type=int, required=True)
     _campaign_fields(c)
+    _tenant_flag(c, "campaign (and its batch)")
     _json_flag(c)
     u = sub.add_parser("update", help="change some fields; claims already made keep theirs")
     u.add_argument("campaign")
@@ -262,6 +281,24 @@ def _campaign_parser(p: argparse.ArgumentParser) -> None:
     e.add_argument("--no-wait", action="store_true", help="start the expiry and return")
     _timeout_flag(e, PROGRESS_SILENCE_S, "seconds without an answer from a worker")
     _json_flag(e)
+
+
+def _tenant_parser(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True)
+    c = sub.add_parser("create", help="a new tenant and its first key (scope admin), shown once")
+    c.add_argument("--name", required=True, help="unique, 1 to 100 characters")
+    sub.add_parser("list", help="every tenant")
+
+
+def _key_parser(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True)
+    c = sub.add_parser("create", help="a new API key of a tenant; its secret is shown once")
+    c.add_argument("--tenant", required=True)
+    c.add_argument("--scope", required=True, help=f"one of {', '.join(tenants.SCOPES)}")
+    ls = sub.add_parser("list", help="a tenant's keys: ids, scopes, times (never secrets)")
+    ls.add_argument("--tenant", required=True)
+    r = sub.add_parser("revoke", help="revoke a key for good (again is a no-op)")
+    r.add_argument("key")
 
 
 def _campaign_fields(p: argparse.ArgumentParser) -> None:
@@ -487,6 +524,8 @@ async def cmd_repair(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def cmd_batch_create(ctx: Context, args: argparse.Namespace) -> Answer:
+    # Checked first: the batch would be created at the platform before the ledger refused it.
+    tenant_id = await _known_tenant(ctx, args.tenant)
     given = {
         "face_value_cents": args.value,
         "min_spend_cents": args.min_spend,
@@ -502,6 +541,7 @@ async def cmd_batch_create(ctx: Context, args: argparse.Namespace) -> Answer:
         starts_at=_optional_time("--starts-at", args.starts_at),
         ends_at=_optional_time("--ends-at", args.ends_at),
         start=not args.no_start,
+        tenant_id=tenant_id,
         **{field: value for field, value in given.items() if value is not None},
     )
     return Answer(_batch_json(batch), lambda: _batch_detail(batch))
@@ -591,8 +631,9 @@ def _campaign_changes(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def cmd_campaign_create(ctx: Context, args: argparse.Namespace) -> Answer:
+    tenant_id = await _known_tenant(ctx, args.tenant)
     fields = _campaign_changes(args)
-    spec = CampaignSpec(id=args.id, **fields)
+    spec = CampaignSpec(id=args.id, tenant_id=tenant_id, **fields)
     campaign, created = await catalog.create_campaign(ctx.pool, spec)
     data = {**_campaign_json(campaign), "created": created}
     return Answer(data, lambda: _campaign_detail(campaign))
@@ -718,6 +759,67 @@ async def _follow_expiry(
         result.cancel()
 
 
+# ------------------------------------------------------------------ tenants and keys
+
+
+async def _known_tenant(ctx: Context, tenant_id: str) -> str:
+    validate_id("tenant", tenant_id)
+    if await tenant_ledger.get_tenant(ctx.pool, tenant_id) is None:
+        raise Refused("unknown_tenant", f"no tenant {tenant_id!r}")
+    return tenant_id
+
+
+async def cmd_tenant_create(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
+    tenant, key = await tenants.create_tenant(ctx.pool, args.name)
+    return {
+        "tenant_id": tenant.id,
+        "name": tenant.name,
+        "created_at": tenant.created_at,
+        "key_id": key.key_id,
+        "scope": key.scope,
+        # The only time the secret is shown: only its digest is stored.
+        "api_key": key.api_key,
+    }
+
+
+async def cmd_tenant_list(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
+    found = await tenant_ledger.list_tenants(ctx.pool)
+    return {"tenants": [{"id": t.id, "name": t.name, "created_at": t.created_at} for t in found]}
+
+
+async def cmd_key_create(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
+    validate_id("tenant", args.tenant)
+    key = await tenants.create_key(ctx.pool, args.tenant, args.scope)
+    return {
+        "tenant_id": key.tenant_id,
+        "key_id": key.key_id,
+        "scope": key.scope,
+        "api_key": key.api_key,
+    }
+
+
+def _key_json(key: ApiKey) -> dict[str, Any]:
+    """A key as lists show it: never its secret, nor the secret's digest."""
+    return {
+        "key_id": key.id,
+        "tenant_id": key.tenant_id,
+        "scope": key.scope,
+        "created_at": key.created_at,
+        "revoked_at": key.revoked_at,
+    }
+
+
+async def cmd_key_list(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
+    tenant_id = await _known_tenant(ctx, args.tenant)
+    found = await tenant_ledger.list_keys(ctx.pool, tenant_id)
+    return {"tenant_id": tenant_id, "keys": [_key_json(k) for k in found]}
+
+
+async def cmd_key_revoke(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
+    validate_id("key", args.key)
+    return _key_json(await tenants.revoke_key(ctx.pool, args.key))
+
+
 # ------------------------------------------------------------------ reconciliation
 
 
@@ -785,6 +887,11 @@ COMMANDS: dict[str, Callable[[Context, argparse.Namespace], Awaitable[CommandRes
     "campaign resume": cmd_campaign_status,
     "campaign end": cmd_campaign_end,
     "reconcile": cmd_reconcile,
+    "tenant create": cmd_tenant_create,
+    "tenant list": cmd_tenant_list,
+    "key create": cmd_key_create,
+    "key list": cmd_key_list,
+    "key revoke": cmd_key_revoke,
 }
 
 
@@ -810,6 +917,7 @@ def _batch_json(batch: Batch) -> dict[str, Any]:
 def _campaign_json(campaign: Campaign) -> dict[str, Any]:
     return {
         "id": campaign.id,
+        "tenant_id": campaign.tenant_id,
         "name": campaign.name,
         "batch_id": campaign.batch_id,
         "status": campaign.status,
@@ -904,6 +1012,7 @@ def _money(cents: int | None) -> str:
 def _batch_detail(b: Batch) -> list[RenderableType]:
     rows = [
         ("batch", b.id),
+        ("tenant", b.tenant_id),
         ("platform id", b.platform_batch_id),
         ("name", b.name),
         ("status", b.status),
@@ -987,6 +1096,7 @@ def _campaign_detail(c: Campaign) -> list[RenderableType]:
         _details(
             [
                 ("campaign", c.id),
+                ("tenant", c.tenant_id),
                 ("name", c.name or "-"),
                 ("batch", c.batch_id),
                 ("status", c.status),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from coupons.ledger.tenants import DEFAULT_TENANT, ApiKey, Tenant
 
 SCOPES = ("app", "admin")
 _PREFIX = "ck_"
+_KEY = re.compile(r"ck_(k[0-9a-f]{16})_([A-Za-z0-9_-]{20,100})")
 
 __all__ = ["DEFAULT_TENANT", "SCOPES", "ApiKey", "IssuedKey", "Tenant", "authenticate"]
 
@@ -41,12 +43,24 @@ def _digest(secret: str) -> bytes:
 async def create_tenant(pool: AsyncConnectionPool, name: str) -> tuple[Tenant, IssuedKey]:
     """A new tenant with its first key, scoped `admin`."""
     name = name.strip()
-    if not 1 <= len(name) <= 100:
-        raise InvalidField("name", "must be 1 to 100 characters")
-    tenant = await ledger.create_tenant(pool, f"tnt_{secrets.token_hex(8)}", name)
-    if tenant is None:
+    if not 1 <= len(name) <= 100 or not name.isprintable():
+        raise InvalidField("name", "must be 1 to 100 printable characters")
+    key_id, secret = _new_secret()
+    created = await ledger.create_tenant(
+        pool, f"tnt_{secrets.token_hex(8)}", name, key_id, "admin", _digest(secret)
+    )
+    if created is None:
         raise Refused("tenant_exists", f"a tenant named {name!r} exists")
-    return tenant, await create_key(pool, tenant.id, "admin")
+    tenant, key = created
+    return tenant, IssuedKey(tenant.id, key.id, key.scope, _key_text(key.id, secret))
+
+
+def _new_secret() -> tuple[str, str]:
+    return f"k{secrets.token_hex(8)}", secrets.token_urlsafe(32)
+
+
+def _key_text(key_id: str, secret: str) -> str:
+    return f"{_PREFIX}{key_id}_{secret}"
 
 
 async def create_key(pool: AsyncConnectionPool, tenant_id: str, scope: str) -> IssuedKey:
@@ -54,10 +68,9 @@ async def create_key(pool: AsyncConnectionPool, tenant_id: str, scope: str) -> I
         raise InvalidField("scope", f"{scope!r} is not one of {', '.join(SCOPES)}")
     if await ledger.get_tenant(pool, tenant_id) is None:
         raise Refused("unknown_tenant", f"no tenant {tenant_id!r}")
-    key_id = f"k{secrets.token_hex(8)}"
-    secret = secrets.token_urlsafe(32)
+    key_id, secret = _new_secret()
     await ledger.add_key(pool, key_id, tenant_id, scope, _digest(secret))
-    return IssuedKey(tenant_id, key_id, scope, f"{_PREFIX}{key_id}_{secret}")
+    return IssuedKey(tenant_id, key_id, scope, _key_text(key_id, secret))
 
 
 async def revoke_key(pool: AsyncConnectionPool, key_id: str) -> ApiKey:
@@ -69,11 +82,11 @@ async def revoke_key(pool: AsyncConnectionPool, key_id: str) -> ApiKey:
 
 async def authenticate(pool: AsyncConnectionPool, presented: str) -> ApiKey | None:
     """The live key `presented` stands for, or None (unknown, wrong secret, revoked)."""
-    if not presented.startswith(_PREFIX):
+    # The form is checked before any query: nothing a caller sends reaches SQL unchecked.
+    match = _KEY.fullmatch(presented)
+    if match is None:
         return None
-    key_id, _, secret = presented[len(_PREFIX) :].partition("_")
-    if not key_id or not secret or len(presented) > 200:
-        return None
+    key_id, secret = match.groups()
     key = await ledger.get_key(pool, key_id)
     if key is None or key.revoked_at is not None:
         return None

@@ -13,7 +13,10 @@ written), 1 a part that cannot be reached.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
+import logging
 import os
 import re
 import subprocess
@@ -29,6 +32,7 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 
+from coupons import catalog, tenants
 from coupons.cli import main, parse_duration, parse_time
 from coupons.config import Settings
 from coupons.embedded import EmbeddedPostgres, free_port
@@ -40,6 +44,7 @@ from tests.conftest import (
     close_workflows,
     new_campaign,
     new_id,
+    row_count,
     running_workers,
     set_at_platform,
     sim_stats,
@@ -839,3 +844,214 @@ async def test_reconcile_refuses_an_unknown_batch_at_once(cli: Cli) -> None:
     await cli.refused("reconcile", "--batch", "nope", "--json", code="unknown_batch")
     await cli.refused("reconcile", "--batch", "no pe", code="invalid_request")
     await cli.refused("reconcile", "--timeout", "0", code="invalid_request")
+
+
+# ----------------------------------------------------------------- tenants and keys
+
+
+def secret_of(api_key: str) -> str:
+    """The secret part of `ck_<key id>_<secret>`."""
+    return api_key.split("_", 2)[2]
+
+
+async def new_cli_tenant(cli: Cli) -> dict[str, Any]:
+    tenant: dict[str, Any] = await cli.coupon_json("tenant", "create", "--name", new_id("app"))
+    return tenant
+
+
+async def test_tenant_create_prints_a_working_admin_key_once_and_logs_nothing_of_it(
+    cli: Cli, pool: AsyncConnectionPool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)  # everything any library logs
+    name = new_id("Acme")
+    ran = await cli("tenant", "create", "--name", name)
+    assert (ran.code, ran.err) == (0, ""), ran
+    created = json.loads(ran.out)
+    assert set(created) == {"tenant_id", "name", "created_at", "key_id", "scope", "api_key"}
+    assert (created["name"], created["scope"]) == (name, "admin")
+    assert created["api_key"].startswith(f"ck_{created['key_id']}_")
+    secret = secret_of(created["api_key"])
+    assert ran.out.count(secret) == 1
+    assert caplog.records  # the capture sees what the command logs
+    assert not [r for r in caplog.records if secret in r.getMessage()]
+
+    key = await tenants.authenticate(pool, created["api_key"])
+    assert key is not None
+    assert (key.id, key.tenant_id, key.scope) == (created["key_id"], created["tenant_id"], "admin")
+
+    listed = await cli.coupon_json("tenant", "list")
+    assert listed == {
+        "tenants": [
+            {"id": "default", "name": "default", "created_at": listed["tenants"][0]["created_at"]},
+            {"id": created["tenant_id"], "name": name, "created_at": created["created_at"]},
+        ]
+    }
+
+
+def test_starter_prints_the_new_key_on_stdout_only(settings: Settings) -> None:
+    """As a script sees it: the secret once on stdout, nothing on stderr."""
+    result = starter(
+        "tenant", "create", "--name", new_id("shop"), DATABASE_URL=settings.database_url
+    )
+    assert (result.returncode, result.stderr) == (0, ""), result
+    created = json.loads(result.stdout)
+    assert result.stdout.count(secret_of(created["api_key"])) == 1
+
+
+async def test_tenant_create_refusals_exit_2_and_write_nothing(
+    cli: Cli, pool: AsyncConnectionPool
+) -> None:
+    taken = await new_cli_tenant(cli)
+    before = (await row_count(pool, "tenants"), await row_count(pool, "api_keys"))
+    err = await cli.refused("tenant", "create", "--name", taken["name"], code="tenant_exists")
+    assert taken["name"] in err
+    await cli.refused("tenant", "create", "--name", "default", code="tenant_exists")
+    for bad in ("", "   ", "x" * 101):
+        err = await cli.refused("tenant", "create", "--name", bad, code="invalid_request")
+        assert err.startswith("error: invalid_request: name: "), err
+    assert (await row_count(pool, "tenants"), await row_count(pool, "api_keys")) == before
+
+
+async def test_key_create_list_and_revoke(cli: Cli, pool: AsyncConnectionPool) -> None:
+    tenant = await new_cli_tenant(cli)
+    tid = tenant["tenant_id"]
+    ran = await cli("key", "create", "--tenant", tid, "--scope", "app")
+    assert (ran.code, ran.err) == (0, ""), ran
+    app = json.loads(ran.out)
+    assert set(app) == {"tenant_id", "key_id", "scope", "api_key"}
+    assert (app["tenant_id"], app["scope"]) == (tid, "app")
+    assert ran.out.count(secret_of(app["api_key"])) == 1
+    key = await tenants.authenticate(pool, app["api_key"])
+    assert key is not None and (key.id, key.tenant_id, key.scope) == (app["key_id"], tid, "app")
+
+    ran = await cli("key", "list", "--tenant", tid)
+    assert (ran.code, ran.err) == (0, ""), ran
+    listed = json.loads(ran.out)
+    assert listed["tenant_id"] == tid
+    assert [(k["key_id"], k["scope"], k["revoked_at"]) for k in listed["keys"]] == [
+        (tenant["key_id"], "admin", None),
+        (app["key_id"], "app", None),
+    ]
+    assert all(
+        set(k) == {"key_id", "tenant_id", "scope", "created_at", "revoked_at"}
+        for k in listed["keys"]
+    )
+    # Never a secret, nor its digest, in any form.
+    for issued in (tenant, app):
+        secret = secret_of(issued["api_key"])
+        digest = hashlib.sha256(secret.encode()).digest()
+        for form in (secret, digest.hex(), base64.b64encode(digest).decode()):
+            assert form not in ran.out
+
+    revoked = await cli.coupon_json("key", "revoke", app["key_id"])
+    assert (revoked["key_id"], revoked["tenant_id"], revoked["scope"]) == (
+        app["key_id"],
+        tid,
+        "app",
+    )
+    assert revoked["revoked_at"] is not None
+    assert await tenants.authenticate(pool, app["api_key"]) is None
+    assert await tenants.authenticate(pool, tenant["api_key"]) is not None  # the others work
+    again = await cli.coupon_json("key", "revoke", app["key_id"])  # a no-op
+    assert again == revoked
+    listed = await cli.coupon_json("key", "list", "--tenant", tid)
+    assert [k["revoked_at"] for k in listed["keys"]] == [None, revoked["revoked_at"]]
+
+    # The default tenant (the operator's) can hold keys too.
+    default = await cli.coupon_json("key", "create", "--tenant", "default", "--scope", "admin")
+    assert (default["tenant_id"], default["scope"]) == ("default", "admin")
+
+
+async def test_key_refusals_exit_2_with_their_code_and_write_nothing(
+    cli: Cli, pool: AsyncConnectionPool
+) -> None:
+    tid = (await new_cli_tenant(cli))["tenant_id"]
+    before = await row_count(pool, "api_keys")
+    for scope in ("root", "ADMIN", ""):
+        err = await cli.refused(
+            "key", "create", "--tenant", tid, "--scope", scope, code="invalid_request"
+        )
+        assert err.startswith("error: invalid_request: scope: "), err
+    await cli.refused(
+        "key", "create", "--tenant", "tnt_nope", "--scope", "app", code="unknown_tenant"
+    )
+    err = await cli.refused(
+        "key", "create", "--tenant", "no pe", "--scope", "app", code="invalid_request"
+    )
+    assert err.startswith("error: invalid_request: tenant: "), err
+    await cli.refused("key", "list", "--tenant", "tnt_nope", code="unknown_tenant")
+    err = await cli.refused("key", "list", "--tenant", "", code="invalid_request")
+    assert err.startswith("error: invalid_request: tenant: "), err
+    await cli.refused("key", "revoke", "k0123456789abcdef", code="unknown_key")
+    err = await cli.refused("key", "revoke", "no/pe", code="invalid_request")
+    assert err.startswith("error: invalid_request: key: "), err
+    assert await row_count(pool, "api_keys") == before
+    # A usage error (a missing flag) is argparse's: exit 2 as well.
+    assert (await cli("key", "create", "--tenant", tid)).code == 2
+    assert await row_count(pool, "api_keys") == before
+
+
+async def test_batch_and_campaign_create_take_a_tenant(
+    cli: Cli, pool: AsyncConnectionPool, simulator: httpx.AsyncClient
+) -> None:
+    tid = (await new_cli_tenant(cli))["tenant_id"]
+    theirs = await new_cli_batch(cli, "--tenant", tid)
+    assert theirs["tenant_id"] == tid
+    ours = await new_cli_batch(cli)
+    assert ours["tenant_id"] == "default"
+
+    campaign = await new_cli_campaign(cli, theirs["id"], "--tenant", tid)
+    assert campaign["tenant_id"] == tid
+    assert (await catalog.get_campaign(pool, campaign["id"], tid)).batch_id == theirs["id"]
+    default = await new_cli_campaign(cli, ours["id"])
+    assert default["tenant_id"] == "default"
+
+    # Another tenant's batch is as unknown as none, whichever way round.
+    err = await cli.refused(
+        "campaign", "create", "--id", new_id("c"), "--batch", theirs["id"], "--quota", "1",
+        code="invalid_request",
+    )  # fmt: skip
+    assert f"batch: unknown batch {theirs['id']!r}" in err
+    err = await cli.refused(
+        "campaign", "create", "--id", new_id("c"), "--batch", ours["id"], "--quota", "1",
+        "--tenant", tid, code="invalid_request",
+    )  # fmt: skip
+    assert f"batch: unknown batch {ours['id']!r}" in err
+
+    # An unknown tenant is refused before anything reaches the platform.
+    before = await sim_stats(simulator)
+    await cli.refused(
+        "batch", "create", "--id", new_id("b"), "--quantity", "5", "--tenant", "tnt_nope",
+        code="unknown_tenant",
+    )  # fmt: skip
+    await cli.refused(
+        "campaign", "create", "--id", new_id("c"), "--batch", theirs["id"], "--quota", "1",
+        "--tenant", "tnt_nope", code="unknown_tenant",
+    )  # fmt: skip
+    err = await cli.refused(
+        "batch", "create", "--id", new_id("b"), "--quantity", "5", "--tenant", "no pe",
+        code="invalid_request",
+    )  # fmt: skip
+    assert "tenant: " in err
+    assert (await sim_stats(simulator))["batches"] == before["batches"]
+    # The batch id another tenant holds stays theirs.
+    await cli.refused(
+        "batch", "create", "--id", theirs["id"], "--quantity", "20", code="batch_exists"
+    )
+    listed = await cli.json("batch", "list")
+    assert [(b["id"], b["tenant_id"]) for b in listed["batches"]] == [
+        (theirs["id"], tid),
+        (ours["id"], "default"),
+    ]
+
+    # The other catalog commands see every tenant's.
+    shown = await cli.json("campaign", "show", campaign["id"])
+    assert (shown["tenant_id"], shown["batch_id"]) == (tid, theirs["id"])
+    assert re.search(rf"tenant\s+{tid}\b", await cli.table("batch", "show", theirs["id"]))
+    paused = await cli.json("campaign", "pause", campaign["id"])
+    assert (paused["status"], paused["tenant_id"]) == ("paused", tid)
+    listed_campaigns = await cli.json("campaign", "list")
+    assert {c["id"]: c["tenant_id"] for c in listed_campaigns["campaigns"]} == {
+        campaign["id"]: tid,
+        default["id"]: "default",
+    }

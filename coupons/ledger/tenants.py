@@ -31,16 +31,34 @@ class ApiKey:
 _KEY_COLUMNS = "id, tenant_id, scope, secret_sha256, created_at, revoked_at"
 
 
-async def create_tenant(pool: AsyncConnectionPool, tenant_id: str, name: str) -> Tenant | None:
-    """The new tenant, or None when the name is taken."""
-    async with pool.connection() as conn:
+async def create_tenant(
+    pool: AsyncConnectionPool,
+    tenant_id: str,
+    name: str,
+    key_id: str,
+    scope: str,
+    secret_sha256: bytes,
+) -> tuple[Tenant, ApiKey] | None:
+    """The new tenant with its first key, written together; None when the name is taken."""
+    async with pool.connection() as conn, conn.transaction():
         cur = conn.cursor(row_factory=class_row(Tenant))
         await cur.execute(
             "INSERT INTO tenants (id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING"
             " RETURNING id, name, created_at",
             (tenant_id, name),
         )
-        return await cur.fetchone()
+        tenant = await cur.fetchone()
+        if tenant is None:
+            return None
+        keys = conn.cursor(row_factory=class_row(ApiKey))
+        await keys.execute(
+            "INSERT INTO api_keys (id, tenant_id, scope, secret_sha256) VALUES (%s, %s, %s, %s)"
+            f" RETURNING {_KEY_COLUMNS}",
+            (key_id, tenant_id, scope, secret_sha256),
+        )
+        key = await keys.fetchone()
+        assert key is not None  # INSERT ... RETURNING always yields its row
+        return tenant, key
 
 
 async def get_tenant(pool: AsyncConnectionPool, tenant_id: str) -> Tenant | None:
