@@ -973,7 +973,10 @@ class SimulatorProcess:
         child_env = {
             key: value
             for key, value in os.environ.items()
-            if inherit_knobs or not (key.startswith("SIM_") or key == "PLATFORM_API_KEY")
+            if inherit_knobs
+            or not (
+                key.startswith("SIM_") or key in ("PLATFORM_API_KEY", "PLATFORM_CALLBACK_SECRET")
+            )
         }
         # The child must import this checkout's `coupons`, installed or not.
         child_env["PYTHONPATH"] = os.pathsep.join(

@@ -8,6 +8,7 @@ coupon's lifecycle.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -117,6 +118,34 @@ class FlowRecord:
     at: datetime
 
 
+@dataclass(frozen=True)
+class CouponUsedNotice:
+    """The platform's notification that a coupon it sent was used, once its signature held.
+
+    `notification_id` is the platform's id of the notification: a platform delivers at least
+    once (it retries until answered 2xx, and may repeat itself), so receivers apply each id once.
+    """
+
+    notification_id: str
+    platform_coupon_id: str
+    batch_id: str
+    user_id: str
+    used_at: datetime
+    raw: dict[str, Any]
+
+
+class CallbackRejected(Exception):
+    """A notification that must not be believed: its headers are missing or garbled, its
+    signature is wrong, it is stale or from the future, or its body is unreadable.
+
+    `reason` is for logs: it names what failed, never a secret or an expected signature.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class PlatformError(Exception):
     """Base of every error an adapter raises; `code` is the platform's own code."""
 
@@ -164,6 +193,13 @@ class Platform(Protocol):
 
     async def get_coupon(self, user_id: str, coupon_id: str) -> PlatformCoupon | None:
         """The coupon as the platform's lookup shows it now; None while it is not (yet) visible."""
+        ...
+
+    def verify_callback(self, headers: Mapping[str, str], body: bytes) -> CouponUsedNotice:
+        """Check a redemption notification's signature and freshness and read it; raises
+        `CallbackRejected` on any doubt. Pure and synchronous: no I/O, cheap enough to run
+        on the request path. `body` is the request's exact bytes; header names match in any
+        case."""
         ...
 
     async def aclose(self) -> None: ...

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import hmac
 import io
+import json
 import logging
-from collections.abc import Callable
+import re
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -18,6 +22,8 @@ from coupons.platforms.base import (
     BatchAction,
     BatchSpec,
     BatchStatus,
+    CallbackRejected,
+    CouponUsedNotice,
     FlowKind,
     FlowRecord,
     PlatformBatch,
@@ -167,6 +173,50 @@ def _verified_flow(file: _FlowFile, content: bytes) -> list[FlowRecord]:
     return records
 
 
+# The redemption notification: headers that sign it, and the one event type it carries.
+_TIMESTAMP_HEADER = "x-platform-timestamp"
+_NONCE_HEADER = "x-platform-nonce"
+_SIGNATURE_HEADER = "x-platform-signature"
+_COUPON_USED = "COUPON.USED"
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
+# Printable ASCII without whitespace: a newline in the nonce could shift bytes between the
+# signed fields, so the framing of the signed message stays unambiguous.
+_NONCE = re.compile(r"[!-~]{1,128}")
+_SIGNATURE = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def _callback_signature(secret: str, timestamp: str, nonce: str, body: bytes) -> str:
+    """Lowercase hex HMAC-SHA256 over "{timestamp}\n{nonce}\n{body}\n", body as sent."""
+    message = b"%s\n%s\n%s\n" % (timestamp.encode(), nonce.encode(), body)
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def _text_field(raw: Mapping[str, Any], name: str) -> str:
+    value = raw.get(name)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} is not a non-empty string")
+    return value
+
+
+def _notice(raw: Any) -> CouponUsedNotice:
+    if not isinstance(raw, dict):
+        raise ValueError("not a JSON object")
+    coupon = raw.get("coupon")
+    if not isinstance(coupon, dict):
+        raise ValueError("coupon is not an object")
+    used_at = datetime.fromisoformat(_text_field(coupon, "used_at"))
+    if used_at.tzinfo is None:
+        raise ValueError("used_at has no timezone")
+    return CouponUsedNotice(
+        notification_id=_text_field(raw, "id"),
+        platform_coupon_id=_text_field(coupon, "coupon_id"),
+        batch_id=_text_field(coupon, "batch_id"),
+        user_id=_text_field(coupon, "user_id"),
+        used_at=used_at,
+        raw=raw,
+    )
+
+
 T = TypeVar("T")
 
 
@@ -187,13 +237,20 @@ class RestPlatform:
         api_key: str | None = None,
         timeout_s: float = 5.0,
         client: httpx.AsyncClient | None = None,
+        callback_secret: str | None = None,
+        callback_max_skew_s: float = 300,
     ) -> None:
+        """`callback_secret` is the key the platform signs its notifications with (None: every
+        notification is rejected); `callback_max_skew_s` how far a notification's timestamp
+        may be from our clock, either way, before it is taken for a replay."""
         self._base_url = base_url.rstrip("/")
         self._origin = httpx.URL(self._base_url + "/")
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._timeout = httpx.Timeout(timeout_s)
         self._owns_client = client is None
         self._client = client if client is not None else httpx.AsyncClient()
+        self._callback_secret = callback_secret or None
+        self._callback_max_skew_s = callback_max_skew_s
 
     def __repr__(self) -> str:  # never show the key
         return f"RestPlatform({self._base_url!r})"
@@ -303,6 +360,54 @@ class RestPlatform:
                 return None
             raise
         return _read(_coupon, raw)
+
+    def verify_callback(self, headers: Mapping[str, str], body: bytes) -> CouponUsedNotice:
+        if self._callback_secret is None:
+            raise CallbackRejected("no callback secret configured: nothing can be verified")
+        named = {name.lower(): value for name, value in headers.items()}
+        timestamp, nonce, signature = (
+            named.get(name) for name in (_TIMESTAMP_HEADER, _NONCE_HEADER, _SIGNATURE_HEADER)
+        )
+        if timestamp is None or nonce is None or signature is None:
+            missing = [
+                name
+                for name, value in (
+                    (_TIMESTAMP_HEADER, timestamp),
+                    (_NONCE_HEADER, nonce),
+                    (_SIGNATURE_HEADER, signature),
+                )
+                if value is None
+            ]
+            raise CallbackRejected(f"missing header {', '.join(missing)}")
+        if not _TIMESTAMP.fullmatch(timestamp):
+            raise CallbackRejected("garbled timestamp header")
+        if not _NONCE.fullmatch(nonce):
+            raise CallbackRejected("garbled nonce header")
+        if not _SIGNATURE.fullmatch(signature):
+            raise CallbackRejected("garbled signature header")
+        expected = _callback_signature(self._callback_secret, timestamp, nonce, body)
+        if not hmac.compare_digest(signature.lower().encode(), expected.encode()):
+            raise CallbackRejected("bad signature")
+        # Checked once the signature holds: a stale notification is then a replay of a genuine
+        # one (or a platform clock far off), which is what the log should say.
+        skew = time.time() - int(timestamp)
+        if skew > self._callback_max_skew_s:
+            raise CallbackRejected(f"stale: signed {skew:.0f} s ago")
+        if -skew > self._callback_max_skew_s:
+            raise CallbackRejected(f"from the future: signed {-skew:.0f} s ahead of our clock")
+        try:
+            raw = json.loads(body)
+        except ValueError as exc:  # UnicodeDecodeError is a ValueError too
+            raise CallbackRejected(f"unparseable body: {exc}") from None
+        if not isinstance(raw, dict):
+            raise CallbackRejected("unparseable body: not a JSON object")
+        event_type = raw.get("event_type")
+        if event_type != _COUPON_USED:
+            raise CallbackRejected(f"unknown event type {str(event_type)[:40]!r}")
+        try:
+            return _notice(raw)
+        except (TypeError, ValueError) as exc:
+            raise CallbackRejected(f"unreadable notification: {exc}") from None
 
     async def aclose(self) -> None:
         if self._owns_client:

@@ -11,6 +11,10 @@ good, or expired once their window is over. Coupons are sent only by a running b
 its window. Each batch publishes flow files (every coupon sent, every coupon used) that a
 caller downloads and verifies by their SHA1, the platform's own record to reconcile against.
 
+When a coupon is used, the platform notifies the merchant: a signed POST of a COUPON.USED
+notification to the `callback_url` knob, kept in SQLite until a receiver answers 2xx, retried
+with exponential backoff, given up after `callback_max_attempts` (see `Notifier`).
+
 Run: python -m coupons.platforms.simulator --host 127.0.0.1 --port 8600 --data PATH.sqlite3
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import hashlib
 import hmac
@@ -37,7 +42,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import httpx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -64,6 +71,14 @@ ACTIONS: dict[str, tuple[frozenset[str], str]] = {
 CONTROL_STATUSES = ("running", "paused", "stopped", "expired")
 FLOW_KINDS = ("sent", "used")
 FLOW_COLUMNS = ("coupon_id", "batch_id", "user_id", "idempotency_key", "at")
+# Redemption notifications: the event, the headers that sign it, and how delivery behaves.
+COUPON_USED = "COUPON.USED"
+TIMESTAMP_HEADER = "X-Platform-Timestamp"
+NONCE_HEADER = "X-Platform-Nonce"
+SIGNATURE_HEADER = "X-Platform-Signature"
+CALLBACK_RETRY_CAP_S = 60.0
+CALLBACKS_IN_FLIGHT = 64  # deliveries under way at once; the rest wait their turn
+NOTIFICATIONS_LISTED = 100  # GET /sim/notifications answers this many unless asked for more
 # Flow files are kept in memory; a caller downloads one right after asking for it, so only the
 # newest few are kept and an old token answers FILE_NOT_FOUND (ask for the flow again).
 FLOW_FILES_KEPT = 256
@@ -131,6 +146,23 @@ def _seed(value: object) -> int | None:
     return None if value is None or value == "" else _count(value)
 
 
+def _positive_count(value: object) -> int:
+    count = _count(value)
+    if count < 1:
+        raise ValueError("must be at least 1")
+    return count
+
+
+def _url(value: object) -> str:
+    """An http(s) URL, or "" for off."""
+    if isinstance(value, str):
+        url = value.strip()
+        parts = urlsplit(url)
+        if not url or (parts.scheme in ("http", "https") and parts.hostname):
+            return url
+    raise ValueError("must be an http(s) URL, or empty for off")
+
+
 _KNOB_PARSERS: dict[str, Callable[[object], object]] = {
     "latency_ms": _number,
     "error_rate": _rate,
@@ -143,6 +175,13 @@ _KNOB_PARSERS: dict[str, Callable[[object], object]] = {
     "seed": _seed,
     "clock_offset_s": lambda value: _number(value, lo=float("-inf")),
     "lookup_error_status": _status,
+    "callback_url": _url,
+    "callback_retry_s": lambda value: _number(value, lo=0.01, hi=CALLBACK_RETRY_CAP_S),
+    "callback_max_attempts": _positive_count,
+    "callback_timeout_s": lambda value: _number(value, lo=0.05, hi=60.0),
+    "callback_duplicate_rate": _rate,
+    "callback_forged_rate": _rate,
+    "callback_delay_ms": _number,
 }
 
 
@@ -164,6 +203,20 @@ class Knobs:
     # Coupon lookups answer this HTTP status (0: off), to prove a failing lookup after a
     # successful send is never taken for a refusal of the send.
     lookup_error_status: int = 0
+    # Where redemption notifications go ("": nowhere, none is recorded). Clearing it later
+    # holds the ones still pending until it is set again.
+    callback_url: str = ""
+    # The wait after a failed delivery: this, doubling with each failure, capped at 60 s.
+    callback_retry_s: float = 1.0
+    callback_max_attempts: int = 10  # then the notification is given up
+    callback_timeout_s: float = 5.0  # a receiver slower than this is a failed attempt
+    # Faults for chaos runs: after a delivery, deliver the identical notification again; before
+    # a notification's first delivery, send a forged probe (alternately: the body signed with
+    # a wrong key, or the genuine signature over a tampered body); hold each new notification
+    # this long before its first delivery.
+    callback_duplicate_rate: float = 0.0
+    callback_forged_rate: float = 0.0
+    callback_delay_ms: float = 0.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Knobs:
@@ -219,15 +272,30 @@ CREATE TABLE IF NOT EXISTS coupons (
     used_at TEXT
 );
 CREATE INDEX IF NOT EXISTS coupons_by_batch_user ON coupons (batch_id, user_id);
+-- Redemption notifications, kept until a receiver takes them, so a restart loses none.
+CREATE TABLE IF NOT EXISTS notifications (
+    id TEXT PRIMARY KEY,
+    coupon_id TEXT NOT NULL REFERENCES coupons (coupon_id),
+    body BLOB NOT NULL,           -- the exact bytes every delivery sends and signs
+    created_at TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL,         -- unix seconds; NULL once delivered or given up
+    delivered_at TEXT,
+    given_up_at TEXT,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS notifications_due ON notifications (next_attempt_at)
+    WHERE next_attempt_at IS NOT NULL;
 """
 
 
 class Store:
-    """One SQLite connection, used only from the event loop thread.
+    """One SQLite connection, used only from the event loop thread: by request handlers and
+    by the notification deliveries alike.
 
     Every read-check-write runs synchronously inside one transaction with no `await` in
-    between, so concurrent requests cannot interleave within it; the UNIQUE constraints are
-    the second line of defence.
+    between, so concurrent requests (and deliveries) cannot interleave within it; the UNIQUE
+    constraints are the second line of defence.
     """
 
     def __init__(self, path: Path) -> None:
@@ -341,11 +409,296 @@ def _flow_csv(records: list[tuple[str, ...]]) -> bytes:
     return buffer.getvalue().encode()
 
 
+# ---------------------------------------------------------------- notifications
+
+
+def retry_delay(failures: int, base_s: float) -> float:
+    """The wait after the `failures`-th failed delivery: base, doubling, capped at 60 s."""
+    return float(min(base_s * 2 ** min(failures - 1, 32), CALLBACK_RETRY_CAP_S))
+
+
+def sign(secret: str, timestamp: str, nonce: str, body: bytes) -> str:
+    """Lowercase hex HMAC-SHA256 over "{timestamp}\\n{nonce}\\n{body}\\n", body as sent."""
+    message = b"%s\n%s\n%s\n" % (timestamp.encode(), nonce.encode(), body)
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def _signed_headers(secret: str, body: bytes) -> dict[str, str]:
+    # The real clock, not the simulator's: `clock_offset_s` moves coupon validity, and a
+    # receiver's freshness check must see when the request was actually signed.
+    timestamp, nonce = str(int(time.time())), secrets.token_hex(16)
+    return {
+        "Content-Type": "application/json",
+        TIMESTAMP_HEADER: timestamp,
+        NONCE_HEADER: nonce,
+        SIGNATURE_HEADER: sign(secret, timestamp, nonce, body),
+    }
+
+
+def _utc(unix_s: float | None) -> str | None:
+    return None if unix_s is None else _iso(datetime.fromtimestamp(unix_s, UTC))
+
+
+class Notifier:
+    """Delivers COUPON.USED notifications to `callback_url`, at least once.
+
+    A notification is written in the same transaction that marks its coupon used, and stays
+    due (`next_attempt_at`) until a receiver answers 2xx or `callback_max_attempts` fail. The
+    delivery loop runs in the app's event loop: it reads what is due, posts each in its own
+    task (at most CALLBACKS_IN_FLIGHT at once, so a slow receiver never holds up requests),
+    and records each outcome in one transaction with no `await` inside, as every Store user
+    does. A notification in flight when the process stops is sent again after the restart.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        knobs: Knobs,
+        rng: random.Random,
+        counters: dict[str, int],
+        secret: str | None,
+    ) -> None:
+        self.store = store
+        self.knobs = knobs
+        self.rng = rng
+        self.counters = counters
+        self.secret = secret
+        self._wake = asyncio.Event()
+        self._in_flight: dict[str, asyncio.Task[None]] = {}
+        for name in (
+            "callbacks_delivered",
+            "callback_attempts_failed",
+            "callbacks_given_up",
+            "callbacks_duplicated",
+            "callbacks_forged_sent",
+            "callbacks_forged_accepted",
+        ):
+            counters[name] = 0
+
+    @property
+    def on(self) -> bool:
+        return self.secret is not None
+
+    def _roll(self, rate: float) -> bool:
+        return rate > 0 and self.rng.random() < rate
+
+    def enqueue(self, db: sqlite3.Connection, coupon: sqlite3.Row, now: datetime) -> str | None:
+        """Record the notification of `coupon`'s use, inside the caller's transaction; None
+        when callbacks are off (no secret, or no `callback_url`)."""
+        if not self.on or not self.knobs.callback_url:
+            return None
+        notification_id = f"ntf_{uuid.uuid4().hex}"
+        body = json.dumps(
+            {
+                "id": notification_id,
+                "event_type": COUPON_USED,
+                "create_time": _iso(now),
+                "coupon": {
+                    "coupon_id": coupon["coupon_id"],
+                    "batch_id": coupon["batch_id"],
+                    "user_id": coupon["user_id"],
+                    "used_at": coupon["used_at"],
+                },
+            },
+            separators=(",", ":"),
+        ).encode()
+        db.execute(
+            "INSERT INTO notifications (id, coupon_id, body, created_at, next_attempt_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (
+                notification_id,
+                coupon["coupon_id"],
+                body,
+                _iso(datetime.now(UTC)),
+                time.time() + self.knobs.callback_delay_ms / 1000,
+            ),
+        )
+        return notification_id
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Deliver until cancelled; cancelling stops the deliveries under way too."""
+        # trust_env=False: a proxy from the environment must not carry our callbacks.
+        async with httpx.AsyncClient(trust_env=False, follow_redirects=False) as client:
+            try:
+                while True:
+                    self._wake.clear()
+                    wait_s = self._dispatch(client)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), wait_s)
+            finally:
+                tasks = list(self._in_flight.values())
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _dispatch(self, client: httpx.AsyncClient) -> float | None:
+        """Start a delivery for each notification now due; answer how long to sleep (None:
+        until woken by a new notification, a knob change or a finished delivery)."""
+        url = self.knobs.callback_url
+        if not url:
+            return None
+        now = time.time()
+        room = CALLBACKS_IN_FLIGHT - len(self._in_flight)
+        if room > 0:
+            busy = tuple(self._in_flight)
+            rows = self.store.db.execute(
+                "SELECT id, body, attempts FROM notifications WHERE next_attempt_at <= ?"
+                f" AND id NOT IN ({', '.join('?' * len(busy))})"
+                " ORDER BY next_attempt_at LIMIT ?",
+                (now, *busy, room),
+            ).fetchall()
+            for row in rows:
+                task = asyncio.create_task(
+                    self._deliver(client, url, row["id"], row["body"], row["attempts"])
+                )
+                self._in_flight[row["id"]] = task
+        (next_at,) = self.store.db.execute(
+            "SELECT min(next_attempt_at) FROM notifications WHERE next_attempt_at > ?", (now,)
+        ).fetchone()
+        return None if next_at is None else max(0.0, next_at - time.time())
+
+    async def _deliver(
+        self, client: httpx.AsyncClient, url: str, notification_id: str, body: bytes, attempts: int
+    ) -> None:
+        assert self.secret is not None
+        try:
+            if attempts == 0 and self._roll(self.knobs.callback_forged_rate):
+                await self._forge(client, url, body)
+            error = await self._post(client, url, body, _signed_headers(self.secret, body))
+            self._record(notification_id, attempts + 1, error)
+            if error is None and self._roll(self.knobs.callback_duplicate_rate):
+                self.counters["callbacks_duplicated"] += 1
+                again = await self._post(client, url, body, _signed_headers(self.secret, body))
+                log.info("notification %s delivered again: %s", notification_id, again or "2xx")
+        finally:
+            del self._in_flight[notification_id]
+            self._wake.set()
+
+    async def _post(
+        self, client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str]
+    ) -> str | None:
+        """None when the receiver answered 2xx, else what went wrong."""
+        try:
+            response = await client.post(
+                url, content=body, headers=headers, timeout=self.knobs.callback_timeout_s
+            )
+        except httpx.TimeoutException:
+            return "timeout"
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            return f"{type(exc).__name__}: {exc}"[:200]
+        return None if response.is_success else f"HTTP {response.status_code}"
+
+    async def _forge(self, client: httpx.AsyncClient, url: str, body: bytes) -> None:
+        """A probe no receiver may accept: the genuine body signed with a wrong key, or the
+        genuine headers over a tampered body (a new notification id, so a receiver cannot
+        hide an acceptance behind its duplicate check)."""
+        assert self.secret is not None
+        if self.counters["callbacks_forged_sent"] % 2 == 0:
+            kind, content = "wrong signature", body
+            headers = _signed_headers(secrets.token_hex(32), body)
+        else:
+            kind, headers = "tampered body", _signed_headers(self.secret, body)
+            content = json.dumps(
+                {**json.loads(body), "id": f"ntf_{uuid.uuid4().hex}"}, separators=(",", ":")
+            ).encode()
+        self.counters["callbacks_forged_sent"] += 1
+        error = await self._post(client, url, content, headers)
+        if error is None:
+            self.counters["callbacks_forged_accepted"] += 1
+            log.warning("forged notification (%s) accepted by %s", kind, url)
+
+    def _record(self, notification_id: str, attempts: int, error: str | None) -> None:
+        now = datetime.now(UTC)
+        with self.store.tx() as db:
+            if error is None:
+                db.execute(
+                    "UPDATE notifications SET attempts = ?, delivered_at = ?,"
+                    " next_attempt_at = NULL, last_error = NULL WHERE id = ?",
+                    (attempts, _iso(now), notification_id),
+                )
+            elif attempts >= self.knobs.callback_max_attempts:
+                db.execute(
+                    "UPDATE notifications SET attempts = ?, given_up_at = ?,"
+                    " next_attempt_at = NULL, last_error = ? WHERE id = ?",
+                    (attempts, _iso(now), error, notification_id),
+                )
+            else:
+                wait_s = retry_delay(attempts, self.knobs.callback_retry_s)
+                retry_at = time.time() + wait_s
+                log.info(
+                    "notification %s attempt %d failed (%s), next in %.2f s",
+                    notification_id,
+                    attempts,
+                    error,
+                    wait_s,
+                )
+                db.execute(
+                    "UPDATE notifications SET attempts = ?, next_attempt_at = ?, last_error = ?"
+                    " WHERE id = ?",
+                    (attempts, retry_at, error, notification_id),
+                )
+        if error is None:
+            self.counters["callbacks_delivered"] += 1
+        else:
+            self.counters["callback_attempts_failed"] += 1
+            if attempts >= self.knobs.callback_max_attempts:
+                self.counters["callbacks_given_up"] += 1
+                log.warning(
+                    "notification %s given up after %d attempts: %s",
+                    notification_id,
+                    attempts,
+                    error,
+                )
+
+    def pending(self) -> int:
+        (count,) = self.store.db.execute(
+            "SELECT count(*) FROM notifications WHERE next_attempt_at IS NOT NULL"
+        ).fetchone()
+        return int(count)
+
+    def listing(self, limit: int, coupon_id: str | None) -> list[dict[str, Any]]:
+        rows = self.store.db.execute(
+            "SELECT * FROM notifications WHERE ? IS NULL OR coupon_id = ?"
+            " ORDER BY rowid DESC LIMIT ?",
+            (coupon_id, coupon_id, limit),
+        ).fetchall()
+        return [
+            {
+                "id": row["id"],
+                "coupon_id": row["coupon_id"],
+                "state": (
+                    "delivered"
+                    if row["delivered_at"] is not None
+                    else "given_up"
+                    if row["given_up_at"] is not None
+                    else "pending"
+                ),
+                "attempts": row["attempts"],
+                "created_at": row["created_at"],
+                "next_attempt_at": _utc(row["next_attempt_at"]),
+                "delivered_at": row["delivered_at"],
+                "given_up_at": row["given_up_at"],
+                "last_error": row["last_error"],
+                "body": json.loads(row["body"]),
+            }
+            for row in rows
+        ]
+
+
 # ---------------------------------------------------------------- the simulator
 
 
 class Simulator:
-    def __init__(self, data_path: Path, knobs: Knobs, api_key: str | None) -> None:
+    def __init__(
+        self,
+        data_path: Path,
+        knobs: Knobs,
+        api_key: str | None,
+        callback_secret: str | None = None,
+    ) -> None:
         self.store = Store(data_path)
         self.knobs = knobs
         self.rng = random.Random(knobs.seed)
@@ -363,6 +716,7 @@ class Simulator:
             ),
             0,
         )
+        self.notifier = Notifier(self.store, knobs, self.rng, self.counters, callback_secret)
 
     def now(self) -> datetime:
         return datetime.now(UTC) + timedelta(seconds=self.knobs.clock_offset_s)
@@ -653,14 +1007,19 @@ class Simulator:
             status = self._coupon_json(row)["status"]
             if status == "expired":
                 raise ApiError(409, "COUPON_EXPIRED", "the coupon's validity has ended")
+            notification_id = None
             if status == "sent":
+                now = self.now()
                 db.execute(
-                    "UPDATE coupons SET used_at = ? WHERE coupon_id = ?",
-                    (_iso(self.now()), coupon_id),
+                    "UPDATE coupons SET used_at = ? WHERE coupon_id = ?", (_iso(now), coupon_id)
                 )
                 row = db.execute(
                     "SELECT * FROM coupons WHERE coupon_id = ?", (coupon_id,)
                 ).fetchone()
+                # In the same transaction: a used coupon always has its notification.
+                notification_id = self.notifier.enqueue(db, row, now)
+        if notification_id is not None:
+            self.notifier.wake()
         return JSONResponse(self._coupon_json(row))
 
     async def batch_flow(self, request: Request) -> Response:
@@ -727,6 +1086,8 @@ class Simulator:
             self.rng.seed(self.knobs.seed)
         if "rate_limit_per_s" in changes:
             self._window = (0, 0)  # a new limit starts from a fresh window
+        if any(name.startswith("callback_") for name in changes):
+            self.notifier.wake()  # e.g. a callback_url set at last: deliver what waits
         log.info("knobs changed: %s", ", ".join(sorted(changes)))
         return JSONResponse(asdict(self.knobs))
 
@@ -734,7 +1095,24 @@ class Simulator:
         db = self.store.db
         (batches,) = db.execute("SELECT count(*) FROM batches").fetchone()
         (coupons,) = db.execute("SELECT count(*) FROM coupons").fetchone()
-        return JSONResponse({"batches": batches, "coupons": coupons, **self.counters})
+        return JSONResponse(
+            {
+                "batches": batches,
+                "coupons": coupons,
+                **self.counters,
+                "callbacks_pending": self.notifier.pending(),
+            }
+        )
+
+    async def notifications(self, request: Request) -> Response:
+        """The newest notifications (`limit`, default 100), or one coupon's (`coupon_id`), with
+        their delivery state: pending, delivered or given_up."""
+        try:
+            limit = _positive_count(request.query_params.get("limit", NOTIFICATIONS_LISTED))
+        except ValueError as exc:
+            raise ApiError(400, "INVALID_REQUEST", f"limit {exc}") from None
+        coupon_id = request.query_params.get("coupon_id")
+        return JSONResponse({"notifications": self.notifier.listing(min(limit, 10_000), coupon_id)})
 
     async def put_batch(self, request: Request) -> Response:
         """Change a batch behind the service's back, as the platform's operator can: set its
@@ -799,16 +1177,36 @@ class Simulator:
         )
 
 
+def _report_stop(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("notification delivery stopped", exc_info=task.exception())
+
+
 def create_app(data_path: Path, knobs: Knobs | None = None) -> Starlette:
-    """The simulator as an ASGI app; `PLATFORM_API_KEY`, if set now, guards every /v1 path."""
+    """The simulator as an ASGI app; `PLATFORM_API_KEY`, if set now, guards every /v1 path;
+    `PLATFORM_CALLBACK_SECRET`, if set now, signs redemption notifications (none without)."""
     api_key = os.environ.get("PLATFORM_API_KEY") or None
-    sim = Simulator(data_path, knobs if knobs is not None else Knobs.from_env(), api_key)
+    secret = os.environ.get("PLATFORM_CALLBACK_SECRET") or None
+    sim = Simulator(data_path, knobs if knobs is not None else Knobs.from_env(), api_key, secret)
     log.info("simulator data at %s, auth %s", data_path, "on" if api_key else "off")
+    if secret is None:
+        log.info("callbacks off: PLATFORM_CALLBACK_SECRET is not set, no notification is sent")
+    else:
+        log.info("callbacks on, to %s", sim.knobs.callback_url or "nowhere yet (callback_url)")
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        yield
-        sim.store.close()
+        delivery = asyncio.create_task(sim.notifier.run()) if sim.notifier.on else None
+        if delivery is not None:
+            delivery.add_done_callback(_report_stop)
+        try:
+            yield
+        finally:
+            if delivery is not None:
+                delivery.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await delivery
+            sim.store.close()
 
     v1, control = sim.v1, sim.control
     routes = [
@@ -824,6 +1222,7 @@ def create_app(data_path: Path, knobs: Knobs | None = None) -> Starlette:
         Route("/sim/knobs", control(sim.get_knobs), methods=["GET"]),
         Route("/sim/knobs", control(sim.put_knobs), methods=["PUT"]),
         Route("/sim/stats", control(sim.stats), methods=["GET"]),
+        Route("/sim/notifications", control(sim.notifications), methods=["GET"]),
         Route("/sim/batches/{batch_id}", control(sim.put_batch), methods=["PUT"]),
         Route("/sim/batches/{batch_id}/coupons", control(sim.batch_coupons), methods=["GET"]),
     ]
@@ -840,6 +1239,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--access-log", action="store_true", help="log every request")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # Not a line per callback sent; failures and give-ups are logged by the Notifier.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     app = create_app(args.data)
     # A hanging ambiguous answer must not hold up shutdown for its whole hang.
     uvicorn.run(
