@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
 from coupons.contract import ISSUE_HEARTBEAT, ISSUE_START_TO_CLOSE, platform_task_queue
 
 N = TypeVar("N", int, float)
+
+# Shorter callback secrets are guessable; the stack generates 32 random bytes.
+MIN_CALLBACK_SECRET = 16
 
 
 class ConfigError(ValueError):
@@ -44,6 +47,11 @@ class Settings:
     # The catalog sync schedule's interval, and the hour (UTC) of the daily reconciliation.
     sync_interval_s: float = 300.0
     reconcile_hour_utc: int = 3
+    # The HTTP API (`python -m coupons.api`), and the secret the platform signs its
+    # callbacks with (never logged; callbacks are refused while it is unset).
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    platform_callback_secret: str | None = field(default=None, repr=False)
 
     @property
     def database_url(self) -> str:
@@ -63,8 +71,37 @@ class Settings:
     def platform_url(self) -> str:
         return self.platform_url_override or f"http://127.0.0.1:{self.simulator_port}"
 
+    @property
+    def api_client_host(self) -> str:
+        """The address that reaches the API from this machine (a wildcard means loopback)."""
+        return "127.0.0.1" if self.api_host in ("0.0.0.0", "::") else self.api_host
+
+    @property
+    def api_url(self) -> str:
+        host = self.api_client_host
+        return (
+            f"http://[{host}]:{self.api_port}" if ":" in host else f"http://{host}:{self.api_port}"
+        )
+
+    @property
+    def callback_url(self) -> str:
+        """Where the platform sends its coupon-used callbacks."""
+        return f"{self.api_url}/callbacks/generic/coupon-used"
+
+    def with_stack_secrets(self) -> Settings:
+        """Fill the platform's key and callback secret from `make run`'s data directory when
+        the environment does not give them and the platform is the embedded simulator (the
+        stack keeps them there, owner-only)."""
+        if self.platform_url_override:
+            return self
+        api_key = self.platform_api_key or _kept(self.data_dir / "platform-api-key")
+        secret = self.platform_callback_secret or _kept(self.data_dir / "platform-callback-secret")
+        if (api_key, secret) == (self.platform_api_key, self.platform_callback_secret):
+            return self
+        return replace(self, platform_api_key=api_key, platform_callback_secret=secret).check()
+
     def check(self) -> Settings:
-        """Refuse settings under which no send could ever complete."""
+        """Refuse settings under which no send could ever complete, or the API not start."""
         heartbeat = ISSUE_HEARTBEAT.total_seconds()
         if self.platform_timeout_s >= heartbeat / 2:
             raise ConfigError(
@@ -78,6 +115,24 @@ class Settings:
                 f"LAG_WINDOW_S={self.lag_window_s:g} must be at most {budget:g}: the send and "
                 f"the lag window must fit in the issue activity's "
                 f"{ISSUE_START_TO_CLOSE.total_seconds():g} s"
+            )
+        for name, port in (
+            ("PG_PORT", self.pg_port),
+            ("TEMPORAL_PORT", self.temporal_port),
+            ("TEMPORAL_UI_PORT", self.temporal_ui_port),
+            ("SIMULATOR_PORT", self.simulator_port),
+            ("API_PORT", self.api_port),
+        ):
+            if not 0 < port < 65536:
+                raise ConfigError(f"{name}={port} must be a TCP port, 1 to 65535")
+        if not self.api_host.strip() or any(c.isspace() for c in self.api_host):
+            raise ConfigError(f"API_HOST={self.api_host!r} must be a host name or address")
+        secret = self.platform_callback_secret
+        if secret is not None and len(secret) < MIN_CALLBACK_SECRET:
+            # Never echo the secret itself, not even in this error.
+            raise ConfigError(
+                f"PLATFORM_CALLBACK_SECRET is {len(secret)} characters long; a callback "
+                f"secret must have at least {MIN_CALLBACK_SECRET}"
             )
         return self
 
@@ -99,12 +154,15 @@ class Settings:
             "WORKER_CACHE_SIZE": str(self.worker_cache_size),
             "SYNC_INTERVAL_S": str(self.sync_interval_s),
             "RECONCILE_HOUR_UTC": str(self.reconcile_hour_utc),
+            "API_HOST": self.api_host,
+            "API_PORT": str(self.api_port),
         }
         optional = {
             "DATABASE_URL": self.database_url_override,
             "TEMPORAL_ADDRESS": self.temporal_address_override,
             "PLATFORM_URL": self.platform_url_override,
             "PLATFORM_API_KEY": self.platform_api_key,
+            "PLATFORM_CALLBACK_SECRET": self.platform_callback_secret,
         }
         env.update({name: value for name, value in optional.items() if value})
         return env
@@ -132,7 +190,18 @@ class Settings:
             worker_cache_size=_number(env, "WORKER_CACHE_SIZE", 1000, int),
             sync_interval_s=_number(env, "SYNC_INTERVAL_S", 300.0, float),
             reconcile_hour_utc=_hour(env, "RECONCILE_HOUR_UTC", 3),
+            api_host=env.get("API_HOST") or "127.0.0.1",
+            api_port=_number(env, "API_PORT", 8000, int),
+            platform_callback_secret=env.get("PLATFORM_CALLBACK_SECRET") or None,
         ).check()
+
+
+def _kept(path: Path) -> str | None:
+    """A secret the stack keeps in a file, if it is there."""
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None
 
 
 def _number(env: Mapping[str, str], name: str, default: N, kind: type[N]) -> N:

@@ -1,5 +1,6 @@
 """The embedded stack behind `make run`: PostgreSQL, the Temporal dev server, the platform
-simulator and the worker, started in order, stopped in reverse on Ctrl-C or SIGTERM.
+simulator, the worker and the HTTP API, started in order, stopped in reverse on Ctrl-C or
+SIGTERM.
 
 Whatever `DATABASE_URL`, `TEMPORAL_ADDRESS` or `PLATFORM_URL` point at is used as it is,
 and nothing embedded is started in its place. Data lives under `DATA_DIR` (`.data/`)
@@ -13,9 +14,13 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -24,7 +29,13 @@ from typing import Protocol
 
 from coupons.catalog import ensure_campaign
 from coupons.config import Settings
-from coupons.embedded import EmbeddedPostgres, ManagedProcess, SimulatorProcess, TemporalDevServer
+from coupons.embedded import (
+    EmbeddedPostgres,
+    ManagedProcess,
+    ProcessStartError,
+    SimulatorProcess,
+    TemporalDevServer,
+)
 from coupons.errors import Refused
 from coupons.ledger import db
 from coupons.model import SEARCH_ATTRIBUTES
@@ -34,6 +45,8 @@ log = logging.getLogger("coupons.stack")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# How long the API process may take to answer its health check after it starts.
+API_START_TIMEOUT_S = 30.0
 
 
 class Stoppable(Protocol):
@@ -42,15 +55,32 @@ class Stoppable(Protocol):
 
 def platform_api_key(settings: Settings) -> str:
     """The simulator's key: from the environment, else generated once and kept in a file."""
-    if settings.platform_api_key:
-        return settings.platform_api_key
-    path = settings.data_dir / "platform-api-key"
+    return settings.platform_api_key or _kept_secret(settings.data_dir / "platform-api-key")
+
+
+def platform_callback_secret(settings: Settings) -> str:
+    """The secret the simulator signs its callbacks with and the API checks them by: from
+    the environment, else generated once and kept in a file."""
+    return settings.platform_callback_secret or _kept_secret(
+        settings.data_dir / "platform-callback-secret"
+    )
+
+
+def _kept_secret(path: Path) -> str:
     if not path.exists():
         # Created owner-only from the first byte, never readable by others in between.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as key_file:
-            key_file.write(secrets.token_urlsafe(24))
+        with os.fdopen(fd, "w") as secret_file:
+            secret_file.write(secrets.token_urlsafe(32))
     return path.read_text().strip()
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 async def seed_demo(settings: Settings) -> None:
@@ -78,11 +108,19 @@ class Stack:
     """The embedded parts, started in order; benchmarks and chaos runs drive them too."""
 
     def __init__(
-        self, settings: Settings, *, worker_env: dict[str, str] | None = None, demo: bool = True
+        self,
+        settings: Settings,
+        *,
+        worker_env: dict[str, str] | None = None,
+        demo: bool = True,
+        api: bool = False,
     ) -> None:
+        """`api` starts the HTTP API too (`make run` does), on the settings' API_PORT."""
         self.settings = settings
         self.worker_env = worker_env or {}
         self.demo = demo
+        self.with_api = api
+        self.api: ManagedProcess | None = None
         self.started: list[tuple[str, Stoppable]] = []
         self.stopping = threading.Event()
         self.lines: list[str] = []
@@ -126,13 +164,22 @@ class Stack:
         else:
             self.lines.append(f"Temporal    {s.temporal_address}  (external)")
 
+        if self.with_api and _port_in_use(s.api_client_host, s.api_port):
+            raise RuntimeError(f"API_PORT {s.api_port} is in use; choose another with API_PORT")
         if s.platform_url_override is None:
             key = platform_api_key(s)
-            self.settings = s = replace(s, platform_api_key=key)
+            callback_secret = platform_callback_secret(s)
+            self.settings = s = replace(
+                s, platform_api_key=key, platform_callback_secret=callback_secret
+            )
+            sim_env = {"PLATFORM_API_KEY": key, "PLATFORM_CALLBACK_SECRET": callback_secret}
+            if self.with_api:
+                # The simulator tells the API when a shop till marks a coupon used.
+                sim_env["SIM_CALLBACK_URL"] = s.callback_url
             self.simulator = sim = SimulatorProcess(
                 data / "simulator.sqlite3",
                 s.simulator_port,
-                env={"PLATFORM_API_KEY": key},
+                env=sim_env,
                 log_path=logs / "simulator.log",
             )
             sim.start()
@@ -159,32 +206,79 @@ class Stack:
             f"Worker      pid {self.worker.pid}, task queues {s.task_queue} and "
             f"{s.platform_task_queue}"
         )
+        if self.with_api:
+            self.api = ManagedProcess(
+                "API",
+                [sys.executable, "-m", "coupons.api"],
+                logs / "api.log",
+                env={**os.environ, **s.to_env()},
+                cwd=PROJECT_ROOT,
+            )
+            self.start_api()
+            self.started.append(("API", self.api))
+            self.lines.append(
+                f"API         {s.api_url}  docs {s.api_url}/docs  (pid {self.api.pid}; "
+                "keys: starter.py tenant create)"
+            )
         self.lines.append(
             f"Schedules   catalog-sync every {s.sync_interval_s:g} s, reconcile-daily at "
             f"{s.reconcile_hour_utc:02d}:00 UTC (kept up to date by the worker)"
         )
         self.lines.append(f"Logs        {logs}")
 
+    def start_api(self) -> None:
+        """Start the API process and wait until it answers its health check."""
+        assert self.api is not None
+        self.api.start()
+        health = f"{self.settings.api_url}/health"
+        # A proxy from the environment must not intercept calls to our own child.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+        def healthy() -> bool:
+            try:
+                with opener.open(health, timeout=1) as response:
+                    return int(response.status) == 200
+            except (urllib.error.URLError, OSError):
+                return False
+
+        try:
+            self.api.wait_ready(healthy, API_START_TIMEOUT_S)
+        except BaseException:
+            self.api.stop(timeout_s=5)
+            raise
+
     def supervise(self) -> None:
-        """Keep the worker running until asked to stop; a dead server ends the stack."""
-        restarts = 0
-        up_since = time.monotonic()
+        """Keep the worker and the API running until asked to stop; a dead server ends the
+        stack."""
+        restartable: dict[str, tuple[ManagedProcess, Callable[[], None]]] = {
+            "worker": (self.worker, self.worker.start)
+        }
+        if self.api is not None:
+            restartable["API"] = (self.api, self.start_api)
+        restarts = dict.fromkeys(restartable, 0)
+        up_since = dict.fromkeys(restartable, time.monotonic())
         while not self.stopping.wait(1.0):
             for name, part in self.started:
-                if part is self.worker or getattr(part, "alive", True):
+                if name in restartable or getattr(part, "alive", True):
                     continue
                 raise RuntimeError(f"{name} stopped unexpectedly; see its log under .data/logs")
-            if not self.worker.alive:
-                # A worker that ran a good while before dying starts over with a short wait.
-                restarts = 1 if time.monotonic() - up_since > 60 else restarts + 1
-                delay = min(30, 2**restarts)
+            for name, (process, start) in restartable.items():
+                if process.alive:
+                    continue
+                # A process that ran a good while before dying starts over with a short wait.
+                ran_long = time.monotonic() - up_since[name] > 60
+                restarts[name] = 1 if ran_long else restarts[name] + 1
+                delay = min(30, 2 ** restarts[name])
                 log.warning(
-                    "worker exited (rc %s); restarting in %d s", self.worker.returncode, delay
+                    "%s exited (rc %s); restarting in %d s", name, process.returncode, delay
                 )
                 if self.stopping.wait(delay):
-                    break
-                self.worker.start()
-                up_since = time.monotonic()
+                    return
+                try:
+                    start()
+                except ProcessStartError as err:
+                    log.error("%s did not come back: %s", name, err)
+                up_since[name] = time.monotonic()
 
     def stop(self) -> None:
         for name, part in reversed(self.started):
@@ -197,7 +291,7 @@ def main() -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    stack = Stack(Settings.from_env())
+    stack = Stack(Settings.from_env(), api=True)
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
         log.info("%s received: stopping", signal.Signals(signum).name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,15 @@ def test_defaults_point_at_the_embedded_stack() -> None:
     assert s.temporal_address == "127.0.0.1:7233"
     assert s.platform_url == "http://127.0.0.1:8600"
     assert s.platform_task_queue == "coupons-platform"
+    assert s.api_url == "http://127.0.0.1:8000"
+    assert s.callback_url == "http://127.0.0.1:8000/callbacks/generic/coupon-used"
+    assert s.platform_callback_secret is None
+
+
+def test_an_api_on_every_address_is_reached_on_loopback() -> None:
+    s = Settings.from_env({"API_HOST": "0.0.0.0", "API_PORT": "9000"})
+    assert (s.api_host, s.api_url) == ("0.0.0.0", "http://127.0.0.1:9000")
+    assert Settings.from_env({"API_HOST": "::1"}).api_url == "http://[::1]:8000"
 
 
 def test_a_child_process_rebuilds_the_same_settings_from_to_env() -> None:
@@ -24,12 +34,40 @@ def test_a_child_process_rebuilds_the_same_settings_from_to_env() -> None:
         task_queue="tq",
         platform_api_key="k",
         lag_window_s=12.5,
+        api_host="0.0.0.0",
+        api_port=9001,
+        platform_callback_secret="c" * 32,
     )
     assert Settings.from_env(s.to_env()) == s
 
 
-def test_the_api_key_never_shows_in_repr() -> None:
-    assert "sekrit" not in repr(Settings.from_env({"PLATFORM_API_KEY": "sekrit"}))
+def test_the_secrets_never_show_in_repr() -> None:
+    secret = "callback-sekrit-0123456789"
+    s = Settings.from_env({"PLATFORM_API_KEY": "sekrit", "PLATFORM_CALLBACK_SECRET": secret})
+    assert "sekrit" not in repr(s)
+
+
+def test_a_short_callback_secret_is_refused_without_echoing_it() -> None:
+    with pytest.raises(ConfigError, match="PLATFORM_CALLBACK_SECRET is 6 characters") as refused:
+        Settings.from_env({"PLATFORM_CALLBACK_SECRET": "abc123"})
+    assert "abc123" not in str(refused.value)
+
+
+def test_the_stack_secrets_come_from_the_data_directory(tmp_path: Path) -> None:
+    (tmp_path / "platform-api-key").write_text("key-from-file\n")
+    (tmp_path / "platform-callback-secret").write_text("secret-from-the-file-0123456789")
+    s = Settings.from_env({"DATA_DIR": str(tmp_path)}).with_stack_secrets()
+    assert s.platform_api_key == "key-from-file"
+    assert s.platform_callback_secret == "secret-from-the-file-0123456789"
+    given = Settings.from_env(
+        {"DATA_DIR": str(tmp_path), "PLATFORM_CALLBACK_SECRET": "from-the-environment-000"}
+    ).with_stack_secrets()
+    assert given.platform_callback_secret == "from-the-environment-000"
+    external = Settings.from_env({"DATA_DIR": str(tmp_path), "PLATFORM_URL": "http://p"})
+    assert external.with_stack_secrets() == external
+    assert Settings.from_env({"DATA_DIR": str(tmp_path / "none")}).with_stack_secrets() == (
+        Settings.from_env({"DATA_DIR": str(tmp_path / "none")})
+    )
 
 
 @pytest.mark.parametrize(
@@ -39,6 +77,11 @@ def test_the_api_key_never_shows_in_repr() -> None:
         ({"LAG_WINDOW_S": "-1"}, "LAG_WINDOW_S='-1' must be greater than zero"),
         ({"PLATFORM_TIMEOUT_S": "10"}, "PLATFORM_TIMEOUT_S=10 must stay under 7.5"),
         ({"LAG_WINDOW_S": "290"}, "LAG_WINDOW_S=290 must be at most 285"),
+        ({"API_PORT": "http"}, "API_PORT='http' is not a valid int"),
+        ({"API_PORT": "0"}, "API_PORT='0' must be greater than zero"),
+        ({"API_PORT": "70000"}, "API_PORT=70000 must be a TCP port, 1 to 65535"),
+        ({"SIMULATOR_PORT": "65536"}, "SIMULATOR_PORT=65536 must be a TCP port"),
+        ({"API_HOST": "local host"}, "API_HOST='local host' must be a host name or address"),
     ],
 )
 def test_unusable_settings_are_refused_naming_the_variable(

@@ -11,9 +11,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -22,6 +23,7 @@ import pytest
 from coupons.embedded import find_binary, free_port
 from coupons.ledger import claims as ledger
 from coupons.ledger import db
+from coupons.tenants import create_tenant
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,6 +37,7 @@ class RunningStack:
             "TEMPORAL_PORT": str(free_port()),
             "TEMPORAL_UI_PORT": str(free_port()),
             "SIMULATOR_PORT": str(free_port()),
+            "API_PORT": str(free_port()),
         }
         for key in ("DATABASE_URL", "TEMPORAL_ADDRESS", "PLATFORM_URL"):
             self.env.pop(key, None)
@@ -92,6 +95,16 @@ class RunningStack:
         match = re.search(r"Worker\s+pid (\d+)", banner)
         assert match, banner
         return int(match.group(1))
+
+    def api_pid(self) -> int:
+        banner = self.log.read_text().split("coupon service up")[-1]
+        match = re.search(r"API\s+http://127.0.0.1:(\d+)\s.*\(pid (\d+);", banner)
+        assert match and match.group(1) == self.env["API_PORT"], banner
+        return int(match.group(2))
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.env['API_PORT']}"
 
     def states(self) -> dict[str, int]:
         with psycopg.connect(self.database_url) as conn:
@@ -279,3 +292,76 @@ def test_worker_killed_mid_send_and_a_lost_workflow_start_lose_nothing(
 async def ledger_only_claim(url: str, campaign: str, user: str) -> None:
     async with db.pool(url, max_size=1) as pool:
         await ledger.claim(pool, campaign, user)
+
+
+def test_the_api_beside_the_worker_and_the_platforms_callback(stack: RunningStack) -> None:
+    stack.start()
+    data = Path(stack.env["DATA_DIR"])
+    secret_file = data / "platform-callback-secret"
+    assert secret_file.stat().st_mode & 0o777 == 0o600
+    assert secret_file.read_text().strip() not in stack.log.read_text()
+    admin = asyncio.run(new_tenant_key(stack.database_url))
+    with httpx.Client(base_url=stack.api_url, timeout=30) as api:
+        assert api.get("/health").json() == {"status": "ok"}
+        assert api.get("/openapi.json").json()["info"]["title"]
+        assert api.get("/docs").status_code == 200
+        assert api.get("/v1/batches").status_code == 401
+        headers = {"Authorization": f"Bearer {admin}"}
+        batch = api.post("/v1/batches", json={"quantity": 10}, headers=headers).json()
+        campaign = api.post(
+            "/v1/campaigns",
+            json={"batch_id": batch["id"], "quota": 5, "tasks": [{"key": "first-order"}]},
+            headers=headers,
+        ).json()
+        coupon = api.post(
+            f"/v1/campaigns/{campaign['id']}/claims", json={"user_id": "ann"}, headers=headers
+        ).json()
+        done = api.post(
+            f"/v1/coupons/{coupon['coupon_id']}/tasks/first-order/complete",
+            json={"user_id": "ann"},
+            headers=headers,
+        )
+        assert done.json()["state"] == "usable", done.text
+        path = f"/v1/coupons/{coupon['coupon_id']}"
+        receipt = _wait_for(lambda: api.get(path, headers=headers).json()["receipt"], 30)
+
+        # A shop till marks it used at the platform; its callback redeems it at once.
+        platform = f"http://127.0.0.1:{stack.env['SIMULATOR_PORT']}"
+        key = (data / "platform-api-key").read_text().strip()
+        began = time.monotonic()
+        used = httpx.post(
+            f"{platform}/v1/coupons/{receipt['platform_coupon_id']}/use",
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert used.status_code == 200, used.text
+        _wait_for(lambda: api.get(path, headers=headers).json()["state"] == "redeemed", 2)
+        took = time.monotonic() - began
+        print(f"redeemed {took:.2f} s after the platform marked it used")
+
+        # The stack restarts an API that died, as it does the worker.
+        os.kill(stack.api_pid(), signal.SIGKILL)
+        _wait_for(lambda: "API exited" in stack.log.read_text(), 10)
+        _wait_for(lambda: _answers(api), 30)
+        assert api.get(path, headers=headers).json()["state"] == "redeemed"
+    assert stack.stop() == 0
+
+
+def _answers(api: httpx.Client) -> bool:
+    try:
+        return api.get("/health").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _wait_for(check: Callable[[], Any], timeout_s: float) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"not within {timeout_s} s"
+        time.sleep(0.05)
+    return value
+
+
+async def new_tenant_key(url: str) -> str:
+    async with db.pool(url, max_size=1) as pool:
+        _, key = await create_tenant(pool, "stack-test")
+    return key.api_key

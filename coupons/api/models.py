@@ -1,0 +1,323 @@
+"""Request and response bodies. Requests refuse unknown fields and wrong types (422)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
+
+# Ids as the service accepts them (coupons.validation); a coupon id is
+# `<campaign>:<user>:<n>`.
+ID_PATTERN = r"^[A-Za-z0-9._@-]{1,64}$"
+COUPON_ID_PATTERN = r"^[A-Za-z0-9._@:-]{1,200}$"
+MAX_TASK_EVENTS = 200
+MAX_COUNT = 100_000_000  # coupons in a batch, a campaign's quota
+MAX_CENTS = 100_000_000
+MAX_DEADLINE_S = 366 * 24 * 3600
+# Times outside these years are refused: they are typos, and would overflow date
+# arithmetic downstream.
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST = datetime(2100, 1, 1, tzinfo=UTC)
+
+
+def _whole(value: Any) -> Any:
+    """A number with no fraction, such as 5.0, is the integer JSON Schema takes it for; a
+    string stays a string (refused, strict), and so does a boolean."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _plausible(moment: datetime) -> datetime:
+    if not EARLIEST <= moment < LATEST:
+        raise ValueError("must be between the years 2000 and 2099")
+    return moment
+
+
+Id = Annotated[str, Field(pattern=ID_PATTERN, examples=["alice"])]
+CouponId = Annotated[str, Field(pattern=COUPON_ID_PATTERN, examples=["spring:alice:1"])]
+Moment = Annotated[AwareDatetime, AfterValidator(_plausible)]
+Name = Annotated[str, Field(min_length=1, max_length=100)]
+Reason = Annotated[str, Field(min_length=1, max_length=200)]
+# Integers as JSON Schema has them: 5 and 5.0, never "5" or true. (The bounds sit with the
+# integer, inside the validator, so the OpenAPI shows them as minimum and maximum.)
+Count = Annotated[int, Field(strict=True, ge=1, le=MAX_COUNT), BeforeValidator(_whole)]
+PerUser = Annotated[int, Field(strict=True, ge=1, le=1000), BeforeValidator(_whole)]
+Cents = Annotated[int, Field(strict=True, ge=0, le=MAX_CENTS), BeforeValidator(_whole)]
+FaceValue = Annotated[int, Field(strict=True, ge=1, le=MAX_CENTS), BeforeValidator(_whole)]
+Days = Annotated[int, Field(strict=True, ge=1, le=3650), BeforeValidator(_whole)]
+DeadlineSeconds = Annotated[
+    int, Field(strict=True, ge=1, le=MAX_DEADLINE_S), BeforeValidator(_whole)
+]
+State = Literal[
+    "received", "usable", "issued", "redeemed", "expired", "cancelled", "failed", "lapsed"
+]
+CampaignStatus = Literal["active", "paused", "ended"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ------------------------------------------------------------------ requests
+
+
+class ClaimIn(Strict):
+    user_id: Id
+
+
+class CompleteTaskIn(Strict):
+    user_id: Id = Field(description="the user who holds the coupon")
+
+
+class TaskEventIn(Strict):
+    coupon_id: CouponId
+    user_id: Id
+    task: Id
+
+
+class TaskEventsIn(Strict):
+    events: list[TaskEventIn] = Field(min_length=1, max_length=MAX_TASK_EVENTS)
+
+
+class CancelIn(Strict):
+    user_id: Id | None = Field(default=None, description="when given, must hold the coupon")
+    reason: Reason
+
+
+class BatchIn(Strict):
+    quantity: Count
+    face_value_cents: FaceValue = 500
+    min_spend_cents: Cents = 0
+    valid_days: Days = 30
+    per_user_limit: PerUser = 1
+    name: Name | None = None
+    starts_at: Moment | None = None
+    ends_at: Moment | None = None
+    start: Annotated[bool, Field(strict=True)] = True
+
+
+class TaskIn(Strict):
+    key: Id
+    name: Name | None = Field(default=None, description="display name; the key when absent")
+
+
+class CampaignIn(Strict):
+    batch_id: Id
+    quota: Count
+    per_user_limit: PerUser = 1
+    tasks: list[TaskIn] = Field(default_factory=list, max_length=20)
+    name: Name | None = None
+    starts_at: Moment | None = None
+    ends_at: Moment | None = None
+    task_deadline_s: DeadlineSeconds | None = Field(
+        default=None, description="the task deadline, in seconds after the claim"
+    )
+    deadline_at: Moment | None = Field(default=None, description="a fixed task deadline")
+
+
+class CampaignPatch(Strict):
+    """Only the fields given change (at least one); null clears the optional ones."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"minProperties": 1})
+
+    batch_id: Id = None  # type: ignore[assignment]  # absent: unchanged; null is refused
+    quota: Count = None  # type: ignore[assignment]
+    per_user_limit: PerUser = None  # type: ignore[assignment]
+    tasks: Annotated[list[TaskIn], Field(max_length=20)] = None  # type: ignore[assignment]
+    name: Name | None = None
+    starts_at: Moment | None = None
+    ends_at: Moment | None = None
+    task_deadline_s: DeadlineSeconds | None = None
+    deadline_at: Moment | None = None
+
+
+class CampaignEndIn(Strict):
+    # A reason names the cause of the expiry: it comes only with expire_pending true.
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "dependentSchemas": {
+                "reason": {
+                    "properties": {"expire_pending": {"const": True}},
+                    "required": ["expire_pending"],
+                }
+            }
+        },
+    )
+
+    expire_pending: Annotated[bool, Field(strict=True)] = Field(
+        default=False, description="also expire the campaign's received coupons"
+    )
+    reason: Reason | None = Field(default=None, description="the expired coupons' cause")
+
+
+# ------------------------------------------------------------------ responses
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class ClaimOut(BaseModel):
+    coupon_id: str
+    workflow_id: str
+    campaign_id: str
+    user_id: str
+    state: State
+    created: bool = Field(description="false: the coupon the user already held")
+    claimed_at: datetime
+    task_deadline: datetime | None
+
+
+class CouponSummary(BaseModel):
+    coupon_id: str
+    campaign_id: str
+    state: State
+    claimed_at: datetime
+    task_deadline: datetime | None
+
+
+class UserCoupons(BaseModel):
+    user_id: str
+    coupons: list[CouponSummary]
+
+
+class Tasks(BaseModel):
+    required: list[str]
+    done: list[str] | None = Field(description="null when the workflow could not answer")
+    deadline: datetime | None
+
+
+class ReceiptOut(BaseModel):
+    platform_coupon_id: str
+    sent_at: datetime
+    valid_until: datetime
+    confirmed_at: datetime
+
+
+class EventOut(BaseModel):
+    from_state: State | None
+    to_state: State
+    cause: str
+    at: datetime
+
+
+class CouponOut(BaseModel):
+    coupon_id: str
+    campaign_id: str
+    user_id: str
+    state: State = Field(description="as the ledger records it")
+    workflow_state: State | None = Field(description="as the workflow holds it; null: no answer")
+    waiting_for: str | None
+    tasks: Tasks
+    claimed_at: datetime
+    receipt: ReceiptOut | None
+    events: list[EventOut]
+
+
+class CouponState(BaseModel):
+    """The coupon as its workflow answered the request (GET the coupon for the rest)."""
+
+    coupon_id: str
+    state: State
+    tasks_required: list[str]
+    tasks_done: list[str]
+
+
+class TaskEventResult(BaseModel):
+    coupon_id: str
+    task: str
+    accepted: bool
+    code: str | None = Field(description="why it was refused (not_found, unknown_task, ...)")
+    detail: str | None
+
+
+class TaskEventsOut(BaseModel):
+    accepted: int
+    refused: int
+    results: list[TaskEventResult]
+
+
+class BatchOut(BaseModel):
+    id: str
+    platform_batch_id: str
+    name: str
+    status: str
+    quantity: int
+    remaining: int
+    valid_days: int
+    face_value_cents: int | None
+    min_spend_cents: int | None
+    per_user_limit: int | None
+    starts_at: datetime | None
+    ends_at: datetime | None
+    created_at: datetime
+    synced_at: datetime
+    owed: int
+    backlog: int
+    drift: list[str]
+
+
+class BatchCampaign(BaseModel):
+    id: str
+    status: CampaignStatus
+    quota: int
+    claimed: int
+
+
+class BatchDetail(BatchOut):
+    campaigns: list[BatchCampaign]
+
+
+class Batches(BaseModel):
+    batches: list[BatchOut]
+
+
+class TaskOut(BaseModel):
+    key: str
+    name: str
+
+
+class CampaignOut(BaseModel):
+    id: str
+    name: str | None
+    batch_id: str
+    status: CampaignStatus
+    quota: int
+    claimed: int
+    remaining: int
+    per_user_limit: int
+    tasks: list[TaskOut]
+    task_deadline_s: int | None
+    deadline_at: datetime | None
+    starts_at: datetime | None
+    ends_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    ended_at: datetime | None
+
+
+class CampaignCreated(CampaignOut):
+    created: bool = Field(description="false: the same definition existed already")
+
+
+class CampaignDetail(CampaignOut):
+    states: dict[str, int] = Field(description="its coupons, counted by state")
+
+
+class Expiry(BaseModel):
+    workflow_id: str = Field(description="the workflow expiring the received coupons")
+
+
+class CampaignEnded(CampaignOut):
+    expiry: Expiry | None
+
+
+class Campaigns(BaseModel):
+    campaigns: list[CampaignOut]
+
+
+class CallbackAnswer(BaseModel):
+    status: Literal["applied", "duplicate", "finished"]
