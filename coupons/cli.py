@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
@@ -28,7 +27,7 @@ import re
 import sys
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -46,16 +45,13 @@ from temporalio.client import (
     WorkflowHandle,
     WorkflowQueryFailedError,
     WorkflowUpdateFailedError,
-    WorkflowUpdateRPCTimeoutOrCancelledError,
 )
-from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
-from temporalio.exceptions import ApplicationError
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.service import RPCError
 
-from coupons import catalog, tenants
+from coupons import catalog, service, tenants
 from coupons.claims import ClaimService
 from coupons.config import ConfigError, Settings
-from coupons.contract import CATALOG_SYNC_WORKFLOW, END_CAMPAIGN_WORKFLOW, RECONCILE_WORKFLOW
+from coupons.contract import CATALOG_SYNC_WORKFLOW, RECONCILE_WORKFLOW
 from coupons.errors import InvalidField, Refused
 from coupons.ledger import campaigns as catalog_ledger
 from coupons.ledger import claims as ledger
@@ -67,22 +63,18 @@ from coupons.lifecycle import STATES
 from coupons.model import (
     BatchReconciliation,
     BatchSync,
-    CancelRequest,
-    CouponStatus,
-    EndCampaignInput,
     EndProgress,
     ReconcileInput,
     ReconcileReport,
     SyncInput,
     SyncReport,
-    TaskCompletion,
 )
 from coupons.platforms.base import BatchAction, Platform, PlatformError
+from coupons.service import Unavailable
 from coupons.temporal import connect
 from coupons.validation import validate_id
 from coupons.workers import make_platform
 from workflows.end_campaign import EndCampaignWorkflow
-from workflows.user_coupon import UserCouponWorkflow
 
 # How long an update waits for a worker to answer before the command gives up.
 UPDATE_WAIT_S = 20.0
@@ -94,10 +86,6 @@ PROGRESS_SILENCE_S = 30.0
 PROGRESS_POLL_S = 0.3
 
 R = TypeVar("R")
-
-
-class Unavailable(Exception):
-    """A part the command needs (PostgreSQL, Temporal, the platform) cannot be reached."""
 
 
 @dataclass
@@ -135,25 +123,12 @@ class Context:
 
     def platform(self) -> Platform:
         if self._platform is None:
-            self._platform = make_platform(_with_platform_key(self.settings))
+            self._platform = make_platform(self.settings.with_stack_secrets())
         return self._platform
 
     async def aclose(self) -> None:
         if self._platform is not None:
             await self._platform.aclose()
-
-
-def _with_platform_key(settings: Settings) -> Settings:
-    """The embedded simulator's key comes from `make run`'s data directory when this shell
-    does not export PLATFORM_API_KEY (the stack keeps it there)."""
-    if settings.platform_api_key or settings.platform_url_override:
-        return settings
-    path = settings.data_dir / "platform-api-key"
-    try:
-        key = path.read_text().strip()
-    except FileNotFoundError:
-        return settings
-    return dataclasses.replace(settings, platform_api_key=key or None)
 
 
 # ------------------------------------------------------------------ arguments
@@ -370,99 +345,34 @@ def _wait(args: argparse.Namespace) -> timedelta:
 
 
 async def cmd_claim(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
-    claims = ClaimService(ctx.pool, await ctx.client(), ctx.settings)
-    result = await claims.claim(args.campaign, args.user)
+    result = await service.claim(
+        ctx.pool, await ctx.client(), ctx.settings, args.campaign, args.user
+    )
     return dataclasses.asdict(result)
 
 
-async def _claim_of(ctx: Context, coupon_id: str) -> ledger.Claim:
-    claim = await ledger.get_claim(ctx.pool, coupon_id)
-    if claim is None:
-        raise Refused("unknown_coupon", f"no coupon {coupon_id!r}")
-    return claim
-
-
-@contextlib.asynccontextmanager
-async def _open_coupon(claim: ledger.Claim) -> AsyncIterator[None]:
-    """Turn "workflow already completed" into the answer a user can act on."""
-    try:
-        yield
-    except RPCError as err:
-        if err.status != RPCStatusCode.NOT_FOUND:
-            raise
-        if not claim.workflow_started:
-            raise Unavailable(
-                f"coupon {claim.coupon_id!r} has no workflow yet; the worker starts it within "
-                "CLAIM_REPAIR_AFTER_S (or run `starter.py repair`), then try again"
-            ) from err
-        raise Refused(
-            "coupon_finished", f"coupon {claim.coupon_id!r} is {claim.state}: it is finished"
-        ) from err
-    except WorkflowUpdateRPCTimeoutOrCancelledError:
-        raise Unavailable(
-            "no worker answered in time (is the worker running?); the request stays queued "
-            "and may still apply"
-        ) from None
-
-
 async def cmd_complete_task(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
-    claim = await _claim_of(ctx, args.coupon)
-    async with _open_coupon(claim):
-        return await _complete_task(ctx, claim, args)
-
-
-async def _complete_task(
-    ctx: Context, claim: ledger.Claim, args: argparse.Namespace
-) -> dict[str, Any]:
-    handle = (await ctx.client()).get_workflow_handle_for(UserCouponWorkflow.run, claim.workflow_id)
-    completion = TaskCompletion(args.task)
+    client = await ctx.client()
     if args.wait:
-        status = await handle.execute_update(
-            UserCouponWorkflow.complete_task, completion, rpc_timeout=_wait(args)
+        status = await service.complete_task(
+            ctx.pool, client, args.coupon, args.task, wait=_wait(args)
         )
-        return {
-            "coupon_id": claim.coupon_id,
-            "state": status.state,
-            "tasks_done": status.tasks_done,
-        }
-    if args.task not in claim.required_tasks:
-        known = ", ".join(claim.required_tasks) or "none"
-        raise Refused(
-            "unknown_task", f"unknown task {args.task!r}; this coupon's tasks are: {known}"
-        )
-    await handle.signal(UserCouponWorkflow.task_done, completion)
-    return {"coupon_id": claim.coupon_id, "signalled": "task_done", "task": args.task}
+        return {"coupon_id": args.coupon, "state": status.state, "tasks_done": status.tasks_done}
+    await service.report_task(ctx.pool, client, args.coupon, args.task)
+    return {"coupon_id": args.coupon, "signalled": "task_done", "task": args.task}
 
 
 async def cmd_cancel(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
-    claim = await _claim_of(ctx, args.coupon)
-    async with _open_coupon(claim):
-        return await _cancel(ctx, claim, args)
-
-
-async def _cancel(ctx: Context, claim: ledger.Claim, args: argparse.Namespace) -> dict[str, Any]:
-    handle = (await ctx.client()).get_workflow_handle_for(UserCouponWorkflow.run, claim.workflow_id)
-    if args.no_wait:
-        await handle.signal(UserCouponWorkflow.cancel, CancelRequest(args.reason))
-        return {"coupon_id": claim.coupon_id, "signalled": "cancel"}
-    status = await handle.execute_update(
-        UserCouponWorkflow.cancel_coupon, CancelRequest(args.reason), rpc_timeout=_wait(args)
-    )
-    return {"coupon_id": claim.coupon_id, "state": status.state}
+    wait = None if args.no_wait else _wait(args)
+    status = await service.cancel(ctx.pool, await ctx.client(), args.coupon, args.reason, wait=wait)
+    if status is None:
+        return {"coupon_id": args.coupon, "signalled": "cancel"}
+    return {"coupon_id": args.coupon, "state": status.state}
 
 
 async def cmd_show(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
-    view = await ledger.coupon_view(ctx.pool, args.coupon)
-    if view is None:
-        raise Refused("unknown_coupon", f"no coupon {args.coupon!r}")
-    claim: ledger.Claim = view["claim"]
-    handle = (await ctx.client()).get_workflow_handle_for(UserCouponWorkflow.run, claim.workflow_id)
-    workflow: CouponStatus | None = None
-    try:
-        workflow = await handle.query(UserCouponWorkflow.status)
-    except RPCError as err:
-        if err.status != RPCStatusCode.NOT_FOUND:
-            raise
+    view = await service.show_coupon(ctx.pool, await ctx.client(), args.coupon)
+    claim, workflow = view.claim, view.workflow
     return {
         "coupon_id": claim.coupon_id,
         "campaign_id": claim.campaign_id,
@@ -477,8 +387,8 @@ async def cmd_show(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
             "deadline": claim.task_deadline,
         },
         "claimed_at": claim.claimed_at,
-        "receipt": view["receipt"],
-        "events": view["events"],
+        "receipt": view.receipt,
+        "events": view.events,
     }
 
 
@@ -687,32 +597,22 @@ async def cmd_campaign_end(ctx: Context, args: argparse.Namespace) -> Answer:
             if given:
                 raise InvalidField(flag, "applies only with --expire-pending")
     silence_s = _seconds(args)
-    campaign = await catalog.change_campaign_status(ctx.pool, args.campaign, "end")
-    data: dict[str, Any] = {**_campaign_json(campaign), "expiry": None}
     if not args.expire_pending:
+        # Only the catalog changes (as for pause and resume): Temporal need not be up.
+        campaign = await catalog.change_campaign_status(ctx.pool, args.campaign, "end")
+        data = {**_campaign_json(campaign), "expiry": None}
         return Answer(data, lambda: _campaign_detail(campaign))
-    expire = EndCampaignInput(campaign.id)
-    if args.reason is not None:
-        expire.reason = args.reason
-    workflow_id = f"end-campaign:{campaign.id}"
-    handle = await (await ctx.client()).start_workflow(
-        END_CAMPAIGN_WORKFLOW,
-        expire,
-        id=workflow_id,
-        task_queue=ctx.settings.task_queue,
-        # One expiry at a time; a later run (the campaign already ended) catches coupons
-        # that were still being claimed when the first one read the ledger.
-        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-        result_type=EndProgress,
-        static_summary=f"expire the received coupons of ended campaign {campaign.id}",
+    client = await ctx.client()
+    campaign, workflow_id = await service.end_campaign(
+        ctx.pool, client, ctx.settings, args.campaign, expire_pending=True, reason=args.reason
     )
-    if args.no_wait:
-        data["expiry"] = {"workflow_id": workflow_id, "done": False}
-    else:
+    assert workflow_id is not None  # expire_pending: the expiry was started
+    expiry: dict[str, Any] = {"workflow_id": workflow_id, "done": False}
+    if not args.no_wait:
+        handle = client.get_workflow_handle_for(EndCampaignWorkflow.run, workflow_id)
         progress = await _follow_expiry(handle, campaign.id, silence_s)
-        data["expiry"] = {"workflow_id": workflow_id, **dataclasses.asdict(progress)}
-    expiry = data["expiry"]
+        expiry = {"workflow_id": workflow_id, **dataclasses.asdict(progress)}
+    data = {**_campaign_json(campaign), "expiry": expiry}
     return Answer(data, lambda: [*_campaign_detail(campaign), Text(""), _expiry_view(expiry)])
 
 
@@ -1218,12 +1118,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     except Refused as err:
         return _fail(2, str(err))
     except WorkflowUpdateFailedError as err:
-        cause = err.cause
-        if isinstance(cause, ApplicationError) and cause.type:
-            # The coupon's workflow refused the update with a stable code (its validator:
-            # nothing was written to history).
-            return _fail(2, f"{cause.type}: {cause.message}")
-        return _fail(1, str(err))
+        # A refusal with a code is `Refused` already (coupons.service); this is a bug.
+        return _fail(1, f"the update failed: {err.cause or err}")
     except WorkflowFailureError as err:
         return _fail(1, f"the workflow failed: {err.cause or err}")
     except Unavailable as err:

@@ -26,17 +26,3 @@ class InvalidField(Refused):
 
 UNKNOWN_TASK = "unknown_task"
 WRONG_STATE = "wrong_state"
-
-# Refusals caused by the request itself (bad input), as opposed to the state of the
-# world (`sold_out`), which a later retry may not meet.
-BAD_INPUT = frozenset(
-    {
-        "invalid_request",
-        "unknown_campaign",
-        "unknown_coupon",
-        "unknown_batch",
-        UNKNOWN_TASK,
-        WRONG_STATE,
-        "coupon_finished",
-    }
-)

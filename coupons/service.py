@@ -1,5 +1,5 @@
 """Coupon operations over the ledger, the coupon workflows and the settings: what the HTTP
-API serves (and the command line can share).
+API and the command line (`coupons.cli`) both call, so each exists once.
 
 Every operation takes an optional `tenant_id`: when given, another tenant's campaign or
 coupon is as unknown as one that does not exist, with the same refusal and message. An
@@ -77,7 +77,8 @@ __all__ = [
 
 
 class Unavailable(Exception):
-    """A part the operation needs did not answer (Temporal, a worker); it may later."""
+    """A part the operation needs did not answer (Temporal, a worker; for the command line
+    also PostgreSQL or the platform); trying again later may succeed."""
 
 
 # ------------------------------------------------------------------ claims and reads

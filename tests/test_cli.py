@@ -699,6 +699,63 @@ async def test_every_claim_refusal_exits_2_with_its_code_and_claims_nothing(
         await close_workflows(dev_env.client, [held["workflow_id"]])
 
 
+async def test_a_finished_coupon_is_wrong_state_to_every_coupon_command(
+    cli: Cli, dev_env: WorkflowEnvironment, pool: AsyncConnectionPool, settings: Settings
+) -> None:
+    batch = await new_cli_batch(cli)
+    campaign = await new_cli_campaign(cli, batch["id"], "--task", "survey")
+    coupon = await cli.claim(campaign["id"], "u1")
+    cid = coupon["coupon_id"]
+    try:
+        async with running_workers(dev_env.client, pool, settings):
+            shown = await cli.coupon_json("show", "--coupon", cid)
+            assert (shown["state"], shown["workflow_state"]) == ("received", "received")
+            assert shown["tasks"] == {
+                "required": ["survey"],
+                "done": [],
+                "deadline": shown["tasks"]["deadline"],
+            }
+            assert shown["waiting_for"].startswith("task completion")
+            cancelled = await cli.coupon_json("cancel", "--coupon", cid, "--reason", "test")
+            assert cancelled == {"coupon_id": cid, "state": "cancelled"}
+            # The workflow records the cancel in the ledger, then closes.
+            handle = dev_env.client.get_workflow_handle(coupon["workflow_id"])
+            async with asyncio.timeout(30):
+                await handle.result()
+            for args in (
+                ("cancel",),
+                ("cancel", "--no-wait"),
+                ("complete-task", "--task", "survey"),
+                ("complete-task", "--task", "survey", "--wait"),
+            ):
+                err = await cli.refused(*args, "--coupon", cid, code="wrong_state")
+                assert f"coupon {cid!r} is cancelled: it is finished" in err, (args, err)
+            await cli.refused(
+                "complete-task", "--coupon", cid, "--task", "quiz", code="unknown_task"
+            )
+            shown = await cli.coupon_json("show", "--coupon", cid)
+            assert shown["state"] == "cancelled"
+            assert [e["to_state"] for e in shown["events"]] == ["received", "cancelled"]
+    finally:
+        await close_workflows(dev_env.client, [coupon["workflow_id"]])
+    for args in (("show",), ("cancel",), ("complete-task", "--task", "survey")):
+        await cli.refused(*args, "--coupon", "nope:u1:1", code="unknown_coupon")
+
+
+async def test_campaign_end_without_expiry_needs_no_temporal(cli: Cli) -> None:
+    batch = await new_cli_batch(cli)
+    campaign = await new_cli_campaign(cli, batch["id"])
+    cli.env["TEMPORAL_ADDRESS"] = f"127.0.0.1:{free_port()}"
+    ended = await cli.json("campaign", "end", campaign["id"])
+    assert (ended["status"], ended["expiry"]) == ("ended", None)
+    # The expiry needs Temporal: refused before anything changes, the campaign stays active.
+    other = await new_cli_campaign(cli, batch["id"])
+    ran = await cli("campaign", "end", other["id"], "--expire-pending")
+    assert (ran.code, ran.out) == (1, "")
+    assert ran.err.startswith("error: cannot reach Temporal"), ran.err
+    assert (await cli.json("campaign", "show", other["id"]))["status"] == "active"
+
+
 async def test_campaign_end_expire_pending_expires_received_coupons_through_their_workflows(
     cli: Cli, dev_env: WorkflowEnvironment, pool: AsyncConnectionPool, settings: Settings
 ) -> None:

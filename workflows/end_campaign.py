@@ -22,7 +22,8 @@ LEDGER_WAIT_S = 60.0
 
 @workflow.defn(name=act.END_CAMPAIGN_WORKFLOW)
 class EndCampaignWorkflow:
-    """Started by `starter.py campaign end --expire-pending` once the campaign is ended (so
+    """Started by `coupons.service.end_campaign` (the CLI's `campaign end --expire-pending`,
+    the API's `end` with `expire_pending`) once the campaign is ended (so
     no new claim arrives); the `progress` query drives the command's progress bar."""
 
     @workflow.init

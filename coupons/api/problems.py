@@ -54,7 +54,6 @@ REFUSALS: dict[str, tuple[int, str]] = {
     "campaign_closed": (409, "campaign_closed"),
     "batch_finished": (409, "batch_finished"),
     "wrong_state": (409, "wrong_state"),
-    "coupon_finished": (409, "wrong_state"),
     "campaign_exists": (409, "campaign_exists"),
     "batch_exists": (409, "batch_exists"),
     # idempotency
