@@ -1,9 +1,10 @@
 """`python -m bench --size full|quick|tiny`: what `make bench` runs.
 
-Starts a fresh embedded stack (temporary DATA_DIR, free ports: never the user's `.data`
-or default ports), runs every part against it, writes bench/results/<date>.{json,png,md}
-(quick and tiny runs prefixed with their size, so they never overwrite a full run) and
-stops everything it started, also on error, Ctrl-C or SIGTERM.
+Starts a fresh embedded stack with the HTTP API (temporary DATA_DIR, free ports: never the
+user's `.data` or default ports), runs every part against it, writes
+bench/results/<date>.{json,png,md} (quick and tiny runs prefixed with their size, so they
+never overwrite a full run) and stops everything it started, also on error, Ctrl-C or
+SIGTERM.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import httpx
+
 from bench import report
 from bench.catalog import measure_reconcile, measure_sync
 from bench.floor import floor_worker_process, measure_floor
@@ -34,7 +37,7 @@ from bench.peer_dbos import run_peer
 from bench.probes import IssuedWatcher, create_statement_stats, enable_statement_stats
 from bench.proc import memory_gib
 from bench.sizes import SIZES, Size
-from bench.storm import measure_storm
+from bench.storm import api_campaign, measure_storm, measure_storm_api
 from coupons.catalog import ensure_campaign
 from coupons.claims import ClaimService
 from coupons.config import Settings
@@ -83,8 +86,17 @@ def bench_settings(data_dir: Path, size: Size) -> Settings:
         temporal_port=free_port(),
         temporal_ui_port=free_port(),
         simulator_port=free_port(),
+        api_port=free_port(),
         worker_cache_size=size.worker_cache_size,
     ).check()
+
+
+async def callbacks_off(settings: Settings) -> None:
+    """No redemption callbacks from the simulator: the reconciliation part marks coupons
+    used behind the service's back and counts on finding them still `issued`, which the
+    API would otherwise have redeemed through their callbacks first."""
+    async with httpx.AsyncClient(base_url=settings.platform_url, trust_env=False) as sim:
+        (await sim.put("/sim/knobs", json={"callback_url": ""})).raise_for_status()
 
 
 async def campaign(settings: Settings, campaign_id: str, quota: int) -> None:
@@ -110,14 +122,16 @@ async def run_parts(
     worker_pid = stack.worker.pid
     assert worker_pid is not None
     client = await connect(settings)
+    await callbacks_off(settings)
     for name, quota in (
         ("bench-life", 1_000_000),
         ("bench-open", 1_000_000),
         ("bench-storm", size.storm_quota),
     ):
         await campaign(settings, name, quota)
+    storm_key = await api_campaign(settings, "bench-storm-api", size.storm_quota)
     results: dict[str, Any] = {}
-    assert stack.temporal and stack.postgres and stack.simulator
+    assert stack.temporal and stack.postgres and stack.simulator and stack.api
     processes = {
         "worker": worker_pid,
         "temporal": stack.temporal.pid or 0,
@@ -175,7 +189,11 @@ async def run_parts(
         progress("catalog sync", f"{size.sync_batches} batches")
         results["catalog_sync"] = await measure_sync(client, pool, settings, n=size.sync_batches)
 
-        progress("claim storm", f"{size.storm_claims} claims at once, quota {size.storm_quota}")
+        progress(
+            "claim storm",
+            f"{size.storm_claims} claims at once, quota {size.storm_quota}: in process, then "
+            "through the HTTP API",
+        )
         results["claim_storm"] = await measure_storm(
             settings.database_url,
             client,
@@ -183,7 +201,18 @@ async def run_parts(
             "bench-storm",
             claims=size.storm_claims,
             quota=size.storm_quota,
+            processes=processes,
         )
+        results["claim_storm_api"] = await measure_storm_api(
+            settings,
+            "bench-storm-api",
+            storm_key,
+            claims=size.storm_claims,
+            quota=size.storm_quota,
+            processes={**processes, "api": stack.api.pid or 0},
+        )
+        # Only the storm needs the API: the parts after run without it, as before.
+        await asyncio.to_thread(stack.api.stop)
 
         progress("peer", f"DBOS: {size.peer_n} lifecycles, {size.concurrency} in flight")
         results["peer"] = await asyncio.to_thread(
@@ -212,17 +241,22 @@ async def run_parts(
 
 
 def with_statement_stats(stack: Stack) -> bool:
-    """Restart PostgreSQL with pg_stat_statements loaded, the worker stopped meanwhile."""
-    assert stack.postgres is not None
+    """Restart PostgreSQL with pg_stat_statements loaded, the worker and the API stopped
+    meanwhile (so neither keeps a pool of connections the restart broke)."""
+    assert stack.postgres is not None and stack.api is not None
     try:
         enable_statement_stats(stack.postgres.url("postgres"))
         stack.worker.stop()
+        stack.api.stop()
         stack.postgres.restart()
         stack.worker.start()
+        stack.start_api()
     except Exception:
         log.exception("could not load pg_stat_statements")
         if not stack.worker.alive:
             stack.worker.start()
+        if not stack.api.alive:
+            stack.start_api()
         return False
     return create_statement_stats(stack.settings.database_url)
 
@@ -250,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     data_dir = Path(tempfile.mkdtemp(prefix="coupons-bench-"))
     settings = bench_settings(data_dir, size)
-    stack = Stack(settings, demo=False)
+    stack = Stack(settings, demo=False, api=True)
     floor_worker = floor_worker_process(settings, dict(os.environ), data_dir / "logs")
     ok = False
     try:

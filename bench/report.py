@@ -37,6 +37,8 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
     at_all = _num(_get(data, "open_coupons.claim_latency_ms_at_all.p50"))
     granted = _get(data, "claim_storm.granted")
     quota = _get(data, "claim_storm.quota")
+    api_granted = _get(data, "claim_storm_api.granted")
+    api_quota = _get(data, "claim_storm_api.quota")
     sync = _get(data, "catalog_sync") or {}
     recon = _get(data, "reconciliation") or {}
     marked = recon.get("marked_used")
@@ -68,6 +70,11 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
             "target": "claim storm: granted == quota",
             "figure": f"{granted} granted, quota {quota}",
             "met": granted == quota,
+        },
+        {
+            "target": "claim storm through the HTTP API: granted == quota",
+            "figure": f"{api_granted} granted, quota {api_quota}",
+            "met": api_granted is not None and api_granted == api_quota,
         },
         {
             "target": "catalog sync: every batch synced, the platform's changes in the ledger",
@@ -111,8 +118,8 @@ def write_plot(data: dict[str, Any], path: Path) -> None:
         ("peer sat.", "peer.unlock_to_issued_ms"),
     ]
     colors = ["#888888", "#1f77b4", "#ff7f0e"]
-    fig, (left, right, catalog) = plt.subplots(
-        1, 3, figsize=(17, 4.8), gridspec_kw={"width_ratios": [3, 3, 2]}
+    fig, (left, right, catalog, storm) = plt.subplots(
+        1, 4, figsize=(21, 4.8), gridspec_kw={"width_ratios": [3, 3, 2, 2]}
     )
     bars = left.bar(names, [0 if math.isnan(t) else t for t in throughput], color=colors)
     for bar, value in zip(bars, throughput, strict=True):
@@ -163,11 +170,98 @@ def write_plot(data: dict[str, Any], path: Path) -> None:
         f"catalog: {_get(data, 'catalog_sync.batches')} batches, "
         f"{_get(data, 'reconciliation.coupons')} coupons"
     )
+    _plot_storm(storm, data)
     size = _get(data, "size.name")
     fig.suptitle(f"coupon lifecycle benchmark ({size}, {_get(data, 'machine.cpu_count')} cpus)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+STORM_PATHS = (("in process", "claim_storm"), ("HTTP API", "claim_storm_api"))
+
+
+def _plot_storm(axes: Any, data: dict[str, Any]) -> None:
+    """The claim storm's latency by path, p50 and p99, with each path's throughput."""
+    labels = [
+        f"{name}\n{_num(_get(data, f'{key}.throughput_per_s')):.0f} claims/s"
+        for name, key in STORM_PATHS
+    ]
+    width = 0.4
+    for offset, quantile in ((-width / 2, "p50"), (width / 2, "p99")):
+        values = [_num(_get(data, f"{key}.claim_latency_ms.{quantile}")) for _, key in STORM_PATHS]
+        axes.bar(
+            [i + offset for i in range(len(labels))],
+            [0 if math.isnan(v) else v for v in values],
+            width,
+            label=quantile,
+        )
+    axes.set_xticks(list(range(len(labels))), labels)
+    axes.set_ylabel("claim latency, ms")
+    axes.set_title(
+        f"claim storm: {_get(data, 'claim_storm.claims')} claims at once, "
+        f"quota {_get(data, 'claim_storm.quota')}"
+    )
+    axes.legend()
+
+
+def _storm_row(data: dict[str, Any], key: str) -> str:
+    return (
+        f"{_get(data, f'{key}.granted')} granted of quota {_get(data, f'{key}.quota')} from "
+        f"{_get(data, f'{key}.claims')} claims, {_ms(data, f'{key}.claim_latency_ms')}, "
+        f"{_num(_get(data, f'{key}.throughput_per_s')):.0f} claims/s"
+    )
+
+
+def _storm_section(data: dict[str, Any]) -> list[str]:
+    """The two paths of the claim storm side by side."""
+
+    def cells(pick: Any) -> str:
+        return " | ".join(str(pick(key)) for _, key in STORM_PATHS)
+
+    def latency(key: str) -> str:
+        summary = _get(data, f"{key}.claim_latency_ms") or {}
+        return " / ".join(f"{_num(summary.get(q)):.0f}" for q in ("p50", "p99", "max"))
+
+    def refused(key: str) -> str:
+        found = _get(data, f"{key}.refused") or {}
+        return ", ".join(f"{code} {n}" for code, n in sorted(found.items())) or "none"
+
+    api_pool = _get(data, "claim_storm_api.api_pool_connections")
+    return [
+        "",
+        "## Claim storm, in process and through the HTTP API",
+        "",
+        "Every claim at once, each by its own user, against a campaign of its own per path. "
+        "In process: `ClaimService` on a pool of "
+        f"{_get(data, 'claim_storm.pool_connections')} connections. HTTP API: "
+        "`POST /v1/campaigns/{id}/claims` with a tenant's app key from "
+        f"{_get(data, 'claim_storm_api.http_connections')} clients of one HTTP connection "
+        f"each to the API process (its own pool: {api_pool} connections). Latency is the "
+        "client's: queueing for a connection included, on both paths.",
+        "",
+        "| | " + " | ".join(name for name, _ in STORM_PATHS) + " |",
+        "|---|---|---|",
+        "| granted of quota | "
+        + cells(lambda k: f"{_get(data, f'{k}.granted')} of {_get(data, f'{k}.quota')}")
+        + " |",
+        "| claims in the ledger | " + cells(lambda k: _get(data, f"{k}.claims_in_ledger")) + " |",
+        "| refused | " + cells(refused) + " |",
+        "| claim latency p50 / p99 / max, ms | " + cells(latency) + " |",
+        "| throughput, claims/s | "
+        + cells(lambda k: f"{_num(_get(data, f'{k}.throughput_per_s')):.0f}")
+        + " |",
+        "| wall time, s | " + cells(lambda k: _get(data, f"{k}.wall_s")) + " |",
+        "| repeated by the client (503, no answer) | - | "
+        + (
+            ", ".join(
+                f"{why} {n}"
+                for why, n in sorted((_get(data, "claim_storm_api.retried") or {}).items())
+            )
+            or "none"
+        )
+        + " |",
+    ]
 
 
 def _ms(data: dict[str, Any], key: str) -> str:
@@ -216,9 +310,8 @@ def write_markdown(data: dict[str, Any], path: Path, plot_name: str) -> None:
         f"{_ms(data, 'open_coupons.claim_latency_ms_at_all')} |",
         f"| evicted coupons resumed | {_get(data, 'open_coupons.evicted_resumed')}/"
         f"{_get(data, 'open_coupons.evicted_sample')} issued |",
-        f"| claim storm | {_get(data, 'claim_storm.granted')} granted of quota "
-        f"{_get(data, 'claim_storm.quota')} from {_get(data, 'claim_storm.claims')} claims, "
-        f"{_ms(data, 'claim_storm.claim_latency_ms')} |",
+        f"| claim storm, in process | {_storm_row(data, 'claim_storm')} |",
+        f"| claim storm, HTTP API | {_storm_row(data, 'claim_storm_api')} |",
         f"| peer (DBOS) | {peer} |",
         f"| catalog sync | {_get(data, 'catalog_sync.synced')} batches in "
         f"{_num(_get(data, 'catalog_sync.wall_s')):.2f} s: "
@@ -257,5 +350,6 @@ def write_markdown(data: dict[str, Any], path: Path, plot_name: str) -> None:
             floor_cores = floor_cpu.get(name, {}).get("cores", "-")
             life_cores = life_cpu.get(name, {}).get("cores", "-")
             lines.append(f"| {name} | {floor_cores} | {life_cores} |")
+    lines += _storm_section(data)
     lines += ["", f"![throughput and latency]({plot_name})", ""]
     path.write_text("\n".join(lines))

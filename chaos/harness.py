@@ -6,7 +6,9 @@ one this stack started (by pid, through `ManagedProcess`).
 
 The driver claims through `ClaimService` and reports task completion as the app would
 (signal or update). A call that fails because a part is down is retried until it
-succeeds or its deadline passes; only acknowledged claims count as coupons.
+succeeds or its deadline passes; only acknowledged claims count as coupons. It also plays
+a shop's till, marking coupons used at the platform, whose callbacks then reach the API
+(when the harness runs one).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from coupons.catalog import ensure_campaign
 from coupons.claims import ClaimResult, ClaimService
 from coupons.config import Settings
 from coupons.contract import RECONCILE_WORKFLOW
-from coupons.embedded import free_port
+from coupons.embedded import ManagedProcess, free_port
 from coupons.ledger import claims as ledger
 from coupons.ledger import db
 from coupons.ledger.campaigns import Batch, get_batch, get_campaign
@@ -58,14 +60,22 @@ class Harness:
     """A scenario's embedded stack; start() and stop() are synchronous (Stack is)."""
 
     def __init__(
-        self, root: Path, *, lag_window_s: float = 30.0, sync_interval_s: float = 300.0
+        self,
+        root: Path,
+        *,
+        lag_window_s: float = 30.0,
+        sync_interval_s: float = 300.0,
+        api: bool = False,
     ) -> None:
+        """`api` starts the HTTP API too, on a free port, with the simulator's callbacks
+        wired to it (see `coupons.stack.Stack`)."""
         self.settings = Settings(
             data_dir=root,
             pg_port=free_port(),
             temporal_port=free_port(),
             temporal_ui_port=free_port(),
             simulator_port=free_port(),
+            api_port=free_port(),
             lag_window_s=lag_window_s,
             # The worker's catalog-sync schedule runs this often.
             sync_interval_s=sync_interval_s,
@@ -73,7 +83,7 @@ class Harness:
             # made quick so a start lost to an outage does not outlast the run.
             claim_repair_after_s=5.0,
         ).check()
-        self.stack = Stack(self.settings, demo=False)
+        self.stack = Stack(self.settings, demo=False, api=api)
         # Set while a scenario takes the worker down on purpose.
         self.worker_down_on_purpose = False
         self.worker_restarts: list[str] = []
@@ -84,6 +94,11 @@ class Harness:
 
     def stop(self) -> None:
         self.stack.stop()
+
+    @property
+    def api(self) -> ManagedProcess:
+        assert self.stack.api is not None, "this harness runs no API"
+        return self.stack.api
 
     def ensure_worker(self) -> None:
         """Restart a worker that died when no scenario killed it, and remember it."""
@@ -104,6 +119,16 @@ class Acked:
     user_id: str
     workflow_id: str
     acked_at: float
+
+
+@dataclass
+class Redemption:
+    """A coupon's `redeemed` event in the ledger."""
+
+    cause: str
+    # The platform's use (the event's `at`) to the event written (`recorded_at`): one
+    # clock, this machine's, on both sides.
+    use_to_recorded_s: float
 
 
 @dataclass
@@ -136,6 +161,8 @@ class Driver:
         self.ledger_batch_id = ""
         self.batch_quantity = 0
         self.acked: dict[str, Acked] = {}
+        # Platform coupon ids marked used at the platform (the till's), with their user.
+        self.used: dict[str, str] = {}
         self.counters = Counters()
         self._pool: AsyncConnectionPool | None = None
         self._client: Client | None = None
@@ -304,6 +331,23 @@ class Driver:
         batch: dict[str, Any] = response.json()
         return batch
 
+    async def use(self, platform_coupon_id: str, user_id: str) -> None:
+        """Mark a coupon used at the platform, as a shop's till does (the platform's own
+        API, with its key): the platform then sends its COUPON.USED callback."""
+        response = await self.http.post(
+            f"/v1/coupons/{platform_coupon_id}/use",
+            headers={"Authorization": f"Bearer {self.settings.platform_api_key}"},
+        )
+        response.raise_for_status()
+        self.used[platform_coupon_id] = user_id
+
+    async def notifications(self) -> list[dict[str, Any]]:
+        """The platform's COUPON.USED notifications, with their delivery state and attempts."""
+        response = await self.http.get("/sim/notifications", params={"limit": 10_000})
+        response.raise_for_status()
+        found: list[dict[str, Any]] = response.json()["notifications"]
+        return found
+
     async def platform_coupons(self) -> list[dict[str, Any]]:
         response = await self.http.get(f"/sim/batches/{self.batch_id}/coupons")
         response.raise_for_status()
@@ -334,9 +378,31 @@ class Driver:
     async def states(self) -> dict[str, int]:
         return await ledger.count_by_state(self.pool, self.campaign)
 
-    async def wait_all_issued(self, timeout_s: float) -> float | None:
-        """Poll the ledger until every acknowledged coupon is issued; the monotonic time
-        it was first seen, or None when the bound ran out."""
+    async def redemptions(self) -> dict[str, tuple[str | None, list[Redemption]]]:
+        """Per coupon of the campaign: the platform coupon its receipt names (None without
+        one) and its `redeemed` events."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT c.coupon_id, r.platform_coupon_id, e.cause,"
+                " extract(epoch FROM e.recorded_at - e.at)"
+                " FROM claims c"
+                " LEFT JOIN receipts r ON r.coupon_id = c.coupon_id"
+                " LEFT JOIN coupon_events e ON e.coupon_id = c.coupon_id"
+                " AND e.to_state = 'redeemed'"
+                " WHERE c.campaign_id = %s",
+                (self.campaign,),
+            )
+            rows = await cur.fetchall()
+        found: dict[str, tuple[str | None, list[Redemption]]] = {}
+        for coupon_id, platform_coupon_id, cause, took_s in rows:
+            _, events = found.setdefault(coupon_id, (platform_coupon_id, []))
+            if cause is not None:
+                events.append(Redemption(cause, float(took_s)))
+        return found
+
+    async def wait_all_in(self, state: str, timeout_s: float) -> float | None:
+        """Poll the ledger until every acknowledged coupon is in `state`; the monotonic
+        time it was first seen, or None when the bound ran out."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self.harness.ensure_worker()
@@ -345,7 +411,7 @@ class Driver:
             except Exception as err:
                 log.info("ledger unreadable while waiting: %s", _short(err))
                 states = {}
-            if states.get("issued", 0) >= len(self.acked) and len(self.acked) > 0:
+            if states.get(state, 0) >= len(self.acked) and len(self.acked) > 0:
                 return time.monotonic()
             await asyncio.sleep(0.5)
         return None

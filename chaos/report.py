@@ -37,7 +37,8 @@ class ScenarioResult:
     wrong_state: int = 0
     # Ledger claim state, last ledger event and workflow state not all the same.
     disagreeing: int = 0
-    # Still `received` or `usable` when the convergence bound ran out.
+    # Still short of the scenario's final state (`issued`; `redeemed` for the callbacks
+    # scenario) when the convergence bound ran out.
     stuck: int = 0
     # Seconds from the end of the faults to every coupon issued; None: never.
     converge_s: float | None = None
@@ -56,6 +57,9 @@ class ScenarioResult:
     platform_stats: dict[str, int] = field(default_factory=dict)
     # The scenario's own figures (the budget scenario's backlog, wake-ups, ...).
     figures: dict[str, float | int] = field(default_factory=dict)
+    # The scenario's own counts that must be 0 too (the callbacks scenario's coupons not
+    # redeemed through the callback, forged probes accepted, ...).
+    checks: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
     error: str | None = None
 
@@ -66,6 +70,7 @@ class ScenarioResult:
             and self.coupons > 0
             and self.converge_s is not None
             and all(getattr(self, name) == 0 for name in MUST_BE_ZERO)
+            and all(count == 0 for count in self.checks.values())
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -152,6 +157,9 @@ def markdown(results: list[ScenarioResult], *, size: str, started: str, wall_s: 
             f"sent: {result.completions_sent}, never acknowledged: {result.completions_failed}."
         )
         out.append("")
+        if result.checks:
+            checks = ", ".join(f"{key} {value}" for key, value in result.checks.items())
+            out += [f"Checks of its own (each expected at 0): {checks}.", ""]
         if result.figures:
             figures = ", ".join(f"{key} {value}" for key, value in result.figures.items())
             out += [f"Figures: {figures}.", ""]

@@ -23,7 +23,13 @@ from pathlib import Path
 
 from chaos import report
 from chaos.report import ScenarioResult
-from chaos.scenarios import OBSERVE_BUDGET_S, RECONCILE_BUDGET_S, SCENARIOS, VERIFY_BUDGET_S
+from chaos.scenarios import (
+    CHECK_BUDGET_S,
+    OBSERVE_BUDGET_S,
+    RECONCILE_BUDGET_S,
+    SCENARIOS,
+    VERIFY_BUDGET_S,
+)
 from chaos.sizes import Size
 
 log = logging.getLogger("chaos.runner")
@@ -81,7 +87,12 @@ def run(names: list[str], size: Size, out: Path, *, jobs: int, keep: bool) -> in
     running: list[Child] = []
     results: dict[str, ScenarioResult] = {}
     limit_s = (
-        size.hard_timeout_s + VERIFY_BUDGET_S + OBSERVE_BUDGET_S + RECONCILE_BUDGET_S + GRACE_S
+        size.hard_timeout_s
+        + VERIFY_BUDGET_S
+        + CHECK_BUDGET_S
+        + OBSERVE_BUDGET_S
+        + RECONCILE_BUDGET_S
+        + GRACE_S
     )
     try:
         while pending or running:
@@ -127,6 +138,9 @@ def run(names: list[str], size: Size, out: Path, *, jobs: int, keep: bool) -> in
     failed = [r for r in ordered if not r.passed]
     for result in failed:
         print(f"\n{result.name} FAILED: {result.error or ''}", flush=True)
+        for name, count in result.checks.items():
+            if count:
+                print(f"  check {name}: {count}", flush=True)
         for kind, items in result.evidence.items():
             for item in items:
                 print(f"  {kind}: {item}", flush=True)

@@ -35,6 +35,10 @@ class Size:
     # coupons waiting for budget are woken by the schedule, as in production.
     budget_hold_s: float
     sync_interval_s: float
+    # The callbacks scenario: how the API goes down while coupons are used at the platform
+    # ("stop" is SIGTERM, a graceful shutdown; "kill" SIGKILL) and for how many seconds, so
+    # the platform's callbacks fail and are retried.
+    api_outages: tuple[tuple[str, float], ...]
     # After the faults: how long every coupon may take to be issued.
     converge_timeout_s: float
     # Load, faults and convergence; past it the scenario stops and checks what it finds.
@@ -62,6 +66,7 @@ SIZES: dict[str, Size] = {
         duplicates=4,
         budget_hold_s=3,
         sync_interval_s=2,
+        api_outages=(("kill", 3),),
         converge_timeout_s=75,
         hard_timeout_s=100,
         # Two stacks at a time, not five: each Temporal dev server also binds internal
@@ -84,6 +89,7 @@ SIZES: dict[str, Size] = {
         duplicates=5,
         budget_hold_s=10,
         sync_interval_s=3,
+        api_outages=(("stop", 4), ("kill", 4)),
         converge_timeout_s=100,
         hard_timeout_s=150,
         jobs=5,
@@ -103,6 +109,7 @@ SIZES: dict[str, Size] = {
         duplicates=6,
         budget_hold_s=30,
         sync_interval_s=5,
+        api_outages=(("stop", 10), ("kill", 10)),
         converge_timeout_s=300,
         hard_timeout_s=420,
         jobs=1,

@@ -128,7 +128,9 @@ async def _look_all(
     return list(await asyncio.gather(*(one(a) for a in coupons)))
 
 
-async def verify(driver: Driver, result: ScenarioResult) -> None:
+async def verify(driver: Driver, result: ScenarioResult, target: str = "issued") -> None:
+    """Sort every acknowledged coupon into the counts; each must end in `target` (`issued`,
+    or `redeemed` where the scenario uses its coupons)."""
     platform_coupons = await driver.platform_coupons()
     by_user: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for coupon in platform_coupons:
@@ -160,12 +162,13 @@ async def verify(driver: Driver, result: ScenarioResult) -> None:
             count("lost", s, "no ledger claim")
         elif s.workflow_state is None:
             count("lost", s, "no workflow")
-        elif states & FINAL_STATES:
-            count("wrong_state", s, "final state other than issued")
-        elif "issued" not in states:
-            count("stuck", s, "never issued")
-            count("lost", s, "never issued")
-        elif s.ledger_state == "issued" and (s.receipt_id is None or not s.platform):
+        elif states & (FINAL_STATES - {target}):
+            count("wrong_state", s, f"final state other than {target}")
+        elif target not in states:
+            count("stuck", s, f"never {target}")
+            if not states & {"issued", target}:
+                count("lost", s, "never issued")
+        elif s.ledger_state in {"issued", target} and (s.receipt_id is None or not s.platform):
             count("lost", s, "issued without a receipt or a coupon at the platform")
         if len(s.platform) > 1:
             count("duplicate_sends", s, f"{len(s.platform)} coupons at the platform")

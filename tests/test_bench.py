@@ -1,6 +1,7 @@
 """The benchmark harness, run end to end at its tiny size: every part runs, and the JSON
-holds every figure the issues ask for with sane values, and the catalog's counts hold.
-Timings are never asserted against targets here: those are read from a full run."""
+holds every figure the issues ask for with sane values, and the catalog's and the claim
+storm's counts hold (in process and through the HTTP API). Timings are never asserted
+against targets here: those are read from a full run."""
 
 from __future__ import annotations
 
@@ -29,6 +30,14 @@ REQUIRED = (
     "open_coupons.evicted_resumed_ok",
     "claim_storm.granted",
     "claim_storm.quota",
+    "claim_storm.throughput_per_s",
+    "claim_storm.claim_latency_ms.p50",
+    "claim_storm.claim_latency_ms.p99",
+    "claim_storm_api.granted",
+    "claim_storm_api.quota",
+    "claim_storm_api.throughput_per_s",
+    "claim_storm_api.claim_latency_ms.p50",
+    "claim_storm_api.claim_latency_ms.p99",
     "peer.throughput_per_s",
     "catalog_sync.batches_per_s",
     "catalog_sync.wall_s",
@@ -64,8 +73,13 @@ def test_tiny_bench_end_to_end(tmp_path: Path) -> None:
 
     for path in REQUIRED:
         lookup(data, path)
-    assert data["claim_storm"]["granted"] == data["claim_storm"]["quota"]
-    assert data["claim_storm"]["claims_in_ledger"] == data["claim_storm"]["quota"]
+    # The storm by both paths: exactly the quota granted and in the ledger, every other
+    # claim refused as sold out.
+    for path in ("claim_storm", "claim_storm_api"):
+        storm = data[path]
+        assert storm["quota"] == data["size"]["storm_quota"], (path, storm)
+        assert storm["granted"] == storm["claims_in_ledger"] == storm["quota"], (path, storm)
+        assert storm["refused"] == {"sold_out": storm["claims"] - storm["quota"]}, (path, storm)
     for part in ("floor", "lifecycle"):
         assert data[part]["throughput_per_s"] > 0
     for key in ("floor.signal_to_done_ms", "lifecycle.unlock_to_issued_ms"):
@@ -97,5 +111,5 @@ def test_tiny_bench_end_to_end(tmp_path: Path) -> None:
     assert first["platform_used"] == recon["marked_used"], recon
     assert second["mismatches"] == 0, recon
     assert second["platform_sent"] == second["ledger_coupons"] == recon["coupons"], recon
-    assert len(data["targets"]) == 7
+    assert len(data["targets"]) == 8
     assert all(t["met"] for t in data["targets"][-2:]), data["targets"]

@@ -1,8 +1,9 @@
 """`make chaos` itself: every scenario at its tiny size, as the command runs it.
 
 A regression in the harness (or a coupon lost, sent twice or left in a wrong state
-under a crash, or a reconciliation that finds the platform and the ledger apart) fails
-here. Timings are read from the run, never asserted.
+under a crash, a reconciliation that finds the platform and the ledger apart, or a
+platform callback applied twice, never, or forged) fails here. Timings are read from the
+run, never asserted.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def test_every_scenario_at_tiny_size_loses_nothing(tmp_path: Path) -> None:
         assert result["coupons"] > 0, (result["name"], output)
         counts = {name: result[name] for name in MUST_BE_ZERO}
         assert counts == dict.fromkeys(MUST_BE_ZERO, 0), (result["name"], result, output)
+        assert not any(result["checks"].values()), (result["name"], result, output)
         assert result["converge_s"] is not None, (result["name"], result["notes"], output)
     # The budget fault met the flow: coupons waited for budget (the sync saw them as its
     # backlog) and the schedule's sync woke them once it was back.
@@ -45,5 +47,16 @@ def test_every_scenario_at_tiny_size_loses_nothing(tmp_path: Path) -> None:
     assert figures["waiting_for_budget"] > 0, (budget, output)
     assert figures["backlog_seen_by_sync"] > 0, (budget, output)
     assert figures["woken_by_sync"] >= figures["waiting_for_budget"], (budget, output)
+    # The callbacks met every fault: every coupon used at the platform and redeemed through
+    # its callback (the checks above: once, by the callback, nothing forged accepted, nothing
+    # given up), deliveries failed while the API was down and were retried, and duplicates
+    # or forged probes were sent.
+    [callbacks] = [r for r in results if r["name"] == "callbacks"]
+    figures = callbacks["figures"]
+    assert callbacks["checks"], (callbacks, output)
+    assert figures["coupons_used"] == callbacks["coupons"], (callbacks, output)
+    assert figures["use_to_redeemed_ms_count"] == callbacks["coupons"], (callbacks, output)
+    assert figures["failed_api_unreachable"] > 0, (callbacks, output)
+    assert figures["callbacks_duplicated"] + figures["callbacks_forged_sent"] > 0, callbacks
     assert run.returncode == 0, output
     assert "converge s" in run.stdout and "reconcile" in run.stdout  # the table
