@@ -61,8 +61,10 @@ class CatalogActivities:
     async def sync_batch(self, batch_id: str) -> BatchSync:
         """Upsert the platform's figures and flag drift; when budget is back, tell the
         coupons waiting for it to try again."""
-        await _known_batch(self._pool, batch_id)
-        synced = await catalog.sync_batch(self._pool, self._platform, batch_id)
+        try:
+            synced = await catalog.sync_batch(self._pool, self._platform, batch_id)
+        except Refused as err:
+            raise ApplicationError(str(err), type=err.code, non_retryable=True) from err
         if synced.backlog and synced.remaining > 0 and synced.status == BatchStatus.RUNNING:
             synced.woken = await self._wake_waiters(batch_id, synced.platform_batch_id)
         return synced

@@ -185,22 +185,15 @@ async def claims_of_user(
     limit: int = 100,
 ) -> list[Claim]:
     """A user's coupons in a tenant's campaigns, newest first."""
-    async with pool.connection() as conn:
-        cur = conn.cursor(row_factory=class_row(Claim))
-        await cur.execute(
-            _SELECT_CLAIMS + " WHERE k.tenant_id = %(tenant)s AND c.user_id = %(user)s"
-            " AND (%(campaign)s::text IS NULL OR c.campaign_id = %(campaign)s)"
-            " AND (%(state)s::text IS NULL OR c.state = %(state)s)"
-            " ORDER BY c.claimed_at DESC, c.coupon_id LIMIT %(limit)s",
-            {
-                "tenant": tenant_id,
-                "user": user_id,
-                "campaign": campaign_id,
-                "state": state,
-                "limit": limit,
-            },
-        )
-        return await cur.fetchall()
+    return await _find_claims(
+        pool,
+        tenant_id=tenant_id,
+        campaign_id=campaign_id,
+        user_id=user_id,
+        state=state,
+        newest_first=True,
+        limit=limit,
+    )
 
 
 async def mark_started(pool: AsyncConnectionPool, coupon_id: str) -> None:
@@ -312,14 +305,41 @@ async def list_claims(
     state: str | None = None,
     limit: int = 100,
 ) -> list[Claim]:
+    """A campaign's coupons, oldest first."""
+    return await _find_claims(
+        pool, campaign_id=campaign_id, user_id=user_id, state=state, limit=limit
+    )
+
+
+async def _find_claims(
+    pool: AsyncConnectionPool,
+    *,
+    tenant_id: str | None = None,
+    campaign_id: str | None = None,
+    user_id: str | None = None,
+    state: str | None = None,
+    newest_first: bool = False,
+    limit: int,
+) -> list[Claim]:
+    order = (
+        " ORDER BY c.claimed_at DESC, c.coupon_id"
+        if newest_first
+        else (" ORDER BY c.claimed_at, c.coupon_id")
+    )
     async with pool.connection() as conn:
         cur = conn.cursor(row_factory=class_row(Claim))
         await cur.execute(
-            _SELECT_CLAIMS + " WHERE c.campaign_id = %(campaign)s"
+            _SELECT_CLAIMS + " WHERE (%(tenant)s::text IS NULL OR k.tenant_id = %(tenant)s)"
+            " AND (%(campaign)s::text IS NULL OR c.campaign_id = %(campaign)s)"
             " AND (%(user)s::text IS NULL OR c.user_id = %(user)s)"
-            " AND (%(state)s::text IS NULL OR c.state = %(state)s)"
-            " ORDER BY c.claimed_at, c.coupon_id LIMIT %(limit)s",
-            {"campaign": campaign_id, "user": user_id, "state": state, "limit": limit},
+            " AND (%(state)s::text IS NULL OR c.state = %(state)s)" + order + " LIMIT %(limit)s",
+            {
+                "tenant": tenant_id,
+                "campaign": campaign_id,
+                "user": user_id,
+                "state": state,
+                "limit": limit,
+            },
         )
         return await cur.fetchall()
 
