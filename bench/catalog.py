@@ -195,7 +195,7 @@ async def measure_reconcile(
         to_use = [c["coupon_id"] for c in sorted(held, key=lambda c: c["coupon_id"])][::USED_EVERY]
 
         async def use(coupon_id: str) -> None:
-            answer = await sim.post(f"/v1/coupons/{coupon_id}/use")
+            answer = await sim.post(f"/sim/coupons/{coupon_id}/use")
             answer.raise_for_status()
 
         await _each(to_use, use)

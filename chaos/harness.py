@@ -335,7 +335,7 @@ class Driver:
         """Mark a coupon used at the platform, as a shop's till does (the platform's own
         API, with its key): the platform then sends its COUPON.USED callback."""
         response = await self.http.post(
-            f"/v1/coupons/{platform_coupon_id}/use",
+            f"/sim/coupons/{platform_coupon_id}/use",
             headers={"Authorization": f"Bearer {self.settings.platform_api_key}"},
         )
         response.raise_for_status()

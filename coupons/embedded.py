@@ -958,8 +958,12 @@ class SimulatorProcess:
         *,
         startup_timeout_s: float = 15.0,
         inherit_knobs: bool = True,
+        mode: str = "generic",
+        keys_dir: Path | None = None,
     ) -> None:
-        """`env` is added to this process's environment (the simulator's knobs).
+        """`env` is added to this process's environment (the simulator's knobs); `mode` is the
+        platform protocol it speaks, `keys_dir` where that protocol's key material lives
+        (default: beside `data_file`, made on first start).
 
         `inherit_knobs=False` drops `SIM_*` and `PLATFORM_API_KEY` from our own environment
         first, so tests start from known knobs whatever the developer's shell exports.
@@ -995,7 +999,12 @@ class SimulatorProcess:
             str(port),
             "--data",
             self.data_file,
+            "--mode",
+            mode,
         ]
+        self.mode = mode
+        self.keys_dir = (keys_dir or self.data_file.parent / "platform-keys").absolute()
+        argv += ["--keys", self.keys_dir]
         self._process = ManagedProcess(
             "platform simulator", argv, self.log_path, env=child_env, cwd=project_root
         )

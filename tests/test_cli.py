@@ -853,7 +853,7 @@ async def test_reconcile_reports_a_use_behind_our_back_then_repairs_it(
             assert view is not None and view["receipt"] is not None
             used = view["receipt"]["platform_coupon_id"]
             # Used at a till: the platform knows, we are not told (the first poll is minutes off).
-            (await simulator.post(f"/v1/coupons/{used}/use")).raise_for_status()
+            (await simulator.post(f"/sim/coupons/{used}/use")).raise_for_status()
 
             text = await cli.table("reconcile", "--batch", batch["id"], "--no-repair")
             assert "the platform sent 2 and saw 1 used; the ledger has 2 coupons" in text

@@ -190,7 +190,7 @@ async def test_uses_behind_our_back_are_found_repaired_to_redeemed_and_then_gone
 
             # Two are used at a till: the platform knows, we are not told.
             for pid in platform_ids[:2]:
-                answer = await simulator.post(f"/v1/coupons/{pid}/use")
+                answer = await simulator.post(f"/sim/coupons/{pid}/use")
                 answer.raise_for_status()
                 assert answer.json()["status"] == "used"
             # No callback came and no poll has run yet: the ledger still says issued.
@@ -249,7 +249,7 @@ async def test_without_repair_the_mismatch_is_only_listed(
             status = await wait_for_state(handle, "issued")
             assert status.receipt is not None
             pid = status.receipt.platform_coupon_id
-            (await simulator.post(f"/v1/coupons/{pid}/use")).raise_for_status()
+            (await simulator.post(f"/sim/coupons/{pid}/use")).raise_for_status()
 
             report = await reconcile(
                 client, settings, ReconcileInput(campaign.batch_id, repair=False)

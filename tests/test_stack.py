@@ -330,7 +330,7 @@ def test_the_api_beside_the_worker_and_the_platforms_callback(stack: RunningStac
         key = (data / "platform-api-key").read_text().strip()
         began = time.monotonic()
         used = httpx.post(
-            f"{platform}/v1/coupons/{receipt['platform_coupon_id']}/use",
+            f"{platform}/sim/coupons/{receipt['platform_coupon_id']}/use",
             headers={"Authorization": f"Bearer {key}"},
         )
         assert used.status_code == 200, used.text

@@ -167,6 +167,11 @@ class PlatformRateLimited(PlatformError):
     """The platform's frequency limit answered: back off and try again."""
 
 
+class FlowUnavailable(PlatformError):
+    """The platform publishes no flow file of this kind (WeChat Pay has no sent flow, Alipay
+    no flows for vouchers): reconciliation asks about each coupon instead."""
+
+
 class PlatformBatchUnavailable(PlatformError):
     """The batch cannot send right now but may again (paused, budget used up): coupons wait
     for it instead of failing."""

@@ -1,21 +1,24 @@
-"""A real HTTP coupon platform speaking our own small REST protocol ("generic" mode).
+"""A real HTTP coupon platform: one protocol-neutral core, spoken through a "face" per
+platform protocol: generic (our own small REST protocol, `sim_generic.py`), WeChat Pay API v3
+vouchers (`sim_wechat.py`) or Alipay vouchers (`sim_alipay.py`), chosen with `--mode`.
 
 Tests, the demo, chaos runs and benchmarks talk to it over the network exactly as they
 would to a third-party platform. State lives in SQLite so it survives restarts, and the
-`/sim/*` control plane turns the knobs that make a platform hard to live with: latency,
-errors, ambiguous timeouts, lookup lag, rate limits, restricted users, and changes batches
-behind the service's back (budget raised or cut, a batch paused or stopped by an operator).
+`/sim/*` control plane (the same in every mode) turns the knobs that make a platform hard to
+live with: latency, errors, ambiguous timeouts, lookup lag, rate limits, restricted users, and
+changes batches behind the service's back (budget raised or cut, a batch paused or stopped by
+an operator). `POST /sim/coupons/{id}/use` is the shop's till.
 
 Batches live like WeChat Pay stocks: created, then started; paused and resumed; stopped for
 good, or expired once their window is over. Coupons are sent only by a running batch inside
 its window. Each batch publishes flow files (every coupon sent, every coupon used) that a
 caller downloads and verifies by their SHA1, the platform's own record to reconcile against.
 
-When a coupon is used, the platform notifies the merchant: a signed POST of a COUPON.USED
-notification to the `callback_url` knob, kept in SQLite until a receiver answers 2xx, retried
-with exponential backoff, given up after `callback_max_attempts` (see `Notifier`).
+When a coupon is used, the platform notifies the merchant: a POST to the `callback_url` knob,
+signed the face's way, kept in SQLite until the receiver takes it, retried with exponential
+backoff, given up after `callback_max_attempts` (see `Notifier`).
 
-Run: python -m coupons.platforms.simulator --host 127.0.0.1 --port 8600 --data PATH.sqlite3
+Run: python -m coupons.platforms.simulator --mode generic --port 8600 --data PATH.sqlite3
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import asyncio
 import contextlib
 import csv
 import hashlib
-import hmac
 import io
 import json
 import logging
@@ -41,7 +43,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import httpx
@@ -49,7 +51,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 log = logging.getLogger("coupons.platforms.simulator")
 
@@ -69,13 +71,20 @@ ACTIONS: dict[str, tuple[frozenset[str], str]] = {
 }
 # What the control plane may force a batch into, whatever the protocol's actions allow.
 CONTROL_STATUSES = ("running", "paused", "stopped", "expired")
+# What a batch is made of, whatever the protocol calls it.
+BATCH_TERMS = (
+    "name",
+    "face_value_cents",
+    "min_spend_cents",
+    "quantity",
+    "valid_days",
+    "per_user_limit",
+)
+MODES = ("generic", "wechat", "alipay")
 FLOW_KINDS = ("sent", "used")
 FLOW_COLUMNS = ("coupon_id", "batch_id", "user_id", "idempotency_key", "at")
-# Redemption notifications: the event, the headers that sign it, and how delivery behaves.
-COUPON_USED = "COUPON.USED"
-TIMESTAMP_HEADER = "X-Platform-Timestamp"
-NONCE_HEADER = "X-Platform-Nonce"
-SIGNATURE_HEADER = "X-Platform-Signature"
+# How redemption notifications are delivered (what they say and how they are signed is the
+# face's business).
 CALLBACK_RETRY_CAP_S = 60.0
 CALLBACKS_IN_FLIGHT = 64  # deliveries under way at once; the rest wait their turn
 NOTIFICATIONS_LISTED = 100  # GET /sim/notifications answers this many unless asked for more
@@ -86,15 +95,44 @@ FLOW_FILES_KEPT = 256
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(f"{status} {code}: {message}")
-        self.status = status
+class SimError(Exception):
+    """What a core operation raises: a protocol-neutral `code` each face maps to its own
+    answer (status, error code, body). `status` is set only for an injected fault, whose HTTP
+    status the knob chose."""
+
+    def __init__(self, code: str, message: str, status: int | None = None) -> None:
+        super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.status = status
 
-    def response(self) -> JSONResponse:
-        return JSONResponse({"code": self.code, "message": self.message}, self.status)
+
+# The generic protocol's HTTP status for each neutral code; the control plane answers in the
+# generic protocol whatever the mode.
+GENERIC_STATUS: dict[str, int] = {
+    "INVALID_REQUEST": 400,
+    "UNAUTHORIZED": 401,
+    "USER_RESTRICTED": 403,
+    "USER_LIMIT_REACHED": 403,
+    "NOT_FOUND": 404,
+    "BATCH_NOT_FOUND": 404,
+    "COUPON_NOT_FOUND": 404,
+    "FILE_NOT_FOUND": 404,
+    "BATCH_STATE_INVALID": 409,
+    "BATCH_PAUSED": 409,
+    "BATCH_NOT_RUNNING": 409,
+    "BATCH_NOT_STARTED": 409,
+    "BUDGET_EXHAUSTED": 409,
+    "IDEMPOTENCY_KEY_REUSED": 409,
+    "COUPON_EXPIRED": 409,
+    "RATE_LIMITED": 429,
+    "SYSTEM_ERROR": 500,
+}
+
+
+def generic_error(error: SimError) -> JSONResponse:
+    status = error.status or GENERIC_STATUS.get(error.code, 500)
+    return JSONResponse({"code": error.code, "message": error.message}, status)
 
 
 # ---------------------------------------------------------------- knobs
@@ -232,11 +270,11 @@ class Knobs:
         for name, value in changes.items():
             parser = _KNOB_PARSERS.get(name)
             if parser is None:
-                raise ApiError(400, "INVALID_REQUEST", f"unknown knob: {name}")
+                raise SimError("INVALID_REQUEST", f"unknown knob: {name}")
             try:
                 parsed[name] = parser(value)
             except ValueError as exc:
-                raise ApiError(400, "INVALID_REQUEST", f"{name} {exc}") from None
+                raise SimError("INVALID_REQUEST", f"{name} {exc}") from None
         for name, value in parsed.items():
             setattr(self, name, value)
 
@@ -342,8 +380,8 @@ def _upgrade(db: sqlite3.Connection) -> None:
             " status = CASE status WHEN 'active' THEN 'running' ELSE status END"
             " WHERE batch_id = ?",
             (
-                _iso(created),
-                _iso(created + timedelta(days=row["valid_days"])),
+                iso(created),
+                iso(created + timedelta(days=row["valid_days"])),
                 json.dumps(asked, sort_keys=True),
                 row["batch_id"],
             ),
@@ -355,31 +393,31 @@ def _upgrade(db: sqlite3.Connection) -> None:
 # ---------------------------------------------------------------- request helpers
 
 
-async def _json_object(request: Request) -> dict[str, Any]:
+async def json_object(request: Request) -> dict[str, Any]:
     try:
         body = await request.json()
     except ValueError:
-        raise ApiError(400, "INVALID_REQUEST", "body must be JSON") from None
+        raise SimError("INVALID_REQUEST", "body must be JSON") from None
     if not isinstance(body, dict):
-        raise ApiError(400, "INVALID_REQUEST", "body must be a JSON object")
+        raise SimError("INVALID_REQUEST", "body must be a JSON object")
     return body
 
 
-def _text(body: Mapping[str, Any], name: str) -> str:
+def text_field(body: Mapping[str, Any], name: str) -> str:
     value = body.get(name)
     if not isinstance(value, str) or not value.strip():
-        raise ApiError(400, "INVALID_REQUEST", f"{name} must be a non-empty string")
+        raise SimError("INVALID_REQUEST", f"{name} must be a non-empty string")
     return value
 
 
-def _integer(body: Mapping[str, Any], name: str, *, minimum: int) -> int:
+def integer_field(body: Mapping[str, Any], name: str, *, minimum: int) -> int:
     value = body.get(name)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ApiError(400, "INVALID_REQUEST", f"{name} must be an integer >= {minimum}")
+        raise SimError("INVALID_REQUEST", f"{name} must be an integer >= {minimum}")
     return value
 
 
-def _moment(body: Mapping[str, Any], name: str) -> datetime | None:
+def moment_field(body: Mapping[str, Any], name: str) -> datetime | None:
     """An optional ISO 8601 time; it must carry its timezone, since a platform cannot guess it."""
     value = body.get(name)
     if value is None:
@@ -389,7 +427,7 @@ def _moment(body: Mapping[str, Any], name: str) -> datetime | None:
     except ValueError:
         moment = None
     if moment is None or moment.tzinfo is None:
-        raise ApiError(400, "INVALID_REQUEST", f"{name} must be an ISO 8601 time with a timezone")
+        raise SimError("INVALID_REQUEST", f"{name} must be an ISO 8601 time with a timezone")
     return moment.astimezone(UTC)
 
 
@@ -397,7 +435,7 @@ def _a(word: str) -> str:
     return "an" if word[:1] in ("a", "e", "i", "o", "u") else "a"
 
 
-def _iso(moment: datetime) -> str:
+def iso(moment: datetime) -> str:
     return moment.isoformat()
 
 
@@ -417,26 +455,16 @@ def retry_delay(failures: int, base_s: float) -> float:
     return float(min(base_s * 2 ** min(failures - 1, 32), CALLBACK_RETRY_CAP_S))
 
 
-def sign(secret: str, timestamp: str, nonce: str, body: bytes) -> str:
-    """Lowercase hex HMAC-SHA256 over "{timestamp}\\n{nonce}\\n{body}\\n", body as sent."""
-    message = b"%s\n%s\n%s\n" % (timestamp.encode(), nonce.encode(), body)
-    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
-
-
-def _signed_headers(secret: str, body: bytes) -> dict[str, str]:
-    # The real clock, not the simulator's: `clock_offset_s` moves coupon validity, and a
-    # receiver's freshness check must see when the request was actually signed.
-    timestamp, nonce = str(int(time.time())), secrets.token_hex(16)
-    return {
-        "Content-Type": "application/json",
-        TIMESTAMP_HEADER: timestamp,
-        NONCE_HEADER: nonce,
-        SIGNATURE_HEADER: sign(secret, timestamp, nonce, body),
-    }
+def _shown(body: bytes) -> Any:
+    """A stored notification body for the control plane: JSON as JSON, a form as text."""
+    try:
+        return json.loads(body)
+    except ValueError:
+        return body.decode(errors="replace")
 
 
 def _utc(unix_s: float | None) -> str | None:
-    return None if unix_s is None else _iso(datetime.fromtimestamp(unix_s, UTC))
+    return None if unix_s is None else iso(datetime.fromtimestamp(unix_s, UTC))
 
 
 class Notifier:
@@ -451,18 +479,13 @@ class Notifier:
     """
 
     def __init__(
-        self,
-        store: Store,
-        knobs: Knobs,
-        rng: random.Random,
-        counters: dict[str, int],
-        secret: str | None,
+        self, store: Store, knobs: Knobs, rng: random.Random, counters: dict[str, int], face: Face
     ) -> None:
         self.store = store
         self.knobs = knobs
         self.rng = rng
         self.counters = counters
-        self.secret = secret
+        self.face = face
         self._wake = asyncio.Event()
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         for name in (
@@ -477,31 +500,20 @@ class Notifier:
 
     @property
     def on(self) -> bool:
-        return self.secret is not None
+        return self.face.callbacks_on
 
     def _roll(self, rate: float) -> bool:
         return rate > 0 and self.rng.random() < rate
 
-    def enqueue(self, db: sqlite3.Connection, coupon: sqlite3.Row, now: datetime) -> str | None:
+    def enqueue(
+        self, db: sqlite3.Connection, coupon: Mapping[str, Any], now: datetime
+    ) -> str | None:
         """Record the notification of `coupon`'s use, inside the caller's transaction; None
-        when callbacks are off (no secret, or no `callback_url`)."""
+        when callbacks are off (the face cannot sign, or no `callback_url`)."""
         if not self.on or not self.knobs.callback_url:
             return None
         notification_id = f"ntf_{uuid.uuid4().hex}"
-        body = json.dumps(
-            {
-                "id": notification_id,
-                "event_type": COUPON_USED,
-                "create_time": _iso(now),
-                "coupon": {
-                    "coupon_id": coupon["coupon_id"],
-                    "batch_id": coupon["batch_id"],
-                    "user_id": coupon["user_id"],
-                    "used_at": coupon["used_at"],
-                },
-            },
-            separators=(",", ":"),
-        ).encode()
+        body = self.face.notification(notification_id, coupon, now)
         db.execute(
             "INSERT INTO notifications (id, coupon_id, body, created_at, next_attempt_at)"
             " VALUES (?, ?, ?, ?, ?)",
@@ -509,7 +521,7 @@ class Notifier:
                 notification_id,
                 coupon["coupon_id"],
                 body,
-                _iso(datetime.now(UTC)),
+                iso(datetime.now(UTC)),
                 time.time() + self.knobs.callback_delay_ms / 1000,
             ),
         )
@@ -563,15 +575,14 @@ class Notifier:
     async def _deliver(
         self, client: httpx.AsyncClient, url: str, notification_id: str, body: bytes, attempts: int
     ) -> None:
-        assert self.secret is not None
         try:
             if attempts == 0 and self._roll(self.knobs.callback_forged_rate):
                 await self._forge(client, url, body)
-            error = await self._post(client, url, body, _signed_headers(self.secret, body))
+            error = await self._post(client, url, body, self.face.delivery_headers(body))
             self._record(notification_id, attempts + 1, error)
             if error is None and self._roll(self.knobs.callback_duplicate_rate):
                 self.counters["callbacks_duplicated"] += 1
-                again = await self._post(client, url, body, _signed_headers(self.secret, body))
+                again = await self._post(client, url, body, self.face.delivery_headers(body))
                 log.info("notification %s delivered again: %s", notification_id, again or "2xx")
         finally:
             del self._in_flight[notification_id]
@@ -580,7 +591,7 @@ class Notifier:
     async def _post(
         self, client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str]
     ) -> str | None:
-        """None when the receiver answered 2xx, else what went wrong."""
+        """None when the receiver took the notification, else what went wrong."""
         try:
             response = await client.post(
                 url, content=body, headers=headers, timeout=self.knobs.callback_timeout_s
@@ -589,26 +600,20 @@ class Notifier:
             return "timeout"
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             return f"{type(exc).__name__}: {exc}"[:200]
-        return None if response.is_success else f"HTTP {response.status_code}"
+        if self.face.acknowledged(response):
+            return None
+        return f"HTTP {response.status_code}" if not response.is_success else "not acknowledged"
 
     async def _forge(self, client: httpx.AsyncClient, url: str, body: bytes) -> None:
-        """A probe no receiver may accept: the genuine body signed with a wrong key, or the
-        genuine headers over a tampered body (a new notification id, so a receiver cannot
-        hide an acceptance behind its duplicate check)."""
-        assert self.secret is not None
-        if self.counters["callbacks_forged_sent"] % 2 == 0:
-            kind, content = "wrong signature", body
-            headers = _signed_headers(secrets.token_hex(32), body)
-        else:
-            kind, headers = "tampered body", _signed_headers(self.secret, body)
-            content = json.dumps(
-                {**json.loads(body), "id": f"ntf_{uuid.uuid4().hex}"}, separators=(",", ":")
-            ).encode()
-        self.counters["callbacks_forged_sent"] += 1
+        """A probe no receiver may accept (the face alternates its kinds: a wrong key, a
+        tampered body)."""
+        sent = self.counters["callbacks_forged_sent"]
+        content, headers = self.face.forged(body, sent)
+        self.counters["callbacks_forged_sent"] = sent + 1
         error = await self._post(client, url, content, headers)
         if error is None:
             self.counters["callbacks_forged_accepted"] += 1
-            log.warning("forged notification (%s) accepted by %s", kind, url)
+            log.warning("forged notification (probe %d) accepted by %s", sent, url)
 
     def _record(self, notification_id: str, attempts: int, error: str | None) -> None:
         now = datetime.now(UTC)
@@ -617,13 +622,13 @@ class Notifier:
                 db.execute(
                     "UPDATE notifications SET attempts = ?, delivered_at = ?,"
                     " next_attempt_at = NULL, last_error = NULL WHERE id = ?",
-                    (attempts, _iso(now), notification_id),
+                    (attempts, iso(now), notification_id),
                 )
             elif attempts >= self.knobs.callback_max_attempts:
                 db.execute(
                     "UPDATE notifications SET attempts = ?, given_up_at = ?,"
                     " next_attempt_at = NULL, last_error = ? WHERE id = ?",
-                    (attempts, _iso(now), error, notification_id),
+                    (attempts, iso(now), error, notification_id),
                 )
             else:
                 wait_s = retry_delay(attempts, self.knobs.callback_retry_s)
@@ -682,27 +687,79 @@ class Notifier:
                 "delivered_at": row["delivered_at"],
                 "given_up_at": row["given_up_at"],
                 "last_error": row["last_error"],
-                "body": json.loads(row["body"]),
+                "body": _shown(row["body"]),
             }
             for row in rows
         ]
+
+
+# ---------------------------------------------------------------- faces
+
+
+class Face(Protocol):
+    """One platform protocol spoken over the core: its routes, ids, errors and notifications.
+
+    The core decides what happens (a batch's life, sends, budgets, lag, faults); a face only
+    says it in its platform's words and checks its platform's signatures.
+    """
+
+    name: str
+
+    @property
+    def callbacks_on(self) -> bool:
+        """False when the face cannot sign a notification (generic mode without a secret):
+        then none is recorded."""
+        ...
+
+    def routes(self, sim: Simulator) -> list[BaseRoute]:
+        """The protocol's routes, each handler wrapped with `sim.protocol(self, handler)`."""
+        ...
+
+    def error_response(self, error: SimError) -> Response: ...
+
+    def new_batch_id(self) -> str: ...
+
+    def new_coupon_id(self) -> str: ...
+
+    def notification(self, notification_id: str, coupon: Mapping[str, Any], now: datetime) -> bytes:
+        """The exact body of a coupon-used notification, stored and sent as-is every time."""
+        ...
+
+    def delivery_headers(self, body: bytes) -> dict[str, str]:
+        """The headers of one delivery attempt (a fresh timestamp, nonce and signature)."""
+        ...
+
+    def forged(self, body: bytes, n: int) -> tuple[bytes, dict[str, str]]:
+        """A probe no correct receiver accepts; `n` (the probes sent so far) picks its kind."""
+        ...
+
+    def acknowledged(self, response: httpx.Response) -> bool:
+        """Whether the receiver's answer takes the notification (no more retries)."""
+        ...
+
+
+@dataclass(frozen=True)
+class FlowFile:
+    token: str
+    sha1: str
+    records: int
+    content: bytes
 
 
 # ---------------------------------------------------------------- the simulator
 
 
 class Simulator:
-    def __init__(
-        self,
-        data_path: Path,
-        knobs: Knobs,
-        api_key: str | None,
-        callback_secret: str | None = None,
-    ) -> None:
+    """The platform's behaviour, protocol-neutral: batches, sends, lookups, uses, flows, the
+    knobs' faults and the control plane. Its operations raise `SimError`; the face in front
+    of it turns them into its protocol's answers."""
+
+    def __init__(self, data_path: Path, knobs: Knobs, face: Face, keys_dir: Path) -> None:
         self.store = Store(data_path)
         self.knobs = knobs
+        self.face = face
+        self.keys_dir = keys_dir
         self.rng = random.Random(knobs.seed)
-        self._api_key = api_key
         self._window = (0, 0)  # (second, requests seen in it)
         self._files: OrderedDict[str, bytes] = OrderedDict()  # flow file token -> CSV bytes
         self.counters = dict.fromkeys(
@@ -716,7 +773,7 @@ class Simulator:
             ),
             0,
         )
-        self.notifier = Notifier(self.store, knobs, self.rng, self.counters, callback_secret)
+        self.notifier = Notifier(self.store, knobs, self.rng, self.counters, face)
 
     def now(self) -> datetime:
         return datetime.now(UTC) + timedelta(seconds=self.knobs.clock_offset_s)
@@ -746,6 +803,7 @@ class Simulator:
             "starts_at": row["starts_at"],
             "ends_at": row["ends_at"],
             "created_at": row["created_at"],
+            "extra": json.loads(row["request"]).get("extra", {}),
         }
 
     def _coupon_json(self, row: sqlite3.Row) -> dict[str, Any]:
@@ -763,16 +821,10 @@ class Simulator:
             "sent_at": row["sent_at"],
             "valid_until": row["valid_until"],
             "used_at": row["used_at"],
+            "idempotency_key": row["idempotency_key"],
         }
 
-    # -- guards ---------------------------------------------------------------
-
-    def _check_auth(self, request: Request) -> None:
-        if self._api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self._api_key}".encode()):
-            raise ApiError(401, "UNAUTHORIZED", "missing or wrong API key")
+    # -- the protocol wrapper ---------------------------------------------------
 
     def _check_rate(self) -> None:
         limit = self.knobs.rate_limit_per_s
@@ -783,16 +835,17 @@ class Simulator:
         self._window = (second, seen)
         if seen > limit:
             self.counters["rate_limited"] += 1
-            raise ApiError(429, "RATE_LIMITED", f"more than {limit} requests per second")
+            raise SimError("RATE_LIMITED", f"more than {limit} requests per second")
 
-    def v1(self, handler: Handler) -> Handler:
+    def protocol(self, face: Face, handler: Handler) -> Handler:
+        """A protocol endpoint: the rate limit, the face's error answers, the latency knob."""
+
         async def endpoint(request: Request) -> Response:
             try:
-                self._check_auth(request)
                 self._check_rate()
                 response: Response = await handler(request)
-            except ApiError as exc:
-                response = exc.response()
+            except SimError as exc:
+                response = face.error_response(exc)
             if self.knobs.latency_ms > 0:
                 await asyncio.sleep(self.knobs.latency_ms / 1000)
             return response
@@ -804,48 +857,48 @@ class Simulator:
         async def endpoint(request: Request) -> Response:
             try:
                 return await handler(request)
-            except ApiError as exc:
-                return exc.response()
+            except SimError as exc:
+                return generic_error(exc)
 
         return endpoint
 
-    # -- /v1 --------------------------------------------------------------------
+    # -- core operations ----------------------------------------------------------
 
-    async def create_batch(self, request: Request) -> Response:
-        body = await _json_object(request)
-        spec: dict[str, Any] = {
-            "name": _text(body, "name"),
-            "face_value_cents": _integer(body, "face_value_cents", minimum=1),
-            "min_spend_cents": _integer(body, "min_spend_cents", minimum=0),
-            "quantity": _integer(body, "quantity", minimum=1),
-            "valid_days": _integer(body, "valid_days", minimum=1),
-            "per_user_limit": _integer(body, "per_user_limit", minimum=1),
-        }
-        window = {
-            name: moment
-            for name in ("starts_at", "ends_at")
-            if (moment := _moment(body, name)) is not None
-        }
-        request_key = _text(body, "request_key")
+    def create_batch(
+        self,
+        request_key: str,
+        terms: Mapping[str, Any],
+        starts_at: datetime | None,
+        ends_at: datetime | None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> tuple[dict[str, Any], bool]:
+        """A new batch, `created` (not started); the same `request_key` with the same terms
+        finds the batch it made (created False), with other terms it is refused."""
+        spec = {name: terms[name] for name in BATCH_TERMS}
         now = self.now()
-        starts_at = window.get("starts_at", now)
-        ends_at = window.get("ends_at", starts_at + timedelta(days=spec["valid_days"]))
-        if ends_at <= starts_at:
-            raise ApiError(400, "INVALID_REQUEST", "ends_at must be after starts_at")
+        begins = starts_at or now
+        ends = ends_at or begins + timedelta(days=spec["valid_days"])
+        if ends <= begins:
+            raise SimError("INVALID_REQUEST", "ends_at must be after starts_at")
         # Only an explicit window is part of the request: a default one depends on when the
         # request arrived, and a retry without a window must find the batch it created.
-        asked = {**spec, **{name: _iso(moment) for name, moment in window.items()}}
+        window = (("starts_at", starts_at), ("ends_at", ends_at))
+        asked = {
+            **spec,
+            **{name: iso(moment) for name, moment in window if moment is not None},
+            **({"extra": dict(extra)} if extra else {}),
+        }
         with self.store.tx() as db:
             row = db.execute(
                 "SELECT * FROM batches WHERE request_key = ?", (request_key,)
             ).fetchone()
             if row is not None:
-                if json.loads(row["request"]) != asked:
-                    raise ApiError(
-                        409, "IDEMPOTENCY_KEY_REUSED", "request_key was used for another batch"
+                if json.loads(row["request"]) != json.loads(json.dumps(asked)):
+                    raise SimError(
+                        "IDEMPOTENCY_KEY_REUSED", "request_key was used for another batch"
                     )
-                return JSONResponse(self._batch_json(row), 200)
-            batch_id = f"bat_{uuid.uuid4().hex[:20]}"
+                return self._batch_json(row), False
+            batch_id = self.face.new_batch_id()
             db.execute(
                 "INSERT INTO batches (batch_id, request_key, status, remaining, created_at,"
                 f" starts_at, ends_at, request, {', '.join(spec)})"
@@ -854,16 +907,16 @@ class Simulator:
                     batch_id,
                     request_key,
                     spec["quantity"],
-                    _iso(now),
-                    _iso(starts_at),
-                    _iso(ends_at),
+                    iso(now),
+                    iso(begins),
+                    iso(ends),
                     json.dumps(asked, sort_keys=True),
                     *spec.values(),
                 ),
             )
-            row = db.execute("SELECT * FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()
+            row = self._batch_row(db, batch_id)
         log.info("batch %s created (%s coupons)", batch_id, spec["quantity"])
-        return JSONResponse(self._batch_json(row), 201)
+        return self._batch_json(row), True
 
     @staticmethod
     def _batch_row(db: sqlite3.Connection, batch_id: str) -> sqlite3.Row:
@@ -871,42 +924,37 @@ class Simulator:
             "SELECT * FROM batches WHERE batch_id = ?", (batch_id,)
         ).fetchone()
         if row is None:
-            raise ApiError(404, "BATCH_NOT_FOUND", f"no batch {batch_id}")
+            raise SimError("BATCH_NOT_FOUND", f"no batch {batch_id}")
         return row
 
-    async def get_batch(self, request: Request) -> Response:
-        return JSONResponse(
-            self._batch_json(self._batch_row(self.store.db, request.path_params["batch_id"]))
-        )
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        return self._batch_json(self._batch_row(self.store.db, batch_id))
 
-    async def change_batch(self, request: Request) -> Response:
-        batch_id, action = request.path_params["batch_id"], request.path_params["action"]
+    def change_batch(self, batch_id: str, action: str) -> dict[str, Any]:
         if action not in ACTIONS:
-            raise ApiError(404, "NOT_FOUND", f"no action {action}; one of {', '.join(ACTIONS)}")
+            raise SimError("NOT_FOUND", f"no action {action}; one of {', '.join(ACTIONS)}")
         leaves, target = ACTIONS[action]
         with self.store.tx() as db:
             row = self._batch_row(db, batch_id)
             status = self._batch_status(row)
             if status == target:
-                return JSONResponse(self._batch_json(row))
+                return self._batch_json(row)
             if status not in leaves:
-                raise ApiError(
-                    409, "BATCH_STATE_INVALID", f"cannot {action} {_a(status)} {status} batch"
+                raise SimError(
+                    "BATCH_STATE_INVALID", f"cannot {action} {_a(status)} {status} batch"
                 )
             db.execute("UPDATE batches SET status = ? WHERE batch_id = ?", (target, batch_id))
             row = self._batch_row(db, batch_id)
         log.info("batch %s: %s, now %s", batch_id, action, target)
-        return JSONResponse(self._batch_json(row))
+        return self._batch_json(row)
 
-    async def send_coupon(self, request: Request) -> Response:
-        batch_id: str = request.path_params["batch_id"]
-        body = await _json_object(request)
-        user_id = _text(body, "user_id")
-        key = _text(body, "idempotency_key")
+    async def send(self, batch_id: str, user_id: str, key: str) -> tuple[dict[str, Any], bool]:
+        """Send a coupon of `batch_id` to `user_id`, once per `key`; the error and ambiguity
+        knobs apply here, so every face has them."""
         if self._roll(self.knobs.error_rate):
             self.counters["errors_injected"] += 1
             log.info("send %s: injected SYSTEM_ERROR, not applied", key)
-            raise ApiError(500, "SYSTEM_ERROR", "system error, please retry")
+            raise SimError("SYSTEM_ERROR", "system error, please retry")
 
         row, created = self._apply_send(batch_id, user_id, key)
         self.counters["sends_applied" if created else "sends_replayed"] += 1
@@ -918,17 +966,16 @@ class Simulator:
             self.counters["ambiguous_injected"] += 1
             log.info("send %s: applied, answering ambiguously (%s)", key, self.knobs.ambiguous_mode)
             if self.knobs.ambiguous_mode == "5xx":
-                raise ApiError(500, "SYSTEM_ERROR", "system error, please retry")
+                raise SimError("SYSTEM_ERROR", "system error, please retry")
             await asyncio.sleep(self.knobs.ambiguous_hang_s)
-        return JSONResponse(coupon, 201 if created else 200)
+        return coupon, created
 
     def _apply_send(self, batch_id: str, user_id: str, key: str) -> tuple[sqlite3.Row, bool]:
         with self.store.tx() as db:
             row = db.execute("SELECT * FROM coupons WHERE idempotency_key = ?", (key,)).fetchone()
             if row is not None:
                 if (row["batch_id"], row["user_id"]) != (batch_id, user_id):
-                    raise ApiError(
-                        409,
+                    raise SimError(
                         "IDEMPOTENCY_KEY_REUSED",
                         "idempotency_key was used for another batch or user",
                     )
@@ -937,32 +984,25 @@ class Simulator:
             sent_at = self.now()
             self._check_sending(batch, sent_at)
             if user_id in self.knobs.restricted_users:
-                raise ApiError(403, "USER_RESTRICTED", "this user may not receive coupons")
+                raise SimError("USER_RESTRICTED", "this user may not receive coupons")
             (held,) = db.execute(
                 "SELECT count(*) FROM coupons WHERE batch_id = ? AND user_id = ?",
                 (batch_id, user_id),
             ).fetchone()
             if held >= batch["per_user_limit"]:
-                raise ApiError(403, "USER_LIMIT_REACHED", "the user holds the batch's limit")
+                raise SimError("USER_LIMIT_REACHED", "the user holds the batch's limit")
             if batch["remaining"] <= 0:
-                raise ApiError(409, "BUDGET_EXHAUSTED", "the batch has no coupons left")
+                raise SimError("BUDGET_EXHAUSTED", "the batch has no coupons left")
             # A coupon never outlives the batch's window.
             valid_until = min(
                 sent_at + timedelta(days=batch["valid_days"]),
                 datetime.fromisoformat(batch["ends_at"]),
             )
-            coupon_id = f"cpn_{uuid.uuid4().hex[:20]}"
+            coupon_id = self.face.new_coupon_id()
             db.execute(
                 "INSERT INTO coupons (coupon_id, idempotency_key, batch_id, user_id, sent_at,"
                 " valid_until) VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    coupon_id,
-                    key,
-                    batch_id,
-                    user_id,
-                    _iso(sent_at),
-                    _iso(valid_until),
-                ),
+                (coupon_id, key, batch_id, user_id, iso(sent_at), iso(valid_until)),
             )
             db.execute(
                 "UPDATE batches SET remaining = remaining - 1 WHERE batch_id = ?", (batch_id,)
@@ -974,19 +1014,23 @@ class Simulator:
         # Paused may send again (the caller waits); any other non-running batch is a refusal.
         status = self._batch_status(batch, now)
         if status == "paused":
-            raise ApiError(409, "BATCH_PAUSED", "the batch is paused")
+            raise SimError("BATCH_PAUSED", "the batch is paused")
         if status != "running":
-            raise ApiError(409, "BATCH_NOT_RUNNING", f"the batch is {status}, not running")
+            raise SimError("BATCH_NOT_RUNNING", f"the batch is {status}, not running")
         if now < datetime.fromisoformat(batch["starts_at"]):
-            raise ApiError(409, "BATCH_NOT_STARTED", f"the batch starts at {batch['starts_at']}")
+            raise SimError("BATCH_NOT_STARTED", f"the batch starts at {batch['starts_at']}")
 
-    async def get_coupon(self, request: Request) -> Response:
-        user_id, coupon_id = request.path_params["user_id"], request.path_params["coupon_id"]
+    def lookup(self, coupon_id: str, user_id: str | None) -> dict[str, Any]:
+        """The coupon as the platform's lookup shows it: not found while the lag hides a new
+        send (or for another user's coupon, when `user_id` is given)."""
         if self.knobs.lookup_error_status:
             self.counters["errors_injected"] += 1
-            raise ApiError(self.knobs.lookup_error_status, "INJECTED", "lookup fault injected")
+            raise SimError(
+                "INJECTED", "lookup fault injected", status=self.knobs.lookup_error_status
+            )
         row = self.store.db.execute(
-            "SELECT * FROM coupons WHERE coupon_id = ? AND user_id = ?", (coupon_id, user_id)
+            "SELECT * FROM coupons WHERE coupon_id = ? AND (? IS NULL OR user_id = ?)",
+            (coupon_id, user_id, user_id),
         ).fetchone()
         visible_at = (
             datetime.fromisoformat(row["sent_at"]) + timedelta(seconds=self.knobs.lookup_lag_s)
@@ -995,39 +1039,37 @@ class Simulator:
         )
         if visible_at is None or self.now() < visible_at:
             self.counters["lookups_not_found"] += 1
-            raise ApiError(404, "COUPON_NOT_FOUND", f"no coupon {coupon_id} for this user")
-        return JSONResponse(self._coupon_json(row))
+            raise SimError("COUPON_NOT_FOUND", f"no coupon {coupon_id} for this user")
+        return self._coupon_json(row)
 
-    async def use_coupon(self, request: Request) -> Response:
-        coupon_id = request.path_params["coupon_id"]
+    def use(self, coupon_id: str) -> dict[str, Any]:
+        """The shop's till: the coupon is used (once; again is a no-op) and its notification
+        recorded in the same transaction."""
         with self.store.tx() as db:
             row = db.execute("SELECT * FROM coupons WHERE coupon_id = ?", (coupon_id,)).fetchone()
             if row is None:
-                raise ApiError(404, "COUPON_NOT_FOUND", f"no coupon {coupon_id}")
+                raise SimError("COUPON_NOT_FOUND", f"no coupon {coupon_id}")
             status = self._coupon_json(row)["status"]
             if status == "expired":
-                raise ApiError(409, "COUPON_EXPIRED", "the coupon's validity has ended")
+                raise SimError("COUPON_EXPIRED", "the coupon's validity has ended")
             notification_id = None
             if status == "sent":
                 now = self.now()
                 db.execute(
-                    "UPDATE coupons SET used_at = ? WHERE coupon_id = ?", (_iso(now), coupon_id)
+                    "UPDATE coupons SET used_at = ? WHERE coupon_id = ?", (iso(now), coupon_id)
                 )
                 row = db.execute(
                     "SELECT * FROM coupons WHERE coupon_id = ?", (coupon_id,)
                 ).fetchone()
-                # In the same transaction: a used coupon always has its notification.
-                notification_id = self.notifier.enqueue(db, row, now)
+                notification_id = self.notifier.enqueue(db, self._coupon_json(row), now)
         if notification_id is not None:
             self.notifier.wake()
-        return JSONResponse(self._coupon_json(row))
+        return self._coupon_json(row)
 
-    async def batch_flow(self, request: Request) -> Response:
-        """Publish the batch's flow file of `kind` and answer where to download it and its
-        SHA1, as WeChat Pay's use-flow endpoint does."""
-        batch_id, kind = request.path_params["batch_id"], request.path_params["kind"]
+    def flow(self, batch_id: str, kind: str) -> FlowFile:
+        """Publish the batch's flow file of `kind` (sent or used) for download by its token."""
         if kind not in FLOW_KINDS:
-            raise ApiError(404, "NOT_FOUND", f"no flow {kind}; one of {', '.join(FLOW_KINDS)}")
+            raise SimError("NOT_FOUND", f"no flow {kind}; one of {', '.join(FLOW_KINDS)}")
         self._batch_row(self.store.db, batch_id)
         records = self._flow_records(batch_id, kind)
         content = _flow_csv(records)
@@ -1035,14 +1077,8 @@ class Simulator:
         self._files[token] = content
         while len(self._files) > FLOW_FILES_KEPT:
             self._files.popitem(last=False)
-        return JSONResponse(
-            {
-                "url": str(request.url_for("flow_file", token=token)),
-                "hash_type": "SHA1",
-                "hash_value": hashlib.sha1(content, usedforsecurity=False).hexdigest(),
-                "records": len(records),
-            }
-        )
+        sha1 = hashlib.sha1(content, usedforsecurity=False).hexdigest()
+        return FlowFile(token, sha1, len(records), content)
 
     def _flow_records(self, batch_id: str, kind: str) -> list[tuple[str, ...]]:
         # `at` is when the platform saw it happen: the send for "sent", the use for "used".
@@ -1065,22 +1101,22 @@ class Simulator:
         records.sort(key=lambda record: (datetime.fromisoformat(record[4]), record[0]))
         return records
 
-    async def flow_file(self, request: Request) -> Response:
-        content = self._files.get(request.path_params["token"])
+    def file(self, token: str) -> bytes:
+        content = self._files.get(token)
         if content is None:
-            raise ApiError(404, "FILE_NOT_FOUND", "no such file (ask for the flow again)")
-        return Response(content, media_type="text/csv")
+            raise SimError("FILE_NOT_FOUND", "no such file (ask for the flow again)")
+        return content
 
     # -- /sim and /health -------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", "mode": self.face.name})
 
     async def get_knobs(self, request: Request) -> Response:
         return JSONResponse(asdict(self.knobs))
 
     async def put_knobs(self, request: Request) -> Response:
-        changes = await _json_object(request)
+        changes = await json_object(request)
         self.knobs.update(changes)
         if "seed" in changes:
             self.rng.seed(self.knobs.seed)
@@ -1110,7 +1146,7 @@ class Simulator:
         try:
             limit = _positive_count(request.query_params.get("limit", NOTIFICATIONS_LISTED))
         except ValueError as exc:
-            raise ApiError(400, "INVALID_REQUEST", f"limit {exc}") from None
+            raise SimError("INVALID_REQUEST", f"limit {exc}") from None
         coupon_id = request.query_params.get("coupon_id")
         return JSONResponse({"notifications": self.notifier.listing(min(limit, 10_000), coupon_id)})
 
@@ -1119,17 +1155,17 @@ class Simulator:
         `remaining` budget (the total `quantity` follows, always sent + remaining) and/or force
         its `status`. Coupons already sent stay as they are, stopped or expired batch or not."""
         batch_id = request.path_params["batch_id"]
-        body = await _json_object(request)
+        body = await json_object(request)
         unknown = sorted(set(body) - {"remaining", "status"})
         if unknown:
-            raise ApiError(400, "INVALID_REQUEST", f"unknown field: {', '.join(unknown)}")
+            raise SimError("INVALID_REQUEST", f"unknown field: {', '.join(unknown)}")
         if not body:
-            raise ApiError(400, "INVALID_REQUEST", "give remaining and/or status")
-        remaining = _integer(body, "remaining", minimum=0) if "remaining" in body else None
+            raise SimError("INVALID_REQUEST", "give remaining and/or status")
+        remaining = integer_field(body, "remaining", minimum=0) if "remaining" in body else None
         status = body.get("status")
         if "status" in body and status not in CONTROL_STATUSES:
-            raise ApiError(
-                400, "INVALID_REQUEST", f"status must be one of {', '.join(CONTROL_STATUSES)}"
+            raise SimError(
+                "INVALID_REQUEST", f"status must be one of {', '.join(CONTROL_STATUSES)}"
             )
         with self.store.tx() as db:
             row = self._batch_row(db, batch_id)
@@ -1150,15 +1186,15 @@ class Simulator:
         # it as final would no longer hold. Checked before any write, so a refusal changes nothing.
         current = self._batch_status(row)
         if status not in FINISHED and current in FINISHED:
-            raise ApiError(
-                409, "BATCH_STATE_INVALID", f"{_a(current)} {current} batch cannot be {status}"
+            raise SimError(
+                "BATCH_STATE_INVALID", f"{_a(current)} {current} batch cannot be {status}"
             )
         ends_at = datetime.fromisoformat(row["ends_at"])
         if status == "expired":
             ends_at = min(ends_at, self.now())  # its window is over now
         db.execute(
             "UPDATE batches SET status = ?, ends_at = ? WHERE batch_id = ?",
-            (status, _iso(ends_at), row["batch_id"]),
+            (status, iso(ends_at), row["batch_id"]),
         )
 
     async def batch_coupons(self, request: Request) -> Response:
@@ -1168,13 +1204,10 @@ class Simulator:
             "SELECT * FROM coupons WHERE batch_id = ? ORDER BY sent_at, coupon_id",
             (request.path_params["batch_id"],),
         ).fetchall()
-        return JSONResponse(
-            {
-                "coupons": [
-                    {**self._coupon_json(r), "idempotency_key": r["idempotency_key"]} for r in rows
-                ]
-            }
-        )
+        return JSONResponse({"coupons": [self._coupon_json(row) for row in rows]})
+
+    async def use_coupon(self, request: Request) -> Response:
+        return JSONResponse(self.use(request.path_params["coupon_id"]))
 
 
 def _report_stop(task: asyncio.Task[None]) -> None:
@@ -1182,14 +1215,41 @@ def _report_stop(task: asyncio.Task[None]) -> None:
         log.error("notification delivery stopped", exc_info=task.exception())
 
 
-def create_app(data_path: Path, knobs: Knobs | None = None) -> Starlette:
-    """The simulator as an ASGI app; `PLATFORM_API_KEY`, if set now, guards every /v1 path;
-    `PLATFORM_CALLBACK_SECRET`, if set now, signs redemption notifications (none without)."""
-    api_key = os.environ.get("PLATFORM_API_KEY") or None
-    secret = os.environ.get("PLATFORM_CALLBACK_SECRET") or None
-    sim = Simulator(data_path, knobs if knobs is not None else Knobs.from_env(), api_key, secret)
-    log.info("simulator data at %s, auth %s", data_path, "on" if api_key else "off")
-    if secret is None:
+def make_face(mode: str, keys_dir: Path) -> Face:
+    """The face of `mode`; each platform's face is imported only when asked for."""
+    if mode == "generic":
+        from coupons.platforms.sim_generic import GenericFace
+
+        return GenericFace(
+            api_key=os.environ.get("PLATFORM_API_KEY") or None,
+            callback_secret=os.environ.get("PLATFORM_CALLBACK_SECRET") or None,
+        )
+    if mode == "wechat":
+        from coupons.platforms.sim_wechat import WechatFace
+
+        return WechatFace(keys_dir)
+    if mode == "alipay":
+        from coupons.platforms.sim_alipay import AlipayFace
+
+        return AlipayFace(keys_dir)
+    raise ValueError(f"unknown simulator mode {mode!r}; one of {', '.join(MODES)}")
+
+
+def create_app(
+    data_path: Path,
+    knobs: Knobs | None = None,
+    mode: str = "generic",
+    keys_dir: Path | None = None,
+) -> Starlette:
+    """The simulator as an ASGI app speaking `mode`'s protocol. Generic mode reads
+    `PLATFORM_API_KEY` (if set, it guards every /v1 path) and `PLATFORM_CALLBACK_SECRET` (if
+    set, it signs redemption notifications; none is sent without) now; the wechat and alipay
+    modes keep their key material under `keys_dir` (made on first start)."""
+    keys = keys_dir if keys_dir is not None else data_path.parent / "platform-keys"
+    face = make_face(mode, keys)
+    sim = Simulator(data_path, knobs if knobs is not None else Knobs.from_env(), face, keys)
+    log.info("simulator (%s) data at %s", mode, data_path)
+    if not face.callbacks_on:
         log.info("callbacks off: PLATFORM_CALLBACK_SECRET is not set, no notification is sent")
     else:
         log.info("callbacks on, to %s", sim.knobs.callback_url or "nowhere yet (callback_url)")
@@ -1208,23 +1268,17 @@ def create_app(data_path: Path, knobs: Knobs | None = None) -> Starlette:
                     await delivery
             sim.store.close()
 
-    v1, control = sim.v1, sim.control
+    control = sim.control
     routes = [
         Route("/health", sim.health, methods=["GET"]),
-        Route("/v1/batches", v1(sim.create_batch), methods=["POST"]),
-        Route("/v1/batches/{batch_id}", v1(sim.get_batch), methods=["GET"]),
-        Route("/v1/batches/{batch_id}/coupons", v1(sim.send_coupon), methods=["POST"]),
-        Route("/v1/batches/{batch_id}/flows/{kind}", v1(sim.batch_flow), methods=["GET"]),
-        Route("/v1/batches/{batch_id}/{action}", v1(sim.change_batch), methods=["POST"]),
-        Route("/v1/files/{token}", v1(sim.flow_file), methods=["GET"], name="flow_file"),
-        Route("/v1/users/{user_id}/coupons/{coupon_id}", v1(sim.get_coupon), methods=["GET"]),
-        Route("/v1/coupons/{coupon_id}/use", v1(sim.use_coupon), methods=["POST"]),
+        *face.routes(sim),
         Route("/sim/knobs", control(sim.get_knobs), methods=["GET"]),
         Route("/sim/knobs", control(sim.put_knobs), methods=["PUT"]),
         Route("/sim/stats", control(sim.stats), methods=["GET"]),
         Route("/sim/notifications", control(sim.notifications), methods=["GET"]),
         Route("/sim/batches/{batch_id}", control(sim.put_batch), methods=["PUT"]),
         Route("/sim/batches/{batch_id}/coupons", control(sim.batch_coupons), methods=["GET"]),
+        Route("/sim/coupons/{coupon_id}/use", control(sim.use_coupon), methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.simulator = sim
@@ -1232,16 +1286,22 @@ def create_app(data_path: Path, knobs: Knobs | None = None) -> Starlette:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Coupon platform simulator (generic protocol)")
+    parser = argparse.ArgumentParser(description="Coupon platform simulator")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8600)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="SQLite file")
+    parser.add_argument(
+        "--mode", choices=MODES, default="generic", help="the platform protocol to speak"
+    )
+    parser.add_argument(
+        "--keys", type=Path, default=None, help="key material (default: beside --data)"
+    )
     parser.add_argument("--access-log", action="store_true", help="log every request")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # Not a line per callback sent; failures and give-ups are logged by the Notifier.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    app = create_app(args.data)
+    app = create_app(args.data, mode=args.mode, keys_dir=args.keys)
     # A hanging ambiguous answer must not hold up shutdown for its whole hang.
     uvicorn.run(
         app,
@@ -1253,4 +1313,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the imported module, not `__main__`: the faces import `coupons.platforms.simulator`,
+    # and its SimError must be the class the core catches.
+    from coupons.platforms import simulator
+
+    simulator.main()

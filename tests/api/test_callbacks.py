@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from coupons.ledger import notifications
-from coupons.platforms.simulator import NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+from coupons.platforms.sim_generic import NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 from tests.api.conftest import (
     CALLBACK_PATH,
     CALLBACK_SECRET,
@@ -96,7 +96,7 @@ async def test_marked_used_at_the_platform_is_redeemed_through_the_callback(
 ) -> None:
     coupon = await _issued(api, tenant_a, "rita")
     began = time.monotonic()
-    used = await simulator.post(f"/v1/coupons/{coupon['platform_coupon_id']}/use")
+    used = await simulator.post(f"/sim/coupons/{coupon['platform_coupon_id']}/use")
     assert used.status_code == 200, used.text
     # The bound; polling alone would take 5 minutes.
     await until(lambda: _is(api, coupon["coupon_id"], "redeemed"), 2)
@@ -116,7 +116,7 @@ async def test_duplicated_and_forged_deliveries_from_the_platform(
     knobs = {"callback_duplicate_rate": 1.0, "callback_forged_rate": 1.0}
     (await simulator.put("/sim/knobs", json=knobs)).raise_for_status()
     coupon = await _issued(api, tenant_a, "sam")
-    await simulator.post(f"/v1/coupons/{coupon['platform_coupon_id']}/use")
+    await simulator.post(f"/sim/coupons/{coupon['platform_coupon_id']}/use")
     await wait_for_state(handle_of(api.client, coupon["workflow_id"]), "redeemed")
     stats = await until(lambda: _stats_with(simulator, "callbacks_duplicated"), 5)
     assert stats["callbacks_forged_sent"] >= 1 and stats["callbacks_forged_accepted"] == 0

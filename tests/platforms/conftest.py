@@ -18,10 +18,12 @@ from coupons.platforms.rest import RestPlatform
 from coupons.platforms.simulator import Knobs
 
 
-def simulator_process(data: Path, env: Mapping[str, str] | None = None) -> SimulatorProcess:
+def simulator_process(
+    data: Path, env: Mapping[str, str] | None = None, mode: str = "generic"
+) -> SimulatorProcess:
     """A simulator child on its own port, with no knobs or key from the developer's shell."""
     return SimulatorProcess(
-        data, free_port(), env, log_path=data.with_suffix(".log"), inherit_knobs=False
+        data, free_port(), env, log_path=data.with_suffix(".log"), inherit_knobs=False, mode=mode
     )
 
 
@@ -82,7 +84,7 @@ class SimControl:
         return stats
 
     async def use(self, coupon_id: str) -> httpx.Response:
-        return await self.http.post(f"/v1/coupons/{coupon_id}/use")
+        return await self.http.post(f"/sim/coupons/{coupon_id}/use")
 
     async def change_batch(self, batch_id: str, **changes: Any) -> httpx.Response:
         """What the platform's operator does behind the service's back (budget, status)."""

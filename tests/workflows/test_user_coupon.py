@@ -232,7 +232,7 @@ async def test_redemption_is_found_by_polling_the_platform(ts: TimeSkipping) -> 
         await handle.signal(UserCouponWorkflow.task_done, TaskCompletion(TASK))
         issued = await wait_for_state(handle, "issued")
         assert issued.receipt is not None
-        used = await ts.simulator.post(f"/v1/coupons/{issued.receipt.platform_coupon_id}/use")
+        used = await ts.simulator.post(f"/sim/coupons/{issued.receipt.platform_coupon_id}/use")
         assert used.status_code == 200
         # The first poll comes right after the send and finds it unused; the next one
         # follows the retry backoff (5 minutes).
