@@ -21,6 +21,7 @@ from coupons import contract as act
 from coupons.errors import Refused
 from coupons.ledger import campaigns as batches
 from coupons.ledger import claims
+from coupons.ledger.claims import LedgerCoupon
 from coupons.model import (
     BatchReconciliation,
     BatchSync,
@@ -32,7 +33,14 @@ from coupons.model import (
     RedemptionReport,
     RepairCheck,
 )
-from coupons.platforms.base import BatchStatus, FlowKind, Platform
+from coupons.platforms.base import (
+    BatchStatus,
+    FlowKind,
+    FlowRecord,
+    FlowUnavailable,
+    Platform,
+    PlatformCouponStatus,
+)
 from coupons.reconcile import REDEEM, compare
 
 # Signals and updates to coupon workflows in flight at once: enough to be quick, few
@@ -100,11 +108,14 @@ class CatalogActivities:
     async def reconcile_batch(self, input: ReconcileInput) -> BatchReconciliation:
         assert input.batch_id is not None  # the workflow runs one batch per activity
         batch = await _known_batch(self._pool, input.batch_id)
-        sent = await self._platform.batch_flow(batch.platform_batch_id, FlowKind.SENT)
-        activity.heartbeat("sent flow read")
-        used = await self._platform.batch_flow(batch.platform_batch_id, FlowKind.USED)
-        activity.heartbeat("used flow read")
         ours = await claims.batch_coupons(self._pool, batch.id)
+        sent = await self._flow(batch.platform_batch_id, FlowKind.SENT)
+        activity.heartbeat("sent flow read")
+        used = await self._flow(batch.platform_batch_id, FlowKind.USED)
+        used_from = "flow"
+        if used is None:
+            used, used_from = await self._uses_by_lookup(batch.platform_batch_id, ours), "lookups"
+        activity.heartbeat("uses read")
         mismatches = compare(ours, sent, used)
         used_at = {record.coupon_id: record.at for record in used}
         to_redeem = [m for m in mismatches if m.repair == REDEEM]
@@ -133,14 +144,43 @@ class CatalogActivities:
             mismatch.repair = "redeem requested" if signalled else None
         return BatchReconciliation(
             batch_id=batch.id,
-            platform_sent=len(sent),
+            platform_sent=None if sent is None else len(sent),
             platform_used=len(used),
+            used_from=used_from,
             ledger_coupons=len(ours),
             mismatches=mismatches,
             repairs_requested=[
                 m.coupon_id for m in to_redeem if m.repair is not None and m.coupon_id
             ],
         )
+
+    async def _flow(self, platform_batch_id: str, kind: FlowKind) -> list[FlowRecord] | None:
+        try:
+            return await self._platform.batch_flow(platform_batch_id, kind)
+        except FlowUnavailable:
+            return None
+
+    async def _uses_by_lookup(
+        self, platform_batch_id: str, ours: list[LedgerCoupon]
+    ) -> list[FlowRecord]:
+        """The uses the platform shows for the coupons we hold receipts of, asked one by one."""
+        held = [c for c in ours if c.platform_coupon_id is not None]
+
+        async def used(coupon: LedgerCoupon) -> FlowRecord | None:
+            assert coupon.platform_coupon_id is not None
+            found = await self._platform.get_coupon(coupon.user_id, coupon.platform_coupon_id)
+            if found is None or found.status != PlatformCouponStatus.USED:
+                return None
+            activity.heartbeat(coupon.coupon_id)
+            return FlowRecord(
+                coupon_id=found.coupon_id,
+                batch_id=platform_batch_id,
+                user_id=coupon.user_id,
+                idempotency_key=None,
+                at=found.used_at or found.sent_at,
+            )
+
+        return [record for record in await _each(held, used) if record is not None]
 
     @activity.defn(name=act.AWAIT_STATES)
     async def await_states(self, check: RepairCheck) -> int:
@@ -192,6 +232,7 @@ class CatalogActivities:
 
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 async def _known_batch(pool: AsyncConnectionPool, batch_id: str) -> batches.Batch:
@@ -202,11 +243,11 @@ async def _known_batch(pool: AsyncConnectionPool, batch_id: str) -> batches.Batc
         raise ApplicationError(str(err), type=err.code, non_retryable=True) from err
 
 
-async def _each(items: Iterable[T], call: Callable[[T], Awaitable[bool]]) -> list[bool]:
+async def _each(items: Iterable[T], call: Callable[[T], Awaitable[R]]) -> list[R]:
     """`call` for every item, at most FAN_OUT at once, answers in order."""
     gate = asyncio.Semaphore(FAN_OUT)
 
-    async def one(item: T) -> bool:
+    async def one(item: T) -> R:
         async with gate:
             return await call(item)
 

@@ -40,12 +40,12 @@ from bench.sizes import SIZES, Size
 from bench.storm import api_campaign, measure_storm, measure_storm_api
 from coupons.catalog import ensure_campaign
 from coupons.claims import ClaimService
-from coupons.config import Settings
+from coupons.config import PLATFORMS, Settings
 from coupons.embedded import ManagedProcess, free_port
 from coupons.ledger import db
+from coupons.platforms.configured import make_platform
 from coupons.stack import Stack
 from coupons.temporal import connect
-from coupons.workers import make_platform
 
 log = logging.getLogger("bench")
 
@@ -79,9 +79,10 @@ def machine(size: Size) -> dict[str, Any]:
     }
 
 
-def bench_settings(data_dir: Path, size: Size) -> Settings:
+def bench_settings(data_dir: Path, size: Size, platform: str = "generic") -> Settings:
     return Settings(
         data_dir=data_dir,
+        platform=platform,
         pg_port=free_port(),
         temporal_port=free_port(),
         temporal_ui_port=free_port(),
@@ -95,7 +96,7 @@ async def callbacks_off(settings: Settings) -> None:
     """No redemption callbacks from the simulator: the reconciliation part marks coupons
     used behind the service's back and counts on finding them still `issued`, which the
     API would otherwise have redeemed through their callbacks first."""
-    async with httpx.AsyncClient(base_url=settings.platform_url, trust_env=False) as sim:
+    async with httpx.AsyncClient(base_url=settings.simulator_url, trust_env=False) as sim:
         (await sim.put("/sim/knobs", json={"callback_url": ""})).raise_for_status()
 
 
@@ -268,6 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep-data", action="store_true", help="keep the temporary DATA_DIR (logs)"
     )
+    parser.add_argument(
+        "--platform",
+        choices=PLATFORMS,
+        default=os.environ.get("PLATFORM") or "generic",
+        help="the platform protocol the simulator speaks (default: PLATFORM, else generic)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -283,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, interrupted)
     began = time.monotonic()
     data_dir = Path(tempfile.mkdtemp(prefix="coupons-bench-"))
-    settings = bench_settings(data_dir, size)
+    settings = bench_settings(data_dir, size, args.platform)
     stack = Stack(settings, demo=False, api=True)
     floor_worker = floor_worker_process(settings, dict(os.environ), data_dir / "logs")
     ok = False
@@ -312,12 +319,15 @@ def main(argv: list[str] | None = None) -> int:
     data: dict[str, Any] = {
         "date": date,
         "size": size.as_dict(),
+        "platform": args.platform,
         "machine": machine(size),
         "wall_s": round(time.monotonic() - began, 1),
         **results,
     }
     data["targets"] = report.targets(data)
     prefix = "" if size.name == "full" else f"{size.name}-"
+    if args.platform != "generic":
+        prefix = f"{args.platform}-{prefix}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / f"{prefix}{date}"
     report.write_json(data, stem.with_suffix(".json"))

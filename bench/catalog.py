@@ -32,7 +32,7 @@ from coupons.model import (
     SyncInput,
     SyncReport,
 )
-from coupons.workers import make_platform
+from coupons.platforms.configured import make_platform
 
 R = TypeVar("R")
 T = TypeVar("T")
@@ -77,7 +77,7 @@ async def _timed_workflow(
 def _simulator(settings: Settings) -> httpx.AsyncClient:
     # /v1 is the platform's API (the key guards it); /sim is the unguarded control plane.
     return httpx.AsyncClient(
-        base_url=settings.platform_url,
+        base_url=settings.simulator_url,
         headers={"Authorization": f"Bearer {settings.platform_api_key}"},
         timeout=30,
         trust_env=False,

@@ -30,9 +30,8 @@ from coupons.embedded import ManagedProcess
 from coupons.ledger import claims as ledger
 from coupons.ledger import db
 from coupons.model import Receipt, Transition, idempotency_key
-from coupons.platforms.base import SendRequest
-from coupons.platforms.rest import RestPlatform
-from coupons.workers import make_platform
+from coupons.platforms.base import Platform, SendRequest
+from coupons.platforms.configured import make_platform
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,7 @@ class _Parts:
     """What the steps use; set once the process has its pool and platform client."""
 
     pool: AsyncConnectionPool | None = None
-    platform: RestPlatform | None = None
+    platform: Platform | None = None
 
 
 def _pool() -> AsyncConnectionPool:
@@ -57,7 +56,7 @@ def _pool() -> AsyncConnectionPool:
     return _Parts.pool
 
 
-def _platform() -> RestPlatform:
+def _platform() -> Platform:
     assert _Parts.platform is not None
     return _Parts.platform
 

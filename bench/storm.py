@@ -31,8 +31,8 @@ from coupons.claims import ClaimRefused, ClaimService
 from coupons.config import Settings
 from coupons.ledger import claims as ledger
 from coupons.ledger import db
+from coupons.platforms.configured import make_platform
 from coupons.tenants import create_key, create_tenant
-from coupons.workers import make_platform
 
 # The pool bounds the connections, not the claims: all claims are in flight at once and
 # queue for a connection, as they would behind an API server's pool. The API path gets as

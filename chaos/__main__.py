@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from types import FrameType
 from chaos.runner import PROJECT_ROOT, clean_environment, run
 from chaos.scenarios import SCENARIOS, execute
 from chaos.sizes import SIZES
+from coupons.config import PLATFORMS
 
 
 class Stopped(Exception):
@@ -38,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
         help="run only this scenario (repeatable)",
     )
     p.add_argument("--jobs", type=int, help="scenarios at once (default: by size)")
+    p.add_argument(
+        "--platform",
+        choices=PLATFORMS,
+        default=os.environ.get("PLATFORM") or "generic",
+        help="the platform protocol the simulator speaks (default: PLATFORM, else generic)",
+    )
     p.add_argument("--out", type=Path, default=PROJECT_ROOT / "bench" / "results")
     p.add_argument("--keep", action="store_true", help="keep the stacks' data and logs")
     p.add_argument("--scenario", choices=sorted(SCENARIOS), help=argparse.SUPPRESS)
@@ -45,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     clean_environment()
+    # The scenarios' processes read it from the environment, as `make run` does.
+    os.environ["PLATFORM"] = args.platform
     size = SIZES[args.size]
 
     if args.scenario is None:

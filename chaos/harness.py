@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -41,9 +42,9 @@ from coupons.ledger import db
 from coupons.ledger.campaigns import Batch, get_batch, get_campaign
 from coupons.ledger.claims import ClaimRefused
 from coupons.model import CouponStatus, ReconcileInput, ReconcileReport, TaskCompletion
+from coupons.platforms.configured import make_platform
 from coupons.stack import Stack
 from coupons.temporal import connect
-from coupons.workers import make_platform
 from workflows.user_coupon import UserCouponWorkflow
 
 log = logging.getLogger("chaos.harness")
@@ -71,6 +72,8 @@ class Harness:
         wired to it (see `coupons.stack.Stack`)."""
         self.settings = Settings(
             data_dir=root,
+            # The platform protocol the simulator speaks (`--platform`, or PLATFORM).
+            platform=os.environ.get("PLATFORM") or "generic",
             pg_port=free_port(),
             temporal_port=free_port(),
             temporal_ui_port=free_port(),
@@ -177,7 +180,7 @@ class Driver:
         self._claims = ClaimService(self._pool, self._client, self.settings)
         # The control plane is unauthenticated and never rate limited or faulted.
         self._http = httpx.AsyncClient(
-            base_url=self.settings.platform_url, timeout=10, trust_env=False
+            base_url=self.settings.simulator_url, timeout=10, trust_env=False
         )
         return self
 

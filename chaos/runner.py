@@ -124,6 +124,9 @@ def run(names: list[str], size: Size, out: Path, *, jobs: int, keep: bool) -> in
     ordered = [results[name] for name in names]
     wall_s = time.monotonic() - began
     stem = "chaos" if size.name == "full" else f"{size.name}-chaos"
+    platform = os.environ.get("PLATFORM") or "generic"
+    if platform != "generic":
+        stem = f"{platform}-{stem}"
     suffix = "" if names == list(SCENARIOS) else "-" + "-".join(names)
     json_path = out / f"{stem}-{started_at:%Y-%m-%d}{suffix}.json"
     md_path = report.write(

@@ -70,10 +70,10 @@ from coupons.model import (
     SyncReport,
 )
 from coupons.platforms.base import BatchAction, Platform, PlatformError
+from coupons.platforms.configured import make_platform
 from coupons.service import Unavailable
 from coupons.temporal import connect
 from coupons.validation import validate_id
-from coupons.workers import make_platform
 from workflows.end_campaign import EndCampaignWorkflow
 
 # How long an update waits for a worker to answer before the command gives up.
@@ -1037,8 +1037,15 @@ def _reconcile_view(report: ReconcileReport) -> list[RenderableType]:
     for b in found:
         lines.append(
             Text(
-                f"batch {b.batch_id}: the platform sent {b.platform_sent} and saw "
-                f"{b.platform_used} used; the ledger has {b.ledger_coupons} coupons; "
+                f"batch {b.batch_id}: the platform "
+                + (
+                    "publishes no sent flow"
+                    if b.platform_sent is None
+                    else f"sent {b.platform_sent}"
+                )
+                + f" and saw {b.platform_used} used"
+                + (" (asked coupon by coupon)" if b.used_from == "lookups" else "")
+                + f"; the ledger has {b.ledger_coupons} coupons; "
                 f"{len(b.mismatches)} mismatches, {b.repaired} repaired"
             )
         )

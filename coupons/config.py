@@ -18,6 +18,19 @@ N = TypeVar("N", int, float)
 
 # Shorter callback secrets are guessable; the stack generates 32 random bytes.
 MIN_CALLBACK_SECRET = 16
+# The platform protocols this service speaks (and the simulator's modes).
+PLATFORMS = ("generic", "wechat", "alipay")
+# Each platform's settings that point at a real merchant's files; with the embedded simulator
+# they default to the test merchant it generates (see `platform_keys_dir`).
+_WECHAT_FILES = (
+    ("WECHAT_PRIVATE_KEY_FILE", "wechat_private_key_file"),
+    ("WECHAT_APIV3_KEY_FILE", "wechat_apiv3_key_file"),
+    ("WECHAT_PLATFORM_PUBLIC_KEY_FILE", "wechat_platform_public_key_file"),
+)
+_ALIPAY_FILES = (
+    ("ALIPAY_PRIVATE_KEY_FILE", "alipay_private_key_file"),
+    ("ALIPAY_PUBLIC_KEY_FILE", "alipay_public_key_file"),
+)
 
 
 class ConfigError(ValueError):
@@ -27,6 +40,9 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path = Path(".data")
+    # The platform protocol: generic (our REST protocol), wechat (WeChat Pay API v3 vouchers)
+    # or alipay (Alipay vouchers). With the embedded simulator it is the simulator's mode.
+    platform: str = "generic"
     database_url_override: str | None = None
     pg_port: int = 55432
     temporal_address_override: str | None = None
@@ -52,6 +68,26 @@ class Settings:
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     platform_callback_secret: str | None = field(default=None, repr=False)
+    # WeChat Pay: the merchant (mchid), the app the users' openids belong to, the merchant's
+    # API private key (apiclient_key.pem) and certificate serial (None: read from
+    # apiclient_cert.pem beside the key), the APIv3 key, the WeChat Pay public key and its id
+    # (None: read from pub_key_id beside it). Paths only: no key material in settings.
+    wechat_mchid: str | None = None
+    wechat_appid: str | None = None
+    wechat_private_key_file: Path | None = None
+    wechat_merchant_serial: str | None = None
+    wechat_apiv3_key_file: Path | None = None
+    wechat_platform_public_key_file: Path | None = None
+    wechat_platform_public_key_id: str | None = None
+    # Alipay: the app id, the app's private key and Alipay's public key.
+    alipay_app_id: str | None = None
+    alipay_private_key_file: Path | None = None
+    alipay_public_key_file: Path | None = None
+
+    @property
+    def platform_keys_dir(self) -> Path:
+        """Where the embedded simulator keeps its test merchant's keys (made on first start)."""
+        return self.data_dir / "platform-keys"
 
     @property
     def database_url(self) -> str:
@@ -68,8 +104,17 @@ class Settings:
         return platform_task_queue(self.task_queue)
 
     @property
+    def simulator_url(self) -> str:
+        """The embedded simulator: its control plane (/sim/*) answers here in every mode."""
+        return f"http://127.0.0.1:{self.simulator_port}"
+
+    @property
     def platform_url(self) -> str:
-        return self.platform_url_override or f"http://127.0.0.1:{self.simulator_port}"
+        """The platform's base URL (for Alipay, its gateway's full URL)."""
+        if self.platform_url_override:
+            return self.platform_url_override
+        simulator = self.simulator_url
+        return f"{simulator}/gateway.do" if self.platform == "alipay" else simulator
 
     @property
     def api_client_host(self) -> str:
@@ -86,7 +131,7 @@ class Settings:
     @property
     def callback_url(self) -> str:
         """Where the platform sends its coupon-used callbacks."""
-        return f"{self.api_url}/callbacks/generic/coupon-used"
+        return f"{self.api_url}/callbacks/{self.platform}/coupon-used"
 
     def with_stack_secrets(self) -> Settings:
         """Fill the platform's key and callback secret from `make run`'s data directory when
@@ -102,6 +147,23 @@ class Settings:
 
     def check(self) -> Settings:
         """Refuse settings under which no send could ever complete, or the API not start."""
+        if self.platform not in PLATFORMS:
+            raise ConfigError(f"PLATFORM={self.platform!r} must be one of {', '.join(PLATFORMS)}")
+        if self.platform_url_override:
+            # A real platform: nothing defaults to the simulator's test merchant.
+            needed = {
+                "wechat": (
+                    ("WECHAT_MCHID", "wechat_mchid"),
+                    ("WECHAT_APPID", "wechat_appid"),
+                    *_WECHAT_FILES,
+                ),
+                "alipay": (("ALIPAY_APP_ID", "alipay_app_id"), *_ALIPAY_FILES),
+            }.get(self.platform, ())
+            missing = [name for name, attribute in needed if getattr(self, attribute) is None]
+            if missing:
+                raise ConfigError(
+                    f"PLATFORM={self.platform} with PLATFORM_URL needs {', '.join(missing)}"
+                )
         heartbeat = ISSUE_HEARTBEAT.total_seconds()
         if self.platform_timeout_s >= heartbeat / 2:
             raise ConfigError(
@@ -156,6 +218,7 @@ class Settings:
             "RECONCILE_HOUR_UTC": str(self.reconcile_hour_utc),
             "API_HOST": self.api_host,
             "API_PORT": str(self.api_port),
+            "PLATFORM": self.platform,
         }
         optional = {
             "DATABASE_URL": self.database_url_override,
@@ -163,6 +226,16 @@ class Settings:
             "PLATFORM_URL": self.platform_url_override,
             "PLATFORM_API_KEY": self.platform_api_key,
             "PLATFORM_CALLBACK_SECRET": self.platform_callback_secret,
+            "WECHAT_MCHID": self.wechat_mchid,
+            "WECHAT_APPID": self.wechat_appid,
+            "WECHAT_PRIVATE_KEY_FILE": _text(self.wechat_private_key_file),
+            "WECHAT_MERCHANT_SERIAL": self.wechat_merchant_serial,
+            "WECHAT_APIV3_KEY_FILE": _text(self.wechat_apiv3_key_file),
+            "WECHAT_PLATFORM_PUBLIC_KEY_FILE": _text(self.wechat_platform_public_key_file),
+            "WECHAT_PLATFORM_PUBLIC_KEY_ID": self.wechat_platform_public_key_id,
+            "ALIPAY_APP_ID": self.alipay_app_id,
+            "ALIPAY_PRIVATE_KEY_FILE": _text(self.alipay_private_key_file),
+            "ALIPAY_PUBLIC_KEY_FILE": _text(self.alipay_public_key_file),
         }
         env.update({name: value for name, value in optional.items() if value})
         return env
@@ -170,8 +243,13 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
+        platform = env.get("PLATFORM") or "generic"
+        # Each platform's embedded stack keeps its own data (ledger, Temporal, simulator, keys):
+        # batch and coupon ids of one platform mean nothing to another.
+        default_data = ".data" if platform == "generic" else f".data/{platform}"
         return cls(
-            data_dir=Path(env.get("DATA_DIR", ".data")),
+            data_dir=Path(env.get("DATA_DIR") or default_data),
+            platform=platform,
             database_url_override=env.get("DATABASE_URL") or None,
             pg_port=_number(env, "PG_PORT", 55432, int),
             temporal_address_override=env.get("TEMPORAL_ADDRESS") or None,
@@ -193,7 +271,26 @@ class Settings:
             api_host=env.get("API_HOST") or "127.0.0.1",
             api_port=_number(env, "API_PORT", 8000, int),
             platform_callback_secret=env.get("PLATFORM_CALLBACK_SECRET") or None,
+            wechat_mchid=env.get("WECHAT_MCHID") or None,
+            wechat_appid=env.get("WECHAT_APPID") or None,
+            wechat_private_key_file=_path(env, "WECHAT_PRIVATE_KEY_FILE"),
+            wechat_merchant_serial=env.get("WECHAT_MERCHANT_SERIAL") or None,
+            wechat_apiv3_key_file=_path(env, "WECHAT_APIV3_KEY_FILE"),
+            wechat_platform_public_key_file=_path(env, "WECHAT_PLATFORM_PUBLIC_KEY_FILE"),
+            wechat_platform_public_key_id=env.get("WECHAT_PLATFORM_PUBLIC_KEY_ID") or None,
+            alipay_app_id=env.get("ALIPAY_APP_ID") or None,
+            alipay_private_key_file=_path(env, "ALIPAY_PRIVATE_KEY_FILE"),
+            alipay_public_key_file=_path(env, "ALIPAY_PUBLIC_KEY_FILE"),
         ).check()
+
+
+def _path(env: Mapping[str, str], name: str) -> Path | None:
+    raw = env.get(name)
+    return Path(raw).expanduser() if raw else None
+
+
+def _text(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 def _kept(path: Path) -> str | None:

@@ -185,12 +185,15 @@ class Mismatch:
 @dataclass
 class BatchReconciliation:
     batch_id: str
-    platform_sent: int
+    platform_sent: int | None  # None: the platform publishes no sent flow (WeChat Pay, Alipay)
     platform_used: int
     ledger_coupons: int
     mismatches: list[Mismatch]
     repairs_requested: list[str]  # coupon ids told to become `redeemed`
     repaired: int = 0  # of those, the ones the ledger shows repaired
+    # Where the uses came from: the platform's used "flow" file, or "lookups" of each coupon
+    # we hold a receipt of, for a platform with no used flow (Alipay).
+    used_from: str = "flow"
 
 
 @dataclass

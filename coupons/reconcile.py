@@ -17,15 +17,17 @@ REDEEM = "redeem"
 
 
 def compare(
-    ledger: list[LedgerCoupon], sent: list[FlowRecord], used: list[FlowRecord]
+    ledger: list[LedgerCoupon], sent: list[FlowRecord] | None, used: list[FlowRecord]
 ) -> list[Mismatch]:
+    """`sent` None: the platform publishes no sent flow, so sends we have no receipt of and
+    receipts the platform lacks cannot be seen; uses are still compared."""
     by_platform_id = {c.platform_coupon_id: c for c in ledger if c.platform_coupon_id}
     by_key = {idempotency_key(c.coupon_id): c for c in ledger}
-    sent_ids = {record.coupon_id for record in sent}
+    sent_ids = None if sent is None else {record.coupon_id for record in sent}
     used_at = {record.coupon_id: record for record in used}
     found: list[Mismatch] = []
 
-    for record in sent:
+    for record in sent or []:
         ours = by_platform_id.get(record.coupon_id)
         if ours is not None:
             continue
@@ -55,7 +57,7 @@ def compare(
         platform_id = coupon.platform_coupon_id
         if platform_id is None:
             continue
-        if platform_id not in sent_ids:
+        if sent_ids is not None and platform_id not in sent_ids:
             found.append(
                 Mismatch(
                     "ledger_only",

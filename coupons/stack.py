@@ -39,7 +39,7 @@ from coupons.embedded import (
 from coupons.errors import Refused
 from coupons.ledger import db
 from coupons.model import SEARCH_ATTRIBUTES
-from coupons.workers import make_platform
+from coupons.platforms.configured import make_platform
 
 log = logging.getLogger("coupons.stack")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -181,12 +181,19 @@ class Stack:
                 s.simulator_port,
                 env=sim_env,
                 log_path=logs / "simulator.log",
+                mode=s.platform,
+                keys_dir=s.platform_keys_dir.resolve(),
             )
             sim.start()
             self.started.append(("platform simulator", sim))
             self.lines.append(
-                f"Platform    {s.platform_url}  (simulator, {data / 'simulator.sqlite3'})"
+                f"Platform    {s.platform_url}  ({s.platform} simulator, "
+                f"{data / 'simulator.sqlite3'})"
             )
+            if s.platform != "generic":
+                self.lines.append(
+                    f"Keys        {s.platform_keys_dir.resolve() / s.platform}  (test merchant)"
+                )
         else:
             self.lines.append(f"Platform    {s.platform_url}  (external)")
 

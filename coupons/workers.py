@@ -20,7 +20,7 @@ from coupons.claims import ClaimService
 from coupons.config import Settings
 from coupons.ledger import db
 from coupons.platforms.base import Platform
-from coupons.platforms.rest import RestPlatform
+from coupons.platforms.configured import make_platform
 from coupons.schedules import ensure_schedules
 from coupons.temporal import connect
 from workflows.catalog_sync import CatalogSyncWorkflow
@@ -81,14 +81,6 @@ def build_workers(
             max_task_queue_activities_per_second=settings.platform_rate_limit,
         ),
     ]
-
-
-def make_platform(settings: Settings) -> RestPlatform:
-    return RestPlatform(
-        settings.platform_url,
-        api_key=settings.platform_api_key,
-        timeout_s=settings.platform_timeout_s,
-    )
 
 
 async def repair_forever(claims: ClaimService, every_s: float) -> None:

@@ -89,3 +89,54 @@ def test_unusable_settings_are_refused_naming_the_variable(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         Settings.from_env(env)
+
+
+def test_each_platform_has_its_own_embedded_data_and_simulator_address() -> None:
+    wechat = Settings.from_env({"PLATFORM": "wechat"})
+    assert (wechat.platform, wechat.data_dir) == ("wechat", Path(".data/wechat"))
+    assert wechat.platform_url == "http://127.0.0.1:8600"
+    assert wechat.platform_keys_dir == Path(".data/wechat/platform-keys")
+    assert wechat.callback_url == "http://127.0.0.1:8000/callbacks/wechat/coupon-used"
+    alipay = Settings.from_env({"PLATFORM": "alipay", "DATA_DIR": "/srv/c"})
+    assert alipay.data_dir == Path("/srv/c")
+    # Alipay is one gateway URL; the simulator's control plane stays at its root.
+    assert alipay.platform_url == "http://127.0.0.1:8600/gateway.do"
+    assert alipay.simulator_url == "http://127.0.0.1:8600"
+
+
+def test_an_unknown_platform_is_refused_by_name() -> None:
+    with pytest.raises(ConfigError, match="PLATFORM='paypal' must be one of generic, wechat"):
+        Settings.from_env({"PLATFORM": "paypal"})
+
+
+@pytest.mark.parametrize(
+    ("platform", "missing"),
+    [
+        (
+            "wechat",
+            "WECHAT_MCHID, WECHAT_APPID, WECHAT_PRIVATE_KEY_FILE, WECHAT_APIV3_KEY_FILE, "
+            "WECHAT_PLATFORM_PUBLIC_KEY_FILE",
+        ),
+        ("alipay", "ALIPAY_APP_ID, ALIPAY_PRIVATE_KEY_FILE, ALIPAY_PUBLIC_KEY_FILE"),
+    ],
+)
+def test_a_real_platform_needs_its_merchant_settings(platform: str, missing: str) -> None:
+    env = {"PLATFORM": platform, "PLATFORM_URL": "https://platform.example"}
+    with pytest.raises(ConfigError, match=f"needs {missing}$"):
+        Settings.from_env(env)
+
+
+def test_merchant_settings_travel_to_child_processes() -> None:
+    env = {
+        "PLATFORM": "wechat",
+        "PLATFORM_URL": "https://api.mch.weixin.qq.com",
+        "WECHAT_MCHID": "1900000109",
+        "WECHAT_APPID": "wxd678efh567hg6787",
+        "WECHAT_PRIVATE_KEY_FILE": "/etc/coupons/apiclient_key.pem",
+        "WECHAT_APIV3_KEY_FILE": "/etc/coupons/apiv3_key",
+        "WECHAT_PLATFORM_PUBLIC_KEY_FILE": "/etc/coupons/pub_key.pem",
+        "WECHAT_PLATFORM_PUBLIC_KEY_ID": "PUB_KEY_ID_0119000001092025",
+    }
+    s = Settings.from_env(env)
+    assert Settings.from_env(s.to_env()) == s
+    assert s.wechat_private_key_file == Path("/etc/coupons/apiclient_key.pem")

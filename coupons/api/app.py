@@ -28,7 +28,7 @@ from coupons.config import Settings
 from coupons.errors import Refused
 from coupons.ledger import db, idempotency
 from coupons.platforms.base import PlatformError
-from coupons.platforms.rest import RestPlatform
+from coupons.platforms.configured import make_platform
 from coupons.service import Unavailable
 from coupons.temporal import connect
 
@@ -54,17 +54,6 @@ batches and campaigns for operators.
 """
 
 
-def make_api_platform(settings: Settings) -> RestPlatform:
-    """The platform adapter as the worker builds it, with the secret that verifies the
-    platform's callbacks."""
-    return RestPlatform(
-        settings.platform_url,
-        api_key=settings.platform_api_key,
-        timeout_s=settings.platform_timeout_s,
-        callback_secret=settings.platform_callback_secret,
-    )
-
-
 async def _prune_forever(backends: Backends) -> None:
     while True:
         try:
@@ -81,7 +70,7 @@ async def _running(settings: Settings) -> AsyncIterator[Backends]:
     """Open what the API works with, for the life of the process."""
     await db.migrate_url(settings.database_url)
     client = await connect(settings)
-    platform = make_api_platform(settings)
+    platform = make_platform(settings)
     try:
         async with db.pool(settings.database_url, max_size=settings.db_pool_size) as pool:
             yield Backends(settings, pool, client, platform)

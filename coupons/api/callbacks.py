@@ -3,14 +3,20 @@
 Acknowledged fast: the notice is checked, the coupon's workflow signalled, the notification
 id recorded so a duplicate is acknowledged without a second signal; the workflow moves the
 coupon `issued` → `redeemed` on its own time. Polling stays the fallback.
+
+The path names the platform (`/callbacks/{generic|wechat|alipay}/coupon-used`); only the
+configured platform's path takes notifications, checked by its adapter. Any answer but a
+success makes the platform deliver again; a success is what the platform expects (Alipay:
+the text `success`).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import PlainTextResponse, Response
 
 from coupons import service
 from coupons.api.models import CallbackAnswer
@@ -24,14 +30,19 @@ router = APIRouter(tags=["callbacks"])
 
 
 @router.post(
-    "/callbacks/generic/coupon-used",
-    summary="The platform's COUPON.USED notification (signed; no API key)",
-    description="Signed with the platform's callback secret in X-Platform-Timestamp, "
-    "-Nonce and -Signature. 200 once applied (or for a duplicate); 401 for a notification "
-    "that does not verify; 409 while no receipt names the coupon yet and 503 while the "
-    "workflow service does not answer: the platform delivers it again.",
+    "/callbacks/{platform}/coupon-used",
+    summary="The platform's coupon-used notification (signed; no API key)",
+    description="Verified by the configured platform's adapter: generic (HMAC in "
+    "X-Platform-Timestamp, -Nonce and -Signature), wechat (COUPON.USE, Wechatpay-Signature "
+    "with the WeChat Pay public key, resource decrypted with the APIv3 key) or alipay "
+    "(form-encoded, RSA2 `sign`). 200 once applied (or for a duplicate); 401 for a "
+    "notification that does not verify; 404 for another platform's path; 409 while no "
+    "receipt names the coupon yet and 503 while the workflow service does not answer: the "
+    "platform delivers it again.",
+    response_model=CallbackAnswer,
     responses={
-        status: {"model": Problem, "description": TITLES[status]} for status in (401, 409, 413, 503)
+        status: {"model": Problem, "description": TITLES[status]}
+        for status in (401, 404, 409, 413, 503)
     },
     openapi_extra={
         "requestBody": {
@@ -41,8 +52,16 @@ router = APIRouter(tags=["callbacks"])
     },
 )
 async def coupon_used(
-    request: Request, parts: Annotated[Backends, Depends(backends)]
-) -> CallbackAnswer:
+    request: Request,
+    platform: Literal["generic", "wechat", "alipay"],
+    parts: Annotated[Backends, Depends(backends)],
+) -> CallbackAnswer | Response:
+    if platform != parts.settings.platform:
+        raise ApiProblem(
+            "not_found",
+            f"this service takes {parts.settings.platform} notifications, at "
+            f"/callbacks/{parts.settings.platform}/coupon-used",
+        )
     body = await request.body()
     try:
         notice = parts.platform.verify_callback(request.headers, body)
@@ -65,4 +84,7 @@ async def coupon_used(
         notice.used_at.isoformat(),
         outcome,
     )
+    if parts.platform.callback_success is not None:
+        # The platform's own words (documented as text/plain), not our JSON answer.
+        return PlainTextResponse(parts.platform.callback_success)
     return CallbackAnswer(status=outcome)  # type: ignore[arg-type]  # one of the three

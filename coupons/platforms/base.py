@@ -182,6 +182,11 @@ class PlatformBudgetExhausted(PlatformBatchUnavailable):
 
 
 class Platform(Protocol):
+    # What a receiver answers (text/plain, 200) to take a notification, when the platform
+    # asks for exact words (Alipay: "success"); None: any 2xx will do.
+    @property
+    def callback_success(self) -> str | None: ...
+
     async def create_batch(self, spec: BatchSpec) -> PlatformBatch: ...
 
     async def get_batch(self, batch_id: str) -> PlatformBatch: ...

@@ -252,6 +252,8 @@ class RestPlatform:
         self._callback_secret = callback_secret or None
         self._callback_max_skew_s = callback_max_skew_s
 
+    callback_success = None  # any 2xx takes a notification
+
     def __repr__(self) -> str:  # never show the key
         return f"RestPlatform({self._base_url!r})"
 

@@ -578,15 +578,19 @@ class Notifier:
         try:
             if attempts == 0 and self._roll(self.knobs.callback_forged_rate):
                 await self._forge(client, url, body)
-            error = await self._post(client, url, body, self.face.delivery_headers(body))
+            error = await self._attempt(client, url, body)
             self._record(notification_id, attempts + 1, error)
             if error is None and self._roll(self.knobs.callback_duplicate_rate):
                 self.counters["callbacks_duplicated"] += 1
-                again = await self._post(client, url, body, self.face.delivery_headers(body))
+                again = await self._attempt(client, url, body)
                 log.info("notification %s delivered again: %s", notification_id, again or "2xx")
         finally:
             del self._in_flight[notification_id]
             self._wake.set()
+
+    async def _attempt(self, client: httpx.AsyncClient, url: str, stored: bytes) -> str | None:
+        body = self.face.delivery_body(stored)
+        return await self._post(client, url, body, self.face.delivery_headers(body))
 
     async def _post(
         self, client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str]
@@ -723,6 +727,12 @@ class Face(Protocol):
 
     def notification(self, notification_id: str, coupon: Mapping[str, Any], now: datetime) -> bytes:
         """The exact body of a coupon-used notification, stored and sent as-is every time."""
+        ...
+
+    def delivery_body(self, body: bytes) -> bytes:
+        """The body of one delivery attempt: the stored one, or (where the platform signs
+        inside the body, as Alipay does) the same notification stamped and signed anew, so
+        a late retry is not stale."""
         ...
 
     def delivery_headers(self, body: bytes) -> dict[str, str]:

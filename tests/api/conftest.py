@@ -23,10 +23,11 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
-from coupons.api.app import create_app, make_api_platform
+from coupons.api.app import create_app
 from coupons.api.routing import Backends
 from coupons.config import Settings
 from coupons.embedded import SimulatorProcess, free_port
+from coupons.platforms.configured import make_platform
 from coupons.tenants import create_key, create_tenant
 from tests.conftest import TASK, new_id, row_count, running_workers
 
@@ -111,7 +112,7 @@ class Api:
 async def backends(
     pool: AsyncConnectionPool, dev_env: WorkflowEnvironment, api_settings: Settings
 ) -> AsyncIterator[Backends]:
-    platform = make_api_platform(api_settings)
+    platform = make_platform(api_settings)
     yield Backends(api_settings, pool, dev_env.client, platform)
     await platform.aclose()
 
