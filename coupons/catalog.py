@@ -25,6 +25,7 @@ from coupons.platforms.base import (
     BatchStatus,
     Platform,
     PlatformBatch,
+    PlatformKeyReused,
     PlatformRefused,
 )
 from coupons.validation import validate_id
@@ -103,7 +104,7 @@ async def create_batch(
         if start and created.status == BatchStatus.CREATED:
             created = await platform.change_batch(created.batch_id, BatchAction.START)
     except PlatformRefused as err:
-        if err.code == "IDEMPOTENCY_KEY_REUSED":
+        if isinstance(err, PlatformKeyReused):
             raise Refused(
                 "batch_exists", f"batch {batch_id!r} exists with other terms: {err.message}"
             ) from err

@@ -401,7 +401,11 @@ def test_each_platform_protocol_runs_the_whole_lifecycle(tmp_path: Path, platfor
                 )
                 assert done.json()["state"] == "usable", done.text
             paths = [f"/v1/coupons/{coupon['coupon_id']}" for coupon in coupons]
-            receipts = [_wait_for(lambda p=p: api.get(p).json()["receipt"], 60) for p in paths]
+
+            def receipt(path: str) -> Any:
+                return _wait_for(lambda: api.get(path).json()["receipt"], 60)
+
+            receipts = [receipt(path) for path in paths]
             assert len({r["platform_coupon_id"] for r in receipts}) == 2
 
             # ann's coupon is used at the till: the platform's signed callback redeems it.

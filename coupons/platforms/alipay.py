@@ -82,6 +82,7 @@ from coupons.platforms.base import (
     PlatformCoupon,
     PlatformCouponStatus,
     PlatformError,
+    PlatformKeyReused,
     PlatformRateLimited,
     PlatformRefused,
     PlatformUnavailable,
@@ -110,7 +111,7 @@ _BUSINESS_ERRORS: dict[str, type[PlatformError]] = {
     SubCode.TEMPLATE_DELETED: PlatformRefused,
     SubCode.TEMPLATE_NOT_ACTIVE: PlatformRefused,
     SubCode.TEMPLATE_CANNOT_DELETE: PlatformRefused,
-    SubCode.OUT_BIZ_NO_REUSED: PlatformRefused,
+    SubCode.OUT_BIZ_NO_REUSED: PlatformKeyReused,
     SubCode.INVALID_PARAMETER: PlatformRefused,
     SubCode.VOUCHER_NOT_EXIST: PlatformRefused,  # get_coupon answers None: not visible (yet)
 }

@@ -20,8 +20,10 @@ alipay/alipay-sdk-java-all and the gateway error table, common/02km9f):
   answers the plain text `success`, else Alipay sends it again.
 
 Where the documentation we could reach is silent, this module chooses (and both sides follow):
-- the business error sub_codes of the voucher APIs (`SubCode`); BUDGET_NOT_ENOUGH_ERROR is the
-  code Alipay was seen to answer for an exhausted template (developer.aliyun.com/ask/285812),
+- the business error sub_codes of the voucher APIs (`SubCode`); AFTER_VOUCHER_END_TIME is the
+  code Alipay was seen to answer voucher.send for a template past its validity
+  (developer.aliyun.com/ask/285772), BUDGET_NOT_ENOUGH_ERROR the one for an exhausted template
+  (developer.aliyun.com/ask/285812),
   where it came wrapped as sub_code `unknown-sub-code`, sub_msg "未知的错误码<code>":
   `unwrapped_sub_code` reads that form too;
 - the fields of the voucher-use notification (`notify_type` VOUCHER_NOTIFY_TYPE, `biz_type`
@@ -144,7 +146,8 @@ class SubCode:
     TEMPLATE_NOT_ACTIVE = "TEMPLATE_NOT_ACTIVE"  # a draft: a cash template not paid for
     PUBLISH_NOT_STARTED = "PUBLISH_TIME_NOT_STARTED"
     TEMPLATE_PAUSED = "TEMPLATE_PUBLISH_PAUSED"
-    TEMPLATE_EXPIRED = "TEMPLATE_EXPIRED"
+    # Seen in answers to voucher.send for a template past its validity (Alipay community Q&A).
+    TEMPLATE_EXPIRED = "AFTER_VOUCHER_END_TIME"
     TEMPLATE_DELETED = "TEMPLATE_DELETED"
     TEMPLATE_CANNOT_DELETE = "TEMPLATE_CANNOT_DELETE"
     BUDGET_NOT_ENOUGH = "BUDGET_NOT_ENOUGH_ERROR"

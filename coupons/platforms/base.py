@@ -159,6 +159,11 @@ class PlatformRefused(PlatformError):
     """A definitive refusal (unknown batch, restricted user, batch ended): never retried."""
 
 
+class PlatformKeyReused(PlatformRefused):
+    """The idempotency key was used for another request (another batch's terms, another
+    user's send): a clash of ours, never retried."""
+
+
 class PlatformUnavailable(PlatformError):
     """5xx, timeouts, dropped connections: the request may or may not have been applied."""
 

@@ -32,6 +32,7 @@ from coupons.platforms.base import (
     PlatformCoupon,
     PlatformCouponStatus,
     PlatformError,
+    PlatformKeyReused,
     PlatformRateLimited,
     PlatformRefused,
     PlatformUnavailable,
@@ -51,7 +52,7 @@ _ERRORS: dict[tuple[int, str | None], type[PlatformError]] = {
     (404, "BATCH_NOT_FOUND"): PlatformRefused,
     (403, "USER_RESTRICTED"): PlatformRefused,
     (403, "USER_LIMIT_REACHED"): PlatformRefused,
-    (409, "IDEMPOTENCY_KEY_REUSED"): PlatformRefused,
+    (409, "IDEMPOTENCY_KEY_REUSED"): PlatformKeyReused,
     (409, "COUPON_EXPIRED"): PlatformRefused,
     (404, "COUPON_NOT_FOUND"): PlatformRefused,  # get_coupon answers None: not visible (yet)
     # Created (never started), stopped or expired: this batch will not send.

@@ -937,6 +937,12 @@ class Simulator:
             raise SimError("BATCH_NOT_FOUND", f"no batch {batch_id}")
         return row
 
+    def batch_by_request_key(self, request_key: str) -> dict[str, Any] | None:
+        row = self.store.db.execute(
+            "SELECT * FROM batches WHERE request_key = ?", (request_key,)
+        ).fetchone()
+        return None if row is None else self._batch_json(row)
+
     def batch(self, batch_id: str) -> dict[str, Any]:
         return self._batch_json(self._batch_row(self.store.db, batch_id))
 

@@ -1,0 +1,626 @@
+"""The simulator's wechat face over real HTTP: request signatures checked as WeChat Pay checks
+them, signed answers, the documented fields, statuses and errors, the use flow, COUPON.USE
+notifications, and the independent `wechatpayv3` SDK as a client that is not ours."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import hashlib
+import io
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import Any
+
+import httpx
+import pytest
+from wechatpayv3 import WeChatPay, WeChatPayType  # type: ignore[import-untyped]
+
+from coupons.embedded import SimulatorProcess
+from coupons.platforms.base import CallbackRejected
+from coupons.platforms.wechat import WechatPayPlatform
+from coupons.platforms.wechat_protocol import (
+    APIV3_KEY_FILE,
+    KEY_FOLDER,
+    MERCHANT_KEY_FILE,
+    PLATFORM_PUBLIC_KEY_FILE,
+    SIM_APPID,
+    SIM_MCHID,
+    Authorization,
+    WechatMerchant,
+    json_body,
+    new_nonce,
+    request_message,
+    rfc3339,
+    rsa_sign,
+    sim_merchant,
+    verify_signed,
+)
+
+from .conftest import SimControl, simulator_process
+
+FAVOR = "/v3/marketing/favor"
+
+
+@pytest.fixture(scope="module")
+def wechat_simulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatorProcess]:
+    process = simulator_process(
+        tmp_path_factory.mktemp("wechat-face") / "sim.sqlite3", mode="wechat"
+    )
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+def merchant(wechat_simulator: SimulatorProcess) -> WechatMerchant:
+    return sim_merchant(wechat_simulator.keys_dir)
+
+
+@pytest.fixture
+async def control(wechat_simulator: SimulatorProcess) -> AsyncIterator[SimControl]:
+    sim = SimControl(wechat_simulator.url)
+    await sim.reset()
+    try:
+        yield sim
+    finally:
+        await sim.reset()
+        await sim.http.aclose()
+
+
+# ---------------------------------------------------------------- raw requests
+
+
+@dataclass
+class Wire:
+    """Signed requests built by hand, so each part of the signature can be got wrong."""
+
+    url: str
+    merchant: WechatMerchant
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        signed_body: bytes | None = None,
+        signed_path: str | None = None,
+        timestamp: str | None = None,
+        serial: str | None = None,
+        mchid: str | None = None,
+        signature: str | None = None,
+        authorization: str | None = None,
+    ) -> httpx.Response:
+        body = json_body(payload) if payload is not None else b""
+        stamp = timestamp or str(int(time.time()))
+        nonce = new_nonce()
+        message = request_message(
+            method, signed_path or path, stamp, nonce, body if signed_body is None else signed_body
+        )
+        header = (
+            authorization
+            or Authorization(
+                mchid=mchid or self.merchant.mchid,
+                nonce_str=nonce,
+                timestamp=stamp,
+                serial_no=serial or self.merchant.serial,
+                signature=signature or rsa_sign(self.merchant.private_key, message),
+            ).header()
+        )
+        headers = {"Authorization": header, "Accept": "application/json"}
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
+        async with httpx.AsyncClient(base_url=self.url, timeout=5) as http:
+            return await http.request(method, path, content=body, headers=headers)
+
+
+@pytest.fixture
+def wire(wechat_simulator: SimulatorProcess, merchant: WechatMerchant) -> Wire:
+    return Wire(wechat_simulator.url, merchant)
+
+
+def stock_request(**changes: Any) -> dict[str, Any]:
+    begins = datetime.now(UTC).replace(microsecond=0)
+    request: dict[str, Any] = {
+        "stock_name": "满50减10",
+        "belong_merchant": SIM_MCHID,
+        "available_begin_time": rfc3339(begins),
+        "available_end_time": rfc3339(begins + timedelta(days=7)),
+        "stock_use_rule": {
+            "max_coupons": 10,
+            "max_amount": 10_000,
+            "max_coupons_per_user": 1,
+            "natural_person_limit": False,
+            "prevent_api_abuse": False,
+        },
+        "coupon_use_rule": {
+            "fixed_normal_coupon": {"coupon_amount": 1000, "transaction_minimum": 5000},
+            "available_merchants": [SIM_MCHID],
+        },
+        "no_cash": False,
+        "stock_type": "NORMAL",
+        "out_request_no": uuid.uuid4().hex,
+    }
+    request.update(changes)
+    return request
+
+
+async def running_stock(wire: Wire) -> str:
+    created = await wire.call("POST", f"{FAVOR}/coupon-stocks", stock_request())
+    assert created.status_code == 200, created.text
+    stock_id: str = created.json()["stock_id"]
+    started = await wire.call(
+        "POST", f"{FAVOR}/stocks/{stock_id}/start", {"stock_creator_mchid": SIM_MCHID}
+    )
+    assert started.status_code == 200, started.text
+    return stock_id
+
+
+def assert_signed_by_platform(response: httpx.Response, merchant: WechatMerchant) -> None:
+    verify_signed(
+        response.headers,
+        response.content,
+        public_key=merchant.platform_public_key,
+        key_id=merchant.platform_public_key_id,
+    )
+    assert response.headers["Wechatpay-Signature-Type"] == "WECHATPAY2-SHA256-RSA2048"
+    assert response.headers["Request-ID"]
+
+
+# ---------------------------------------------------------------- signatures
+
+
+async def test_a_signed_request_gets_a_signed_answer(wire: Wire, merchant: WechatMerchant) -> None:
+    created = await wire.call("POST", f"{FAVOR}/coupon-stocks", stock_request())
+    assert created.status_code == 200, created.text
+    answer = created.json()
+    assert answer["stock_id"].isdigit() and answer["create_time"].endswith("+08:00")
+    assert_signed_by_platform(created, merchant)
+
+    path = f"{FAVOR}/stocks/{answer['stock_id']}?stock_creator_mchid={SIM_MCHID}"
+    stock = await wire.call("GET", path)
+    assert stock.status_code == 200, stock.text
+    assert_signed_by_platform(stock, merchant)
+    assert stock.json()["status"] == "unactivated"
+
+
+async def test_requests_that_do_not_verify_are_refused_401_sign_error(
+    wire: Wire, control: SimControl
+) -> None:
+    before = (await control.stats())["batches"]
+    body = stock_request()
+    create = f"{FAVOR}/coupon-stocks"
+    get = f"{FAVOR}/stocks/1234567890?stock_creator_mchid={SIM_MCHID}"
+    tampered = json_body({**body, "stock_name": "满50减40"})
+    attempts = {
+        "tampered body": wire.call("POST", create, body, signed_body=tampered),
+        "tampered signature": wire.call(
+            "POST", create, body, signature=rsa_sign(wire.merchant.private_key, b"other")
+        ),
+        "wrong serial": wire.call("GET", get, serial="0" * 39 + "1"),
+        "garbled serial": wire.call("GET", get, serial="not-hex"),
+        "stale timestamp": wire.call("GET", get, timestamp=str(int(time.time()) - 400)),
+        "future timestamp": wire.call("GET", get, timestamp=str(int(time.time()) + 400)),
+        "another merchant": wire.call("GET", get, mchid="1900000002"),
+        "query not signed": wire.call("GET", get, signed_path=get.partition("?")[0]),
+        "no scheme": wire.call("GET", get, authorization='mchid="1900000001"'),
+    }
+    for kind, attempt in attempts.items():
+        response = await attempt
+        assert response.status_code == 401, (kind, response.text)
+        assert response.json()["code"] == "SIGN_ERROR", kind
+        # WeChat Pay signs only for a merchant it authenticated.
+        assert "Wechatpay-Signature" not in response.headers, kind
+    assert (await control.stats())["batches"] == before
+
+
+async def test_the_independent_sdk_is_served_end_to_end(
+    wechat_simulator: SimulatorProcess, merchant: WechatMerchant, control: SimControl
+) -> None:
+    """wechatpayv3 (not our code) creates, starts, sends, queries, sets the notify URL,
+    receives and decrypts a COUPON.USE, and downloads and checks the use flow."""
+    folder = wechat_simulator.keys_dir / KEY_FOLDER
+    receiver = Receiver()
+    await receiver.start()
+    wxpay = WeChatPay(
+        wechatpay_type=WeChatPayType.MINIPROG,
+        mchid=SIM_MCHID,
+        private_key=(folder / MERCHANT_KEY_FILE).read_text(),
+        cert_serial_no=merchant.serial,
+        appid=SIM_APPID,
+        apiv3_key=(folder / APIV3_KEY_FILE).read_text(),
+        public_key=(folder / PLATFORM_PUBLIC_KEY_FILE).read_text(),
+        public_key_id=merchant.platform_public_key_id,
+        notify_url=receiver.url,
+        timeout=(5, 5),
+    )
+    # The SDK's only seam for another host: every request is built on Core._gate_way.
+    wxpay._core._gate_way = wechat_simulator.url
+
+    async def sdk(call: Callable[..., tuple[int, Any]], *args: Any, **kwargs: Any) -> Any:
+        code, answer = await asyncio.to_thread(call, *args, **kwargs)
+        assert code == 200, (call.__name__, answer)
+        return json.loads(answer) if isinstance(answer, str) else answer
+
+    try:
+        begins = datetime.now(UTC).replace(microsecond=0)
+        created = await sdk(
+            wxpay.marketing_favor_stock_create,
+            stock_name="SDK满20减10",
+            belong_merchant=SIM_MCHID,
+            available_begin_time=rfc3339(begins),
+            available_end_time=rfc3339(begins + timedelta(days=3)),
+            stock_use_rule={
+                "max_coupons": 5,
+                "max_amount": 5000,
+                "max_coupons_per_user": 1,
+                "natural_person_limit": False,
+                "prevent_api_abuse": True,
+            },
+            coupon_use_rule={
+                "fixed_normal_coupon": {"coupon_amount": 1000, "transaction_minimum": 2000},
+                "available_merchants": [SIM_MCHID],
+            },
+            out_request_no=uuid.uuid4().hex,
+            no_cash=True,
+        )
+        stock_id = created["stock_id"]
+        started = await sdk(wxpay.marketing_favor_stock_start, SIM_MCHID, stock_id)
+        assert started["stock_id"] == stock_id and started["start_time"]
+        await sdk(wxpay.marketing_favor_callback_update, notify_url=receiver.url)
+        openid = f"o{uuid.uuid4().hex[:27]}"
+        sent = await sdk(
+            wxpay.marketing_favor_stock_send, stock_id, openid, uuid.uuid4().hex, SIM_MCHID
+        )
+        coupon_id = sent["coupon_id"]
+        detail = await sdk(wxpay.marketing_favor_coupon_detail, coupon_id, openid)
+        assert (detail["status"], detail["stock_id"]) == ("SENDED", stock_id)
+        assert detail["normal_coupon_information"] == {
+            "coupon_amount": 1000,
+            "transaction_minimum": 2000,
+        }
+
+        assert (await control.use(coupon_id)).status_code == 200
+        await eventually(lambda: len(receiver.received) >= 1)
+        delivered = receiver.received[0]
+        opened = wxpay.callback(delivered.headers, delivered.body)
+        assert opened is not None, "the SDK did not verify or decrypt our notification"
+        assert opened["event_type"] == "COUPON.USE"
+        assert opened["resource"]["coupon_id"] == coupon_id
+        assert opened["resource"]["status"] == "USED"
+        assert opened["resource"]["consume_information"]["consume_time"]
+
+        flow = await sdk(wxpay.marketing_favor_use_flow, stock_id)
+        assert flow["hash_type"] == "SHA1"
+        content = await sdk(wxpay.download_bill, flow["url"])
+        assert hashlib.sha1(content, usedforsecurity=False).hexdigest() == flow["hash_value"]
+        assert coupon_id in content.decode()
+        stock = await sdk(wxpay.marketing_favor_stock_detail, SIM_MCHID, stock_id)
+        assert (stock["status"], stock["distributed_coupons"]) == ("running", 1)
+    finally:
+        await receiver.stop()
+
+
+# ---------------------------------------------------------------- stocks
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"stock_name": "batch_1"}, "特殊字符"),
+        ({"stock_name": "一二三四五六七八九十"}, "9个中文汉字"),
+        ({"stock_name": "x" * 21}, "长度"),
+        ({"out_request_no": "batch.1@x"}, "out_request_no"),
+        ({"stock_type": "DISCOUNT"}, "NORMAL"),
+        ({"no_cash": None}, "no_cash"),
+        ({"extra_field": 1}, "未在API文档中定义"),
+        ({"available_begin_time": "2030-01-01 00:00:00"}, "时间格式"),
+    ],
+)
+async def test_creation_rules_are_checked(
+    wire: Wire, changes: dict[str, Any], message: str
+) -> None:
+    response = await wire.call("POST", f"{FAVOR}/coupon-stocks", stock_request(**changes))
+    assert response.status_code == 400, response.text
+    assert response.json()["code"] == "PARAM_ERROR"
+    assert message in response.json()["message"]
+
+
+async def test_budget_threshold_and_window_rules_are_checked(wire: Wire) -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    use_rule = stock_request()["stock_use_rule"]
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"stock_use_rule": {**use_rule, "max_amount": 9_999}}, "批次预算"),
+        (
+            {
+                "coupon_use_rule": {
+                    "fixed_normal_coupon": {"coupon_amount": 1000, "transaction_minimum": 1000}
+                }
+            },
+            "门槛",
+        ),
+        ({"available_begin_time": rfc3339(now - timedelta(minutes=5))}, "不可早于"),
+        ({"available_end_time": rfc3339(now + timedelta(days=91))}, "90天"),
+    ]
+    for changes, message in cases:
+        response = await wire.call("POST", f"{FAVOR}/coupon-stocks", stock_request(**changes))
+        assert response.status_code == 400, (changes, response.text)
+        assert message in response.json()["message"], changes
+    other = await wire.call("POST", f"{FAVOR}/coupon-stocks", stock_request(belong_merchant="123"))
+    assert (other.status_code, other.json()["code"]) == (400, "INVALID_REQUEST")
+
+
+async def test_reentry_finds_the_same_stock_and_other_content_is_refused(wire: Wire) -> None:
+    request = stock_request()
+    first = await wire.call("POST", f"{FAVOR}/coupon-stocks", request)
+    again = await wire.call("POST", f"{FAVOR}/coupon-stocks", request)
+    assert first.status_code == again.status_code == 200
+    assert first.json()["stock_id"] == again.json()["stock_id"]
+    other = await wire.call("POST", f"{FAVOR}/coupon-stocks", {**request, "stock_name": "满50减11"})
+    assert other.status_code == 400
+    assert other.json()["code"] == "RESOURCE_ALREADY_EXISTS"
+
+
+async def test_stock_statuses_speak_wechat(wire: Wire, control: SimControl) -> None:
+    created = await wire.call("POST", f"{FAVOR}/coupon-stocks", stock_request())
+    stock_id = created.json()["stock_id"]
+    body = {"stock_creator_mchid": SIM_MCHID}
+
+    async def status() -> str:
+        stock = await wire.call("GET", f"{FAVOR}/stocks/{stock_id}?stock_creator_mchid={SIM_MCHID}")
+        found: str = stock.json()["status"]
+        return found
+
+    assert await status() == "unactivated"
+    for verb, field_name, expected in (
+        ("start", "start_time", "running"),
+        ("pause", "pause_time", "paused"),
+        ("restart", "restart_time", "running"),
+        ("restart", "restart_time", "running"),  # documented as re-entrant
+    ):
+        answer = await wire.call("POST", f"{FAVOR}/stocks/{stock_id}/{verb}", body)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["stock_id"] == stock_id and answer.json()[field_name]
+        assert await status() == expected
+    assert (await control.change_batch(stock_id, status="stopped")).status_code == 200
+    assert await status() == "stoped"
+    refused = await wire.call("POST", f"{FAVOR}/stocks/{stock_id}/restart", body)
+    assert (refused.status_code, refused.json()["code"]) == (400, "INVALID_REQUEST")
+    wrong = await wire.call(
+        "POST", f"{FAVOR}/stocks/{stock_id}/start", {"stock_creator_mchid": "1"}
+    )
+    assert (wrong.status_code, wrong.json()["message"]) == (400, "非法的商户号")
+
+
+# ---------------------------------------------------------------- coupons
+
+
+async def test_send_query_and_their_refusals(wire: Wire, merchant: WechatMerchant) -> None:
+    stock_id = await running_stock(wire)
+    openid, request_no = f"o{uuid.uuid4().hex[:12]}", uuid.uuid4().hex
+    send: dict[str, Any] = {
+        "stock_id": stock_id,
+        "out_request_no": request_no,
+        "appid": SIM_APPID,
+        "stock_creator_mchid": SIM_MCHID,
+    }
+    path = f"{FAVOR}/users/{openid}/coupons"
+    first, again = await wire.call("POST", path, send), await wire.call("POST", path, send)
+    assert first.status_code == again.status_code == 200, first.text
+    coupon_id = first.json()["coupon_id"]
+    assert coupon_id.isdigit() and again.json() == {"coupon_id": coupon_id}
+    assert_signed_by_platform(first, merchant)
+
+    detail = await wire.call("GET", f"{path}/{coupon_id}?appid={SIM_APPID}")
+    assert detail.status_code == 200, detail.text
+    shown = detail.json()
+    assert (shown["status"], shown["stock_id"], shown["coupon_id"]) == (
+        "SENDED",
+        stock_id,
+        coupon_id,
+    )
+    assert "consume_information" not in shown
+
+    fresh = {**send, "out_request_no": uuid.uuid4().hex}
+    refusals: list[tuple[dict[str, Any], int, str]] = [
+        ({**fresh, "appid": "wx0000000000000000"}, 400, "APPID_MCHID_NOT_MATCH"),
+        ({**fresh, "stock_creator_mchid": "1900000002"}, 400, "INVALID_REQUEST"),
+        ({**fresh, "stock_id": "1"}, 404, "RESOURCE_NOT_EXISTS"),
+        ({**fresh, "x": 1}, 400, "PARAM_ERROR"),
+        (fresh, 403, "REQUEST_BLOCKED"),  # the user holds the stock's limit already
+    ]
+    for body, status, code in refusals:
+        response = await wire.call("POST", path, body)
+        assert (response.status_code, response.json()["code"]) == (status, code), body
+        assert_signed_by_platform(response, merchant)
+    reused = await wire.call("POST", f"{FAVOR}/users/other-user/coupons", send)
+    assert (reused.status_code, reused.json()["code"]) == (400, "RESOURCE_ALREADY_EXISTS")
+    missing = await wire.call("GET", f"{path}/{coupon_id}")
+    assert (missing.status_code, missing.json()["code"]) == (400, "PARAM_ERROR")
+    stranger = await wire.call(
+        "GET", f"{FAVOR}/users/someone/coupons/{coupon_id}?appid={SIM_APPID}"
+    )
+    assert (stranger.status_code, stranger.json()["code"]) == (404, "RESOURCE_NOT_EXISTS")
+
+
+async def test_the_use_flow_is_wechats_file_downloaded_signed_and_answered_unsigned(
+    wire: Wire, control: SimControl
+) -> None:
+    stock_id = await running_stock(wire)
+    send: dict[str, Any] = {
+        "stock_id": stock_id,
+        "appid": SIM_APPID,
+        "stock_creator_mchid": SIM_MCHID,
+    }
+    used = []
+    for user in ("u-flow-1", "u-flow-2"):
+        sent = await wire.call(
+            "POST", f"{FAVOR}/users/{user}/coupons", {**send, "out_request_no": uuid.uuid4().hex}
+        )
+        used.append(sent.json()["coupon_id"])
+    for coupon_id in used[:1]:
+        assert (await control.use(coupon_id)).status_code == 200
+
+    described = await wire.call("GET", f"{FAVOR}/stocks/{stock_id}/use-flow")
+    assert described.status_code == 200, described.text
+    flow = described.json()
+    assert set(flow) == {"url", "hash_value", "hash_type"} and flow["hash_type"] == "SHA1"
+    path = flow["url"].removeprefix(wire.url)
+    assert path.startswith("/v3/billdownload/file?token=")
+    downloaded = await wire.call("GET", path)
+    assert downloaded.status_code == 200
+    assert "Wechatpay-Signature" not in downloaded.headers  # documented: not signed
+    assert hashlib.sha1(downloaded.content, usedforsecurity=False).hexdigest() == flow["hash_value"]
+    rows = list(csv.reader(io.StringIO(downloaded.content.decode())))
+    assert rows[0][:3] == ["批次id", "优惠id", "优惠类型"] and len(rows[0]) == 12
+    assert len(rows) == 2  # only the used coupon
+    assert rows[1][0] == f"`{stock_id}" and rows[1][1] == f"`{used[0]}"
+    datetime.strptime(rows[1][7].lstrip("`"), "%Y-%m-%d %H:%M:%S")
+
+    unsigned = await httpx.AsyncClient().get(flow["url"])
+    assert unsigned.status_code == 401
+    unknown = await wire.call("GET", "/v3/billdownload/file?token=nope")
+    assert (unknown.status_code, unknown.json()["code"]) == (400, "INVALID_REQUEST")
+
+
+# ---------------------------------------------------------------- notifications
+
+
+async def test_notifications_and_forged_probes(
+    wire: Wire, merchant: WechatMerchant, control: SimControl
+) -> None:
+    """Every forged probe (alternately a wrong key, a tampered body) fails a correct receiver;
+    every genuine notification passes it and decrypts to the coupon that was used."""
+    adapter = WechatPayPlatform(wire.url, merchant)
+    receiver = Receiver(answer=verifying(adapter))
+    await receiver.start()
+    try:
+        await control.knobs(callback_url=receiver.url, callback_forged_rate=1)
+        before = await control.stats()
+        stock_id = await running_stock(wire)
+        coupons = []
+        for expected, user in ((2, "u-probe-1"), (4, "u-probe-2")):
+            sent = await wire.call(
+                "POST",
+                f"{FAVOR}/users/{user}/coupons",
+                {
+                    "stock_id": stock_id,
+                    "out_request_no": uuid.uuid4().hex,
+                    "appid": SIM_APPID,
+                    "stock_creator_mchid": SIM_MCHID,
+                },
+            )
+            coupons.append(sent.json()["coupon_id"])
+            assert (await control.use(coupons[-1])).status_code == 200
+            # The probe, then the genuine notification.
+            await eventually(partial(at_least, receiver.received, expected))
+        stats = await control.stats()
+        for counter, grew in (
+            ("callbacks_forged_sent", 2),
+            ("callbacks_forged_accepted", 0),
+            ("callbacks_delivered", 2),
+        ):
+            assert stats[counter] - before[counter] == grew, counter
+        statuses = [request.status for request in receiver.received]
+        assert statuses.count(401) == 2 and statuses.count(200) == 2
+        genuine = [json.loads(r.body) for r in receiver.received if r.status == 200]
+        assert all(body["event_type"] == "COUPON.USE" for body in genuine)
+        seen = [
+            adapter.verify_callback(r.headers, r.body) for r in receiver.received if r.status == 200
+        ]
+        assert sorted(notice.platform_coupon_id for notice in seen) == sorted(coupons)
+    finally:
+        await receiver.stop()
+        await adapter.aclose()
+
+
+# ---------------------------------------------------------------- a receiver
+
+
+@dataclass
+class Received:
+    headers: dict[str, str]  # names lowercased
+    body: bytes
+    status: int | None = None
+
+
+Answer = Callable[[Received], Awaitable[int]]
+
+
+async def ok(_: Received) -> int:
+    return 200
+
+
+def verifying(adapter: WechatPayPlatform) -> Answer:
+    """A correct receiver: 200 only for what verifies."""
+
+    async def answer(request: Received) -> int:
+        try:
+            adapter.verify_callback(request.headers, request.body)
+        except CallbackRejected:
+            return 401
+        return 200
+
+    return answer
+
+
+@dataclass
+class Receiver:
+    """A tiny HTTP/1.1 server on a free port that records each request and answers it."""
+
+    answer: Answer = ok
+    received: list[Received] = field(default_factory=list)
+    server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}/callbacks/wechat"
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readline()
+            headers: dict[str, str] = {}
+            while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                name, _, value = line.decode("latin-1").partition(":")
+                headers[name.strip().lower()] = value.strip()
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+            request = Received(headers, body)
+            request.status = await self.answer(request)
+            self.received.append(request)
+            head = f"HTTP/1.1 {request.status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            writer.write(head.encode())
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+def at_least(items: list[Received], count: int) -> bool:
+    return len(items) >= count
+
+
+async def eventually(check: Callable[[], bool], timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
