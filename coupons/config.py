@@ -67,6 +67,8 @@ class Settings:
     # callbacks with (never logged; callbacks are refused while it is unset).
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    # The API's address as the platform reaches it (a TLS proxy's, say); None: `api_url`.
+    api_public_url: str | None = None
     platform_callback_secret: str | None = field(default=None, repr=False)
     # WeChat Pay: the merchant (mchid), the app the users' openids belong to, the merchant's
     # API private key (apiclient_key.pem) and certificate serial (None: read from
@@ -131,7 +133,8 @@ class Settings:
     @property
     def callback_url(self) -> str:
         """Where the platform sends its coupon-used callbacks."""
-        return f"{self.api_url}/callbacks/{self.platform}/coupon-used"
+        base = (self.api_public_url or self.api_url).rstrip("/")
+        return f"{base}/callbacks/{self.platform}/coupon-used"
 
     def with_stack_secrets(self) -> Settings:
         """Fill the platform's key and callback secret from `make run`'s data directory when
@@ -187,6 +190,9 @@ class Settings:
         ):
             if not 0 < port < 65536:
                 raise ConfigError(f"{name}={port} must be a TCP port, 1 to 65535")
+        public = self.api_public_url
+        if public is not None and not public.startswith(("http://", "https://")):
+            raise ConfigError(f"API_PUBLIC_URL={public!r} must be an http(s) URL")
         if not self.api_host.strip() or any(c.isspace() for c in self.api_host):
             raise ConfigError(f"API_HOST={self.api_host!r} must be a host name or address")
         secret = self.platform_callback_secret
@@ -224,6 +230,7 @@ class Settings:
             "DATABASE_URL": self.database_url_override,
             "TEMPORAL_ADDRESS": self.temporal_address_override,
             "PLATFORM_URL": self.platform_url_override,
+            "API_PUBLIC_URL": self.api_public_url,
             "PLATFORM_API_KEY": self.platform_api_key,
             "PLATFORM_CALLBACK_SECRET": self.platform_callback_secret,
             "WECHAT_MCHID": self.wechat_mchid,
@@ -270,6 +277,7 @@ class Settings:
             reconcile_hour_utc=_hour(env, "RECONCILE_HOUR_UTC", 3),
             api_host=env.get("API_HOST") or "127.0.0.1",
             api_port=_number(env, "API_PORT", 8000, int),
+            api_public_url=env.get("API_PUBLIC_URL") or None,
             platform_callback_secret=env.get("PLATFORM_CALLBACK_SECRET") or None,
             wechat_mchid=env.get("WECHAT_MCHID") or None,
             wechat_appid=env.get("WECHAT_APPID") or None,
