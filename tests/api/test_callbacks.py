@@ -152,6 +152,21 @@ async def test_a_forged_callback_changes_nothing(api: Api, tenant_a: Tenant) -> 
     assert await _ledger_state(api, coupon["coupon_id"]) == "issued"
 
 
+async def test_another_platforms_path_takes_nothing(api: Api, tenant_a: Tenant) -> None:
+    """A genuine generic notification sent to the WeChat or Alipay path is not even read:
+    this service speaks one platform's protocol."""
+    coupon = await _issued(api, tenant_a, "una")
+    body = _notice(coupon["platform_coupon_id"], "una")
+    for other in ("wechat", "alipay"):
+        path = CALLBACK_PATH.replace("/generic/", f"/{other}/")
+        answer = await api.http.post(path, content=body, headers=_signed(body))
+        assert answer.status_code == 404, answer.text
+        assert "takes generic notifications, at /callbacks/generic/coupon-used" in answer.text
+    unknown = await api.http.post(CALLBACK_PATH.replace("/generic/", "/paypal/"), content=body)
+    assert unknown.status_code in (404, 422), unknown.text
+    assert await _ledger_state(api, coupon["coupon_id"]) == "issued"
+
+
 async def test_a_duplicate_is_acknowledged_and_applied_once(api: Api, tenant_a: Tenant) -> None:
     coupon = await _issued(api, tenant_a, "uma")
     body = _notice(coupon["platform_coupon_id"], "uma")
