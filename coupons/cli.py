@@ -483,8 +483,13 @@ async def cmd_batch_show(ctx: Context, args: argparse.Namespace) -> Answer:
 
 
 async def cmd_batch_change(ctx: Context, args: argparse.Namespace) -> Answer:
-    batch = await catalog.change_batch(
-        ctx.pool, ctx.platform(), args.batch, BatchAction(args.action)
+    batch = await service.change_batch(
+        ctx.pool,
+        await ctx.client(),
+        ctx.settings,
+        ctx.platform(),
+        args.batch,
+        BatchAction(args.action),
     )
     return Answer(_batch_json(batch), lambda: _batch_detail(batch))
 
@@ -933,7 +938,15 @@ def _batch_detail(b: Batch) -> list[RenderableType]:
 
 def _sync_view(report: SyncReport) -> list[RenderableType]:
     table = _table(
-        "batch", "platform id", "status", "quantity", "remaining", "owed", "backlog", "drift"
+        "batch",
+        "platform id",
+        "status",
+        "quantity",
+        "remaining",
+        "owed",
+        "backlog",
+        "woken",
+        "drift",
     )
     synced: list[BatchSync] = report.batches
     for b in synced:
@@ -945,6 +958,7 @@ def _sync_view(report: SyncReport) -> list[RenderableType]:
             str(b.remaining),
             str(b.owed),
             str(b.backlog),
+            str(b.woken),
             "; ".join(b.drift) or "-",
         )
     lines: list[RenderableType] = [

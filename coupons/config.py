@@ -252,8 +252,11 @@ class Settings:
         env = os.environ if env is None else env
         platform = env.get("PLATFORM") or "generic"
         # Each platform's embedded stack keeps its own data (ledger, Temporal, simulator, keys):
-        # batch and coupon ids of one platform mean nothing to another.
+        # batch and coupon ids of one platform mean nothing to another, nor the simulator's to
+        # the real platform's.
         default_data = ".data" if platform == "generic" else f".data/{platform}"
+        if platform != "generic" and env.get("PLATFORM_URL"):
+            default_data += "-live"
         return cls(
             data_dir=Path(env.get("DATA_DIR") or default_data),
             platform=platform,

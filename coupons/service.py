@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -34,11 +35,11 @@ from temporalio.service import RPCError, RPCStatusCode
 from coupons import catalog
 from coupons.claims import ClaimResult, ClaimService
 from coupons.config import Settings
-from coupons.contract import END_CAMPAIGN_WORKFLOW, REPORT_REDEMPTION
+from coupons.contract import CATALOG_SYNC_WORKFLOW, END_CAMPAIGN_WORKFLOW, REPORT_REDEMPTION
 from coupons.errors import UNKNOWN_TASK, WRONG_STATE, InvalidField, Refused
 from coupons.ledger import claims as ledger
 from coupons.ledger import notifications
-from coupons.ledger.campaigns import Campaign
+from coupons.ledger.campaigns import Batch, Campaign
 from coupons.ledger.claims import Claim
 from coupons.lifecycle import FINAL_STATES, STATES
 from coupons.model import (
@@ -46,8 +47,10 @@ from coupons.model import (
     CouponStatus,
     EndCampaignInput,
     RedemptionReport,
+    SyncInput,
     TaskCompletion,
 )
+from coupons.platforms.base import BatchAction, Platform
 from coupons.validation import validate_id
 from workflows.user_coupon import UserCouponWorkflow
 
@@ -288,6 +291,37 @@ async def _coupon_workflow(pool: AsyncConnectionPool, found: Claim) -> AsyncIter
         raise Refused(
             WRONG_STATE, f"coupon {found.coupon_id!r} is {state}: it is finished"
         ) from None
+
+
+# ------------------------------------------------------------------ batches
+
+
+async def change_batch(
+    pool: AsyncConnectionPool,
+    client: Client,
+    settings: Settings,
+    platform: Platform,
+    batch_id: str,
+    action: BatchAction,
+    tenant_id: str | None = None,
+) -> Batch:
+    """Start, pause, resume or stop the batch at the platform. A batch that can send again
+    (started, resumed) is synced at once, so the coupons waiting for it hear now, not at the
+    next scheduled sync or their own recheck."""
+    batch = await catalog.change_batch(pool, platform, batch_id, action, tenant_id)
+    if action in (BatchAction.START, BatchAction.RESUME):
+        try:
+            await client.start_workflow(
+                CATALOG_SYNC_WORKFLOW,
+                SyncInput([batch.id]),
+                id=f"catalog-sync:{action.value}:{batch.id}:{uuid.uuid4().hex[:8]}",
+                task_queue=settings.task_queue,
+                static_summary=f"sync batch {batch.id} after its {action.value}",
+            )
+        except RPCError as err:
+            # The batch did change; waiting coupons still hear at the next sync.
+            log.warning("sync after %s of %s not started: %s", action.value, batch.id, err)
+    return batch
 
 
 # ------------------------------------------------------------------ campaigns

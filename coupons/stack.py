@@ -28,7 +28,7 @@ from types import FrameType
 from typing import Protocol
 
 from coupons.catalog import ensure_campaign
-from coupons.config import Settings
+from coupons.config import ConfigError, Settings
 from coupons.embedded import (
     EmbeddedPostgres,
     ManagedProcess,
@@ -197,7 +197,10 @@ class Stack:
         else:
             self.lines.append(f"Platform    {s.platform_url}  (external)")
 
-        if self.demo:
+        if self.demo and s.platform_url_override is not None:
+            # A real platform's batch is real money: never made without an operator asking.
+            self.lines.append("Demo        none (PLATFORM_URL is a real platform)")
+        elif self.demo:
             asyncio.run(seed_demo(s))
             self.lines.append(
                 "Demo        campaign 'demo' on batch 'demo': task first-order, quota 1000, "
@@ -298,7 +301,12 @@ def main() -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    stack = Stack(Settings.from_env(), api=True)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    stack = Stack(settings, api=True)
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
         log.info("%s received: stopping", signal.Signals(signum).name)

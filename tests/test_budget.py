@@ -22,6 +22,7 @@ from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 from activities.platform import PlatformActivities
 from coupons import catalog
 from coupons import contract as act
+from coupons import service as coupon_service
 from coupons.claims import ClaimResult
 from coupons.config import Settings
 from coupons.ledger import campaigns as ledger_catalog
@@ -175,7 +176,7 @@ async def test_a_batch_short_of_budget_issues_what_it_can_and_the_rest_wait(
         await close_workflows(client, [r.workflow_id for r in results])
 
 
-async def test_a_paused_batch_holds_coupons_until_resumed_and_synced(
+async def test_a_paused_batch_holds_coupons_until_resumed(
     dev_env: WorkflowEnvironment,
     pool: AsyncConnectionPool,
     platform: RestPlatform,
@@ -200,11 +201,13 @@ async def test_a_paused_batch_holds_coupons_until_resumed_and_synced(
             assert any("paused" in d for d in held.drift), held.drift
             assert {(await h.query(UserCouponWorkflow.status)).state for h in handles} == {"usable"}
 
-            await catalog.change_batch(pool, platform, campaign.batch_id, BatchAction.RESUME)
+            # The resume itself syncs the batch: no manual sync, no wait for the schedule.
             loop = asyncio.get_running_loop()
             started = loop.time()
-            woke = await sync_one(client, settings, campaign.batch_id)
-            assert (woke.status, woke.backlog, woke.woken) == ("running", 2, 2)
+            resumed = await coupon_service.change_batch(
+                pool, client, settings, platform, campaign.batch_id, BatchAction.RESUME
+            )
+            assert resumed.status == "running"
             await asyncio.gather(
                 *(wait_for_state(h, "issued", timeout_s=PROMPTLY_S) for h in handles)
             )

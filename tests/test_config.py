@@ -138,6 +138,8 @@ def test_merchant_settings_travel_to_child_processes() -> None:
         "WECHAT_PLATFORM_PUBLIC_KEY_ID": "PUB_KEY_ID_0119000001092025",
     }
     s = Settings.from_env({**env, "API_PUBLIC_URL": "https://coupons.example.com/"})
+    # A real platform's data never mixes with the simulator's (its ids mean nothing there).
+    assert s.data_dir == Path(".data/wechat-live")
     assert Settings.from_env(s.to_env()) == s
     assert s.wechat_private_key_file == Path("/etc/coupons/apiclient_key.pem")
     assert s.callback_url == "https://coupons.example.com/callbacks/wechat/coupon-used"

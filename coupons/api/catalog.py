@@ -147,8 +147,14 @@ async def get_batch(batch_id: BatchIdPath, key: Admin, parts: Parts) -> BatchDet
 
 def _batch_action(action: BatchAction) -> None:
     async def change(batch_id: BatchIdPath, key: Admin, parts: Parts) -> BatchOut:
-        batch = await catalog.change_batch(
-            parts.pool, parts.platform, batch_id, action, key.tenant_id
+        batch = await service.change_batch(
+            parts.pool,
+            parts.client,
+            parts.settings,
+            parts.platform,
+            batch_id,
+            action,
+            key.tenant_id,
         )
         return _batch(batch)
 

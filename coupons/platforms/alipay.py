@@ -22,9 +22,9 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import parse_qsl
 
 import httpx
@@ -87,6 +87,7 @@ from coupons.platforms.base import (
     PlatformRefused,
     PlatformUnavailable,
     SendRequest,
+    read_answer,
 )
 
 log = logging.getLogger(__name__)
@@ -238,17 +239,6 @@ def _user_field(user_id: str) -> dict[str, str]:
     return {"user_id": user_id} if ALIPAY_USER_ID.fullmatch(user_id) else {"open_id": user_id}
 
 
-T = TypeVar("T")
-
-
-def _read(parse: Callable[[dict[str, Any]], T], raw: dict[str, Any]) -> T:
-    # A success we cannot read may still have been applied: ambiguous, not a refusal.
-    try:
-        return parse(raw)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PlatformUnavailable("BAD_RESPONSE", f"unreadable answer: {exc!r}") from exc
-
-
 class AlipayPlatform:
     """Adapter for Alipay vouchers; raises only `PlatformError` subclasses."""
 
@@ -368,16 +358,27 @@ class AlipayPlatform:
         if self._notify_url is not None:
             biz["notify_uri"] = self._notify_url
         answer = await self._call(CASHLESS_TEMPLATE_CREATE, biz)
-        return await self.get_batch(_read(lambda raw: _text(raw, "template_id"), answer))
+        return await self.get_batch(read_answer(lambda raw: _text(raw, "template_id"), answer))
 
     async def get_batch(self, batch_id: str) -> PlatformBatch:
-        return _read(_batch, await self._call(TEMPLATE_DETAIL_QUERY, {"template_id": batch_id}))
+        return read_answer(
+            _batch, await self._call(TEMPLATE_DETAIL_QUERY, {"template_id": batch_id})
+        )
 
     async def change_batch(self, batch_id: str, action: BatchAction) -> PlatformBatch:
         action = BatchAction(action)
         if action is BatchAction.STOP:
             # Deleting a deleted template is a no-op at Alipay, as stopping twice is to us.
-            await self._call(TEMPLATE_DELETE, {"template_id": batch_id})
+            try:
+                await self._call(TEMPLATE_DELETE, {"template_id": batch_id})
+            except PlatformRefused as exc:
+                if exc.code != SubCode.TEMPLATE_CANNOT_DELETE:
+                    raise
+                raise PlatformRefused(
+                    exc.code,
+                    f"Alipay deletes only a template nothing was sent from ({exc.message}): "
+                    "end its campaigns instead, and let the template's window run out",
+                ) from exc
             return await self.get_batch(batch_id)
         if action is BatchAction.START:
             batch = await self.get_batch(batch_id)
@@ -385,8 +386,8 @@ class AlipayPlatform:
                 return batch  # published from its creation: nothing to start
             raise PlatformRefused(
                 ACTION_UNSUPPORTED,
-                f"an Alipay template publishes from its creation (a cash one once its fund "
-                f"order is paid), by no API call; {batch_id} is {batch.status.value}",
+                f"Alipay has no call to start a template (it publishes from its creation); "
+                f"{batch_id} is {batch.status.value} and cannot send again",
             )
         raise PlatformRefused(
             ACTION_UNSUPPORTED, f"Alipay voucher templates cannot {action.value}: no such call"
@@ -409,7 +410,7 @@ class AlipayPlatform:
                 **_user_field(request.user_id),
             },
         )
-        voucher_id = _read(lambda raw: _text(raw, "voucher_id"), answer)
+        voucher_id = read_answer(lambda raw: _text(raw, "voucher_id"), answer)
         try:
             coupon = await self.get_coupon(request.user_id, voucher_id)
         except PlatformError as exc:
@@ -442,7 +443,7 @@ class AlipayPlatform:
             if exc.code == SubCode.VOUCHER_NOT_EXIST:
                 return None
             raise
-        coupon = _read(_coupon, answer)
+        coupon = read_answer(_coupon, answer)
         if coupon.user_id != user_id:
             # The query is by voucher id alone: another user's voucher is not this user's.
             log.warning("voucher %s belongs to another user than asked", coupon_id)

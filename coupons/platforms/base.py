@@ -8,11 +8,11 @@ coupon's lifecycle.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 
 class PlatformCouponStatus(StrEnum):
@@ -184,6 +184,18 @@ class PlatformBatchUnavailable(PlatformError):
 
 class PlatformBudgetExhausted(PlatformBatchUnavailable):
     """The batch has no budget left right now; it may come back (the catalog rules decide)."""
+
+
+T = TypeVar("T")
+
+
+def read_answer(parse: Callable[[dict[str, Any]], T], raw: dict[str, Any]) -> T:
+    """`parse(raw)`, where an answer we cannot read is PlatformUnavailable: a success we cannot
+    read may still have been applied, so it is ambiguous (retried), never a refusal."""
+    try:
+        return parse(raw)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise PlatformUnavailable("BAD_RESPONSE", f"unreadable answer: {exc!r}") from exc
 
 
 class Platform(Protocol):

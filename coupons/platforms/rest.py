@@ -10,10 +10,10 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -37,6 +37,7 @@ from coupons.platforms.base import (
     PlatformRefused,
     PlatformUnavailable,
     SendRequest,
+    read_answer,
 )
 
 log = logging.getLogger(__name__)
@@ -218,17 +219,6 @@ def _notice(raw: Any) -> CouponUsedNotice:
     )
 
 
-T = TypeVar("T")
-
-
-def _read(parse: Callable[[dict[str, Any]], T], raw: dict[str, Any]) -> T:
-    # A 2xx we cannot read may still have been applied: ambiguous, not a refusal.
-    try:
-        return parse(raw)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PlatformUnavailable("BAD_RESPONSE", f"unreadable answer: {exc!r}") from exc
-
-
 class RestPlatform:
     """Adapter for the generic REST protocol; raises only `PlatformError` subclasses."""
 
@@ -329,20 +319,22 @@ class RestPlatform:
                 },
             },
         )
-        return _read(_batch, raw)
+        return read_answer(_batch, raw)
 
     async def get_batch(self, batch_id: str) -> PlatformBatch:
-        return _read(_batch, await self._call("GET", f"/v1/batches/{quote(batch_id, safe='')}"))
+        return read_answer(
+            _batch, await self._call("GET", f"/v1/batches/{quote(batch_id, safe='')}")
+        )
 
     async def change_batch(self, batch_id: str, action: BatchAction) -> PlatformBatch:
         path = f"/v1/batches/{quote(batch_id, safe='')}/{BatchAction(action).value}"
-        return _read(_batch, await self._call("POST", path))
+        return read_answer(_batch, await self._call("POST", path))
 
     async def batch_flow(self, batch_id: str, kind: FlowKind) -> list[FlowRecord]:
         name = FlowKind(kind).value
         what = f"{name} flow of {batch_id}"
         path = f"/v1/batches/{quote(batch_id, safe='')}/flows/{name}"
-        file = _read(_flow_file, await self._call("GET", path))
+        file = read_answer(_flow_file, await self._call("GET", path))
         response = await self._request("GET", self._platform_url(file.url), f"download {what}")
         return _verified_flow(file, response.content)
 
@@ -352,7 +344,7 @@ class RestPlatform:
             f"/v1/batches/{quote(request.batch_id, safe='')}/coupons",
             {"user_id": request.user_id, "idempotency_key": request.idempotency_key},
         )
-        return _read(_coupon, raw)
+        return read_answer(_coupon, raw)
 
     async def get_coupon(self, user_id: str, coupon_id: str) -> PlatformCoupon | None:
         path = f"/v1/users/{quote(user_id, safe='')}/coupons/{quote(coupon_id, safe='')}"
@@ -362,7 +354,7 @@ class RestPlatform:
             if exc.code == "COUPON_NOT_FOUND":
                 return None
             raise
-        return _read(_coupon, raw)
+        return read_answer(_coupon, raw)
 
     def verify_callback(self, headers: Mapping[str, str], body: bytes) -> CouponUsedNotice:
         if self._callback_secret is None:

@@ -45,9 +45,10 @@ Decisions where WeChat Pay and `Platform` differ:
 - With no window asked for, the window starts now (whole seconds) and lasts valid_days;
   it is remembered per request key, so a retried create in this process repeats the first
   one exactly (a different one would be RESOURCE_ALREADY_EXISTS).
-- A minimum spend at or below the face value (no minimum) becomes the face value plus one
-  cent: WeChat Pay refuses a threshold that does not exceed the coupon (使用门槛必须大于优惠金额),
-  and that is what "no threshold" means there. The batch then reads that threshold back.
+- No minimum spend (0) becomes the face value plus one cent: WeChat Pay refuses a threshold
+  that does not exceed the coupon (使用门槛必须大于优惠金额), and that is what "no threshold"
+  means there; the batch then reads that threshold back. A minimum asked for at or below the
+  face value is refused (PARAM_ERROR), not silently raised.
 - Names and keys are made to fit: forbidden name characters become spaces and the name is
   cut to WeChat's length; a request key outside out_request_no's characters is replaced by a
   digest of it (deterministic, so retries agree).
@@ -62,10 +63,10 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
 import httpx
@@ -90,6 +91,7 @@ from coupons.platforms.base import (
     PlatformRefused,
     PlatformUnavailable,
     SendRequest,
+    read_answer,
 )
 from coupons.platforms.wechat_protocol import (
     AEAD_ALGORITHM,
@@ -183,9 +185,18 @@ def _stock_name(name: str) -> str:
 
 def _threshold(spec: BatchSpec) -> int:
     """WeChat Pay's threshold for our minimum spend: it must exceed the face value (an order
-    is never paid down to zero), so "no minimum" is the face value plus one cent, which is
-    all "no threshold" can mean there."""
-    return max(spec.min_spend_cents, spec.face_value_cents + 1)
+    is never paid down to zero), so "no minimum" (0) is the face value plus one cent, which
+    is all "no threshold" can mean there; a minimum asked for that does not exceed the face
+    value is refused here, rather than changed behind the asker's back."""
+    if spec.min_spend_cents == 0:
+        return spec.face_value_cents + 1
+    if spec.min_spend_cents <= spec.face_value_cents:
+        raise PlatformRefused(
+            "PARAM_ERROR",
+            f"WeChat Pay needs a minimum spend above the face value ({spec.face_value_cents} "
+            f"cents); {spec.min_spend_cents} was asked for (0 means none: face value + 1 cent)",
+        )
+    return spec.min_spend_cents
 
 
 def _request_no(key: str) -> str:
@@ -298,17 +309,6 @@ def _use_flow(text: str) -> list[FlowRecord]:
         )
         for row in rows[1:]
     ]
-
-
-T = TypeVar("T")
-
-
-def _read(parse: Callable[[dict[str, Any]], T], raw: dict[str, Any]) -> T:
-    # A 2xx we cannot read may still have been applied: ambiguous, not a refusal.
-    try:
-        return parse(raw)
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise PlatformUnavailable("BAD_RESPONSE", f"unreadable answer: {exc!r}") from exc
 
 
 class WechatPayPlatform:
@@ -498,7 +498,7 @@ class WechatPayPlatform:
                 "out_request_no": _request_no(spec.request_key),
             },
         )
-        stock_id = _read(lambda answer: _text(answer, "stock_id"), raw)
+        stock_id = read_answer(lambda answer: _text(answer, "stock_id"), raw)
         return await self.get_batch(stock_id)
 
     async def get_batch(self, batch_id: str) -> PlatformBatch:
@@ -506,7 +506,7 @@ class WechatPayPlatform:
         raw = await self._call(
             "GET", f"/v3/marketing/favor/stocks/{quote(batch_id, safe='')}?{query}"
         )
-        batch = _read(_stock, raw)
+        batch = read_answer(_stock, raw)
         self._stock_ends[batch.batch_id] = batch.ends_at
         return batch
 
@@ -534,7 +534,7 @@ class WechatPayPlatform:
         raw = await self._call(
             "GET", f"/v3/marketing/favor/stocks/{quote(batch_id, safe='')}/use-flow"
         )
-        file = _read(_flow_file, raw)
+        file = read_answer(_flow_file, raw)
         try:
             # The download's answer is not signed (documented): its SHA1 vouches for it.
             response = await self._exchange(
@@ -568,7 +568,7 @@ class WechatPayPlatform:
                 "stock_creator_mchid": mchid,
             },
         )
-        coupon_id = _read(lambda answer: _text(answer, "coupon_id"), raw)
+        coupon_id = read_answer(lambda answer: _text(answer, "coupon_id"), raw)
         sent_at = datetime.now(UTC)
         try:
             valid_until = await self._stock_end(request.batch_id)
@@ -601,7 +601,7 @@ class WechatPayPlatform:
             if exc.code == "RESOURCE_NOT_EXISTS":
                 return None
             raise
-        return _read(lambda answer: _coupon(answer, user_id), raw)
+        return read_answer(lambda answer: _coupon(answer, user_id), raw)
 
     def verify_callback(self, headers: Mapping[str, str], body: bytes) -> CouponUsedNotice:
         merchant = self._merchant

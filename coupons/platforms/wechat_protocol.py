@@ -365,7 +365,13 @@ class WechatMerchant:
         beside the private key; `platform_public_key_id` None: `pub_key_id` beside the
         public key. Errors name the file, never its content."""
         if serial is None:
-            certificate = _certificate(private_key_file.parent / MERCHANT_CERT_FILE)
+            try:
+                certificate = _certificate(private_key_file.parent / MERCHANT_CERT_FILE)
+            except FileNotFoundError as exc:
+                raise FileNotFoundError(
+                    f"{exc}; give the merchant serial (WECHAT_MERCHANT_SERIAL) or put "
+                    f"{MERCHANT_CERT_FILE} beside the key"
+                ) from None
             serial = f"{certificate.serial_number:X}"
         if platform_public_key_id is None:
             platform_public_key_id = _text_file(

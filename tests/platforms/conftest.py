@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -91,15 +92,43 @@ class SimControl:
         return await self.http.put(f"/sim/batches/{batch_id}", json=changes)
 
 
-@pytest.fixture
-async def sim(simulator: SimulatorProcess) -> AsyncIterator[SimControl]:
-    control = SimControl(simulator.url)
+@asynccontextmanager
+async def controlling(process: SimulatorProcess) -> AsyncIterator[SimControl]:
+    """The control plane of `process`, its knobs reset before and after."""
+    control = SimControl(process.url)
     await control.reset()
     try:
         yield control
     finally:
         await control.reset()
         await control.http.aclose()
+
+
+@pytest.fixture
+async def sim(simulator: SimulatorProcess) -> AsyncIterator[SimControl]:
+    async with controlling(simulator) as control:
+        yield control
+
+
+def _started(tmp_path_factory: pytest.TempPathFactory, mode: str) -> Iterator[SimulatorProcess]:
+    process = simulator_process(tmp_path_factory.mktemp(mode) / "sim.sqlite3", mode=mode)
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+def wechat_simulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatorProcess]:
+    """A simulator speaking WeChat Pay, one per test module (its keys made on first start)."""
+    yield from _started(tmp_path_factory, "wechat")
+
+
+@pytest.fixture(scope="module")
+def alipay_simulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatorProcess]:
+    """A simulator speaking Alipay's gateway, one per test module."""
+    yield from _started(tmp_path_factory, "alipay")
 
 
 @pytest.fixture

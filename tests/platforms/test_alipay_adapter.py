@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -47,29 +47,14 @@ from coupons.platforms.base import (
 )
 from coupons.platforms.sim_alipay import AlipayFace
 
-from .conftest import SimControl, batch_spec, simulator_process
+from .conftest import SimControl, batch_spec, controlling
 from .test_alipay_simulator import Receiver, alipay_user
-
-
-@pytest.fixture(scope="module")
-def alipay_simulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatorProcess]:
-    process = simulator_process(tmp_path_factory.mktemp("alipay") / "sim.sqlite3", mode="alipay")
-    process.start()
-    try:
-        yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture
 async def control(alipay_simulator: SimulatorProcess) -> AsyncIterator[SimControl]:
-    control = SimControl(alipay_simulator.url)
-    await control.reset()
-    try:
+    async with controlling(alipay_simulator) as control:
         yield control
-    finally:
-        await control.reset()
-        await control.http.aclose()
 
 
 def gateway(process: SimulatorProcess) -> str:

@@ -8,7 +8,7 @@ import json
 import secrets
 import stat
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from coupons.platforms.alipay_protocol import (
     top_level_members,
 )
 
-from .conftest import SimControl, new_key, simulator_process
+from .conftest import SimControl, controlling, new_key
 
 
 class Receiver:
@@ -89,25 +89,10 @@ class Receiver:
             await self._server.wait_closed()
 
 
-@pytest.fixture(scope="module")
-def alipay_simulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatorProcess]:
-    process = simulator_process(tmp_path_factory.mktemp("alipay") / "sim.sqlite3", mode="alipay")
-    process.start()
-    try:
-        yield process
-    finally:
-        process.stop()
-
-
 @pytest.fixture
 async def control(alipay_simulator: SimulatorProcess) -> AsyncIterator[SimControl]:
-    control = SimControl(alipay_simulator.url)
-    await control.reset()
-    try:
+    async with controlling(alipay_simulator) as control:
         yield control
-    finally:
-        await control.reset()
-        await control.http.aclose()
 
 
 @pytest.fixture

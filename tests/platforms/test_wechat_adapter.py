@@ -10,7 +10,7 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -48,20 +48,8 @@ from coupons.platforms.wechat_protocol import (
     sim_merchant,
 )
 
-from .conftest import SimControl, batch_spec, new_key, simulator_process
+from .conftest import SimControl, batch_spec, controlling, new_key
 from .test_wechat_simulator import Receiver, verifying
-
-
-@pytest.fixture(scope="module")
-def wechat_simulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatorProcess]:
-    process = simulator_process(
-        tmp_path_factory.mktemp("wechat-adapter") / "sim.sqlite3", mode="wechat"
-    )
-    process.start()
-    try:
-        yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +64,8 @@ def platform_keys(wechat_simulator: SimulatorProcess) -> PlatformKeys:
 
 @pytest.fixture
 async def control(wechat_simulator: SimulatorProcess) -> AsyncIterator[SimControl]:
-    sim = SimControl(wechat_simulator.url)
-    await sim.reset()
-    try:
-        yield sim
-    finally:
-        await sim.reset()
-        await sim.http.aclose()
+    async with controlling(wechat_simulator) as control:
+        yield control
 
 
 @pytest.fixture
@@ -391,6 +374,10 @@ async def test_names_and_keys_are_made_to_fit_wechat(adapter: WechatPayPlatform)
     # No minimum spend: WeChat's threshold must exceed the face value, by one cent at least.
     free = await adapter.create_batch(BatchSpec(new_key("batch"), "no minimum", 500, 0, 1, 1))
     assert (free.face_value_cents, free.min_spend_cents) == (500, 501)
+    # A minimum asked for at or below the face value is refused, not raised in silence.
+    with pytest.raises(PlatformRefused, match="minimum spend above the face value") as low:
+        await adapter.create_batch(BatchSpec(new_key("batch"), "low", 1000, 500, 1, 1))
+    assert low.value.code == "PARAM_ERROR"
 
 
 # ---------------------------------------------------------------- answers not believed

@@ -11,7 +11,7 @@ import io
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -42,21 +42,9 @@ from coupons.platforms.wechat_protocol import (
     verify_signed,
 )
 
-from .conftest import SimControl, simulator_process
+from .conftest import SimControl, controlling
 
 FAVOR = "/v3/marketing/favor"
-
-
-@pytest.fixture(scope="module")
-def wechat_simulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatorProcess]:
-    process = simulator_process(
-        tmp_path_factory.mktemp("wechat-face") / "sim.sqlite3", mode="wechat"
-    )
-    process.start()
-    try:
-        yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +54,8 @@ def merchant(wechat_simulator: SimulatorProcess) -> WechatMerchant:
 
 @pytest.fixture
 async def control(wechat_simulator: SimulatorProcess) -> AsyncIterator[SimControl]:
-    sim = SimControl(wechat_simulator.url)
-    await sim.reset()
-    try:
-        yield sim
-    finally:
-        await sim.reset()
-        await sim.http.aclose()
+    async with controlling(wechat_simulator) as control:
+        yield control
 
 
 # ---------------------------------------------------------------- raw requests
