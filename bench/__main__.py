@@ -88,6 +88,7 @@ def bench_settings(data_dir: Path, size: Size, platform: str = "generic") -> Set
         temporal_ui_port=free_port(),
         simulator_port=free_port(),
         api_port=free_port(),
+        worker_metrics_port=free_port(),
         worker_cache_size=size.worker_cache_size,
     ).check()
 

@@ -79,6 +79,7 @@ class Harness:
             temporal_ui_port=free_port(),
             simulator_port=free_port(),
             api_port=free_port(),
+            worker_metrics_port=free_port(),
             lag_window_s=lag_window_s,
             # The worker's catalog-sync schedule runs this often.
             sync_interval_s=sync_interval_s,

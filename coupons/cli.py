@@ -113,7 +113,7 @@ class Context:
     async def client(self) -> Client:
         if self._client is None:
             try:
-                self._client = await connect(self.settings)
+                self._client = await connect(self.settings.with_stack_secrets())
             except RuntimeError as err:
                 raise Unavailable(
                     f"cannot reach Temporal at {self.settings.temporal_address} ({err}); "

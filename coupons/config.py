@@ -7,10 +7,11 @@ line and the worker work against it with no configuration at all.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import tomllib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from coupons.contract import ISSUE_HEARTBEAT, ISSUE_START_TO_CLOSE, platform_task_queue
 
@@ -69,6 +70,30 @@ class Settings:
     api_port: int = 8000
     # The API's address as the platform reaches it (a TLS proxy's, say); None: `api_url`.
     api_public_url: str | None = None
+    # A secured Temporal (Temporal Cloud, a cluster behind TLS): TLS, with a client
+    # certificate and key for mTLS, and/or an API key (from a file or the environment).
+    temporal_tls: bool = False
+    temporal_tls_ca_file: Path | None = None  # the server's CA; None: the system's roots
+    temporal_tls_cert_file: Path | None = None
+    temporal_tls_key_file: Path | None = None
+    temporal_tls_server_name: str | None = None
+    temporal_api_key: str | None = field(default=None, repr=False)
+    temporal_api_key_file: Path | None = None
+    # The worker's slots; the SDK's defaults.
+    worker_max_concurrent_activities: int = 100
+    worker_max_concurrent_workflow_tasks: int = 100
+    # Prometheus: the worker's endpoint (the SDK's runtime metrics and ours; None: off) and
+    # the address both it and the API's /metrics are meant for.
+    worker_metrics_port: int | None = 9464
+    metrics_host: str = "127.0.0.1"
+    # Payload encryption (AES-GCM): the key ring file; None: payloads in clear. `make run`
+    # generates one into its data directory.
+    codec_keys_file: Path | None = None
+    # The codec server's own bearer token (besides admin API keys): what the Web UI's codec
+    # endpoint carries, as `/codec/<token>` (it cannot send our keys). Never logged.
+    codec_token: str | None = field(default=None, repr=False)
+    # Browser origins allowed to call the codec server (the Temporal Web UI's).
+    codec_cors_origins: tuple[str, ...] = ("http://127.0.0.1:8233", "http://localhost:8233")
     platform_callback_secret: str | None = field(default=None, repr=False)
     # WeChat Pay: the merchant (mchid), the app the users' openids belong to, the merchant's
     # API private key (apiclient_key.pem) and certificate serial (None: read from
@@ -136,10 +161,19 @@ class Settings:
         base = (self.api_public_url or self.api_url).rstrip("/")
         return f"{base}/callbacks/{self.platform}/coupon-used"
 
+    @property
+    def stack_codec_keys_file(self) -> Path:
+        """Where `make run` keeps the payload encryption keys it generates."""
+        return self.data_dir / "codec-keys.json"
+
     def with_stack_secrets(self) -> Settings:
-        """Fill the platform's key and callback secret from `make run`'s data directory when
-        the environment does not give them and the platform is the embedded simulator (the
-        stack keeps them there, owner-only)."""
+        """Fill what `make run` keeps in its data directory (owner-only) and the environment
+        does not give: the payload keys, and with the embedded simulator its key and
+        callback secret."""
+        if self.codec_keys_file is None and self.stack_codec_keys_file.is_file():
+            self = replace(self, codec_keys_file=self.stack_codec_keys_file)
+        if self.codec_token is None:
+            self = replace(self, codec_token=_kept(self.data_dir / "codec-token"))
         if self.platform_url_override:
             return self
         api_key = self.platform_api_key or _kept(self.data_dir / "platform-api-key")
@@ -190,6 +224,19 @@ class Settings:
         ):
             if not 0 < port < 65536:
                 raise ConfigError(f"{name}={port} must be a TCP port, 1 to 65535")
+        if (self.temporal_tls_cert_file is None) != (self.temporal_tls_key_file is None):
+            raise ConfigError(
+                "TEMPORAL_TLS_CERT_FILE and TEMPORAL_TLS_KEY_FILE go together (mTLS needs both)"
+            )
+        if self.temporal_api_key is not None and self.temporal_api_key_file is not None:
+            raise ConfigError("give TEMPORAL_API_KEY or TEMPORAL_API_KEY_FILE, not both")
+        if self.worker_metrics_port is not None and not 0 < self.worker_metrics_port < 65536:
+            raise ConfigError(
+                f"WORKER_METRICS_PORT={self.worker_metrics_port} must be a TCP port, or off"
+            )
+        for origin in self.codec_cors_origins:
+            if not origin.startswith(("http://", "https://")):
+                raise ConfigError(f"CODEC_CORS_ORIGINS: {origin!r} is not an http(s) origin")
         public = self.api_public_url
         if public is not None and not public.startswith(("http://", "https://")):
             raise ConfigError(f"API_PUBLIC_URL={public!r} must be an http(s) URL")
@@ -225,12 +272,26 @@ class Settings:
             "API_HOST": self.api_host,
             "API_PORT": str(self.api_port),
             "PLATFORM": self.platform,
+            "TEMPORAL_TLS": "true" if self.temporal_tls else "false",
+            "WORKER_MAX_CONCURRENT_ACTIVITIES": str(self.worker_max_concurrent_activities),
+            "WORKER_MAX_CONCURRENT_WORKFLOW_TASKS": str(self.worker_max_concurrent_workflow_tasks),
+            "WORKER_METRICS_PORT": str(self.worker_metrics_port or "off"),
+            "METRICS_HOST": self.metrics_host,
+            "CODEC_CORS_ORIGINS": ",".join(self.codec_cors_origins),
         }
         optional = {
             "DATABASE_URL": self.database_url_override,
             "TEMPORAL_ADDRESS": self.temporal_address_override,
             "PLATFORM_URL": self.platform_url_override,
             "API_PUBLIC_URL": self.api_public_url,
+            "TEMPORAL_TLS_CA_FILE": _text(self.temporal_tls_ca_file),
+            "TEMPORAL_TLS_CERT_FILE": _text(self.temporal_tls_cert_file),
+            "TEMPORAL_TLS_KEY_FILE": _text(self.temporal_tls_key_file),
+            "TEMPORAL_TLS_SERVER_NAME": self.temporal_tls_server_name,
+            "TEMPORAL_API_KEY": self.temporal_api_key,
+            "TEMPORAL_API_KEY_FILE": _text(self.temporal_api_key_file),
+            "CODEC_KEYS_FILE": _text(self.codec_keys_file),
+            "CODEC_TOKEN": self.codec_token,
             "PLATFORM_API_KEY": self.platform_api_key,
             "PLATFORM_CALLBACK_SECRET": self.platform_callback_secret,
             "WECHAT_MCHID": self.wechat_mchid,
@@ -249,7 +310,23 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        env = os.environ if env is None else env
+        """The settings from the environment, over the TOML file `COUPONS_CONFIG` names (its
+        keys are these same variable names; the environment wins; an unknown key is refused,
+        so a misspelt setting is never silently ignored)."""
+        given = os.environ if env is None else env
+        from_file = _config_file(given.get("COUPONS_CONFIG"))
+        reading = _Reading({**from_file, **given})
+        settings = cls._read(reading)
+        unknown = sorted(set(from_file) - reading.seen)
+        if unknown:
+            raise ConfigError(
+                f"COUPONS_CONFIG={given['COUPONS_CONFIG']}: unknown setting "
+                f"{', '.join(unknown)}"
+            )
+        return settings
+
+    @classmethod
+    def _read(cls, env: Mapping[str, str]) -> Settings:
         platform = env.get("PLATFORM") or "generic"
         # Each platform's embedded stack keeps its own data (ledger, Temporal, simulator, keys):
         # batch and coupon ids of one platform mean nothing to another, nor the simulator's to
@@ -281,6 +358,31 @@ class Settings:
             api_host=env.get("API_HOST") or "127.0.0.1",
             api_port=_number(env, "API_PORT", 8000, int),
             api_public_url=env.get("API_PUBLIC_URL") or None,
+            temporal_tls=_flag(env, "TEMPORAL_TLS"),
+            temporal_tls_ca_file=_path(env, "TEMPORAL_TLS_CA_FILE"),
+            temporal_tls_cert_file=_path(env, "TEMPORAL_TLS_CERT_FILE"),
+            temporal_tls_key_file=_path(env, "TEMPORAL_TLS_KEY_FILE"),
+            temporal_tls_server_name=env.get("TEMPORAL_TLS_SERVER_NAME") or None,
+            temporal_api_key=env.get("TEMPORAL_API_KEY") or None,
+            temporal_api_key_file=_path(env, "TEMPORAL_API_KEY_FILE"),
+            worker_max_concurrent_activities=_number(
+                env, "WORKER_MAX_CONCURRENT_ACTIVITIES", 100, int
+            ),
+            worker_max_concurrent_workflow_tasks=_number(
+                env, "WORKER_MAX_CONCURRENT_WORKFLOW_TASKS", 100, int
+            ),
+            worker_metrics_port=_port_or_off(env, "WORKER_METRICS_PORT", 9464),
+            metrics_host=env.get("METRICS_HOST") or "127.0.0.1",
+            codec_keys_file=_path(env, "CODEC_KEYS_FILE"),
+            codec_token=env.get("CODEC_TOKEN") or None,
+            codec_cors_origins=tuple(
+                origin.strip().rstrip("/")
+                for origin in (
+                    env.get("CODEC_CORS_ORIGINS")
+                    or "http://127.0.0.1:8233,http://localhost:8233"
+                ).split(",")
+                if origin.strip()
+            ),
             platform_callback_secret=env.get("PLATFORM_CALLBACK_SECRET") or None,
             wechat_mchid=env.get("WECHAT_MCHID") or None,
             wechat_appid=env.get("WECHAT_APPID") or None,
@@ -293,6 +395,72 @@ class Settings:
             alipay_private_key_file=_path(env, "ALIPAY_PRIVATE_KEY_FILE"),
             alipay_public_key_file=_path(env, "ALIPAY_PUBLIC_KEY_FILE"),
         ).check()
+
+
+class _Reading(Mapping[str, str]):
+    """A mapping that remembers which names were read: what the config file may hold."""
+
+    def __init__(self, values: Mapping[str, str]) -> None:
+        self._values = values
+        self.seen: set[str] = set()
+
+    def __getitem__(self, name: str) -> str:
+        self.seen.add(name)
+        return self._values[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        self.seen.add(name)
+        return self._values.get(name, default)
+
+    def __contains__(self, name: object) -> bool:
+        if isinstance(name, str):
+            self.seen.add(name)
+        return name in self._values
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+def _config_file(path: str | None) -> dict[str, str]:
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as file:
+            raw = tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError(f"COUPONS_CONFIG={path}: no such file") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"COUPONS_CONFIG={path}: not TOML ({err})") from None
+    values: dict[str, str] = {}
+    for name, value in raw.items():
+        if isinstance(value, bool):
+            values[name] = "true" if value else "false"
+        elif isinstance(value, int | float | str):
+            values[name] = str(value)
+        elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+            values[name] = ",".join(value)
+        else:
+            raise ConfigError(f"COUPONS_CONFIG={path}: {name} must be a string, number or list")
+    return values
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"{name}={raw!r} must be true or false")
+
+
+def _port_or_off(env: Mapping[str, str], name: str, default: int) -> int | None:
+    raw = (env.get(name) or "").strip()
+    if raw.lower() in ("off", "none", "0"):
+        return None
+    return _number(env, name, default, int)
 
 
 def _path(env: Mapping[str, str], name: str) -> Path | None:

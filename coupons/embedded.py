@@ -231,10 +231,12 @@ class ManagedProcess:
         user: str | None = None,
         stop_signal: signal.Signals = signal.SIGTERM,
         signal_group: bool = True,
+        redact: Sequence[str] = (),
     ) -> None:
         """`user` runs the child as that system user (needs root). `stop_signal` is what
         stop() sends first; `signal_group` sends it to the whole process group rather than
-        to the leader only (PostgreSQL wants only its postmaster signalled)."""
+        to the leader only (PostgreSQL wants only its postmaster signalled). `redact`: secrets
+        in `argv` that the log's command line shows as ***."""
         self.name = name
         self.argv = [os.fspath(a) for a in argv]
         self.log_path = log_path
@@ -243,6 +245,7 @@ class ManagedProcess:
         self.user = user
         self.stop_signal = stop_signal
         self.signal_group = signal_group
+        self.redact = tuple(secret for secret in redact if secret)
         self._popen: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
 
@@ -272,7 +275,10 @@ class ManagedProcess:
         with self.log_path.open("ab") as log:
             self._log_offset = log.tell()
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            log.write(f"--- {stamp} starting {self.name}: {shlex.join(self.argv)}\n".encode())
+            command = shlex.join(self.argv)
+            for secret in self.redact:
+                command = command.replace(secret, "***")
+            log.write(f"--- {stamp} starting {self.name}: {command}\n".encode())
             log.flush()
             self._popen = subprocess.Popen(
                 self.argv,
@@ -751,10 +757,13 @@ class TemporalDevServer:
         *,
         dynamic_config: Mapping[str, object] | None = None,
         startup_timeout_s: float = 30.0,
+        ui_codec_endpoint: str | None = None,
+        redact: Sequence[str] = (),
     ) -> None:
         """`db_file` None keeps everything in memory (lost at stop); `ui_port` None runs
         headless; `search_attributes` maps names to CLI type names (Keyword, Int, ...);
-        `dynamic_config` values are JSON-encoded into --dynamic-config-value."""
+        `dynamic_config` values are JSON-encoded into --dynamic-config-value;
+        `ui_codec_endpoint` is the codec server the Web UI decodes payloads with."""
         unknown = {k: t for k, t in search_attributes.items() if t not in SEARCH_ATTRIBUTE_TYPES}
         if unknown:
             raise ValueError(
@@ -767,6 +776,7 @@ class TemporalDevServer:
         self.search_attributes = dict(search_attributes)
         self.namespace = namespace
         self.dynamic_config = dict(dynamic_config or {})
+        self.ui_codec_endpoint = ui_codec_endpoint
         self.startup_timeout_s = startup_timeout_s
         if log_path is not None:
             self.log_path = log_path
@@ -774,7 +784,9 @@ class TemporalDevServer:
             self.log_path = self.db_file.with_name(self.db_file.name + ".log")
         else:
             self.log_path = Path(tempfile.gettempdir()) / f"temporal-dev-{port}.log"
-        self._process = ManagedProcess("temporal dev server", self._argv(), self.log_path)
+        self._process = ManagedProcess(
+            "temporal dev server", self._argv(), self.log_path, redact=redact
+        )
 
     @property
     def address(self) -> str:
@@ -807,6 +819,8 @@ class TemporalDevServer:
         else:
             # The news feed is fetched from the internet; the stack must work offline.
             argv += ["--ui-port", str(self.ui_port), "--ui-disable-news-fetch"]
+            if self.ui_codec_endpoint is not None:
+                argv += ["--ui-codec-endpoint", self.ui_codec_endpoint]
         if self.db_file is not None:
             argv += [
                 "--db-filename",

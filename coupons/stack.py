@@ -146,6 +146,22 @@ class Stack:
         applied = asyncio.run(db.migrate_url(s.database_url))
         log.info("migrations applied: %s", applied or "none (up to date)")
 
+        if s.codec_keys_file is None:
+            # Payloads encrypted from the first start: user ids and receipts never sit in
+            # Temporal's history in clear (`coupons.codec`; the API serves the codec).
+            from coupons.codec import ensure_keys
+
+            ensure_keys(s.stack_codec_keys_file)
+            self.settings = s = replace(s, codec_keys_file=s.stack_codec_keys_file.resolve())
+        if s.codec_token is None:
+            token = _kept_secret(data / "codec-token")
+            self.settings = s = replace(s, codec_token=token)
+        codec_endpoint = f"{s.api_url}/codec/{s.codec_token}" if self.with_api else None
+        self.lines.append(
+            f"Codec       payloads encrypted (keys {s.codec_keys_file})"
+            + ("; the Web UI decodes them through the API" if codec_endpoint else "")
+        )
+
         if s.temporal_address_override is None:
             self.temporal = temporal = TemporalDevServer(
                 data / "temporal.db",
@@ -154,6 +170,8 @@ class Stack:
                 {key.name: "Keyword" for key in SEARCH_ATTRIBUTES},
                 log_path=logs / "temporal.log",
                 namespace=s.temporal_namespace,
+                ui_codec_endpoint=codec_endpoint,
+                redact=[s.codec_token or ""],
             )
             temporal.start()
             self.started.append(("Temporal", temporal))
@@ -166,6 +184,11 @@ class Stack:
 
         if self.with_api and _port_in_use(s.api_client_host, s.api_port):
             raise RuntimeError(f"API_PORT {s.api_port} is in use; choose another with API_PORT")
+        metrics = s.worker_metrics_port
+        if metrics is not None and _port_in_use(s.metrics_host, metrics):
+            raise RuntimeError(
+                f"WORKER_METRICS_PORT {metrics} is in use; choose another, or set it to off"
+            )
         if s.platform_url_override is None:
             key = platform_api_key(s)
             callback_secret = platform_callback_secret(s)
@@ -215,6 +238,11 @@ class Stack:
         self.lines.append(
             f"Worker      pid {self.worker.pid}, task queues {s.task_queue} and "
             f"{s.platform_task_queue}"
+            + (
+                f", metrics http://{s.metrics_host}:{s.worker_metrics_port}/metrics"
+                if s.worker_metrics_port is not None
+                else ""
+            )
         )
         if self.with_api:
             self.api = ManagedProcess(

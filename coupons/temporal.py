@@ -1,11 +1,82 @@
-"""What every entry point needs from Temporal: a client built from the settings."""
+"""What every entry point needs from Temporal: a client built from the settings.
+
+One place decides how we reach Temporal (address, namespace, TLS or mTLS, API key), how
+payloads are encoded (AES-GCM encrypted when a key ring is configured, see `coupons.codec`),
+and, for the worker, the runtime that serves Prometheus metrics.
+"""
 
 from __future__ import annotations
 
-from temporalio.client import Client
+from pathlib import Path
 
-from coupons.config import Settings
+from temporalio.client import Client, TLSConfig
+from temporalio.converter import DataConverter
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
+
+from coupons.config import ConfigError, Settings
 
 
-async def connect(settings: Settings) -> Client:
-    return await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+async def connect(settings: Settings, runtime: Runtime | None = None) -> Client:
+    return await Client.connect(
+        settings.temporal_address,
+        namespace=settings.temporal_namespace,
+        tls=tls_config(settings),
+        api_key=api_key(settings),
+        data_converter=data_converter(settings),
+        runtime=runtime,
+    )
+
+
+def data_converter(settings: Settings) -> DataConverter:
+    """The default converter, with the payload codec when payloads are to be encrypted."""
+    if settings.codec_keys_file is None:
+        return DataConverter.default
+    from coupons.codec import encrypted_converter
+
+    return encrypted_converter(_readable("CODEC_KEYS_FILE", settings.codec_keys_file))
+
+
+def tls_config(settings: Settings) -> TLSConfig | bool:
+    files = (
+        settings.temporal_tls_ca_file,
+        settings.temporal_tls_cert_file,
+        settings.temporal_tls_key_file,
+    )
+    if not settings.temporal_tls and all(path is None for path in files):
+        return False
+    ca, cert, key = (
+        None if path is None else _readable(name, path).read_bytes()
+        for name, path in zip(
+            ("TEMPORAL_TLS_CA_FILE", "TEMPORAL_TLS_CERT_FILE", "TEMPORAL_TLS_KEY_FILE"),
+            files,
+            strict=True,
+        )
+    )
+    return TLSConfig(
+        server_root_ca_cert=ca,
+        client_cert=cert,
+        client_private_key=key,
+        domain=settings.temporal_tls_server_name,
+    )
+
+
+def api_key(settings: Settings) -> str | None:
+    if settings.temporal_api_key_file is not None:
+        key = _readable("TEMPORAL_API_KEY_FILE", settings.temporal_api_key_file).read_text()
+        return key.strip() or None
+    return settings.temporal_api_key
+
+
+def worker_runtime(settings: Settings) -> Runtime | None:
+    """A runtime whose Prometheus endpoint serves the SDK's metrics and ours (activities'
+    `activity.metric_meter()`), or None when WORKER_METRICS_PORT is off."""
+    if settings.worker_metrics_port is None:
+        return None
+    address = f"{settings.metrics_host}:{settings.worker_metrics_port}"
+    return Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=address)))
+
+
+def _readable(name: str, path: Path) -> Path:
+    if not path.is_file():
+        raise ConfigError(f"{name}={path}: no such file")
+    return path

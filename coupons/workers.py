@@ -22,7 +22,7 @@ from coupons.ledger import db
 from coupons.platforms.base import Platform
 from coupons.platforms.configured import make_platform
 from coupons.schedules import ensure_schedules
-from coupons.temporal import connect
+from coupons.temporal import connect, worker_runtime
 from workflows.catalog_sync import CatalogSyncWorkflow
 from workflows.end_campaign import EndCampaignWorkflow
 from workflows.reconcile import ReconcileWorkflow
@@ -65,6 +65,8 @@ def build_workers(
             ],
             workflow_runner=workflow_runner(),
             max_cached_workflows=settings.worker_cache_size,
+            max_concurrent_workflow_tasks=settings.worker_max_concurrent_workflow_tasks,
+            max_concurrent_activities=settings.worker_max_concurrent_activities,
         ),
         Worker(
             client,
@@ -79,6 +81,7 @@ def build_workers(
             # A burst of unlocks queues in Temporal instead of drawing the platform's
             # frequency-limit refusals.
             max_task_queue_activities_per_second=settings.platform_rate_limit,
+            max_concurrent_activities=settings.worker_max_concurrent_activities,
         ),
     ]
 
@@ -102,7 +105,12 @@ async def run_worker(settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await db.migrate_url(settings.database_url)
-    client = await connect(settings)
+    runtime = worker_runtime(settings)
+    client = await connect(settings, runtime)
+    if runtime is not None:
+        log.info(
+            "metrics at http://%s:%s/metrics", settings.metrics_host, settings.worker_metrics_port
+        )
     await ensure_schedules(client, settings)
     platform = make_platform(settings)
     async with db.pool(settings.database_url, max_size=settings.db_pool_size) as pool:

@@ -39,6 +39,7 @@ class RunningStack:
             "TEMPORAL_UI_PORT": str(free_port()),
             "SIMULATOR_PORT": str(free_port()),
             "API_PORT": str(free_port()),
+            "WORKER_METRICS_PORT": str(free_port()),
         }
         for key in ("DATABASE_URL", "TEMPORAL_ADDRESS", "PLATFORM_URL"):
             self.env.pop(key, None)
