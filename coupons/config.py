@@ -320,8 +320,7 @@ class Settings:
         unknown = sorted(set(from_file) - reading.seen)
         if unknown:
             raise ConfigError(
-                f"COUPONS_CONFIG={given['COUPONS_CONFIG']}: unknown setting "
-                f"{', '.join(unknown)}"
+                f"COUPONS_CONFIG={given['COUPONS_CONFIG']}: unknown setting {', '.join(unknown)}"
             )
         return settings
 
@@ -378,8 +377,7 @@ class Settings:
             codec_cors_origins=tuple(
                 origin.strip().rstrip("/")
                 for origin in (
-                    env.get("CODEC_CORS_ORIGINS")
-                    or "http://127.0.0.1:8233,http://localhost:8233"
+                    env.get("CODEC_CORS_ORIGINS") or "http://127.0.0.1:8233,http://localhost:8233"
                 ).split(",")
                 if origin.strip()
             ),

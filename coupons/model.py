@@ -17,7 +17,9 @@ from temporalio.common import SearchAttributeKey
 COUPON_STATE = SearchAttributeKey.for_keyword("CouponState")
 CAMPAIGN_ID = SearchAttributeKey.for_keyword("CampaignId")
 USER_ID = SearchAttributeKey.for_keyword("UserId")
-SEARCH_ATTRIBUTES = (COUPON_STATE, CAMPAIGN_ID, USER_ID)
+# Set once the platform confirmed the send: find a coupon by what a shop or support sees.
+PLATFORM_COUPON_ID = SearchAttributeKey.for_keyword("PlatformCouponId")
+SEARCH_ATTRIBUTES = (COUPON_STATE, CAMPAIGN_ID, USER_ID, PLATFORM_COUPON_ID)
 
 
 def coupon_workflow_id(coupon_id: str) -> str:

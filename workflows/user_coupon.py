@@ -15,6 +15,7 @@ with workflow.unsafe.imports_passed_through():
     from coupons.model import (
         CAMPAIGN_ID,
         COUPON_STATE,
+        PLATFORM_COUPON_ID,
         USER_ID,
         BudgetNotice,
         CancelRequest,
@@ -427,13 +428,16 @@ class UserCouponWorkflow:
         state = self._machine.state
         if state != self._published_state:
             # Only on a state change: each upsert is a history event.
-            workflow.upsert_search_attributes(
-                [
-                    COUPON_STATE.value_set(state),
-                    CAMPAIGN_ID.value_set(self._input.campaign_id),
-                    USER_ID.value_set(self._input.user_id),
-                ]
-            )
+            # The same one upsert per state change as before the platform coupon id was
+            # added to it: replay compares commands, not their attributes.
+            updates = [
+                COUPON_STATE.value_set(state),
+                CAMPAIGN_ID.value_set(self._input.campaign_id),
+                USER_ID.value_set(self._input.user_id),
+            ]
+            if self._receipt is not None:
+                updates.append(PLATFORM_COUPON_ID.value_set(self._receipt.platform_coupon_id))
+            workflow.upsert_search_attributes(updates)
             self._published_state = state
         done = len(self._machine.tasks_done)
         required = len(self._input.required_tasks)

@@ -19,7 +19,7 @@ from psycopg_pool import PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from swagger_ui_bundle import swagger_ui_path
 
-from coupons.api import callbacks, catalog, coupons
+from coupons.api import callbacks, catalog, codec, coupons, metrics
 from coupons.api.limits import MAX_BODY_BYTES, BodyLimit
 from coupons.api.models import Health
 from coupons.api.problems import PROBLEM_JSON, TITLES, ApiProblem, Problem, handle
@@ -156,6 +156,8 @@ def create_app(settings: Settings, backends: Backends | None = None) -> FastAPI:
     app.include_router(coupons.router)
     app.include_router(catalog.router)
     app.include_router(callbacks.router)
+    app.include_router(codec.router)
+    app.include_router(metrics.router)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
