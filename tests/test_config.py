@@ -6,8 +6,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from temporalio.client import TLSConfig
 
 from coupons.config import ConfigError, Settings
+from coupons.temporal import api_key, tls_config
 
 
 def test_defaults_point_at_the_embedded_stack() -> None:
@@ -145,3 +147,67 @@ def test_merchant_settings_travel_to_child_processes() -> None:
     assert s.callback_url == "https://coupons.example.com/callbacks/wechat/coupon-used"
     with pytest.raises(ConfigError, match=r"API_PUBLIC_URL='coupons\.example\.com'"):
         Settings.from_env({"API_PUBLIC_URL": "coupons.example.com"})
+
+
+def test_a_config_file_under_the_environment(tmp_path: Path) -> None:
+    config = tmp_path / "coupons.toml"
+    config.write_text(
+        'TEMPORAL_ADDRESS = "temporal.internal:7233"\n'
+        'TEMPORAL_NAMESPACE = "coupons-prod"\n'
+        "TEMPORAL_TLS = true\n"
+        "DB_POOL_SIZE = 40\n"
+        "WORKER_MAX_CONCURRENT_ACTIVITIES = 200\n"
+        'CODEC_CORS_ORIGINS = ["https://temporal.example.com"]\n'
+    )
+    s = Settings.from_env({"COUPONS_CONFIG": str(config), "DB_POOL_SIZE": "10"})
+    assert (s.temporal_address, s.temporal_namespace) == ("temporal.internal:7233", "coupons-prod")
+    assert s.temporal_tls is True and s.worker_max_concurrent_activities == 200
+    assert s.db_pool_size == 10, "the environment wins over the file"
+    assert s.codec_cors_origins == ("https://temporal.example.com",)
+
+
+def test_a_misspelt_or_malformed_config_file_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "coupons.toml"
+    config.write_text('TEMPORAL_ADRESS = "x:7233"\n')
+    with pytest.raises(ConfigError, match="unknown setting TEMPORAL_ADRESS"):
+        Settings.from_env({"COUPONS_CONFIG": str(config)})
+    config.write_text("TEMPORAL_ADDRESS = \n")
+    with pytest.raises(ConfigError, match="not TOML"):
+        Settings.from_env({"COUPONS_CONFIG": str(config)})
+    with pytest.raises(ConfigError, match="no such file"):
+        Settings.from_env({"COUPONS_CONFIG": str(tmp_path / "missing.toml")})
+
+
+def test_temporal_tls_and_api_key_settings_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="go together"):
+        Settings.from_env({"TEMPORAL_TLS_CERT_FILE": "/etc/c.pem"})
+    with pytest.raises(ConfigError, match="not both"):
+        Settings.from_env({"TEMPORAL_API_KEY": "k", "TEMPORAL_API_KEY_FILE": "/etc/k"})
+    with pytest.raises(ConfigError, match="TEMPORAL_TLS='maybe' must be true or false"):
+        Settings.from_env({"TEMPORAL_TLS": "maybe"})
+    assert Settings.from_env({"WORKER_METRICS_PORT": "off"}).worker_metrics_port is None
+    key = tmp_path / "api-key"
+    key.write_text("secret-api-key\n")
+    cert, private = tmp_path / "client.pem", tmp_path / "client.key"
+    cert.write_bytes(b"CERT")
+    private.write_bytes(b"KEY")
+    s = Settings.from_env(
+        {
+            "TEMPORAL_API_KEY_FILE": str(key),
+            "TEMPORAL_TLS_CERT_FILE": str(cert),
+            "TEMPORAL_TLS_KEY_FILE": str(private),
+            "TEMPORAL_TLS_SERVER_NAME": "ns.tmprl.cloud",
+        }
+    )
+    assert "secret-api-key" not in repr(s)
+    assert api_key(s) == "secret-api-key"
+    tls = tls_config(s)
+    assert isinstance(tls, TLSConfig)
+    assert (tls.client_cert, tls.client_private_key, tls.domain) == (
+        b"CERT",
+        b"KEY",
+        "ns.tmprl.cloud",
+    )
+    assert tls_config(Settings()) is False
+    with pytest.raises(ConfigError, match="TEMPORAL_TLS_CA_FILE=/nope: no such file"):
+        tls_config(replace(s, temporal_tls_ca_file=Path("/nope")))
