@@ -16,7 +16,7 @@ from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from coupons import catalog
+from coupons import catalog, metrics
 from coupons import contract as act
 from coupons.errors import Refused
 from coupons.ledger import campaigns as batches
@@ -75,6 +75,7 @@ class CatalogActivities:
             raise ApplicationError(str(err), type=err.code, non_retryable=True) from err
         if synced.backlog and synced.remaining > 0 and synced.status == BatchStatus.RUNNING:
             synced.woken = await self._wake_waiters(batch_id, synced.platform_batch_id)
+        metrics.batch_synced(synced)
         return synced
 
     async def _wake_waiters(self, batch_id: str, platform_batch_id: str) -> int:
@@ -142,7 +143,7 @@ class CatalogActivities:
         )
         for mismatch, signalled in zip(to_redeem, requested, strict=True):
             mismatch.repair = "redeem requested" if signalled else None
-        return BatchReconciliation(
+        result = BatchReconciliation(
             batch_id=batch.id,
             platform_sent=None if sent is None else len(sent),
             platform_used=len(used),
@@ -153,6 +154,8 @@ class CatalogActivities:
                 m.coupon_id for m in to_redeem if m.repair is not None and m.coupon_id
             ],
         )
+        metrics.reconciled(result)
+        return result
 
     async def _flow(self, platform_batch_id: str, kind: FlowKind) -> list[FlowRecord] | None:
         try:

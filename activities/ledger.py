@@ -6,6 +6,7 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 
 from coupons import contract as act
+from coupons import metrics
 from coupons.ledger import claims
 from coupons.model import RecordTransitionInput
 
@@ -17,4 +18,7 @@ class LedgerActivities:
     @activity.defn(name=act.RECORD_TRANSITION)
     async def record_transition(self, input: RecordTransitionInput) -> bool:
         """Append the transition to the event table and move the claim's state."""
-        return await claims.record(self._pool, input.coupon_id, input.transition)
+        written = await claims.record(self._pool, input.coupon_id, input.transition)
+        if written:
+            metrics.transition(input.transition)
+        return written

@@ -10,6 +10,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from coupons import contract as act
+from coupons import metrics
 from coupons.ledger import claims
 from coupons.model import (
     IssueInput,
@@ -48,8 +49,10 @@ class PlatformActivities:
         ledger, and the send always carries the coupon's own idempotency key, so an
         ambiguous answer (timeout, 5xx) is resolved by sending the same key again.
         """
-        if input.became_usable is not None:
-            await claims.record(self._pool, input.coupon_id, input.became_usable)
+        if input.became_usable is not None and await claims.record(
+            self._pool, input.coupon_id, input.became_usable
+        ):
+            metrics.transition(input.became_usable)
         key = idempotency_key(input.coupon_id)
         try:
             sent = await self._platform.send_coupon(SendRequest(input.batch_id, input.user_id, key))
@@ -79,6 +82,7 @@ class PlatformActivities:
             ) from err
         if not visible:
             # Lag is not failure: retrying resends the same key and looks again.
+            metrics.lag_retry("send")
             raise ApplicationError(
                 f"coupon {sent.coupon_id} not visible after {self._lag_window_s:.0f}s of lookups",
                 type=act.RECEIPT_NOT_VISIBLE,
@@ -96,7 +100,10 @@ class PlatformActivities:
         issued = Transition("usable", "issued", "platform confirmed the send", confirmed_at)
         # A retry after the receipt was written gets the first one back, so the workflow
         # and the ledger agree on it.
-        return await claims.record_receipt(self._pool, input.coupon_id, receipt, issued)
+        stored = await claims.record_receipt(self._pool, input.coupon_id, receipt, issued)
+        if stored.confirmed_at == confirmed_at:
+            metrics.transition(issued)  # this attempt wrote it, with the move to issued
+        return stored
 
     async def _visible(self, sent: PlatformCoupon) -> bool:
         loop = asyncio.get_running_loop()
@@ -109,6 +116,7 @@ class PlatformActivities:
             if loop.time() + delay > give_up:
                 return False
             activity.heartbeat(f"lookup {attempt + 1}: not visible yet")
+            metrics.lag_retry("lookup")
             await asyncio.sleep(delay)
             attempt += 1
 

@@ -22,7 +22,9 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
+from coupons import metrics
 from coupons.config import Settings
+from coupons.errors import Refused
 from coupons.ledger import claims as ledger
 from coupons.ledger.claims import Claim, ClaimRefused
 from coupons.model import CAMPAIGN_ID, COUPON_STATE, USER_ID, CouponInput
@@ -54,11 +56,19 @@ class ClaimService:
 
     async def claim(self, campaign_id: str, user_id: str) -> ClaimResult:
         """Claim a coupon; a repeated claim at the user's limit returns the existing one."""
-        validate_id("campaign", campaign_id)
-        validate_id("user", user_id)
-        claim, created = await ledger.claim(self._pool, campaign_id, user_id)
-        if not claim.workflow_started:
-            await self.start_workflow(claim)
+        try:
+            validate_id("campaign", campaign_id)
+            validate_id("user", user_id)
+            claim, created = await ledger.claim(self._pool, campaign_id, user_id)
+            if not claim.workflow_started:
+                await self.start_workflow(claim)
+        except Refused as refused:
+            metrics.CLAIMS.labels(outcome=refused.code).inc()
+            raise
+        except Exception:
+            metrics.CLAIMS.labels(outcome="error").inc()
+            raise
+        metrics.CLAIMS.labels(outcome="created" if created else "existing").inc()
         return ClaimResult(
             coupon_id=claim.coupon_id,
             workflow_id=claim.workflow_id,

@@ -2,10 +2,11 @@
 
 Coupons: `claim`, `complete-task`, `show`, `cancel`, `list`, `stats`, `repair` print JSON.
 Catalog: `batch create|list|show|start|pause|resume|stop|sync`,
-`campaign create|update|list|show|pause|resume|end` and `reconcile` print a table, or
-JSON with `--json`. `batch create` and `campaign create` take `--tenant ID` (default
-`default`): the tenant that owns what they create; the other catalog commands see every
-tenant's.
+`campaign create|update|list|show|pause|resume|end`, `reconcile` and `report` (a
+campaign's funnel, with a PNG chart) print a table, or JSON with `--json`.
+`batch create` and `campaign create` take `--tenant ID` (default `default`): the tenant
+that owns what they create; the other catalog commands see every tenant's (`report
+--tenant ID` only that tenant's).
 Tenants (the apps that call the HTTP API) and their keys: `tenant create|list`,
 `key create|list|revoke` print JSON; a new key's secret (`api_key`) is printed once, by
 the command that creates it, and is never stored or shown again.
@@ -30,6 +31,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
@@ -48,7 +50,7 @@ from temporalio.client import (
 )
 from temporalio.service import RPCError
 
-from coupons import catalog, service, tenants
+from coupons import catalog, report, service, tenants
 from coupons.claims import ClaimService
 from coupons.config import ConfigError, Settings
 from coupons.contract import CATALOG_SYNC_WORKFLOW, RECONCILE_WORKFLOW
@@ -171,6 +173,13 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--no-repair", action="store_true", help="report only, repair nothing")
     _timeout_flag(r, RECONCILE_WAIT_S, "seconds to wait for the reconciliation")
     _json_flag(r)
+    f = sub.add_parser("report", help="a campaign's funnel from the ledger, with a PNG chart")
+    f.add_argument("--campaign", required=True)
+    f.add_argument(
+        "--out", help="the chart's path, a .png (default: DATA_DIR/reports/<campaign>-<date>.png)"
+    )
+    f.add_argument("--tenant", help="only this tenant's campaign (default: any tenant's)")
+    _json_flag(f)
     return p
 
 
@@ -767,6 +776,95 @@ async def _run_workflow(
         ) from None
 
 
+# ------------------------------------------------------------------ funnel report
+
+
+async def cmd_report(ctx: Context, args: argparse.Namespace) -> Answer:
+    tenant_id = None if args.tenant is None else await _known_tenant(ctx, args.tenant)
+    if args.out is not None and not args.out.lower().endswith(".png"):
+        raise InvalidField("--out", f"{args.out!r} must end in .png: the chart is a PNG")
+    funnel = await report.funnel_report(ctx.pool, args.campaign, tenant_id)
+    path = Path(args.out) if args.out else report.default_chart_path(ctx.settings.data_dir, funnel)
+    try:
+        chart = (await asyncio.to_thread(report.draw, funnel, path)).resolve()
+    except OSError as err:
+        raise InvalidField("--out", f"cannot write the chart to {str(path)!r}: {err}") from None
+    return Answer(_report_json(funnel, chart), lambda: _report_view(funnel, chart))
+
+
+def _report_json(funnel: report.FunnelReport, chart: Path) -> dict[str, Any]:
+    times = funnel.task_times
+    return {
+        "campaign_id": funnel.campaign_id,
+        "tenant_id": funnel.tenant_id,
+        "at": funnel.at,
+        "funnel": {s.name: s.coupons for s in funnel.stages},
+        "exits": {e.name: e.coupons for e in funnel.exits},
+        "conversion": funnel.conversion(),
+        "states": {state: funnel.states[state] for state in STATES if state in funnel.states},
+        "claim_to_task": {
+            "coupons": times.coupons,
+            "p50_s": times.p50_s,
+            "p90_s": times.p90_s,
+            "p99_s": times.p99_s,
+            "max_s": times.max_s,
+            "histogram": [
+                {"bin": b.label, "from_s": b.from_s, "to_s": b.to_s, "coupons": b.coupons}
+                for b in times.bins
+            ],
+        },
+        "claims_per_day": [
+            {"day": d.day.isoformat(), "claims": d.claims} for d in funnel.claims_per_day
+        ],
+        "chart": str(chart),
+    }
+
+
+def _report_view(funnel: report.FunnelReport, chart: Path) -> list[RenderableType]:
+    title = Text(
+        f"campaign {funnel.campaign_id} (tenant {funnel.tenant_id}), from the ledger at "
+        f"{_time(funnel.at)}"
+    )
+    if not funnel.claimed:
+        return [title, Text("no claims yet"), Text(f"chart: {chart}")]
+    stages = _table("stage", "coupons", "of the stage before", "of claimed")
+    for s in funnel.stages:
+        stages.add_row(
+            s.name, str(s.coupons), report.percent(s.from_previous), report.percent(s.from_claimed)
+        )
+    exits = _table("exit", "coupons", "of claimed")
+    for e in funnel.exits:
+        exits.add_row(e.name, str(e.coupons), report.percent(e.of_claimed))
+    times = funnel.task_times
+    histogram = _table("claim to task", "coupons")
+    for b in times.bins:
+        histogram.add_row(b.label, str(b.coupons))
+    days = _table("day (UTC)", "claims")
+    for d in funnel.claims_per_day:
+        days.add_row(d.day.isoformat(), str(d.claims))
+    now = ", ".join(f"{funnel.states[s]} {s}" for s in STATES if funnel.states.get(s)) or "-"
+    return [
+        title,
+        Text(""),
+        stages,
+        Text(f"claimed → redeemed: {report.percent(funnel.overall)}"),
+        Text(""),
+        exits,
+        Text(f"now: {now}"),
+        Text(""),
+        Text(
+            f"claim to task (claimed → usable), {times.coupons} coupons: "
+            f"p50 {report.format_seconds(times.p50_s)}, p90 {report.format_seconds(times.p90_s)}, "
+            f"p99 {report.format_seconds(times.p99_s)}, max {report.format_seconds(times.max_s)}"
+        ),
+        histogram,
+        Text(""),
+        days,
+        Text(""),
+        Text(f"chart: {chart}"),
+    ]
+
+
 # ------------------------------------------------------------------ output
 
 CommandResult = dict[str, Any] | Answer
@@ -792,6 +890,7 @@ COMMANDS: dict[str, Callable[[Context, argparse.Namespace], Awaitable[CommandRes
     "campaign resume": cmd_campaign_status,
     "campaign end": cmd_campaign_end,
     "reconcile": cmd_reconcile,
+    "report": cmd_report,
     "tenant create": cmd_tenant_create,
     "tenant list": cmd_tenant_list,
     "key create": cmd_key_create,

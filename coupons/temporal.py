@@ -14,6 +14,7 @@ from temporalio.converter import DataConverter
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 
 from coupons.config import ConfigError, Settings
+from coupons.metrics import HISTOGRAM_BUCKETS
 
 
 async def connect(settings: Settings, runtime: Runtime | None = None) -> Client:
@@ -73,7 +74,9 @@ def worker_runtime(settings: Settings) -> Runtime | None:
     if settings.worker_metrics_port is None:
         return None
     address = f"{settings.metrics_host}:{settings.worker_metrics_port}"
-    return Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=address)))
+    # Our histograms measure seconds; the exporter's default buckets are milliseconds.
+    metrics = PrometheusConfig(bind_address=address, histogram_bucket_overrides=HISTOGRAM_BUCKETS)
+    return Runtime(telemetry=TelemetryConfig(metrics=metrics))
 
 
 def _readable(name: str, path: Path) -> Path:

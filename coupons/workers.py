@@ -16,11 +16,13 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 from activities.catalog import CatalogActivities
 from activities.ledger import LedgerActivities
 from activities.platform import PlatformActivities
+from coupons import metrics
 from coupons.claims import ClaimService
 from coupons.config import Settings
 from coupons.ledger import db
 from coupons.platforms.base import Platform
 from coupons.platforms.configured import make_platform
+from coupons.platforms.metered import MeteredPlatform
 from coupons.schedules import ensure_schedules
 from coupons.temporal import connect, worker_runtime
 from workflows.catalog_sync import CatalogSyncWorkflow
@@ -112,7 +114,7 @@ async def run_worker(settings: Settings) -> None:
             "metrics at http://%s:%s/metrics", settings.metrics_host, settings.worker_metrics_port
         )
     await ensure_schedules(client, settings)
-    platform = make_platform(settings)
+    platform = MeteredPlatform(make_platform(settings), metrics.platform_call)
     async with db.pool(settings.database_url, max_size=settings.db_pool_size) as pool:
         repair = asyncio.create_task(
             repair_forever(

@@ -28,7 +28,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from coupons import catalog
+from coupons import catalog, metrics
 from coupons.claims import ClaimService
 from coupons.config import Settings
 from coupons.embedded import EmbeddedPostgres, SimulatorProcess, find_binary, free_port
@@ -37,6 +37,7 @@ from coupons.ledger import db
 from coupons.ledger.campaigns import Batch, Campaign
 from coupons.lifecycle import FINAL_STATES
 from coupons.model import SEARCH_ATTRIBUTES, CouponStatus
+from coupons.platforms.metered import MeteredPlatform
 from coupons.platforms.rest import RestPlatform
 from coupons.workers import build_workers
 from workflows.user_coupon import UserCouponWorkflow
@@ -149,7 +150,11 @@ def settings(postgres: EmbeddedPostgres, schema: str, simulator_url: str) -> Set
 async def running_workers(
     client: Client, pool: AsyncConnectionPool, settings: Settings
 ) -> AsyncIterator[list[Worker]]:
-    platform = RestPlatform(settings.platform_url, timeout_s=settings.platform_timeout_s)
+    # As run_worker builds it: every platform call measured.
+    platform = MeteredPlatform(
+        RestPlatform(settings.platform_url, timeout_s=settings.platform_timeout_s),
+        metrics.platform_call,
+    )
     workers = build_workers(client, pool, platform, settings)
     try:
         async with workers[0], workers[1]:

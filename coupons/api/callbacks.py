@@ -18,10 +18,11 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse, Response
 
-from coupons import service
+from coupons import metrics, service
 from coupons.api.models import CallbackAnswer
 from coupons.api.problems import TITLES, ApiProblem, Problem
 from coupons.api.routing import Backends, backends
+from coupons.errors import Refused
 from coupons.platforms.base import CallbackRejected
 
 log = logging.getLogger(__name__)
@@ -69,14 +70,24 @@ async def coupon_used(
         # The reason names what failed, never the secret or the expected signature.
         peer = request.client.host if request.client else "unknown"
         log.warning("callback from %s rejected: %s", peer, rejected.reason)
+        metrics.CALLBACK_VERIFICATION_FAILURES.inc()
+        metrics.CALLBACKS.labels(outcome="rejected").inc()
         raise ApiProblem("unauthorized", "the notification does not verify") from None
-    outcome = await service.apply_coupon_used(
-        parts.pool,
-        parts.client,
-        notice.notification_id,
-        notice.platform_coupon_id,
-        notice.used_at,
-    )
+    try:
+        outcome = await service.apply_coupon_used(
+            parts.pool,
+            parts.client,
+            notice.notification_id,
+            notice.platform_coupon_id,
+            notice.used_at,
+        )
+    except Refused as refused:
+        metrics.CALLBACKS.labels(outcome=refused.code).inc()
+        raise
+    except service.Unavailable:
+        metrics.CALLBACKS.labels(outcome="unavailable").inc()
+        raise
+    metrics.CALLBACKS.labels(outcome=outcome).inc()
     log.info(
         "callback %s: platform coupon %s used at %s: %s",
         notice.notification_id,
