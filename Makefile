@@ -29,6 +29,17 @@ bench: $(INSTALLED)
 chaos: $(INSTALLED)
 	$(BIN)/python -m chaos --size $(SIZE)
 
+# The Web UI browser check (e2e/README.md): Debian's Chromium, installed if missing, driven
+# by Playwright, installed into the venv if missing (it never downloads a browser of its
+# own); a fresh stack on free ports; screenshots to docs/screenshots/.
+.PHONY: e2e
+e2e: $(INSTALLED)
+	test -x /usr/bin/chromium || { S=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		$$S apt-get update && $$S apt-get install -y chromium; }
+	$(BIN)/python -c 'import playwright' 2>/dev/null || \
+		$(BIN)/python -m pip install --quiet 'playwright>=1.50'
+	$(BIN)/python -m e2e $(ARGS)
+
 lint: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

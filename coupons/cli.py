@@ -50,7 +50,7 @@ from temporalio.client import (
 )
 from temporalio.service import RPCError
 
-from coupons import catalog, report, service, tenants
+from coupons import catalog, codec, report, service, tenants
 from coupons.claims import ClaimService
 from coupons.config import ConfigError, Settings
 from coupons.contract import CATALOG_SYNC_WORKFLOW, RECONCILE_WORKFLOW
@@ -141,6 +141,7 @@ def parser() -> argparse.ArgumentParser:
         prog="starter.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     sub = p.add_subparsers(dest="command", required=True)
+    codec.add_commands(sub.add_parser("codec", help="payload encryption keys: init, rotate, show"))
     c = sub.add_parser("claim", help="claim a coupon of a campaign for a user")
     c.add_argument("--campaign", required=True)
     c.add_argument("--user", required=True)
@@ -1231,6 +1232,12 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     # psycopg_pool logs every failed connection attempt; the one-line error says it all.
     logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
     args = parser().parse_args(argv)
+    if args.command == "codec":
+        try:
+            print(codec.run_command(args, Settings.from_env(environ)))
+        except ConfigError as err:
+            return _fail(2, str(err))
+        return 0
     try:
         result = asyncio.run(run(args, Settings.from_env(environ)))
     except ConfigError as err:

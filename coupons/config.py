@@ -333,6 +333,7 @@ class Settings:
         default_data = ".data" if platform == "generic" else f".data/{platform}"
         if platform != "generic" and env.get("PLATFORM_URL"):
             default_data += "-live"
+        ui_port = _number(env, "TEMPORAL_UI_PORT", 8233, int)
         return cls(
             data_dir=Path(env.get("DATA_DIR") or default_data),
             platform=platform,
@@ -340,7 +341,7 @@ class Settings:
             pg_port=_number(env, "PG_PORT", 55432, int),
             temporal_address_override=env.get("TEMPORAL_ADDRESS") or None,
             temporal_port=_number(env, "TEMPORAL_PORT", 7233, int),
-            temporal_ui_port=_number(env, "TEMPORAL_UI_PORT", 8233, int),
+            temporal_ui_port=ui_port,
             temporal_namespace=env.get("TEMPORAL_NAMESPACE", "default"),
             task_queue=env.get("TASK_QUEUE", "coupons"),
             platform_url_override=env.get("PLATFORM_URL") or None,
@@ -377,7 +378,9 @@ class Settings:
             codec_cors_origins=tuple(
                 origin.strip().rstrip("/")
                 for origin in (
-                    env.get("CODEC_CORS_ORIGINS") or "http://127.0.0.1:8233,http://localhost:8233"
+                    # The embedded Web UI's own origin, wherever its port was moved.
+                    env.get("CODEC_CORS_ORIGINS")
+                    or f"http://127.0.0.1:{ui_port},http://localhost:{ui_port}"
                 ).split(",")
                 if origin.strip()
             ),

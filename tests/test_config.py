@@ -211,3 +211,12 @@ def test_temporal_tls_and_api_key_settings_are_checked(tmp_path: Path) -> None:
     assert tls_config(Settings()) is False
     with pytest.raises(ConfigError, match="TEMPORAL_TLS_CA_FILE=/nope: no such file"):
         tls_config(replace(s, temporal_tls_ca_file=Path("/nope")))
+
+
+def test_the_codec_server_allows_the_embedded_web_uis_origin_wherever_it_moved() -> None:
+    assert Settings.from_env({"TEMPORAL_UI_PORT": "9233"}).codec_cors_origins == (
+        "http://127.0.0.1:9233",
+        "http://localhost:9233",
+    )
+    given = Settings.from_env({"CODEC_CORS_ORIGINS": "https://ui.example.com/, https://b.io"})
+    assert given.codec_cors_origins == ("https://ui.example.com", "https://b.io")

@@ -8,6 +8,7 @@ import sys
 import uvicorn
 
 from coupons.api.app import create_app
+from coupons.api.codec import RedactPathToken
 from coupons.config import ConfigError, Settings
 
 log = logging.getLogger("coupons.api")
@@ -17,6 +18,8 @@ def main() -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # The Web UI's codec endpoint carries its token in the path: never in the access log.
+    logging.getLogger("uvicorn.access").addFilter(RedactPathToken())
     try:
         settings = Settings.from_env().with_stack_secrets()
     except ConfigError as err:
