@@ -39,7 +39,11 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from google.protobuf.message import DecodeError
 from temporalio.api.common.v1 import Payload
-from temporalio.converter import DataConverter, PayloadCodec
+from temporalio.converter import (
+    DataConverter,
+    DefaultFailureConverterWithEncodedAttributes,
+    PayloadCodec,
+)
 
 from coupons.config import ConfigError, Settings
 
@@ -310,8 +314,14 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
 
 
 def encrypted_converter(path: Path) -> DataConverter:
-    """The default data converter, with payloads encrypted by the key ring in `path`."""
-    return dataclasses.replace(DataConverter.default, payload_codec=EncryptionCodec(path))
+    """The default data converter, with payloads encrypted by the key ring in `path`, and
+    failure messages and stack traces moved into an encrypted payload too: they name coupons
+    and users ("coupon demo:alice:1 not visible ...")."""
+    return dataclasses.replace(
+        DataConverter.default,
+        payload_codec=EncryptionCodec(path),
+        failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
+    )
 
 
 # ------------------------------------------------------------------ the command line

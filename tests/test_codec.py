@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
@@ -380,3 +381,41 @@ def _search_attributes(history: WorkflowHistory) -> dict[Any, Any]:
         for pair in decode_typed_search_attributes(attributes):
             indexed[pair.key] = pair.value
     return indexed
+
+
+async def test_a_failure_message_is_kept_encrypted_too(
+    dev_env: WorkflowEnvironment,
+    pool: AsyncConnectionPool,
+    platform: RestPlatform,
+    settings: Settings,
+    simulator: httpx.AsyncClient,
+    keys: Path,
+) -> None:
+    """Failure messages name coupons and users: with the codec they travel as an encrypted
+    payload ("Encoded failure" in clear), and read back whole through it."""
+    config = dev_env.client.config()
+    config["data_converter"] = encrypted_converter(keys)
+    encrypted = Client(**config)
+    user = new_id("restricted")
+    # The simulator fixture resets its knobs after the test.
+    (await simulator.put("/sim/knobs", json={"restricted_users": [user]})).raise_for_status()
+    async with running_workers(encrypted, pool, settings):
+        campaign = await new_campaign(pool, platform)
+        claimed = await claims_of(pool, encrypted, settings).claim(campaign.id, user)
+        handle = handle_of(encrypted, claimed.workflow_id)
+        await handle.execute_update(UserCouponWorkflow.complete_task, TaskCompletion(TASK))
+        await wait_for_state(handle, "failed")
+    try:
+        history = await dev_env.client.get_workflow_handle(claimed.workflow_id).fetch_history()
+        [failed] = [
+            e.activity_task_failed_event_attributes.failure
+            for e in history.events
+            if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED
+        ]
+        assert failed.message == "Encoded failure"
+        assert failed.encoded_attributes.metadata["encoding"] == ENCRYPTED
+        assert b"USER_RESTRICTED" not in failed.SerializeToString()
+        error = await encrypted.data_converter.decode_failure(failed)
+        assert "USER_RESTRICTED" in str(error), error
+    finally:
+        await close_workflows(dev_env.client, [claimed.workflow_id])
