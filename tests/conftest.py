@@ -21,9 +21,11 @@ import pytest
 import pytest_asyncio
 from psycopg import AsyncConnection, sql
 from psycopg_pool import AsyncConnectionPool
-from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.enums.v1 import EventType, IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WorkflowHandle, WorkflowHistory
+from temporalio.common import TypedSearchAttributes
+from temporalio.converter import decode_typed_search_attributes
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
@@ -352,3 +354,17 @@ async def close_workflows(client: Client, workflow_ids: Iterable[str]) -> None:
                     raise
 
     await asyncio.gather(*(close(w) for w in workflow_ids))
+
+
+def published_search_attributes(history: WorkflowHistory) -> list[TypedSearchAttributes]:
+    """The search attributes a workflow set, at its start and at each upsert, in order."""
+    published: list[TypedSearchAttributes] = []
+    for event in history.events:
+        if event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
+            attributes = event.workflow_execution_started_event_attributes.search_attributes
+        elif event.event_type == EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES:
+            attributes = event.upsert_workflow_search_attributes_event_attributes.search_attributes
+        else:
+            continue
+        published.append(decode_typed_search_attributes(attributes))
+    return published

@@ -21,7 +21,7 @@ from temporalio.api.common.v1 import Payload, SearchAttributes
 from temporalio.api.enums.v1 import EventType
 from temporalio.api.history.v1 import History, MarkerRecordedEventAttributes
 from temporalio.client import Client, WorkflowHistory
-from temporalio.converter import DataConverter, decode_typed_search_attributes
+from temporalio.converter import DataConverter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
@@ -47,6 +47,7 @@ from tests.conftest import (
     handle_of,
     new_campaign,
     new_id,
+    published_search_attributes,
     running_workers,
     wait_for_state,
 )
@@ -370,17 +371,12 @@ def _children(message: Message) -> list[Message]:
 
 
 def _search_attributes(history: WorkflowHistory) -> dict[Any, Any]:
-    indexed: dict[Any, Any] = {}
-    for event in history.events:
-        if event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
-            attributes = event.workflow_execution_started_event_attributes.search_attributes
-        elif event.event_type == EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES:
-            attributes = event.upsert_workflow_search_attributes_event_attributes.search_attributes
-        else:
-            continue
-        for pair in decode_typed_search_attributes(attributes):
-            indexed[pair.key] = pair.value
-    return indexed
+    """The search attributes as the workflow last set each one."""
+    return {
+        pair.key: pair.value
+        for attributes in published_search_attributes(history)
+        for pair in attributes
+    }
 
 
 async def test_a_failure_message_is_kept_encrypted_too(

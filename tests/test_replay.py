@@ -15,7 +15,7 @@ import pytest
 from temporalio import workflow
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHistory
-from temporalio.converter import DataConverter, decode_typed_search_attributes
+from temporalio.converter import DataConverter
 from temporalio.worker import Replayer
 
 # This module defines a workflow, so the sandbox re-imports it: pass the rest through.
@@ -23,6 +23,7 @@ with workflow.unsafe.imports_passed_through():
     from coupons.lifecycle import FINAL_STATES
     from coupons.model import COUPON_STATE, CouponInput, CouponStatus, coupon_workflow_id
     from coupons.workers import workflow_runner
+    from tests.conftest import published_search_attributes
     from workflows.user_coupon import FIRST_POLL_AFTER_BACKOFF, UserCouponWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
@@ -42,18 +43,10 @@ def load(path: Path) -> WorkflowHistory:
 
 def coupon_states(history: WorkflowHistory) -> list[str]:
     """Every `CouponState` the workflow published, from its start to its last upsert."""
-    states: list[str] = []
-    for event in history.events:
-        if event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
-            attributes = event.workflow_execution_started_event_attributes.search_attributes
-        elif event.event_type == EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES:
-            attributes = event.upsert_workflow_search_attributes_event_attributes.search_attributes
-        else:
-            continue
-        state = decode_typed_search_attributes(attributes).get(COUPON_STATE)
-        if state is not None:
-            states.append(state)
-    return states
+    published = (
+        attributes.get(COUPON_STATE) for attributes in published_search_attributes(history)
+    )
+    return [state for state in published if state is not None]
 
 
 def final_status(history: WorkflowHistory) -> CouponStatus | None:
