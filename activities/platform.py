@@ -73,14 +73,14 @@ class PlatformActivities:
                 non_retryable=True,
             ) from err
         try:
-            visible = await self._visible(sent)
+            seen = await self._visible(sent)
         except PlatformError as err:
             # The send went through; a failing lookup says nothing against it. Retry
             # (same key), never a refusal.
             raise ApplicationError(
                 f"lookup after the send failed: {err}", type=act.LOOKUP_FAILED
             ) from err
-        if not visible:
+        if seen is None:
             # Lag is not failure: retrying resends the same key and looks again.
             metrics.lag_retry("send")
             raise ApplicationError(
@@ -89,11 +89,13 @@ class PlatformActivities:
                 category=ApplicationErrorCategory.BENIGN,
             )
         confirmed_at = datetime.now(UTC)
+        # The times as the platform's own lookup shows them: some sends answer only an id
+        # (WeChat Pay, Alipay), and their adapters can only bound the validity from the batch.
         receipt = Receipt(
             platform_coupon_id=sent.coupon_id,
             idempotency_key=key,
-            sent_at=sent.sent_at,
-            valid_until=sent.valid_until,
+            sent_at=seen.sent_at,
+            valid_until=seen.valid_until,
             confirmed_at=confirmed_at,
             raw=sent.raw,
         )
@@ -105,16 +107,19 @@ class PlatformActivities:
             metrics.transition(issued)  # this attempt wrote it, with the move to issued
         return stored
 
-    async def _visible(self, sent: PlatformCoupon) -> bool:
+    async def _visible(self, sent: PlatformCoupon) -> PlatformCoupon | None:
+        """The sent coupon as the platform's lookup shows it, once it does; None if it stays
+        invisible for the whole lag window."""
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self._lag_window_s
         attempt = 0
         while True:
-            if await self._platform.get_coupon(sent.user_id, sent.coupon_id) is not None:
-                return True
+            seen = await self._platform.get_coupon(sent.user_id, sent.coupon_id)
+            if seen is not None:
+                return seen
             delay = CONFIRM_BACKOFF[min(attempt, len(CONFIRM_BACKOFF) - 1)]
             if loop.time() + delay > give_up:
-                return False
+                return None
             activity.heartbeat(f"lookup {attempt + 1}: not visible yet")
             metrics.lag_retry("lookup")
             await asyncio.sleep(delay)

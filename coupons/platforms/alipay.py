@@ -263,6 +263,8 @@ class AlipayPlatform:
         self._client = client if client is not None else httpx.AsyncClient()
         self._callback_max_skew_s = callback_max_skew_s
         self._notify_url = notify_url or None
+        # Template terms by template id, for the validity bound of what a send returns.
+        self._templates: dict[str, PlatformBatch] = {}
 
     def __repr__(self) -> str:  # never show a key
         return f"AlipayPlatform({self._gateway_url!r}, app_id={self._app.app_id!r})"
@@ -411,20 +413,13 @@ class AlipayPlatform:
             },
         )
         voucher_id = read_answer(lambda raw: _text(raw, "voucher_id"), answer)
-        try:
-            coupon = await self.get_coupon(request.user_id, voucher_id)
-        except PlatformError as exc:
-            # The voucher is sent: a failing lookup must not turn that into an error.
-            log.info(
-                "voucher %s sent, its lookup failed (%s): terms from the template", voucher_id, exc
-            )
-            coupon = None
-        if coupon is not None:
-            return coupon
-        # The send answers only the voucher's id, and a new voucher may not be visible to the
-        # query yet: its terms come from the template, with the earliest moment it can have
-        # been sent, so its validity is never overstated.
-        batch = await self.get_batch(request.batch_id)
+        # The send answers only the voucher's id (its exact times are the query's, which a
+        # caller makes anyway to see it visible): the terms come from the template, read once
+        # per template (its validity rules never change), with the earliest moment the voucher
+        # can have been sent, so its validity is never overstated.
+        batch = self._templates.get(request.batch_id)
+        if batch is None:
+            batch = self._templates[request.batch_id] = await self.get_batch(request.batch_id)
         return PlatformCoupon(
             coupon_id=voucher_id,
             batch_id=request.batch_id,
