@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable
+from datetime import UTC, datetime
 from typing import TypeVar
 
 from psycopg_pool import AsyncConnectionPool
@@ -39,7 +40,10 @@ from coupons.platforms.base import (
     FlowRecord,
     FlowUnavailable,
     Platform,
+    PlatformCoupon,
     PlatformCouponStatus,
+    PlatformRateLimited,
+    PlatformUnavailable,
 )
 from coupons.reconcile import REDEEM, compare
 
@@ -166,21 +170,38 @@ class CatalogActivities:
     async def _uses_by_lookup(
         self, platform_batch_id: str, ours: list[LedgerCoupon]
     ) -> list[FlowRecord]:
-        """The uses the platform shows for the coupons we hold receipts of, asked one by one."""
+        """The uses the platform shows for the coupons we hold receipts of, asked one by one.
+
+        Every answer is a heartbeat (a big batch takes a while); a lookup the platform
+        throttles or fails is asked again a few times before the attempt gives up."""
         held = [c for c in ours if c.platform_coupon_id is not None]
+        asked = 0
+
+        async def look(coupon: LedgerCoupon) -> PlatformCoupon | None:
+            assert coupon.platform_coupon_id is not None
+            for wait_s in LOOKUP_RETRY_S:
+                try:
+                    return await self._platform.get_coupon(
+                        coupon.user_id, coupon.platform_coupon_id
+                    )
+                except (PlatformRateLimited, PlatformUnavailable):
+                    await asyncio.sleep(wait_s)
+            return await self._platform.get_coupon(coupon.user_id, coupon.platform_coupon_id)
 
         async def used(coupon: LedgerCoupon) -> FlowRecord | None:
-            assert coupon.platform_coupon_id is not None
-            found = await self._platform.get_coupon(coupon.user_id, coupon.platform_coupon_id)
+            nonlocal asked
+            found = await look(coupon)
+            asked += 1
+            activity.heartbeat(f"{asked}/{len(held)} coupons asked")
             if found is None or found.status != PlatformCouponStatus.USED:
                 return None
-            activity.heartbeat(coupon.coupon_id)
             return FlowRecord(
                 coupon_id=found.coupon_id,
                 batch_id=platform_batch_id,
                 user_id=coupon.user_id,
                 idempotency_key=None,
-                at=found.used_at or found.sent_at,
+                # A use with no time of its own: known only to have happened by now.
+                at=found.used_at or datetime.now(UTC),
             )
 
         return [record for record in await _each(held, used) if record is not None]
@@ -233,6 +254,9 @@ class CatalogActivities:
             done=len(found) < page.limit,
         )
 
+
+# Waits before asking a throttled or failing lookup again, during per-coupon reconciliation.
+LOOKUP_RETRY_S = (1.0, 2.0, 4.0)
 
 T = TypeVar("T")
 R = TypeVar("R")

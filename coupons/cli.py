@@ -493,13 +493,12 @@ async def cmd_batch_show(ctx: Context, args: argparse.Namespace) -> Answer:
 
 
 async def cmd_batch_change(ctx: Context, args: argparse.Namespace) -> Answer:
+    action = BatchAction(args.action)
+    # Pausing or stopping a runaway batch must not wait for Temporal: only an action after
+    # which the batch sends again needs it (to wake the coupons waiting for it).
+    client = await ctx.client() if action in service.SENDS_AGAIN else None
     batch = await service.change_batch(
-        ctx.pool,
-        await ctx.client(),
-        ctx.settings,
-        ctx.platform(),
-        args.batch,
-        BatchAction(args.action),
+        ctx.pool, client, ctx.settings, ctx.platform(), args.batch, action
     )
     return Answer(_batch_json(batch), lambda: _batch_detail(batch))
 

@@ -295,10 +295,13 @@ async def _coupon_workflow(pool: AsyncConnectionPool, found: Claim) -> AsyncIter
 
 # ------------------------------------------------------------------ batches
 
+# Actions after which a batch can send again: its waiting coupons are told at once.
+SENDS_AGAIN = frozenset({BatchAction.START, BatchAction.RESUME})
+
 
 async def change_batch(
     pool: AsyncConnectionPool,
-    client: Client,
+    client: Client | None,
     settings: Settings,
     platform: Platform,
     batch_id: str,
@@ -307,9 +310,10 @@ async def change_batch(
 ) -> Batch:
     """Start, pause, resume or stop the batch at the platform. A batch that can send again
     (started, resumed) is synced at once, so the coupons waiting for it hear now, not at the
-    next scheduled sync or their own recheck."""
+    next scheduled sync or their own recheck (`client` None: no sync now; the schedule's next
+    one tells them)."""
     batch = await catalog.change_batch(pool, platform, batch_id, action, tenant_id)
-    if action in (BatchAction.START, BatchAction.RESUME):
+    if client is not None and action in SENDS_AGAIN:
         try:
             await client.start_workflow(
                 CATALOG_SYNC_WORKFLOW,

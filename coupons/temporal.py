@@ -37,14 +37,16 @@ def data_converter(settings: Settings) -> DataConverter:
     return encrypted_converter(_readable("CODEC_KEYS_FILE", settings.codec_keys_file))
 
 
-def tls_config(settings: Settings) -> TLSConfig | bool:
+def tls_config(settings: Settings) -> TLSConfig | None:
+    """None when nothing asks for TLS: the SDK then speaks plaintext, except with an API key,
+    which it never sends in clear (TLS on by default)."""
     files = (
         settings.temporal_tls_ca_file,
         settings.temporal_tls_cert_file,
         settings.temporal_tls_key_file,
     )
     if not settings.temporal_tls and all(path is None for path in files):
-        return False
+        return None
     ca, cert, key = (
         None if path is None else _readable(name, path).read_bytes()
         for name, path in zip(

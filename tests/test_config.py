@@ -208,7 +208,8 @@ def test_temporal_tls_and_api_key_settings_are_checked(tmp_path: Path) -> None:
         b"KEY",
         "ns.tmprl.cloud",
     )
-    assert tls_config(Settings()) is False
+    # Nothing asked: the SDK decides, which means TLS whenever an API key is sent.
+    assert tls_config(Settings()) is None
     with pytest.raises(ConfigError, match="TEMPORAL_TLS_CA_FILE=/nope: no such file"):
         tls_config(replace(s, temporal_tls_ca_file=Path("/nope")))
 

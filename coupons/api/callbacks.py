@@ -73,6 +73,10 @@ async def coupon_used(
         metrics.CALLBACK_VERIFICATION_FAILURES.inc()
         metrics.CALLBACKS.labels(outcome="rejected").inc()
         raise ApiProblem("unauthorized", "the notification does not verify") from None
+    if notice is None:
+        log.info("callback: a genuine notification of another event, acknowledged and ignored")
+        metrics.CALLBACKS.labels(outcome="ignored").inc()
+        return _taken(parts, "ignored")
     try:
         outcome = await service.apply_coupon_used(
             parts.pool,
@@ -95,7 +99,11 @@ async def coupon_used(
         notice.used_at.isoformat(),
         outcome,
     )
+    return _taken(parts, outcome)
+
+
+def _taken(parts: Backends, outcome: str) -> CallbackAnswer | Response:
     if parts.platform.callback_success is not None:
         # The platform's own words (documented as text/plain), not our JSON answer.
         return PlainTextResponse(parts.platform.callback_success)
-    return CallbackAnswer(status=outcome)  # type: ignore[arg-type]  # one of the three
+    return CallbackAnswer(status=outcome)  # type: ignore[arg-type]  # one of the four

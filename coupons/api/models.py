@@ -320,4 +320,4 @@ class Campaigns(BaseModel):
 
 
 class CallbackAnswer(BaseModel):
-    status: Literal["applied", "duplicate", "finished"]
+    status: Literal["applied", "duplicate", "finished", "ignored"]

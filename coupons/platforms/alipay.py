@@ -23,6 +23,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl
@@ -46,6 +47,7 @@ from coupons.platforms.alipay_protocol import (
     TEMPLATE_DRAFT,
     TEMPLATE_EFFECTIVE,
     TEMPLATE_EXPIRED,
+    UNSIGNED_CODES,
     V_USE,
     VOUCHER_DELETED,
     VOUCHER_ENABLED,
@@ -120,7 +122,6 @@ _BUSINESS_ERRORS: dict[str, type[PlatformError]] = {
 _RATE_LIMITS = frozenset({SubCode.APP_CALL_LIMITED, SubCode.METHOD_CALL_LIMITED})
 # Only these codes can make a definitive or waiting outcome, so only these must be signed;
 # the gateway's own refusals come unsigned and are all retried anyway.
-_SIGNED_CODES = frozenset({SUCCESS, BUSINESS_FAILED})
 ACTION_UNSUPPORTED = "ACTION_UNSUPPORTED"
 
 _TEMPLATE_STATUS = {
@@ -322,7 +323,10 @@ class AlipayPlatform:
         text, answer = found[0], dict(found[1])
         sign = members.get("sign")
         if sign is None:
-            if answer.get("code") in _SIGNED_CODES:
+            # Only the gateway's own refusals come unsigned; anything else unsigned (a success,
+            # a business refusal, a code that is not even a string) is not believed.
+            code = answer.get("code")
+            if not isinstance(code, str) or code not in UNSIGNED_CODES:
                 raise PlatformUnavailable("UNSIGNED_RESPONSE", f"{method}: the answer is unsigned")
             return answer
         if not isinstance(sign[1], str) or not rsa2_verify(
@@ -419,7 +423,15 @@ class AlipayPlatform:
         # can have been sent, so its validity is never overstated.
         batch = self._templates.get(request.batch_id)
         if batch is None:
-            batch = self._templates[request.batch_id] = await self.get_batch(request.batch_id)
+            try:
+                batch = await self.get_batch(request.batch_id)
+            except PlatformError as exc:
+                # The voucher is sent: nothing said after that may fail the coupon. Retried,
+                # the same out_biz_no finds the same voucher.
+                raise PlatformUnavailable(
+                    "TEMPLATE_UNREADABLE", f"voucher {voucher_id} sent, its template: {exc}"
+                ) from exc
+            self._templates[request.batch_id] = batch
         return PlatformCoupon(
             coupon_id=voucher_id,
             batch_id=request.batch_id,
@@ -439,13 +451,14 @@ class AlipayPlatform:
                 return None
             raise
         coupon = read_answer(_coupon, answer)
-        if coupon.user_id != user_id:
+        # We send by user_id or open_id (`_user_field`); the answer may carry both.
+        if user_id not in (answer.get("user_id"), answer.get("open_id")):
             # The query is by voucher id alone: another user's voucher is not this user's.
             log.warning("voucher %s belongs to another user than asked", coupon_id)
             return None
-        return coupon
+        return replace(coupon, user_id=user_id)
 
-    def verify_callback(self, headers: Mapping[str, str], body: bytes) -> CouponUsedNotice:
+    def verify_callback(self, headers: Mapping[str, str], body: bytes) -> CouponUsedNotice | None:
         try:
             pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=True)
         except ValueError as exc:  # UnicodeDecodeError is a ValueError too
@@ -477,11 +490,8 @@ class AlipayPlatform:
             raise CallbackRejected(f"stale: sent {skew:.0f} s ago")
         if -skew > self._callback_max_skew_s:
             raise CallbackRejected(f"from the future: sent {-skew:.0f} s ahead of our clock")
-        notify_type = params.get("notify_type")
-        if notify_type != VOUCHER_NOTIFY_TYPE:
-            raise CallbackRejected(f"unknown notify_type {str(notify_type)[:40]!r}")
-        if params.get("biz_type") != V_USE:
-            raise CallbackRejected(f"not a use: biz_type {params.get('biz_type', '')[:20]!r}")
+        if params.get("notify_type") != VOUCHER_NOTIFY_TYPE or params.get("biz_type") != V_USE:
+            return None  # genuine, and not a voucher's use
         try:
             return CouponUsedNotice(
                 notification_id=_text(params, "notify_id"),

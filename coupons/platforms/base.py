@@ -222,11 +222,13 @@ class Platform(Protocol):
         """The coupon as the platform's lookup shows it now; None while it is not (yet) visible."""
         ...
 
-    def verify_callback(self, headers: Mapping[str, str], body: bytes) -> CouponUsedNotice:
+    def verify_callback(self, headers: Mapping[str, str], body: bytes) -> CouponUsedNotice | None:
         """Check a redemption notification's signature and freshness and read it; raises
-        `CallbackRejected` on any doubt. Pure and synchronous: no I/O, cheap enough to run
-        on the request path. `body` is the request's exact bytes; header names match in any
-        case."""
+        `CallbackRejected` on any doubt. None: a genuine notification of something else (a
+        platform sends other events to the same address), to be acknowledged and ignored,
+        or the platform would deliver it again for a day. Pure and synchronous: no I/O, cheap
+        enough to run on the request path. `body` is the request's exact bytes; header names
+        match in any case."""
         ...
 
     async def aclose(self) -> None: ...

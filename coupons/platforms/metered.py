@@ -88,7 +88,7 @@ class MeteredPlatform:
     async def get_coupon(self, user_id: str, coupon_id: str) -> PlatformCoupon | None:
         return await self._measured("get_coupon", self._inner.get_coupon(user_id, coupon_id))
 
-    def verify_callback(self, headers: Mapping[str, str], body: bytes) -> CouponUsedNotice:
+    def verify_callback(self, headers: Mapping[str, str], body: bytes) -> CouponUsedNotice | None:
         # Not a call to the platform: pure, local, measured by the API's callback metrics.
         return self._inner.verify_callback(headers, body)
 

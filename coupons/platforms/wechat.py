@@ -603,7 +603,7 @@ class WechatPayPlatform:
             raise
         return read_answer(lambda answer: _coupon(answer, user_id), raw)
 
-    def verify_callback(self, headers: Mapping[str, str], body: bytes) -> CouponUsedNotice:
+    def verify_callback(self, headers: Mapping[str, str], body: bytes) -> CouponUsedNotice | None:
         merchant = self._merchant
         try:
             verify_signed(
@@ -621,9 +621,8 @@ class WechatPayPlatform:
             raise CallbackRejected(f"unparseable body: {exc}") from None
         if not isinstance(envelope, dict):
             raise CallbackRejected("unparseable body: not a JSON object")
-        event_type = envelope.get("event_type")
-        if event_type != _COUPON_USE:
-            raise CallbackRejected(f"unknown event type {str(event_type)[:40]!r}")
+        if envelope.get("event_type") != _COUPON_USE:
+            return None  # genuine (signed), and not a coupon's use
         resource = envelope.get("resource")
         if envelope.get("resource_type") != _ENCRYPTED or not isinstance(resource, dict):
             raise CallbackRejected("no encrypted resource")

@@ -167,6 +167,22 @@ async def test_another_platforms_path_takes_nothing(api: Api, tenant_a: Tenant) 
     assert await _ledger_state(api, coupon["coupon_id"]) == "issued"
 
 
+async def test_a_genuine_notification_of_another_event_is_acknowledged_and_ignored(
+    api: Api, tenant_a: Tenant
+) -> None:
+    """Signed, about something else (the platform sends every event to one address): 200,
+    nothing applied, and no verification failure counted."""
+    coupon = await _issued(api, tenant_a, "vic")
+    body = _notice(coupon["platform_coupon_id"], "vic").replace(b"COUPON.USED", b"COUPON.EXPIRED")
+    before = await history_length(api.client, coupon["workflow_id"])
+
+    answer = await api.http.post(CALLBACK_PATH, content=body, headers=_signed(body))
+
+    assert (answer.status_code, answer.json()) == (200, {"status": "ignored"})
+    assert await _ledger_state(api, coupon["coupon_id"]) == "issued"
+    assert await history_length(api.client, coupon["workflow_id"]) == before
+
+
 async def test_a_duplicate_is_acknowledged_and_applied_once(api: Api, tenant_a: Tenant) -> None:
     coupon = await _issued(api, tenant_a, "uma")
     body = _notice(coupon["platform_coupon_id"], "uma")

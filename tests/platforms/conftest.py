@@ -14,7 +14,13 @@ import httpx
 import pytest
 
 from coupons.embedded import SimulatorProcess, free_port
-from coupons.platforms.base import BatchAction, BatchSpec, Platform, PlatformBatch
+from coupons.platforms.base import (
+    BatchAction,
+    BatchSpec,
+    CouponUsedNotice,
+    Platform,
+    PlatformBatch,
+)
 from coupons.platforms.rest import RestPlatform
 from coupons.platforms.simulator import Knobs
 
@@ -168,3 +174,10 @@ async def running_batch(platform: Platform, spec: BatchSpec | None = None) -> Pl
     """A batch that sends: created, then started, as a platform wants it."""
     batch = await platform.create_batch(spec if spec is not None else batch_spec())
     return await platform.change_batch(batch.batch_id, BatchAction.START)
+
+
+def coupon_use(platform: Platform, headers: Mapping[str, str], body: bytes) -> CouponUsedNotice:
+    """`verify_callback` of a notification the test knows is a coupon's use."""
+    notice = platform.verify_callback(headers, body)
+    assert notice is not None, "verified, but not a coupon's use"
+    return notice

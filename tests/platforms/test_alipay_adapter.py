@@ -4,6 +4,7 @@ Alipay answer maps onto the `Platform` types and errors, and what is never belie
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -47,7 +48,7 @@ from coupons.platforms.base import (
 )
 from coupons.platforms.sim_alipay import AlipayFace
 
-from .conftest import SimControl, batch_spec, controlling
+from .conftest import SimControl, batch_spec, controlling, coupon_use
 from .test_alipay_simulator import Receiver, alipay_user
 
 
@@ -114,8 +115,8 @@ async def test_template_send_query_use_and_a_verified_notification(
     await asyncio.sleep(1.1)
     seen = await typed.get_coupon(user, coupon.coupon_id)
     used = await control.use(coupon.coupon_id)
-    notice = typed.verify_callback(
-        {"content-type": "application/x-www-form-urlencoded"}, await receiver.next()
+    notice = coupon_use(
+        typed, {"content-type": "application/x-www-form-urlencoded"}, await receiver.next()
     )
     after = await typed.get_coupon(user, coupon.coupon_id)
 
@@ -415,20 +416,22 @@ async def test_an_answer_failing_alipays_signature_is_not_believed(
 
 
 class _TamperingTransport(httpx.AsyncBaseTransport):
-    """Changes one word of the simulator's genuine answer: the fault forced at one exact point."""
+    """Rewrites the simulator's genuine answer: the fault forced at one exact point."""
 
-    def __init__(self, old: bytes, new: bytes) -> None:
+    def __init__(self, old: bytes, new: bytes, rewrite: Callable[[bytes], bytes] | None = None):
         self._inner = httpx.AsyncHTTPTransport()
         self._old, self._new = old, new
+        self._rewrite = rewrite
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         response = await self._inner.handle_async_request(request)
         content = await response.aread()
         assert self._old in content
+        content = content.replace(self._old, self._new)
         return httpx.Response(
             response.status_code,
             headers={"content-type": response.headers["content-type"]},
-            content=content.replace(self._old, self._new),
+            content=self._rewrite(content) if self._rewrite else content,
         )
 
     async def aclose(self) -> None:
@@ -453,6 +456,35 @@ async def test_a_tampered_answer_is_not_believed(
         await client.aclose()
 
     assert refused.value.code == "BAD_SIGNATURE"
+
+
+def _unsigned(content: bytes) -> bytes:
+    members = json.loads(content)
+    members.pop("sign")
+    return json.dumps(members).encode()
+
+
+@pytest.mark.parametrize("code", [b'"10000"', b"10000"], ids=["string code", "number code"])
+async def test_an_answer_stripped_of_its_signature_is_not_believed(
+    alipay_simulator: SimulatorProcess, platform: AlipayPlatform, code: bytes
+) -> None:
+    """Only the gateway's own refusals come unsigned: a success without a signature, even one
+    whose code is a number rather than the string Alipay sends, is not believed."""
+    batch = await platform.create_batch(batch_spec())
+    client = httpx.AsyncClient(
+        transport=_TamperingTransport(b'"code":"10000"', b'"code":' + code, _unsigned)
+    )
+    stripped = AlipayPlatform(
+        gateway(alipay_simulator), sim_app(alipay_simulator.keys_dir), client=client
+    )
+
+    try:
+        with pytest.raises(PlatformUnavailable) as refused:
+            await stripped.get_batch(batch.batch_id)
+    finally:
+        await client.aclose()
+
+    assert refused.value.code == "UNSIGNED_RESPONSE"
 
 
 async def test_our_request_signed_with_a_wrong_key_is_refused_by_the_gateway(
@@ -518,12 +550,15 @@ async def test_notifications_that_must_not_be_believed_are_rejected(
         "stale": _resigned(alipay_simulator, body, notify_time=long_ago),
         "from the future": _resigned(alipay_simulator, body, notify_time=ahead),
         "another app": _resigned(alipay_simulator, body, app_id="2021000000009999"),
-        "not a use": _resigned(alipay_simulator, body, biz_type="V_REFUND"),
         "a field twice": body + b"&voucher_id=x",
         "not a form": b"\xff\xfe",
     }
 
     accepted = platform.verify_callback({}, body)
+    assert accepted is not None
+    # Genuine, about something else: taken and ignored (None), not rejected.
+    refund = _resigned(alipay_simulator, body, biz_type="V_REFUND")
+    assert platform.verify_callback({}, refund) is None
     reasons = {}
     for name, forged in cases.items():
         with pytest.raises(CallbackRejected) as rejected:
@@ -536,7 +571,6 @@ async def test_notifications_that_must_not_be_believed_are_rejected(
     assert reasons["stale"].startswith("stale")
     assert reasons["from the future"].startswith("from the future")
     assert reasons["another app"].startswith("for another app")
-    assert reasons["not a use"].startswith("not a use")
     assert "twice" in reasons["a field twice"]
     assert reasons["not a form"].startswith("unparseable")
 
@@ -591,7 +625,7 @@ def test_a_redelivery_stamped_afresh_is_taken_where_the_stored_one_is_stale(
 
     with pytest.raises(CallbackRejected) as stale:
         platform.verify_callback({}, stored)
-    fresh = platform.verify_callback({}, face.delivery_body(stored))
+    fresh = coupon_use(platform, {}, face.delivery_body(stored))
 
     assert stale.value.reason.startswith("stale")
     assert (fresh.notification_id, fresh.platform_coupon_id) == ("ntf_1", "V1")

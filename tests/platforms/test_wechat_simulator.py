@@ -42,7 +42,7 @@ from coupons.platforms.wechat_protocol import (
     verify_signed,
 )
 
-from .conftest import SimControl, controlling
+from .conftest import SimControl, controlling, coupon_use
 
 FAVOR = "/v3/marketing/favor"
 
@@ -517,7 +517,7 @@ async def test_notifications_and_forged_probes(
         genuine = [json.loads(r.body) for r in receiver.received if r.status == 200]
         assert all(body["event_type"] == "COUPON.USE" for body in genuine)
         seen = [
-            adapter.verify_callback(r.headers, r.body) for r in receiver.received if r.status == 200
+            coupon_use(adapter, r.headers, r.body) for r in receiver.received if r.status == 200
         ]
         assert sorted(notice.platform_coupon_id for notice in seen) == sorted(coupons)
     finally:
