@@ -2,8 +2,9 @@
 
 import asyncio
 import logging
+import sys
 
-from coupons.config import Settings
+from coupons.config import ConfigError, Settings
 from coupons.workers import run_worker
 
 if __name__ == "__main__":
@@ -12,4 +13,9 @@ if __name__ == "__main__":
     )
     # One line per platform request would drown the worker's own log.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    asyncio.run(run_worker(Settings.from_env()))
+    try:
+        asyncio.run(run_worker(Settings.from_env()))
+    except ConfigError as err:
+        # A setting that cannot work, or a namespace not prepared for us: one clear line.
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -7,14 +7,23 @@ and, for the worker, the runtime that serves Prometheus metrics.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import Client, TLSConfig
+from temporalio.common import SearchAttributeKey
 from temporalio.converter import DataConverter
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
+from temporalio.service import RPCError, RPCStatusCode
 
 from coupons.config import ConfigError, Settings
 from coupons.metrics import HISTOGRAM_BUCKETS
+from coupons.model import SEARCH_ATTRIBUTES
+
+log = logging.getLogger(__name__)
 
 
 async def connect(settings: Settings, runtime: Runtime | None = None) -> Client:
@@ -26,6 +35,30 @@ async def connect(settings: Settings, runtime: Runtime | None = None) -> Client:
         data_converter=data_converter(settings),
         runtime=runtime,
     )
+
+
+async def check_search_attributes(
+    client: Client, namespace: str, keys: Sequence[SearchAttributeKey[Any]] = SEARCH_ATTRIBUTES
+) -> None:
+    """Refuse a namespace that lacks one of our search attributes: every coupon's upsert would
+    fail its workflow task, over and over, while the ledger says it moved on."""
+    try:
+        answer = await client.operator_service.list_search_attributes(
+            ListSearchAttributesRequest(namespace=namespace)
+        )
+    except RPCError as err:
+        if err.status != RPCStatusCode.PERMISSION_DENIED:
+            raise
+        log.warning("cannot list the search attributes of %s (%s): not checked", namespace, err)
+        return
+    registered = {**answer.custom_attributes, **answer.system_attributes}
+    missing = [key.name for key in keys if key.name not in registered]
+    if missing:
+        raise ConfigError(
+            f"namespace {namespace!r} lacks the search attributes {', '.join(missing)}: "
+            "register each once with `temporal operator search-attribute create "
+            f"--namespace {namespace} --name <name> --type Keyword`"
+        )
 
 
 def data_converter(settings: Settings) -> DataConverter:

@@ -24,7 +24,7 @@ from coupons.platforms.base import Platform
 from coupons.platforms.configured import make_platform
 from coupons.platforms.metered import MeteredPlatform
 from coupons.schedules import ensure_schedules
-from coupons.temporal import connect, worker_runtime
+from coupons.temporal import check_search_attributes, connect, worker_runtime
 from workflows.catalog_sync import CatalogSyncWorkflow
 from workflows.end_campaign import EndCampaignWorkflow
 from workflows.reconcile import ReconcileWorkflow
@@ -113,6 +113,7 @@ async def run_worker(settings: Settings) -> None:
         log.info(
             "metrics at http://%s:%s/metrics", settings.metrics_host, settings.worker_metrics_port
         )
+    await check_search_attributes(client, settings.temporal_namespace)
     await ensure_schedules(client, settings)
     platform = MeteredPlatform(make_platform(settings), metrics.platform_call)
     async with db.pool(settings.database_url, max_size=settings.db_pool_size) as pool:

@@ -1,6 +1,9 @@
-"""`connect()` to a Temporal that demands mutual TLS, as Temporal Cloud or a secured cluster
+"""Reaching Temporal as production does (`coupons/temporal.py`).
+
+`connect()` to a Temporal that demands mutual TLS, as Temporal Cloud or a secured cluster
 does: the dev server has no TLS, so a TLS-terminating proxy in front of it (client
-certificates required, ALPN h2 as gRPC needs) stands in for the cluster's frontend."""
+certificates required, ALPN h2 as gRPC needs) stands in for the cluster's frontend. And the
+worker's check that the namespace knows our search attributes."""
 
 from __future__ import annotations
 
@@ -17,12 +20,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from temporalio.common import SearchAttributeKey
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
-from coupons.config import Settings
+from coupons.config import ConfigError, Settings
 from coupons.embedded import free_port
-from coupons.temporal import connect
+from coupons.model import SEARCH_ATTRIBUTES
+from coupons.temporal import check_search_attributes, connect
 
 
 @dataclass(frozen=True)
@@ -167,3 +172,14 @@ async def test_connect_speaks_mutual_tls_with_the_settings_files(
         )
         with pytest.raises((RuntimeError, RPCError)):
             await asyncio.wait_for(connect(plain), 20)
+
+
+async def test_a_namespace_missing_a_search_attribute_is_refused_by_name(
+    dev_env: WorkflowEnvironment,
+) -> None:
+    """The worker checks at start: without it every coupon's upsert would fail its workflow
+    task in a loop while the ledger moves on."""
+    await check_search_attributes(dev_env.client, "default")  # all registered by the fixture
+    missing = SearchAttributeKey.for_keyword("CouponShoeSize")
+    with pytest.raises(ConfigError, match="lacks the search attributes CouponShoeSize"):
+        await check_search_attributes(dev_env.client, "default", [*SEARCH_ATTRIBUTES, missing])
