@@ -242,6 +242,12 @@ class Settings:
             raise ConfigError(f"API_PUBLIC_URL={public!r} must be an http(s) URL")
         if not self.api_host.strip() or any(c.isspace() for c in self.api_host):
             raise ConfigError(f"API_HOST={self.api_host!r} must be a host name or address")
+        token = self.codec_token
+        if token is not None and len(token) < MIN_CALLBACK_SECRET:
+            raise ConfigError(
+                f"CODEC_TOKEN is {len(token)} characters long; it must have at least "
+                f"{MIN_CALLBACK_SECRET} (it opens every payload to whoever holds it)"
+            )
         secret = self.platform_callback_secret
         if secret is not None and len(secret) < MIN_CALLBACK_SECRET:
             # Never echo the secret itself, not even in this error.

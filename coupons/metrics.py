@@ -37,10 +37,25 @@ RECONCILE_MISMATCHES = "coupons_reconcile_mismatches"
 RECONCILE_REPAIRS = "coupons_reconcile_repairs_requested_total"
 
 # The SDK's exporter gives a histogram it does not know millisecond buckets (50 ms to 10 s);
-# ours measure seconds. For PrometheusConfig(histogram_bucket_overrides=...). The top
-# bucket covers the longest call PLATFORM_TIMEOUT_S allows (under 7.5 s).
+# ours measure seconds. For PrometheusConfig(histogram_bucket_overrides=...). One HTTP
+# request lasts at most PLATFORM_TIMEOUT_S (under 7.5 s); an adapter call may make two or
+# three (a flow file's descriptor and download), hence the buckets above it.
 HISTOGRAM_BUCKETS: dict[str, list[float]] = {
-    PLATFORM_CALL_DURATION: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 7.5],
+    PLATFORM_CALL_DURATION: [
+        0.005,
+        0.01,
+        0.025,
+        0.05,
+        0.1,
+        0.25,
+        0.5,
+        1.0,
+        2.5,
+        5.0,
+        7.5,
+        15.0,
+        30.0,
+    ],
 }
 
 # Mismatch kinds reconciliation reports (`coupons.reconcile`); each is set on every run, so

@@ -147,8 +147,9 @@ class Stack:
         log.info("migrations applied: %s", applied or "none (up to date)")
 
         if s.codec_keys_file is None:
-            # Payloads encrypted from the first start: user ids and receipts never sit in
-            # Temporal's history in clear (`coupons.codec`; the API serves the codec).
+            # Payloads encrypted from the first start: no input, result or failure carries a
+            # user id or receipt in clear (workflow ids and search attributes still do, to be
+            # searched); `coupons.codec`, and the API serves the codec to the Web UI.
             from coupons.codec import ensure_keys
 
             ensure_keys(s.stack_codec_keys_file)

@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 
 ALLOWED_HEADERS = "content-type, x-namespace, authorization"
 PREFLIGHT_MAX_AGE_S = 600
-_PATH_TOKEN = re.compile(r"(/codec/)[^/\s?]+(/(?:en|de)code)")
+# Whatever follows /codec/ but the header-authenticated routes' own names is a token, with
+# or without an /encode or /decode after it.
+_PATH_TOKEN = re.compile(r"(/codec/)(?!(?:en|de)code(?:[/?\s]|$))[^/\s?]+")
 
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 
@@ -81,7 +83,7 @@ router = APIRouter(tags=["codec"], route_class=CodecRoute, include_in_schema=Fal
 
 def _redacted(request: Request) -> Request:
     """The request as problems and error logs name it: `/codec/***/decode`."""
-    return Request({**request.scope, "path": _PATH_TOKEN.sub(r"\1***\2", request.url.path)})
+    return Request({**request.scope, "path": _PATH_TOKEN.sub(r"\1***", request.url.path)})
 
 
 def _cors_headers(request: Request) -> dict[str, str]:
@@ -259,7 +261,7 @@ class RedactPathToken(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
             record.args = tuple(
-                _PATH_TOKEN.sub(r"\1***\2", arg) if isinstance(arg, str) else arg
+                _PATH_TOKEN.sub(r"\1***", arg) if isinstance(arg, str) else arg
                 for arg in record.args
             )
         return True

@@ -575,7 +575,7 @@ class AlipayFace:
         """The stored notification as one delivery attempt sends it: Alipay's notify_time is
         when a notification is sent, and the signature covers it, so each attempt is stamped
         and signed afresh (same notify_id), and a receiver's freshness check holds for a retry
-        hours later. Not called by the core yet: it needs a per-attempt body hook."""
+        hours later."""
         params = dict(parse_qsl(body.decode(), keep_blank_values=True))
         params["notify_time"] = format_time(datetime.now(UTC))
         return self._signed_form(params, self._alipay_key)

@@ -39,7 +39,8 @@ Decisions where WeChat Pay and `Platform` differ:
 - The stock query has no coupon validity after receipt: a batch's `valid_days` reads as its
   window's length in days (what we ask for by default). A send answers only the coupon id:
   `sent_at` is our clock at the answer and `valid_until` the stock's available_end_time, an
-  upper bound (no coupon outlives its stock); the coupon query has the exact values.
+  upper bound (no coupon outlives its stock); the coupon query has the exact values, which
+  is where the issue activity's receipt takes them from.
 - COUPON.USE's documented resource carries no openid: a notice's `user_id` is "" unless the
   resource names an `openid`. Receivers key on the coupon id.
 - With no window asked for, the window starts now (whole seconds) and lasts valid_days;
