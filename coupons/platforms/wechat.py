@@ -119,17 +119,20 @@ _ERRORS: dict[tuple[int, str | None, str | None], type[PlatformError]] = {
     # A stock that is not running but may again (paused): the coupon waits for it.
     (400, "PARAM_ERROR", "非法的批次状态"): PlatformBatchUnavailable,
     (400, "PARAM_ERROR", None): PlatformRefused,
-    # 活动已结束或未激活 (ended, never started), openid/appid mismatch, 非法的商户号.
+    # 活动已结束或未激活 (ended, never started); our settings' faults: _CONFIGURATION_MARKERS.
     (400, "INVALID_REQUEST", None): PlatformRefused,
     (400, "RESOURCE_ALREADY_EXISTS", None): PlatformKeyReused,  # out_request_no reused
     (403, "NOT_ENOUGH", None): PlatformBudgetExhausted,
     (403, "USER_ACCOUNT_ABNORMAL", None): PlatformRefused,  # risk control: 用户非法
-    # 用户被限领拦截 (per-user limit), 活动未开始或已结束, 商户无权发券.
+    # 用户被限领拦截 (per-user limit), 活动未开始或已结束 (商户无权发券: our settings).
     (403, "REQUEST_BLOCKED", None): PlatformRefused,
     (403, "RULE_LIMIT", None): PlatformRefused,
     (404, "RESOURCE_NOT_EXISTS", None): PlatformRefused,  # get_coupon answers None
     (429, None, None): PlatformRateLimited,
 }
+# INVALID_REQUEST and REQUEST_BLOCKED also answer for our merchant's settings (openid与appid
+# 不匹配, 非法的商户号, 商户无权发券): a slip an operator fixes, never a coupon's failure.
+_CONFIGURATION_MARKERS = ("appid", "商户号", "无权")
 _DEFINITIVE = (PlatformRefused, PlatformBatchUnavailable)
 _COUPON_USE = "COUPON.USE"
 _ENCRYPTED = "encrypt-resource"
@@ -167,8 +170,14 @@ def _error_for(status: int, code: str, message: str) -> PlatformError:
         or _ERRORS.get((status, code, None))
         or _ERRORS.get((status, None, None))
     )
+    if kind is PlatformRefused and any(marker in message for marker in _CONFIGURATION_MARKERS):
+        kind = None  # the same codes also say our merchant settings are wrong: not the coupon
     if kind is None:
-        if status in (401, 403) or code in ("APPID_MCHID_NOT_MATCH", "MCH_NOT_EXISTS"):
+        if (
+            status in (401, 403)
+            or code in ("APPID_MCHID_NOT_MATCH", "MCH_NOT_EXISTS")
+            or any(marker in message for marker in _CONFIGURATION_MARKERS)
+        ):
             # Not the coupon's fault: our key or the merchant's configuration is wrong.
             log.error("WeChat Pay refused our credentials (%s %s): %s", status, code, message)
         kind = PlatformUnavailable

@@ -315,6 +315,10 @@ async def test_a_hanging_send_is_a_timeout(
         (401, "SIGN_ERROR", "错误的签名", PlatformUnavailable),
         (400, "APPID_MCHID_NOT_MATCH", "商户号与appid不匹配", PlatformUnavailable),
         (403, "NO_AUTH", "商户无权限", PlatformUnavailable),
+        # The same codes saying our merchant settings are wrong: retried, never the coupon's.
+        (400, "INVALID_REQUEST", "openid与appid不匹配", PlatformUnavailable),
+        (400, "INVALID_REQUEST", "非法的商户号", PlatformUnavailable),
+        (403, "REQUEST_BLOCKED", "商户无权发券", PlatformUnavailable),
         (502, "HTTP_502", "bad gateway", PlatformUnavailable),
     ],
 )
