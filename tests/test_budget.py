@@ -213,6 +213,18 @@ async def test_a_paused_batch_holds_coupons_until_resumed(
             )
             took = loop.time() - started
             await assert_never_failed(pool, handles)
+            # It was the resume's own sync that woke them, not a schedule or the recheck.
+            query = f"WorkflowId STARTS_WITH 'catalog-sync:resume:{campaign.batch_id}:'"
+            for _ in range(50):  # visibility trails the workflows by a moment
+                syncs = [execution.id async for execution in client.list_workflows(query)]
+                if syncs:
+                    break
+                await asyncio.sleep(0.1)
+            [sync_id] = syncs
+            handle = client.get_workflow_handle(sync_id, result_type=SyncReport)
+            report = await handle.result()
+            (woke,) = report.batches
+            assert (woke.status, woke.backlog, woke.woken) == ("running", 2, 2)
     finally:
         await close_workflows(client, [r.workflow_id for r in results])
     assert took < PROMPTLY_S
