@@ -46,9 +46,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from coupons.platforms.rsa_keys import new_rsa_key, private_pem, public_pem, rsa_sign, rsa_verify
 
 # The simulator's merchant app: fixed, so a configuration can name it.
 SIM_APP_ID = "2021000000000001"
@@ -206,20 +207,6 @@ def load_public_key(data: bytes) -> rsa.RSAPublicKey:
     return key
 
 
-def private_pem(key: rsa.RSAPrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def public_pem(key: rsa.RSAPublicKey) -> bytes:
-    return key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
 @dataclass(frozen=True)
 class AlipayApp:
     """What a merchant holds for one Alipay app: its id, its private key (signs requests) and
@@ -255,10 +242,6 @@ ALIPAY_PUBLIC_KEY = "alipay_public_key.pem"
 ALIPAY_PRIVATE_KEY = "alipay_private_key.pem"
 _KEY_FILES = (APP_PRIVATE_KEY, APP_PUBLIC_KEY, ALIPAY_PUBLIC_KEY, ALIPAY_PRIVATE_KEY)
 _PRIVATE_FILES = frozenset({APP_PRIVATE_KEY, ALIPAY_PRIVATE_KEY})
-
-
-def new_rsa_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
 def ensure_test_keys(keys_dir: Path) -> None:
@@ -338,18 +321,13 @@ def notify_sign_content(params: Mapping[str, str]) -> str:
 
 
 def rsa2_sign(key: rsa.RSAPrivateKey, content: str) -> str:
-    signature = key.sign(content.encode("utf-8"), padding.PKCS1v15(), hashes.SHA256())
-    return base64.b64encode(signature).decode("ascii")
+    """Alipay's RSA2: RSA-SHA256 over the UTF-8 of the sign content."""
+    return rsa_sign(key, content.encode("utf-8"))
 
 
 def rsa2_verify(key: rsa.RSAPublicKey, content: str, signature: str) -> bool:
     """Whether `signature` (base64) is the RSA2 signature of `content`; garbage is False."""
-    try:
-        raw = base64.b64decode(signature.encode("ascii"), validate=True)
-        key.verify(raw, content.encode("utf-8"), padding.PKCS1v15(), hashes.SHA256())
-    except (InvalidSignature, binascii.Error, UnicodeEncodeError, ValueError):
-        return False
-    return True
+    return rsa_verify(key, content.encode("utf-8"), signature)
 
 
 def signed_request(

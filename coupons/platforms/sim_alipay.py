@@ -91,7 +91,6 @@ from coupons.platforms.alipay_protocol import (
     key_file,
     load_private_key,
     load_public_key,
-    new_rsa_key,
     notify_sign_content,
     parse_time,
     request_sign_content,
@@ -101,6 +100,7 @@ from coupons.platforms.alipay_protocol import (
     rsa2_verify,
     yuan,
 )
+from coupons.platforms.rsa_keys import new_rsa_key
 from coupons.platforms.simulator import SimError, Simulator
 
 FORM = "application/x-www-form-urlencoded"

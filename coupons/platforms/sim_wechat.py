@@ -65,6 +65,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from coupons.platforms.rsa_keys import rsa_verify
 from coupons.platforms.simulator import SimError, Simulator
 from coupons.platforms.wechat_protocol import (
     MAX_CLOCK_OFFSET_S,
@@ -79,7 +80,6 @@ from coupons.platforms.wechat_protocol import (
     parse_time,
     request_message,
     rfc3339,
-    rsa_verify,
     signed_headers,
 )
 

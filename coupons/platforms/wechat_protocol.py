@@ -49,11 +49,13 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.x509.oid import NameOID
+
+from coupons.platforms.rsa_keys import new_rsa_key, private_pem, public_pem, rsa_sign, rsa_verify
 
 # The test merchant the simulator knows and `sim_merchant` loads.
 SIM_MCHID = "1900000001"
@@ -149,20 +151,6 @@ def request_message(method: str, url: str, timestamp: str, nonce: str, body: byt
 def answer_message(timestamp: str, nonce: str, body: bytes) -> bytes:
     """What WeChat Pay signs in an answer or a notification: `timestamp\\nnonce\\nbody\\n`."""
     return b"%s\n%s\n%s\n" % (timestamp.encode(), nonce.encode(), body)
-
-
-def rsa_sign(private_key: rsa.RSAPrivateKey, message: bytes) -> str:
-    signature = private_key.sign(message, padding.PKCS1v15(), hashes.SHA256())
-    return base64.b64encode(signature).decode()
-
-
-def rsa_verify(public_key: rsa.RSAPublicKey, message: bytes, signature: str) -> bool:
-    try:
-        raw = base64.b64decode(signature, validate=True)
-        public_key.verify(raw, message, padding.PKCS1v15(), hashes.SHA256())
-    except (binascii.Error, ValueError, InvalidSignature):
-        return False
-    return True
 
 
 @dataclass(frozen=True)
@@ -460,10 +448,7 @@ def _fill(folder: Path) -> None:
     platform_key = _key_pair_file(
         folder / PLATFORM_PRIVATE_KEY_FILE, folder / PLATFORM_PUBLIC_KEY_FILE
     )
-    public_pem = platform_key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    _write_new(folder / PLATFORM_PUBLIC_KEY_FILE, public_pem, 0o644)
+    _write_new(folder / PLATFORM_PUBLIC_KEY_FILE, public_pem(platform_key.public_key()), 0o644)
     key_id = "PUB_KEY_ID_" + "0" * 14 + "".join(secrets.choice(string.digits) for _ in range(20))
     _write_new(folder / PLATFORM_KEY_ID_FILE, key_id.encode(), 0o644)
 
@@ -477,13 +462,8 @@ def _key_pair_file(private_file: Path, public_file: Path) -> rsa.RSAPrivateKey:
         raise FileNotFoundError(
             f"{public_file} exists without {private_file.name}: remove the folder to start over"
         )
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    if not _write_new(private_file, pem, 0o600):
+    key = new_rsa_key()
+    if not _write_new(private_file, private_pem(key), 0o600):
         return _private_key(private_file)  # another process made it first
     return key
 

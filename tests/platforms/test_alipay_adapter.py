@@ -23,7 +23,6 @@ from coupons.platforms.alipay_protocol import (
     format_time,
     key_file,
     load_private_key,
-    new_rsa_key,
     notify_sign_content,
     rsa2_sign,
     sim_app,
@@ -46,6 +45,7 @@ from coupons.platforms.base import (
     PlatformUnavailable,
     SendRequest,
 )
+from coupons.platforms.rsa_keys import new_rsa_key
 from coupons.platforms.sim_alipay import AlipayFace
 
 from .conftest import SimControl, batch_spec, controlling, coupon_use

@@ -24,7 +24,6 @@ from coupons.platforms.alipay_protocol import (
     key_file,
     load_private_key,
     load_public_key,
-    new_rsa_key,
     notify_sign_content,
     parse_time,
     request_sign_content,
@@ -38,6 +37,7 @@ from coupons.platforms.alipay_protocol import (
     unwrapped_sub_code,
     yuan,
 )
+from coupons.platforms.rsa_keys import new_rsa_key
 
 
 @pytest.fixture(scope="module")

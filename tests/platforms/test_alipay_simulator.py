@@ -33,8 +33,6 @@ from coupons.platforms.alipay_protocol import (
     VOUCHER_SEND,
     AlipayApp,
     key_file,
-    new_rsa_key,
-    private_pem,
     request_sign_content,
     response_key,
     rsa2_sign,
@@ -43,6 +41,7 @@ from coupons.platforms.alipay_protocol import (
     sim_app,
     top_level_members,
 )
+from coupons.platforms.rsa_keys import new_rsa_key, private_pem
 
 from .conftest import SimControl, controlling, new_key
 

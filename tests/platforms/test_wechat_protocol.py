@@ -13,6 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from wechatpayv3 import utils as sdk  # type: ignore[import-untyped]
 
+from coupons.platforms.rsa_keys import rsa_verify
 from coupons.platforms.wechat_protocol import (
     APIV3_KEY_FILE,
     KEY_FOLDER,
@@ -33,7 +34,6 @@ from coupons.platforms.wechat_protocol import (
     ensure_test_keys,
     load_platform_keys,
     request_message,
-    rsa_verify,
     signed_headers,
     sim_merchant,
     verify_signed,

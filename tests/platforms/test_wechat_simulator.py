@@ -23,6 +23,7 @@ from wechatpayv3 import WeChatPay, WeChatPayType  # type: ignore[import-untyped]
 
 from coupons.embedded import SimulatorProcess
 from coupons.platforms.base import CallbackRejected
+from coupons.platforms.rsa_keys import rsa_sign
 from coupons.platforms.wechat import WechatPayPlatform
 from coupons.platforms.wechat_protocol import (
     APIV3_KEY_FILE,
@@ -37,7 +38,6 @@ from coupons.platforms.wechat_protocol import (
     new_nonce,
     request_message,
     rfc3339,
-    rsa_sign,
     sim_merchant,
     verify_signed,
 )
