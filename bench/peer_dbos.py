@@ -80,13 +80,15 @@ def _define() -> Any:
         key = idempotency_key(coupon_id)
         sent = await _platform().send_coupon(SendRequest(batch_id, user, key))
         for delay in CONFIRM_BACKOFF:
-            if await _platform().get_coupon(sent.user_id, sent.coupon_id) is not None:
+            seen = await _platform().get_coupon(sent.user_id, sent.coupon_id)
+            if seen is not None:
                 break
             await asyncio.sleep(delay)
         else:
             raise RuntimeError(f"coupon {sent.coupon_id} not visible yet")
         confirmed = datetime.now(UTC)
-        receipt = Receipt(sent.coupon_id, key, sent.sent_at, sent.valid_until, confirmed, sent.raw)
+        # As the issue activity does: the times as the platform's lookup shows them.
+        receipt = Receipt(sent.coupon_id, key, seen.sent_at, seen.valid_until, confirmed, sent.raw)
         issued = Transition("usable", "issued", "platform confirmed the send", confirmed)
         await ledger.record_receipt(_pool(), coupon_id, receipt, issued)
         return time.time()
