@@ -44,7 +44,7 @@ from coupons.model import (
     TaskCompletion,
 )
 from coupons.platforms.base import BatchAction
-from coupons.platforms.rest import RestPlatform
+from coupons.platforms.generic.adapter import RestPlatform
 from coupons.workers import build_workers, workflow_runner
 from workflows.user_coupon import UserCouponWorkflow
 

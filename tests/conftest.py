@@ -39,8 +39,8 @@ from coupons.ledger import db
 from coupons.ledger.campaigns import Batch, Campaign
 from coupons.lifecycle import FINAL_STATES
 from coupons.model import SEARCH_ATTRIBUTES, CouponStatus
+from coupons.platforms.generic.adapter import RestPlatform
 from coupons.platforms.metered import MeteredPlatform
-from coupons.platforms.rest import RestPlatform
 from coupons.workers import build_workers
 from workflows.user_coupon import UserCouponWorkflow
 

@@ -35,7 +35,7 @@ from coupons.platforms.base import (
     PlatformCoupon,
     SendRequest,
 )
-from coupons.platforms.rest import RestPlatform
+from coupons.platforms.generic.adapter import RestPlatform
 from coupons.workers import build_workers
 from tests.conftest import (
     Handle,

@@ -27,7 +27,7 @@ from coupons.ledger import campaigns as ledger_catalog
 from coupons.ledger import claims as ledger
 from coupons.ledger.campaigns import Batch, CampaignSpec, Task
 from coupons.platforms.base import BatchAction
-from coupons.platforms.rest import RestPlatform
+from coupons.platforms.generic.adapter import RestPlatform
 from tests.conftest import (
     claim_workflow_ids,
     claims_of,

@@ -34,7 +34,7 @@ from coupons.model import (
     TaskCompletion,
     idempotency_key,
 )
-from coupons.platforms.rest import RestPlatform
+from coupons.platforms.generic.adapter import RestPlatform
 from tests.conftest import (
     TASK,
     Handle,

@@ -38,7 +38,7 @@ from coupons.config import Settings
 from coupons.embedded import EmbeddedPostgres, free_port
 from coupons.errors import InvalidField
 from coupons.ledger import claims as ledger
-from coupons.platforms.rest import RestPlatform
+from coupons.platforms.generic.adapter import RestPlatform
 from tests.conftest import (
     claims_of,
     close_workflows,

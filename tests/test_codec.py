@@ -38,7 +38,7 @@ from coupons.codec import (
 )
 from coupons.config import ConfigError, Settings
 from coupons.model import PLATFORM_COUPON_ID, USER_ID, CouponInput, Receipt, TaskCompletion
-from coupons.platforms.rest import RestPlatform
+from coupons.platforms.generic.adapter import RestPlatform
 from coupons.workers import workflow_runner
 from tests.conftest import (
     TASK,

@@ -23,7 +23,7 @@ from coupons.ledger import claims as ledger
 from coupons.ledger.claims import LedgerCoupon
 from coupons.model import Mismatch, ReconcileInput, ReconcileReport, idempotency_key
 from coupons.platforms.base import FlowRecord
-from coupons.platforms.rest import RestPlatform
+from coupons.platforms.generic.adapter import RestPlatform
 from coupons.reconcile import REDEEM, compare
 from tests.conftest import (
     claims_of,

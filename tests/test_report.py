@@ -28,7 +28,7 @@ from coupons.config import Settings
 from coupons.ledger import claims as ledger
 from coupons.ledger.campaigns import CampaignSpec
 from coupons.model import CancelRequest, ExpireRequest, RedemptionReport, TaskCompletion, Transition
-from coupons.platforms.rest import RestPlatform
+from coupons.platforms.generic.adapter import RestPlatform
 from tests.conftest import (
     TASK,
     claims_of,

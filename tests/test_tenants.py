@@ -21,7 +21,7 @@ from coupons.ledger import claims as ledger
 from coupons.ledger.campaigns import Batch, Campaign
 from coupons.ledger.tenants import DEFAULT_TENANT, Tenant, list_keys, list_tenants
 from coupons.platforms.base import BatchAction
-from coupons.platforms.rest import RestPlatform
+from coupons.platforms.generic.adapter import RestPlatform
 from tests.conftest import new_batch, new_id, row_count, sim_stats
 
 

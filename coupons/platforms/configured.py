@@ -21,7 +21,7 @@ def make_platform(settings: Settings, client: httpx.AsyncClient | None = None) -
         return _wechat(settings, client)
     if settings.platform == "alipay":
         return _alipay(settings, client)
-    from coupons.platforms.rest import RestPlatform
+    from coupons.platforms.generic.adapter import RestPlatform
 
     return RestPlatform(
         settings.platform_url,
@@ -41,8 +41,8 @@ def _file(name: str, path: Path | None, default: Path) -> Path:
 
 
 def _wechat(settings: Settings, client: httpx.AsyncClient | None) -> Platform:
-    from coupons.platforms import wechat_protocol
-    from coupons.platforms.wechat import WechatPayPlatform
+    from coupons.platforms.wechat import protocol as wechat_protocol
+    from coupons.platforms.wechat.adapter import WechatPayPlatform
 
     keys = settings.platform_keys_dir / "wechat"
     merchant = wechat_protocol.WechatMerchant.from_files(
@@ -68,8 +68,8 @@ def _wechat(settings: Settings, client: httpx.AsyncClient | None) -> Platform:
 
 
 def _alipay(settings: Settings, client: httpx.AsyncClient | None) -> Platform:
-    from coupons.platforms import alipay_protocol
-    from coupons.platforms.alipay import AlipayPlatform
+    from coupons.platforms.alipay import protocol as alipay_protocol
+    from coupons.platforms.alipay.adapter import AlipayPlatform
 
     keys = settings.platform_keys_dir / "alipay"
     app = alipay_protocol.AlipayApp.from_files(

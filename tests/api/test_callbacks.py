@@ -15,7 +15,12 @@ import httpx
 import pytest
 
 from coupons.ledger import notifications
-from coupons.platforms.sim_generic import NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+from coupons.platforms.generic.simulator import (
+    NONCE_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    sign,
+)
 from tests.api.conftest import (
     CALLBACK_PATH,
     CALLBACK_SECRET,

@@ -28,8 +28,8 @@ from coupons import metrics
 from coupons.embedded import free_port
 from coupons.model import ReconcileInput, ReconcileReport, SyncInput, SyncReport
 from coupons.platforms.configured import make_platform
+from coupons.platforms.generic.simulator import signed_headers
 from coupons.platforms.metered import MeteredPlatform
-from coupons.platforms.sim_generic import signed_headers
 from coupons.temporal import connect, worker_runtime
 from coupons.workers import build_workers
 from tests.api.conftest import (

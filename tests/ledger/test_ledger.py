@@ -12,7 +12,7 @@ from psycopg_pool import AsyncConnectionPool
 from coupons.embedded import EmbeddedPostgres
 from coupons.ledger import claims, db
 from coupons.model import Receipt, Transition
-from coupons.platforms.rest import RestPlatform
+from coupons.platforms.generic.adapter import RestPlatform
 from tests.conftest import new_campaign, scalar
 
 AT = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)

@@ -21,8 +21,8 @@ from coupons.platforms.base import (
     Platform,
     PlatformBatch,
 )
-from coupons.platforms.rest import RestPlatform
-from coupons.platforms.simulator import Knobs
+from coupons.platforms.generic.adapter import RestPlatform
+from coupons.platforms.simcore.knobs import Knobs
 
 
 def simulator_process(

@@ -19,7 +19,7 @@ from coupons.platforms.base import (
     PlatformRefused,
     SendRequest,
 )
-from coupons.platforms.rest import RestPlatform
+from coupons.platforms.generic.adapter import RestPlatform
 
 from .conftest import SimControl, batch_spec, new_key, running_batch
 

@@ -30,8 +30,9 @@ from coupons.platforms.base import (
     PlatformCoupon,
     SendRequest,
 )
-from coupons.platforms.rest import RestPlatform
-from coupons.platforms.simulator import CALLBACK_RETRY_CAP_S, retry_delay
+from coupons.platforms.generic.adapter import RestPlatform
+from coupons.platforms.simcore.knobs import CALLBACK_RETRY_CAP_S
+from coupons.platforms.simcore.notifier import retry_delay
 
 from .conftest import SimControl, StartSimulator, batch_spec, coupon_use, new_key, running_batch
 

@@ -18,8 +18,8 @@ from coupons.platforms.base import (
     PlatformUnavailable,
     SendRequest,
 )
-from coupons.platforms.rest import RestPlatform
-from coupons.platforms.simulator import FLOW_FILES_KEPT
+from coupons.platforms.generic.adapter import RestPlatform
+from coupons.platforms.simcore.core import FLOW_FILES_KEPT
 
 from .conftest import SimControl, StartSimulator, batch_spec, new_key, running_batch
 

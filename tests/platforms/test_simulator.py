@@ -20,7 +20,7 @@ from coupons.platforms.base import (
     PlatformUnavailable,
     SendRequest,
 )
-from coupons.platforms.rest import RestPlatform
+from coupons.platforms.generic.adapter import RestPlatform
 
 from .conftest import (
     SimControl,

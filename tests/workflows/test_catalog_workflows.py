@@ -41,7 +41,7 @@ from coupons.ledger import campaigns as ledger_catalog
 from coupons.ledger import claims as ledger
 from coupons.model import EndCampaignInput, EndProgress, SyncInput, SyncReport, TaskCompletion
 from coupons.platforms.base import BatchAction
-from coupons.platforms.rest import RestPlatform
+from coupons.platforms.generic.adapter import RestPlatform
 from coupons.schedules import ensure_schedules
 from tests.conftest import (
     TASK,

@@ -25,7 +25,7 @@ from activities.ledger import LedgerActivities
 from coupons.config import Settings
 from coupons.ledger import claims as ledger
 from coupons.model import CancelRequest, RedemptionReport, TaskCompletion
-from coupons.platforms.rest import RestPlatform
+from coupons.platforms.generic.adapter import RestPlatform
 from coupons.workers import workflow_runner
 from tests.conftest import (
     TASK,

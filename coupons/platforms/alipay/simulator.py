@@ -4,11 +4,11 @@ Served methods: alipay.marketing.cashlessvoucher.template.create (a template pub
 once), alipay.marketing.cashvoucher.template.create (a draft until its fund order is paid),
 alipay.marketing.voucher.templatedetail.query, alipay.marketing.voucher.template.delete,
 alipay.marketing.voucher.send and alipay.marketing.voucher.query. The gateway's own rules are
-in `alipay_protocol` (parameters, signatures, answer format, codes); this module checks them as
+in `protocol` (parameters, signatures, answer format, codes); this module checks them as
 Alipay does, in Alipay's order (method, then app_id, then the other common parameters, then the
 signature), and answers gateway refusals unsigned, business answers signed with the Alipay key.
 
-Documented behaviour followed (see also `alipay_protocol`): GET with a query string and POST
+Documented behaviour followed (see also `protocol`): GET with a query string and POST
 with a form body are both accepted (python-alipay-sdk sends GET, Alipay's Java SDK POSTs);
 template fields (voucher_quantity, amount, floor_amount, publish_start_time,
 publish_end_time, voucher_valid_period, out_biz_no, notify_uri, voucher_description), their
@@ -47,7 +47,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from coupons.platforms.alipay_protocol import (
+from coupons.platforms.alipay.protocol import (
     ALIPAY_PRIVATE_KEY,
     ALIPAY_USER_ID,
     APP_PUBLIC_KEY,
@@ -101,7 +101,8 @@ from coupons.platforms.alipay_protocol import (
     yuan,
 )
 from coupons.platforms.rsa_keys import new_rsa_key
-from coupons.platforms.simulator import SimError, Simulator
+from coupons.platforms.simcore.core import Simulator
+from coupons.platforms.simcore.errors import SimError
 
 FORM = "application/x-www-form-urlencoded"
 # Alipay's gateway labels its JSON answers so (seen on the live gateway).

@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from coupons.embedded import SimulatorProcess
-from coupons.platforms.alipay import AlipayPlatform, error_for
-from coupons.platforms.alipay_protocol import (
+from coupons.platforms.alipay.adapter import AlipayPlatform, error_for
+from coupons.platforms.alipay.protocol import (
     ALIPAY_PRIVATE_KEY,
     GATEWAY_PATH,
     AlipayApp,
@@ -27,6 +27,7 @@ from coupons.platforms.alipay_protocol import (
     rsa2_sign,
     sim_app,
 )
+from coupons.platforms.alipay.simulator import AlipayFace
 from coupons.platforms.base import (
     BatchAction,
     BatchSpec,
@@ -46,10 +47,9 @@ from coupons.platforms.base import (
     SendRequest,
 )
 from coupons.platforms.rsa_keys import new_rsa_key
-from coupons.platforms.sim_alipay import AlipayFace
 
-from .conftest import SimControl, batch_spec, controlling, coupon_use
-from .test_alipay_simulator import Receiver, alipay_user
+from ..conftest import SimControl, batch_spec, controlling, coupon_use
+from .test_simulator import Receiver, alipay_user
 
 
 @pytest.fixture

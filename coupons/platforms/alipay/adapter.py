@@ -6,7 +6,7 @@ alipay.marketing.voucher.templatedetail.query; a coupon is a voucher sent with
 alipay.marketing.voucher.send (`out_biz_no` = our idempotency key, so a resend after an
 ambiguous answer finds the same voucher) and read with alipay.marketing.voucher.query. Every
 request is signed with the app's key and every answer, and every notification, verified with
-Alipay's public key before a word of it is believed (`alipay_protocol` has the rules and the
+Alipay's public key before a word of it is believed (`protocol` has the rules and the
 documentation they come from).
 
 What Alipay does not have, this adapter says so instead of pretending: templates cannot be
@@ -30,7 +30,7 @@ from urllib.parse import parse_qsl
 
 import httpx
 
-from coupons.platforms.alipay_protocol import (
+from coupons.platforms.alipay.protocol import (
     ALIPAY_USER_ID,
     BUSINESS_FAILED,
     CALL_LIMITED,

@@ -1,4 +1,4 @@
-"""WeChat Pay API v3's signatures, AEAD envelope and key files (wechat_protocol.py), checked
+"""WeChat Pay API v3's signatures, AEAD envelope and key files (protocol.py), checked
 against themselves and against the independent `wechatpayv3` SDK's implementation."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from wechatpayv3 import utils as sdk  # type: ignore[import-untyped]
 
 from coupons.platforms.rsa_keys import rsa_verify
-from coupons.platforms.wechat_protocol import (
+from coupons.platforms.wechat.protocol import (
     APIV3_KEY_FILE,
     KEY_FOLDER,
     MERCHANT_CERT_FILE,

@@ -36,8 +36,8 @@ from coupons.platforms.base import (
     PlatformUnavailable,
     SendRequest,
 )
-from coupons.platforms.wechat import WechatPayPlatform, _error_for
-from coupons.platforms.wechat_protocol import (
+from coupons.platforms.wechat.adapter import WechatPayPlatform, _error_for
+from coupons.platforms.wechat.protocol import (
     PlatformKeys,
     WechatMerchant,
     aead_encrypt,
@@ -48,8 +48,8 @@ from coupons.platforms.wechat_protocol import (
     sim_merchant,
 )
 
-from .conftest import SimControl, batch_spec, controlling, coupon_use, new_key
-from .test_wechat_simulator import Receiver, verifying
+from ..conftest import SimControl, batch_spec, controlling, coupon_use, new_key
+from .test_simulator import Receiver, verifying
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from alipay import AliPay  # type: ignore[import-untyped]
 from alipay.exceptions import AliPayException  # type: ignore[import-untyped]
 
 from coupons.embedded import LOCALHOST, SimulatorProcess
-from coupons.platforms.alipay_protocol import (
+from coupons.platforms.alipay.protocol import (
     ALIPAY_PRIVATE_KEY,
     ALIPAY_PUBLIC_KEY,
     APP_PRIVATE_KEY,
@@ -43,7 +43,7 @@ from coupons.platforms.alipay_protocol import (
 )
 from coupons.platforms.rsa_keys import new_rsa_key, private_pem
 
-from .conftest import SimControl, controlling, new_key
+from ..conftest import SimControl, controlling, new_key
 
 
 class Receiver:

@@ -94,7 +94,7 @@ from coupons.platforms.base import (
     SendRequest,
     read_answer,
 )
-from coupons.platforms.wechat_protocol import (
+from coupons.platforms.wechat.protocol import (
     AEAD_ALGORITHM,
     BEIJING,
     MAX_CLOCK_OFFSET_S,

@@ -24,8 +24,8 @@ from wechatpayv3 import WeChatPay, WeChatPayType  # type: ignore[import-untyped]
 from coupons.embedded import SimulatorProcess
 from coupons.platforms.base import CallbackRejected
 from coupons.platforms.rsa_keys import rsa_sign
-from coupons.platforms.wechat import WechatPayPlatform
-from coupons.platforms.wechat_protocol import (
+from coupons.platforms.wechat.adapter import WechatPayPlatform
+from coupons.platforms.wechat.protocol import (
     APIV3_KEY_FILE,
     KEY_FOLDER,
     MERCHANT_KEY_FILE,
@@ -42,7 +42,7 @@ from coupons.platforms.wechat_protocol import (
     verify_signed,
 )
 
-from .conftest import SimControl, controlling, coupon_use
+from ..conftest import SimControl, controlling, coupon_use
 
 FAVOR = "/v3/marketing/favor"
 

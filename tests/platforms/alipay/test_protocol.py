@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from coupons.platforms.alipay_protocol import (
+from coupons.platforms.alipay.protocol import (
     ALIPAY_PRIVATE_KEY,
     ALIPAY_PUBLIC_KEY,
     APP_PRIVATE_KEY,

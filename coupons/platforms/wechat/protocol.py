@@ -1,8 +1,8 @@
 """WeChat Pay API v3 as both sides of our voucher (代金券) integration speak it: request and
 answer signatures, the AEAD envelope of notifications, and the key files.
 
-`WechatPayPlatform` (wechat.py) signs requests and verifies answers and notifications with
-these functions; the simulator's wechat face (sim_wechat.py) verifies requests and signs
+`WechatPayPlatform` (adapter.py) signs requests and verifies answers and notifications with
+these functions; the simulator's wechat face (simulator.py) verifies requests and signs
 answers and notifications with the same ones, so each side is checked by the other's code and,
 in the tests, by the independent `wechatpayv3` SDK.
 

@@ -1,7 +1,7 @@
 """The simulator's wechat face: WeChat Pay API v3 vouchers (代金券) over the neutral core.
 
 It speaks the documented paths, field names, statuses, error codes and HTTP statuses of
-/v3/marketing/favor (see wechat.py's docstring for the list and sources), verifies every
+/v3/marketing/favor (see adapter.py's docstring for the list and sources), verifies every
 request's `Authorization` the way WeChat Pay does (401 SIGN_ERROR for a bad format, another
 merchant, another certificate serial, a timestamp more than 5 minutes off, or a signature
 that does not verify; such answers are not signed) and signs every other answer with the
@@ -66,8 +66,9 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from coupons.platforms.rsa_keys import rsa_verify
-from coupons.platforms.simulator import SimError, Simulator
-from coupons.platforms.wechat_protocol import (
+from coupons.platforms.simcore.core import Simulator
+from coupons.platforms.simcore.errors import SimError
+from coupons.platforms.wechat.protocol import (
     MAX_CLOCK_OFFSET_S,
     REQUEST_ID_HEADER,
     SIM_APPID,

@@ -25,9 +25,9 @@ from coupons.platforms.base import (
     PlatformUnavailable,
     SendRequest,
 )
-from coupons.platforms.rest import RestPlatform
+from coupons.platforms.generic.adapter import RestPlatform
 
-from .conftest import SimControl, StartSimulator, batch_spec, new_key, running_batch
+from ..conftest import SimControl, StartSimulator, batch_spec, new_key, running_batch
 
 
 async def test_success_maps_to_typed_results_with_raw_json(platform: RestPlatform) -> None:

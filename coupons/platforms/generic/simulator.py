@@ -19,17 +19,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from coupons.platforms.simulator import (
+from coupons.platforms.simcore.core import (
     BATCH_TERMS,
-    SimError,
     Simulator,
-    generic_error,
     integer_field,
-    iso,
     json_object,
     moment_field,
     text_field,
 )
+from coupons.platforms.simcore.errors import SimError, generic_error
+from coupons.platforms.simcore.store import iso
 
 COUPON_USED = "COUPON.USED"
 TIMESTAMP_HEADER = "X-Platform-Timestamp"
