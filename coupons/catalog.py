@@ -6,6 +6,7 @@ Everything here validates first and writes after, so a refused request changes n
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -26,7 +27,9 @@ from coupons.platforms.base import (
     Platform,
     PlatformBatch,
     PlatformKeyReused,
+    PlatformRateLimited,
     PlatformRefused,
+    PlatformUnavailable,
 )
 from coupons.validation import validate_id
 
@@ -47,6 +50,10 @@ __all__ = [
     "update_campaign",
     "validate_campaign",
 ]
+
+
+# How long creating a batch waits for the platform to let it start.
+START_PATIENCE = timedelta(minutes=3)
 
 
 def batch_request_key(batch_id: str) -> str:
@@ -101,17 +108,46 @@ async def create_batch(
     )
     try:
         created = await platform.create_batch(spec)
-        if start and created.status == BatchStatus.CREATED:
-            created = await platform.change_batch(created.batch_id, BatchAction.START)
     except PlatformRefused as err:
         if isinstance(err, PlatformKeyReused):
             raise Refused(
                 "batch_exists", f"batch {batch_id!r} exists with other terms: {err.message}"
             ) from err
         raise Refused("platform_refused", f"the platform refused the batch: {err}") from err
+    # In the ledger before it is started, so a start that fails leaves no batch at the
+    # platform that the ledger has never heard of.
     stored = await ledger.upsert_batch(pool, batch_id, created, tenant_id)
+    if start and created.status == BatchStatus.CREATED:
+        try:
+            created = await _started(platform, created.batch_id)
+        except PlatformRefused as err:
+            raise Refused(
+                "platform_refused",
+                f"batch {batch_id!r} was created at the platform but not started: "
+                f"{err.message}; start it with `batch start {batch_id}` once that is mended",
+            ) from err
+        stored = await ledger.upsert_batch(pool, batch_id, created, tenant_id)
     log.info("batch %s is %s at the platform as %s", batch_id, created.status, created.batch_id)
     return stored
+
+
+async def _started(platform: Platform, platform_batch_id: str) -> PlatformBatch:
+    """Start the batch, asking again while the platform cannot answer yet: WeChat Pay
+    registers a new stock for about a minute before it may start (卡包信息尚未注册完成)."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + START_PATIENCE.total_seconds()
+    wait_s = 1.0
+    while True:
+        try:
+            return await platform.change_batch(platform_batch_id, BatchAction.START)
+        except (PlatformUnavailable, PlatformRateLimited) as err:
+            if loop.time() + wait_s > give_up:
+                raise
+            log.info(
+                "batch %s not started yet (%s): again in %.0f s", platform_batch_id, err, wait_s
+            )
+            await asyncio.sleep(wait_s)
+            wait_s = min(wait_s * 2, 15.0)
 
 
 async def get_batch(

@@ -7,6 +7,7 @@ line and the worker work against it with no configuration at all.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -26,12 +27,20 @@ PLATFORMS = ("generic", "wechat", "alipay")
 _WECHAT_FILES = (
     ("WECHAT_PRIVATE_KEY_FILE", "wechat_private_key_file"),
     ("WECHAT_APIV3_KEY_FILE", "wechat_apiv3_key_file"),
-    ("WECHAT_PLATFORM_PUBLIC_KEY_FILE", "wechat_platform_public_key_file"),
 )
+# How WeChat Pay signs its answers and notifications for the merchant: with the WeChat Pay
+# public key; with platform certificates (merchants from before the public key: they are
+# downloaded with the APIv3 key); or either, while the merchant switches from one to the other.
+WECHAT_PLATFORM_KEYS = ("public_key", "certificates", "switching")
 _ALIPAY_FILES = (
     ("ALIPAY_PRIVATE_KEY_FILE", "alipay_private_key_file"),
     ("ALIPAY_PUBLIC_KEY_FILE", "alipay_public_key_file"),
 )
+# How an Alipay app names its users in voucher calls (ALIPAY_USER_ID_TYPE): open_id, the
+# per-app id Alipay gives new apps ("支付宝未来推出的新产品将只支持 openid"), or the older user_id.
+ALIPAY_USER_ID_TYPES = ("open_id", "user_id")
+# A merchant's PID: 2088 and at least 12 more digits (Alipay widens its ids, "升位扩展").
+_ALIPAY_PID = re.compile(r"2088[0-9]{12,}")
 
 
 class ConfigError(ValueError):
@@ -106,10 +115,17 @@ class Settings:
     wechat_apiv3_key_file: Path | None = None
     wechat_platform_public_key_file: Path | None = None
     wechat_platform_public_key_id: str | None = None
+    # One of WECHAT_PLATFORM_KEYS; with the embedded simulator, how it signs too.
+    wechat_platform_keys: str = "public_key"
     # Alipay: the app id, the app's private key and Alipay's public key.
     alipay_app_id: str | None = None
     alipay_private_key_file: Path | None = None
     alipay_public_key_file: Path | None = None
+    # The merchant's PID (2088...), which owns the voucher activities and redeems them; with
+    # the embedded simulator, its test merchant's.
+    alipay_pid: str | None = None
+    # One of ALIPAY_USER_ID_TYPES: which field names our users in sends and lookups.
+    alipay_user_id_type: str = "open_id"
 
     @property
     def platform_keys_dir(self) -> Path:
@@ -182,10 +198,21 @@ class Settings:
             return self
         return replace(self, platform_api_key=api_key, platform_callback_secret=secret).check()
 
+    def _wechat_public_key(self) -> tuple[tuple[str, str], ...]:
+        """The public key's setting, unless the merchant is on platform certificates alone."""
+        if self.wechat_platform_keys == "certificates":
+            return ()
+        return (("WECHAT_PLATFORM_PUBLIC_KEY_FILE", "wechat_platform_public_key_file"),)
+
     def check(self) -> Settings:
         """Refuse settings under which no send could ever complete, or the API not start."""
         if self.platform not in PLATFORMS:
             raise ConfigError(f"PLATFORM={self.platform!r} must be one of {', '.join(PLATFORMS)}")
+        if self.wechat_platform_keys not in WECHAT_PLATFORM_KEYS:
+            raise ConfigError(
+                f"WECHAT_PLATFORM_KEYS={self.wechat_platform_keys!r} must be one of "
+                f"{', '.join(WECHAT_PLATFORM_KEYS)}"
+            )
         if self.platform_url_override:
             # A real platform: nothing defaults to the simulator's test merchant.
             needed = {
@@ -193,6 +220,7 @@ class Settings:
                     ("WECHAT_MCHID", "wechat_mchid"),
                     ("WECHAT_APPID", "wechat_appid"),
                     *_WECHAT_FILES,
+                    *self._wechat_public_key(),
                 ),
                 "alipay": (("ALIPAY_APP_ID", "alipay_app_id"), *_ALIPAY_FILES),
             }.get(self.platform, ())
@@ -201,6 +229,20 @@ class Settings:
                 raise ConfigError(
                     f"PLATFORM={self.platform} with PLATFORM_URL needs {', '.join(missing)}"
                 )
+            if self.platform == "alipay" and self.alipay_pid is None:
+                raise ConfigError(
+                    "PLATFORM=alipay with PLATFORM_URL needs ALIPAY_PID (the merchant's PID, "
+                    "2088...: it owns the voucher activities and redeems their vouchers)"
+                )
+        if self.alipay_user_id_type not in ALIPAY_USER_ID_TYPES:
+            raise ConfigError(
+                f"ALIPAY_USER_ID_TYPE={self.alipay_user_id_type!r} must be one of "
+                f"{', '.join(ALIPAY_USER_ID_TYPES)}"
+            )
+        if self.alipay_pid is not None and not _ALIPAY_PID.fullmatch(self.alipay_pid):
+            raise ConfigError(
+                f"ALIPAY_PID={self.alipay_pid!r} is not a PID (2088 and at least 12 more digits)"
+            )
         heartbeat = ISSUE_HEARTBEAT.total_seconds()
         if self.platform_timeout_s >= heartbeat / 2:
             raise ConfigError(
@@ -278,6 +320,7 @@ class Settings:
             "API_HOST": self.api_host,
             "API_PORT": str(self.api_port),
             "PLATFORM": self.platform,
+            "ALIPAY_USER_ID_TYPE": self.alipay_user_id_type,
             "TEMPORAL_TLS": "true" if self.temporal_tls else "false",
             "WORKER_MAX_CONCURRENT_ACTIVITIES": str(self.worker_max_concurrent_activities),
             "WORKER_MAX_CONCURRENT_WORKFLOW_TASKS": str(self.worker_max_concurrent_workflow_tasks),
@@ -307,9 +350,11 @@ class Settings:
             "WECHAT_APIV3_KEY_FILE": _text(self.wechat_apiv3_key_file),
             "WECHAT_PLATFORM_PUBLIC_KEY_FILE": _text(self.wechat_platform_public_key_file),
             "WECHAT_PLATFORM_PUBLIC_KEY_ID": self.wechat_platform_public_key_id,
+            "WECHAT_PLATFORM_KEYS": self.wechat_platform_keys,
             "ALIPAY_APP_ID": self.alipay_app_id,
             "ALIPAY_PRIVATE_KEY_FILE": _text(self.alipay_private_key_file),
             "ALIPAY_PUBLIC_KEY_FILE": _text(self.alipay_public_key_file),
+            "ALIPAY_PID": self.alipay_pid,
         }
         env.update({name: value for name, value in optional.items() if value})
         return env
@@ -398,9 +443,12 @@ class Settings:
             wechat_apiv3_key_file=_path(env, "WECHAT_APIV3_KEY_FILE"),
             wechat_platform_public_key_file=_path(env, "WECHAT_PLATFORM_PUBLIC_KEY_FILE"),
             wechat_platform_public_key_id=env.get("WECHAT_PLATFORM_PUBLIC_KEY_ID") or None,
+            wechat_platform_keys=env.get("WECHAT_PLATFORM_KEYS") or "public_key",
             alipay_app_id=env.get("ALIPAY_APP_ID") or None,
             alipay_private_key_file=_path(env, "ALIPAY_PRIVATE_KEY_FILE"),
             alipay_public_key_file=_path(env, "ALIPAY_PUBLIC_KEY_FILE"),
+            alipay_pid=env.get("ALIPAY_PID") or None,
+            alipay_user_id_type=env.get("ALIPAY_USER_ID_TYPE") or "open_id",
         ).check()
 
 

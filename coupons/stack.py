@@ -200,6 +200,9 @@ class Stack:
             if self.with_api:
                 # The simulator tells the API when a shop till marks a coupon used.
                 sim_env["SIM_CALLBACK_URL"] = s.callback_url
+            if s.platform == "wechat":
+                # The simulated WeChat Pay signs the way this merchant's is said to.
+                sim_env["SIM_WECHAT_SIGNER"] = s.wechat_platform_keys
             self.simulator = sim = SimulatorProcess(
                 data / "simulator.sqlite3",
                 s.simulator_port,

@@ -23,7 +23,7 @@ from coupons.api.models import CallbackAnswer
 from coupons.api.problems import TITLES, ApiProblem, Problem
 from coupons.api.routing import Backends, backends
 from coupons.errors import Refused
-from coupons.platforms.base import CallbackRejected
+from coupons.platforms.base import CallbackRejected, verified_notice
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ router = APIRouter(tags=["callbacks"])
     summary="The platform's coupon-used notification (signed; no API key)",
     description="Verified by the configured platform's adapter: generic (HMAC in "
     "X-Platform-Timestamp, -Nonce and -Signature), wechat (COUPON.USE, Wechatpay-Signature "
-    "with the WeChat Pay public key, resource decrypted with the APIv3 key) or alipay "
+    "with the key Wechatpay-Serial names: the WeChat Pay public key or a platform "
+    "certificate, fetched when new; resource decrypted with the APIv3 key) or alipay "
     "(form-encoded, RSA2 `sign`). 200 once applied (or for a duplicate); 401 for a "
     "notification that does not verify; 404 for another platform's path; 409 while no "
     "receipt names the coupon yet and 503 while the workflow service does not answer: the "
@@ -65,7 +66,7 @@ async def coupon_used(
         )
     body = await request.body()
     try:
-        notice = parts.platform.verify_callback(request.headers, body)
+        notice = await verified_notice(parts.platform, request.headers, body)
     except CallbackRejected as rejected:
         # The reason names what failed, never the secret or the expected signature.
         peer = request.client.host if request.client else "unknown"

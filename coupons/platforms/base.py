@@ -139,11 +139,14 @@ class CallbackRejected(Exception):
     signature is wrong, it is stale or from the future, or its body is unreadable.
 
     `reason` is for logs: it names what failed, never a secret or an expected signature.
+    `key_unknown`: signed with a key the adapter does not hold yet; once `refresh_keys` found
+    a new one, the same notification may verify.
     """
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, key_unknown: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.key_unknown = key_unknown
 
 
 class PlatformError(Exception):
@@ -231,4 +234,24 @@ class Platform(Protocol):
         match in any case."""
         ...
 
+    async def refresh_keys(self) -> bool:
+        """Fetch the keys the platform verifies with now (WeChat Pay's platform certificates);
+        True when one we did not hold arrived. For a notification `verify_callback` rejected
+        with `key_unknown`; platforms whose keys are configured, not fetched, answer False."""
+        ...
+
     async def aclose(self) -> None: ...
+
+
+async def verified_notice(
+    platform: Platform, headers: Mapping[str, str], body: bytes
+) -> CouponUsedNotice | None:
+    """`platform.verify_callback`, asked once more after `refresh_keys` when the notification
+    was signed by a key the adapter did not hold yet (a platform certificate it never fetched,
+    or a new one): what a receiver of notifications calls."""
+    try:
+        return platform.verify_callback(headers, body)
+    except CallbackRejected as rejected:
+        if not rejected.key_unknown or not await platform.refresh_keys():
+            raise
+    return platform.verify_callback(headers, body)

@@ -55,7 +55,11 @@ def _wechat(settings: Settings, client: httpx.AsyncClient | None) -> Platform:
         apiv3_key_file=_file(
             "WECHAT_APIV3_KEY_FILE", settings.wechat_apiv3_key_file, keys / "apiv3_key"
         ),
-        platform_public_key_file=_file(
+        # A merchant on platform certificates alone holds no public key: answers verify with
+        # the certificates the adapter downloads.
+        platform_public_key_file=None
+        if settings.wechat_platform_keys == "certificates"
+        else _file(
             "WECHAT_PLATFORM_PUBLIC_KEY_FILE",
             settings.wechat_platform_public_key_file,
             keys / "pub_key.pem",

@@ -92,6 +92,9 @@ class MeteredPlatform:
         # Not a call to the platform: pure, local, measured by the API's callback metrics.
         return self._inner.verify_callback(headers, body)
 
+    async def refresh_keys(self) -> bool:
+        return await self._measured("refresh_keys", self._inner.refresh_keys())
+
     async def aclose(self) -> None:
         await self._inner.aclose()
 

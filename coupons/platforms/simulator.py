@@ -17,7 +17,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from coupons.platforms.simcore.app import create_app
-from coupons.platforms.simcore.core import Face
+from coupons.platforms.simcore.core import Face, face_knobs
 from coupons.platforms.simcore.knobs import Knobs
 
 DEFAULT_DATA = Path(".data/simulator.sqlite3")
@@ -55,9 +55,10 @@ def simulator_app(
     notifications; none is sent without) now; the wechat and alipay modes keep their key
     material under `keys_dir` (made on first start)."""
     keys = keys_dir if keys_dir is not None else data_path.parent / "platform-keys"
-    return create_app(
-        data_path, make_face(mode, keys), knobs if knobs is not None else Knobs.from_env(), keys
-    )
+    face = make_face(mode, keys)
+    if knobs is None:
+        knobs = Knobs.from_env(face_knobs=face_knobs(face))
+    return create_app(data_path, face, knobs, keys)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ from coupons.platforms.base import (
     PlatformBatch,
 )
 from coupons.platforms.generic.adapter import RestPlatform
-from coupons.platforms.simcore.knobs import Knobs
 
 
 def simulator_process(
@@ -35,6 +33,8 @@ def simulator_process(
 
 
 StartSimulator = Callable[..., SimulatorProcess]
+# The wechat simulator of the tests: limits off, no registration wait (see wechat_simulator).
+WECHAT_TEST_KNOBS = {"SIM_ENDPOINT_LIMITS": "false", "SIM_WECHAT_START_DELAY_S": "0"}
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +82,9 @@ class SimControl:
         return knobs
 
     async def reset(self) -> None:
-        await self.knobs(**asdict(Knobs()))
+        """Every knob back to the simulator's start values."""
+        response = await self.http.delete("/sim/knobs")
+        response.raise_for_status()
 
     async def stats(self) -> dict[str, int]:
         response = await self.http.get("/sim/stats")
@@ -116,8 +118,10 @@ async def sim(simulator: SimulatorProcess) -> AsyncIterator[SimControl]:
         yield control
 
 
-def _started(tmp_path_factory: pytest.TempPathFactory, mode: str) -> Iterator[SimulatorProcess]:
-    process = simulator_process(tmp_path_factory.mktemp(mode) / "sim.sqlite3", mode=mode)
+def _started(
+    tmp_path_factory: pytest.TempPathFactory, mode: str, env: Mapping[str, str] | None = None
+) -> Iterator[SimulatorProcess]:
+    process = simulator_process(tmp_path_factory.mktemp(mode) / "sim.sqlite3", env, mode=mode)
     process.start()
     try:
         yield process
@@ -127,8 +131,11 @@ def _started(tmp_path_factory: pytest.TempPathFactory, mode: str) -> Iterator[Si
 
 @pytest.fixture(scope="module")
 def wechat_simulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatorProcess]:
-    """A simulator speaking WeChat Pay, one per test module (its keys made on first start)."""
-    yield from _started(tmp_path_factory, "wechat")
+    """A simulator speaking WeChat Pay, one per test module (its keys made on first start).
+
+    Its per-endpoint frequency limits are off and a new stock may start at once, so tests of
+    other things are not held up by them; the tests of those rules turn them on."""
+    yield from _started(tmp_path_factory, "wechat", WECHAT_TEST_KNOBS)
 
 
 @pytest.fixture(scope="module")

@@ -504,6 +504,9 @@ class AlipayPlatform:
         except ValueError as exc:
             raise CallbackRejected(f"unreadable notification: {exc}") from None
 
+    async def refresh_keys(self) -> bool:
+        return False  # Alipay's public key is configured, never fetched
+
     async def aclose(self) -> None:
         if self._owns_client:
             await self._client.aclose()

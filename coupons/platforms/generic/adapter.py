@@ -403,6 +403,9 @@ class RestPlatform:
         except (TypeError, ValueError) as exc:
             raise CallbackRejected(f"unreadable notification: {exc}") from None
 
+    async def refresh_keys(self) -> bool:
+        return False  # the callback secret is configured, never fetched
+
     async def aclose(self) -> None:
         if self._owns_client:
             await self._client.aclose()

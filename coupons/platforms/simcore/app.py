@@ -53,6 +53,7 @@ def create_app(data_path: Path, face: Face, knobs: Knobs, keys_dir: Path) -> Sta
         *face.routes(sim),
         Route("/sim/knobs", control(sim.get_knobs), methods=["GET"]),
         Route("/sim/knobs", control(sim.put_knobs), methods=["PUT"]),
+        Route("/sim/knobs", control(sim.reset_knobs), methods=["DELETE"]),
         Route("/sim/stats", control(sim.stats), methods=["GET"]),
         Route("/sim/notifications", control(sim.notifications), methods=["GET"]),
         Route("/sim/batches/{batch_id}", control(sim.put_batch), methods=["PUT"]),

@@ -14,7 +14,8 @@ import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,11 +25,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 
 from coupons.platforms.simcore.errors import SimError, generic_error
-from coupons.platforms.simcore.knobs import Knobs, positive_count
+from coupons.platforms.simcore.knobs import FaceKnob, Knobs, positive_count
 from coupons.platforms.simcore.notifier import Herald, Notifier
 from coupons.platforms.simcore.store import Store, iso
 
 log = logging.getLogger("coupons.platforms.simulator")
+
+# The protocol request being answered, for a face whose answer depends on it even where the
+# core answers (a rate limit): WeChat Pay, switching keys, signs with the key the request names.
+CURRENT_REQUEST: ContextVar[Request | None] = ContextVar("current_request", default=None)
 
 # Stored batch statuses. "expired" is stored only when the control plane forces it; otherwise
 # a batch reads expired once the clock passes its `ends_at`.
@@ -122,7 +127,8 @@ class Face(Herald, Protocol):
     """One platform protocol spoken over the core: its routes, ids, errors and notifications.
 
     The core decides what happens (a batch's life, sends, budgets, lag, faults); a face only
-    says it in its platform's words and checks its platform's signatures.
+    says it in its platform's words and checks its platform's signatures. A face may also
+    declare knobs of its own protocol as a `knobs` mapping of `FaceKnob`s (`face_knobs`).
     """
 
     name: str
@@ -136,6 +142,22 @@ class Face(Herald, Protocol):
     def new_batch_id(self) -> str: ...
 
     def new_coupon_id(self) -> str: ...
+
+
+def face_knobs(face: Face) -> dict[str, FaceKnob]:
+    """The knobs `face` declares (none unless it has a `knobs` mapping)."""
+    declared: Mapping[str, FaceKnob] = getattr(face, "knobs", {})
+    return dict(declared)
+
+
+@dataclass(frozen=True)
+class EndpointLimit:
+    """An endpoint's published frequency limit: at most `count` calls each `period_s`
+    seconds, counted per `group` (endpoints that share one limit share a group)."""
+
+    group: str
+    count: int
+    period_s: float
 
 
 @dataclass(frozen=True)
@@ -161,6 +183,10 @@ class Simulator:
         self.keys_dir = keys_dir
         self.rng = random.Random(knobs.seed)
         self._window = (0, 0)  # (second, requests seen in it)
+        # Per limit group: (the window's number, calls seen in it).
+        self._endpoint_windows: dict[str, tuple[int, int]] = {}
+        # What the knobs were at start: DELETE /sim/knobs brings them back.
+        self._start_knobs = knobs.values()
         self._files: OrderedDict[str, bytes] = OrderedDict()  # flow file token -> CSV bytes
         self.counters = dict.fromkeys(
             (
@@ -237,12 +263,30 @@ class Simulator:
             self.counters["rate_limited"] += 1
             raise SimError("RATE_LIMITED", f"more than {limit} requests per second")
 
-    def protocol(self, face: Face, handler: Handler) -> Handler:
-        """A protocol endpoint: the rate limit, the face's error answers, the latency knob."""
+    def _check_endpoint(self, limit: EndpointLimit) -> None:
+        if not self.knobs.endpoint_limits:
+            return
+        window = int(time.monotonic() // limit.period_s)
+        number, seen = self._endpoint_windows.get(limit.group, (window, 0))
+        seen = seen + 1 if number == window else 1
+        self._endpoint_windows[limit.group] = (window, seen)
+        if seen > limit.count:
+            self.counters["rate_limited"] += 1
+            raise SimError(
+                "RATE_LIMITED",
+                f"{limit.group}: more than {limit.count} calls in {limit.period_s:g} s",
+            )
+
+    def protocol(self, face: Face, handler: Handler, limit: EndpointLimit | None = None) -> Handler:
+        """A protocol endpoint: the rate limits (the knob's, and the endpoint's own `limit`),
+        the face's error answers, the latency knob."""
 
         async def endpoint(request: Request) -> Response:
+            CURRENT_REQUEST.set(request)
             try:
                 self._check_rate()
+                if limit is not None:
+                    self._check_endpoint(limit)
                 response: Response = await handler(request)
             except SimError as exc:
                 response = face.error_response(exc)
@@ -519,19 +563,30 @@ class Simulator:
         return JSONResponse({"status": "ok", "mode": self.face.name})
 
     async def get_knobs(self, request: Request) -> Response:
-        return JSONResponse(asdict(self.knobs))
+        return JSONResponse(self.knobs.values())
 
     async def put_knobs(self, request: Request) -> Response:
         changes = await json_object(request)
+        self._change_knobs(changes)
+        log.info("knobs changed: %s", ", ".join(sorted(changes)))
+        return JSONResponse(self.knobs.values())
+
+    async def reset_knobs(self, request: Request) -> Response:
+        """Every knob back to what it was when the process started (its SIM_* values)."""
+        self._change_knobs(self._start_knobs)
+        log.info("knobs reset")
+        return JSONResponse(self.knobs.values())
+
+    def _change_knobs(self, changes: Mapping[str, object]) -> None:
         self.knobs.update(changes)
         if "seed" in changes:
             self.rng.seed(self.knobs.seed)
-        if "rate_limit_per_s" in changes:
-            self._window = (0, 0)  # a new limit starts from a fresh window
+        if "rate_limit_per_s" in changes or "endpoint_limits" in changes:
+            # A new limit starts from fresh windows.
+            self._window = (0, 0)
+            self._endpoint_windows.clear()
         if any(name.startswith("callback_") for name in changes):
             self.notifier.wake()  # e.g. a callback_url set at last: deliver what waits
-        log.info("knobs changed: %s", ", ".join(sorted(changes)))
-        return JSONResponse(asdict(self.knobs))
 
     async def stats(self, request: Request) -> Response:
         db = self.store.db

@@ -1,10 +1,13 @@
-"""The operator's knobs: each read from `SIM_<NAME>` at start and set with PUT /sim/knobs."""
+"""The operator's knobs: each read from `SIM_<NAME>` at start and set with PUT /sim/knobs.
+
+The core's knobs are `Knobs`' fields; a face adds knobs of its own protocol (`FaceKnob`), read
+and set the same way, so a platform's particulars never become fields of the core."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
 
 from coupons.platforms.simcore.errors import SimError
@@ -35,6 +38,11 @@ def _count(value: object) -> int:
     if number != int(number):
         raise ValueError("must be a whole number")
     return int(number)
+
+
+def number(value: object, *, lo: float = 0.0, hi: float | None = None) -> float:
+    """A knob's number, for a face's knob parsers."""
+    return _number(value, lo=lo, hi=hi)
 
 
 def _mode(value: object) -> str:
@@ -98,7 +106,25 @@ _KNOB_PARSERS: dict[str, Callable[[object], object]] = {
     "callback_duplicate_rate": _rate,
     "callback_forged_rate": _rate,
     "callback_delay_ms": _number,
+    "endpoint_limits": lambda value: _boolean(value),
 }
+
+
+def _boolean(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "on", "false", "0", "off"):
+        return value.lower() in ("true", "1", "on")
+    raise ValueError("must be true or false")
+
+
+@dataclass(frozen=True)
+class FaceKnob:
+    """A knob a face declares: its value when nothing sets it, and how a value is read (a
+    ValueError says what is wrong with it)."""
+
+    default: object
+    parse: Callable[[object], object]
 
 
 @dataclass
@@ -133,20 +159,40 @@ class Knobs:
     callback_duplicate_rate: float = 0.0
     callback_forged_rate: float = 0.0
     callback_delay_ms: float = 0.0
+    # Each endpoint's own published frequency limit, as the face declares them (WeChat Pay:
+    # 500 sends a second, 60 stock creations a minute, ...); off leaves only rate_limit_per_s.
+    endpoint_limits: bool = True
+    # The face's own knobs, by name; `face_knobs` says how each is read.
+    face: dict[str, object] = field(default_factory=dict)
+    face_knobs: dict[str, FaceKnob] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Knobs:
+    def from_env(
+        cls,
+        env: Mapping[str, str] | None = None,
+        face_knobs: Mapping[str, FaceKnob] | None = None,
+    ) -> Knobs:
         env = os.environ if env is None else env
-        names = {f"SIM_{name.upper()}": name for name in _KNOB_PARSERS}
-        knobs = cls()
+        declared = dict(face_knobs or {})
+        knobs = cls(
+            face={name: knob.default for name, knob in declared.items()}, face_knobs=declared
+        )
+        names = {f"SIM_{name.upper()}": name for name in (*_KNOB_PARSERS, *declared)}
         knobs.update({name: env[var] for var, name in names.items() if var in env})
         return knobs
+
+    def values(self) -> dict[str, object]:
+        """Every knob by name, the face's beside the core's (what GET /sim/knobs shows)."""
+        core = asdict(self)
+        del core["face"], core["face_knobs"]
+        return {**core, **self.face}
 
     def update(self, changes: Mapping[str, object]) -> None:
         """Validate every change first, so a bad request changes nothing."""
         parsed: dict[str, object] = {}
         for name, value in changes.items():
-            parser = _KNOB_PARSERS.get(name)
+            face_knob = self.face_knobs.get(name)
+            parser = face_knob.parse if face_knob is not None else _KNOB_PARSERS.get(name)
             if parser is None:
                 raise SimError("INVALID_REQUEST", f"unknown knob: {name}")
             try:
@@ -154,4 +200,7 @@ class Knobs:
             except ValueError as exc:
                 raise SimError("INVALID_REQUEST", f"{name} {exc}") from None
         for name, value in parsed.items():
-            setattr(self, name, value)
+            if name in self.face_knobs:
+                self.face[name] = value
+            else:
+                setattr(self, name, value)

@@ -1,62 +1,57 @@
 """`Platform` over WeChat Pay API v3 vouchers (代金券, /v3/marketing/favor), with httpx.
 
-Documented behaviour followed (pay.weixin.qq.com merchant docs for 代金券, cross-checked with
-wechatpay-im/website's API pages and the SDKs' models):
+Every rule followed here, with its published source (pay.weixin.qq.com pages, the official
+wechatpay-java / wechatpay-go SDK models) and the test that proves it, is a row of
+docs/platforms/wechat.md; unconfirmed ones are marked there. In short:
 
-- Create a stock: `POST /v3/marketing/favor/coupon-stocks` (stock_name ≤ 20 characters, at
-  most 9 of them Chinese, none of `_ , ; |`; belong_merchant = our mchid; the window
-  available_begin_time..available_end_time, not starting in the past, at most 90 days;
-  stock_use_rule max_coupons / max_amount = coupon_amount * max_coupons / max_coupons_per_user
-  / natural_person_limit / prevent_api_abuse; coupon_use_rule.fixed_normal_coupon; no_cash;
-  stock_type NORMAL; out_request_no) answers `stock_id`, `create_time`. Re-entry with the
-  same out_request_no finds the same stock; with other content it is 400
-  RESOURCE_ALREADY_EXISTS.
-- Start / pause / restart: `POST /v3/marketing/favor/stocks/{stock_id}/start|pause|restart`
-  with `stock_creator_mchid`. Query: `GET /v3/marketing/favor/stocks/{stock_id}
-  ?stock_creator_mchid=`; status `unactivated`, `audit`, `running`, `paused`, `stoped` [sic].
-- Send: `POST /v3/marketing/favor/users/{openid}/coupons` with stock_id, out_request_no,
-  appid, stock_creator_mchid; answers only `coupon_id`. Query a coupon: `GET
-  /v3/marketing/favor/users/{openid}/coupons/{coupon_id}?appid=`; status SENDED, USED,
-  EXPIRED; the used time in `consume_information.consume_time`.
-- Use flow: `GET /v3/marketing/favor/stocks/{stock_id}/use-flow` answers `url`, `hash_value`,
-  `hash_type` (SHA1); the file is downloaded with a signed GET, its answer is not signed, so
-  its SHA1 is what vouches for it. Columns are found by their header (批次id, 优惠id, 消耗时间,
-  ...), each value may carry a leading "`".
-- Errors (send coupon's table): 403 NOT_ENOUGH 批次预算不足; 403 USER_ACCOUNT_ABNORMAL 用户非法;
-  403 REQUEST_BLOCKED (用户被限领拦截, 活动未开始或已结束, no permission); 400 INVALID_REQUEST
-  活动已结束或未激活; 400 PARAM_ERROR 非法的批次状态 (a stock not running: paused); 404
-  RESOURCE_NOT_EXISTS; 429 FREQUENCY_LIMITED / FREQUENCY_LIMIT_EXCEED; 500 SYSTEM_ERROR.
-- Callbacks: COUPON.USE, `resource_type` encrypt-resource; the decrypted resource carries
-  stock_creator_mchid, stock_id, coupon_id, ... and consume_information.consume_time.
+- A batch is a stock: `POST /v3/marketing/favor/coupon-stocks`, then `/start`; `/pause`,
+  `/restart`; `/stop` only for a stock never started (终止未激活的批次). A new stock cannot
+  start at once: the platform answers 400 INVALID_REQUEST 卡包信息尚未注册完成,请稍后重试 for
+  about a minute, which is an answer to wait out (PlatformUnavailable), not a refusal.
+- A coupon's validity is the stock's window (`available_begin_time`..`available_end_time`,
+  at most 90 days): `coupon_use_rule.coupon_available_time` (valid N minutes after receipt) is
+  "暂未开放" through the API and refused above 1440, so it is never sent. `valid_days` of a
+  batch without a window is the window's length; with a window, coupons are valid until it
+  ends, so a `valid_days` shorter than the window is refused (it cannot be kept).
+- Send: `POST /v3/marketing/favor/users/{openid}/coupons` with `out_request_no` (our key);
+  it answers only `coupon_id`. The coupon query (`GET .../users/{openid}/coupons/{id}`)
+  answers its status SENDED / USED / EXPIRED and its own available_begin/end_time; the
+  official SDK models carry no `consume_information`, so a use's time comes from the
+  COUPON.USE notification (or is unknown: None).
+- Errors: the favor error table (`_ERRORS`); only a signed answer is believed a refusal.
+- The use flow (`/use-flow`) is published from 10:00 the day after the stock ends; before
+  that (and for a stock nothing of was used) it answers 404 RESOURCE_NOT_EXISTS 账单文件不存在:
+  FlowUnavailable, so reconciliation asks about each coupon. No sent flow exists.
+- Signatures: answers and notifications are verified with the key their `Wechatpay-Serial`
+  names: the WeChat Pay public key (`PUB_KEY_ID_...`) if the merchant has one, or a platform
+  certificate downloaded from `GET /v3/certificates` and opened with the APIv3 key. So a
+  merchant on platform certificates, one on the public key, and one in the middle of the switch
+  (answers follow the request's `Wechatpay-Serial`, notifications are signed by either for
+  about a week) all work. Certificates are fetched when a serial we do not hold appears, at
+  most once a minute (a forged serial cannot make us hammer the platform), and `refresh_keys`
+  fetches them for a receiver of notifications.
 
 Decisions where WeChat Pay and `Platform` differ:
 
-- WeChat Pay has no call to stop a voucher stock (only start, pause, restart): STOP raises
-  PlatformRefused NO_STOP_CALL. A stock whose window is over reads `stoped`; it is EXPIRED
-  when its available_end_time has passed, else STOPPED (stopped by an operator).
-- No sent flow exists (only use-flow and refund-flow): `batch_flow(SENT)` raises
-  FlowUnavailable. The use-flow names no user: its records have user_id "" and no key.
-- The stock query has no coupon validity after receipt: a batch's `valid_days` reads as its
-  window's length in days (what we ask for by default). A send answers only the coupon id:
-  `sent_at` is our clock at the answer and `valid_until` the stock's available_end_time, an
-  upper bound (no coupon outlives its stock); the coupon query has the exact values, which
-  is where the issue activity's receipt takes them from.
-- COUPON.USE's documented resource carries no openid: a notice's `user_id` is "" unless the
-  resource names an `openid`. Receivers key on the coupon id.
-- With no window asked for, the window starts now (whole seconds) and lasts valid_days;
-  it is remembered per request key, so a retried create in this process repeats the first
-  one exactly (a different one would be RESOURCE_ALREADY_EXISTS).
-- No minimum spend (0) becomes the face value plus one cent: WeChat Pay refuses a threshold
-  that does not exceed the coupon (使用门槛必须大于优惠金额), and that is what "no threshold"
-  means there; the batch then reads that threshold back. A minimum asked for at or below the
-  face value is refused (PARAM_ERROR), not silently raised.
+- A running stock cannot be stopped (only paused, or left to end): STOP of a started stock
+  raises PlatformRefused NO_STOP_CALL. A stock whose window is over reads `stoped`; it is
+  EXPIRED when its available_end_time has passed, else STOPPED.
+- COUPON.USE's resource carries no openid: a notice's `user_id` is "". Receivers key on the
+  coupon id.
+- With no window asked for, the window starts now (whole seconds) and lasts valid_days; it is
+  remembered per request key, so a retried create in this process repeats the first exactly.
+- No minimum spend (0) becomes the face value plus one cent: the threshold must exceed the
+  face value (使用门槛必须大于优惠金额). A minimum at or below the face value is refused here.
 - Names and keys are made to fit: forbidden name characters become spaces and the name is
   cut to WeChat's length; a request key outside out_request_no's characters is replaced by a
   digest of it (deterministic, so retries agree).
+- 预充值 (no_cash false): starting the stock locks its budget from the merchant's balance; a
+  balance too small is a refusal of the start naming that, not a coupon's budget running out.
 """
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import hashlib
 import io
@@ -64,6 +59,7 @@ import json
 import logging
 import math
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -71,6 +67,8 @@ from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
 import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from coupons.platforms.base import (
     BatchAction,
@@ -98,12 +96,15 @@ from coupons.platforms.wechat.protocol import (
     AEAD_ALGORITHM,
     BEIJING,
     MAX_CLOCK_OFFSET_S,
+    PUBLIC_KEY_ID_PREFIX,
     SignatureError,
     WechatMerchant,
     aead_decrypt,
     authorization,
+    certificate_key,
     json_body,
     parse_time,
+    read_certificates,
     rfc3339,
     verify_signed,
 )
@@ -133,6 +134,9 @@ _ERRORS: dict[tuple[int, str | None, str | None], type[PlatformError]] = {
 # INVALID_REQUEST and REQUEST_BLOCKED also answer for our merchant's settings (openid与appid
 # 不匹配, 非法的商户号, 商户无权发券): a slip an operator fixes, never a coupon's failure.
 _CONFIGURATION_MARKERS = ("appid", "商户号", "无权")
+# INVALID_REQUEST also answers a start right after creation while WeChat Pay registers the new
+# stock (卡包信息尚未注册完成,请稍后重试): asked again later, it goes through.
+_TRANSIENT_MARKERS = ("尚未注册完成",)
 _DEFINITIVE = (PlatformRefused, PlatformBatchUnavailable)
 _COUPON_USE = "COUPON.USE"
 _ENCRYPTED = "encrypt-resource"
@@ -152,11 +156,15 @@ _ACTION_PATHS = {
     BatchAction.START: "start",
     BatchAction.PAUSE: "pause",
     BatchAction.RESUME: "restart",
+    BatchAction.STOP: "stop",  # only a stock never started (终止未激活的代金券批次)
 }
 _REQUEST_NO = re.compile(r"[0-9A-Za-z_|*-]{1,128}")
 _NAME_FORBIDDEN = str.maketrans({char: " " for char in "_,;|"})
 _NAME_MAX, _NAME_MAX_CHINESE = 20, 9
-_MINUTES_PER_DAY = 24 * 60
+# available_begin_time..available_end_time: "批次可用时间范围最长为90天".
+_LONGEST_WINDOW = timedelta(days=90)
+# A serial we do not hold makes us fetch the certificates at most this often.
+_CERTIFICATES_REFETCH_S = 60.0
 _USER_AGENT = "coupon-lifecycle-wechatpay/1"
 
 
@@ -170,6 +178,8 @@ def _error_for(status: int, code: str, message: str) -> PlatformError:
         or _ERRORS.get((status, code, None))
         or _ERRORS.get((status, None, None))
     )
+    if kind is PlatformRefused and any(marker in message for marker in _TRANSIENT_MARKERS):
+        return PlatformUnavailable(code, message)
     if kind is PlatformRefused and any(marker in message for marker in _CONFIGURATION_MARKERS):
         kind = None  # the same codes also say our merchant settings are wrong: not the coupon
     if kind is None:
@@ -207,6 +217,11 @@ def _threshold(spec: BatchSpec) -> int:
             f"cents); {spec.min_spend_cents} was asked for (0 means none: face value + 1 cent)",
         )
     return spec.min_spend_cents
+
+
+def _days(span: timedelta) -> str:
+    days = span / timedelta(days=1)
+    return f"{days:g} days" if days != 1 else "1 day"
 
 
 def _request_no(key: str) -> str:
@@ -260,9 +275,12 @@ def _stock(raw: dict[str, Any]) -> PlatformBatch:
 
 def _coupon(raw: dict[str, Any], openid: str) -> PlatformCoupon:
     status = _COUPON_STATUS[raw["status"]]
+    # The official SDKs' Coupon model has no consume_information (only COUPON.USE carries
+    # it); where an answer has it, its time is the use's.
+    consumed = raw.get("consume_information")
     used_at = None
-    if status == PlatformCouponStatus.USED:
-        used_at = parse_time(raw["consume_information"]["consume_time"])
+    if status == PlatformCouponStatus.USED and isinstance(consumed, dict):
+        used_at = parse_time(consumed["consume_time"])
     return PlatformCoupon(
         coupon_id=_text(raw, "coupon_id"),
         batch_id=_text(raw, "stock_id"),
@@ -349,6 +367,11 @@ class WechatPayPlatform:
         self._windows: dict[str, tuple[datetime, datetime]] = {}
         # A stock's end never changes once created (there is no call to change it).
         self._stock_ends: dict[str, datetime] = {}
+        # Platform certificates downloaded with the APIv3 key, by serial (key_name).
+        self._certificates: dict[str, x509.Certificate] = {}
+        self._certificates_asked_at: float | None = None
+        self._certificates_lock = asyncio.Lock()
+        self._told_certificate_signs = False
 
     # Documented: a receiver takes a notification by answering 200 or 204, no words needed.
     callback_success = None
@@ -366,17 +389,23 @@ class WechatPayPlatform:
         body: Mapping[str, Any] | None = None,
         *,
         signed_answer: bool = True,
+        refresh: bool = True,
     ) -> httpx.Response:
         """One signed request to `path` (path and query, as signed); any answer but a 2xx
-        whose signature holds raises the `PlatformError` it means."""
+        whose signature holds raises the `PlatformError` it means. `refresh` False: a serial
+        we do not hold is not a reason to fetch the certificates (we are fetching them)."""
         content = json_body(body) if body is not None else b""
         signed_url = self._prefix + path
         headers = {
             "Authorization": authorization(self._merchant, method, signed_url, content),
             "Accept": "application/json",
             "User-Agent": _USER_AGENT,
-            "Wechatpay-Serial": self._merchant.platform_public_key_id,
         }
+        if self._merchant.platform_public_key_id is not None:
+            # A merchant with a public key names it on every request: during the switch
+            # WeChat Pay signs each answer with the key the request names (as wechatpayv3
+            # and the official SDKs do in public key mode).
+            headers["Wechatpay-Serial"] = self._merchant.platform_public_key_id
         if body is not None:
             headers["Content-Type"] = "application/json"
         try:
@@ -394,25 +423,94 @@ class WechatPayPlatform:
         except httpx.TransportError as exc:
             raise PlatformUnavailable("TRANSPORT_ERROR", f"{what}: {exc!r}") from exc
         if not response.is_success:
-            raise self._error_of(response, what)
+            raise await self._error_of(response, what, refresh=refresh)
         if signed_answer:
-            self._check_signature(response, what)
+            await self._check_signature(response, what, refresh=refresh)
         return response
 
-    def _check_signature(self, response: httpx.Response, what: str) -> None:
-        try:
-            verify_signed(
-                response.headers,
-                response.content,
-                public_key=self._merchant.platform_public_key,
-                key_id=self._merchant.platform_public_key_id,
-                max_skew_s=MAX_CLOCK_OFFSET_S,
+    def _verifying_keys(self) -> dict[str, rsa.RSAPublicKey]:
+        keys = {serial: certificate_key(cert) for serial, cert in self._certificates.items()}
+        merchant = self._merchant
+        if merchant.platform_public_key is not None and merchant.platform_public_key_id:
+            keys[merchant.platform_public_key_id] = merchant.platform_public_key
+        return keys
+
+    def _verify(self, headers: Mapping[str, str], body: bytes, max_skew_s: float) -> None:
+        serial = verify_signed(headers, body, keys=self._verifying_keys(), max_skew_s=max_skew_s)
+        if (
+            self._merchant.platform_public_key_id is not None
+            and not serial.startswith(PUBLIC_KEY_ID_PREFIX)
+            and not self._told_certificate_signs
+        ):
+            self._told_certificate_signs = True
+            log.info(
+                "WeChat Pay signed with platform certificate %s although we hold its public "
+                "key: the merchant is on certificates, or in the middle of the switch",
+                serial,
             )
+
+    async def _check_signature(
+        self, response: httpx.Response, what: str, *, refresh: bool = True
+    ) -> None:
+        try:
+            try:
+                self._verify(response.headers, response.content, MAX_CLOCK_OFFSET_S)
+            except SignatureError as exc:
+                if not (exc.unknown_key and refresh):
+                    raise
+                # Again once the certificates were fetched (by this call, or by another one
+                # that asked first).
+                await self.refresh_keys()
+                self._verify(response.headers, response.content, MAX_CLOCK_OFFSET_S)
         except SignatureError as exc:
             log.warning("%s: answer %s not believed: %s", what, response.status_code, exc.reason)
             raise PlatformUnavailable("BAD_SIGNATURE", f"{what}: {exc.reason}") from None
 
-    def _error_of(self, response: httpx.Response, what: str) -> PlatformError:
+    async def refresh_keys(self) -> bool:
+        """Download the platform certificates (`GET /v3/certificates`), opened with the APIv3
+        key; True when one we did not hold arrived. At most once a minute: asked more often
+        (a serial we do not hold, again and again), it answers False without a call."""
+        async with self._certificates_lock:
+            now = time.monotonic()
+            asked = self._certificates_asked_at
+            if asked is not None and now - asked < _CERTIFICATES_REFETCH_S:
+                return False
+            self._certificates_asked_at = now
+            what = "GET /v3/certificates"
+            try:
+                response = await self._exchange(
+                    "GET", "/v3/certificates", what, signed_answer=False, refresh=False
+                )
+                downloaded = read_certificates(
+                    json.loads(response.content), self._merchant.apiv3_key, datetime.now(UTC)
+                )
+            except PlatformError as exc:
+                log.warning("platform certificates not downloaded: %s", exc)
+                return False
+            except (ValueError, TypeError, AttributeError) as exc:
+                log.warning("platform certificates not readable: %s", exc)
+                return False
+            # The answer is signed by one of the certificates it carries (documented), or by
+            # the public key a merchant in the middle of the switch names: a download that
+            # does not verify with them is not believed.
+            keys = {
+                **self._verifying_keys(),
+                **{serial: certificate_key(cert) for serial, cert in downloaded.items()},
+            }
+            try:
+                verify_signed(response.headers, response.content, keys=keys)
+            except SignatureError as exc:
+                log.warning("platform certificates not believed: %s", exc.reason)
+                return False
+            new = set(downloaded) - set(self._certificates)
+            self._certificates = downloaded
+            if new:
+                log.info("platform certificates now held: %s", ", ".join(sorted(downloaded)))
+            return bool(new)
+
+    async def _error_of(
+        self, response: httpx.Response, what: str, *, refresh: bool = True
+    ) -> PlatformError:
         try:
             payload = response.json()
         except ValueError:
@@ -424,7 +522,9 @@ class WechatPayPlatform:
         error = _error_for(response.status_code, code, message)
         if isinstance(error, _DEFINITIVE):
             # Anyone on the path can answer 4xx: only WeChat Pay's signature makes a refusal.
-            self._check_signature(response, f"{what} ({response.status_code} {code})")
+            await self._check_signature(
+                response, f"{what} ({response.status_code} {code})", refresh=refresh
+            )
         return error
 
     async def _call(
@@ -463,8 +563,8 @@ class WechatPayPlatform:
     # -- Platform ---------------------------------------------------------------
 
     def _window(self, spec: BatchSpec) -> tuple[datetime, datetime]:
-        if spec.starts_at is not None and spec.ends_at is not None:
-            return spec.starts_at, spec.ends_at
+        """The stock's window, which is also every coupon's validity on WeChat Pay; refused
+        here, before any call, when it cannot keep what `spec` asks."""
         remembered = self._windows.get(spec.request_key)
         if remembered is not None:
             return remembered
@@ -472,7 +572,22 @@ class WechatPayPlatform:
         # than its clocks' slack), and one that starts later refuses sends until it opens.
         begins = spec.starts_at or datetime.now(UTC).replace(microsecond=0)
         ends = spec.ends_at or begins + timedelta(days=spec.valid_days)
-        self._windows[spec.request_key] = (begins, ends)
+        if ends - begins > _LONGEST_WINDOW:
+            raise PlatformRefused(
+                "PARAM_ERROR",
+                "a WeChat Pay stock and its coupons last at most 90 days (批次可用时间范围最长为"
+                f"90天); {_days(ends - begins)} were asked for",
+            )
+        if spec.valid_days * timedelta(days=1) < ends - begins:
+            raise PlatformRefused(
+                "PARAM_ERROR",
+                "WeChat Pay coupons are valid until their stock's window ends (validity after "
+                "receipt is not open through its API), so a coupon valid "
+                f"{spec.valid_days} days cannot be kept in a window of {_days(ends - begins)}: "
+                "shorten the window or give more days",
+            )
+        if spec.starts_at is None or spec.ends_at is None:
+            self._windows[spec.request_key] = (begins, ends)
         return begins, ends
 
     async def create_batch(self, spec: BatchSpec) -> PlatformBatch:
@@ -494,9 +609,6 @@ class WechatPayPlatform:
                     "prevent_api_abuse": False,
                 },
                 "coupon_use_rule": {
-                    "coupon_available_time": {
-                        "available_time_after_receive": spec.valid_days * _MINUTES_PER_DAY
-                    },
                     "fixed_normal_coupon": {
                         "coupon_amount": spec.face_value_cents,
                         "transaction_minimum": _threshold(spec),
@@ -521,18 +633,31 @@ class WechatPayPlatform:
         return batch
 
     async def change_batch(self, batch_id: str, action: BatchAction) -> PlatformBatch:
-        verb = _ACTION_PATHS.get(BatchAction(action))
-        if verb is None:
-            raise PlatformRefused(
-                "NO_STOP_CALL",
-                "WeChat Pay vouchers have no call to stop a stock (only start, pause and "
-                "restart): pause it, or let its window end",
+        action = BatchAction(action)
+        if action is BatchAction.STOP:
+            batch = await self.get_batch(batch_id)
+            if batch.status in (BatchStatus.STOPPED, BatchStatus.EXPIRED):
+                return batch  # stopping twice is a no-op, as every action here is
+            if batch.status is not BatchStatus.CREATED:
+                raise PlatformRefused(
+                    "NO_STOP_CALL",
+                    "WeChat Pay stops only a stock that was never started (终止未激活的批次); "
+                    f"{batch_id} is {batch.status.value}: pause it, or let its window end",
+                )
+        try:
+            await self._call(
+                "POST",
+                f"/v3/marketing/favor/stocks/{quote(batch_id, safe='')}/{_ACTION_PATHS[action]}",
+                {"stock_creator_mchid": self._merchant.mchid},
             )
-        await self._call(
-            "POST",
-            f"/v3/marketing/favor/stocks/{quote(batch_id, safe='')}/{verb}",
-            {"stock_creator_mchid": self._merchant.mchid},
-        )
+        except PlatformBudgetExhausted as exc:
+            # Starting a 预充值 stock locks its whole budget from the merchant's balance: here
+            # NOT_ENOUGH says that balance is short, which no coupon can wait out.
+            raise PlatformRefused(
+                exc.code,
+                f"the merchant's balance cannot fund stock {batch_id}'s budget ({exc.message}): "
+                "top it up at the merchant platform, then start the batch again",
+            ) from exc
         return await self.get_batch(batch_id)
 
     async def batch_flow(self, batch_id: str, kind: FlowKind) -> list[FlowRecord]:
@@ -541,9 +666,20 @@ class WechatPayPlatform:
                 "NO_SENT_FLOW", "WeChat Pay publishes no flow of sent vouchers, only use-flow"
             )
         what = f"use flow of {batch_id}"
-        raw = await self._call(
-            "GET", f"/v3/marketing/favor/stocks/{quote(batch_id, safe='')}/use-flow"
-        )
+        try:
+            raw = await self._call(
+                "GET", f"/v3/marketing/favor/stocks/{quote(batch_id, safe='')}/use-flow"
+            )
+        except PlatformRefused as exc:
+            if exc.code != "RESOURCE_NOT_EXISTS" or "批次" in exc.message:
+                raise
+            # 账单文件不存在: the file is published from 10:00 the day after the stock ends, and
+            # never for a stock none of whose coupons was used. Not a refusal: ask per coupon.
+            raise FlowUnavailable(
+                "USE_FLOW_NOT_YET",
+                f"WeChat Pay has no use flow of stock {batch_id} yet ({exc.message}): it is "
+                "published from 10:00 the day after the stock ends",
+            ) from exc
         file = read_answer(_flow_file, raw)
         try:
             # The download's answer is not signed (documented): its SHA1 vouches for it.
@@ -616,15 +752,10 @@ class WechatPayPlatform:
     def verify_callback(self, headers: Mapping[str, str], body: bytes) -> CouponUsedNotice | None:
         merchant = self._merchant
         try:
-            verify_signed(
-                headers,
-                body,
-                public_key=merchant.platform_public_key,
-                key_id=merchant.platform_public_key_id,
-                max_skew_s=self._callback_max_skew_s,
-            )
+            self._verify(headers, body, self._callback_max_skew_s)
         except SignatureError as exc:
-            raise CallbackRejected(exc.reason) from None
+            # A certificate we do not hold yet: `refresh_keys`, then ask again.
+            raise CallbackRejected(exc.reason, key_unknown=exc.unknown_key) from None
         try:
             envelope = json.loads(body)
         except ValueError as exc:  # UnicodeDecodeError is a ValueError too

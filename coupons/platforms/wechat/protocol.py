@@ -1,33 +1,39 @@
 """WeChat Pay API v3 as both sides of our voucher (代金券) integration speak it: request and
-answer signatures, the AEAD envelope of notifications, and the key files.
+answer signatures, the AEAD envelope of notifications and of platform certificates, and the
+key files.
 
 `WechatPayPlatform` (adapter.py) signs requests and verifies answers and notifications with
 these functions; the simulator's wechat face (simulator.py) verifies requests and signs
 answers and notifications with the same ones, so each side is checked by the other's code and,
-in the tests, by the independent `wechatpayv3` SDK.
-
-Documented behaviour followed (pay.weixin.qq.com, "签名生成" / "签名验证" / "回调通知"; the
-wechatpay-apiv3 SDKs agree):
+in the tests, by the official `wechatpayv3` SDK. docs/platforms/wechat.md cites the source of
+every rule.
 
 - A request carries `Authorization: WECHATPAY2-SHA256-RSA2048 mchid="..",nonce_str="..",
   signature="..",timestamp="..",serial_no=".."`: an RSA-SHA256 (PKCS#1 v1.5) signature,
   base64, by the merchant's API key over `METHOD\\nURL\\ntimestamp\\nnonce\\nbody\\n`, where URL
-  is the path with its query as sent ("去除域名部分") and body the exact bytes sent (empty for
-  a GET). `serial_no` is the merchant API certificate's serial, upper-case hex.
+  is the path with its query as sent and body the exact bytes sent (empty for a GET).
+  `serial_no` is the merchant API certificate's serial, upper-case hex.
 - Answers and notifications are signed by WeChat Pay over `timestamp\\nnonce\\nbody\\n` in
-  `Wechatpay-Timestamp`, `-Nonce`, `-Signature` (base64), `-Serial` (the platform public key
-  id, `PUB_KEY_ID_` and digits, in public key mode) and `-Signature-Type`
-  (WECHATPAY2-SHA256-RSA2048). A receiver refuses a serial it does not hold and a timestamp
-  more than 5 minutes from its clock either way. Probe traffic signed `WECHATPAY/SIGNTEST/..`
-  never verifies, as it must not.
+  `Wechatpay-Timestamp`, `-Nonce`, `-Signature` (base64), `-Serial` and `-Signature-Type`.
+  `-Serial` names the key that signed: the WeChat Pay public key's id (`PUB_KEY_ID_` and
+  digits) or a platform certificate's serial (hex). A receiver verifies with the key that
+  serial names, refuses a serial it does not hold (after fetching the certificates once more)
+  and a timestamp more than 5 minutes from its clock either way. Probe traffic signed
+  `WECHATPAY/SIGNTEST/..` never verifies, as it must not.
+- A merchant signed by platform certificates downloads them from `GET /v3/certificates`:
+  each `encrypt_certificate` is AEAD_AES_256_GCM under the APIv3 key with associated data
+  `certificate`; the answer itself is signed by one of the certificates it carries. Trust
+  comes from the AEAD: only WeChat Pay and the merchant hold the APIv3 key.
 - A notification's `resource` is AEAD_AES_256_GCM with the 32-byte APIv3 key, a 12-byte
   `nonce` and `associated_data` (may be empty); `ciphertext` is base64 of ciphertext + tag.
 
 Key files live in `<keys dir>/wechat/` as a merchant has them: `apiclient_key.pem` (merchant
 private key, RSA 2048), `apiclient_cert.pem` (its certificate; the serial is the merchant
-serial), `apiv3_key` (32 ASCII characters), `pub_key.pem` and `pub_key_id` (the platform's
-public key and its id), plus the simulator-only `platform_private_key.pem`. Test keys are made
-at run time by `ensure_test_keys`, never committed; secrets are written mode 0600.
+serial), `apiv3_key` (32 ASCII characters), `pub_key.pem` and `pub_key_id` (the WeChat Pay
+public key and its id), plus the simulator-only platform secrets: `platform_private_key.pem`
+(the public key's private half) and `platform_cert_key.pem` with `platform_cert.pem` (the
+platform certificate merchants download). Test keys are made at run time by
+`ensure_test_keys`, never committed; secrets are written mode 0600.
 """
 
 from __future__ import annotations
@@ -81,6 +87,11 @@ APIV3_KEY_FILE = "apiv3_key"
 PLATFORM_PUBLIC_KEY_FILE = "pub_key.pem"
 PLATFORM_KEY_ID_FILE = "pub_key_id"
 PLATFORM_PRIVATE_KEY_FILE = "platform_private_key.pem"
+PLATFORM_CERT_KEY_FILE = "platform_cert_key.pem"
+PLATFORM_CERT_FILE = "platform_cert.pem"
+# The prefix of a WeChat Pay public key's id; any other serial names a platform certificate.
+PUBLIC_KEY_ID_PREFIX = "PUB_KEY_ID_"
+CERTIFICATE_ASSOCIATED_DATA = "certificate"
 
 _TIMESTAMP = re.compile(r"[0-9]{1,12}")
 # Printable ASCII without whitespace or quotes: the nonce sits inside a quoted header value
@@ -92,11 +103,13 @@ _AUTH_FIELDS = ("mchid", "nonce_str", "signature", "timestamp", "serial_no")
 
 class SignatureError(ValueError):
     """A signature, or what it signs, cannot be believed. `reason` names what failed, never a
-    key or an expected signature."""
+    key or an expected signature; `unknown_key` says the serial named a key we do not hold
+    (a platform certificate we have not downloaded yet may be it)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, unknown_key: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.unknown_key = unknown_key
 
 
 # ---------------------------------------------------------------- small formats
@@ -248,18 +261,37 @@ def signed_headers(
     }
 
 
+def key_name(serial: str) -> str:
+    """The name `Wechatpay-Serial` gives a key, as `VerifyingKeys` files it: a public key's id
+    as it is; a certificate's serial as upper-case hex without leading zeros (serials are hex
+    numbers, and SDKs write them in either case)."""
+    if serial.startswith(PUBLIC_KEY_ID_PREFIX):
+        return serial
+    try:
+        return f"{int(serial, 16):X}"
+    except ValueError:
+        return serial
+
+
+def certificate_serial(certificate: x509.Certificate) -> str:
+    return f"{certificate.serial_number:X}"
+
+
+VerifyingKeys = Mapping[str, rsa.RSAPublicKey]
+
+
 def verify_signed(
     headers: Mapping[str, str],
     body: bytes,
     *,
-    public_key: rsa.RSAPublicKey,
-    key_id: str,
+    keys: VerifyingKeys,
     max_skew_s: float = MAX_CLOCK_OFFSET_S,
     now: float | None = None,
-) -> None:
+) -> str:
     """Check an answer's or a notification's Wechatpay-* signature over `body` (its exact
-    bytes); SignatureError if anything is missing, garbled, from another key, wrong or stale.
-    Header names match in any case."""
+    bytes) with the key its `Wechatpay-Serial` names in `keys` (by `key_name`); SignatureError
+    if anything is missing, garbled, from a key we do not hold, wrong or stale. Header names
+    match in any case. Answers the serial that signed."""
     values = {
         name: _header(headers, name)
         for name in (TIMESTAMP_HEADER, NONCE_HEADER, SIGNATURE_HEADER, SERIAL_HEADER)
@@ -272,13 +304,14 @@ def verify_signed(
     signature_type = _header(headers, SIGNATURE_TYPE_HEADER)
     if signature_type is not None and signature_type != SCHEME:
         raise SignatureError(f"signature type {signature_type[:40]!r} is not {SCHEME}")
-    if serial != key_id:
-        raise SignatureError(f"signed with {serial[:64]!r}, not the configured public key id")
+    key = keys.get(key_name(serial))
+    if key is None:
+        raise SignatureError(f"signed with {serial[:64]!r}, a key we do not hold", unknown_key=True)
     if not _TIMESTAMP.fullmatch(timestamp):
         raise SignatureError("garbled timestamp header")
     if not _NONCE.fullmatch(nonce):
         raise SignatureError("garbled nonce header")
-    if not rsa_verify(public_key, answer_message(timestamp, nonce, body), signature):
+    if not rsa_verify(key, answer_message(timestamp, nonce, body), signature):
         raise SignatureError("bad signature")
     # Checked once the signature holds: a stale message is then a replay of a genuine one (or
     # a clock far off), which is what the log should say.
@@ -287,6 +320,7 @@ def verify_signed(
         raise SignatureError(f"stale: signed {skew:.0f} s ago")
     if -skew > max_skew_s:
         raise SignatureError(f"from the future: signed {-skew:.0f} s ahead of our clock")
+    return serial
 
 
 # ---------------------------------------------------------------- the AEAD envelope
@@ -321,21 +355,83 @@ def _random_text(length: int) -> str:
     return "".join(secrets.choice(alphabet) for _ in range(length))
 
 
+# ---------------------------------------------------------------- platform certificates
+
+
+def certificates_answer(certificates: list[x509.Certificate], apiv3_key: bytes) -> dict[str, Any]:
+    """The body of `GET /v3/certificates` for `certificates`: each sealed under the APIv3 key."""
+    return {
+        "data": [
+            {
+                "serial_no": certificate_serial(certificate),
+                "effective_time": rfc3339(certificate.not_valid_before_utc),
+                "expire_time": rfc3339(certificate.not_valid_after_utc),
+                "encrypt_certificate": aead_encrypt(
+                    apiv3_key,
+                    certificate.public_bytes(serialization.Encoding.PEM),
+                    CERTIFICATE_ASSOCIATED_DATA,
+                ),
+            }
+            for certificate in certificates
+        ]
+    }
+
+
+def read_certificates(
+    answer: Mapping[str, Any], apiv3_key: bytes, now: datetime
+) -> dict[str, x509.Certificate]:
+    """The platform certificates in a `GET /v3/certificates` answer that open with the APIv3
+    key and are valid `now`, by serial (`key_name`). ValueError for an answer that is not one:
+    a certificate that does not open, or whose serial is not the one it is filed under."""
+    entries = answer.get("data")
+    if not isinstance(entries, list):
+        raise ValueError("no certificate list")
+    found: dict[str, x509.Certificate] = {}
+    for entry in entries:
+        sealed = entry.get("encrypt_certificate") if isinstance(entry, dict) else None
+        if not isinstance(sealed, dict) or sealed.get("algorithm") != AEAD_ALGORITHM:
+            raise ValueError("a certificate is not sealed with AEAD_AES_256_GCM")
+        pem = aead_decrypt(
+            apiv3_key,
+            nonce=str(sealed.get("nonce", "")),
+            ciphertext=str(sealed.get("ciphertext", "")),
+            associated_data=str(sealed.get("associated_data") or ""),
+        )
+        certificate = x509.load_pem_x509_certificate(pem)
+        serial = certificate_serial(certificate)
+        if key_name(str(entry.get("serial_no", ""))) != serial:
+            raise ValueError(f"certificate {serial} is filed under another serial")
+        if not isinstance(certificate.public_key(), rsa.RSAPublicKey):
+            raise ValueError(f"certificate {serial} holds no RSA key")
+        if certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
+            found[serial] = certificate
+    return found
+
+
+def certificate_key(certificate: x509.Certificate) -> rsa.RSAPublicKey:
+    key = certificate.public_key()
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise ValueError(f"certificate {certificate_serial(certificate)} holds no RSA key")
+    return key
+
+
 # ---------------------------------------------------------------- key material
 
 
 @dataclass(frozen=True)
 class WechatMerchant:
     """What a merchant holds: its ids, API private key and certificate serial, APIv3 key,
-    and WeChat Pay's public key with its id. Its repr shows no key."""
+    and WeChat Pay's public key with its id, unless the merchant is still on platform
+    certificates alone (then both are None, and answers verify with the certificates
+    downloaded with the APIv3 key). Its repr shows no key."""
 
     mchid: str
     appid: str
     private_key: rsa.RSAPrivateKey = field(repr=False)
     serial: str
     apiv3_key: bytes = field(repr=False)
-    platform_public_key: rsa.RSAPublicKey = field(repr=False)
-    platform_public_key_id: str
+    platform_public_key: rsa.RSAPublicKey | None = field(repr=False)
+    platform_public_key_id: str | None
 
     @classmethod
     def from_files(
@@ -346,12 +442,13 @@ class WechatMerchant:
         private_key_file: Path,
         serial: str | None,
         apiv3_key_file: Path,
-        platform_public_key_file: Path,
+        platform_public_key_file: Path | None,
         platform_public_key_id: str | None,
     ) -> WechatMerchant:
         """The merchant from its files. `serial` None: the serial of `apiclient_cert.pem`
-        beside the private key; `platform_public_key_id` None: `pub_key_id` beside the
-        public key. Errors name the file, never its content."""
+        beside the private key; `platform_public_key_file` None: a merchant on platform
+        certificates only; `platform_public_key_id` None: `pub_key_id` beside the public
+        key. Errors name the file, never its content."""
         if serial is None:
             try:
                 certificate = _certificate(private_key_file.parent / MERCHANT_CERT_FILE)
@@ -361,35 +458,54 @@ class WechatMerchant:
                     f"{MERCHANT_CERT_FILE} beside the key"
                 ) from None
             serial = f"{certificate.serial_number:X}"
-        if platform_public_key_id is None:
-            platform_public_key_id = _text_file(
-                platform_public_key_file.parent / PLATFORM_KEY_ID_FILE
-            )
+        public_key = None
+        if platform_public_key_file is not None:
+            public_key = _public_key(platform_public_key_file)
+            if platform_public_key_id is None:
+                platform_public_key_id = _text_file(
+                    platform_public_key_file.parent / PLATFORM_KEY_ID_FILE
+                )
+            if not platform_public_key_id.startswith(PUBLIC_KEY_ID_PREFIX):
+                raise ValueError(
+                    f"a WeChat Pay public key id starts with {PUBLIC_KEY_ID_PREFIX}, not "
+                    f"{platform_public_key_id[:20]!r}"
+                )
+        else:
+            platform_public_key_id = None
         return cls(
             mchid=mchid,
             appid=appid,
             private_key=_private_key(private_key_file),
             serial=serial.upper(),
             apiv3_key=_apiv3_key(apiv3_key_file),
-            platform_public_key=_public_key(platform_public_key_file),
+            platform_public_key=public_key,
             platform_public_key_id=platform_public_key_id,
         )
 
 
 @dataclass(frozen=True)
 class PlatformKeys:
-    """What the simulated WeChat Pay holds: its own private key and id, the test merchant's
-    APIv3 key, and the merchant's certificate (to check request signatures)."""
+    """What the simulated WeChat Pay holds: its public key's private half and id, its platform
+    certificate with that certificate's private key, the test merchant's APIv3 key, and the
+    merchant's certificate (to check request signatures)."""
 
     private_key: rsa.RSAPrivateKey = field(repr=False)
     key_id: str
+    cert_private_key: rsa.RSAPrivateKey = field(repr=False)
+    certificate: x509.Certificate
     apiv3_key: bytes = field(repr=False)
     merchant_public_key: rsa.RSAPublicKey = field(repr=False)
     merchant_serial: int
 
+    @property
+    def cert_serial(self) -> str:
+        return certificate_serial(self.certificate)
 
-def sim_merchant(keys_dir: Path) -> WechatMerchant:
-    """The simulator's test merchant (SIM_MCHID, SIM_APPID), its keys made if missing."""
+
+def sim_merchant(keys_dir: Path, *, public_key: bool = True) -> WechatMerchant:
+    """The simulator's test merchant (SIM_MCHID, SIM_APPID), its keys made if missing;
+    `public_key` False: the merchant as it was before WeChat Pay gave it a public key
+    (platform certificates only)."""
     ensure_test_keys(keys_dir)
     folder = keys_dir / KEY_FOLDER
     return WechatMerchant.from_files(
@@ -398,7 +514,7 @@ def sim_merchant(keys_dir: Path) -> WechatMerchant:
         private_key_file=folder / MERCHANT_KEY_FILE,
         serial=None,
         apiv3_key_file=folder / APIV3_KEY_FILE,
-        platform_public_key_file=folder / PLATFORM_PUBLIC_KEY_FILE,
+        platform_public_key_file=folder / PLATFORM_PUBLIC_KEY_FILE if public_key else None,
         platform_public_key_id=None,
     )
 
@@ -414,6 +530,8 @@ def load_platform_keys(keys_dir: Path) -> PlatformKeys:
     return PlatformKeys(
         private_key=_private_key(folder / PLATFORM_PRIVATE_KEY_FILE),
         key_id=_text_file(folder / PLATFORM_KEY_ID_FILE),
+        cert_private_key=_private_key(folder / PLATFORM_CERT_KEY_FILE),
+        certificate=_certificate(folder / PLATFORM_CERT_FILE),
         apiv3_key=_apiv3_key(folder / APIV3_KEY_FILE),
         merchant_public_key=merchant_key,
         merchant_serial=certificate.serial_number,
@@ -443,7 +561,9 @@ def ensure_test_keys(keys_dir: Path) -> None:
 
 def _fill(folder: Path) -> None:
     merchant_key = _key_pair_file(folder / MERCHANT_KEY_FILE, folder / MERCHANT_CERT_FILE)
-    _write_new(folder / MERCHANT_CERT_FILE, _self_signed(merchant_key), 0o644)
+    _write_new(folder / MERCHANT_CERT_FILE, _self_signed(merchant_key, _MERCHANT_NAME), 0o644)
+    cert_key = _key_pair_file(folder / PLATFORM_CERT_KEY_FILE, folder / PLATFORM_CERT_FILE)
+    _write_new(folder / PLATFORM_CERT_FILE, _self_signed(cert_key, _PLATFORM_NAME), 0o644)
     _write_new(folder / APIV3_KEY_FILE, _random_text(32).encode(), 0o600)
     platform_key = _key_pair_file(
         folder / PLATFORM_PRIVATE_KEY_FILE, folder / PLATFORM_PUBLIC_KEY_FILE
@@ -468,16 +588,27 @@ def _key_pair_file(private_file: Path, public_file: Path) -> rsa.RSAPrivateKey:
     return key
 
 
-def _self_signed(key: rsa.RSAPrivateKey) -> bytes:
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.COMMON_NAME, SIM_MCHID),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "coupon simulator merchant"),
-            x509.NameAttribute(NameOID.COUNTRY_NAME, "CN"),
-        ]
-    )
+_MERCHANT_NAME = x509.Name(
+    [
+        x509.NameAttribute(NameOID.COMMON_NAME, SIM_MCHID),
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "coupon simulator merchant"),
+        x509.NameAttribute(NameOID.COUNTRY_NAME, "CN"),
+    ]
+)
+# Like WeChat Pay's platform certificates, whose subject is Tenpay.com's; this one is signed by
+# itself, not by Tenpay.com Root CA (the AEAD under the APIv3 key is what vouches for it).
+_PLATFORM_NAME = x509.Name(
+    [
+        x509.NameAttribute(NameOID.COMMON_NAME, "Tenpay.com sign (simulator)"),
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Tenpay.com"),
+        x509.NameAttribute(NameOID.COUNTRY_NAME, "CN"),
+    ]
+)
+
+
+def _self_signed(key: rsa.RSAPrivateKey, name: x509.Name) -> bytes:
     now = datetime.now(UTC)
-    # 40 upper-case hex digits, as WeChat Pay's merchant serials are.
+    # 40 upper-case hex digits, as WeChat Pay's merchant and platform serials are.
     serial = secrets.randbits(159) | (1 << 156)
     certificate = (
         x509.CertificateBuilder()

@@ -35,7 +35,9 @@ from coupons.platforms.base import (
     PlatformRefused,
     PlatformUnavailable,
     SendRequest,
+    verified_notice,
 )
+from coupons.platforms.rsa_keys import new_rsa_key
 from coupons.platforms.wechat.adapter import WechatPayPlatform, _error_for
 from coupons.platforms.wechat.protocol import (
     PlatformKeys,
@@ -88,6 +90,13 @@ def send(batch: PlatformBatch, user: str | None = None) -> SendRequest:
     return SendRequest(batch.batch_id, user or new_key("user"), uuid.uuid4().hex)
 
 
+async def eventually_true(check: Callable[[], bool], timeout_s: float = 10) -> None:
+    async def checked() -> bool:
+        return check()
+
+    await eventually(checked, timeout_s)
+
+
 async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 10) -> None:
     deadline = time.monotonic() + timeout_s
     while not await check():
@@ -116,7 +125,8 @@ async def test_create_start_send_lookup_use_and_the_verified_callback(
         request = send(batch)
         sent = await adapter.send_coupon(request)
         assert sent.coupon_id.isdigit() and sent.status == PlatformCouponStatus.SENT
-        assert sent.valid_until == batch.ends_at  # an upper bound until the coupon is read
+        # A WeChat Pay coupon is valid until its stock's window ends.
+        assert sent.valid_until == batch.ends_at
         # Lookup lag: the send is applied, the query does not show it yet.
         assert await adapter.get_coupon(request.user_id, sent.coupon_id) is None
 
@@ -131,7 +141,7 @@ async def test_create_start_send_lookup_use_and_the_verified_callback(
             request.user_id,
             None,
         )
-        assert seen.valid_until <= batch.ends_at
+        assert seen.valid_until == batch.ends_at
 
         assert (await control.use(sent.coupon_id)).status_code == 200
 
@@ -150,7 +160,14 @@ async def test_create_start_send_lookup_use_and_the_verified_callback(
 
         used = await adapter.get_coupon(request.user_id, sent.coupon_id)
         assert used is not None and used.status == PlatformCouponStatus.USED
-        assert used.used_at == notice.used_at
+        # The query's Coupon has no consume_information: the use's time is the notice's.
+        assert used.used_at is None and "consume_information" not in used.raw
+        # The use flow is published from 10:00 the day after the stock ends: not yet.
+        with pytest.raises(FlowUnavailable) as not_yet:
+            await adapter.batch_flow(batch.batch_id, FlowKind.USED)
+        assert not_yet.value.code == "USE_FLOW_NOT_YET"
+        after_end = batch.ends_at - datetime.now(UTC) + timedelta(days=1, hours=10)
+        await control.knobs(clock_offset_s=after_end.total_seconds())
         flow = await adapter.batch_flow(batch.batch_id, FlowKind.USED)
         assert [(r.coupon_id, r.batch_id, r.at) for r in flow] == [
             (sent.coupon_id, batch.batch_id, notice.used_at)
@@ -305,6 +322,8 @@ async def test_a_hanging_send_is_a_timeout(
         (400, "PARAM_ERROR", "非法的批次状态\n", PlatformBatchUnavailable),
         (400, "PARAM_ERROR", "参数错误", PlatformRefused),
         (400, "INVALID_REQUEST", "活动已结束或未激活", PlatformRefused),
+        # A start right after creation: WeChat Pay is still registering the stock.
+        (400, "INVALID_REQUEST", "卡包信息尚未注册完成,请稍后重试", PlatformUnavailable),
         (403, "USER_ACCOUNT_ABNORMAL", "用户非法", PlatformRefused),
         (403, "REQUEST_BLOCKED", "用户被限领拦截", PlatformRefused),
         (403, "RULE_LIMIT", "用户已达最大领券次数", PlatformRefused),
@@ -330,16 +349,16 @@ def test_the_error_table(status: int, code: str, message: str, kind: type[Platfo
 # ---------------------------------------------------------------- batches
 
 
-async def test_batches_keep_their_word_and_have_no_stop(
+async def test_batches_keep_their_word_and_stop_only_before_they_start(
     adapter: WechatPayPlatform, control: SimControl
 ) -> None:
-    spec = batch_spec(quantity=3, valid_days=2)
+    spec = batch_spec(quantity=5, valid_days=2)
     first = await adapter.create_batch(spec)
     again = await adapter.create_batch(spec)  # a retried create: the same stock
     assert again.batch_id == first.batch_id and again.starts_at == first.starts_at
     assert first.ends_at - first.starts_at == timedelta(days=2)
     with pytest.raises(PlatformRefused) as reused:
-        await adapter.create_batch(BatchSpec(**{**spec.__dict__, "quantity": 4}))
+        await adapter.create_batch(BatchSpec(**{**spec.__dict__, "quantity": 6}))
     assert reused.value.code == "RESOURCE_ALREADY_EXISTS"
 
     started = await adapter.change_batch(first.batch_id, BatchAction.START)
@@ -347,7 +366,12 @@ async def test_batches_keep_their_word_and_have_no_stop(
     assert started.status == repeated.status == BatchStatus.RUNNING
     with pytest.raises(PlatformRefused) as no_stop:
         await adapter.change_batch(first.batch_id, BatchAction.STOP)
-    assert no_stop.value.code == "NO_STOP_CALL" and "no call to stop" in no_stop.value.message
+    assert no_stop.value.code == "NO_STOP_CALL" and "never started" in no_stop.value.message
+    # A stock never started is stopped (终止未激活的批次), and stopping it again is a no-op.
+    unstarted = await adapter.create_batch(batch_spec())
+    stopped = await adapter.change_batch(unstarted.batch_id, BatchAction.STOP)
+    again_stopped = await adapter.change_batch(unstarted.batch_id, BatchAction.STOP)
+    assert stopped.status == again_stopped.status == BatchStatus.STOPPED
 
     assert (await control.change_batch(first.batch_id, status="stopped")).status_code == 200
     assert (await adapter.get_batch(first.batch_id)).status == BatchStatus.STOPPED
@@ -365,23 +389,185 @@ async def test_names_and_keys_are_made_to_fit_wechat(adapter: WechatPayPlatform)
         name="spring_sale, 10 off; 50 | for everyone",
         face_value_cents=500,
         min_spend_cents=501,
-        quantity=2,
+        quantity=5,
         valid_days=1,
     )
     created = await adapter.create_batch(spec)
     assert created.name == "spring sale 10 off 5"
     assert (await adapter.create_batch(spec)).batch_id == created.batch_id
     chinese = await adapter.create_batch(
-        BatchSpec(new_key("batch"), "春季满五十减十元优惠大促销", 1000, 5000, 1, 1)
+        BatchSpec(new_key("batch"), "春季满五十减十元优惠大促销", 1000, 5000, 5, 1)
     )
     assert chinese.name == "春季满五十减十元优"
     # No minimum spend: WeChat's threshold must exceed the face value, by one cent at least.
-    free = await adapter.create_batch(BatchSpec(new_key("batch"), "no minimum", 500, 0, 1, 1))
+    free = await adapter.create_batch(BatchSpec(new_key("batch"), "no minimum", 500, 0, 5, 1))
     assert (free.face_value_cents, free.min_spend_cents) == (500, 501)
     # A minimum asked for at or below the face value is refused, not raised in silence.
     with pytest.raises(PlatformRefused, match="minimum spend above the face value") as low:
-        await adapter.create_batch(BatchSpec(new_key("batch"), "low", 1000, 500, 1, 1))
+        await adapter.create_batch(BatchSpec(new_key("batch"), "low", 1000, 500, 5, 1))
     assert low.value.code == "PARAM_ERROR"
+
+
+async def test_a_coupon_is_valid_as_long_as_its_stock_and_no_promise_is_made_it_cannot_keep(
+    adapter: WechatPayPlatform, control: SimControl
+) -> None:
+    """valid_days is the stock's window (WeChat Pay opens no validity after receipt through
+    its API): 30 days from now by default, each coupon's end the window's end; a window of
+    more than 90 days, or valid_days shorter than the window asked for, is refused before
+    any call."""
+    batch = await running(adapter, batch_spec(valid_days=30))
+    assert batch.ends_at - batch.starts_at == timedelta(days=30) and batch.valid_days == 30
+    request = send(batch)
+    sent = await adapter.send_coupon(request)
+    seen = await adapter.get_coupon(request.user_id, sent.coupon_id)
+    assert seen is not None and seen.valid_until == sent.valid_until == batch.ends_at
+
+    before = (await control.stats())["batches"]
+    now = datetime.now(UTC)
+    for spec, words in (
+        (batch_spec(valid_days=91), "at most 90 days"),
+        (batch_spec(valid_days=5, starts_at=now, ends_at=now + timedelta(days=10)), "10 days"),
+    ):
+        with pytest.raises(PlatformRefused, match=words) as refused:
+            await adapter.create_batch(spec)
+        assert refused.value.code == "PARAM_ERROR"
+    assert (await control.stats())["batches"] == before
+    # A window with enough days: coupons last until it ends.
+    fits = await adapter.create_batch(
+        batch_spec(valid_days=10, starts_at=now, ends_at=now + timedelta(days=10))
+    )
+    assert fits.valid_days == 10
+
+
+async def test_a_start_before_the_stock_is_registered_is_waited_out_not_refused(
+    adapter: WechatPayPlatform, control: SimControl
+) -> None:
+    await control.knobs(wechat_start_delay_s=1)
+    created = await adapter.create_batch(batch_spec())
+    with pytest.raises(PlatformUnavailable, match="尚未注册完成"):
+        await adapter.change_batch(created.batch_id, BatchAction.START)
+    await asyncio.sleep(1.1)
+    started = await adapter.change_batch(created.batch_id, BatchAction.START)
+    assert started.status == BatchStatus.RUNNING
+
+
+async def test_a_balance_too_small_for_a_prepaid_stock_is_a_refusal_of_the_start(
+    adapter: WechatPayPlatform, control: SimControl
+) -> None:
+    created = await adapter.create_batch(batch_spec(quantity=5))  # 5 x 10.00 yuan
+    await control.knobs(wechat_balance_cents=4_999)
+    with pytest.raises(PlatformRefused, match="balance cannot fund") as refused:
+        await adapter.change_batch(created.batch_id, BatchAction.START)
+    assert refused.value.code == "NOT_ENOUGH"
+    assert (await adapter.get_batch(created.batch_id)).status == BatchStatus.CREATED
+
+
+# ---------------------------------------------------------------- platform keys
+
+
+@pytest.mark.parametrize(
+    ("signer", "public_key"),
+    [("certificates", False), ("certificates", True), ("switching", True)],
+)
+async def test_every_way_wechat_pay_signs_verifies(
+    wechat_simulator: SimulatorProcess, control: SimControl, signer: str, public_key: bool
+) -> None:
+    """A merchant on platform certificates (no public key), one holding the public key whose
+    switch is not turned on at WeChat Pay, and one in the middle of the switch: answers and
+    notifications verify, certificates fetched with the APIv3 key when a serial needs them."""
+    await control.knobs(wechat_signer=signer, wechat_switch_public_share=0.5)
+    merchant = sim_merchant(wechat_simulator.keys_dir, public_key=public_key)
+    adapter = WechatPayPlatform(wechat_simulator.url, merchant)
+    try:
+        batch = await running(adapter)
+        request = send(batch)
+        sent = await adapter.send_coupon(request)
+        seen = await adapter.get_coupon(request.user_id, sent.coupon_id)
+        assert seen is not None and seen.coupon_id == sent.coupon_id
+        receiver = Receiver()
+        await receiver.start()
+        try:
+            await control.knobs(callback_url=receiver.url)
+            coupons = [sent.coupon_id]
+            for _ in range(5):
+                coupons.append((await adapter.send_coupon(send(batch))).coupon_id)
+            for coupon_id in coupons:
+                assert (await control.use(coupon_id)).status_code == 200
+            await eventually_true(lambda: len(receiver.received) >= len(coupons))
+        finally:
+            await receiver.stop()
+        # As the API receives them: a certificate not held yet is fetched, then believed.
+        notices = [await verified_notice(adapter, r.headers, r.body) for r in receiver.received]
+        assert all(notice is not None for notice in notices)
+        assert sorted(n.platform_coupon_id for n in notices if n) == sorted(coupons)
+        serials = {
+            r.headers["wechatpay-serial"].startswith("PUB_KEY_ID_") for r in receiver.received
+        }
+        if signer == "certificates":
+            assert serials == {False}
+    finally:
+        await adapter.aclose()
+
+
+async def test_a_receiver_fetches_a_certificate_it_does_not_hold_then_believes_it(
+    wechat_simulator: SimulatorProcess,
+    merchant: WechatMerchant,
+    platform_keys: PlatformKeys,
+    control: SimControl,
+) -> None:
+    """A notification signed by a certificate the adapter never fetched: rejected as a key it
+    does not hold; `refresh_keys` fetches it (at most once a minute), and it verifies."""
+    adapter = WechatPayPlatform(wechat_simulator.url, merchant)
+    try:
+        coupon = used_coupon(merchant)
+        headers, body = notification(platform_keys, merchant.apiv3_key, coupon, by_certificate=True)
+        with pytest.raises(CallbackRejected) as rejected:
+            adapter.verify_callback(headers, body)
+        assert rejected.value.key_unknown
+        assert await adapter.refresh_keys() is True
+        assert await adapter.refresh_keys() is False  # asked again at once: no call made
+        assert coupon_use(adapter, headers, body).platform_coupon_id == coupon["coupon_id"]
+        # A key nobody holds stays unknown, however often it is asked.
+        forged = signed_headers(new_rsa_key(), "0123456789ABCDEF", body)
+        with pytest.raises(CallbackRejected) as unknown:
+            adapter.verify_callback(forged, body)
+        assert unknown.value.key_unknown and not await adapter.refresh_keys()
+    finally:
+        await adapter.aclose()
+
+
+async def test_certificates_that_do_not_open_with_the_apiv3_key_are_not_believed(
+    wechat_simulator: SimulatorProcess, merchant: WechatMerchant, control: SimControl
+) -> None:
+    """Anyone on the path could answer /v3/certificates with a certificate of their own: it
+    must open with the APIv3 key, which only WeChat Pay and the merchant hold."""
+    await control.knobs(wechat_signer="certificates")
+    attacker = new_rsa_key()
+
+    def forged(
+        q: httpx.Request, s: int, h: dict[str, str], c: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        answer = json.loads(c)
+        sealed = answer["data"][0]["encrypt_certificate"]
+        sealed.update(aead_encrypt(b"a" * 32, b"not the platform's certificate", "certificate"))
+        body = json_body(answer)
+        return (
+            s,
+            {**h, **lowered(signed_headers(attacker, answer["data"][0]["serial_no"], body))},
+            body,
+        )
+
+    merchant_on_certificates = sim_merchant(wechat_simulator.keys_dir, public_key=False)
+    tampered, client = await through(
+        wechat_simulator.url, merchant_on_certificates, "/v3/certificates", forged
+    )
+    try:
+        assert await tampered.refresh_keys() is False
+        with pytest.raises(PlatformUnavailable) as raised:
+            await tampered.create_batch(batch_spec())
+        assert raised.value.code == "BAD_SIGNATURE"
+    finally:
+        await client.aclose()
 
 
 # ---------------------------------------------------------------- answers not believed
@@ -419,11 +605,12 @@ async def through(
     return WechatPayPlatform(url, merchant, client=client), client
 
 
+def lowered(headers: dict[str, str]) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items()}
+
+
 def resigned(keys: PlatformKeys, body: bytes, **kwargs: str) -> dict[str, str]:
-    return {
-        k.lower(): v
-        for k, v in signed_headers(keys.private_key, keys.key_id, body, **kwargs).items()
-    }
+    return lowered(signed_headers(keys.private_key, keys.key_id, body, **kwargs))
 
 
 async def test_answers_that_do_not_verify_are_unavailable_never_believed(
@@ -491,6 +678,7 @@ async def test_a_flow_file_that_is_not_the_one_hashed_is_refused(
     batch = await running(adapter)
     sent = await adapter.send_coupon(send(batch))
     assert (await control.use(sent.coupon_id)).status_code == 200
+    await control.knobs(clock_offset_s=(batch.ends_at - datetime.now(UTC)).total_seconds() + 2e5)
 
     def altered(
         q: httpx.Request, s: int, h: dict[str, str], c: bytes
@@ -529,6 +717,7 @@ def notification(
     event_type: str = "COUPON.USE",
     timestamp: str | None = None,
     key_id: str | None = None,
+    by_certificate: bool = False,
 ) -> tuple[dict[str, str], bytes]:
     sealed = aead_encrypt(apiv3_key, json_body(resource), "coupon")
     body = json_body(
@@ -542,6 +731,8 @@ def notification(
         }
     )
     kwargs = {"timestamp": timestamp} if timestamp else {}
+    if by_certificate:
+        return signed_headers(keys.cert_private_key, keys.cert_serial, body, **kwargs), body
     headers = signed_headers(keys.private_key, key_id or keys.key_id, body, **kwargs)
     return headers, body
 
@@ -607,7 +798,7 @@ async def test_notifications_in_doubt_are_rejected_without_saying_a_secret(
         ),
         (
             *notification(platform_keys, merchant.apiv3_key, coupon, key_id="PUB_KEY_ID_0999"),
-            "not the configured public key id",
+            "a key we do not hold",
         ),
         ({}, body, "missing header"),
         (

@@ -1,5 +1,6 @@
-"""WeChat Pay API v3's signatures, AEAD envelope and key files (protocol.py), checked
-against themselves and against the independent `wechatpayv3` SDK's implementation."""
+"""WeChat Pay API v3's signatures, AEAD envelope, platform certificates and key files
+(protocol.py), checked against themselves and against the `wechatpayv3` SDK's
+implementation."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import base64
 import json
 import stat
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 from wechatpayv3 import utils as sdk  # type: ignore[import-untyped]
 
 from coupons.platforms.rsa_keys import rsa_verify
@@ -19,6 +24,8 @@ from coupons.platforms.wechat.protocol import (
     KEY_FOLDER,
     MERCHANT_CERT_FILE,
     MERCHANT_KEY_FILE,
+    PLATFORM_CERT_FILE,
+    PLATFORM_CERT_KEY_FILE,
     PLATFORM_KEY_ID_FILE,
     PLATFORM_PRIVATE_KEY_FILE,
     PLATFORM_PUBLIC_KEY_FILE,
@@ -31,8 +38,12 @@ from coupons.platforms.wechat.protocol import (
     aead_decrypt,
     aead_encrypt,
     authorization,
+    certificate_key,
+    certificates_answer,
     ensure_test_keys,
+    key_name,
     load_platform_keys,
+    read_certificates,
     request_message,
     signed_headers,
     sim_merchant,
@@ -70,9 +81,16 @@ def test_test_keys_are_made_once_with_secret_modes(tmp_path: Path) -> None:
         PLATFORM_PUBLIC_KEY_FILE,
         PLATFORM_KEY_ID_FILE,
         PLATFORM_PRIVATE_KEY_FILE,
+        PLATFORM_CERT_KEY_FILE,
+        PLATFORM_CERT_FILE,
     ]
     before = {name: (folder / name).read_bytes() for name in files}
-    for secret in (MERCHANT_KEY_FILE, APIV3_KEY_FILE, PLATFORM_PRIVATE_KEY_FILE):
+    for secret in (
+        MERCHANT_KEY_FILE,
+        APIV3_KEY_FILE,
+        PLATFORM_PRIVATE_KEY_FILE,
+        PLATFORM_CERT_KEY_FILE,
+    ):
         assert stat.S_IMODE((folder / secret).stat().st_mode) == 0o600, secret
     assert len(before[APIV3_KEY_FILE]) == 32 and before[APIV3_KEY_FILE].isascii()
     assert before[PLATFORM_KEY_ID_FILE].decode().startswith("PUB_KEY_ID_")
@@ -213,10 +231,8 @@ def _signed(platform: PlatformKeys, body: bytes, **kwargs: str) -> dict[str, str
     return signed_headers(platform.private_key, platform.key_id, body, **kwargs)
 
 
-def _check(platform: PlatformKeys, headers: dict[str, str], body: bytes) -> None:
-    verify_signed(
-        headers, body, public_key=_public(platform), key_id=platform.key_id, max_skew_s=300
-    )
+def _check(platform: PlatformKeys, headers: dict[str, str], body: bytes) -> str:
+    return verify_signed(headers, body, keys={platform.key_id: _public(platform)}, max_skew_s=300)
 
 
 def _public(platform: PlatformKeys) -> rsa.RSAPublicKey:
@@ -253,7 +269,7 @@ def test_tampered_wrong_key_wrong_serial_and_stale_answers_are_refused(
         ({**good, "Wechatpay-Signature": base64.b64encode(bytes(flipped)).decode()}, body, "bad"),
         (signed_headers(other, platform.key_id, body), body, "bad signature"),
         ({**good, "Wechatpay-Signature": "WECHATPAY/SIGNTEST/abc"}, body, "bad signature"),
-        ({**good, "Wechatpay-Serial": "PUB_KEY_ID_0000"}, body, "not the configured"),
+        ({**good, "Wechatpay-Serial": "PUB_KEY_ID_0000"}, body, "a key we do not hold"),
         (_signed(platform, body, timestamp=stale), body, "stale"),
         (_signed(platform, body, timestamp=future), body, "future"),
         ({k: v for k, v in good.items() if k != "Wechatpay-Nonce"}, body, "missing header"),
@@ -263,6 +279,81 @@ def test_tampered_wrong_key_wrong_serial_and_stale_answers_are_refused(
         with pytest.raises(SignatureError, match=reason) as raised:
             _check(platform, headers, sent)
         assert good["Wechatpay-Signature"] not in raised.value.reason
+        # Only a key we do not hold is worth fetching the certificates again for.
+        assert raised.value.unknown_key == (reason == "a key we do not hold")
+
+
+def test_the_key_a_serial_names_verifies_it_whatever_the_case(platform: PlatformKeys) -> None:
+    """Public key mode, certificate mode, and both at once during the switch: the serial in
+    Wechatpay-Serial picks the key; a certificate serial matches in either case."""
+    body = b'{"stock_id":"1"}'
+    keys = {
+        platform.key_id: _public(platform),
+        platform.cert_serial: certificate_key(platform.certificate),
+    }
+    by_public = _signed(platform, body)
+    by_certificate = signed_headers(platform.cert_private_key, platform.cert_serial, body)
+    lower = {**by_certificate, "Wechatpay-Serial": platform.cert_serial.lower()}
+    assert verify_signed(by_public, body, keys=keys) == platform.key_id
+    assert verify_signed(by_certificate, body, keys=keys) == platform.cert_serial
+    assert key_name(verify_signed(lower, body, keys=keys)) == platform.cert_serial
+    # The certificate's serial with the public key's signature is a bad signature.
+    mixed = {**by_public, "Wechatpay-Serial": platform.cert_serial}
+    with pytest.raises(SignatureError, match="bad signature"):
+        verify_signed(mixed, body, keys=keys)
+
+
+# ---------------------------------------------------------------- platform certificates
+
+
+def _certificate(days: tuple[int, int]) -> x509.Certificate:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Tenpay.com sign")])
+    now = datetime.now(UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now + timedelta(days=days[0]))
+        .not_valid_after(now + timedelta(days=days[1]))
+        .sign(key, hashes.SHA256())
+    )
+
+
+def test_certificates_open_with_the_apiv3_key_and_only_valid_ones_are_kept(
+    platform: PlatformKeys, merchant: WechatMerchant
+) -> None:
+    current, expired = platform.certificate, _certificate((-10, -1))
+    answer = certificates_answer([current, expired], merchant.apiv3_key)
+    entry = answer["data"][0]
+    assert entry["serial_no"] == platform.cert_serial
+    assert entry["encrypt_certificate"]["associated_data"] == "certificate"
+    held = read_certificates(answer, merchant.apiv3_key, datetime.now(UTC))
+    assert list(held) == [platform.cert_serial]
+    # The SDK opens the same envelope with its own code.
+    sealed = entry["encrypt_certificate"]
+    opened = sdk.aes_decrypt(
+        sealed["nonce"], sealed["ciphertext"], "certificate", merchant.apiv3_key.decode()
+    )
+    assert x509.load_pem_x509_certificate(opened.encode()) == current
+
+
+def test_certificates_that_do_not_open_or_are_misfiled_are_not_believed(
+    platform: PlatformKeys, merchant: WechatMerchant
+) -> None:
+    answer = certificates_answer([platform.certificate], merchant.apiv3_key)
+    misfiled = json.loads(json.dumps(answer))
+    misfiled["data"][0]["serial_no"] = "1234ABCD"
+    attempts = [
+        (answer, b"w" * 32, "does not decrypt"),
+        (misfiled, merchant.apiv3_key, "another serial"),
+        ({"data": "none"}, merchant.apiv3_key, "no certificate list"),
+    ]
+    for given, apiv3_key, reason in attempts:
+        with pytest.raises(ValueError, match=reason):
+            read_certificates(given, apiv3_key, datetime.now(UTC))
 
 
 # ---------------------------------------------------------------- the AEAD envelope
