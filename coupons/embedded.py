@@ -112,15 +112,15 @@ def _port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
         return False
 
 
-def _require_free_port(what: str, port: int) -> None:
-    """Refuse to start when something already listens on `port`.
+def _require_free_port(what: str, port: int, host: str = LOCALHOST) -> None:
+    """Refuse to start when something already listens on `port` (of `host`).
 
     Otherwise a server left over from an earlier run would answer our readiness check while
     the child we just started fails to bind and exits, and we would report it as ready.
     """
-    if _port_open(LOCALHOST, port):
+    if _port_open(host, port):
         raise ProcessStartError(
-            f"cannot start {what}: {LOCALHOST}:{port} is already in use (a server left over "
+            f"cannot start {what}: {host}:{port} is already in use (a server left over "
             "from an earlier run?); set PG_PORT, TEMPORAL_PORT, TEMPORAL_UI_PORT or "
             "SIMULATOR_PORT to use another port"
         )
@@ -974,15 +974,18 @@ class SimulatorProcess:
         inherit_knobs: bool = True,
         mode: str = "generic",
         keys_dir: Path | None = None,
+        host: str = LOCALHOST,
     ) -> None:
         """`env` is added to this process's environment (the simulator's knobs); `mode` is the
         platform protocol it speaks, `keys_dir` where that protocol's key material lives
-        (default: beside `data_file`, made on first start).
+        (default: beside `data_file`, made on first start); `host` the address it listens on
+        (another loopback address lets a client that only speaks to port 80 reach it).
 
         `inherit_knobs=False` drops `SIM_*` and `PLATFORM_API_KEY` from our own environment
         first, so tests start from known knobs whatever the developer's shell exports.
         """
         self.data_file = data_file.expanduser().absolute()
+        self.host = host
         self.port = port
         self.extra_env = dict(env or {})
         self.log_path = log_path or self.data_file.with_name(self.data_file.name + ".log")
@@ -1008,7 +1011,7 @@ class SimulatorProcess:
             "-m",
             "coupons.platforms.simulator",
             "--host",
-            LOCALHOST,
+            host,
             "--port",
             str(port),
             "--data",
@@ -1027,7 +1030,7 @@ class SimulatorProcess:
 
     @property
     def url(self) -> str:
-        return f"http://{LOCALHOST}:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -1047,7 +1050,7 @@ class SimulatorProcess:
     def start(self) -> None:
         if self.alive:
             raise RuntimeError(f"the platform simulator is already running (pid {self.pid})")
-        _require_free_port("the platform simulator", self.port)
+        _require_free_port("the platform simulator", self.port, self.host)
         self.data_file.parent.mkdir(parents=True, exist_ok=True)
         began = time.monotonic()
         self._process.start()

@@ -89,10 +89,13 @@ def _alipay(settings: Settings, client: httpx.AsyncClient | None) -> Platform:
             keys / "alipay_public_key.pem",
         ),
     )
+    # No callback URL to give: Alipay sends its messages to the app's gateway address set in
+    # its console (docs/platforms/alipay.md), not to one named per activity.
     return AlipayPlatform(
         settings.platform_url,
         app,
+        pid=settings.alipay_pid or alipay_protocol.SIM_PID,
+        user_id_type=settings.alipay_user_id_type,
         timeout_s=settings.platform_timeout_s,
         client=client,
-        notify_url=settings.callback_url,
     )

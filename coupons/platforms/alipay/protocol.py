@@ -1,34 +1,46 @@
-"""The Alipay OpenAPI gateway protocol, as both sides of it need it: the app's keys, RSA2
-signing and verification of requests, answers and notifications, the gateway's time and
-amount formats, and the error codes the adapter and the simulator's face agree on.
+"""The Alipay OpenAPI gateway protocol for payment vouchers (支付券), as both sides of it need
+it: the app's keys, RSA2 signing and verification of requests, answers and messages, the
+gateway's time and amount formats, the methods, statuses and error codes the adapter and the
+simulator's face agree on. `docs/platforms/alipay.md` has the table of every rule with its source.
 
-Documented behaviour followed (opendocs.alipay.com, as quoted by the generated SDK models in
-alipay/alipay-sdk-java-all and the gateway error table, common/02km9f):
-- One gateway, `POST https://openapi.alipay.com/gateway.do`, form-encoded. Common parameters
-  app_id, method, format=JSON, charset=utf-8, sign_type=RSA2, timestamp "yyyy-MM-dd
-  HH:mm:ss" (Beijing time), version=1.0, biz_content (the business parameters as JSON).
-- Request signature: every parameter but `sign` whose value is not empty, sorted by name,
-  joined as "k=v&k=v" with raw (not URL-encoded) values, RSA-SHA256 (PKCS#1 v1.5) with the
-  app's private key, base64.
-- Answer: HTTP 200 whatever happened; `{"<method, dots as _>_response": {...}, "sign": ...}`,
-  `code` "10000" for success, else code/msg/sub_code/sub_msg; the signature covers the exact
-  text of the `_response` value as sent, verified with Alipay's public key. Gateway-level
-  refusals (bad signature, unknown app_id: 40001/40002) come unsigned, and with the method
-  unknown as `error_response`.
-- Asynchronous notification: a form-encoded POST whose signature covers every parameter but
-  `sign` and `sign_type` (empty ones too), sorted and joined the same way; the receiver
-  answers the plain text `success`, else Alipay sends it again.
+Sources, by the short names the docstrings use:
+- [PY] Alipay's official Python SDK, PyPI `alipay-sdk-python` 3.7.1411 (repo
+  alipay/alipay-sdk-python-all): `alipay.aop.api.request|domain|response.<N>` classes,
+  `DefaultAlipayClient`, `util/SignatureUtils.py`, `util/WebUtils.py`.
+- [PHP3] alipay/alipay-sdk-php-all `v3/src/Model/*.php` (OpenAPI document 2025-12-15): the
+  field descriptions and, in `<Api>ErrorResponseModel`, each API's published error codes;
+  `CommonErrorType` the gateway's common codes.
+- [JV2] alipay/alipay-sdk-java-all `v2/.../com/alipay/api` (`AlipayConstants`,
+  `AbstractAlipayClient`, `internal/util/AlipaySignature`); [JOLD] the same repo's older model
+  comments, which still carry the enum lists (statuses).
+- [DOCS] AlipayDocs/open-docs (Alipay's own doc repository): answer samples such as
+  `{"xxx_response":{"code":"40004","msg":"Business Failed","sub_code":"INVALID_PARAMETER",...},
+  "sign":"***"}` and the `unknown-sub-code` / "未知的错误码<X>" wrapper.
+- [MSG] the message pages of opendocs (copies at www.5851388.com; the used-voucher page itself,
+  opendocs 6a0f4680_alipay.marketing.activity.message.used, was not readable): envelope
+  notify_id, utc_timestamp, msg_method, app_id, version, biz_content, sign, sign_type, charset.
+- [ERR] opendocs common/02km9f (公共错误码), read through third-party copies: 10000, 20000,
+  20001, 40001..40006 and their isv./isp./aop. sub codes.
 
-Where the documentation we could reach is silent, this module chooses (and both sides follow):
-- the business error sub_codes of the voucher APIs (`SubCode`); AFTER_VOUCHER_END_TIME is the
-  code Alipay was seen to answer voucher.send for a template past its validity
-  (developer.aliyun.com/ask/285772), BUDGET_NOT_ENOUGH_ERROR the one for an exhausted template
-  (developer.aliyun.com/ask/285812),
-  where it came wrapped as sub_code `unknown-sub-code`, sub_msg "未知的错误码<code>":
-  `unwrapped_sub_code` reads that form too;
-- the fields of the voucher-use notification (`notify_type` VOUCHER_NOTIFY_TYPE, `biz_type`
-  V_USE as in the voucher query's bill details, `voucher_id`, `template_id`, `user_id` or
-  `open_id`, `gmt_biz`).
+The gateway (all confirmed unless marked):
+- One URL, `POST https://openapi.alipay.com/gateway.do`, form-encoded; [PY] sends the common
+  parameters in the query string and biz_content in the body, both are one request.
+  Common parameters app_id, method, format=JSON, charset=utf-8, sign_type=RSA2, timestamp
+  "yyyy-MM-dd HH:mm:ss" in Beijing time ([JV2] AlipayConstants.DATE_TIMEZONE "GMT+8";
+  [PY] stamps the machine's local time instead), version=1.0, biz_content (JSON).
+- Request signature: the parameters but `sign`, sorted by name, "k=v&k=v" with raw values,
+  RSA-SHA256 (PKCS#1 v1.5), base64 ([PY] SignatureUtils.get_sign_content / sign_with_rsa2;
+  [PY] signs empty values too, Alipay's Java SDK skips them: we never send one).
+- Answer: HTTP 200; `{"<method, dots as _>_response": {...}, "sign": ...}`; code "10000" is
+  success, else code/msg/sub_code/sub_msg; the signature covers the exact text of the
+  `_response` value ([PY] DefaultAlipayClient.__parse_response). Business refusals are
+  `40004` with the API's own code as sub_code, signed ([DOCS]). The gateway's own refusals
+  may come unsigned: [JV2] AbstractAlipayClient checks a failed answer's signature only when
+  it has one (unconfirmed which ones Alipay signs); the simulator signs none of them.
+- A message (msg_method): a form POST to the app's gateway address set in the console, signed
+  over every parameter but `sign` and `sign_type`, empty ones too ([JV2]
+  AlipaySignature.getSignCheckContentV1; for messages unconfirmed, standard); the receiver
+  answers the plain text `success`, else Alipay delivers again (unconfirmed for messages).
 """
 
 from __future__ import annotations
@@ -42,7 +54,7 @@ import secrets
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +63,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from coupons.platforms.rsa_keys import new_rsa_key, private_pem, public_pem, rsa_sign, rsa_verify
 
-# The simulator's merchant app: fixed, so a configuration can name it.
+# The simulator's merchant app and the merchant's PID: fixed, so a configuration can name them.
 SIM_APP_ID = "2021000000000001"
+SIM_PID = "2088000000000001"
 
 GATEWAY_PATH = "/gateway.do"
 PRODUCTION_GATEWAY = "https://openapi.alipay.com/gateway.do"
@@ -60,69 +73,119 @@ SIGN_TYPE = "RSA2"
 CHARSET = "utf-8"
 FORMAT = "JSON"
 VERSION = "1.0"
-# Alipay's times carry no zone and mean Beijing time; China has had no DST since 1991, so a
-# fixed offset is exact (and needs no tz database).
+# Alipay's times carry no zone and mean Beijing time ([JV2] AlipayConstants.DATE_TIMEZONE
+# "GMT+8"); China has had no DST since 1991, so a fixed offset is exact.
 SHANGHAI = timezone(timedelta(hours=8), "Asia/Shanghai")
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 _TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}")
 _YUAN = re.compile(r"(0|[1-9][0-9]{0,11})(\.[0-9]{1,2})?")
-# A user's id at Alipay: 2088 and twelve more digits. Anything else we know a user by is the
-# newer per-app `open_id`.
-ALIPAY_USER_ID = re.compile(r"2088[0-9]{12}")
 
-# The methods the voucher adapter calls.
-CASHLESS_TEMPLATE_CREATE = "alipay.marketing.cashlessvoucher.template.create"
-CASH_TEMPLATE_CREATE = "alipay.marketing.cashvoucher.template.create"
-TEMPLATE_DETAIL_QUERY = "alipay.marketing.voucher.templatedetail.query"
-TEMPLATE_DELETE = "alipay.marketing.voucher.template.delete"
-VOUCHER_SEND = "alipay.marketing.voucher.send"
-VOUCHER_QUERY = "alipay.marketing.voucher.query"
+# The payment voucher (支付券) activity family: the methods the adapter calls ([PY] request
+# classes AlipayMarketingActivityVoucher{Create,Publish,Query,Stop,Send}Request and
+# AlipayMarketingActivityUserQueryvoucherRequest; [PHP3] AlipayMarketingActivityVoucherApi.md).
+ACTIVITY_CREATE = "alipay.marketing.activity.voucher.create"
+ACTIVITY_PUBLISH = "alipay.marketing.activity.voucher.publish"
+ACTIVITY_QUERY = "alipay.marketing.activity.voucher.query"
+ACTIVITY_STOP = "alipay.marketing.activity.voucher.stop"
+VOUCHER_SEND = "alipay.marketing.activity.voucher.send"
+USER_QUERY_VOUCHER = "alipay.marketing.activity.user.queryvoucher"
+# The used-voucher message (券核销消息), sent to the app's gateway address.
+MESSAGE_USED = "alipay.marketing.activity.message.used"
+MESSAGE_VERSION = "1.1"  # "1.1版本为标准消息" [MSG]
 
-# The one kind of template we create: a fixed-value voucher without funds behind it.
-CASHLESS_FIX_VOUCHER = "CASHLESS_FIX_VOUCHER"
-# Template statuses (templatedetail.query): draft (a cash template not paid for yet),
-# effective, deleted, expired.
-TEMPLATE_DRAFT, TEMPLATE_EFFECTIVE, TEMPLATE_DELETED, TEMPLATE_EXPIRED = "I", "S", "D", "E"
-# Voucher statuses (voucher.query) this protocol uses.
-VOUCHER_ENABLED, VOUCHER_USED, VOUCHER_EXPIRED, VOUCHER_DELETED = (
-    "ENABLED",
-    "USED",
-    "EXPIRED",
-    "DELETE",
+# The one kind of activity we create: a fixed-value voucher (voucher_type FIX_VOUCHER, [PHP3]
+# AlipayMarketingActivityVoucherCreateModel) with no funds behind it (budget_type NO_CASH
+# 免充值: the merchant receives the order price minus the voucher, [JOLD]
+# PaymentVoucherBudgetInfo), owned and redeemable by the merchant's PID
+# (merchant_id_type PID 直连商户, [PHP3] PaymentVoucherBelongMerchantInfo), valid a number of
+# days after it is received (type RELATIVE, [JOLD] PaymentVoucherValidPeriod), limited per
+# Alipay account over the activity's whole life (LIFE_CYCLE, [PHP3] PaymentVoucherSendRule).
+FIX_VOUCHER = "FIX_VOUCHER"
+NO_CASH = "NO_CASH"
+MERCHANT_PID = "PID"
+RELATIVE = "RELATIVE"
+LIFE_CYCLE = "LIFE_CYCLE"
+# Published limits ([PHP3] PaymentFixVoucher.amount "0.1<=x<=3000", PaymentVoucherSendRule
+# .voucher_quantity "最少1个 ... 最多99999999个", AlipayMarketingActivityVoucherCreateModel
+# .publish_end_time "间隔必须小于等于180天"; out_biz_no 64 on the sibling append page, unconfirmed
+# for create and send).
+AMOUNT_CENTS = (10, 300_000)
+QUANTITY = (1, 99_999_999)
+MAX_PUBLISH_SPAN = timedelta(days=180)
+MAX_OUT_BIZ_NO = 64
+# What we put in names that Alipay shows: activity_name is string[0,20] on the sibling 商家券
+# create page ([MIRROR]), brand_name at most 12 on the older cashless template ([JV2]
+# AlipayMarketingCashlessvoucherTemplateCreateModel); 支付券's own limits are unpublished.
+MAX_ACTIVITY_NAME = 20
+MAX_BRAND_NAME = 12
+
+# Activity statuses (voucher.query activity_status): "INIT 未激活 / ACTIVE 已激活 / FINISHED
+# 已停止; 如果该值为空, 说明活动还未创建成功" ([JOLD] AlipayMarketingActivityVoucherQueryResponse);
+# PAUSE "活动已暂停" is published for the generic activity.query ([JOLD]
+# AlipayMarketingActivityQueryResponse) and read wherever it appears.
+ACTIVITY_INIT, ACTIVITY_ACTIVE, ACTIVITY_PAUSE, ACTIVITY_FINISHED = (
+    "INIT",
+    "ACTIVE",
+    "PAUSE",
+    "FINISHED",
 )
-# The bill detail (and notification) type of a use.
-V_USE = "V_USE"
-VOUCHER_NOTIFY_TYPE = "voucher_change"
-# The receiver's whole answer that takes a notification; anything else and Alipay sends again.
+# User voucher statuses: "SENDED:可用 USED:已核销(即完全使用), EXPIRED:已过期" ([JOLD]
+# UserVoucherBaseInfo; [PHP3] UserVoucherBaseInfo).
+VOUCHER_SENDED, VOUCHER_USED, VOUCHER_EXPIRED = "SENDED", "USED", "EXPIRED"
+
+# How the app knows its users, a setting (ALIPAY_USER_ID_TYPE): open_id, Alipay's per-app id
+# (new apps get it, user_id "未来计划逐步回收" for new merchants [MSG]), or the older user_id.
+OPEN_ID, USER_ID = "open_id", "user_id"
+USER_ID_TYPES = (OPEN_ID, USER_ID)
+
+# The receiver's whole answer that takes a message; anything else and Alipay delivers again.
 NOTIFY_SUCCESS = "success"
 
-# Gateway codes (common/02km9f).
+# Gateway codes ([ERR]).
 SUCCESS = "10000"
 UNAVAILABLE = "20000"
+AUTH_INSUFFICIENT = "20001"
 MISSING_ARGUMENTS = "40001"
 INVALID_ARGUMENTS = "40002"
+CONDITION_FAILED = "40003"
 BUSINESS_FAILED = "40004"
 CALL_LIMITED = "40005"
+PERMISSION_DENIED = "40006"
 CODE_MESSAGES = {
     SUCCESS: "Success",
     UNAVAILABLE: "Service Currently Unavailable",
+    AUTH_INSUFFICIENT: "Insufficient Token Permissions",
     MISSING_ARGUMENTS: "Missing Required Arguments",
     INVALID_ARGUMENTS: "Invalid Arguments",
+    CONDITION_FAILED: "Insufficient Conditions",
     BUSINESS_FAILED: "Business Failed",
     CALL_LIMITED: "Call Limited",
+    PERMISSION_DENIED: "Insufficient Permissions",
 }
-# Codes only the gateway answers (no business ran): Alipay does not sign them.
-UNSIGNED_CODES = frozenset({UNAVAILABLE, MISSING_ARGUMENTS, INVALID_ARGUMENTS, CALL_LIMITED})
+# The gateway's own refusals (no business ran): they may come unsigned, and the adapter retries
+# every one of them, so an unsigned one can never fail a coupon.
+GATEWAY_CODES = frozenset(
+    {
+        UNAVAILABLE,
+        AUTH_INSUFFICIENT,
+        MISSING_ARGUMENTS,
+        INVALID_ARGUMENTS,
+        CONDITION_FAILED,
+        CALL_LIMITED,
+        PERMISSION_DENIED,
+    }
+)
 ERROR_RESPONSE = "error_response"
 UNKNOWN_SUB_CODE = "unknown-sub-code"
 _WRAPPED_SUB_CODE = re.compile(r"未知的错误码\s*([A-Za-z0-9_.\-]+)")
 
 
 class SubCode:
-    """The sub_codes this protocol speaks. Gateway ones are documented; the business ones of
-    the voucher APIs are this module's choice (see the module docstring)."""
+    """The sub_codes this protocol speaks, each with its source: the gateway's ([ERR]; the same
+    names without prefix in [PHP3] CommonErrorType), and the per-API business codes ([PHP3]
+    AlipayMarketingActivity<Api>ErrorResponseModel; under 40004 as sub_code, [DOCS])."""
 
-    # gateway (documented)
+    # gateway
     SYSTEM_BUSY = "isp.unknow-error"
     GATEWAY_BUSY = "aop.unknow-error"
     MISSING_METHOD = "isv.missing-method"
@@ -141,26 +204,30 @@ class SubCode:
     INVALID_CHARSET = "isv.invalid-charset"
     APP_CALL_LIMITED = "isv.app-call-limited"
     METHOD_CALL_LIMITED = "isv.method-call-limited"
-    # voucher business (40004)
-    INVALID_PARAMETER = "INVALID_PARAMETER"
-    TEMPLATE_NOT_EXIST = "TEMPLATE_NOT_EXIST"
-    TEMPLATE_NOT_ACTIVE = "TEMPLATE_NOT_ACTIVE"  # a draft: a cash template not paid for
-    PUBLISH_NOT_STARTED = "PUBLISH_TIME_NOT_STARTED"
-    TEMPLATE_PAUSED = "TEMPLATE_PUBLISH_PAUSED"
-    # Seen in answers to voucher.send for a template past its validity (Alipay community Q&A).
-    TEMPLATE_EXPIRED = "AFTER_VOUCHER_END_TIME"
-    TEMPLATE_DELETED = "TEMPLATE_DELETED"
-    TEMPLATE_CANNOT_DELETE = "TEMPLATE_CANNOT_DELETE"
-    BUDGET_NOT_ENOUGH = "BUDGET_NOT_ENOUGH_ERROR"
-    USER_NOT_EXIST = "USER_NOT_EXIST"
-    RISK_REJECTED = "RISK_CONTROL_REJECTED"
-    USER_SEND_LIMIT = "USER_SEND_LIMIT_EXCEEDED"
-    OUT_BIZ_NO_REUSED = "OUT_BIZ_NO_REPEATED"
-    VOUCHER_NOT_EXIST = "VOUCHER_NOT_EXIST"
+    # An open_id this app does not know: [PHP3] CommonErrorType CODE_OPENID_ERROR
+    # "openid-error". Its v2 form (gateway code, an isv. prefix or none) is unconfirmed: the
+    # simulator answers it as a signed 40004 sub_code, the adapter reads either spelling.
+    OPENID_ERROR = "openid-error"
+    # business, per API (all of voucher.send's; the others' that the service can meet)
+    SYSTEM_ERROR = "SYSTEM_ERROR"  # every API
+    INVALID_PARAMETER = "INVALID_PARAMETER"  # every API
+    BIZ_ERROR = "BIZ_ERROR"  # create, publish
+    MATERIAL_AUDIT_WAITING = "MATERIAL_AUDIT_WAITING"  # create
+    BUSINESS_HAS_RISK = "BUSINESS_HAS_RISK"  # publish
+    ACTIVITY_NOT_ACTIVE = "ACTIVITY_NOT_ACTIVE"  # send
+    ACTIVITY_NOT_START = "ACTIVITY_NOT_START"  # send
+    ACTIVITY_IS_END = "ACTIVITY_IS_END"  # send
+    ACTIVITY_IS_STOPED = "ACTIVITY_IS_STOPED"  # send [sic]
+    BUDGET_NOT_ENOUGH = "BUDGET_NOT_ENOUGH"  # send
+    COUNT_OVER_LIMIT = "COUNT_OVER_LIMIT"  # send
+    VOUCHER_NOT_EXIST = "VOUCHER_NOT_EXIST"  # user.queryvoucher
+    ACTIVITY_NOT_PERMISSION = "ACTIVITY_NOT_PERMISSION"  # user.queryvoucher
+    MERCHANT_RELATION_NOT_EXIST = "MERCHANT_RELATION_NOT_EXIST"  # user.queryvoucher
 
 
 def unwrapped_sub_code(sub_code: str, sub_msg: str) -> str:
-    """The business code behind Alipay's `unknown-sub-code` wrapper ("未知的错误码X"), else
+    """The business code behind Alipay's `unknown-sub-code` wrapper (sub_msg "未知的错误码X",
+    [DOCS] support/支付宝小程序/常见问题/未知的错误码MINI_APP_INFO_AUDIT_CONTAINS), else
     `sub_code` as given."""
     if sub_code == UNKNOWN_SUB_CODE:
         wrapped = _WRAPPED_SUB_CODE.search(sub_msg)
@@ -221,7 +288,8 @@ class AlipayApp:
         cls, *, app_id: str, private_key_file: Path, alipay_public_key_file: Path
     ) -> AlipayApp:
         """Load the keys from PEM (or Alipay's bare base64) files; a bad file is named in the
-        error, never quoted."""
+        error, never quoted. The app key may be PKCS#8 or PKCS#1 (what Alipay's key tool gives
+        non-Java merchants, and the only form [PY] SignatureUtils.sign_with_rsa2 reads)."""
         try:
             private_key = load_private_key(private_key_file.read_bytes())
         except ValueError as exc:
@@ -439,3 +507,23 @@ def cents(amount: str) -> int:
         raise ValueError(f"amount {amount[:20]!r} is not yuan with at most two decimals")
     whole, fraction = match.group(1), (match.group(2) or ".")[1:]
     return int(whole) * 100 + int(fraction.ljust(2, "0"))
+
+
+_DIGITS = re.compile(r"[0-9]{1,16}")
+
+
+def epoch_ms(moment: datetime) -> str:
+    """A message's time: epoch milliseconds as a string ("utc_timestamp ... 1514210452731",
+    "event_time ... 精确到毫秒 ... long型的时间戳字符串" [MSG])."""
+    return str(int(moment.timestamp() * 1000))
+
+
+def parse_epoch(text: str) -> datetime:
+    """A message's epoch time as an aware datetime. Milliseconds as documented; a value of at
+    most 11 digits is read as seconds, since the page's own event_time example (1619338271) is
+    in seconds though its text says milliseconds [MSG]."""
+    if not _DIGITS.fullmatch(text):
+        raise ValueError(f"time {text[:20]!r} is not an epoch number")
+    number = int(text)
+    seconds = number if len(text) <= 11 else number / 1000
+    return datetime.fromtimestamp(seconds, UTC)

@@ -1,92 +1,130 @@
-"""The simulator's Alipay face: the OpenAPI gateway at `/gateway.do` with the voucher APIs.
+"""The simulator's Alipay face: the OpenAPI gateway at `/gateway.do` with the payment voucher
+(支付券) activity family, and the used-voucher message.
 
-Served methods: alipay.marketing.cashlessvoucher.template.create (a template publishing at
-once), alipay.marketing.cashvoucher.template.create (a draft until its fund order is paid),
-alipay.marketing.voucher.templatedetail.query, alipay.marketing.voucher.template.delete,
-alipay.marketing.voucher.send and alipay.marketing.voucher.query. The gateway's own rules are
-in `protocol` (parameters, signatures, answer format, codes); this module checks them as
-Alipay does, in Alipay's order (method, then app_id, then the other common parameters, then the
-signature), and answers gateway refusals unsigned, business answers signed with the Alipay key.
+Served methods: alipay.marketing.activity.voucher.create (an activity, INIT), .publish (ACTIVE),
+.query, .stop (FINISHED), .send, and alipay.marketing.activity.user.queryvoucher; a voucher used
+at the till sends alipay.marketing.activity.message.used to the `callback_url` knob. The
+gateway's own rules are in `protocol` (parameters, signatures, answer format, codes); this module
+checks them as Alipay does, in Alipay's order (method, then app_id, then the other common
+parameters, then the signature), answers the gateway's refusals unsigned and business answers
+signed with the Alipay key. Each rule names its source (the short names are `protocol`'s);
+`docs/platforms/alipay.md` has the table.
 
-Documented behaviour followed (see also `protocol`): GET with a query string and POST
-with a form body are both accepted (python-alipay-sdk sends GET, Alipay's Java SDK POSTs);
-template fields (voucher_quantity, amount, floor_amount, publish_start_time,
-publish_end_time, voucher_valid_period, out_biz_no, notify_uri, voucher_description), their
-limits (cashless amount 1 to 999 yuan, publish window at most 90 days, starting at most 15
-days ahead) and statuses I/S/D/E; voucher.send by template_id + out_biz_no (a resend of a
-known out_biz_no answers the same voucher_id) to user_id (2088 and 12 digits) or open_id;
-voucher statuses ENABLED/USED/EXPIRED with a V_USE bill detail once used.
+Enforced as published:
+- create: voucher_type FIX_VOUCHER; fix_voucher.amount 0.1 to 3000 yuan with at most two
+  decimals, floor_amount optional ([PHP3] PaymentFixVoucher); voucher_quantity 1 to 99999999,
+  voucher_quantity_limit_per_user 0 (no limit) or more ([PHP3] PaymentVoucherSendRule);
+  publish_start_time/publish_end_time "yyyy-MM-dd HH:mm:ss", the end after the start, at most
+  180 days apart ([PHP3] AlipayMarketingActivityVoucherCreateModel); voucher_valid_period RELATIVE
+  with valid_days_after_receive > 0 ([JOLD] PaymentVoucherValidPeriod); available_merchant
+  available_pids or available_smids ("至少二选一", [PHP3] PaymentVoucherAvailableMerchant);
+  budget amount = face value x quantity when given ("总预算=优惠金额*总发券张数", [JOLD]
+  PaymentVoucherBudgetInfo).
+- Statuses: INIT until published, ACTIVE, FINISHED once stopped or past publish_end_time
+  ([JOLD] AlipayMarketingActivityVoucherQueryResponse); vouchers SENDED / USED / EXPIRED ([JOLD]
+  UserVoucherBaseInfo). Answers carry only the published fields ([PY] response classes): send
+  answers voucher_id alone, the voucher query names no use time.
+- Send refusals, each a published send code ([PHP3] AlipayMarketingActivityVoucherSend
+  ErrorResponseModel): ACTIVITY_NOT_ACTIVE (not published, or paused), ACTIVITY_NOT_START
+  (window not open), ACTIVITY_IS_STOPED, ACTIVITY_IS_END, BUDGET_NOT_ENOUGH, COUNT_OVER_LIMIT
+  (the per-user limit), SYSTEM_ERROR (the error knobs), INVALID_PARAMETER; queryvoucher answers
+  VOUCHER_NOT_EXIST for a voucher the user does not hold or the lag still hides.
+- Gateway refusals with their [ERR] codes; the frequency limit is 40005 isv.app-call-limited.
 
-Chosen where the documentation is silent or the simulator is narrower than Alipay:
-- publish_start_time/publish_end_time may be omitted: the template then publishes from its
-  creation for its validity days;
-- validity is RELATIVE only (duration in DAY, or HOUR/MINUTE adding up to whole days);
-- Alipay templates have no per-user limit: a user may hold as many vouchers as the template;
-- out_biz_no of a send is unique per app, not per template (stricter than Alipay);
-- a paused batch (only the control plane pauses; Alipay cannot) reads effective (S) and
-  refuses sends with TEMPLATE_PUBLISH_PAUSED; deleting a template that has sent vouchers is
-  refused (TEMPLATE_CANNOT_DELETE);
-- notifications go to the `callback_url` knob (not each template's notify_uri), form-encoded
-  and signed as Alipay signs its notifications; the business sub_codes are `SubCode`'s.
+Chosen where the documentation is silent (marked unconfirmed in the docs table):
+- Required fields: the ones the service relies on are refused when missing (activity_name,
+  out_biz_no, belong_merchant_info with this merchant's PID, the window, voucher_send_rule,
+  voucher_use_rule, voucher_display_info.brand_name); Alipay publishes no required marks for
+  支付券.
+- Only what the core can model: FIX_VOUCHER, NO_CASH, RELATIVE validity with no wait days,
+  LIFE_CYCLE per-user limits, a PID merchant; anything else is refused as INVALID_PARAMETER with
+  a message saying the simulator is narrower.
+- Users: the simulator's user_ids are 2088 and 12 digits; any other user_id is one Alipay does
+  not know (INVALID_PARAMETER). An open_id is known if it is 1 to 128 of [0-9A-Za-z_-];
+  another is openid-error (a signed 40004 sub_code; its v2 form is unconfirmed). Users in the
+  `restricted_users` knob are refused INVALID_PARAMETER (Alipay publishes no risk code for send).
+- An unknown activity is INVALID_PARAMETER (no ACTIVITY_NOT_EXIST is published); an out_biz_no
+  reused with other parameters too (the documented idempotency covers only "参数不变").
+  out_biz_no is unique per app (strict: the scope is not stated).
+- A paused activity (only the control plane pauses; Alipay has no pause call) reads PAUSE, as
+  activity.query publishes it; publish and stop apply at once (Alipay confirms them by message).
+- A voucher's validity ends at publish_end_time at the latest (the core's rule for every
+  platform); Alipay does not say whether RELATIVE validity is cut there.
+- The used message: the envelope of [MSG] with biz_content {id, activity_id, event_time (epoch
+  ms), voucher_id, user_id | open_id (user_id for the simulator's user_ids)}; each delivery is
+  stamped (utc_timestamp) and signed afresh, the same notify_id and biz_content.id.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import string
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import httpx
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Match, Route
+from starlette.types import Scope
 
 from coupons.platforms.alipay.protocol import (
+    ACTIVITY_ACTIVE,
+    ACTIVITY_CREATE,
+    ACTIVITY_FINISHED,
+    ACTIVITY_INIT,
+    ACTIVITY_PAUSE,
+    ACTIVITY_PUBLISH,
+    ACTIVITY_QUERY,
+    ACTIVITY_STOP,
     ALIPAY_PRIVATE_KEY,
-    ALIPAY_USER_ID,
+    AMOUNT_CENTS,
     APP_PUBLIC_KEY,
     BUSINESS_FAILED,
     CALL_LIMITED,
-    CASH_TEMPLATE_CREATE,
-    CASHLESS_FIX_VOUCHER,
-    CASHLESS_TEMPLATE_CREATE,
     CHARSET,
     CODE_MESSAGES,
     ERROR_RESPONSE,
+    FIX_VOUCHER,
     FORMAT,
+    GATEWAY_CODES,
     GATEWAY_PATH,
     INVALID_ARGUMENTS,
+    LIFE_CYCLE,
+    MAX_OUT_BIZ_NO,
+    MAX_PUBLISH_SPAN,
+    MERCHANT_PID,
+    MESSAGE_USED,
+    MESSAGE_VERSION,
     MISSING_ARGUMENTS,
+    NO_CASH,
     NOTIFY_SUCCESS,
+    OPEN_ID,
+    QUANTITY,
+    RELATIVE,
     SHANGHAI,
     SIGN_TYPE,
     SIM_APP_ID,
+    SIM_PID,
     SUCCESS,
-    TEMPLATE_DELETE,
-    TEMPLATE_DELETED,
-    TEMPLATE_DETAIL_QUERY,
-    TEMPLATE_DRAFT,
-    TEMPLATE_EFFECTIVE,
-    TEMPLATE_EXPIRED,
     UNAVAILABLE,
-    UNSIGNED_CODES,
-    V_USE,
+    USER_ID,
+    USER_QUERY_VOUCHER,
     VERSION,
-    VOUCHER_ENABLED,
     VOUCHER_EXPIRED,
-    VOUCHER_NOTIFY_TYPE,
-    VOUCHER_QUERY,
     VOUCHER_SEND,
+    VOUCHER_SENDED,
     VOUCHER_USED,
     SubCode,
     cents,
     ensure_test_keys,
+    epoch_ms,
     format_time,
     key_file,
     load_private_key,
@@ -107,44 +145,40 @@ from coupons.platforms.simcore.errors import SimError
 FORM = "application/x-www-form-urlencoded"
 # Alipay's gateway labels its JSON answers so (seen on the live gateway).
 ANSWER_TYPE = "text/html;charset=utf-8"
-CASH_VOUCHER = "FIX_VOUCHER"
-MAX_PUBLISH_SPAN = timedelta(days=90)
-MAX_START_AHEAD = timedelta(days=15)
-MAX_BRAND_NAME = 12
-MAX_OUT_BIZ_NO = 64
-MAX_OPEN_ID = 128
-# The cashless template's face value range, 1 to 999 yuan; a cash template's is at least 0.1.
-CASHLESS_AMOUNT = (100, 99_900)
-CASH_MIN_AMOUNT = 10
-_UNITS = {"DAY": 1, "HOUR": 24, "MINUTE": 24 * 60}
+# The simulator's users: Alipay user_ids as they are published today (2088 and 12 digits).
+SIM_USER_ID = re.compile(r"2088[0-9]{12}")
+OPEN_ID_FORM = re.compile(r"[0-9A-Za-z_-]{1,128}")
+PERIOD_TYPES = ("DAY", "WEEK", "MONTH", LIFE_CYCLE)
 
 _SIM_ERRORS: dict[str, tuple[str, str]] = {
     "INVALID_REQUEST": (BUSINESS_FAILED, SubCode.INVALID_PARAMETER),
-    "BATCH_NOT_FOUND": (BUSINESS_FAILED, SubCode.TEMPLATE_NOT_EXIST),
-    "BATCH_PAUSED": (BUSINESS_FAILED, SubCode.TEMPLATE_PAUSED),
-    "BATCH_NOT_STARTED": (BUSINESS_FAILED, SubCode.PUBLISH_NOT_STARTED),
+    "BATCH_NOT_FOUND": (BUSINESS_FAILED, SubCode.INVALID_PARAMETER),
+    "BATCH_PAUSED": (BUSINESS_FAILED, SubCode.ACTIVITY_NOT_ACTIVE),
+    "BATCH_NOT_STARTED": (BUSINESS_FAILED, SubCode.ACTIVITY_NOT_START),
+    "BATCH_STATE_INVALID": (BUSINESS_FAILED, SubCode.BIZ_ERROR),
     "BUDGET_EXHAUSTED": (BUSINESS_FAILED, SubCode.BUDGET_NOT_ENOUGH),
-    "USER_RESTRICTED": (BUSINESS_FAILED, SubCode.RISK_REJECTED),
-    "USER_LIMIT_REACHED": (BUSINESS_FAILED, SubCode.USER_SEND_LIMIT),
-    "IDEMPOTENCY_KEY_REUSED": (BUSINESS_FAILED, SubCode.OUT_BIZ_NO_REUSED),
+    "USER_RESTRICTED": (BUSINESS_FAILED, SubCode.INVALID_PARAMETER),
+    "USER_LIMIT_REACHED": (BUSINESS_FAILED, SubCode.COUNT_OVER_LIMIT),
+    "IDEMPOTENCY_KEY_REUSED": (BUSINESS_FAILED, SubCode.INVALID_PARAMETER),
     "COUPON_NOT_FOUND": (BUSINESS_FAILED, SubCode.VOUCHER_NOT_EXIST),
     "RATE_LIMITED": (CALL_LIMITED, SubCode.APP_CALL_LIMITED),
-    "SYSTEM_ERROR": (UNAVAILABLE, SubCode.SYSTEM_BUSY),
+    "SYSTEM_ERROR": (BUSINESS_FAILED, SubCode.SYSTEM_ERROR),
 }
-# Why a template does not send, by the batch's status (a running one would).
+# Why an activity does not send, by the core's status (a running one would).
 _NOT_SENDING = {
-    "created": SubCode.TEMPLATE_NOT_ACTIVE,
-    "stopped": SubCode.TEMPLATE_DELETED,
-    "expired": SubCode.TEMPLATE_EXPIRED,
+    "created": SubCode.ACTIVITY_NOT_ACTIVE,
+    "paused": SubCode.ACTIVITY_NOT_ACTIVE,
+    "stopped": SubCode.ACTIVITY_IS_STOPED,
+    "expired": SubCode.ACTIVITY_IS_END,
 }
-_TEMPLATE_STATUS = {
-    "created": TEMPLATE_DRAFT,
-    "running": TEMPLATE_EFFECTIVE,
-    "paused": TEMPLATE_EFFECTIVE,
-    "stopped": TEMPLATE_DELETED,
-    "expired": TEMPLATE_EXPIRED,
+_ACTIVITY_STATUS = {
+    "created": ACTIVITY_INIT,
+    "running": ACTIVITY_ACTIVE,
+    "paused": ACTIVITY_PAUSE,
+    "stopped": ACTIVITY_FINISHED,
+    "expired": ACTIVITY_FINISHED,
 }
-_VOUCHER_STATUS = {"sent": VOUCHER_ENABLED, "used": VOUCHER_USED, "expired": VOUCHER_EXPIRED}
+_VOUCHER_STATUS = {"sent": VOUCHER_SENDED, "used": VOUCHER_USED, "expired": VOUCHER_EXPIRED}
 
 
 class _Refusal(Exception):
@@ -181,6 +215,13 @@ def _text(biz: Mapping[str, Any], name: str, *, limit: int | None = None) -> str
     return value
 
 
+def _object(biz: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = biz.get(name)
+    if not isinstance(value, dict):
+        raise _invalid(f"{name} 不能为空")
+    return value
+
+
 def _amount(biz: Mapping[str, Any], name: str) -> int:
     value = biz.get(name)
     try:
@@ -189,20 +230,19 @@ def _amount(biz: Mapping[str, Any], name: str) -> int:
         raise _invalid(f"{name} 须为金额, 单位为元, 最多两位小数") from None
 
 
-def _quantity(biz: Mapping[str, Any], name: str) -> int:
+def _whole(biz: Mapping[str, Any], name: str, *, low: int, high: int | None = None) -> int:
     value = biz.get(name)
     if isinstance(value, str) and value.isdigit():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _invalid(f"{name} 须为大于 0 的整数")
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise _invalid(f"{name} 须为不小于 {low} 的整数")
+    if high is not None and value > high:
+        raise _invalid(f"{name} 不能大于 {high}")
     return value
 
 
-def _window_moment(biz: Mapping[str, Any], name: str) -> datetime | None:
-    """An optional publish time; absent is None, garbled is refused."""
+def _moment(biz: Mapping[str, Any], name: str) -> datetime:
     value = biz.get(name)
-    if value is None or value == "":
-        return None
     try:
         if isinstance(value, str):
             return parse_time(value).astimezone(UTC)
@@ -211,26 +251,24 @@ def _window_moment(biz: Mapping[str, Any], name: str) -> datetime | None:
     raise _invalid(f"{name} 格式须为 yyyy-MM-dd HH:mm:ss")
 
 
-def _valid_days(value: Any) -> int:
-    """A RELATIVE validity period in whole days; anything else the core cannot model."""
-    try:
-        period = json.loads(value) if isinstance(value, str) else None
-    except ValueError:
-        period = None
-    if not isinstance(period, dict):
-        raise _invalid("voucher_valid_period 须为 JSON 字符串")
-    if period.get("type") != "RELATIVE":
-        raise _invalid("voucher_valid_period: this simulator supports type RELATIVE only")
-    duration, per_day = period.get("duration"), _UNITS.get(str(period.get("unit")))
-    if isinstance(duration, bool) or not isinstance(duration, int) or duration < 1:
-        raise _invalid("voucher_valid_period.duration 须为大于 0 的整数")
-    if per_day is None or duration % per_day:
-        raise _invalid("voucher_valid_period: unit DAY, or HOUR/MINUTE adding up to whole days")
-    return duration // per_day
+def _user(biz: Mapping[str, Any]) -> tuple[str, str]:
+    """(the field, the id) of the user a request names: user_id or open_id, one of them."""
+    named = [field for field in (USER_ID, OPEN_ID) if biz.get(field) not in (None, "")]
+    if len(named) != 1:
+        raise _invalid("user_id 与 open_id 须二选一")
+    field = named[0]
+    user = biz[field]
+    if not isinstance(user, str):
+        raise _invalid(f"{field} 须为字符串")
+    if field == USER_ID and not SIM_USER_ID.fullmatch(user):
+        raise _invalid("user_id 不存在")  # a user Alipay does not know
+    if field == OPEN_ID and not OPEN_ID_FORM.fullmatch(user):
+        raise _Refusal(BUSINESS_FAILED, SubCode.OPENID_ERROR, "open_id 不属于当前应用")
+    return field, user
 
 
 def _user_fields(user: str) -> dict[str, str]:
-    return {"user_id": user} if ALIPAY_USER_ID.fullmatch(user) else {"open_id": user}
+    return {USER_ID: user} if SIM_USER_ID.fullmatch(user) else {OPEN_ID: user}
 
 
 def _voucher_name(batch: Mapping[str, Any]) -> str:
@@ -242,186 +280,214 @@ def _shanghai(iso_time: str) -> str:
     return format_time(datetime.fromisoformat(iso_time))
 
 
+def _activity(sim: Simulator, biz: Mapping[str, Any]) -> dict[str, Any]:
+    activity_id = _text(biz, "activity_id", limit=128)
+    try:
+        return sim.batch(activity_id)
+    except SimError:
+        raise _invalid("活动不存在") from None
+
+
 # ---------------------------------------------------------------- methods
 
 
-Method = Callable[[Simulator, Request, dict[str, Any]], Awaitable[dict[str, Any]]]
+Method = Callable[[Simulator, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
-def _create_template(cash: bool) -> Method:
-    async def create(sim: Simulator, request: Request, biz: dict[str, Any]) -> dict[str, Any]:
-        voucher_type = CASH_VOUCHER if cash else CASHLESS_FIX_VOUCHER
-        if biz.get("voucher_type") != voucher_type:
-            raise _invalid(f"voucher_type 须为 {voucher_type}")
-        brand_name = _text(biz, "brand_name", limit=MAX_BRAND_NAME)
-        amount, floor = _amount(biz, "amount"), _amount(biz, "floor_amount")
-        if cash and amount < CASH_MIN_AMOUNT:
-            raise _invalid("amount 不能小于 0.1")
-        if not cash and not CASHLESS_AMOUNT[0] <= amount <= CASHLESS_AMOUNT[1]:
-            raise _invalid("amount 有效范围为 1~999")
-        quantity = _quantity(biz, "voucher_quantity")
-        valid_days = _valid_days(biz.get("voucher_valid_period"))
-        out_biz_no = _text(biz, "out_biz_no", limit=MAX_OUT_BIZ_NO)
-        starts_at = _window_moment(biz, "publish_start_time")
-        ends_at = _window_moment(biz, "publish_end_time")
-        now = sim.now()
-        begins = starts_at or now
-        ends = ends_at or begins + timedelta(days=valid_days)
-        if begins > now + MAX_START_AHEAD:
-            raise _invalid("发放开始时间不能大于当前时间15天")
-        if ends <= begins:
-            raise _invalid("发放结束时间必须晚于发放开始时间")
-        if ends - begins > MAX_PUBLISH_SPAN:
-            raise _invalid("发放结束时间和发放开始时间跨度不能大于90天")
-        description = biz.get("voucher_description")
-        if description is not None:
-            try:
-                described = json.loads(description) if isinstance(description, str) else None
-            except ValueError:
-                described = None
-            if not isinstance(described, list):
-                raise _invalid("voucher_description 须为 JSON 数组字符串")
-        extra = {
-            "voucher_type": voucher_type,
-            **{
-                name: biz[name]
-                for name in ("voucher_description", "notify_uri", "rule_conf")
-                if isinstance(biz.get(name), str)
-            },
-        }
-        terms = {
-            "name": brand_name,
-            "face_value_cents": amount,
-            "min_spend_cents": floor,
-            "quantity": quantity,
-            "valid_days": valid_days,
-            # No per-user limit on Alipay templates: a user may hold all of them.
-            "per_user_limit": quantity,
-        }
-        batch, _created = sim.create_batch(out_biz_no, terms, starts_at, ends_at, extra)
-        # A cashless template publishes at once (also after a crash between the two steps);
-        # a cash one waits for its fund order to be paid.
-        if not cash and batch["status"] == "created":
-            batch = sim.change_batch(batch["batch_id"], "start")
-        template_id = batch["batch_id"]
-        if not cash:
-            return {"template_id": template_id}
-        return {
-            "template_id": template_id,
-            "fund_order_no": f"2{template_id[:8]}{template_id[-18:-2]}",
-            # Paying is the operator's PUT {"status": "running"} on the control plane.
-            "confirm_uri": str(request.base_url) + f"sim/batches/{template_id}",
-        }
-
-    return create
+def _valid_days(use_rule: Mapping[str, Any]) -> int:
+    period = _object(use_rule, "voucher_valid_period")
+    if period.get("type") != RELATIVE:
+        raise _invalid("voucher_valid_period.type: this simulator supports RELATIVE only")
+    if period.get("wait_days_after_receive") not in (None, 0, "0"):
+        raise _invalid("wait_days_after_receive: this simulator supports 0 only")
+    return _whole(period, "valid_days_after_receive", low=1)
 
 
-async def _template_detail(sim: Simulator, request: Request, biz: dict[str, Any]) -> dict[str, Any]:
-    batch = sim.batch(_text(biz, "template_id"))
-    face = batch["face_value_cents"]
-    published = batch["quantity"] - batch["remaining"]
-    # The core's own record of uses (its flow), counted; Alipay publishes no such file.
-    used = sim.flow(batch["batch_id"], "used").records
-    return {
-        "template_id": batch["batch_id"],
-        "voucher_name": _voucher_name(batch),
-        "voucher_type": batch["extra"].get("voucher_type", CASHLESS_FIX_VOUCHER),
-        "status": _TEMPLATE_STATUS[batch["status"]],
-        "amount": yuan(face),
-        "floor_amount": yuan(batch["min_spend_cents"]),
-        "voucher_quantity": batch["quantity"],
-        "total_amount": yuan(face * batch["quantity"]),
-        "publish_count": published,
-        "publish_amount": yuan(face * published),
-        "used_count": used,
-        "used_amount": yuan(face * used),
-        "recycle_amount": "0.00",
-        "publish_start_time": _shanghai(batch["starts_at"]),
-        "publish_end_time": _shanghai(batch["ends_at"]),
-        "voucher_valid_period": json.dumps(
-            {"type": "RELATIVE", "duration": batch["valid_days"], "unit": "DAY"},
-            separators=(",", ":"),
-        ),
-        "voucher_description": batch["extra"].get("voucher_description", "[]"),
+def _per_user_limit(send_rule: Mapping[str, Any]) -> int:
+    period = send_rule.get("voucher_quantity_limit_per_user_period_type", LIFE_CYCLE)
+    if period not in PERIOD_TYPES:
+        raise _invalid(f"voucher_quantity_limit_per_user_period_type 须为 {'/'.join(PERIOD_TYPES)}")
+    if period != LIFE_CYCLE:
+        raise _invalid("voucher_quantity_limit_per_user_period_type: this simulator: LIFE_CYCLE")
+    if send_rule.get("voucher_quantity_limit_per_user") in (None, ""):
+        return 0
+    return _whole(send_rule, "voucher_quantity_limit_per_user", low=0)
+
+
+async def _create(sim: Simulator, biz: dict[str, Any]) -> dict[str, Any]:
+    if biz.get("voucher_type") != FIX_VOUCHER:
+        raise _invalid(f"voucher_type: this simulator creates {FIX_VOUCHER} only")
+    name = _text(biz, "activity_name")
+    out_biz_no = _text(biz, "out_biz_no", limit=MAX_OUT_BIZ_NO)
+    owner = _object(biz, "belong_merchant_info")
+    if owner.get("merchant_id_type") != MERCHANT_PID or owner.get("merchant_id") != SIM_PID:
+        raise _invalid(f"belong_merchant_info: merchant_id_type PID, merchant_id {SIM_PID}")
+    starts_at = _moment(biz, "publish_start_time")
+    ends_at = _moment(biz, "publish_end_time")
+    if ends_at <= starts_at:
+        raise _invalid("publish_end_time 须晚于 publish_start_time")
+    if ends_at - starts_at > MAX_PUBLISH_SPAN:
+        raise _invalid("publish_end_time 与 publish_start_time 间隔必须小于等于180天")
+    send_rule = _object(biz, "voucher_send_rule")
+    quantity = _whole(send_rule, "voucher_quantity", low=QUANTITY[0], high=QUANTITY[1])
+    per_user = _per_user_limit(send_rule)
+    use_rule = _object(biz, "voucher_use_rule")
+    fix = _object(use_rule, "fix_voucher")
+    amount = _amount(fix, "amount")
+    if not AMOUNT_CENTS[0] <= amount <= AMOUNT_CENTS[1]:
+        raise _invalid("amount 取值范围: 0.1<=x<=3000")
+    floor = _amount(fix, "floor_amount") if fix.get("floor_amount") not in (None, "") else 0
+    valid_days = _valid_days(use_rule)
+    scope = _object(use_rule, "available_merchant")
+    merchants = [scope.get("available_pids"), scope.get("available_smids")]
+    if not any(isinstance(listed, list) and listed for listed in merchants):
+        raise _invalid("available_pids 和 available_smids 至少二选一")
+    budget = biz.get("voucher_budget_info")
+    if budget is not None:
+        if not isinstance(budget, dict) or budget.get("budget_type") != NO_CASH:
+            raise _invalid(f"voucher_budget_info.budget_type: this simulator: {NO_CASH} only")
+        given = budget.get("amount") not in (None, "")
+        if given and _amount(budget, "amount") != amount * quantity:
+            raise _invalid("voucher_budget_info.amount 须为 优惠金额*总发券张数")
+    display = _object(biz, "voucher_display_info")
+    _text(display, "brand_name")
+    terms = {
+        "name": name,
+        "face_value_cents": amount,
+        "min_spend_cents": floor,
+        "quantity": quantity,
+        "valid_days": valid_days,
+        # "不填写或填入0表示没有领取限制": a user may hold all of them.
+        "per_user_limit": per_user or quantity,
     }
+    # What the query answers beyond the core's terms, and what a retry is compared with.
+    extra = {
+        "belong_merchant_info": dict(owner),
+        "voucher_display_info": dict(display),
+        "available_merchant": dict(scope),
+        "voucher_quantity_limit_per_user": per_user,
+    }
+    batch, _created = sim.create_batch(out_biz_no, terms, starts_at, ends_at, extra)
+    return {"activity_id": batch["batch_id"]}
 
 
-async def _template_delete(sim: Simulator, request: Request, biz: dict[str, Any]) -> dict[str, Any]:
-    batch = sim.batch(_text(biz, "template_id"))
-    status = batch["status"]
-    if status == "stopped":
-        return {}
-    if status == "expired":
-        raise _Refusal(BUSINESS_FAILED, SubCode.TEMPLATE_EXPIRED, "模板已过期")
-    if batch["quantity"] > batch["remaining"]:
-        raise _Refusal(BUSINESS_FAILED, SubCode.TEMPLATE_CANNOT_DELETE, "已发放券的模板不能删除")
-    sim.change_batch(batch["batch_id"], "stop")
+async def _publish(sim: Simulator, biz: dict[str, Any]) -> dict[str, Any]:
+    activity = _activity(sim, biz)
+    _text(biz, "out_biz_no", limit=MAX_OUT_BIZ_NO)
+    status = activity["status"]
+    if status in ("stopped", "expired"):
+        raise _Refusal(BUSINESS_FAILED, SubCode.BIZ_ERROR, "活动已结束, 不能激活")
+    if status == "paused":
+        raise _Refusal(BUSINESS_FAILED, SubCode.BIZ_ERROR, "活动已暂停, 不能激活")
+    if status == "created":
+        sim.change_batch(activity["batch_id"], "start")
+    # recharge_url is for RECHARGE activities only; a NO_CASH one has nothing to pay.
     return {}
 
 
-async def _send(sim: Simulator, request: Request, biz: dict[str, Any]) -> dict[str, Any]:
-    template_id = _text(biz, "template_id")
+async def _stop(sim: Simulator, biz: dict[str, Any]) -> dict[str, Any]:
+    activity = _activity(sim, biz)
+    _text(biz, "out_biz_no", limit=MAX_OUT_BIZ_NO)
+    if activity["status"] not in ("stopped", "expired"):  # FINISHED already: nothing to do
+        sim.change_batch(activity["batch_id"], "stop")
+    return {}
+
+
+async def _query(sim: Simulator, biz: dict[str, Any]) -> dict[str, Any]:
+    batch = _activity(sim, biz)
+    extra = batch["extra"]
+    face, quantity = batch["face_value_cents"], batch["quantity"]
+    sent = quantity - batch["remaining"]
+    # The core's own record of uses (its flow), counted; Alipay publishes no such file.
+    used = sim.flow(batch["batch_id"], "used").records
+    fix = {"amount": yuan(face)}
+    if batch["min_spend_cents"]:
+        fix["floor_amount"] = yuan(batch["min_spend_cents"])
+    return {
+        "activity_id": batch["batch_id"],
+        "activity_name": batch["name"],
+        "activity_status": _ACTIVITY_STATUS[batch["status"]],
+        "belong_merchant_info": extra.get("belong_merchant_info", {}),
+        "publish_start_time": _shanghai(batch["starts_at"]),
+        "publish_end_time": _shanghai(batch["ends_at"]),
+        "voucher_type": FIX_VOUCHER,
+        "voucher_send_rule": {
+            "voucher_quantity": quantity,
+            "voucher_quantity_limit_per_user": extra.get("voucher_quantity_limit_per_user", 0),
+            "voucher_quantity_limit_per_user_period_type": LIFE_CYCLE,
+        },
+        "voucher_use_rule": {
+            "fix_voucher": fix,
+            "voucher_valid_period": {
+                "type": RELATIVE,
+                "valid_days_after_receive": batch["valid_days"],
+            },
+        },
+        "voucher_budget_info": {"budget_type": NO_CASH, "amount": yuan(face * quantity)},
+        "voucher_display_info": extra.get("voucher_display_info", {}),
+        "summary": {"publish_count": sent, "used_count": used},
+        "voucher_inventory_info": {"send_count": sent, "use_count": used},
+    }
+
+
+async def _send(sim: Simulator, biz: dict[str, Any]) -> dict[str, Any]:
+    activity = _activity(sim, biz)
     out_biz_no = _text(biz, "out_biz_no", limit=MAX_OUT_BIZ_NO)
-    user_id, open_id = biz.get("user_id"), biz.get("open_id")
-    if isinstance(user_id, str) and user_id:
-        if not ALIPAY_USER_ID.fullmatch(user_id):
-            raise _Refusal(BUSINESS_FAILED, SubCode.USER_NOT_EXIST, "用户不存在")
-        user = user_id
-    elif isinstance(open_id, str) and open_id:
-        user = _text(biz, "open_id", limit=MAX_OPEN_ID)
-    elif biz.get("login_id") or biz.get("taobao_nick"):
-        raise _invalid("this simulator knows users by user_id or open_id only")
-    else:
-        raise _invalid("user_id, open_id, login_id, taobao_nick 不能同时为空")
+    _field, user = _user(biz)
     try:
-        coupon, _created = await sim.send(template_id, user, out_biz_no)
+        coupon, _created = await sim.send(activity["batch_id"], user, out_biz_no)
     except SimError as exc:
         if exc.code != "BATCH_NOT_RUNNING":
             raise
-        status = sim.batch(template_id)["status"]
+        status = sim.batch(activity["batch_id"])["status"]
         raise _Refusal(
-            BUSINESS_FAILED, _NOT_SENDING.get(status, SubCode.TEMPLATE_NOT_ACTIVE), exc.message
+            BUSINESS_FAILED, _NOT_SENDING.get(status, SubCode.ACTIVITY_NOT_ACTIVE), exc.message
         ) from None
-    return {"voucher_id": coupon["coupon_id"], **_user_fields(coupon["user_id"])}
+    return {"voucher_id": coupon["coupon_id"]}
 
 
-async def _voucher_query(sim: Simulator, request: Request, biz: dict[str, Any]) -> dict[str, Any]:
-    coupon = sim.lookup(_text(biz, "voucher_id"), None)
+async def _query_voucher(sim: Simulator, biz: dict[str, Any]) -> dict[str, Any]:
+    voucher_id = _text(biz, "voucher_id", limit=64)
+    _field, user = _user(biz)
+    coupon = sim.lookup(voucher_id, user)
+    asked_activity = biz.get("activity_id")
+    if asked_activity not in (None, "", coupon["batch_id"]):
+        raise _Refusal(BUSINESS_FAILED, SubCode.VOUCHER_NOT_EXIST, "用户券不存在")
     batch = sim.batch(coupon["batch_id"])
     status = _VOUCHER_STATUS[coupon["status"]]
-    face = batch["face_value_cents"]
-    answer: dict[str, Any] = {
-        "voucher_id": coupon["coupon_id"],
-        "template_id": coupon["batch_id"],
-        "status": status,
-        **_user_fields(coupon["user_id"]),
-        "name": _voucher_name(batch),
-        "total_amount": yuan(face),
-        "available_amount": yuan(face if status == VOUCHER_ENABLED else 0),
-        "available": status == VOUCHER_ENABLED,
-        "gmt_create": _shanghai(coupon["sent_at"]),
-        "gmt_active": _shanghai(coupon["sent_at"]),
-        "gmt_expired": _shanghai(coupon["valid_until"]),
+    sent_at, valid_until = _shanghai(coupon["sent_at"]), _shanghai(coupon["valid_until"])
+    name = _voucher_name(batch)
+    merchant = batch["extra"].get("belong_merchant_info", {}).get("merchant_id", SIM_PID)
+    return {
+        "activity_id": coupon["batch_id"],
+        "voucher_status": status,
+        "voucher_name": name,
+        "voucher_type": FIX_VOUCHER,
+        "available_begin_time": sent_at,
+        "available_end_time": valid_until,
+        "create_time": sent_at,
+        "belong_merchant_id": merchant,
+        "user_voucher_base_info": {
+            "voucher_id": coupon["coupon_id"],
+            "voucher_name": name,
+            "voucher_status": status,
+            "valid_begin_time": sent_at,
+            "valid_end_time": valid_until,
+            "create_time": sent_at,
+            "voucher_max_use_times": 1,
+            "voucher_used_times": 1 if status == VOUCHER_USED else 0,
+            "belong_merchant_id": merchant,
+        },
     }
-    if coupon["used_at"] is not None:
-        answer["bill_details"] = [
-            {
-                "amount": yuan(face),
-                "biz_type": V_USE,
-                "gmt_create": _shanghai(coupon["used_at"]),
-                "status": "S",
-            }
-        ]
-    return answer
 
 
 _METHODS: dict[str, Method] = {
-    CASHLESS_TEMPLATE_CREATE: _create_template(cash=False),
-    CASH_TEMPLATE_CREATE: _create_template(cash=True),
-    TEMPLATE_DETAIL_QUERY: _template_detail,
-    TEMPLATE_DELETE: _template_delete,
+    ACTIVITY_CREATE: _create,
+    ACTIVITY_PUBLISH: _publish,
+    ACTIVITY_QUERY: _query,
+    ACTIVITY_STOP: _stop,
     VOUCHER_SEND: _send,
-    VOUCHER_QUERY: _voucher_query,
+    USER_QUERY_VOUCHER: _query_voucher,
 }
 
 
@@ -430,6 +496,19 @@ _METHODS: dict[str, Method] = {
 
 def _digits(count: int) -> str:
     return "".join(secrets.choice(string.digits) for _ in range(count))
+
+
+class _GatewayRoute(Route):
+    """`/gateway.do`, also when the request line names it in absolute form (`POST
+    http://host/gateway.do?... HTTP/1.1`), which RFC 9112 section 3.2.2 has every server accept
+    and Alipay's Python SDK sends ([PY] util/WebUtils.get_http_connection passes the whole URL
+    to http.client); uvicorn's h11 protocol leaves that URL in the ASGI path."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        path = scope.get("path", "")
+        if scope.get("type") == "http" and path.startswith(("http://", "https://")):
+            scope = {**scope, "path": urlsplit(path).path}
+        return super().matches(scope)
 
 
 class AlipayFace:
@@ -455,7 +534,7 @@ class AlipayFace:
         async def gateway(request: Request) -> Response:
             return await self._gateway(sim, request)
 
-        return [Route(GATEWAY_PATH, sim.protocol(self, gateway), methods=["GET", "POST"])]
+        return [_GatewayRoute(GATEWAY_PATH, sim.protocol(self, gateway), methods=["GET", "POST"])]
 
     async def _gateway(self, sim: Simulator, request: Request) -> Response:
         key = ERROR_RESPONSE
@@ -472,11 +551,7 @@ class AlipayFace:
             biz = _biz_content(params)
             return self._answer(
                 key,
-                {
-                    "code": SUCCESS,
-                    "msg": CODE_MESSAGES[SUCCESS],
-                    **await handler(sim, request, biz),
-                },
+                {"code": SUCCESS, "msg": CODE_MESSAGES[SUCCESS], **await handler(sim, biz)},
             )
         except _Refusal as refusal:
             return self._refusal(key, refusal)
@@ -486,7 +561,9 @@ class AlipayFace:
             return self._refusal(key, _sim_refusal(exc))
 
     def _check_common(self, params: Mapping[str, str]) -> None:
-        """The common parameters and the signature, in the order the gateway checks them."""
+        """The common parameters and the signature, in the order the gateway checks them. The
+        timestamp's format only: [PY] stamps the machine's local time, not Beijing time, and
+        Alipay publishes no allowed skew."""
         app_id = params.get("app_id", "")
         if not app_id:
             raise _missing(SubCode.MISSING_APP_ID, "缺少AppID参数")
@@ -518,7 +595,7 @@ class AlipayFace:
             raise _bad(SubCode.INVALID_SIGNATURE, "无效签名")
 
     def _answer(self, key: str, payload: Mapping[str, Any]) -> Response:
-        signer = None if payload["code"] in UNSIGNED_CODES else self._alipay_key
+        signer = None if payload["code"] in GATEWAY_CODES else self._alipay_key
         return Response(response_text(key, payload, signer).encode(), media_type=ANSWER_TYPE)
 
     def _refusal(self, key: str, refusal: _Refusal) -> Response:
@@ -542,43 +619,47 @@ class AlipayFace:
         return self._refusal(ERROR_RESPONSE, _sim_refusal(error))
 
     def new_batch_id(self) -> str:
-        # Like Alipay's template ids: the date, digits, two letters (28 characters).
-        date = datetime.now(UTC).astimezone(SHANGHAI).strftime("%Y%m%d")
-        letters = "".join(secrets.choice(string.ascii_uppercase) for _ in range(2))
-        return f"{date}{_digits(18)}{letters}"
-
-    def new_coupon_id(self) -> str:
+        # Like Alipay's activity ids ("2016042700826004508401111111": 28 digits).
         date = datetime.now(UTC).astimezone(SHANGHAI).strftime("%Y%m%d")
         return f"{date}{_digits(20)}"
 
-    # -- notifications ----------------------------------------------------------
+    def new_coupon_id(self) -> str:
+        # Like Alipay's voucher ids ("2021072900073002214009f8qhr3": 28 characters).
+        date = datetime.now(UTC).astimezone(SHANGHAI).strftime("%Y%m%d")
+        tail = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(6))
+        return f"{date}{_digits(14)}{tail}"
+
+    # -- the used-voucher message --------------------------------------------------
 
     def notification(self, notification_id: str, coupon: Mapping[str, Any], now: datetime) -> bytes:
+        used_at = datetime.fromisoformat(coupon["used_at"])
+        biz = {
+            "id": f"used_{coupon['coupon_id']}",
+            "activity_id": coupon["batch_id"],
+            "event_time": epoch_ms(used_at),
+            "voucher_id": coupon["coupon_id"],
+            **_user_fields(coupon["user_id"]),
+        }
         params = {
             "notify_id": notification_id,
-            # The real clock, not the simulator's: `clock_offset_s` moves coupon validity, and
-            # a receiver's freshness check must see when the notification was made.
-            "notify_time": format_time(datetime.now(UTC)),
-            "notify_type": VOUCHER_NOTIFY_TYPE,
+            "utc_timestamp": epoch_ms(datetime.now(UTC)),
+            "msg_method": MESSAGE_USED,
             "app_id": SIM_APP_ID,
+            "version": MESSAGE_VERSION,
             "charset": CHARSET,
-            "version": VERSION,
             "sign_type": SIGN_TYPE,
-            "biz_type": V_USE,
-            "voucher_id": coupon["coupon_id"],
-            "template_id": coupon["batch_id"],
-            **_user_fields(coupon["user_id"]),
-            "gmt_biz": _shanghai(coupon["used_at"]),
+            "biz_content": json.dumps(biz, ensure_ascii=False, separators=(",", ":")),
         }
         return self._signed_form(params, self._alipay_key)
 
     def delivery_body(self, body: bytes) -> bytes:
-        """The stored notification as one delivery attempt sends it: Alipay's notify_time is
-        when a notification is sent, and the signature covers it, so each attempt is stamped
-        and signed afresh (same notify_id), and a receiver's freshness check holds for a retry
-        hours later."""
+        """The stored message as one delivery attempt sends it: utc_timestamp is "消息发送时的
+        服务端时间" and the signature covers it, so each attempt is stamped and signed afresh
+        (the same notify_id and biz_content), and a receiver's freshness check holds for a
+        retry hours later. The real clock, not the simulator's: `clock_offset_s` moves coupon
+        validity, not when a message leaves."""
         params = dict(parse_qsl(body.decode(), keep_blank_values=True))
-        params["notify_time"] = format_time(datetime.now(UTC))
+        params["utc_timestamp"] = epoch_ms(datetime.now(UTC))
         return self._signed_form(params, self._alipay_key)
 
     @staticmethod
@@ -592,13 +673,15 @@ class AlipayFace:
 
     def forged(self, body: bytes, n: int) -> tuple[bytes, dict[str, str]]:
         """The genuine fields signed with a wrong key, or the genuine signature over a tampered
-        field (a new notify_id, so a receiver cannot hide an acceptance behind its duplicate
-        check)."""
+        biz_content (a new event id, so a receiver cannot hide an acceptance behind its
+        duplicate check)."""
         params = dict(parse_qsl(body.decode(), keep_blank_values=True))
         if n % 2 == 0:
             content = self._signed_form(params, self._wrong_key)
         else:
-            content = urlencode({**params, "notify_id": f"ntf_{uuid.uuid4().hex}"}).encode()
+            biz = {**json.loads(params["biz_content"]), "id": f"used_{uuid.uuid4().hex}"}
+            tampered = {**params, "biz_content": json.dumps(biz, separators=(",", ":"))}
+            content = urlencode(tampered).encode()
         return content, self.delivery_headers(content)
 
     def acknowledged(self, response: httpx.Response) -> bool:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from coupons.platforms.alipay.protocol import (
     ALIPAY_PRIVATE_KEY,
@@ -20,11 +21,13 @@ from coupons.platforms.alipay.protocol import (
     AlipayApp,
     cents,
     ensure_test_keys,
+    epoch_ms,
     format_time,
     key_file,
     load_private_key,
     load_public_key,
     notify_sign_content,
+    parse_epoch,
     parse_time,
     request_sign_content,
     response_key,
@@ -128,15 +131,15 @@ def test_signed_request_verifies_and_any_change_breaks_it(keys_dir: Path) -> Non
     app = sim_app(keys_dir)
     app_public = load_public_key(key_file(keys_dir, APP_PUBLIC_KEY).read_bytes())
     params = signed_request(
-        app, VOUCHER_SEND, {"template_id": "T1", "user_id": "2088"}, datetime.now(UTC)
+        app, VOUCHER_SEND, {"activity_id": "A1", "user_id": "2088"}, datetime.now(UTC)
     )
-    tampered = {**params, "biz_content": params["biz_content"].replace("T1", "T2")}
+    tampered = {**params, "biz_content": params["biz_content"].replace("A1", "A2")}
     flipped = (
         params["sign"][:10] + ("A" if params["sign"][10] != "A" else "B") + params["sign"][11:]
     )
 
     assert params["sign_type"] == "RSA2" and params["charset"] == "utf-8"
-    assert json.loads(params["biz_content"]) == {"template_id": "T1", "user_id": "2088"}
+    assert json.loads(params["biz_content"]) == {"activity_id": "A1", "user_id": "2088"}
     assert rsa2_verify(app_public, request_sign_content(params), params["sign"])
     assert not rsa2_verify(app_public, request_sign_content(tampered), params["sign"])
     assert not rsa2_verify(app_public, request_sign_content(params), flipped)
@@ -156,7 +159,7 @@ def test_an_answer_is_signed_over_the_exact_text_of_its_response_member(keys_dir
     members = top_level_members(text)
     member_text, value = members[key]
 
-    assert key == "alipay_marketing_voucher_send_response"
+    assert key == "alipay_marketing_activity_voucher_send_response"
     assert value == payload
     assert member_text == json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
     assert rsa2_verify(alipay_public, member_text, members["sign"][1])
@@ -195,8 +198,46 @@ def test_amounts_are_yuan_with_two_decimals() -> None:
 
 
 def test_the_unknown_sub_code_wrapper_is_read_through() -> None:
-    assert unwrapped_sub_code("unknown-sub-code", "未知的错误码BUDGET_NOT_ENOUGH_ERROR") == (
-        "BUDGET_NOT_ENOUGH_ERROR"
+    # The wrapper as Alipay's own support pages show it (AlipayDocs/open-docs).
+    assert unwrapped_sub_code("unknown-sub-code", "未知的错误码BUDGET_NOT_ENOUGH") == (
+        "BUDGET_NOT_ENOUGH"
     )
     assert unwrapped_sub_code("unknown-sub-code", "系统繁忙") == "unknown-sub-code"
-    assert unwrapped_sub_code("TEMPLATE_EXPIRED", "未知的错误码X") == "TEMPLATE_EXPIRED"
+    assert unwrapped_sub_code("ACTIVITY_IS_END", "未知的错误码X") == "ACTIVITY_IS_END"
+
+
+def test_message_times_are_epoch_milliseconds_and_seconds_are_read_too() -> None:
+    moment = datetime(2021, 4, 25, 8, 11, 11, 731_000, tzinfo=UTC)
+
+    assert epoch_ms(moment) == "1619338271731"
+    assert parse_epoch("1619338271731") == moment
+    # The message page's own event_time example is in seconds, though it says milliseconds.
+    assert parse_epoch("1619338271") == moment.replace(microsecond=0)
+    for garbled in ("", "-1", "1.5", "16193382717310000000", "2021-04-25 16:11:11"):
+        with pytest.raises(ValueError):
+            parse_epoch(garbled)
+
+
+@pytest.mark.parametrize("armour", [True, False], ids=["pem", "bare-base64"])
+def test_a_pkcs1_app_key_as_alipays_key_tool_gives_it_loads(
+    keys_dir: Path, tmp_path: Path, armour: bool
+) -> None:
+    """Alipay's key tool gives non-Java merchants a PKCS#1 key, as bare base64."""
+    app_key = load_private_key(key_file(keys_dir, APP_PRIVATE_KEY).read_bytes())
+    pem = app_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    ).decode()
+    assert pem.startswith("-----BEGIN RSA PRIVATE KEY-----")
+    text = pem if armour else "".join(line for line in pem.splitlines() if "-----" not in line)
+    (tmp_path / "app_private_key.txt").write_text(text)
+
+    app = AlipayApp.from_files(
+        app_id=SIM_APP_ID,
+        private_key_file=tmp_path / "app_private_key.txt",
+        alipay_public_key_file=key_file(keys_dir, ALIPAY_PUBLIC_KEY),
+    )
+
+    app_public = load_public_key(key_file(keys_dir, APP_PUBLIC_KEY).read_bytes())
+    assert rsa2_verify(app_public, "content", rsa2_sign(app.private_key, "content"))
