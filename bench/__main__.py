@@ -44,7 +44,7 @@ from coupons.config import PLATFORMS, Settings
 from coupons.embedded import ManagedProcess, free_port
 from coupons.ledger import db
 from coupons.platforms.configured import make_platform
-from coupons.stack import Stack
+from coupons.stack import HARNESS_SIMULATOR_KNOBS, Stack
 from coupons.temporal import connect
 
 log = logging.getLogger("bench")
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     data_dir = Path(tempfile.mkdtemp(prefix="coupons-bench-"))
     settings = bench_settings(data_dir, size, args.platform)
-    stack = Stack(settings, demo=False, api=True)
+    stack = Stack(settings, demo=False, api=True, simulator_knobs=HARNESS_SIMULATOR_KNOBS)
     floor_worker = floor_worker_process(settings, dict(os.environ), data_dir / "logs")
     ok = False
     try:

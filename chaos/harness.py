@@ -43,7 +43,7 @@ from coupons.ledger.campaigns import Batch, get_batch, get_campaign
 from coupons.ledger.claims import ClaimRefused
 from coupons.model import CouponStatus, ReconcileInput, ReconcileReport, TaskCompletion
 from coupons.platforms.configured import make_platform
-from coupons.stack import Stack
+from coupons.stack import HARNESS_SIMULATOR_KNOBS, Stack
 from coupons.temporal import connect
 from workflows.user_coupon import UserCouponWorkflow
 
@@ -87,7 +87,9 @@ class Harness:
             # made quick so a start lost to an outage does not outlast the run.
             claim_repair_after_s=5.0,
         ).check()
-        self.stack = Stack(self.settings, demo=False, api=api)
+        self.stack = Stack(
+            self.settings, demo=False, api=api, simulator_knobs=HARNESS_SIMULATOR_KNOBS
+        )
         # Set while a scenario takes the worker down on purpose.
         self.worker_down_on_purpose = False
         self.worker_restarts: list[str] = []

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -369,13 +370,31 @@ async def new_tenant_key(url: str) -> str:
     return key.api_key
 
 
-@pytest.mark.parametrize("platform", ["wechat", "alipay"])
-def test_each_platform_protocol_runs_the_whole_lifecycle(tmp_path: Path, platform: str) -> None:
+@pytest.mark.parametrize(
+    ("platform", "platform_keys"),
+    [
+        ("wechat", "public_key"),
+        ("wechat", "certificates"),
+        ("wechat", "switching"),
+        ("alipay", None),
+    ],
+)
+def test_each_platform_protocol_runs_the_whole_lifecycle(
+    tmp_path: Path, platform: str, platform_keys: str | None
+) -> None:
     """`PLATFORM=wechat|alipay make run`: the simulator speaks that protocol with the test
     merchant it generated, and batch, claim, task, issue, the redemption callback and
-    reconciliation all go through the platform's own adapter."""
+    reconciliation all go through the platform's own adapter. WeChat Pay three times: a
+    merchant on its public key, one on platform certificates, one in the middle of the switch
+    (notifications signed by either key); each batch valid 30 days, so each coupon's validity
+    must be its stock's window."""
     data = tmp_path / "data"
     stack = RunningStack(data, platform)
+    if platform_keys is not None:
+        stack.env["WECHAT_PLATFORM_KEYS"] = platform_keys
+        # The platform's wait for a new stock, shortened: the catalog still waits it out.
+        stack.env["SIM_WECHAT_START_DELAY_S"] = "2"
+        stack.env["SIM_WECHAT_SWITCH_PUBLIC_SHARE"] = "0.5"
     try:
         stack.start()
         assert f"({platform} simulator," in stack.log.read_text()
@@ -385,7 +404,7 @@ def test_each_platform_protocol_runs_the_whole_lifecycle(tmp_path: Path, platfor
         admin = asyncio.run(new_tenant_key(stack.database_url))
         headers = {"Authorization": f"Bearer {admin}"}
         with httpx.Client(base_url=stack.api_url, timeout=30, headers=headers) as api:
-            batch = api.post("/v1/batches", json={"quantity": 10}).json()
+            batch = api.post("/v1/batches", json={"quantity": 10, "valid_days": 30}).json()
             assert batch["status"] == "running", batch
             campaign = api.post(
                 "/v1/campaigns",
@@ -408,9 +427,21 @@ def test_each_platform_protocol_runs_the_whole_lifecycle(tmp_path: Path, platfor
 
             receipts = [receipt(path) for path in paths]
             assert len({r["platform_coupon_id"] for r in receipts}) == 2
+            sim = f"http://127.0.0.1:{stack.env['SIMULATOR_PORT']}"
+            if platform == "wechat":
+                # Valid 30 days: the stock's window, which every coupon's validity is.
+                ends_at = datetime.fromisoformat(batch["ends_at"])
+                assert ends_at - datetime.fromisoformat(batch["starts_at"]) == timedelta(days=30)
+                held = httpx.get(f"{sim}/sim/batches/{batch['platform_batch_id']}/coupons")
+                platform_ends = {
+                    c["coupon_id"]: datetime.fromisoformat(c["valid_until"])
+                    for c in held.json()["coupons"]
+                }
+                for r in receipts:
+                    valid_until = datetime.fromisoformat(r["valid_until"])
+                    assert valid_until == ends_at == platform_ends[r["platform_coupon_id"]], r
 
             # ann's coupon is used at the till: the platform's signed callback redeems it.
-            sim = f"http://127.0.0.1:{stack.env['SIMULATOR_PORT']}"
             used = httpx.post(f"{sim}/sim/coupons/{receipts[0]['platform_coupon_id']}/use")
             assert used.status_code == 200, used.text
             _wait_for(lambda: api.get(paths[0]).json()["state"] == "redeemed", 30)
