@@ -143,8 +143,12 @@ async def _started(platform: Platform, platform_batch_id: str) -> PlatformBatch:
         except (PlatformUnavailable, PlatformRateLimited) as err:
             if loop.time() + wait_s > give_up:
                 raise
-            log.info(
-                "batch %s not started yet (%s): again in %.0f s", platform_batch_id, err, wait_s
+            # Said once loudly: a person waiting on `batch create` should know why.
+            (log.warning if wait_s == 1.0 else log.info)(
+                "batch %s cannot start yet (%s): asking again for up to %.0f s",
+                platform_batch_id,
+                err,
+                give_up - loop.time(),
             )
             await asyncio.sleep(wait_s)
             wait_s = min(wait_s * 2, 15.0)

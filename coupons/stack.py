@@ -231,8 +231,18 @@ class Stack:
                 f"{data / 'simulator.sqlite3'})"
             )
             if s.platform != "generic":
+                signs = {
+                    "public_key": "its public key",
+                    "certificates": "platform certificates",
+                    "switching": "either key (switching)",
+                }[s.wechat_platform_keys]
+                merchant = (
+                    f"test merchant; signed with {signs}"
+                    if s.platform == "wechat"
+                    else ("test merchant")
+                )
                 self.lines.append(
-                    f"Keys        {s.platform_keys_dir.resolve() / s.platform}  (test merchant)"
+                    f"Keys        {s.platform_keys_dir.resolve() / s.platform}  ({merchant})"
                 )
         else:
             self.lines.append(f"Platform    {s.platform_url}  (external)")
