@@ -871,55 +871,46 @@ def test_reprs_show_no_key(alipay_simulator: SimulatorProcess) -> None:
 
 
 @pytest.mark.parametrize(
-    ("code", "sub_code", "sub_msg", "kind", "read_as"),
+    ("code", "sub_code", "sub_msg", "kind"),
     [
-        ("40004", "BUDGET_NOT_ENOUGH", "", PlatformBudgetExhausted, "BUDGET_NOT_ENOUGH"),
-        (
-            "40004",
-            "unknown-sub-code",
-            "未知的错误码BUDGET_NOT_ENOUGH",
-            PlatformBudgetExhausted,
-            "BUDGET_NOT_ENOUGH",
-        ),
-        ("40004", "ACTIVITY_NOT_ACTIVE", "", PlatformBatchUnavailable, "ACTIVITY_NOT_ACTIVE"),
-        ("40004", "ACTIVITY_NOT_START", "", PlatformBatchUnavailable, "ACTIVITY_NOT_START"),
-        ("40004", "ACTIVITY_IS_END", "", PlatformRefused, "ACTIVITY_IS_END"),
-        ("40004", "ACTIVITY_IS_STOPED", "", PlatformRefused, "ACTIVITY_IS_STOPED"),
-        ("40004", "COUNT_OVER_LIMIT", "", PlatformRefused, "COUNT_OVER_LIMIT"),
-        ("40004", "INVALID_PARAMETER", "", PlatformRefused, "INVALID_PARAMETER"),
-        ("40004", "VOUCHER_NOT_EXIST", "", PlatformRefused, "VOUCHER_NOT_EXIST"),
-        ("40004", "BIZ_ERROR", "", PlatformRefused, "BIZ_ERROR"),
-        ("40004", "BUSINESS_HAS_RISK", "", PlatformRefused, "BUSINESS_HAS_RISK"),
-        ("40004", "openid-error", "", PlatformRefused, "openid-error"),
-        ("40002", "isv.openid-error", "", PlatformRefused, "openid-error"),
-        ("40004", "SYSTEM_ERROR", "", PlatformUnavailable, "SYSTEM_ERROR"),
-        ("40004", "MATERIAL_AUDIT_WAITING", "", PlatformUnavailable, "MATERIAL_AUDIT_WAITING"),
-        ("40004", "ACTIVITY_NOT_PERMISSION", "", PlatformUnavailable, "ACTIVITY_NOT_PERMISSION"),
-        (
-            "40004",
-            "MERCHANT_RELATION_NOT_EXIST",
-            "",
-            PlatformUnavailable,
-            "MERCHANT_RELATION_NOT_EXIST",
-        ),
-        ("40004", "SOMETHING_NEW", "", PlatformUnavailable, "SOMETHING_NEW"),
-        ("40004", "unknown-sub-code", "系统繁忙", PlatformUnavailable, "unknown-sub-code"),
-        ("20000", "isp.unknow-error", "", PlatformUnavailable, "isp.unknow-error"),
-        ("20000", "aop.unknow-error", "", PlatformUnavailable, "aop.unknow-error"),
-        ("40002", "isv.invalid-signature", "", PlatformUnavailable, "isv.invalid-signature"),
-        ("40002", "isv.invalid-app-id", "", PlatformUnavailable, "isv.invalid-app-id"),
-        ("40006", "isv.insufficient-isv-permissions", "", PlatformUnavailable, None),
-        ("40005", "isv.method-call-limited", "", PlatformRateLimited, "isv.method-call-limited"),
-        ("40005", "isv.app-call-limited", "", PlatformRateLimited, "isv.app-call-limited"),
+        ("40004", "BUDGET_NOT_ENOUGH", "", PlatformBudgetExhausted),
+        ("40004", "unknown-sub-code", "未知的错误码BUDGET_NOT_ENOUGH", PlatformBudgetExhausted),
+        ("40004", "ACTIVITY_NOT_ACTIVE", "", PlatformBatchUnavailable),
+        ("40004", "ACTIVITY_NOT_START", "", PlatformBatchUnavailable),
+        ("40004", "ACTIVITY_IS_END", "", PlatformRefused),
+        ("40004", "ACTIVITY_IS_STOPED", "", PlatformRefused),
+        ("40004", "COUNT_OVER_LIMIT", "", PlatformRefused),
+        ("40004", "INVALID_PARAMETER", "", PlatformRefused),
+        ("40004", "VOUCHER_NOT_EXIST", "", PlatformRefused),
+        ("40004", "BIZ_ERROR", "", PlatformRefused),
+        ("40004", "BUSINESS_HAS_RISK", "", PlatformRefused),
+        ("40004", "openid-error", "", PlatformRefused),
+        ("40002", "isv.openid-error", "", PlatformRefused),
+        ("40004", "SYSTEM_ERROR", "", PlatformUnavailable),
+        ("40004", "MATERIAL_AUDIT_WAITING", "", PlatformUnavailable),
+        ("40004", "ACTIVITY_NOT_PERMISSION", "", PlatformUnavailable),
+        ("40004", "MERCHANT_RELATION_NOT_EXIST", "", PlatformUnavailable),
+        ("40004", "SOMETHING_NEW", "", PlatformUnavailable),
+        ("40004", "unknown-sub-code", "系统繁忙", PlatformUnavailable),
+        ("20000", "isp.unknow-error", "", PlatformUnavailable),
+        ("20000", "aop.unknow-error", "", PlatformUnavailable),
+        ("40002", "isv.invalid-signature", "", PlatformUnavailable),
+        ("40002", "isv.invalid-app-id", "", PlatformUnavailable),
+        ("40006", "isv.insufficient-isv-permissions", "", PlatformUnavailable),
+        ("40005", "isv.method-call-limited", "", PlatformRateLimited),
+        ("40005", "isv.app-call-limited", "", PlatformRateLimited),
     ],
 )
-def test_the_error_table(
-    code: str, sub_code: str, sub_msg: str, kind: type[PlatformError], read_as: str | None
-) -> None:
+def test_the_error_table(code: str, sub_code: str, sub_msg: str, kind: type[PlatformError]) -> None:
     error = error_for(code, "msg", sub_code, sub_msg)
     unsigned = error_for(code, "msg", sub_code, sub_msg, signed=False)
 
     assert type(error) is kind
-    assert error.code == (read_as or sub_code)
+    expected = sub_code
+    if sub_msg.startswith("未知的错误码"):
+        expected = sub_msg.removeprefix("未知的错误码")  # the code behind the wrapper
+    if expected == "isv.openid-error":
+        expected = "openid-error"  # either spelling, read as one
+    assert error.code == expected
     # Unsigned, nothing is definitive or makes a coupon wait: it is retried.
     assert type(unsigned) in (PlatformUnavailable, PlatformRateLimited)

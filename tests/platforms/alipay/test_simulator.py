@@ -632,19 +632,28 @@ async def test_a_voucher_the_lag_hides_is_voucher_not_exist(
 # ---------------------------------------------------------------- the used-voucher message
 
 
+async def used_voucher(
+    control: SimControl, app: AlipayApp, callback_url: str, user: str, field: str
+) -> tuple[str, str]:
+    """A published activity's voucher sent to `user` (named by `field`) and used at the till,
+    with messages going to `callback_url`: (the activity id, the voucher id)."""
+    await control.knobs(callback_url=callback_url)
+    activity_id = await published(control, app)
+    sent = await gateway_call(control, app, VOUCHER_SEND, send_biz(activity_id, user, field))
+    (await control.use(sent["voucher_id"])).raise_for_status()
+    return activity_id, sent["voucher_id"]
+
+
 async def test_the_used_message_has_the_published_envelope_and_verifies(
     control: SimControl, alipay_simulator: SimulatorProcess, receiver: Receiver
 ) -> None:
     app = sim_app(alipay_simulator.keys_dir)
-    await control.knobs(callback_url=await receiver.start())
-    activity_id = await published(control, app)
     user = open_id()
-    sent = await gateway_call(
-        control, app, VOUCHER_SEND, send_biz(activity_id, user, field="open_id")
-    )
     before = datetime.now(UTC)
 
-    (await control.use(sent["voucher_id"])).raise_for_status()
+    activity_id, voucher_id = await used_voucher(
+        control, app, await receiver.start(), user, "open_id"
+    )
     body = await receiver.next()
 
     fields = dict(parse_qsl(body.decode(), keep_blank_values=True))
@@ -669,7 +678,7 @@ async def test_the_used_message_has_the_published_envelope_and_verifies(
     assert abs(parse_epoch(fields["utc_timestamp"]) - datetime.now(UTC)) < timedelta(seconds=5)
     assert rsa2_verify(app.alipay_public_key, notify_sign_content(fields), fields["sign"])
     assert biz["id"] and biz["activity_id"] == activity_id
-    assert (biz["voucher_id"], biz["open_id"]) == (sent["voucher_id"], user)
+    assert (biz["voucher_id"], biz["open_id"]) == (voucher_id, user)
     assert "user_id" not in biz
     assert before - timedelta(seconds=1) <= parse_epoch(biz["event_time"]) <= datetime.now(UTC)
 
@@ -678,12 +687,9 @@ async def test_a_user_id_voucher_is_named_by_user_id_in_its_message(
     control: SimControl, alipay_simulator: SimulatorProcess, receiver: Receiver
 ) -> None:
     app = sim_app(alipay_simulator.keys_dir)
-    await control.knobs(callback_url=await receiver.start())
-    activity_id = await published(control, app)
     user = alipay_user()
-    sent = await gateway_call(control, app, VOUCHER_SEND, send_biz(activity_id, user))
 
-    (await control.use(sent["voucher_id"])).raise_for_status()
+    await used_voucher(control, app, await receiver.start(), user, "user_id")
     biz = json.loads(dict(parse_qsl((await receiver.next()).decode()))["biz_content"])
 
     assert biz["user_id"] == user and "open_id" not in biz
@@ -696,10 +702,8 @@ async def test_a_message_not_answered_success_is_delivered_again_stamped_afresh(
     answers = iter([b"ok", b"success"])  # "ok" is not Alipay's word: delivered again
     receiver = Receiver(lambda body: next(answers))
     try:
-        await control.knobs(callback_url=await receiver.start(), callback_retry_s=0.5)
-        activity_id = await published(control, app)
-        sent = await gateway_call(control, app, VOUCHER_SEND, send_biz(activity_id, alipay_user()))
-        (await control.use(sent["voucher_id"])).raise_for_status()
+        await control.knobs(callback_retry_s=0.5)
+        await used_voucher(control, app, await receiver.start(), alipay_user(), "user_id")
         first, second = await receiver.next(), await receiver.next(timeout_s=10)
     finally:
         await receiver.close()
