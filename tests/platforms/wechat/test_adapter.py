@@ -10,7 +10,7 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -44,41 +44,13 @@ from coupons.platforms.wechat.protocol import (
     WechatMerchant,
     aead_encrypt,
     json_body,
-    load_platform_keys,
     rfc3339,
     signed_headers,
     sim_merchant,
 )
 
-from ..conftest import SimControl, batch_spec, controlling, coupon_use, new_key
-from .test_simulator import Receiver, verifying
-
-
-@pytest.fixture(scope="module")
-def merchant(wechat_simulator: SimulatorProcess) -> WechatMerchant:
-    return sim_merchant(wechat_simulator.keys_dir)
-
-
-@pytest.fixture(scope="module")
-def platform_keys(wechat_simulator: SimulatorProcess) -> PlatformKeys:
-    return load_platform_keys(wechat_simulator.keys_dir)
-
-
-@pytest.fixture
-async def control(wechat_simulator: SimulatorProcess) -> AsyncIterator[SimControl]:
-    async with controlling(wechat_simulator) as control:
-        yield control
-
-
-@pytest.fixture
-async def adapter(
-    wechat_simulator: SimulatorProcess, merchant: WechatMerchant, control: SimControl
-) -> AsyncIterator[WechatPayPlatform]:
-    platform = WechatPayPlatform(wechat_simulator.url, merchant)
-    try:
-        yield platform
-    finally:
-        await platform.aclose()
+from ..conftest import SimControl, batch_spec, coupon_use, new_key
+from .conftest import Receiver, eventually, verifying
 
 
 async def running(adapter: WechatPayPlatform, spec: BatchSpec | None = None) -> PlatformBatch:
@@ -88,21 +60,6 @@ async def running(adapter: WechatPayPlatform, spec: BatchSpec | None = None) -> 
 
 def send(batch: PlatformBatch, user: str | None = None) -> SendRequest:
     return SendRequest(batch.batch_id, user or new_key("user"), uuid.uuid4().hex)
-
-
-async def eventually_true(check: Callable[[], bool], timeout_s: float = 10) -> None:
-    async def checked() -> bool:
-        return check()
-
-    await eventually(checked, timeout_s)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 10) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
 
 
 # ---------------------------------------------------------------- the whole flow
@@ -493,7 +450,7 @@ async def test_every_way_wechat_pay_signs_verifies(
                 coupons.append((await adapter.send_coupon(send(batch))).coupon_id)
             for coupon_id in coupons:
                 assert (await control.use(coupon_id)).status_code == 200
-            await eventually_true(lambda: len(receiver.received) >= len(coupons))
+            await eventually(lambda: len(receiver.received) >= len(coupons))
         finally:
             await receiver.stop()
         # As the API receives them: a certificate not held yet is fetched, then believed.

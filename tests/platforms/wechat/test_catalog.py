@@ -5,39 +5,19 @@ refuses leaves a batch the ledger knows, with the command that starts it."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from coupons import catalog
-from coupons.embedded import SimulatorProcess
 from coupons.errors import Refused
 from coupons.ledger import campaigns as ledger_catalog
 from coupons.platforms.base import BatchStatus
 from coupons.platforms.wechat.adapter import WechatPayPlatform
-from coupons.platforms.wechat.protocol import sim_merchant
 from tests.conftest import new_id
 
-from ..conftest import SimControl, controlling
-
-
-@pytest.fixture
-async def control(wechat_simulator: SimulatorProcess) -> AsyncIterator[SimControl]:
-    async with controlling(wechat_simulator) as control:
-        yield control
-
-
-@pytest.fixture
-async def adapter(
-    wechat_simulator: SimulatorProcess, control: SimControl
-) -> AsyncIterator[WechatPayPlatform]:
-    platform = WechatPayPlatform(wechat_simulator.url, sim_merchant(wechat_simulator.keys_dir))
-    try:
-        yield platform
-    finally:
-        await platform.aclose()
+from ..conftest import SimControl
 
 
 async def test_the_catalog_waits_for_a_new_stock_to_be_registered_then_starts_it(

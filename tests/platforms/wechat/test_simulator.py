@@ -11,8 +11,8 @@ import io
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -24,7 +24,6 @@ from wechatpayv3 import WeChatPay, WeChatPayType  # type: ignore[import-untyped]
 from wechatpayv3 import utils as sdk_utils
 
 from coupons.embedded import SimulatorProcess
-from coupons.platforms.base import CallbackRejected
 from coupons.platforms.rsa_keys import new_rsa_key, private_pem, public_pem, rsa_sign
 from coupons.platforms.wechat.adapter import WechatPayPlatform
 from coupons.platforms.wechat.protocol import (
@@ -42,24 +41,13 @@ from coupons.platforms.wechat.protocol import (
     new_nonce,
     request_message,
     rfc3339,
-    sim_merchant,
     verify_signed,
 )
 
-from ..conftest import SimControl, controlling, coupon_use
+from ..conftest import SimControl, coupon_use
+from .conftest import Receiver, at_least, eventually, verifying
 
 FAVOR = "/v3/marketing/favor"
-
-
-@pytest.fixture(scope="module")
-def merchant(wechat_simulator: SimulatorProcess) -> WechatMerchant:
-    return sim_merchant(wechat_simulator.keys_dir)
-
-
-@pytest.fixture
-async def control(wechat_simulator: SimulatorProcess) -> AsyncIterator[SimControl]:
-    async with controlling(wechat_simulator) as control:
-        yield control
 
 
 # ---------------------------------------------------------------- raw requests
@@ -856,87 +844,3 @@ async def test_notifications_and_forged_probes(
     finally:
         await receiver.stop()
         await adapter.aclose()
-
-
-# ---------------------------------------------------------------- a receiver
-
-
-@dataclass
-class Received:
-    headers: dict[str, str]  # names lowercased
-    body: bytes
-    status: int | None = None
-
-
-Answer = Callable[[Received], Awaitable[int]]
-
-
-async def ok(_: Received) -> int:
-    return 200
-
-
-def verifying(adapter: WechatPayPlatform) -> Answer:
-    """A correct receiver: 200 only for what verifies."""
-
-    async def answer(request: Received) -> int:
-        try:
-            adapter.verify_callback(request.headers, request.body)
-        except CallbackRejected:
-            return 401
-        return 200
-
-    return answer
-
-
-@dataclass
-class Receiver:
-    """A tiny HTTP/1.1 server on a free port that records each request and answers it."""
-
-    answer: Answer = ok
-    received: list[Received] = field(default_factory=list)
-    server: asyncio.Server | None = None
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        port = self.server.sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}/callbacks/wechat"
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await reader.readline()
-            headers: dict[str, str] = {}
-            while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
-                name, _, value = line.decode("latin-1").partition(":")
-                headers[name.strip().lower()] = value.strip()
-            body = await reader.readexactly(int(headers.get("content-length", "0")))
-            request = Received(headers, body)
-            request.status = await self.answer(request)
-            self.received.append(request)
-            head = f"HTTP/1.1 {request.status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            writer.write(head.encode())
-            await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-
-
-def at_least(items: list[Received], count: int) -> bool:
-    return len(items) >= count
-
-
-async def eventually(check: Callable[[], bool], timeout_s: float = 10) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
