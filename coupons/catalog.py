@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,6 +28,7 @@ from coupons.platforms.base import (
     Platform,
     PlatformBatch,
     PlatformKeyReused,
+    PlatformNotReady,
     PlatformRateLimited,
     PlatformRefused,
     PlatformUnavailable,
@@ -54,6 +56,8 @@ __all__ = [
 
 # How long creating a batch waits for the platform to let it start.
 START_PATIENCE = timedelta(minutes=3)
+DEFAULT_VALID_DAYS = 30
+DAY = timedelta(days=1)
 
 
 def batch_request_key(batch_id: str) -> str:
@@ -72,7 +76,7 @@ async def create_batch(
     quantity: int,
     face_value_cents: int = 500,
     min_spend_cents: int = 0,
-    valid_days: int = 30,
+    valid_days: int | None = None,
     per_user_limit: int = 1,
     name: str | None = None,
     starts_at: datetime | None = None,
@@ -81,7 +85,12 @@ async def create_batch(
     tenant_id: str = DEFAULT_TENANT,
 ) -> Batch:
     """Create batch `batch_id` of `tenant_id` at the platform (once, however often this
-    runs), store it, and start it unless `start` is False."""
+    runs), store it, and start it unless `start` is False. `valid_days` None: as long as the
+    window given, else 30.
+
+    A batch the ledger holds already is not asked for again: it is read back from the
+    platform (and started, when it was left created), so running this again after a start
+    that gave up finishes it, whatever process runs it."""
     validate_id("batch", batch_id)
     if await get_tenant(pool, tenant_id) is None:
         raise Refused("unknown_tenant", f"no tenant {tenant_id!r}")
@@ -91,10 +100,15 @@ async def create_batch(
     _at_least("quantity", quantity, 1)
     _at_least("value", face_value_cents, 1)
     _at_least("min_spend", min_spend_cents, 0)
-    _at_least("valid_days", valid_days, 1)
     _at_least("per_user_limit", per_user_limit, 1)
     if starts_at is not None and ends_at is not None and ends_at <= starts_at:
         raise InvalidField("ends_at", "the batch's window ends before it starts")
+    if valid_days is None:
+        window = ends_at - starts_at if starts_at is not None and ends_at is not None else None
+        valid_days = math.ceil(window / DAY) if window is not None else DEFAULT_VALID_DAYS
+    _at_least("valid_days", valid_days, 1)
+    if existing is not None:
+        return await _finished(pool, platform, existing, quantity, face_value_cents, start)
     spec = BatchSpec(
         request_key=batch_request_key(batch_id),
         name=name or f"batch {batch_id}",
@@ -118,31 +132,63 @@ async def create_batch(
     # platform that the ledger has never heard of.
     stored = await ledger.upsert_batch(pool, batch_id, created, tenant_id)
     if start and created.status == BatchStatus.CREATED:
-        try:
-            created = await _started(platform, created.batch_id)
-        except PlatformRefused as err:
-            raise Refused(
-                "platform_refused",
-                f"batch {batch_id!r} was created at the platform but not started: "
-                f"{err.message}; start it with `batch start {batch_id}` once that is mended",
-            ) from err
-        stored = await ledger.upsert_batch(pool, batch_id, created, tenant_id)
-    log.info("batch %s is %s at the platform as %s", batch_id, created.status, created.batch_id)
+        stored = await _started(pool, platform, stored)
+    log.info("batch %s is %s at the platform as %s", batch_id, stored.status, created.batch_id)
     return stored
 
 
-async def _started(platform: Platform, platform_batch_id: str) -> PlatformBatch:
-    """Start the batch, asking again while the platform cannot answer yet: WeChat Pay
-    registers a new stock for about a minute before it may start (卡包信息尚未注册完成)."""
+async def _finished(
+    pool: AsyncConnectionPool,
+    platform: Platform,
+    existing: Batch,
+    quantity: int,
+    face_value_cents: int,
+    start: bool,
+) -> Batch:
+    """A batch asked for again: the same one (started now if it was left created), or a
+    refusal naming the term it differs in. Not created again: a platform that takes the whole
+    request as its key (WeChat Pay, its window included) would see another request."""
+    asked = {"quantity": quantity, "face_value_cents": face_value_cents}
+    held = {"quantity": existing.quantity, "face_value_cents": existing.face_value_cents}
+    differ = [
+        f"{name} {held[name]}, not {asked[name]}" for name in asked if held[name] != asked[name]
+    ]
+    if differ:
+        raise Refused(
+            "batch_exists", f"batch {existing.id!r} exists with other terms: {'; '.join(differ)}"
+        )
+    seen = await platform.get_batch(existing.platform_batch_id)
+    stored = await ledger.upsert_batch(pool, existing.id, seen, existing.tenant_id)
+    if start and seen.status == BatchStatus.CREATED:
+        stored = await _started(pool, platform, stored)
+    return stored
+
+
+async def _started(pool: AsyncConnectionPool, platform: Platform, batch: Batch) -> Batch:
+    """Start the batch and store what the platform says of it, asking again while the
+    platform cannot start it yet: WeChat Pay registers a new stock for about a minute
+    (卡包信息尚未注册完成). A refusal, or a platform still not ready after START_PATIENCE,
+    says the batch exists and how to finish it."""
+    finish = f"batch {batch.id!r} exists but did not start; `batch start {batch.id}` finishes it"
+    try:
+        started = await _start_when_ready(platform, batch.platform_batch_id)
+    except PlatformRefused as err:
+        raise Refused("platform_refused", f"{finish} once this is mended: {err.message}") from err
+    except PlatformNotReady as err:
+        raise PlatformUnavailable(err.code, f"{err.message}; {finish}") from err
+    return await ledger.upsert_batch(pool, batch.id, started, batch.tenant_id)
+
+
+async def _start_when_ready(platform: Platform, platform_batch_id: str) -> PlatformBatch:
     loop = asyncio.get_running_loop()
     give_up = loop.time() + START_PATIENCE.total_seconds()
     wait_s = 1.0
     while True:
         try:
             return await platform.change_batch(platform_batch_id, BatchAction.START)
-        except (PlatformUnavailable, PlatformRateLimited) as err:
+        except (PlatformNotReady, PlatformRateLimited) as err:
             if loop.time() + wait_s > give_up:
-                raise
+                raise PlatformNotReady(err.code, err.message) from err
             # Said once loudly: a person waiting on `batch create` should know why.
             (log.warning if wait_s == 1.0 else log.info)(
                 "batch %s cannot start yet (%s): asking again for up to %.0f s",

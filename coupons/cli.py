@@ -207,7 +207,11 @@ def _batch_parser(p: argparse.ArgumentParser) -> None:
     c.add_argument("--quantity", type=int, required=True, help="coupons the batch holds")
     c.add_argument("--value", type=int, help="face value in cents (default 500)")
     c.add_argument("--min-spend", type=int, help="minimum spend in cents (default 0)")
-    c.add_argument("--valid-days", type=int, help="days a sent coupon is valid (default 30)")
+    c.add_argument(
+        "--valid-days",
+        type=int,
+        help="days a sent coupon is valid (default: the window given, else 30)",
+    )
     c.add_argument("--per-user-limit", type=int, help="coupons per user at the platform")
     c.add_argument("--name")
     c.add_argument("--starts-at", help="ISO time with a timezone, e.g. 2026-06-01T00:00+08:00")

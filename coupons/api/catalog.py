@@ -103,7 +103,8 @@ async def create_batch(body: BatchIn, request: Request, key: Admin, parts: Parts
         quantity=body.quantity,
         face_value_cents=body.face_value_cents,
         min_spend_cents=body.min_spend_cents,
-        valid_days=body.valid_days,
+        # Not given: as long as the window given (what WeChat Pay can keep), else 30.
+        valid_days=body.valid_days if "valid_days" in body.model_fields_set else None,
         per_user_limit=body.per_user_limit,
         name=body.name,
         starts_at=body.starts_at,

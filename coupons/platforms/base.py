@@ -171,6 +171,11 @@ class PlatformUnavailable(PlatformError):
     """5xx, timeouts, dropped connections: the request may or may not have been applied."""
 
 
+class PlatformNotReady(PlatformUnavailable):
+    """The platform cannot do this yet and says so (WeChat Pay registering a new stock before
+    it may start): asked again shortly, it goes through."""
+
+
 class PlatformRateLimited(PlatformError):
     """The platform's frequency limit answered: back off and try again."""
 
@@ -252,6 +257,9 @@ async def verified_notice(
     try:
         return platform.verify_callback(headers, body)
     except CallbackRejected as rejected:
-        if not rejected.key_unknown or not await platform.refresh_keys():
+        if not rejected.key_unknown:
             raise
+    # Asked again whatever the refresh found: notifications that arrive together wait for one
+    # fetch, and only the first one's fetch finds the key new.
+    await platform.refresh_keys()
     return platform.verify_callback(headers, body)

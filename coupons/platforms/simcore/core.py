@@ -183,8 +183,8 @@ class Simulator:
         self.keys_dir = keys_dir
         self.rng = random.Random(knobs.seed)
         self._window = (0, 0)  # (second, requests seen in it)
-        # Per limit group: (the window's number, calls seen in it).
-        self._endpoint_windows: dict[str, tuple[int, int]] = {}
+        # Per limit group: (when its window began, monotonic; calls seen in it).
+        self._endpoint_windows: dict[str, tuple[float, int]] = {}
         # What the knobs were at start: DELETE /sim/knobs brings them back.
         self._start_knobs = knobs.values()
         self._files: OrderedDict[str, bytes] = OrderedDict()  # flow file token -> CSV bytes
@@ -266,10 +266,13 @@ class Simulator:
     def _check_endpoint(self, limit: EndpointLimit) -> None:
         if not self.knobs.endpoint_limits:
             return
-        window = int(time.monotonic() // limit.period_s)
-        number, seen = self._endpoint_windows.get(limit.group, (window, 0))
-        seen = seen + 1 if number == window else 1
-        self._endpoint_windows[limit.group] = (window, seen)
+        # A window begins with its first call: `count` calls in any `period_s` from there.
+        now = time.monotonic()
+        began, seen = self._endpoint_windows.get(limit.group, (now, 0))
+        if now - began >= limit.period_s:
+            began, seen = now, 0
+        seen += 1
+        self._endpoint_windows[limit.group] = (began, seen)
         if seen > limit.count:
             self.counters["rate_limited"] += 1
             raise SimError(
@@ -282,7 +285,7 @@ class Simulator:
         the face's error answers, the latency knob."""
 
         async def endpoint(request: Request) -> Response:
-            CURRENT_REQUEST.set(request)
+            token = CURRENT_REQUEST.set(request)
             try:
                 self._check_rate()
                 if limit is not None:
@@ -290,6 +293,8 @@ class Simulator:
                 response: Response = await handler(request)
             except SimError as exc:
                 response = face.error_response(exc)
+            finally:
+                CURRENT_REQUEST.reset(token)
             if self.knobs.latency_ms > 0:
                 await asyncio.sleep(self.knobs.latency_ms / 1000)
             return response

@@ -5,6 +5,7 @@ and set the same way, so a platform's particulars never become fields of the cor
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,8 @@ def _number(value: object, *, lo: float = 0.0, hi: float | None = None) -> float
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError("must be a number")
     number = float(value)
+    if not math.isfinite(number):  # inf and nan would break the clock and the JSON answers
+        raise ValueError("must be a finite number")
     if number < lo or (hi is not None and number > hi):
         raise ValueError(f"must be between {lo} and {hi}" if hi is not None else f"must be >= {lo}")
     return number
@@ -175,7 +178,8 @@ class Knobs:
         env = os.environ if env is None else env
         declared = dict(face_knobs or {})
         knobs = cls(
-            face={name: knob.default for name, knob in declared.items()}, face_knobs=declared
+            face={name: knob.parse(knob.default) for name, knob in declared.items()},
+            face_knobs=declared,
         )
         names = {f"SIM_{name.upper()}": name for name in (*_KNOB_PARSERS, *declared)}
         knobs.update({name: env[var] for var, name in names.items() if var in env})

@@ -36,10 +36,13 @@ Decisions where WeChat Pay and `Platform` differ:
 - A running stock cannot be stopped (only paused, or left to end): STOP of a started stock
   raises PlatformRefused NO_STOP_CALL. A stock whose window is over reads `stoped`; it is
   EXPIRED when its available_end_time has passed, else STOPPED.
-- COUPON.USE's resource carries no openid: a notice's `user_id` is "". Receivers key on the
-  coupon id.
+- COUPON.USE's resource carries no openid: a notice's `user_id` is "". Receivers find the
+  coupon by its coupon id and take each notification once, by its id.
 - With no window asked for, the window starts now (whole seconds) and lasts valid_days; it is
-  remembered per request key, so a retried create in this process repeats the first exactly.
+  remembered per request key, so a retried create in this process repeats the first exactly
+  (WeChat Pay takes the whole request as the re-entry's content), and forgotten when the
+  create is refused. Across processes the catalog never asks again for a batch the ledger
+  holds.
 - No minimum spend (0) becomes the face value plus one cent: the threshold must exceed the
   face value (使用门槛必须大于优惠金额). A minimum at or below the face value is refused here.
 - Names and keys are made to fit: forbidden name characters become spaces and the name is
@@ -86,6 +89,7 @@ from coupons.platforms.base import (
     PlatformCouponStatus,
     PlatformError,
     PlatformKeyReused,
+    PlatformNotReady,
     PlatformRateLimited,
     PlatformRefused,
     PlatformUnavailable,
@@ -165,6 +169,8 @@ _NAME_MAX, _NAME_MAX_CHINESE = 20, 9
 _LONGEST_WINDOW = timedelta(days=90)
 # A serial we do not hold makes us fetch the certificates at most this often.
 _CERTIFICATES_REFETCH_S = 60.0
+# Certificates held are fetched again after this long ("间隔时间小于12小时").
+_CERTIFICATES_LIFE_S = 6 * 3600.0
 _USER_AGENT = "coupon-lifecycle-wechatpay/1"
 
 
@@ -179,7 +185,7 @@ def _error_for(status: int, code: str, message: str) -> PlatformError:
         or _ERRORS.get((status, None, None))
     )
     if kind is PlatformRefused and any(marker in message for marker in _TRANSIENT_MARKERS):
-        return PlatformUnavailable(code, message)
+        return PlatformNotReady(code, message)
     if kind is PlatformRefused and any(marker in message for marker in _CONFIGURATION_MARKERS):
         kind = None  # the same codes also say our merchant settings are wrong: not the coupon
     if kind is None:
@@ -370,6 +376,7 @@ class WechatPayPlatform:
         # Platform certificates downloaded with the APIv3 key, by serial (key_name).
         self._certificates: dict[str, x509.Certificate] = {}
         self._certificates_asked_at: float | None = None
+        self._certificates_downloaded_at: float | None = None
         self._certificates_lock = asyncio.Lock()
         self._told_certificate_signs = False
 
@@ -429,7 +436,12 @@ class WechatPayPlatform:
         return response
 
     def _verifying_keys(self) -> dict[str, rsa.RSAPublicKey]:
-        keys = {serial: certificate_key(cert) for serial, cert in self._certificates.items()}
+        now = datetime.now(UTC)
+        keys = {
+            serial: certificate_key(cert)
+            for serial, cert in self._certificates.items()
+            if cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
+        }
         merchant = self._merchant
         if merchant.platform_public_key is not None and merchant.platform_public_key_id:
             keys[merchant.platform_public_key_id] = merchant.platform_public_key
@@ -452,6 +464,15 @@ class WechatPayPlatform:
     async def _check_signature(
         self, response: httpx.Response, what: str, *, refresh: bool = True
     ) -> None:
+        downloaded = self._certificates_downloaded_at
+        if (
+            refresh
+            and downloaded is not None
+            and time.monotonic() - downloaded > _CERTIFICATES_LIFE_S
+        ):
+            # WeChat Pay: fetch the list more often than every 12 hours, so a withdrawn
+            # certificate stops verifying and a new one is held before it signs.
+            await self.refresh_keys()
         try:
             try:
                 self._verify(response.headers, response.content, MAX_CLOCK_OFFSET_S)
@@ -504,6 +525,7 @@ class WechatPayPlatform:
                 return False
             new = set(downloaded) - set(self._certificates)
             self._certificates = downloaded
+            self._certificates_downloaded_at = time.monotonic()
             if new:
                 log.info("platform certificates now held: %s", ", ".join(sorted(downloaded)))
             return bool(new)
@@ -593,7 +615,20 @@ class WechatPayPlatform:
     async def create_batch(self, spec: BatchSpec) -> PlatformBatch:
         begins, ends = self._window(spec)
         mchid = self._merchant.mchid
-        raw = await self._call(
+        try:
+            raw = await self._create_stock(spec, begins, ends, mchid)
+        except PlatformRefused:
+            # Refused: no stock holds this window, and a corrected request must not inherit
+            # a start that is in the past by then.
+            self._windows.pop(spec.request_key, None)
+            raise
+        stock_id = read_answer(lambda answer: _text(answer, "stock_id"), raw)
+        return await self.get_batch(stock_id)
+
+    async def _create_stock(
+        self, spec: BatchSpec, begins: datetime, ends: datetime, mchid: str
+    ) -> dict[str, Any]:
+        return await self._call(
             "POST",
             "/v3/marketing/favor/coupon-stocks",
             {
@@ -620,8 +655,6 @@ class WechatPayPlatform:
                 "out_request_no": _request_no(spec.request_key),
             },
         )
-        stock_id = read_answer(lambda answer: _text(answer, "stock_id"), raw)
-        return await self.get_batch(stock_id)
 
     async def get_batch(self, batch_id: str) -> PlatformBatch:
         query = urlencode({"stock_creator_mchid": self._merchant.mchid})

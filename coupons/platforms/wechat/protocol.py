@@ -391,11 +391,13 @@ def read_certificates(
         sealed = entry.get("encrypt_certificate") if isinstance(entry, dict) else None
         if not isinstance(sealed, dict) or sealed.get("algorithm") != AEAD_ALGORITHM:
             raise ValueError("a certificate is not sealed with AEAD_AES_256_GCM")
+        if sealed.get("associated_data") != CERTIFICATE_ASSOCIATED_DATA:
+            raise ValueError("a certificate is not sealed as a certificate")
         pem = aead_decrypt(
             apiv3_key,
             nonce=str(sealed.get("nonce", "")),
             ciphertext=str(sealed.get("ciphertext", "")),
-            associated_data=str(sealed.get("associated_data") or ""),
+            associated_data=CERTIFICATE_ASSOCIATED_DATA,
         )
         certificate = x509.load_pem_x509_certificate(pem)
         serial = certificate_serial(certificate)

@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import httpx
@@ -31,6 +32,7 @@ from coupons.platforms.base import (
     PlatformBudgetExhausted,
     PlatformCouponStatus,
     PlatformError,
+    PlatformNotReady,
     PlatformRateLimited,
     PlatformRefused,
     PlatformUnavailable,
@@ -50,7 +52,7 @@ from coupons.platforms.wechat.protocol import (
 )
 
 from ..conftest import SimControl, batch_spec, coupon_use, new_key
-from .conftest import Receiver, eventually, verifying
+from .conftest import Receiver, at_least, eventually, verifying
 
 
 async def running(adapter: WechatPayPlatform, spec: BatchSpec | None = None) -> PlatformBatch:
@@ -280,7 +282,7 @@ async def test_a_hanging_send_is_a_timeout(
         (400, "PARAM_ERROR", "参数错误", PlatformRefused),
         (400, "INVALID_REQUEST", "活动已结束或未激活", PlatformRefused),
         # A start right after creation: WeChat Pay is still registering the stock.
-        (400, "INVALID_REQUEST", "卡包信息尚未注册完成,请稍后重试", PlatformUnavailable),
+        (400, "INVALID_REQUEST", "卡包信息尚未注册完成,请稍后重试", PlatformNotReady),
         (403, "USER_ACCOUNT_ABNORMAL", "用户非法", PlatformRefused),
         (403, "REQUEST_BLOCKED", "用户被限领拦截", PlatformRefused),
         (403, "RULE_LIMIT", "用户已达最大领券次数", PlatformRefused),
@@ -431,38 +433,39 @@ async def test_every_way_wechat_pay_signs_verifies(
 ) -> None:
     """A merchant on platform certificates (no public key), one holding the public key whose
     switch is not turned on at WeChat Pay, and one in the middle of the switch: answers and
-    notifications verify, certificates fetched with the APIv3 key when a serial needs them."""
-    await control.knobs(wechat_signer=signer, wechat_switch_public_share=0.5)
+    notifications verify, certificates fetched with the APIv3 key when a serial needs them.
+    While switching, half the notifications come signed by the certificate (share 0), half by
+    the public key (share 1)."""
+    await control.knobs(wechat_signer=signer, wechat_switch_public_share=0)
     merchant = sim_merchant(wechat_simulator.keys_dir, public_key=public_key)
     adapter = WechatPayPlatform(wechat_simulator.url, merchant)
+    receiver = Receiver()
+    await receiver.start()
     try:
         batch = await running(adapter)
         request = send(batch)
         sent = await adapter.send_coupon(request)
         seen = await adapter.get_coupon(request.user_id, sent.coupon_id)
         assert seen is not None and seen.coupon_id == sent.coupon_id
-        receiver = Receiver()
-        await receiver.start()
-        try:
-            await control.knobs(callback_url=receiver.url)
-            coupons = [sent.coupon_id]
-            for _ in range(5):
-                coupons.append((await adapter.send_coupon(send(batch))).coupon_id)
-            for coupon_id in coupons:
+        coupons = [sent.coupon_id]
+        for _ in range(5):
+            coupons.append((await adapter.send_coupon(send(batch))).coupon_id)
+        await control.knobs(callback_url=receiver.url)
+        for delivered, share in ((3, 0), (6, 1)):
+            await control.knobs(wechat_switch_public_share=share)
+            for coupon_id in coupons[delivered - 3 : delivered]:
                 assert (await control.use(coupon_id)).status_code == 200
-            await eventually(lambda: len(receiver.received) >= len(coupons))
-        finally:
-            await receiver.stop()
+            await eventually(partial(at_least, receiver.received, delivered))
         # As the API receives them: a certificate not held yet is fetched, then believed.
         notices = [await verified_notice(adapter, r.headers, r.body) for r in receiver.received]
-        assert all(notice is not None for notice in notices)
         assert sorted(n.platform_coupon_id for n in notices if n) == sorted(coupons)
-        serials = {
+        by_public_key = [
             r.headers["wechatpay-serial"].startswith("PUB_KEY_ID_") for r in receiver.received
-        }
-        if signer == "certificates":
-            assert serials == {False}
+        ]
+        expected = {"certificates": [False] * 6, "switching": [False] * 3 + [True] * 3}
+        assert by_public_key == expected[signer]
     finally:
+        await receiver.stop()
         await adapter.aclose()
 
 
@@ -472,25 +475,70 @@ async def test_a_receiver_fetches_a_certificate_it_does_not_hold_then_believes_i
     platform_keys: PlatformKeys,
     control: SimControl,
 ) -> None:
-    """A notification signed by a certificate the adapter never fetched: rejected as a key it
-    does not hold; `refresh_keys` fetches it (at most once a minute), and it verifies."""
-    adapter = WechatPayPlatform(wechat_simulator.url, merchant)
+    """Notifications signed by a certificate the adapter never fetched, arriving together: each
+    is rejected at first as a key it does not hold; `verified_notice` fetches the certificates
+    once (a second fetch within the minute makes no call) and every one of them verifies. A key
+    nobody holds stays unknown however often it is asked, at no more calls."""
+    fetches: list[str] = []
+
+    def counted(
+        q: httpx.Request, s: int, h: dict[str, str], c: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        fetches.append(q.url.path)
+        return s, h, c
+
+    adapter, client = await through(wechat_simulator.url, merchant, "/v3/certificates", counted)
     try:
         coupon = used_coupon(merchant)
-        headers, body = notification(platform_keys, merchant.apiv3_key, coupon, by_certificate=True)
+        signed = [
+            notification(platform_keys, merchant.apiv3_key, coupon, by_certificate=True)
+            for _ in range(3)
+        ]
         with pytest.raises(CallbackRejected) as rejected:
-            adapter.verify_callback(headers, body)
+            adapter.verify_callback(*signed[0])
         assert rejected.value.key_unknown
-        assert await adapter.refresh_keys() is True
-        assert await adapter.refresh_keys() is False  # asked again at once: no call made
-        assert coupon_use(adapter, headers, body).platform_coupon_id == coupon["coupon_id"]
-        # A key nobody holds stays unknown, however often it is asked.
-        forged = signed_headers(new_rsa_key(), "0123456789ABCDEF", body)
-        with pytest.raises(CallbackRejected) as unknown:
-            adapter.verify_callback(forged, body)
-        assert unknown.value.key_unknown and not await adapter.refresh_keys()
+        notices = await asyncio.gather(
+            *(verified_notice(adapter, headers, body) for headers, body in signed)
+        )
+        assert [n.platform_coupon_id if n else None for n in notices] == [coupon["coupon_id"]] * 3
+        assert len(fetches) == 1
+        assert await adapter.refresh_keys() is False and len(fetches) == 1  # within the minute
+        forged = signed_headers(new_rsa_key(), "0123456789ABCDEF", signed[0][1])
+        for _ in range(3):
+            with pytest.raises(CallbackRejected) as unknown:
+                await verified_notice(adapter, forged, signed[0][1])
+            assert unknown.value.key_unknown
+        assert len(fetches) == 1
     finally:
-        await adapter.aclose()
+        await client.aclose()
+
+
+async def test_a_refused_create_forgets_its_window_and_the_corrected_one_is_taken(
+    wechat_simulator: SimulatorProcess, merchant: WechatMerchant, control: SimControl
+) -> None:
+    """A create refused for its terms leaves no stock: asked again corrected (later, in the
+    same process), it gets a window of its own, not the first one's start, which may be in
+    the past by then (开始时间不可早于当前时间)."""
+    starts: list[str] = []
+
+    def seen(
+        q: httpx.Request, s: int, h: dict[str, str], c: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        starts.append(json.loads(q.content)["available_begin_time"])
+        return s, h, c
+
+    adapter, client = await through(wechat_simulator.url, merchant, "/coupon-stocks", seen)
+    try:
+        spec = batch_spec(quantity=3)  # WeChat Pay: at least 5
+        with pytest.raises(PlatformRefused, match="max_coupons"):
+            await adapter.create_batch(spec)
+        await asyncio.sleep(1.1)
+        corrected = await adapter.create_batch(BatchSpec(**{**spec.__dict__, "quantity": 5}))
+        again = await adapter.create_batch(BatchSpec(**{**spec.__dict__, "quantity": 5}))
+        assert corrected.quantity == 5 and again.batch_id == corrected.batch_id
+        assert starts[1] > starts[0] and starts[2] == starts[1]  # the taken one is kept
+    finally:
+        await client.aclose()
 
 
 async def test_certificates_that_do_not_open_with_the_apiv3_key_are_not_believed(
