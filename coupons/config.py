@@ -124,8 +124,14 @@ class Settings:
     # The merchant's PID (2088...), which owns the voucher activities and redeems them; with
     # the embedded simulator, its test merchant's.
     alipay_pid: str | None = None
-    # One of ALIPAY_USER_ID_TYPES: which field names our users in sends and lookups.
-    alipay_user_id_type: str = "open_id"
+    # One of ALIPAY_USER_ID_TYPES: which field names our users in sends and lookups. None:
+    # open_id with the embedded simulator; a real app must say (`user_id_type`).
+    alipay_user_id_type: str | None = None
+
+    @property
+    def user_id_type(self) -> str:
+        """How Alipay voucher calls name our users (ALIPAY_USER_ID_TYPE, else open_id)."""
+        return self.alipay_user_id_type or "open_id"
 
     @property
     def platform_keys_dir(self) -> Path:
@@ -234,9 +240,16 @@ class Settings:
                     "PLATFORM=alipay with PLATFORM_URL needs ALIPAY_PID (the merchant's PID, "
                     "2088...: it owns the voucher activities and redeems their vouchers)"
                 )
-        if self.alipay_user_id_type not in ALIPAY_USER_ID_TYPES:
+            if self.platform == "alipay" and self.alipay_user_id_type is None:
+                # Never a default for a real app: the wrong field makes Alipay refuse every
+                # user for good (an app on user_id sent open_ids gets openid-error).
+                raise ConfigError(
+                    "PLATFORM=alipay with PLATFORM_URL needs ALIPAY_USER_ID_TYPE: open_id (apps "
+                    "Alipay gives open_ids, all new ones) or user_id (apps on the 2088... ids)"
+                )
+        if self.user_id_type not in ALIPAY_USER_ID_TYPES:
             raise ConfigError(
-                f"ALIPAY_USER_ID_TYPE={self.alipay_user_id_type!r} must be one of "
+                f"ALIPAY_USER_ID_TYPE={self.user_id_type!r} must be one of "
                 f"{', '.join(ALIPAY_USER_ID_TYPES)}"
             )
         if self.alipay_pid is not None and not _ALIPAY_PID.fullmatch(self.alipay_pid):
@@ -320,7 +333,6 @@ class Settings:
             "API_HOST": self.api_host,
             "API_PORT": str(self.api_port),
             "PLATFORM": self.platform,
-            "ALIPAY_USER_ID_TYPE": self.alipay_user_id_type,
             "TEMPORAL_TLS": "true" if self.temporal_tls else "false",
             "WORKER_MAX_CONCURRENT_ACTIVITIES": str(self.worker_max_concurrent_activities),
             "WORKER_MAX_CONCURRENT_WORKFLOW_TASKS": str(self.worker_max_concurrent_workflow_tasks),
@@ -355,6 +367,7 @@ class Settings:
             "ALIPAY_PRIVATE_KEY_FILE": _text(self.alipay_private_key_file),
             "ALIPAY_PUBLIC_KEY_FILE": _text(self.alipay_public_key_file),
             "ALIPAY_PID": self.alipay_pid,
+            "ALIPAY_USER_ID_TYPE": self.alipay_user_id_type,
         }
         env.update({name: value for name, value in optional.items() if value})
         return env
@@ -448,7 +461,7 @@ class Settings:
             alipay_private_key_file=_path(env, "ALIPAY_PRIVATE_KEY_FILE"),
             alipay_public_key_file=_path(env, "ALIPAY_PUBLIC_KEY_FILE"),
             alipay_pid=env.get("ALIPAY_PID") or None,
-            alipay_user_id_type=env.get("ALIPAY_USER_ID_TYPE") or "open_id",
+            alipay_user_id_type=env.get("ALIPAY_USER_ID_TYPE") or None,
         ).check()
 
 

@@ -38,8 +38,11 @@ def _plausible(moment: datetime) -> datetime:
 Id = Annotated[str, Field(pattern=ID_PATTERN, examples=["alice"])]
 CouponId = Annotated[str, Field(pattern=COUPON_ID_PATTERN, examples=["spring:alice:1"])]
 Moment = Annotated[AwareDatetime, AfterValidator(_plausible)]
-Name = Annotated[str, Field(min_length=1, max_length=100)]
-Reason = Annotated[str, Field(min_length=1, max_length=200)]
+# Printable text: a control character (NUL above all, which PostgreSQL's text cannot hold)
+# is refused here, with the field named, not failed on in the ledger.
+_PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
+Name = Annotated[str, Field(min_length=1, max_length=100, pattern=_PRINTABLE)]
+Reason = Annotated[str, Field(min_length=1, max_length=200, pattern=_PRINTABLE)]
 # Integers as JSON Schema has them: 5 and 5.0, never "5" or true. (The bounds sit with the
 # integer, inside the validator, so the OpenAPI shows them as minimum and maximum.)
 Count = Annotated[int, Field(strict=True, ge=1, le=MAX_COUNT), BeforeValidator(_whole)]

@@ -95,7 +95,7 @@ def _alipay(settings: Settings, client: httpx.AsyncClient | None) -> Platform:
         settings.platform_url,
         app,
         pid=settings.alipay_pid or alipay_protocol.SIM_PID,
-        user_id_type=settings.alipay_user_id_type,
+        user_id_type=settings.user_id_type,
         timeout_s=settings.platform_timeout_s,
         client=client,
     )

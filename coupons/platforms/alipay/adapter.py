@@ -114,6 +114,7 @@ from coupons.platforms.base import (
     PlatformCoupon,
     PlatformCouponStatus,
     PlatformError,
+    PlatformNotReady,
     PlatformRateLimited,
     PlatformRefused,
     PlatformUnavailable,
@@ -170,6 +171,11 @@ _VOUCHER_STATUS = {
     VOUCHER_USED: PlatformCouponStatus.USED,
     VOUCHER_EXPIRED: PlatformCouponStatus.EXPIRED,
 }
+# How old a used-voucher message may be. Whether Alipay stamps each redelivery afresh is not
+# published, and it redelivers for about 25 hours (its asynchronous notifications: "25小时以内完成
+# 8次通知"): a stored message redelivered unchanged must still be taken. A replayed genuine
+# message only reports a use that happened, once per biz_content.id, so the window costs nothing.
+MESSAGE_MAX_AGE_S = 25 * 3600.0
 # After publish or stop (asynchronous at Alipay), the reads until the status moved.
 SETTLE_DELAYS_S = (0.1, 0.2, 0.4, 0.8, 1.6)
 
@@ -242,6 +248,10 @@ def _valid_days(period: Mapping[str, Any]) -> int:
     raise ValueError(f"voucher_valid_period type {kind!r}")
 
 
+def _activity_valid_days(raw: dict[str, Any]) -> int:
+    return _valid_days(_object(_object(raw, "voucher_use_rule"), "voucher_valid_period"))
+
+
 def _activity(raw: dict[str, Any]) -> PlatformBatch:
     """A PlatformBatch from voucher.query's answer ([PY] AlipayMarketingActivityVoucherQuery
     Response: activity_status, publish window, voucher_send_rule, voucher_use_rule, summary)."""
@@ -265,7 +275,7 @@ def _activity(raw: dict[str, Any]) -> PlatformBatch:
         status=status,
         quantity=quantity,
         remaining=max(0, quantity - sent),
-        valid_days=_valid_days(_object(use_rule, "voucher_valid_period")),
+        valid_days=_activity_valid_days(raw),
         face_value_cents=cents(_text(fix, "amount")),
         # "不填写, 认为无门槛"
         min_spend_cents=cents(floor) if isinstance(floor, str) and floor else 0,
@@ -333,13 +343,13 @@ class AlipayPlatform:
         user_id_type: str = OPEN_ID,
         timeout_s: float = 5.0,
         client: httpx.AsyncClient | None = None,
-        callback_max_skew_s: float = 300,
+        callback_max_skew_s: float = MESSAGE_MAX_AGE_S,
     ) -> None:
         """`gateway_url` is the whole gateway URL (https://openapi.alipay.com/gateway.do);
         `pid` the merchant's PID (2088...), which owns the activities and redeems their
         vouchers; `user_id_type` which field names our users (open_id or user_id);
         `callback_max_skew_s` how far a message's utc_timestamp may be from our clock, either
-        way, before it is taken for a replay."""
+        way, before it is taken for a replay (see MESSAGE_MAX_AGE_S)."""
         if user_id_type not in USER_ID_TYPES:
             raise ValueError(f"user_id_type {user_id_type!r}: one of {', '.join(USER_ID_TYPES)}")
         self._gateway_url = gateway_url
@@ -350,8 +360,8 @@ class AlipayPlatform:
         self._owns_client = client is None
         self._client = client if client is not None else httpx.AsyncClient()
         self._callback_max_skew_s = callback_max_skew_s
-        # Activity terms by id, for the validity bound of what a send returns.
-        self._activities: dict[str, PlatformBatch] = {}
+        # Each activity's validity in days (its rule never changes), for what a send returns.
+        self._valid_days: dict[str, int] = {}
         # Default windows by request key: a retried create must repeat the first exactly.
         self._windows: dict[str, tuple[datetime, datetime]] = {}
 
@@ -385,7 +395,7 @@ class AlipayPlatform:
             raise PlatformUnavailable(
                 f"HTTP_{response.status_code}", f"{method}: {response.text[:200]}"
             )
-        answer, signed = self._verified(method, response.content)
+        answer, signed, own = self._verified(method, response.content)
         code = str(answer.get("code", ""))
         if code != SUCCESS:
             raise error_for(
@@ -393,19 +403,25 @@ class AlipayPlatform:
                 str(answer.get("msg", "")),
                 str(answer.get("sub_code", "")),
                 str(answer.get("sub_msg", "")),
-                signed=signed,
+                # The signature covers the object, not which call it answers: a refusal is
+                # this call's only under this method's key (error_response is the gateway's).
+                signed=signed and own,
             )
+        if not own:
+            raise PlatformUnavailable("BAD_RESPONSE", f"{method}: a success under {ERROR_RESPONSE}")
         return answer
 
-    def _verified(self, method: str, content: bytes) -> tuple[dict[str, Any], bool]:
-        """The `_response` object of an answer and whether it was signed: believed once Alipay's
-        signature over its exact text holds, unsigned only as a gateway refusal (retried)."""
+    def _verified(self, method: str, content: bytes) -> tuple[dict[str, Any], bool, bool]:
+        """The `_response` object of an answer, whether it was signed, and whether it is under
+        this method's own key (not `error_response`): believed once Alipay's signature over its
+        exact text holds, unsigned only as a gateway refusal (retried)."""
         try:
             members = top_level_members(content.decode("utf-8"))
         except ValueError as exc:  # UnicodeDecodeError is a ValueError too
             raise PlatformUnavailable(
                 "BAD_RESPONSE", f"{method}: unreadable answer: {exc}"
             ) from None
+        own = response_key(method) in members
         found = members.get(response_key(method)) or members.get(ERROR_RESPONSE)
         if found is None or not isinstance(found[1], dict):
             raise PlatformUnavailable("BAD_RESPONSE", f"{method}: no {response_key(method)}")
@@ -417,13 +433,13 @@ class AlipayPlatform:
             code = answer.get("code")
             if not isinstance(code, str) or code not in GATEWAY_CODES:
                 raise PlatformUnavailable("UNSIGNED_RESPONSE", f"{method}: the answer is unsigned")
-            return answer, False
+            return answer, False, own
         if not isinstance(sign[1], str) or not rsa2_verify(
             self._app.alipay_public_key, text, sign[1]
         ):
             log.error("an answer to %s fails Alipay's signature: not believed", method)
             raise PlatformUnavailable("BAD_SIGNATURE", f"{method}: the answer's signature fails")
-        return answer, True
+        return answer, True, own
 
     # -- Platform -------------------------------------------------------------------
 
@@ -512,9 +528,13 @@ class AlipayPlatform:
                 ACTIVITY_STOP,
                 {"activity_id": batch_id, "out_biz_no": _operation_key("stop", batch_id)},
             )
-            return await self._settled(
+            stopped = await self._settled(
                 batch_id, frozenset({BatchStatus.STOPPED, BatchStatus.EXPIRED})
             )
+            if stopped.status not in (BatchStatus.STOPPED, BatchStatus.EXPIRED):
+                # Confirmed asynchronously (message.stopped): the next sync shows it.
+                log.warning("activity %s stopped, still %s at Alipay", batch_id, stopped.status)
+            return stopped
         if batch.status is BatchStatus.RUNNING:
             return batch
         if batch.status is not BatchStatus.CREATED:
@@ -527,7 +547,14 @@ class AlipayPlatform:
             ACTIVITY_PUBLISH,
             {"activity_id": batch_id, "out_biz_no": _operation_key("publish", batch_id)},
         )
-        return await self._settled(batch_id, frozenset({BatchStatus.RUNNING}))
+        published = await self._settled(batch_id, frozenset({BatchStatus.RUNNING}))
+        if published.status is BatchStatus.CREATED:
+            # Publishing is confirmed asynchronously (message.created): not a refusal, and
+            # publishing again with the same out_biz_no is the same request.
+            raise PlatformNotReady(
+                "PUBLISH_PENDING", f"activity {batch_id} is not active yet after publishing"
+            )
+        return published
 
     async def batch_flow(self, batch_id: str, kind: FlowKind) -> list[FlowRecord]:
         raise FlowUnavailable(
@@ -552,24 +579,27 @@ class AlipayPlatform:
         # Until then the terms come from the activity, read once per activity (its validity
         # rule never changes), with the earliest moment the voucher can have been sent, so its
         # validity is never overstated.
-        batch = self._activities.get(request.batch_id)
-        if batch is None:
+        valid_days = self._valid_days.get(request.batch_id)
+        if valid_days is None:
             try:
-                batch = await self.get_batch(request.batch_id)
+                # Only the validity rule: a status or field the rest of the activity's reading
+                # does not know must not hold up a send that went through.
+                raw = await self._call(ACTIVITY_QUERY, {"activity_id": request.batch_id})
+                valid_days = read_answer(_activity_valid_days, raw)
             except PlatformError as exc:
                 # The voucher is sent: nothing said after that may fail the coupon. Retried,
                 # the same out_biz_no finds the same voucher.
                 raise PlatformUnavailable(
                     "ACTIVITY_UNREADABLE", f"voucher {voucher_id} sent, its activity: {exc}"
                 ) from exc
-            self._activities[request.batch_id] = batch
+            self._valid_days[request.batch_id] = valid_days
         return PlatformCoupon(
             coupon_id=voucher_id,
             batch_id=request.batch_id,
             user_id=request.user_id,
             status=PlatformCouponStatus.SENT,
             sent_at=asked_at,
-            valid_until=asked_at + timedelta(days=batch.valid_days),
+            valid_until=asked_at + timedelta(days=valid_days),
             used_at=None,
             raw=answer,
         )

@@ -747,8 +747,8 @@ async def test_messages_that_must_not_be_believed_are_rejected(
     body = await _genuine_message(platform, control, receiver)
     fields = dict(parse_qsl(body.decode()))
     sign = fields["sign"]
-    long_ago = epoch_ms(datetime.now(UTC) - timedelta(minutes=10))
-    ahead = epoch_ms(datetime.now(UTC) + timedelta(minutes=10))
+    long_ago = epoch_ms(datetime.now(UTC) - timedelta(hours=26))
+    ahead = epoch_ms(datetime.now(UTC) + timedelta(hours=26))
     cases = {
         "tampered voucher": _changed(
             body, biz_content=_biz_changed(body, voucher_id="2026000000000000000000000000")
@@ -841,7 +841,7 @@ def test_a_redelivery_stamped_afresh_is_taken_where_the_stored_one_is_stale(
     platform = adapter(alipay_simulator)
     used_at = datetime.now(UTC).isoformat()
     coupon = {"coupon_id": "V1", "batch_id": "A1", "user_id": open_id(), "used_at": used_at}
-    long_ago = epoch_ms(datetime.now(UTC) - timedelta(hours=2))
+    long_ago = epoch_ms(datetime.now(UTC) - timedelta(hours=26))
     stored = _resigned(
         alipay_simulator,
         face.notification("ntf_1", coupon, datetime.now(UTC)),
@@ -912,5 +912,8 @@ def test_the_error_table(code: str, sub_code: str, sub_msg: str, kind: type[Plat
     if expected == "isv.openid-error":
         expected = "openid-error"  # either spelling, read as one
     assert error.code == expected
-    # Unsigned, nothing is definitive or makes a coupon wait: it is retried.
-    assert type(unsigned) in (PlatformUnavailable, PlatformRateLimited)
+    # Unsigned, nothing is definitive or makes a coupon wait: it is retried (a frequency limit
+    # still backs off).
+    assert type(unsigned) is (
+        PlatformRateLimited if kind is PlatformRateLimited else PlatformUnavailable
+    )

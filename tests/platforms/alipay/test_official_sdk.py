@@ -109,7 +109,10 @@ from alipay.aop.api.response.AlipayMarketingActivityVoucherSendResponse import (
 from alipay.aop.api.response.AlipayMarketingActivityVoucherStopResponse import (  # type: ignore[import-untyped]
     AlipayMarketingActivityVoucherStopResponse,
 )
-from alipay.aop.api.util.SignatureUtils import verify_with_rsa  # type: ignore[import-untyped]
+from alipay.aop.api.util.SignatureUtils import (  # type: ignore[import-untyped]
+    get_sign_content,
+    verify_with_rsa,
+)
 from cryptography.hazmat.primitives import serialization
 
 from coupons.embedded import SimulatorProcess
@@ -123,7 +126,6 @@ from coupons.platforms.alipay.protocol import (
     format_time,
     key_file,
     load_private_key,
-    notify_sign_content,
 )
 from coupons.platforms.rsa_keys import new_rsa_key, private_pem
 
@@ -393,8 +395,9 @@ def test_the_sdk_cannot_sign_with_a_pkcs8_key(
 async def test_the_used_message_verifies_with_the_sdks_own_signature_check(
     gateway_host: SimulatorProcess, receiver: Receiver
 ) -> None:
-    """The SDK has no message helper; its RSA2 check (`SignatureUtils.verify_with_rsa`) over
-    the sorted fields but sign and sign_type takes the simulator's message."""
+    """The SDK has no message helper; its own sign content (`SignatureUtils.get_sign_content`:
+    every field, sorted, `k=v` joined by `&`) over the fields but sign and sign_type, and its
+    RSA2 check (`verify_with_rsa`), take the simulator's message and refuse a tampered one."""
     client = sdk(gateway_host)
     async with httpx.AsyncClient(base_url=gateway_host.url, timeout=5) as control:
         await control.put("/sim/knobs", json={"callback_url": await receiver.start()})
@@ -413,8 +416,9 @@ async def test_the_used_message_verifies_with_the_sdks_own_signature_check(
 
     fields = dict(parse_qsl(body.decode(), keep_blank_values=True))
     public_key = key_file(gateway_host.keys_dir, ALIPAY_PUBLIC_KEY).read_text()
-    content = notify_sign_content(fields).encode()
-    tampered = notify_sign_content({**fields, "biz_content": "{}"}).encode()
+    signed = {name: value for name, value in fields.items() if name not in ("sign", "sign_type")}
+    content = get_sign_content(signed).encode()
+    tampered = get_sign_content({**signed, "biz_content": "{}"}).encode()
 
     assert fields["msg_method"] == MESSAGE_USED
     assert json.loads(fields["biz_content"])["voucher_id"] == sent.voucher_id

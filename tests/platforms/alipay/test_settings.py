@@ -60,7 +60,9 @@ async def _what_it_sends(settings: Settings) -> dict[str, dict[str, Any]]:
 
 async def test_alipay_settings_are_checked_and_reach_the_adapter(tmp_path: Path) -> None:
     ensure_test_keys(tmp_path)
-    real = Settings.from_env(real_merchant(tmp_path, ALIPAY_PID="2088123412341234"))
+    real = Settings.from_env(
+        real_merchant(tmp_path, ALIPAY_PID="2088123412341234", ALIPAY_USER_ID_TYPE="open_id")
+    )
     embedded = Settings(
         data_dir=tmp_path / "data", platform="alipay", alipay_user_id_type="user_id"
     )
@@ -71,8 +73,7 @@ async def test_alipay_settings_are_checked_and_reach_the_adapter(tmp_path: Path)
 
     create = "alipay.marketing.activity.voucher.create"
     send = "alipay.marketing.activity.voucher.send"
-    # Open ids unless told otherwise: what Alipay gives new apps.
-    assert real.alipay_user_id_type == "open_id"
+    assert real.user_id_type == "open_id"
     assert by_real[create]["belong_merchant_info"]["merchant_id"] == "2088123412341234"
     assert by_real[send]["open_id"] == "ann" and "user_id" not in by_real[send]
     # The embedded simulator's test merchant has a fixed PID.
@@ -86,11 +87,15 @@ async def test_alipay_settings_are_checked_and_reach_the_adapter(tmp_path: Path)
 @pytest.mark.parametrize(
     ("more", "message"),
     [
-        ({}, "needs ALIPAY_PID"),
-        ({"ALIPAY_PID": "1234"}, "ALIPAY_PID='1234' is not a PID"),
+        ({"ALIPAY_USER_ID_TYPE": "open_id"}, "needs ALIPAY_PID"),
+        ({"ALIPAY_PID": "2088123412341234"}, "needs ALIPAY_USER_ID_TYPE"),
+        (
+            {"ALIPAY_PID": "1234", "ALIPAY_USER_ID_TYPE": "user_id"},
+            "ALIPAY_PID='1234' is not a PID",
+        ),
         ({"ALIPAY_PID": "2088123412341234", "ALIPAY_USER_ID_TYPE": "uid"}, "ALIPAY_USER_ID_TYPE"),
     ],
-    ids=["no-pid", "bad-pid", "bad-id-type"],
+    ids=["no-pid", "no-id-type", "bad-pid", "bad-id-type"],
 )
 def test_a_real_alipay_merchant_needs_a_pid_and_a_known_id_type(
     tmp_path: Path, more: dict[str, str], message: str
