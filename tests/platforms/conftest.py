@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from coupons.embedded import SimulatorProcess, free_port
+from coupons.embedded import LOCALHOST, SimulatorProcess, free_port
 from coupons.platforms.base import (
     BatchAction,
     BatchSpec,
@@ -24,11 +24,23 @@ from coupons.platforms.generic.adapter import RestPlatform
 
 
 def simulator_process(
-    data: Path, env: Mapping[str, str] | None = None, mode: str = "generic"
+    data: Path,
+    env: Mapping[str, str] | None = None,
+    mode: str = "generic",
+    *,
+    port: int | None = None,
+    host: str = LOCALHOST,
 ) -> SimulatorProcess:
-    """A simulator child on its own port, with no knobs or key from the developer's shell."""
+    """A simulator child on its own port (or `port` of `host`), with no knobs or key from the
+    developer's shell."""
     return SimulatorProcess(
-        data, free_port(), env, log_path=data.with_suffix(".log"), inherit_knobs=False, mode=mode
+        data,
+        port if port is not None else free_port(),
+        env,
+        log_path=data.with_suffix(".log"),
+        inherit_knobs=False,
+        mode=mode,
+        host=host,
     )
 
 
@@ -40,13 +52,7 @@ WECHAT_TEST_KNOBS = {"SIM_ENDPOINT_LIMITS": "false", "SIM_WECHAT_START_DELAY_S":
 @pytest.fixture(scope="session")
 def simulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatorProcess]:
     """One simulator shared by the session; tests keep apart by using fresh keys and users."""
-    tmp = tmp_path_factory.mktemp("simulator")
-    process = simulator_process(tmp / "sim.sqlite3")
-    process.start()
-    try:
-        yield process
-    finally:
-        process.stop()
+    yield from started_simulator(tmp_path_factory, "generic")
 
 
 @pytest.fixture
@@ -118,10 +124,17 @@ async def sim(simulator: SimulatorProcess) -> AsyncIterator[SimControl]:
         yield control
 
 
-def _started(
-    tmp_path_factory: pytest.TempPathFactory, mode: str, env: Mapping[str, str] | None = None
+def started_simulator(
+    tmp_path_factory: pytest.TempPathFactory,
+    mode: str,
+    env: Mapping[str, str] | None = None,
+    **where: Any,
 ) -> Iterator[SimulatorProcess]:
-    process = simulator_process(tmp_path_factory.mktemp(mode) / "sim.sqlite3", env, mode=mode)
+    """A simulator in `mode` in a fresh folder, started, then stopped when done; `where`
+    (port, host) as `simulator_process` takes them."""
+    process = simulator_process(
+        tmp_path_factory.mktemp(mode) / "sim.sqlite3", env, mode=mode, **where
+    )
     process.start()
     try:
         yield process
@@ -135,13 +148,13 @@ def wechat_simulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Simul
 
     Its per-endpoint frequency limits are off and a new stock may start at once, so tests of
     other things are not held up by them; the tests of those rules turn them on."""
-    yield from _started(tmp_path_factory, "wechat", WECHAT_TEST_KNOBS)
+    yield from started_simulator(tmp_path_factory, "wechat", WECHAT_TEST_KNOBS)
 
 
 @pytest.fixture(scope="module")
 def alipay_simulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatorProcess]:
     """A simulator speaking Alipay's gateway, one per test module."""
-    yield from _started(tmp_path_factory, "alipay")
+    yield from started_simulator(tmp_path_factory, "alipay")
 
 
 @pytest.fixture

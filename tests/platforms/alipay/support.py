@@ -87,7 +87,8 @@ def activity_biz(**changes: Any) -> dict[str, Any]:
         "out_biz_no": new_key("act"),
         "belong_merchant_info": {"merchant_id": SIM_PID, "merchant_id_type": "PID"},
         "publish_start_time": format_time(now),
-        "publish_end_time": format_time(now + timedelta(days=7)),
+        # Published longer than a voucher lasts: no voucher meets the window's end.
+        "publish_end_time": format_time(now + timedelta(days=30)),
         "voucher_type": "FIX_VOUCHER",
         "voucher_send_rule": {
             "voucher_quantity": 10,

@@ -129,7 +129,7 @@ from coupons.platforms.alipay.protocol import (
 )
 from coupons.platforms.rsa_keys import new_rsa_key, private_pem
 
-from ..conftest import new_key
+from ..conftest import new_key, started_simulator
 from .support import Receiver, alipay_user
 
 HTTP_PORT = 80  # the only port the SDK speaks http to
@@ -157,20 +157,7 @@ def _free_loopback() -> str:
 @pytest.fixture(scope="module")
 def gateway_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatorProcess]:
     """The simulator in alipay mode on port 80 of a loopback address of its own."""
-    data = tmp_path_factory.mktemp("alipay-sdk") / "sim.sqlite3"
-    process = SimulatorProcess(
-        data,
-        HTTP_PORT,
-        log_path=data.with_suffix(".log"),
-        inherit_knobs=False,
-        mode="alipay",
-        host=_free_loopback(),
-    )
-    process.start()
-    try:
-        yield process
-    finally:
-        process.stop()
+    yield from started_simulator(tmp_path_factory, "alipay", port=HTTP_PORT, host=_free_loopback())
 
 
 @pytest.fixture
