@@ -14,6 +14,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol, TypeVar
 
+import httpx
+
 
 class PlatformCouponStatus(StrEnum):
     SENT = "sent"
@@ -195,6 +197,30 @@ class PlatformBudgetExhausted(PlatformBatchUnavailable):
 
 
 T = TypeVar("T")
+
+
+def answer_text(raw: Mapping[str, Any], name: str) -> str:
+    """Field `name` of a platform's answer as a non-empty string; ValueError (an unreadable
+    answer, for `read_answer`) otherwise."""
+    value = raw.get(name)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} is not a non-empty string")
+    return value
+
+
+def on_platform(origin: httpx.URL, url: str) -> httpx.URL:
+    """`url` (a flow file's address, from the platform's answer) resolved against `origin`,
+    only if it stays on that origin: the request carries our credentials, and an answer must
+    not send them anywhere else. PlatformUnavailable otherwise (asked again, never a refusal)."""
+    try:
+        target = origin.join(url)
+    except httpx.InvalidURL as exc:
+        raise PlatformUnavailable("BAD_FLOW_URL", f"unreadable flow file URL: {exc}") from exc
+    if (target.scheme, target.host, target.port) != (origin.scheme, origin.host, origin.port):
+        raise PlatformUnavailable(
+            "BAD_FLOW_URL", f"flow file at {target.scheme}://{target.host}, off the platform"
+        )
+    return target
 
 
 def read_answer(parse: Callable[[dict[str, Any]], T], raw: dict[str, Any]) -> T:

@@ -119,6 +119,7 @@ from coupons.platforms.base import (
     PlatformRefused,
     PlatformUnavailable,
     SendRequest,
+    answer_text,
     read_answer,
 )
 
@@ -208,13 +209,6 @@ def error_for(
     return PlatformUnavailable(business or code or "UNKNOWN", message)
 
 
-def _text(raw: Mapping[str, Any], name: str) -> str:
-    value = raw.get(name)
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{name} is not a non-empty string")
-    return value
-
-
 def _object(raw: Mapping[str, Any], name: str) -> Mapping[str, Any]:
     value = raw.get(name)
     if not isinstance(value, dict):
@@ -241,8 +235,8 @@ def _valid_days(period: Mapping[str, Any]) -> int:
     if kind == RELATIVE:
         return _whole(period, "valid_days_after_receive")
     if kind == "ABSOLUTE":
-        span = parse_time(_text(period, "valid_end_time")) - parse_time(
-            _text(period, "valid_begin_time")
+        span = parse_time(answer_text(period, "valid_end_time")) - parse_time(
+            answer_text(period, "valid_begin_time")
         )
         return max(1, math.ceil(span / timedelta(days=1)))
     raise ValueError(f"voucher_valid_period type {kind!r}")
@@ -256,8 +250,8 @@ def _activity(raw: dict[str, Any]) -> PlatformBatch:
     """A PlatformBatch from voucher.query's answer ([PY] AlipayMarketingActivityVoucherQuery
     Response: activity_status, publish window, voucher_send_rule, voucher_use_rule, summary)."""
     status = _ACTIVITY_STATUS[str(raw.get("activity_status") or "")]  # unknown: unreadable
-    starts_at = parse_time(_text(raw, "publish_start_time"))
-    ends_at = parse_time(_text(raw, "publish_end_time"))
+    starts_at = parse_time(answer_text(raw, "publish_start_time"))
+    ends_at = parse_time(answer_text(raw, "publish_end_time"))
     if status in (BatchStatus.STOPPED, BatchStatus.RUNNING) and datetime.now(UTC) >= ends_at:
         status = BatchStatus.EXPIRED  # "活动到期结束(publish_end_time)"
     send_rule = _object(raw, "voucher_send_rule")
@@ -270,13 +264,13 @@ def _activity(raw: dict[str, Any]) -> PlatformBatch:
     sent = _whole(summary, "publish_count") if isinstance(summary, dict) else 0
     floor = fix.get("floor_amount")
     return PlatformBatch(
-        batch_id=_text(raw, "activity_id"),
+        batch_id=answer_text(raw, "activity_id"),
         name=str(raw.get("activity_name") or raw["activity_id"]),
         status=status,
         quantity=quantity,
         remaining=max(0, quantity - sent),
         valid_days=_activity_valid_days(raw),
-        face_value_cents=cents(_text(fix, "amount")),
+        face_value_cents=cents(answer_text(fix, "amount")),
         # "不填写, 认为无门槛"
         min_spend_cents=cents(floor) if isinstance(floor, str) and floor else 0,
         per_user_limit=per_user,
@@ -298,7 +292,7 @@ def _voucher(asked_id: str, user_id: str, raw: dict[str, Any]) -> PlatformCoupon
     status = base.get("voucher_status") or raw.get("voucher_status")
     return PlatformCoupon(
         coupon_id=asked_id,
-        batch_id=_text(raw, "activity_id"),
+        batch_id=answer_text(raw, "activity_id"),
         user_id=user_id,
         # A status not published (say a refund) is unreadable: asked again, never guessed.
         status=_VOUCHER_STATUS[str(status)],
@@ -496,7 +490,9 @@ class AlipayPlatform:
 
     async def create_batch(self, spec: BatchSpec) -> PlatformBatch:
         answer = await self._call(ACTIVITY_CREATE, self._activity_request(spec))
-        return await self.get_batch(read_answer(lambda raw: _text(raw, "activity_id"), answer))
+        return await self.get_batch(
+            read_answer(lambda raw: answer_text(raw, "activity_id"), answer)
+        )
 
     async def get_batch(self, batch_id: str) -> PlatformBatch:
         return read_answer(_activity, await self._call(ACTIVITY_QUERY, {"activity_id": batch_id}))
@@ -573,7 +569,7 @@ class AlipayPlatform:
                 self._user_field: request.user_id,
             },
         )
-        voucher_id = read_answer(lambda raw: _text(raw, "voucher_id"), answer)
+        voucher_id = read_answer(lambda raw: answer_text(raw, "voucher_id"), answer)
         # The send answers only the voucher's id ([PY] AlipayMarketingActivityVoucherSend
         # Response); its exact times are the query's, which the caller makes to see it visible.
         # Until then the terms come from the activity, read once per activity (its validity
@@ -661,9 +657,9 @@ class AlipayPlatform:
                 raise ValueError("biz_content is not a JSON object")
             holder = biz.get("user_id") or biz.get("open_id") or ""
             return CouponUsedNotice(
-                notification_id=_text(biz, "id"),
-                platform_coupon_id=_text(biz, "voucher_id"),
-                batch_id=_text(biz, "activity_id"),
+                notification_id=answer_text(biz, "id"),
+                platform_coupon_id=answer_text(biz, "voucher_id"),
+                batch_id=answer_text(biz, "activity_id"),
                 user_id=holder if isinstance(holder, str) else "",
                 used_at=parse_epoch(str(biz.get("event_time", ""))),
                 raw={**params, "biz_content": biz},

@@ -37,6 +37,8 @@ from coupons.platforms.base import (
     PlatformRefused,
     PlatformUnavailable,
     SendRequest,
+    answer_text,
+    on_platform,
     read_answer,
 )
 
@@ -193,27 +195,20 @@ def _callback_signature(secret: str, timestamp: str, nonce: str, body: bytes) ->
     return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 
 
-def _text_field(raw: Mapping[str, Any], name: str) -> str:
-    value = raw.get(name)
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{name} is not a non-empty string")
-    return value
-
-
 def _notice(raw: Any) -> CouponUsedNotice:
     if not isinstance(raw, dict):
         raise ValueError("not a JSON object")
     coupon = raw.get("coupon")
     if not isinstance(coupon, dict):
         raise ValueError("coupon is not an object")
-    used_at = datetime.fromisoformat(_text_field(coupon, "used_at"))
+    used_at = datetime.fromisoformat(answer_text(coupon, "used_at"))
     if used_at.tzinfo is None:
         raise ValueError("used_at has no timezone")
     return CouponUsedNotice(
-        notification_id=_text_field(raw, "id"),
-        platform_coupon_id=_text_field(coupon, "coupon_id"),
-        batch_id=_text_field(coupon, "batch_id"),
-        user_id=_text_field(coupon, "user_id"),
+        notification_id=answer_text(raw, "id"),
+        platform_coupon_id=answer_text(coupon, "coupon_id"),
+        batch_id=answer_text(coupon, "batch_id"),
+        user_id=answer_text(coupon, "user_id"),
         used_at=used_at,
         raw=raw,
     )
@@ -283,23 +278,6 @@ class RestPlatform:
             raise PlatformUnavailable("BAD_RESPONSE", f"{what}: not a JSON object")
         return payload
 
-    def _platform_url(self, url: str) -> httpx.URL:
-        """`url` resolved against the platform, only if it stays on the platform's origin: the
-        API key goes with every request, and a descriptor must not send it anywhere else."""
-        try:
-            target = self._origin.join(url)
-        except httpx.InvalidURL as exc:
-            raise PlatformUnavailable("BAD_FLOW_URL", f"unreadable flow file URL: {exc}") from exc
-        if (target.scheme, target.host, target.port) != (
-            self._origin.scheme,
-            self._origin.host,
-            self._origin.port,
-        ):
-            raise PlatformUnavailable(
-                "BAD_FLOW_URL", f"flow file at {target.scheme}://{target.host}, off the platform"
-            )
-        return target
-
     async def create_batch(self, spec: BatchSpec) -> PlatformBatch:
         raw = await self._call(
             "POST",
@@ -335,7 +313,9 @@ class RestPlatform:
         what = f"{name} flow of {batch_id}"
         path = f"/v1/batches/{quote(batch_id, safe='')}/flows/{name}"
         file = read_answer(_flow_file, await self._call("GET", path))
-        response = await self._request("GET", self._platform_url(file.url), f"download {what}")
+        response = await self._request(
+            "GET", on_platform(self._origin, file.url), f"download {what}"
+        )
         return _verified_flow(file, response.content)
 
     async def send_coupon(self, request: SendRequest) -> PlatformCoupon:

@@ -94,6 +94,8 @@ from coupons.platforms.base import (
     PlatformRefused,
     PlatformUnavailable,
     SendRequest,
+    answer_text,
+    on_platform,
     read_answer,
 )
 from coupons.platforms.wechat.protocol import (
@@ -244,13 +246,6 @@ def _integer(raw: Mapping[str, Any], name: str) -> int:
     return value
 
 
-def _text(raw: Mapping[str, Any], name: str) -> str:
-    value = raw.get(name)
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{name} is not a non-empty string")
-    return value
-
-
 def _stock(raw: dict[str, Any]) -> PlatformBatch:
     rule, begins, ends = (
         raw["stock_use_rule"],
@@ -264,8 +259,8 @@ def _stock(raw: dict[str, Any]) -> PlatformBatch:
         status = BatchStatus.EXPIRED
     quantity = _integer(rule, "max_coupons")
     return PlatformBatch(
-        batch_id=_text(raw, "stock_id"),
-        name=_text(raw, "stock_name"),
+        batch_id=answer_text(raw, "stock_id"),
+        name=answer_text(raw, "stock_name"),
         status=status,
         quantity=quantity,
         remaining=max(0, quantity - _integer(raw, "distributed_coupons")),
@@ -288,8 +283,8 @@ def _coupon(raw: dict[str, Any], openid: str) -> PlatformCoupon:
     if status == PlatformCouponStatus.USED and isinstance(consumed, dict):
         used_at = parse_time(consumed["consume_time"])
     return PlatformCoupon(
-        coupon_id=_text(raw, "coupon_id"),
-        batch_id=_text(raw, "stock_id"),
+        coupon_id=answer_text(raw, "coupon_id"),
+        batch_id=answer_text(raw, "stock_id"),
         user_id=openid,
         status=status,
         sent_at=parse_time(raw["create_time"]),
@@ -308,7 +303,7 @@ class _FlowFile:
 def _flow_file(raw: dict[str, Any]) -> _FlowFile:
     if str(raw["hash_type"]).upper() != "SHA1":
         raise ValueError(f"hash_type {raw['hash_type']!r}, not SHA1")
-    return _FlowFile(url=_text(raw, "url"), sha1=_text(raw, "hash_value").lower())
+    return _FlowFile(url=answer_text(raw, "url"), sha1=answer_text(raw, "hash_value").lower())
 
 
 _STOCK_COLUMN, _COUPON_COLUMN, _USED_COLUMN = "批次id", "优惠id", "消耗时间"
@@ -565,19 +560,7 @@ class WechatPayPlatform:
     def _platform_path(self, url: str) -> str:
         """The path and query of `url`, only if it is on the platform's origin: the request
         carries our signature, and a descriptor must not send it anywhere else."""
-        try:
-            target = self._origin.join(url)
-        except httpx.InvalidURL as exc:
-            raise PlatformUnavailable("BAD_FLOW_URL", f"unreadable flow file URL: {exc}") from exc
-        if (target.scheme, target.host, target.port) != (
-            self._origin.scheme,
-            self._origin.host,
-            self._origin.port,
-        ):
-            raise PlatformUnavailable(
-                "BAD_FLOW_URL", f"flow file at {target.scheme}://{target.host}, off the platform"
-            )
-        path = target.raw_path.decode("ascii")
+        path = on_platform(self._origin, url).raw_path.decode("ascii")
         if not path.startswith(self._prefix):
             raise PlatformUnavailable("BAD_FLOW_URL", "flow file outside the platform's base path")
         return path.removeprefix(self._prefix)
@@ -622,7 +605,7 @@ class WechatPayPlatform:
             # a start that is in the past by then.
             self._windows.pop(spec.request_key, None)
             raise
-        stock_id = read_answer(lambda answer: _text(answer, "stock_id"), raw)
+        stock_id = read_answer(lambda answer: answer_text(answer, "stock_id"), raw)
         return await self.get_batch(stock_id)
 
     async def _create_stock(
@@ -747,7 +730,7 @@ class WechatPayPlatform:
                 "stock_creator_mchid": mchid,
             },
         )
-        coupon_id = read_answer(lambda answer: _text(answer, "coupon_id"), raw)
+        coupon_id = read_answer(lambda answer: answer_text(answer, "coupon_id"), raw)
         sent_at = datetime.now(UTC)
         try:
             valid_until = await self._stock_end(request.batch_id)
@@ -827,9 +810,9 @@ class WechatPayPlatform:
             consumed = coupon["consume_information"]
             openid = coupon.get("openid")
             return CouponUsedNotice(
-                notification_id=_text(envelope, "id"),
-                platform_coupon_id=_text(coupon, "coupon_id"),
-                batch_id=_text(coupon, "stock_id"),
+                notification_id=answer_text(envelope, "id"),
+                platform_coupon_id=answer_text(coupon, "coupon_id"),
+                batch_id=answer_text(coupon, "stock_id"),
                 user_id=openid if isinstance(openid, str) else "",
                 used_at=parse_time(consumed["consume_time"]),
                 raw={**{k: v for k, v in envelope.items() if k != "resource"}, "resource": coupon},
