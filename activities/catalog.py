@@ -67,7 +67,10 @@ class CatalogActivities:
 
     @activity.defn(name=act.ALL_BATCHES)
     async def all_batches(self) -> list[str]:
-        return [b.id for b in await batches.list_batches(self._pool)]
+        """Every batch the platform holds (reconciliation reads its flow files): not one
+        whose create is still pending, which the sync finishes first."""
+        found = await batches.list_batches(self._pool)
+        return [b.id for b in found if b.status != batches.PENDING]
 
     @activity.defn(name=act.SYNC_BATCH)
     async def sync_batch(self, batch_id: str) -> BatchSync:
@@ -263,11 +266,20 @@ R = TypeVar("R")
 
 
 async def _known_batch(pool: AsyncConnectionPool, batch_id: str) -> batches.Batch:
-    """The batch, or a non-retryable failure: no retry makes an unknown batch known."""
+    """The batch, or a non-retryable failure: no retry makes an unknown batch known, nor
+    one whose create is pending (no platform id yet) reconcilable."""
     try:
-        return await catalog.get_batch(pool, batch_id)
+        batch = await catalog.get_batch(pool, batch_id)
     except Refused as err:
         raise ApplicationError(str(err), type=err.code, non_retryable=True) from err
+    if batch.status == batches.PENDING:
+        # Retried, it would fail the same way until a sync finishes the create.
+        raise ApplicationError(
+            f"batch {batch_id!r} is {batches.PENDING_NOTE}",
+            type="batch_pending",
+            non_retryable=True,
+        )
+    return batch
 
 
 async def _each(items: Iterable[T], call: Callable[[T], Awaitable[R]]) -> list[R]:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from psycopg_pool import AsyncConnectionPool
 
@@ -27,6 +27,7 @@ from coupons.platforms.base import (
     BatchStatus,
     Platform,
     PlatformBatch,
+    PlatformError,
     PlatformKeyReused,
     PlatformNotReady,
     PlatformRateLimited,
@@ -107,9 +108,7 @@ async def create_batch(
         window = ends_at - starts_at if starts_at is not None and ends_at is not None else None
         valid_days = math.ceil(window / DAY) if window is not None else DEFAULT_VALID_DAYS
     _at_least("valid_days", valid_days, 1)
-    if existing is not None:
-        return await _finished(pool, platform, existing, quantity, face_value_cents, start)
-    spec = BatchSpec(
+    asked = BatchSpec(
         request_key=batch_request_key(batch_id),
         name=name or f"batch {batch_id}",
         face_value_cents=face_value_cents,
@@ -120,79 +119,144 @@ async def create_batch(
         starts_at=starts_at,
         ends_at=ends_at,
     )
+    while existing is None:
+        # The intent first: a crash, a ledger failure or a lost answer after the platform's
+        # call leaves a pending create that the next sync finishes, never a batch at the
+        # platform that the ledger has not heard of. A ledger that cannot write it stops
+        # here, before the platform is asked anything.
+        intent = await ledger.begin_create(pool, batch_id, tenant_id, _request(platform, asked))
+        if intent is not None:
+            return await _created(pool, platform, intent, tenant_id, start)
+        # Taken meanwhile by a create running at the same time: that batch (or, if the
+        # platform refused it since, the id is free again).
+        existing = await ledger.get_batch(pool, batch_id)
+        if existing is not None and existing.tenant_id != tenant_id:
+            raise Refused("batch_exists", f"batch id {batch_id!r} is taken")
+    return await _finished(pool, platform, existing, asked, start)
+
+
+async def _created(
+    pool: AsyncConnectionPool,
+    platform: Platform,
+    intent: ledger.BatchIntent,
+    tenant_id: str,
+    start: bool,
+) -> Batch:
+    """Send the create `intent` wrote, store the answer, and start the batch if asked."""
     try:
-        created = await platform.create_batch(spec)
+        stored = await _send(pool, platform, intent, tenant_id)
     except PlatformRefused as err:
         if isinstance(err, PlatformKeyReused):
             raise Refused(
-                "batch_exists", f"batch {batch_id!r} exists with other terms: {err.message}"
+                "batch_exists",
+                f"batch {intent.batch_id!r} exists with other terms: {err.message}",
             ) from err
         raise Refused("platform_refused", f"the platform refused the batch: {err}") from err
     # In the ledger before it is started, so a start that fails leaves no batch at the
     # platform that the ledger has never heard of.
-    stored = await ledger.upsert_batch(pool, batch_id, created, tenant_id)
-    if start and created.status == BatchStatus.CREATED:
+    if start and stored.status == BatchStatus.CREATED:
         stored = await _started(pool, platform, stored)
-    log.info("batch %s is %s at the platform as %s", batch_id, stored.status, created.batch_id)
+    log.info(
+        "batch %s is %s at the platform as %s", stored.id, stored.status, stored.platform_batch_id
+    )
     return stored
+
+
+# The terms a pending create is compared on when asked for again (a done one: on what the
+# platform holds, which is what `_finished` compares).
+_PENDING_TERMS = (
+    "name",
+    "quantity",
+    "face_value_cents",
+    "min_spend_cents",
+    "valid_days",
+    "per_user_limit",
+)
 
 
 async def _finished(
     pool: AsyncConnectionPool,
     platform: Platform,
     existing: Batch,
-    quantity: int,
-    face_value_cents: int,
+    asked: BatchSpec,
     start: bool,
 ) -> Batch:
-    """A batch asked for again: the same one (started now if it was left created), or a
-    refusal naming the term it differs in. Not created again: a platform that takes the whole
-    request as its key (WeChat Pay, its window included) would see another request."""
-    asked = {"quantity": quantity, "face_value_cents": face_value_cents}
-    held = {"quantity": existing.quantity, "face_value_cents": existing.face_value_cents}
-    differ = [
-        f"{name} {held[name]}, not {asked[name]}" for name in asked if held[name] != asked[name]
-    ]
+    """A batch asked for again: the same one (its pending create sent again under its key,
+    started now if it was left created), or a refusal naming the term it differs in. Not
+    created again: a platform that takes the whole request as its key (WeChat Pay, its
+    window included) would see another request."""
+    differ = await _differences(pool, existing, asked)
     if differ:
         raise Refused(
             "batch_exists", f"batch {existing.id!r} exists with other terms: {'; '.join(differ)}"
         )
-    seen = await platform.get_batch(existing.platform_batch_id)
+    settled = await _settle(pool, platform, existing)
+    seen = await platform.get_batch(settled.batch.platform_batch_id)
     stored = await ledger.upsert_batch(pool, existing.id, seen, existing.tenant_id)
     if start and seen.status == BatchStatus.CREATED:
         stored = await _started(pool, platform, stored)
     return stored
 
 
+async def _differences(pool: AsyncConnectionPool, existing: Batch, asked: BatchSpec) -> list[str]:
+    """How `asked` differs from the batch held: from what the platform holds once created,
+    from the request kept (all its terms, and a window when one is asked) while pending."""
+    if existing.status == ledger.PENDING:
+        creates = [
+            i for i in await ledger.pending_intents(pool, existing.id) if i.operation == "create"
+        ]
+        if creates:
+            kept = ledger.spec_of(creates[0])
+            names = [*_PENDING_TERMS, *(w for w in ("starts_at", "ends_at") if getattr(asked, w))]
+            held = {name: getattr(kept, name) for name in names}
+            wanted = {name: getattr(asked, name) for name in names}
+            return _differing(held, wanted)
+    held = {"quantity": existing.quantity, "face_value_cents": existing.face_value_cents}
+    return _differing(
+        held, {"quantity": asked.quantity, "face_value_cents": asked.face_value_cents}
+    )
+
+
+def _differing(held: dict[str, Any], asked: dict[str, Any]) -> list[str]:
+    return [
+        f"{name} {held[name]}, not {asked[name]}" for name in asked if held[name] != asked[name]
+    ]
+
+
 async def _started(pool: AsyncConnectionPool, platform: Platform, batch: Batch) -> Batch:
     """Start the batch and store what the platform says of it, asking again while the
     platform cannot start it yet: WeChat Pay registers a new stock for about a minute
-    (卡包信息尚未注册完成). A refusal, or a platform still not ready after START_PATIENCE,
-    says the batch exists and how to finish it."""
+    (卡包信息尚未注册完成). The start is an intent first: one that gives up stays pending,
+    and the next sync finishes it. A refusal, or a platform still not ready after
+    START_PATIENCE, says the batch exists and how to finish it."""
     finish = f"batch {batch.id!r} exists but did not start; `batch start {batch.id}` finishes it"
+    intent = await _intend(pool, batch, BatchAction.START)
     try:
-        started = await _start_when_ready(platform, batch.platform_batch_id)
+        return await _start_when_ready(pool, platform, intent, batch.tenant_id)
     except PlatformRefused as err:
         raise Refused("platform_refused", f"{finish} once this is mended: {err.message}") from err
     except PlatformNotReady as err:
-        raise PlatformUnavailable(err.code, f"{err.message}; {finish}") from err
-    return await ledger.upsert_batch(pool, batch.id, started, batch.tenant_id)
+        raise PlatformUnavailable(
+            err.code, f"{err.message}; {finish} (or the next catalog sync)"
+        ) from err
 
 
-async def _start_when_ready(platform: Platform, platform_batch_id: str) -> PlatformBatch:
+async def _start_when_ready(
+    pool: AsyncConnectionPool, platform: Platform, intent: ledger.BatchIntent, tenant_id: str
+) -> Batch:
     loop = asyncio.get_running_loop()
     give_up = loop.time() + START_PATIENCE.total_seconds()
     wait_s = 1.0
     while True:
         try:
-            return await platform.change_batch(platform_batch_id, BatchAction.START)
+            return await _send(pool, platform, intent, tenant_id)
         except (PlatformNotReady, PlatformRateLimited) as err:
             if loop.time() + wait_s > give_up:
                 raise PlatformNotReady(err.code, err.message) from err
             # Said once loudly: a person waiting on `batch create` should know why.
             (log.warning if wait_s == 1.0 else log.info)(
                 "batch %s cannot start yet (%s): asking again for up to %.0f s",
-                platform_batch_id,
+                intent.batch_id,
                 err,
                 give_up - loop.time(),
             )
@@ -218,21 +282,32 @@ async def change_batch(
     action: BatchAction,
     tenant_id: str | None = None,
 ) -> Batch:
-    batch = await get_batch(pool, batch_id, tenant_id)
+    """Start, pause, resume or stop the batch: the batch's unfinished intents first (in the
+    order they were asked), then this one, written before the call."""
+    settled = await _settle(pool, platform, await get_batch(pool, batch_id, tenant_id))
+    batch = settled.batch
+    if settled.waiting is not None and settled.waiting.operation != action:
+        # Sent now, it could be overtaken by the older one when that one goes through.
+        raise PlatformUnavailable(
+            "INTENT_PENDING",
+            f"batch {batch_id!r}: its {settled.waiting.operation} is not done at the platform "
+            f"yet ({settled.why}); ask again shortly",
+        )
+    intent = await _intend(pool, batch, action)
     try:
-        changed = await platform.change_batch(batch.platform_batch_id, action)
+        return await _send(pool, platform, intent, batch.tenant_id)
     except PlatformRefused as err:
         raise Refused("wrong_state", f"batch {batch_id!r}: {err.message}") from err
-    return await ledger.upsert_batch(pool, batch_id, changed)
 
 
 async def sync_batch(pool: AsyncConnectionPool, platform: Platform, batch_id: str) -> BatchSync:
-    """Read the batch at the platform, store it, and flag where it drifted from the ledger."""
-    batch = await get_batch(pool, batch_id)
-    seen = await platform.get_batch(batch.platform_batch_id)
+    """Finish the batch's unfinished intents, read it at the platform, store it, and flag
+    where it drifted from the ledger."""
+    settled = await _settle(pool, platform, await get_batch(pool, batch_id))
+    seen = await platform.get_batch(settled.batch.platform_batch_id)
     stored = await ledger.upsert_batch(pool, batch_id, seen)
     owes = await ledger.obligations(pool, batch_id)
-    drift = drift_of(seen, owes)
+    drift = [*drift_of(seen, owes), *settled.drift]
     if drift:
         log.warning("batch %s drifted: %s", batch_id, "; ".join(drift))
     await ledger.record_sync(pool, batch_id, owes.owed, owes.backlog, drift)
@@ -247,6 +322,125 @@ async def sync_batch(pool: AsyncConnectionPool, platform: Platform, batch_id: st
         drift=drift,
         synced_at=stored.synced_at,
     )
+
+
+# ------------------------------------------------------------------ intents
+
+# What a batch is once each change is done: the platform may say "already done" by
+# answering the batch in that status (every adapter makes a repeat a no-op), or by a
+# refusal while it is.
+_DONE_AS = {
+    BatchAction.START: frozenset({BatchStatus.RUNNING}),
+    BatchAction.PAUSE: frozenset({BatchStatus.PAUSED}),
+    BatchAction.RESUME: frozenset({BatchStatus.RUNNING}),
+    BatchAction.STOP: FINISHED_BATCH,
+}
+
+
+@runtime_checkable
+class FixesRequest(Protocol):
+    """A platform whose create request holds something chosen when it is made (WeChat Pay
+    and Alipay fill a window not given from the time of the call): it says what, so the
+    intent keeps the very request and a later resend, from any process, is the same."""
+
+    def batch_request(self, spec: BatchSpec) -> BatchSpec: ...
+
+
+def _request(platform: Platform, spec: BatchSpec) -> BatchSpec:
+    return platform.batch_request(spec) if isinstance(platform, FixesRequest) else spec
+
+
+async def _intend(
+    pool: AsyncConnectionPool, batch: Batch, action: BatchAction
+) -> ledger.BatchIntent:
+    return await ledger.intend_change(
+        pool, batch.id, action, batch.platform_batch_id, batch_request_key(batch.id)
+    )
+
+
+async def _send(
+    pool: AsyncConnectionPool, platform: Platform, intent: ledger.BatchIntent, tenant_id: str
+) -> Batch:
+    """Ask the platform what `intent` keeps, under its key, once; record the outcome: done
+    (the batch as answered), refused (PlatformRefused raised), or unanswered (the error
+    raised, the intent still pending)."""
+    try:
+        answer = await _ask(platform, intent)
+    except PlatformRefused as err:
+        done = await _already_done(platform, intent)
+        if done is None:
+            await ledger.refuse_intent(pool, intent, str(err))
+            raise
+        answer = done
+    except PlatformError as err:
+        await ledger.intent_unanswered(pool, intent, str(err))
+        raise
+    return await ledger.complete_intent(pool, intent, answer, tenant_id)
+
+
+async def _ask(platform: Platform, intent: ledger.BatchIntent) -> PlatformBatch:
+    if intent.operation == "create":
+        return await platform.create_batch(ledger.spec_of(intent))
+    return await platform.change_batch(
+        intent.request["platform_batch_id"], BatchAction(intent.request["action"])
+    )
+
+
+async def _already_done(platform: Platform, intent: ledger.BatchIntent) -> PlatformBatch | None:
+    """The batch, when a refused change is one the platform shows done (a resend after an
+    answer that was lost, say); None otherwise (and for a create, which has no batch yet)."""
+    if intent.operation == "create":
+        return None
+    action = BatchAction(intent.request["action"])
+    try:
+        seen = await platform.get_batch(intent.request["platform_batch_id"])
+    except PlatformError:
+        return None  # the refusal stands
+    return seen if seen.status in _DONE_AS[action] else None
+
+
+@dataclass(frozen=True)
+class _Settled:
+    batch: Batch  # as the ledger holds it once its intents were sent
+    # The oldest intent still pending (the platform not ready for it yet), and why.
+    waiting: ledger.BatchIntent | None = None
+    why: str = ""
+
+    @property
+    def drift(self) -> list[str]:
+        if self.waiting is None:
+            return []
+        return [f"{self.waiting.operation} not done at the platform yet ({self.why}): asked again"]
+
+
+async def _settle(pool: AsyncConnectionPool, platform: Platform, batch: Batch) -> _Settled:
+    """Finish the batch's pending intents, oldest first, each sent again as it was kept.
+
+    A refused change is recorded and passed over: it changed nothing. A change the platform
+    is not ready for yet stays pending, and the ones after it wait behind it (they were
+    asked after it). Raises when the create is refused (Refused: the batch is gone) or not
+    answered, or when the platform cannot be reached (the caller, or the sync activity's
+    retries, ask again)."""
+    for intent in await ledger.pending_intents(pool, batch.id):
+        try:
+            batch = await _send(pool, platform, intent, batch.tenant_id)
+        except PlatformRefused as err:
+            if intent.operation == "create":
+                log.error(
+                    "the platform refused batch %s's pending create (key %s): %s",
+                    batch.id,
+                    intent.request_key,
+                    err,
+                )
+                raise Refused(
+                    "platform_refused", f"the platform refused batch {batch.id!r}: {err}"
+                ) from err
+            log.warning("batch %s: the pending %s was refused: %s", batch.id, intent.operation, err)
+        except (PlatformNotReady, PlatformRateLimited) as err:
+            if intent.operation == "create":
+                raise
+            return _Settled(batch, intent, str(err))
+    return _Settled(batch)
 
 
 def drift_of(seen: PlatformBatch, owes: ledger.Obligations) -> list[str]:
@@ -385,7 +579,17 @@ def _check_create(spec: CampaignSpec, use: BatchUse, existing: Campaign | None) 
             f"campaign {spec.id!r} exists with another definition; use `campaign update`",
         )
     if existing is None:
+        _check_created(spec, use.batch)
         validate_campaign(spec, use.batch, existing, promised_elsewhere=use.promised_elsewhere)
+
+
+def _check_created(spec: CampaignSpec, batch: Batch | None) -> None:
+    """A batch whose create the platform has not answered yet sends nothing: a campaign on
+    it would fail every coupon claimed meanwhile."""
+    if batch is not None and batch.tenant_id == spec.tenant_id and batch.status == ledger.PENDING:
+        raise InvalidField(
+            "batch", f"batch {batch.id!r} is not created at the platform yet: {ledger.PENDING_NOTE}"
+        )
 
 
 async def create_campaign(pool: AsyncConnectionPool, spec: CampaignSpec) -> tuple[Campaign, bool]:
@@ -396,6 +600,7 @@ async def create_campaign(pool: AsyncConnectionPool, spec: CampaignSpec) -> tupl
 def _check_update(spec: CampaignSpec, use: BatchUse, existing: Campaign | None) -> None:
     if existing is None or existing.tenant_id != spec.tenant_id:
         raise Refused("unknown_campaign", f"no campaign {spec.id!r}")
+    _check_created(spec, use.batch)
     validate_campaign(spec, use.batch, existing, promised_elsewhere=use.promised_elsewhere)
 
 

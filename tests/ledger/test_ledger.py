@@ -27,7 +27,12 @@ async def test_migrations_build_an_empty_database_once(postgres: EmbeddedPostgre
     assert await db.migrate_url(url) == []
     async with await AsyncConnection.connect(url) as conn:
         cur = await conn.execute("SELECT version, name FROM schema_migrations ORDER BY version")
-        assert await cur.fetchall() == [(1, "initial"), (2, "catalog"), (3, "tenants")]
+        assert await cur.fetchall() == [
+            (1, "initial"),
+            (2, "catalog"),
+            (3, "tenants"),
+            (4, "batch_intents"),
+        ]
 
 
 async def test_the_catalog_migration_keeps_existing_batches_and_campaigns(
@@ -48,7 +53,7 @@ async def test_the_catalog_migration_keeps_existing_batches_and_campaigns(
             "INSERT INTO campaigns (id, batch_id, required_tasks, per_user_limit, quota)"
             " VALUES ('old', 'bat_1', '{first-order}', 1, 10)"
         )
-        assert await db.migrate(conn) == [2, 3]
+        assert await db.migrate(conn) == [2, 3, 4]
         cur = await conn.execute("SELECT id, platform_batch_id, drift, tenant_id FROM batches")
         assert await cur.fetchall() == [("bat_1", "bat_1", [], "default")]
         cur = await conn.execute(
