@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from psycopg_pool import AsyncConnectionPool
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHandle
 from temporalio.common import (
     SearchAttributePair,
     TypedSearchAttributes,
@@ -27,7 +27,15 @@ from coupons.config import Settings
 from coupons.errors import Refused
 from coupons.ledger import claims as ledger
 from coupons.ledger.claims import Claim, ClaimRefused
-from coupons.model import CAMPAIGN_ID, COUPON_STATE, USER_ID, CouponInput
+from coupons.model import (
+    CAMPAIGN_ID,
+    COUPON_STATE,
+    PLATFORM_COUPON_ID,
+    USER_ID,
+    CouponInput,
+    CouponStatus,
+    Receipt,
+)
 from coupons.validation import validate_id
 from workflows.user_coupon import UserCouponWorkflow
 
@@ -82,36 +90,69 @@ class ClaimService:
 
     async def start_workflow(self, claim: Claim) -> None:
         try:
-            await self._client.start_workflow(
-                UserCouponWorkflow.run,
-                CouponInput(
-                    coupon_id=claim.coupon_id,
-                    campaign_id=claim.campaign_id,
-                    user_id=claim.user_id,
-                    batch_id=claim.batch_id,
-                    required_tasks=list(claim.required_tasks),
-                    claimed_at=claim.claimed_at,
-                    task_deadline=claim.task_deadline,
-                ),
-                id=claim.workflow_id,
-                task_queue=self._settings.task_queue,
+            await self._start(
+                claim,
+                coupon_input(claim),
                 # One workflow per coupon, ever: a running one is reused, a closed one
                 # is never started again.
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-                search_attributes=TypedSearchAttributes(
-                    [
-                        SearchAttributePair(COUPON_STATE, claim.state),
-                        SearchAttributePair(CAMPAIGN_ID, claim.campaign_id),
-                        SearchAttributePair(USER_ID, claim.user_id),
-                    ]
-                ),
-                static_summary=f"coupon {claim.coupon_id}: campaign {claim.campaign_id}, "
-                f"user {claim.user_id}",
             )
         except WorkflowAlreadyStartedError:
             log.info("workflow %s already exists (closed)", claim.workflow_id)
         await ledger.mark_started(self._pool, claim.coupon_id)
+
+    async def restart_workflow(
+        self, claim: Claim, tasks_done: list[str], receipt: Receipt | None
+    ) -> str:
+        """A fresh run of the coupon's workflow resuming the ledger's state (`claim.state`,
+        with `receipt` when issued); returns its run id.
+
+        Only a recovery (coupons/wedged.py) calls this, after the stuck run was terminated
+        or found gone: the reuse policy lets a new run follow one that ended without
+        completing (terminated, failed, timed out), never a completed one, and never runs
+        beside a running one (WorkflowAlreadyStartedError: someone else recovered it).
+        """
+        handle = await self._start(
+            claim,
+            coupon_input(claim, tasks_done=tasks_done, receipt=receipt, resume=True),
+            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+            summary=f" (recovered from the ledger: {claim.state})",
+        )
+        await ledger.mark_started(self._pool, claim.coupon_id)
+        assert handle.result_run_id is not None  # a start always names its run
+        return handle.result_run_id
+
+    async def _start(
+        self,
+        claim: Claim,
+        input: CouponInput,
+        *,
+        id_conflict_policy: WorkflowIDConflictPolicy,
+        id_reuse_policy: WorkflowIDReusePolicy,
+        summary: str = "",
+    ) -> WorkflowHandle[UserCouponWorkflow, CouponStatus]:
+        attributes = [
+            SearchAttributePair(COUPON_STATE, claim.state),
+            SearchAttributePair(CAMPAIGN_ID, claim.campaign_id),
+            SearchAttributePair(USER_ID, claim.user_id),
+        ]
+        if input.receipt is not None:
+            attributes.append(
+                SearchAttributePair(PLATFORM_COUPON_ID, input.receipt.platform_coupon_id)
+            )
+        return await self._client.start_workflow(
+            UserCouponWorkflow.run,
+            input,
+            id=claim.workflow_id,
+            task_queue=self._settings.task_queue,
+            id_conflict_policy=id_conflict_policy,
+            id_reuse_policy=id_reuse_policy,
+            search_attributes=TypedSearchAttributes(attributes),
+            static_summary=f"coupon {claim.coupon_id}: campaign {claim.campaign_id}, "
+            f"user {claim.user_id}{summary}",
+        )
 
     async def repair(self) -> int:
         """Start the workflows of claims whose start was never confirmed; returns how many."""
@@ -129,3 +170,25 @@ class ClaimService:
                 continue
             repaired += 1
         return repaired
+
+
+def coupon_input(
+    claim: Claim,
+    *,
+    tasks_done: list[str] | None = None,
+    receipt: Receipt | None = None,
+    resume: bool = False,
+) -> CouponInput:
+    """The workflow's input for `claim`: as claimed, or (`resume`) from the ledger's state."""
+    return CouponInput(
+        coupon_id=claim.coupon_id,
+        campaign_id=claim.campaign_id,
+        user_id=claim.user_id,
+        batch_id=claim.batch_id,
+        required_tasks=list(claim.required_tasks),
+        claimed_at=claim.claimed_at,
+        task_deadline=claim.task_deadline,
+        resume_state=claim.state if resume else None,
+        tasks_done=list(tasks_done or []),
+        receipt=receipt,
+    )

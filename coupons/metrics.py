@@ -15,6 +15,8 @@ never a user, coupon or notification id.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -35,6 +37,7 @@ BATCH_DRIFT = "coupons_batch_drift"
 BATCH_BACKLOG = "coupons_batch_backlog"
 RECONCILE_MISMATCHES = "coupons_reconcile_mismatches"
 RECONCILE_REPAIRS = "coupons_reconcile_repairs_requested_total"
+WEDGED = "coupons_wedged"
 
 # The SDK's exporter gives a histogram it does not know millisecond buckets (50 ms to 10 s);
 # ours measure seconds. For PrometheusConfig(histogram_bucket_overrides=...). One HTTP
@@ -131,6 +134,19 @@ def reconciled(result: BatchReconciliation) -> None:
         "Redemptions reconciliation asked coupon workflows to record (used at the platform, "
         "issued in the ledger)",
     ).add(len(result.repairs_requested))
+
+
+def wedged(meter: MetricMeter, by_cause: Mapping[str, int]) -> None:
+    """The worker's last count of wedged coupons (`coupons.wedged`), for every cause (0 when
+    none, so a recovered cause reads 0). Outside an activity: the caller passes the worker
+    runtime's meter. Every worker counts the same coupons: aggregate with max, not sum."""
+    gauge = meter.create_gauge(
+        WEDGED,
+        "Coupons whose workflow cannot make progress, by cause (undecodable, task_failing, "
+        "not_started, missing, closed): `starter.py coupon wedged` lists them",
+    )
+    for cause, count in by_cause.items():
+        gauge.set(count, {"cause": cause})
 
 
 # ----------------------------------------------------------------- the API (prometheus_client)

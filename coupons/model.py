@@ -44,6 +44,14 @@ class CouponInput:
     required_tasks: list[str]
     claimed_at: datetime
     task_deadline: datetime | None
+    # Set only when a recovery (coupons/wedged.py) starts a fresh run from the ledger, whose
+    # state it resumes: `received` (with the task reports the stuck run had been given),
+    # `usable` (its tasks done: the send is next, with the coupon's one idempotency key) or
+    # `issued` (with the ledger's receipt: waiting for redemption or lapse). The defaults
+    # are how every other run starts, so stored histories replay unchanged.
+    resume_state: str | None = None
+    tasks_done: list[str] = field(default_factory=list)
+    receipt: Receipt | None = None
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """The worker process: workflows and ledger activities on one task queue, platform
-calls on their own, rate-limited one, and the claim repair loop."""
+calls on their own, rate-limited one, the claim repair loop and the wedged coupon count."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import signal
 
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
+from temporalio.common import MetricMeter
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
@@ -25,6 +26,7 @@ from coupons.platforms.configured import make_platform
 from coupons.platforms.metered import MeteredPlatform
 from coupons.schedules import ensure_schedules
 from coupons.temporal import check_search_attributes, connect, worker_runtime
+from coupons.wedged import count_by_cause, find_wedged
 from workflows.catalog_sync import CatalogSyncWorkflow
 from workflows.end_campaign import EndCampaignWorkflow
 from workflows.reconcile import ReconcileWorkflow
@@ -33,6 +35,8 @@ from workflows.user_coupon import UserCouponWorkflow
 log = logging.getLogger(__name__)
 
 REPAIR_EVERY_S = 10.0
+# A scan costs a few counts and one query per wedged coupon (coupons/wedged.py).
+WEDGED_EVERY_S = 60.0
 
 
 def workflow_runner() -> SandboxedWorkflowRunner:
@@ -100,6 +104,33 @@ async def repair_forever(claims: ClaimService, every_s: float) -> None:
         await asyncio.sleep(every_s)
 
 
+async def watch_wedged_forever(
+    pool: AsyncConnectionPool,
+    client: Client,
+    settings: Settings,
+    meter: MetricMeter,
+    every_s: float = WEDGED_EVERY_S,
+) -> None:
+    """Count the wedged coupons into the `coupons_wedged` gauge, and say so in the log;
+    recovering them is an operator's command (`starter.py coupon recover`)."""
+    while True:
+        try:
+            found = await find_wedged(pool, client, settings)
+            metrics.wedged(meter, count_by_cause(found))
+            if found:
+                causes = ", ".join(f"{c} {n}" for c, n in count_by_cause(found).items() if n)
+                log.warning(
+                    "%d wedged coupons (%s): `starter.py coupon wedged` lists them, "
+                    "`starter.py coupon recover` recovers them",
+                    len(found),
+                    causes,
+                )
+        except Exception:
+            # Postgres or Temporal may be restarting; the next round tries again.
+            log.exception("wedged coupon scan failed")
+        await asyncio.sleep(every_s)
+
+
 async def run_worker(settings: Settings) -> None:
     """Run until SIGINT or SIGTERM, then shut the workers down gracefully."""
     stop = asyncio.Event()
@@ -123,6 +154,8 @@ async def run_worker(settings: Settings) -> None:
                 min(REPAIR_EVERY_S, settings.claim_repair_after_s),
             )
         )
+        meter = runtime.metric_meter if runtime is not None else MetricMeter.noop
+        watch = asyncio.create_task(watch_wedged_forever(pool, client, settings, meter))
         try:
             async with contextlib.AsyncExitStack() as running:
                 for worker in build_workers(client, pool, platform, settings):
@@ -136,7 +169,8 @@ async def run_worker(settings: Settings) -> None:
                 await stop.wait()
                 log.info("shutting down")
         finally:
-            repair.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await repair
+            for task in (repair, watch):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await platform.aclose()

@@ -81,10 +81,11 @@ class UserCouponWorkflow:
     @workflow.init
     def __init__(self, input: CouponInput) -> None:
         self._input = input
-        self._machine = CouponLifecycle(input.required_tasks)
+        self._machine = _machine_of(input)
         self._transitions: list[Transition] = []
         self._unrecorded: list[Transition] = []
-        self._receipt: Receipt | None = None
+        # A run resumed from the ledger's `issued` starts with the ledger's receipt.
+        self._receipt: Receipt | None = input.receipt
         self._redemption: RedemptionReport | None = None
         self._ignored: list[str] = []
         self._budget_notices = 0
@@ -97,6 +98,8 @@ class UserCouponWorkflow:
 
     @workflow.run
     async def run(self, input: CouponInput) -> CouponStatus:
+        if input.resume_state == "received":
+            self._take_reported_tasks(input.tasks_done)
         if self._machine.state == "received":
             await self._await_tasks()
         if self._machine.state == "usable":
@@ -297,6 +300,16 @@ class UserCouponWorkflow:
             )
         return True
 
+    def _take_reported_tasks(self, tasks: list[str]) -> None:
+        """A recovered run: the task reports its stuck run was given (the ledger keeps only
+        states, not each task), taken as if reported again; a move to `usable` is written
+        to the ledger as any other."""
+        for task in tasks:
+            try:
+                self._complete(TaskCompletion(task))
+            except ApplicationError as err:
+                self._ignore(f"recovered task_done({task})", err)
+
     def _complete(self, completion: TaskCompletion) -> None:
         if self._check_task(completion):
             before = self._machine.state
@@ -450,6 +463,20 @@ class UserCouponWorkflow:
         if self._receipt is not None:
             lines.append(f"platform coupon `{self._receipt.platform_coupon_id}`")
         workflow.set_current_details("\n\n".join(lines))
+
+
+def _machine_of(input: CouponInput) -> CouponLifecycle:
+    """The machine a run starts with: at the claim's start (`received`, or `usable` for a
+    campaign without tasks), or where the ledger says a recovered coupon is."""
+    if input.resume_state in ("usable", "issued"):
+        return CouponLifecycle(
+            input.required_tasks,
+            tasks_done=input.required_tasks,
+            state=input.resume_state,
+            # An issued coupon's send is over; a usable one's starts again, same key.
+            send_started=input.resume_state == "issued",
+        )
+    return CouponLifecycle(input.required_tasks)
 
 
 def _until(moment: datetime) -> timedelta:

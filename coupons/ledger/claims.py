@@ -12,6 +12,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from coupons.errors import Refused
+from coupons.lifecycle import FINAL_STATES
 from coupons.model import Receipt, Transition, coupon_workflow_id
 
 
@@ -32,13 +33,14 @@ class Claim:
     task_deadline: datetime | None
     batch_id: str
     required_tasks: list[str]
+    updated_at: datetime | None = None  # the last state change (None: not read yet)
 
 
 # A claim with what its workflow needs from the campaign; `batch_id` is the platform's.
 _SELECT_CLAIMS = (
     "SELECT c.coupon_id, c.campaign_id, c.user_id, c.seq, c.state, c.workflow_id,"
     " c.workflow_started, c.claimed_at, c.task_deadline, b.platform_batch_id AS batch_id,"
-    " k.required_tasks"
+    " k.required_tasks, c.updated_at"
     " FROM claims c JOIN campaigns k ON k.id = c.campaign_id JOIN batches b ON b.id = k.batch_id"
 )
 
@@ -217,6 +219,55 @@ async def unstarted(
             (older_than, limit),
         )
         return await cur.fetchall()
+
+
+# ----------------------------------------------------------------- wedged coupons (wedged.py)
+
+
+_FINAL_STATES = sorted(FINAL_STATES)
+
+
+async def count_open(pool: AsyncConnectionPool) -> int:
+    """Claims whose workflow was started and whose state is not final: each should have a
+    running workflow."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM claims WHERE workflow_started AND NOT state = ANY(%s)",
+            (_FINAL_STATES,),
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def open_page(pool: AsyncConnectionPool, after: str = "", limit: int = 200) -> list[Claim]:
+    """A page of those claims, in coupon id order, after `after`."""
+    async with pool.connection() as conn:
+        cur = conn.cursor(row_factory=class_row(Claim))
+        await cur.execute(
+            _SELECT_CLAIMS + " WHERE c.workflow_started AND NOT c.state = ANY(%s)"
+            " AND c.coupon_id > %s ORDER BY c.coupon_id LIMIT %s",
+            (_FINAL_STATES, after, limit),
+        )
+        return await cur.fetchall()
+
+
+async def claims_by_workflow(pool: AsyncConnectionPool, workflow_ids: list[str]) -> list[Claim]:
+    async with pool.connection() as conn:
+        cur = conn.cursor(row_factory=class_row(Claim))
+        await cur.execute(_SELECT_CLAIMS + " WHERE c.workflow_id = ANY(%s)", (workflow_ids,))
+        return await cur.fetchall()
+
+
+async def receipt_of(pool: AsyncConnectionPool, coupon_id: str) -> Receipt | None:
+    async with pool.connection() as conn:
+        cur = conn.cursor(row_factory=class_row(Receipt))
+        await cur.execute(
+            "SELECT platform_coupon_id, idempotency_key, sent_at, valid_until, confirmed_at, raw"
+            " FROM receipts WHERE coupon_id = %s",
+            (coupon_id,),
+        )
+        return await cur.fetchone()
 
 
 async def record_transition(conn: AsyncConnection[Any], coupon_id: str, t: Transition) -> bool:
