@@ -1,10 +1,12 @@
-"""Runs the coupon worker: `python worker.py` (settings from the environment)."""
+"""Runs the coupon worker: `python worker.py` (settings from the environment, following the
+running stack where it says nothing: `coupons.running`)."""
 
 import asyncio
 import logging
 import sys
 
-from coupons.config import ConfigError, Settings
+from coupons.config import ConfigError
+from coupons.running import settings_from_env
 from coupons.workers import run_worker
 
 if __name__ == "__main__":
@@ -14,7 +16,10 @@ if __name__ == "__main__":
     # One line per platform request would drown the worker's own log.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        asyncio.run(run_worker(Settings.from_env()))
+        # Its keys from the stack's data directory when the environment has none: a worker
+        # started by hand beside `make run` must read and write the payloads the stack's do.
+        settings = settings_from_env().with_stack_secrets()
+        asyncio.run(run_worker(settings))
     except ConfigError as err:
         # A setting that cannot work, or a namespace not prepared for us: one clear line.
         print(f"error: {err}", file=sys.stderr)

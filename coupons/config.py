@@ -43,6 +43,13 @@ ALIPAY_USER_ID_TYPES = ("open_id", "user_id")
 _ALIPAY_PID = re.compile(r"2088[0-9]{12,}")
 
 
+# The variables that hold secrets: never written where others may read them (the running
+# stack's record, `coupons.running`).
+SECRET_SETTINGS = frozenset(
+    {"PLATFORM_API_KEY", "PLATFORM_CALLBACK_SECRET", "CODEC_TOKEN", "TEMPORAL_API_KEY"}
+)
+
+
 class ConfigError(ValueError):
     """A setting that cannot be used; the message names the variable."""
 
@@ -387,6 +394,14 @@ class Settings:
                 f"COUPONS_CONFIG={given['COUPONS_CONFIG']}: unknown setting {', '.join(unknown)}"
             )
         return settings
+
+    @staticmethod
+    def given(env: Mapping[str, str] | None = None) -> dict[str, str]:
+        """What the environment and the `COUPONS_CONFIG` file say, the environment over the
+        file, by variable; an empty variable says nothing (`from_env` reads it as unset)."""
+        given = os.environ if env is None else env
+        values = {**_config_file(given.get("COUPONS_CONFIG")), **given}
+        return {name: value for name, value in values.items() if value != ""}
 
     @classmethod
     def _read(cls, env: Mapping[str, str]) -> Settings:

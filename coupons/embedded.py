@@ -138,8 +138,43 @@ def _run_blocking(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 
 # prctl(2) options, from <linux/prctl.h>.
+_PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_GET_CHILD_SUBREAPER = 37
+
+
+def die_with_parent(sig: signal.Signals) -> Callable[[], None] | None:
+    """A `preexec_fn` that has the kernel send `sig` to the child when its parent dies (Linux
+    only; None elsewhere), so a parent killed with SIGKILL leaves no server behind.
+
+    The kernel sends it when the *thread* that forked the child exits, so only a parent
+    that starts its children from a thread that lives as long as they should may use it.
+    It runs after the child took its user and group (Popen sets them first), since a change
+    of credentials clears it.
+    """
+    return _parent_death_signal(sig, parent=os.getpid())
+
+
+def set_own_parent_death_signal(sig: signal.Signals) -> None:
+    """Have the kernel send `sig` to this process when its parent dies (Linux only)."""
+    set_it = _parent_death_signal(sig, parent=os.getppid())
+    if set_it is not None:
+        set_it()
+
+
+def _parent_death_signal(sig: signal.Signals, parent: int) -> Callable[[], None] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    # Looked up now, in the parent: the child between fork and exec only calls it.
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def set_parent_death_signal() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:
+            # The parent died before the setting took effect: act as if it had.
+            os.kill(os.getpid(), sig)
+
+    return set_parent_death_signal
 
 
 def _set_child_subreaper(enabled: bool) -> bool:
@@ -179,6 +214,54 @@ def _children_of(pid: int) -> list[int]:
             if int(after_comm[1]) == pid:
                 children.append(int(entry.name))
     return children
+
+
+def process_start_time(pid: int) -> int | None:
+    """When `pid` started (clock ticks after boot, /proc/<pid>/stat field 22): with the pid, it
+    names one process, never a later one given the same pid. None if no such process runs
+    (a zombie has exited: it only waits to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            fields = stat_file.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    after_comm = fields[fields.rindex(b")") + 2 :].split()
+    if after_comm[0] in (b"Z", b"X"):
+        return None
+    return int(after_comm[19])
+
+
+def same_process_alive(pid: int, start_time: int) -> bool:
+    """True while the process `pid` that started at `start_time` runs."""
+    return pid > 0 and process_start_time(pid) == start_time
+
+
+def stop_recorded(pid: int, start_time: int, sig: signal.Signals, timeout_s: float = 10) -> bool:
+    """Stop a process that is not our child (a dead stack's), known by its pid and start
+    time: `sig`, then after `timeout_s` SIGKILL for it and its direct children (PostgreSQL's
+    backends have sessions of their own). False if it was not running."""
+    if not same_process_alive(pid, start_time):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+    deadline = time.monotonic() + timeout_s
+    while same_process_alive(pid, start_time):
+        if time.monotonic() >= deadline:
+            logger.warning(
+                "pid %d still running %.0f s after %s; killing it", pid, timeout_s, sig.name
+            )
+            # Frozen first, so its list of children is final (see ManagedProcess._kill_tree).
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+            for victim in [pid, *_children_of(pid)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(victim, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while same_process_alive(pid, start_time) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            break
+        time.sleep(0.05)
+    return True
 
 
 def _reap(pids: Sequence[int], timeout_s: float) -> None:
@@ -232,11 +315,14 @@ class ManagedProcess:
         stop_signal: signal.Signals = signal.SIGTERM,
         signal_group: bool = True,
         redact: Sequence[str] = (),
+        die_with_parent: bool = False,
     ) -> None:
         """`user` runs the child as that system user (needs root). `stop_signal` is what
         stop() sends first; `signal_group` sends it to the whole process group rather than
         to the leader only (PostgreSQL wants only its postmaster signalled). `redact`: secrets
-        in `argv` that the log's command line shows as ***."""
+        in `argv` that the log's command line shows as ***. `die_with_parent`: the kernel
+        sends the child `stop_signal` when the thread that started it exits (see
+        `die_with_parent()`): only for a parent that starts it from its main thread."""
         self.name = name
         self.argv = [os.fspath(a) for a in argv]
         self.log_path = log_path
@@ -246,7 +332,9 @@ class ManagedProcess:
         self.stop_signal = stop_signal
         self.signal_group = signal_group
         self.redact = tuple(secret for secret in redact if secret)
+        self.die_with_parent = die_with_parent
         self._popen: subprocess.Popen[bytes] | None = None
+        self._start_time: int | None = None
         self._log_offset = 0
 
     @property
@@ -260,6 +348,11 @@ class ManagedProcess:
     @property
     def returncode(self) -> int | None:
         return self._popen.poll() if self._popen is not None else None
+
+    @property
+    def start_time(self) -> int | None:
+        """When the current run started (see `process_start_time`), None before start()."""
+        return self._start_time
 
     def start(self) -> None:
         if self.alive:
@@ -288,8 +381,11 @@ class ManagedProcess:
                 env=self.env,
                 cwd=self.cwd,
                 start_new_session=True,
+                preexec_fn=die_with_parent(self.stop_signal) if self.die_with_parent else None,
                 **ids,
             )
+        # Read while the child is ours and unreaped, so it names this very process.
+        self._start_time = process_start_time(self._popen.pid)
         _running.add(self)
         logger.debug("started %s (pid %d), log %s", self.name, self._popen.pid, self.log_path)
 
@@ -545,13 +641,17 @@ class EmbeddedPostgres:
         database: str = "coupons",
         settings: Mapping[str, str] | None = None,
         startup_timeout_s: float = 30.0,
+        die_with_parent: bool = False,
     ) -> None:
+        """`die_with_parent`: see ManagedProcess; the postmaster gets its fast shutdown
+        signal, which ends its backends too."""
         self.data_dir = data_dir.expanduser().absolute()
         self.port = port
         self.log_path = log_path or self.data_dir.with_name(self.data_dir.name + ".log")
         self.database = database
         self.settings = {**self.DEFAULT_SETTINGS, **(settings or {})}
         self.startup_timeout_s = startup_timeout_s
+        self.die_with_parent = die_with_parent
         self._install_dir = _postgres_install_dir()
         self._bin = self._install_dir / "bin"
         # PostgreSQL refuses to run as root; as root we run it as a dedicated system user,
@@ -564,6 +664,11 @@ class EmbeddedPostgres:
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
+
+    @property
+    def process(self) -> ManagedProcess | None:
+        """The postmaster, once started."""
+        return self._process
 
     @property
     def alive(self) -> bool:
@@ -613,6 +718,7 @@ class EmbeddedPostgres:
             # Only the postmaster: it orders its helpers' shutdown, and a signal sent to the
             # checkpointer or a backend directly means something else to them.
             signal_group=False,
+            die_with_parent=self.die_with_parent,
         )
         self._process.start()
         try:
@@ -759,11 +865,13 @@ class TemporalDevServer:
         startup_timeout_s: float = 30.0,
         ui_codec_endpoint: str | None = None,
         redact: Sequence[str] = (),
+        die_with_parent: bool = False,
     ) -> None:
         """`db_file` None keeps everything in memory (lost at stop); `ui_port` None runs
         headless; `search_attributes` maps names to CLI type names (Keyword, Int, ...);
         `dynamic_config` values are JSON-encoded into --dynamic-config-value;
-        `ui_codec_endpoint` is the codec server the Web UI decodes payloads with."""
+        `ui_codec_endpoint` is the codec server the Web UI decodes payloads with;
+        `die_with_parent`: see ManagedProcess."""
         unknown = {k: t for k, t in search_attributes.items() if t not in SEARCH_ATTRIBUTE_TYPES}
         if unknown:
             raise ValueError(
@@ -785,7 +893,11 @@ class TemporalDevServer:
         else:
             self.log_path = Path(tempfile.gettempdir()) / f"temporal-dev-{port}.log"
         self._process = ManagedProcess(
-            "temporal dev server", self._argv(), self.log_path, redact=redact
+            "temporal dev server",
+            self._argv(),
+            self.log_path,
+            redact=redact,
+            die_with_parent=die_with_parent,
         )
 
     @property
@@ -799,6 +911,10 @@ class TemporalDevServer:
     @property
     def pid(self) -> int | None:
         return self._process.pid
+
+    @property
+    def process(self) -> ManagedProcess:
+        return self._process
 
     @property
     def alive(self) -> bool:
@@ -975,14 +1091,16 @@ class SimulatorProcess:
         mode: str = "generic",
         keys_dir: Path | None = None,
         host: str = LOCALHOST,
+        die_with_parent: bool = False,
     ) -> None:
         """`env` is added to this process's environment (the simulator's knobs); `mode` is the
         platform protocol it speaks, `keys_dir` where that protocol's key material lives
         (default: beside `data_file`, made on first start); `host` the address it listens on
         (another loopback address lets a client that only speaks to port 80 reach it).
 
-        `inherit_knobs=False` drops `SIM_*` and `PLATFORM_API_KEY` from our own environment
-        first, so tests start from known knobs whatever the developer's shell exports.
+        `die_with_parent`: see ManagedProcess. `inherit_knobs=False` drops `SIM_*` and
+        `PLATFORM_API_KEY` from our own environment first, so tests start from known knobs
+        whatever the developer's shell exports.
         """
         self.data_file = data_file.expanduser().absolute()
         self.host = host
@@ -1023,7 +1141,12 @@ class SimulatorProcess:
         self.keys_dir = (keys_dir or self.data_file.parent / "platform-keys").absolute()
         argv += ["--keys", self.keys_dir]
         self._process = ManagedProcess(
-            "platform simulator", argv, self.log_path, env=child_env, cwd=project_root
+            "platform simulator",
+            argv,
+            self.log_path,
+            env=child_env,
+            cwd=project_root,
+            die_with_parent=die_with_parent,
         )
         # A proxy from the environment must not intercept calls to our own child.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -1035,6 +1158,10 @@ class SimulatorProcess:
     @property
     def pid(self) -> int | None:
         return self._process.pid
+
+    @property
+    def process(self) -> ManagedProcess:
+        return self._process
 
     @property
     def alive(self) -> bool:

@@ -5,11 +5,18 @@ SIGTERM.
 Whatever `DATABASE_URL`, `TEMPORAL_ADDRESS` or `PLATFORM_URL` point at is used as it is,
 and nothing embedded is started in its place. Data lives under `DATA_DIR` (`.data/`)
 and survives restarts.
+
+`make run` records the stack it runs (`coupons.running`): command lines, the worker and
+the API follow it. It leaves nothing behind when killed: its servers get their stop signal
+from the kernel when it dies (any signal, even SIGKILL), it stops in order when `make`
+dies or the terminal closes, and the next start on the same data stops whatever a dead
+stack's record says still runs (by pid and start time, never by name).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -27,6 +34,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Protocol
 
+from coupons import running
 from coupons.catalog import ensure_campaign
 from coupons.config import ConfigError, Settings
 from coupons.embedded import (
@@ -35,6 +43,9 @@ from coupons.embedded import (
     ProcessStartError,
     SimulatorProcess,
     TemporalDevServer,
+    process_start_time,
+    set_own_parent_death_signal,
+    stop_recorded,
 )
 from coupons.errors import Refused
 from coupons.ledger import db
@@ -83,6 +94,32 @@ def _port_in_use(host: str, port: int) -> bool:
         return False
 
 
+def stop_leftovers(data_dir: Path, environ: Mapping[str, str] | None = None) -> str | None:
+    """Stop what a dead stack on `data_dir` left running (killed with its servers kept, say:
+    an older version, or one that could not tell them); a line saying what, or None.
+    Refuses if that stack still runs."""
+    record = running.read_record(data_dir / running.RECORD_NAME)
+    if record is None or record.pid == os.getpid():
+        return None
+    if record.alive:
+        raise RuntimeError(
+            f"a stack already runs on {data_dir} ({record.describe()}); stop it first"
+        )
+    stopped = [
+        f"{child.name} (pid {child.pid})"
+        # In the order a stack stops: the worker before the servers it uses.
+        for child in reversed(record.children)
+        if stop_recorded(child.pid, child.start_time, signal.Signals[child.stop_signal])
+    ]
+    running.remove_record(data_dir, record.pid, environ)
+    if not stopped:
+        return None
+    return (
+        f"stopped what the stack that ran here before (pid {record.pid}) left running: "
+        + ", ".join(stopped)
+    )
+
+
 # Chaos runs and benchmarks measure faults and throughput, not WeChat Pay's registration of a
 # new stock (about a minute before it may start): their simulator waits 1 s, so the catalog's
 # waiting for it still runs.
@@ -121,9 +158,16 @@ class Stack:
         demo: bool = True,
         api: bool = False,
         simulator_knobs: Mapping[str, str] | None = None,
+        record: bool = False,
+        die_with_parent: bool = False,
     ) -> None:
         """`api` starts the HTTP API too (`make run` does), on the settings' API_PORT;
-        `simulator_knobs` (SIM_* variables) start the embedded simulator with those knobs."""
+        `simulator_knobs` (SIM_* variables) start the embedded simulator with those knobs.
+
+        `record` makes this the running stack others follow (`coupons.running`), and first
+        stops what a dead one on the same data left running. `die_with_parent` has the
+        kernel stop each server when this process dies: only for a stack started, and
+        supervised, from the main thread (the signal comes when the starting thread ends)."""
         self.settings = settings
         self.worker_env = worker_env or {}
         self.simulator_knobs = dict(simulator_knobs or {})
@@ -136,24 +180,20 @@ class Stack:
         self.postgres: EmbeddedPostgres | None = None
         self.temporal: TemporalDevServer | None = None
         self.simulator: SimulatorProcess | None = None
+        self.record = record
+        self.die_with_parent = die_with_parent
+        self.leftovers: str | None = None
 
     def start(self) -> None:
-        s = self.settings
-        data = s.data_dir.resolve()
+        # Absolute from here on: the children run elsewhere, and others follow the record.
+        self.settings = s = replace(self.settings, data_dir=self.settings.data_dir.resolve())
+        data = s.data_dir
         logs = data / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-
-        if s.database_url_override is None:
-            self.postgres = pg = EmbeddedPostgres(
-                data / "postgres", s.pg_port, log_path=logs / "postgres.log"
-            )
-            pg.start()
-            self.started.append(("PostgreSQL", pg))
-            self.lines.append(f"PostgreSQL  {s.database_url}  (embedded, data {data / 'postgres'})")
-        else:
-            self.lines.append("PostgreSQL  DATABASE_URL (external)")
-        applied = asyncio.run(db.migrate_url(s.database_url))
-        log.info("migrations applied: %s", applied or "none (up to date)")
+        if self.record:
+            self.leftovers = stop_leftovers(data)
+            if self.leftovers:
+                log.warning("%s", self.leftovers)
 
         if s.codec_keys_file is None:
             # Payloads encrypted from the first start: no input, result or failure carries a
@@ -167,6 +207,23 @@ class Stack:
             token = _kept_secret(data / "codec-token")
             self.settings = s = replace(s, codec_token=token)
         codec_endpoint = f"{s.api_url}/codec/{s.codec_token}" if self.with_api else None
+        # Recorded before anything starts: a command line run meanwhile follows this stack.
+        self._write_record()
+
+        if s.database_url_override is None:
+            self.postgres = pg = EmbeddedPostgres(
+                data / "postgres",
+                s.pg_port,
+                log_path=logs / "postgres.log",
+                die_with_parent=self.die_with_parent,
+            )
+            pg.start()
+            self._started("PostgreSQL", pg)
+            self.lines.append(f"PostgreSQL  {s.database_url}  (embedded, data {data / 'postgres'})")
+        else:
+            self.lines.append("PostgreSQL  DATABASE_URL (external)")
+        applied = asyncio.run(db.migrate_url(s.database_url))
+        log.info("migrations applied: %s", applied or "none (up to date)")
         self.lines.append(
             f"Codec       payloads encrypted (keys {s.codec_keys_file})"
             + ("; the Web UI decodes them through the API" if codec_endpoint else "")
@@ -182,9 +239,10 @@ class Stack:
                 namespace=s.temporal_namespace,
                 ui_codec_endpoint=codec_endpoint,
                 redact=[s.codec_token or ""],
+                die_with_parent=self.die_with_parent,
             )
             temporal.start()
-            self.started.append(("Temporal", temporal))
+            self._started("Temporal", temporal)
             self.lines.append(
                 f"Temporal    {s.temporal_address}  Web UI http://127.0.0.1:{s.temporal_ui_port}"
                 f"  (dev server, {data / 'temporal.db'})"
@@ -223,9 +281,10 @@ class Stack:
                 log_path=logs / "simulator.log",
                 mode=s.platform,
                 keys_dir=s.platform_keys_dir.resolve(),
+                die_with_parent=self.die_with_parent,
             )
             sim.start()
-            self.started.append(("platform simulator", sim))
+            self._started("platform simulator", sim)
             self.lines.append(
                 f"Platform    {s.platform_url}  ({s.platform} simulator, "
                 f"{data / 'simulator.sqlite3'})"
@@ -258,10 +317,15 @@ class Stack:
             )
         env = {**os.environ, **s.to_env(), **self.worker_env}
         self.worker = ManagedProcess(
-            "worker", [sys.executable, "worker.py"], logs / "worker.log", env=env, cwd=PROJECT_ROOT
+            "worker",
+            [sys.executable, "worker.py"],
+            logs / "worker.log",
+            env=env,
+            cwd=PROJECT_ROOT,
+            die_with_parent=self.die_with_parent,
         )
         self.worker.start()
-        self.started.append(("worker", self.worker))
+        self._started("worker", self.worker)
         self.lines.append(
             f"Worker      pid {self.worker.pid}, task queues {s.task_queue} and "
             f"{s.platform_task_queue}"
@@ -278,9 +342,10 @@ class Stack:
                 logs / "api.log",
                 env={**os.environ, **s.to_env()},
                 cwd=PROJECT_ROOT,
+                die_with_parent=self.die_with_parent,
             )
             self.start_api()
-            self.started.append(("API", self.api))
+            self._started("API", self.api)
             self.lines.append(
                 f"API         {s.api_url}  docs {s.api_url}/docs  (pid {self.api.pid}; "
                 "keys: starter.py tenant create)"
@@ -290,6 +355,25 @@ class Stack:
             f"{s.reconcile_hour_utc:02d}:00 UTC (kept up to date by the worker)"
         )
         self.lines.append(f"Logs        {logs}")
+
+    def _started(self, name: str, part: Stoppable) -> None:
+        self.started.append((name, part))
+        self._write_record()
+
+    def _write_record(self) -> None:
+        """Record this stack and its servers' pids (again after a server's restart)."""
+        if not self.record:
+            return
+        children = []
+        for name, part in self.started:
+            process = part if isinstance(part, ManagedProcess) else getattr(part, "process", None)
+            if isinstance(process, ManagedProcess) and process.pid and process.start_time:
+                children.append(
+                    running.Child(name, process.pid, process.start_time, process.stop_signal.name)
+                )
+        start_time = process_start_time(os.getpid())
+        assert start_time is not None  # this very process runs
+        running.write_record(self.settings, children, pid=os.getpid(), start_time=start_time)
 
     def start_api(self) -> None:
         """Start the API process and wait until it answers its health check."""
@@ -343,32 +427,49 @@ class Stack:
                     start()
                 except ProcessStartError as err:
                     log.error("%s did not come back: %s", name, err)
+                self._write_record()
                 up_since[name] = time.monotonic()
 
-    def stop(self) -> None:
+    def stop(self) -> list[str]:
+        """Stop what was started, in reverse order; the names of what was stopped."""
+        stopped = []
         for name, part in reversed(self.started):
             log.info("stopping %s", name)
             part.stop()
+            stopped.append(name)
         self.started.clear()
+        if self.record:
+            running.remove_record(self.settings.data_dir, os.getpid())
+        return stopped
 
 
 def main() -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # `make` gone (killed, its terminal closed): stop in order as on Ctrl-C.
+    set_own_parent_death_signal(signal.SIGTERM)
     try:
         settings = Settings.from_env()
+        other = running.stack_for(settings)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    stack = Stack(settings, api=True)
+    if other is not None:
+        print(
+            f"error: a stack already runs on these ports ({other.describe()}); stop it "
+            "first, or give this one other ports (PG_PORT, TEMPORAL_PORT, ...)",
+            file=sys.stderr,
+        )
+        return 2
+    stack = Stack(settings, api=True, record=True, die_with_parent=True)
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
         log.info("%s received: stopping", signal.Signals(signum).name)
         stack.stopping.set()
 
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, request_stop)
     started = time.monotonic()
     try:
         stack.start()
@@ -385,7 +486,11 @@ def main() -> int:
         log.error("stack failed: %s", err)
         return 1
     finally:
-        stack.stop()
+        stopped = stack.stop()
+        # The terminal may be gone (SIGHUP): the line is then for no one.
+        with contextlib.suppress(OSError):
+            data = stack.settings.data_dir
+            print(f"stopped {', '.join(stopped) or 'nothing'}; data kept in {data}", flush=True)
 
 
 if __name__ == "__main__":

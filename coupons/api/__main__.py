@@ -9,7 +9,8 @@ import uvicorn
 
 from coupons.api.app import create_app
 from coupons.api.codec import RedactPathToken
-from coupons.config import ConfigError, Settings
+from coupons.config import ConfigError
+from coupons.running import settings_from_env
 
 log = logging.getLogger("coupons.api")
 
@@ -21,7 +22,8 @@ def main() -> int:
     # The Web UI's codec endpoint carries its token in the path: never in the access log.
     logging.getLogger("uvicorn.access").addFilter(RedactPathToken())
     try:
-        settings = Settings.from_env().with_stack_secrets()
+        # The running stack's settings where the environment says nothing (coupons.running).
+        settings = settings_from_env().with_stack_secrets()
     except ConfigError as err:
         log.error("%s", err)
         return 2
