@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
 from temporalio.client import TLSConfig
 
-from coupons.config import ConfigError, Settings
+from coupons.config import SECRET_SETTINGS, ConfigError, Settings
 from coupons.temporal import api_key, tls_config
 
 
@@ -221,3 +221,29 @@ def test_the_codec_server_allows_the_embedded_web_uis_origin_wherever_it_moved()
     )
     given = Settings.from_env({"CODEC_CORS_ORIGINS": "https://ui.example.com/, https://b.io"})
     assert given.codec_cors_origins == ("https://ui.example.com", "https://b.io")
+
+
+def test_what_the_environment_and_config_file_say(tmp_path: Path) -> None:
+    config = tmp_path / "coupons.toml"
+    config.write_text('PLATFORM = "alipay"\nLAG_WINDOW_S = 3\nTEMPORAL_TLS = true\n')
+    given = Settings.given({"COUPONS_CONFIG": str(config), "LAG_WINDOW_S": "4", "DATA_DIR": ""})
+    assert given == {
+        "COUPONS_CONFIG": str(config),
+        "PLATFORM": "alipay",
+        "LAG_WINDOW_S": "4",
+        "TEMPORAL_TLS": "true",
+    }
+
+
+def test_every_secret_setting_is_named_a_secret() -> None:
+    secrets = {
+        "PLATFORM_API_KEY": "api-key",
+        "PLATFORM_CALLBACK_SECRET": "callback-secret-0123456789",
+        "CODEC_TOKEN": "codec-token-0123456789",
+        "TEMPORAL_API_KEY": "temporal-api-key",
+    }
+    settings = Settings.from_env(secrets)
+    # What repr hides is what the running stack's record leaves out.
+    hidden = {f.name.upper() for f in fields(Settings) if not f.repr}
+    assert hidden == set(secrets) == SECRET_SETTINGS
+    assert {k for k, v in settings.to_env().items() if v in secrets.values()} == SECRET_SETTINGS
