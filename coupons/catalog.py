@@ -347,7 +347,13 @@ class FixesRequest(Protocol):
 
 
 def _request(platform: Platform, spec: BatchSpec) -> BatchSpec:
-    return platform.batch_request(spec) if isinstance(platform, FixesRequest) else spec
+    """`spec` as the platform will be sent it; a request it cannot take is refused here."""
+    if not isinstance(platform, FixesRequest):
+        return spec
+    try:
+        return platform.batch_request(spec)
+    except PlatformRefused as err:
+        raise Refused("platform_refused", f"the platform refused the batch: {err}") from err
 
 
 async def _intend(
@@ -359,13 +365,29 @@ async def _intend(
 
 
 async def _send(
-    pool: AsyncConnectionPool, platform: Platform, intent: ledger.BatchIntent, tenant_id: str
+    pool: AsyncConnectionPool,
+    platform: Platform,
+    intent: ledger.BatchIntent,
+    tenant_id: str,
+    *,
+    resend: bool = False,
 ) -> Batch:
     """Ask the platform what `intent` keeps, under its key, once; record the outcome: done
     (the batch as answered), refused (PlatformRefused raised), or unanswered (the error
-    raised, the intent still pending)."""
+    raised, the intent still pending).
+
+    A resent create whose key the platform says was used for another request is not a
+    refusal of ours: the platform may hold a batch under our key that an earlier send made
+    (a request that was not kept whole), so the batch stays pending, in sight, with the
+    error, for an operator."""
     try:
         answer = await _ask(platform, intent)
+    except PlatformKeyReused as err:
+        if not resend:
+            await ledger.refuse_intent(pool, intent, str(err))
+            raise
+        await ledger.intent_unanswered(pool, intent, str(err))
+        raise
     except PlatformRefused as err:
         done = await _already_done(platform, intent)
         if done is None:
@@ -423,7 +445,20 @@ async def _settle(pool: AsyncConnectionPool, platform: Platform, batch: Batch) -
     retries, ask again)."""
     for intent in await ledger.pending_intents(pool, batch.id):
         try:
-            batch = await _send(pool, platform, intent, batch.tenant_id)
+            batch = await _send(pool, platform, intent, batch.tenant_id, resend=True)
+        except PlatformKeyReused as err:
+            log.error(
+                "batch %s: the platform holds another request under key %s (%s); the batch "
+                "stays pending until an operator settles it at the platform",
+                batch.id,
+                intent.request_key,
+                err,
+            )
+            raise Refused(
+                "batch_exists",
+                f"batch {batch.id!r}: the platform holds another request under its key "
+                f"{intent.request_key!r}: {err.message}",
+            ) from err
         except PlatformRefused as err:
             if intent.operation == "create":
                 log.error(
