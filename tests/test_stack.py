@@ -21,9 +21,10 @@ import httpx
 import psycopg
 import pytest
 
-from coupons.embedded import find_binary, free_port
+from coupons.embedded import find_binary, free_port, same_process_alive, stop_recorded
 from coupons.ledger import claims as ledger
 from coupons.ledger import db
+from coupons.running import RECORD_NAME
 from coupons.tenants import create_tenant
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,9 +42,12 @@ class RunningStack:
             "SIMULATOR_PORT": str(free_port()),
             "API_PORT": str(free_port()),
             "WORKER_METRICS_PORT": str(free_port()),
+            # Its record in a registry of its own, not the user's (coupons.running).
+            "COUPONS_STATE_DIR": str(data_dir.parent / "state"),
         }
         for key in ("DATABASE_URL", "TEMPORAL_ADDRESS", "PLATFORM_URL"):
             self.env.pop(key, None)
+        self.data_dir = data_dir
         self.log = data_dir.parent / "stack.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -73,6 +77,16 @@ class RunningStack:
         rc = self.process.wait(timeout=60)
         self.process = None
         return rc
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=10)
+        self.process = None
+
+    def record(self) -> dict[str, Any]:
+        record: dict[str, Any] = json.loads((self.data_dir / RECORD_NAME).read_text())
+        return record
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -472,3 +486,133 @@ def test_each_platform_protocol_runs_the_whole_lifecycle(
     finally:
         if stack.process is not None:
             assert stack.stop() == 0
+
+
+def _children(record: dict[str, Any]) -> list[tuple[str, int, int]]:
+    return [(c["name"], c["pid"], c["start_time"]) for c in record["children"]]
+
+
+def _running(children: list[tuple[str, int, int]]) -> list[str]:
+    return [f"{name} ({pid})" for name, pid, start in children if same_process_alive(pid, start)]
+
+
+def _none_running_within(children: list[tuple[str, int, int]], timeout_s: float) -> list[str]:
+    deadline = time.monotonic() + timeout_s
+    while (left := _running(children)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def _stop_any(children: list[tuple[str, int, int]]) -> None:
+    """A failed test leaves nothing running either (by recorded pid and start time)."""
+    for _name, pid, start in reversed(children):
+        stop_recorded(pid, start, signal.SIGKILL, timeout_s=5)
+
+
+def test_a_killed_stack_takes_its_servers_along_and_the_next_start_finds_its_data(
+    tmp_path: Path,
+) -> None:
+    stack = RunningStack(tmp_path / "data")
+    state = Path(stack.env["COUPONS_STATE_DIR"])
+    children: list[tuple[str, int, int]] = []
+    try:
+        stack.start()
+        assert stack.process is not None
+        record = stack.record()
+        children = _children(record)
+        assert [name for name, _, _ in children] == [
+            "PostgreSQL",
+            "Temporal",
+            "platform simulator",
+            "worker",
+            "API",
+        ]
+        registered = state / f"{stack.process.pid}.json"
+        assert registered.read_text() == (stack.data_dir / RECORD_NAME).read_text()
+        assert record["data_dir"] == str(stack.data_dir.resolve())
+        claimed = stack.cli("claim", "--campaign", "demo", "--user", "u1")
+        assert claimed.returncode == 0, claimed.stderr
+
+        began = time.monotonic()
+        stack.kill()
+        assert _none_running_within(children, timeout_s=30) == []
+        gone_s = time.monotonic() - began
+
+        stack.start()
+        assert "left running" not in stack.log.read_text()  # nothing was
+        assert stack.states() == {"received": 1}
+        again = stack.cli("claim", "--campaign", "demo", "--user", "u1")
+        assert json.loads(again.stdout)["coupon_id"] == json.loads(claimed.stdout)["coupon_id"]
+        children = _children(stack.record())
+
+        assert stack.stop() == 0
+        last = stack.log.read_text().splitlines()[-1]
+        assert last == (
+            "stopped API, worker, platform simulator, Temporal, PostgreSQL; "
+            f"data kept in {stack.data_dir.resolve()}"
+        )
+        assert _running(children) == []
+        assert not (stack.data_dir / RECORD_NAME).exists()
+        assert list(state.iterdir()) == []
+        print(f"every server gone {gone_s:.1f} s after the stack's SIGKILL")
+    finally:
+        if stack.process is not None:
+            stack.kill()
+        _stop_any(children)
+
+
+# A stack whose servers outlive it (no die_with_parent), as one that could not tell them to
+# go would leave them: SIGKILLed, it leaves its servers and its record behind.
+_STACK_KEEPING_ITS_SERVERS = """
+import sys, time
+from coupons.config import Settings
+from coupons.stack import Stack
+
+Stack(Settings.from_env(), record=True).start()
+print("up", flush=True)
+time.sleep(300)
+"""
+
+
+def test_the_next_start_stops_what_a_dead_stack_left_running(tmp_path: Path) -> None:
+    stack = RunningStack(tmp_path / "data")
+    out = tmp_path / "old-stack.log"
+    children: list[tuple[str, int, int]] = []
+    with out.open("wb") as log:
+        old = subprocess.Popen(
+            [sys.executable, "-c", _STACK_KEEPING_ITS_SERVERS],
+            cwd=ROOT,
+            env=stack.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_for(lambda: old.poll() is not None or b"up\n" in out.read_bytes(), 90)
+        assert old.poll() is None, out.read_text()
+        children = _children(stack.record())
+        assert [name for name, _, _ in children] == [
+            "PostgreSQL",
+            "Temporal",
+            "platform simulator",
+            "worker",
+        ]
+        old.kill()
+        old.wait(timeout=10)
+        assert len(_running(children)) == 4
+
+        stack.start()
+        said = ", ".join(f"{name} (pid {pid})" for name, pid, _ in reversed(children))
+        assert (
+            f"stopped what the stack that ran here before (pid {old.pid}) left running: {said}"
+            in stack.log.read_text()
+        )
+        assert _running(children) == []
+        assert stack.cli("claim", "--campaign", "demo", "--user", "u2").returncode == 0
+        assert stack.stop() == 0
+    finally:
+        if old.poll() is None:
+            old.kill()
+            old.wait()
+        if stack.process is not None:
+            stack.kill()
+        _stop_any(children)
