@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
+from typing import LiteralString
 
 import psycopg
 import pytest
@@ -10,8 +11,9 @@ from psycopg import AsyncConnection, sql
 from psycopg_pool import AsyncConnectionPool
 
 from coupons.embedded import EmbeddedPostgres
-from coupons.ledger import claims, db
+from coupons.ledger import campaigns, claims, db
 from coupons.model import Receipt, Transition
+from coupons.platforms.base import BatchSpec
 from coupons.platforms.generic.adapter import RestPlatform
 from tests.conftest import new_campaign, scalar
 
@@ -122,3 +124,36 @@ async def test_the_quota_holds_even_against_direct_sql(
             await conn.execute(
                 "UPDATE campaigns SET claimed = claimed + 1 WHERE id = %s", (campaign.id,)
             )
+
+
+async def test_a_create_intent_keeps_the_whole_request_and_gives_it_back_the_same(
+    pool: AsyncConnectionPool,
+) -> None:
+    """What is resent is what was kept: every field, times to the microsecond with their
+    offset (a platform that takes the whole request as the key's content compares them)."""
+    spec = BatchSpec(
+        request_key="batch-kept",
+        name="kept",
+        face_value_cents=500,
+        min_spend_cents=100,
+        quantity=7,
+        valid_days=3,
+        per_user_limit=2,
+        starts_at=datetime(2026, 12, 1, 8, 0, 0, 123456, tzinfo=timezone(timedelta(hours=8))),
+        ends_at=None,
+    )
+    intent = await campaigns.begin_create(pool, "kept", "default", spec)
+    assert intent is not None and intent.request_key == "batch-kept"
+    (pending,) = await campaigns.pending_intents(pool, "kept")
+    kept = campaigns.spec_of(pending)
+    assert kept == spec and kept.starts_at is not None
+    assert kept.starts_at.utcoffset() == timedelta(hours=8)
+    # The id is taken by the pending batch: a second create meets it.
+    assert await campaigns.begin_create(pool, "kept", "default", spec) is None
+    with pytest.raises(psycopg.errors.CheckViolation, match="pending_has_no_platform_id"):
+        await pool_execute(pool, "UPDATE batches SET status = 'running' WHERE id = 'kept'")
+
+
+async def pool_execute(pool: AsyncConnectionPool, statement: LiteralString) -> None:
+    async with pool.connection() as conn:
+        await conn.execute(statement)
