@@ -89,9 +89,12 @@ async def create_batch(
     runs), store it, and start it unless `start` is False. `valid_days` None: as long as the
     window given, else 30.
 
-    A batch the ledger holds already is not asked for again: it is read back from the
-    platform (and started, when it was left created), so running this again after a start
-    that gave up finishes it, whatever process runs it."""
+    The create is written to the ledger (the batch `pending`, the whole request kept) before
+    the platform is asked, and completed after its answer. A batch the ledger holds already
+    is not asked for anew: a pending create is sent again as it was kept, under the same
+    key, and the batch is read back from the platform (and started, when it was left
+    created), so running this again after a crash or a start that gave up finishes it,
+    whatever process runs it."""
     validate_id("batch", batch_id)
     if await get_tenant(pool, tenant_id) is None:
         raise Refused("unknown_tenant", f"no tenant {tenant_id!r}")
