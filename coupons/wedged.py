@@ -25,9 +25,9 @@ How they are found, at a bounded cost whatever the number of coupons:
   event, which is the first failure of the streak (Temporal writes no event for the retries
   of a failing task) and whose failure names the cause (a CodecError is `undecodable`).
 - Missing or closed workflows: the ledger's count of started, unfinished claims against
-  Temporal's count of running coupon workflows; only when they differ, the ledger's open
-  claims are checked page by page (one visibility query per page), and the ones without a
-  running workflow described one by one.
+  Temporal's count of running coupon workflows; only when they differ, the same by campaign,
+  and only a campaign whose counts differ has its open claims checked page by page (one
+  visibility query per 200), the ones without a running workflow described one by one.
 
 Recovery keeps the claim and never sends twice: the stuck run is terminated (that run only,
 by its run id), then a fresh run under the same workflow id resumes the ledger's state
@@ -202,20 +202,36 @@ async def _failing_tasks(
 async def _gone(
     pool: AsyncConnectionPool, client: Client, settings: Settings, limit: int, concurrency: int
 ) -> list[Wedged]:
-    """Open claims whose workflow is not running: checked claim by claim only when the
-    ledger's and Temporal's counts differ (they agree unless one is missing or closed, or a
-    claim is changing right now: the describe below tells those apart)."""
+    """Open claims whose workflow is not running. The ledger's and Temporal's counts agree
+    unless one is missing or closed (or a claim is changing right now: the describe at the
+    end tells those apart), so only a campaign whose counts differ is checked claim by claim.
+    """
     open_claims = await ledger.count_open(pool)
     running = (await client.count_workflows(_running(settings))).count
-    if open_claims == running:
+    if sum(open_claims.values()) == running:
         return []
-    log.info("%d open claims, %d running coupon workflows: checking each", open_claims, running)
+
+    async def differs(campaign_id: str) -> bool:
+        query = f"{_running(settings)} AND CampaignId = {_quoted(campaign_id)}"
+        return (await client.count_workflows(query)).count != open_claims[campaign_id]
+
+    checks = await _bounded(open_claims, differs, concurrency)
+    found: list[Wedged] = []
+    for campaign_id, different in zip(open_claims, checks, strict=True):
+        if different and len(found) < limit:
+            log.info("campaign %s: open claims and running workflows differ", campaign_id)
+            found += await _gone_of(pool, client, settings, campaign_id, concurrency)
+    return found[:limit]
+
+
+async def _gone_of(
+    pool: AsyncConnectionPool, client: Client, settings: Settings, campaign: str, concurrency: int
+) -> list[Wedged]:
+    """A campaign's open claims, a page at a time (one visibility query each), described one
+    by one when Temporal does not list their workflow as running."""
     found: list[Wedged] = []
     after = ""
-    while len(found) < limit:
-        page = await ledger.open_page(pool, after, PAGE)
-        if not page:
-            break
+    while page := await ledger.open_page(pool, campaign, after, PAGE):
         after = page[-1].coupon_id
         ids = ", ".join(_quoted(c.workflow_id) for c in page)
         query = f"{_running(settings)} AND WorkflowId IN ({ids})"
@@ -223,7 +239,7 @@ async def _gone(
         absent = [c for c in page if c.workflow_id not in alive]
         judged = await _bounded(absent, lambda c: _diagnose_started(client, c), concurrency)
         found += [w for w in judged if w is not None]
-    return found[:limit]
+    return found
 
 
 # ----------------------------------------------------------------- one coupon
@@ -417,6 +433,15 @@ async def _recover(
         return _recovery(
             claim, "none", f"its run completed, the ledger says {claim.state}: check by hand", found
         )
+    if found.cause == UNDECODABLE and await _readable_here(client, claim, found):
+        # The worker lacks a key this process holds: a new run would fail there the same way.
+        return _recovery(
+            claim,
+            "none",
+            "this process reads its payloads and the worker does not: give the worker this "
+            "key ring (CODEC_KEYS_FILE), then it goes on by itself",
+            found,
+        )
     stopped = None
     if found.status == "running":
         stopped = await _terminate(client, claim, found)
@@ -459,6 +484,19 @@ async def _terminate(client: Client, claim: Claim, found: Wedged) -> str | None:
             raise
         return None  # it closed meanwhile
     return found.run_id
+
+
+async def _readable_here(client: Client, claim: Claim, found: Wedged) -> bool:
+    """Whether this process's key ring decrypts the stuck run's input."""
+    handle = client.get_workflow_handle(claim.workflow_id, run_id=found.run_id)
+    async for event in handle.fetch_history_events():
+        started = event.workflow_execution_started_event_attributes
+        try:
+            await client.data_converter.decode(started.input.payloads)
+        except Exception:
+            return False
+        return True
+    return False
 
 
 async def _reported_tasks(client: Client, claim: Claim, found: Wedged) -> list[str]:

@@ -263,6 +263,12 @@ async def test_a_start_encrypted_with_another_key_ring_is_found_and_recovered(
             assert found.since is not None and found.attempts and found.attempts >= 2
             await wait_for_gauge(gauge, undecodable=1)
 
+            # A process that reads the run's payloads while the worker does not (the shell's
+            # ring) leaves it alone: the worker lacks a key, a new run would fail there too.
+            refused = await recover(pool, shell, settings, claimed.coupon_id)
+            assert (refused.action, refused.stopped_run_id) == ("none", None)
+            assert "CODEC_KEYS_FILE" in refused.detail
+
             recovery = await recover(pool, client, settings, claimed.coupon_id)
             assert (recovery.action, recovery.cause) == ("restarted", UNDECODABLE)
             assert recovery.stopped_run_id == found.run_id and recovery.new_run_id

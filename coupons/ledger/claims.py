@@ -227,27 +227,28 @@ async def unstarted(
 _FINAL_STATES = sorted(FINAL_STATES)
 
 
-async def count_open(pool: AsyncConnectionPool) -> int:
-    """Claims whose workflow was started and whose state is not final: each should have a
-    running workflow."""
+async def count_open(pool: AsyncConnectionPool) -> dict[str, int]:
+    """By campaign, the claims whose workflow was started and whose state is not final: each
+    should have a running workflow."""
     async with pool.connection() as conn:
         cur = await conn.execute(
-            "SELECT count(*) FROM claims WHERE workflow_started AND NOT state = ANY(%s)",
+            "SELECT campaign_id, count(*) FROM claims"
+            " WHERE workflow_started AND NOT state = ANY(%s) GROUP BY campaign_id",
             (_FINAL_STATES,),
         )
-        row = await cur.fetchone()
-    assert row is not None
-    return int(row[0])
+        return {campaign_id: n for campaign_id, n in await cur.fetchall()}
 
 
-async def open_page(pool: AsyncConnectionPool, after: str = "", limit: int = 200) -> list[Claim]:
-    """A page of those claims, in coupon id order, after `after`."""
+async def open_page(
+    pool: AsyncConnectionPool, campaign_id: str, after: str = "", limit: int = 200
+) -> list[Claim]:
+    """A page of those claims of a campaign, in coupon id order, after `after`."""
     async with pool.connection() as conn:
         cur = conn.cursor(row_factory=class_row(Claim))
         await cur.execute(
-            _SELECT_CLAIMS + " WHERE c.workflow_started AND NOT c.state = ANY(%s)"
-            " AND c.coupon_id > %s ORDER BY c.coupon_id LIMIT %s",
-            (_FINAL_STATES, after, limit),
+            _SELECT_CLAIMS + " WHERE c.campaign_id = %s AND c.workflow_started"
+            " AND NOT c.state = ANY(%s) AND c.coupon_id > %s ORDER BY c.coupon_id LIMIT %s",
+            (campaign_id, _FINAL_STATES, after, limit),
         )
         return await cur.fetchall()
 
