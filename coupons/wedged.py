@@ -193,8 +193,8 @@ async def _failing_tasks(
         claim = claims.get(workflow_id)
         if claim is None:
             return None  # a coupon workflow without a claim row: not ours to resume
-        description = await client.get_workflow_handle(workflow_id).describe()
-        return await _failing(client, claim, description, flagged=True)
+        # Judged again from the workflow itself: visibility lags, the run may have healed.
+        return await _diagnose_started(client, claim)
 
     return [w for w in await _bounded(flagged, judge, concurrency) if w is not None]
 
@@ -269,7 +269,7 @@ async def _diagnose_started(client: Client, claim: Claim) -> Wedged | None:
             since=claim.updated_at,
         )
     if description.status == WorkflowExecutionStatus.RUNNING:
-        return await _failing(client, claim, description, flagged=False)
+        return await _failing(client, claim, description)
     if claim.state in FINAL_STATES:
         return None
     status = _status_name(description.status)
@@ -284,13 +284,13 @@ async def _diagnose_started(client: Client, claim: Claim) -> Wedged | None:
 
 
 async def _failing(
-    client: Client, claim: Claim, description: WorkflowExecutionDescription, *, flagged: bool
+    client: Client, claim: Claim, description: WorkflowExecutionDescription
 ) -> Wedged | None:
     """A running workflow whose workflow task keeps failing; None when it does not."""
     pending = description.raw_description.pending_workflow_task
     attempts = pending.attempt if pending.scheduled_time.seconds else 0
     problems = list(description.typed_search_attributes.get(REPORTED_PROBLEMS) or [])
-    flagged = flagged or any(p in PROBLEMS for p in problems)
+    flagged = any(p in PROBLEMS for p in problems)
     if not flagged and attempts < FAILING_ATTEMPTS:
         return None
     event = await _last_task_problem(client, claim.workflow_id, description.run_id)
