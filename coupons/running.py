@@ -256,15 +256,6 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
     return Settings.from_env({**env, **followed})
 
 
-def describe_settings(settings: Settings) -> str:
-    """One line on which stack these settings use: for a command's error or banner."""
-    return (
-        f"platform {settings.platform}, data {settings.data_dir.resolve()}, "
-        f"Temporal {settings.temporal_address}, "
-        f"database {without_password(settings.database_url)}"
-    )
-
-
 def _stack_settings(record: StackRecord) -> Settings:
     try:
         return Settings.from_env(record.settings)

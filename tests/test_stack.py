@@ -71,9 +71,9 @@ class RunningStack:
             assert time.monotonic() < deadline, f"stack not up:\n{self.log.read_text()}"
             time.sleep(0.2)
 
-    def stop(self) -> int:
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
         assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
+        self.process.send_signal(sig)
         rc = self.process.wait(timeout=60)
         self.process = None
         return rc
@@ -608,7 +608,9 @@ def test_the_next_start_stops_what_a_dead_stack_left_running(tmp_path: Path) -> 
         )
         assert _running(children) == []
         assert stack.cli("claim", "--campaign", "demo", "--user", "u2").returncode == 0
-        assert stack.stop() == 0
+        # Its terminal closed: the stack stops in order, as on Ctrl-C.
+        assert stack.stop(signal.SIGHUP) == 0
+        assert stack.log.read_text().splitlines()[-1].startswith("stopped API, worker, ")
     finally:
         if old.poll() is None:
             old.kill()
