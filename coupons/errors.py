@@ -22,6 +22,7 @@ class InvalidField(Refused):
     def __init__(self, field: str, message: str) -> None:
         super().__init__("invalid_request", f"{field}: {message}")
         self.field = field
+        self.detail = message
 
 
 UNKNOWN_TASK = "unknown_task"

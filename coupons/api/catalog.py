@@ -10,8 +10,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response, Security
 
 from coupons import catalog, service
+from coupons import validation as rules
 from coupons.api.models import (
-    ID_PATTERN,
     BatchCampaign,
     BatchDetail,
     Batches,
@@ -51,8 +51,8 @@ router = APIRouter(
     prefix="/v1", tags=["operators"], route_class=ApiRoute, dependencies=[Security(bearer)]
 )
 
-BatchIdPath = Annotated[str, Path(pattern=ID_PATTERN)]
-CampaignIdPath = Annotated[str, Path(pattern=ID_PATTERN)]
+BatchIdPath = Annotated[str, Path(pattern=rules.ID_PATTERN)]
+CampaignIdPath = Annotated[str, Path(pattern=rules.ID_PATTERN)]
 Admin = Annotated[ApiKey, Depends(principal)]
 Parts = Annotated[Backends, Depends(backends)]
 ADMIN = requires("admin")
@@ -230,7 +230,7 @@ async def create_campaign(
 async def list_campaigns(
     key: Admin,
     parts: Parts,
-    batch_id: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
+    batch_id: Annotated[str | None, Query(pattern=rules.ID_PATTERN)] = None,
     status: CampaignStatus | None = None,
 ) -> Campaigns:
     found = await catalog_ledger.list_campaigns(

@@ -9,10 +9,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Query, Response, Security
 
 from coupons import service
+from coupons import validation as rules
 from coupons.api.models import (
-    COUPON_ID_PATTERN,
-    ID_PATTERN,
-    MAX_TASK_EVENTS,
     CancelIn,
     ClaimIn,
     ClaimOut,
@@ -40,10 +38,10 @@ router = APIRouter(
     prefix="/v1", tags=["coupons"], route_class=ApiRoute, dependencies=[Security(bearer)]
 )
 
-CampaignIdPath = Annotated[str, Path(pattern=ID_PATTERN)]
-UserIdPath = Annotated[str, Path(pattern=ID_PATTERN)]
-CouponIdPath = Annotated[str, Path(pattern=COUPON_ID_PATTERN)]
-TaskPath = Annotated[str, Path(pattern=ID_PATTERN)]
+CampaignIdPath = Annotated[str, Path(pattern=rules.ID_PATTERN)]
+UserIdPath = Annotated[str, Path(pattern=rules.ID_PATTERN)]
+CouponIdPath = Annotated[str, Path(pattern=rules.COUPON_ID_PATTERN)]
+TaskPath = Annotated[str, Path(pattern=rules.ID_PATTERN)]
 App = Annotated[ApiKey, Depends(principal)]
 Parts = Annotated[Backends, Depends(backends)]
 APP = requires("app")
@@ -89,9 +87,9 @@ async def user_coupons(
     user_id: UserIdPath,
     key: App,
     parts: Parts,
-    campaign_id: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
+    campaign_id: Annotated[str | None, Query(pattern=rules.ID_PATTERN)] = None,
     state: State | None = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    limit: Annotated[int, Query(ge=rules.LIST_LIMIT.low, le=rules.LIST_LIMIT.high)] = 100,
 ) -> UserCoupons:
     found = await service.user_coupons(
         parts.pool, key.tenant_id, user_id, campaign_id=campaign_id, state=state, limit=limit
@@ -167,7 +165,7 @@ async def complete_task(
     summary="Report task completions in bulk, fire and forget",
     description="Each event is checked against the ledger (the coupon, its holder, its "
     "tasks) and sent to the coupon's workflow as the `task_done` signal; the answer says, "
-    f"per event, whether it was accepted. At most {MAX_TASK_EVENTS} events.",
+    f"per event, whether it was accepted. At most {rules.TASK_EVENTS.high} events.",
     responses=error_responses(422),
     openapi_extra=APP,
 )

@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
 
-# Ids as the service accepts them (coupons.validation); a coupon id is
-# `<campaign>:<user>:<n>`.
-ID_PATTERN = r"^[A-Za-z0-9._@-]{1,64}$"
-COUPON_ID_PATTERN = r"^[A-Za-z0-9._@:-]{1,200}$"
-MAX_TASK_EVENTS = 200
-MAX_COUNT = 100_000_000  # coupons in a batch, a campaign's quota
-MAX_CENTS = 100_000_000
-MAX_DEADLINE_S = 366 * 24 * 3600
-# Times outside these years are refused: they are typos, and would overflow date
-# arithmetic downstream.
-EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
-LATEST = datetime(2100, 1, 1, tzinfo=UTC)
+from coupons import validation as rules
 
 
 def _whole(value: Any) -> Any:
@@ -30,28 +19,60 @@ def _whole(value: Any) -> Any:
 
 
 def _plausible(moment: datetime) -> datetime:
-    if not EARLIEST <= moment < LATEST:
+    if not rules.EARLIEST <= moment < rules.LATEST:
         raise ValueError("must be between the years 2000 and 2099")
     return moment
 
 
-Id = Annotated[str, Field(pattern=ID_PATTERN, examples=["alice"])]
-CouponId = Annotated[str, Field(pattern=COUPON_ID_PATTERN, examples=["spring:alice:1"])]
+# Every bound below is a rule of coupons.validation, which the command line and the catalog
+# check too: one table of what the service takes.
+Id = Annotated[str, Field(pattern=rules.ID_PATTERN, examples=["alice"])]
+CouponId = Annotated[str, Field(pattern=rules.COUPON_ID_PATTERN, examples=["spring:alice:1"])]
 Moment = Annotated[AwareDatetime, AfterValidator(_plausible)]
-# Printable text: a control character (NUL above all, which PostgreSQL's text cannot hold)
-# is refused here, with the field named, not failed on in the ledger.
-_PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
-Name = Annotated[str, Field(min_length=1, max_length=100, pattern=_PRINTABLE)]
-Reason = Annotated[str, Field(min_length=1, max_length=200, pattern=_PRINTABLE)]
+Name = Annotated[
+    str,
+    Field(min_length=rules.NAME.low, max_length=rules.NAME.high, pattern=rules.PRINTABLE_PATTERN),
+]
+Reason = Annotated[
+    str,
+    Field(
+        min_length=rules.REASON.low, max_length=rules.REASON.high, pattern=rules.PRINTABLE_PATTERN
+    ),
+]
 # Integers as JSON Schema has them: 5 and 5.0, never "5" or true. (The bounds sit with the
 # integer, inside the validator, so the OpenAPI shows them as minimum and maximum.)
-Count = Annotated[int, Field(strict=True, ge=1, le=MAX_COUNT), BeforeValidator(_whole)]
-PerUser = Annotated[int, Field(strict=True, ge=1, le=1000), BeforeValidator(_whole)]
-Cents = Annotated[int, Field(strict=True, ge=0, le=MAX_CENTS), BeforeValidator(_whole)]
-FaceValue = Annotated[int, Field(strict=True, ge=1, le=MAX_CENTS), BeforeValidator(_whole)]
-Days = Annotated[int, Field(strict=True, ge=1, le=3650), BeforeValidator(_whole)]
+Quantity = Annotated[
+    int,
+    Field(strict=True, ge=rules.QUANTITY.low, le=rules.QUANTITY.high),
+    BeforeValidator(_whole),
+]
+Quota = Annotated[
+    int, Field(strict=True, ge=rules.QUOTA.low, le=rules.QUOTA.high), BeforeValidator(_whole)
+]
+PerUser = Annotated[
+    int,
+    Field(strict=True, ge=rules.PER_USER_LIMIT.low, le=rules.PER_USER_LIMIT.high),
+    BeforeValidator(_whole),
+]
+MinSpend = Annotated[
+    int,
+    Field(strict=True, ge=rules.MIN_SPEND_CENTS.low, le=rules.MIN_SPEND_CENTS.high),
+    BeforeValidator(_whole),
+]
+FaceValue = Annotated[
+    int,
+    Field(strict=True, ge=rules.FACE_VALUE_CENTS.low, le=rules.FACE_VALUE_CENTS.high),
+    BeforeValidator(_whole),
+]
+Days = Annotated[
+    int,
+    Field(strict=True, ge=rules.VALID_DAYS.low, le=rules.VALID_DAYS.high),
+    BeforeValidator(_whole),
+]
 DeadlineSeconds = Annotated[
-    int, Field(strict=True, ge=1, le=MAX_DEADLINE_S), BeforeValidator(_whole)
+    int,
+    Field(strict=True, ge=rules.TASK_DEADLINE_S.low, le=rules.TASK_DEADLINE_S.high),
+    BeforeValidator(_whole),
 ]
 State = Literal[
     "received", "usable", "issued", "redeemed", "expired", "cancelled", "failed", "lapsed"
@@ -81,7 +102,7 @@ class TaskEventIn(Strict):
 
 
 class TaskEventsIn(Strict):
-    events: list[TaskEventIn] = Field(min_length=1, max_length=MAX_TASK_EVENTS)
+    events: list[TaskEventIn] = Field(min_length=1, max_length=rules.TASK_EVENTS.high)
 
 
 class CancelIn(Strict):
@@ -90,9 +111,9 @@ class CancelIn(Strict):
 
 
 class BatchIn(Strict):
-    quantity: Count
+    quantity: Quantity
     face_value_cents: FaceValue = 500
-    min_spend_cents: Cents = 0
+    min_spend_cents: MinSpend = 0
     valid_days: Days = 30
     per_user_limit: PerUser = 1
     name: Name | None = None
@@ -108,9 +129,9 @@ class TaskIn(Strict):
 
 class CampaignIn(Strict):
     batch_id: Id
-    quota: Count
+    quota: Quota
     per_user_limit: PerUser = 1
-    tasks: list[TaskIn] = Field(default_factory=list, max_length=20)
+    tasks: list[TaskIn] = Field(default_factory=list, max_length=rules.TASKS.high)
     name: Name | None = None
     starts_at: Moment | None = None
     ends_at: Moment | None = None
@@ -126,9 +147,9 @@ class CampaignPatch(Strict):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"minProperties": 1})
 
     batch_id: Id = None  # type: ignore[assignment]  # absent: unchanged; null is refused
-    quota: Count = None  # type: ignore[assignment]
+    quota: Quota = None  # type: ignore[assignment]
     per_user_limit: PerUser = None  # type: ignore[assignment]
-    tasks: Annotated[list[TaskIn], Field(max_length=20)] = None  # type: ignore[assignment]
+    tasks: Annotated[list[TaskIn], Field(max_length=rules.TASKS.high)] = None  # type: ignore[assignment]
     name: Name | None = None
     starts_at: Moment | None = None
     ends_at: Moment | None = None
