@@ -11,10 +11,11 @@ import logging
 import math
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
+from coupons import validation as rules
 from coupons.errors import InvalidField, Refused
 from coupons.ledger import campaigns as ledger
 from coupons.ledger.campaigns import Batch, BatchUse, Campaign, CampaignSpec, Task
@@ -25,6 +26,7 @@ from coupons.platforms.base import (
     BatchAction,
     BatchSpec,
     BatchStatus,
+    FixesRequest,
     Platform,
     PlatformBatch,
     PlatformError,
@@ -101,16 +103,17 @@ async def create_batch(
     existing = await ledger.get_batch(pool, batch_id)
     if existing is not None and existing.tenant_id != tenant_id:
         raise Refused("batch_exists", f"batch id {batch_id!r} is taken")
-    _at_least("quantity", quantity, 1)
-    _at_least("value", face_value_cents, 1)
-    _at_least("min_spend", min_spend_cents, 0)
-    _at_least("per_user_limit", per_user_limit, 1)
+    rules.QUANTITY.check("quantity", quantity)
+    rules.FACE_VALUE_CENTS.check("value", face_value_cents)
+    rules.MIN_SPEND_CENTS.check("min_spend", min_spend_cents)
+    rules.PER_USER_LIMIT.check("per_user_limit", per_user_limit)
+    _check_texts_and_times(name=name, starts_at=starts_at, ends_at=ends_at)
     if starts_at is not None and ends_at is not None and ends_at <= starts_at:
         raise InvalidField("ends_at", "the batch's window ends before it starts")
     if valid_days is None:
         window = ends_at - starts_at if starts_at is not None and ends_at is not None else None
         valid_days = math.ceil(window / DAY) if window is not None else DEFAULT_VALID_DAYS
-    _at_least("valid_days", valid_days, 1)
+    rules.VALID_DAYS.check("valid_days", valid_days)
     asked = BatchSpec(
         request_key=batch_request_key(batch_id),
         name=name or f"batch {batch_id}",
@@ -340,15 +343,6 @@ _DONE_AS = {
 }
 
 
-@runtime_checkable
-class FixesRequest(Protocol):
-    """A platform whose create request holds something chosen when it is made (WeChat Pay
-    and Alipay fill a window not given from the time of the call): it says what, so the
-    intent keeps the very request and a later resend, from any process, is the same."""
-
-    def batch_request(self, spec: BatchSpec) -> BatchSpec: ...
-
-
 def _request(platform: Platform, spec: BatchSpec) -> BatchSpec:
     """`spec` as the platform will be sent it; a request it cannot take is refused here."""
     if not isinstance(platform, FixesRequest):
@@ -539,7 +533,7 @@ def validate_campaign(
         raise InvalidField(
             "batch", f"campaign {spec.id!r} has {existing.claimed} claims on {existing.batch_id!r}"
         )
-    _at_least("quota", spec.quota, 1)
+    rules.QUOTA.check("quota", spec.quota)
     if spec.quota > batch.quantity:
         raise InvalidField(
             "quota", f"{spec.quota} is more than batch {batch.id!r} holds ({batch.quantity})"
@@ -552,7 +546,7 @@ def validate_campaign(
         )
     if existing is not None and spec.quota < existing.claimed:
         raise InvalidField("quota", f"{spec.quota} is below the {existing.claimed} already claimed")
-    _at_least("per_user_limit", spec.per_user_limit, 1)
+    rules.PER_USER_LIMIT.check("per_user_limit", spec.per_user_limit)
     if batch.per_user_limit is not None and spec.per_user_limit > batch.per_user_limit:
         raise InvalidField(
             "per_user_limit",
@@ -560,6 +554,12 @@ def validate_campaign(
             f"platform ({batch.per_user_limit})",
         )
     _check_tasks(spec.tasks)
+    _check_texts_and_times(
+        name=spec.name,
+        starts_at=spec.starts_at,
+        ends_at=spec.ends_at,
+        deadline_at=spec.deadline_at,
+    )
     if spec.starts_at and spec.ends_at and spec.ends_at <= spec.starts_at:
         raise InvalidField("ends_at", "the claim window ends before it starts")
     if spec.ends_at and batch.ends_at and spec.ends_at > batch.ends_at:
@@ -570,7 +570,18 @@ def validate_campaign(
     _check_deadline(spec, batch, existing, now)
 
 
+def _check_texts_and_times(**values: str | datetime | None) -> None:
+    """The rules of coupons.validation for names and times, as the command line and the API
+    apply them, for Python callers that come in neither way."""
+    for field, value in values.items():
+        if isinstance(value, datetime):
+            rules.plausible(field, value)
+        elif value is not None:
+            rules.NAME.check(field, value)
+
+
 def _check_tasks(tasks: list[Task]) -> None:
+    rules.TASKS.check("tasks", len(tasks))
     seen: set[str] = set()
     for task in tasks:
         validate_id("task", task.key)
@@ -578,6 +589,7 @@ def _check_tasks(tasks: list[Task]) -> None:
             raise InvalidField("tasks", f"task key {task.key!r} appears twice")
         if not task.name.strip():
             raise InvalidField("tasks", f"task {task.key!r} needs a display name")
+        rules.NAME.check("tasks", task.name)
         seen.add(task.key)
 
 
@@ -586,6 +598,10 @@ def _check_deadline(
 ) -> None:
     if spec.task_deadline is not None and spec.task_deadline <= timedelta(0):
         raise InvalidField("task_deadline", "must be a positive duration")
+    if spec.task_deadline is not None and spec.task_deadline > rules.MAX_TASK_DEADLINE:
+        raise InvalidField(
+            "task_deadline", f"is out of range: at most {rules.MAX_TASK_DEADLINE.days} days"
+        )
     changed = existing is None or existing.deadline_at != spec.deadline_at
     if spec.tasks and spec.deadline_at is not None and changed and spec.deadline_at <= now:
         raise InvalidField("deadline_at", f"{spec.deadline_at.isoformat()} has already passed")
@@ -724,8 +740,3 @@ async def ensure_campaign(
     )
     campaign, _ = await create_campaign(pool, spec)
     return campaign
-
-
-def _at_least(field: str, value: int, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidField(field, f"{value!r} must be a whole number of at least {minimum}")

@@ -17,7 +17,6 @@ import os
 import sqlite3
 import sys
 from collections.abc import Iterator
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from coupons.ledger import campaigns as ledger_catalog
 from coupons.ledger import db
 from coupons.ledger.campaigns import PENDING, CampaignSpec
 from coupons.model import SyncInput, SyncReport
-from coupons.platforms.base import BatchAction, BatchSpec, BatchStatus, Platform
+from coupons.platforms.base import BatchAction, BatchStatus, Platform
 from coupons.platforms.generic.adapter import RestPlatform
 from coupons.platforms.wechat.adapter import WechatPayPlatform
 from coupons.platforms.wechat.protocol import sim_merchant
@@ -50,16 +49,6 @@ WECHAT_KNOBS = {"SIM_ENDPOINT_LIMITS": "false", "SIM_WECHAT_START_DELAY_S": "0"}
 
 
 # ----------------------------------------------------------------- the child that dies
-
-
-class WindowTellingWechat(WechatPayPlatform):
-    """The WeChat Pay adapter with the method the catalog asks of a platform whose request
-    holds a window chosen when it is made (catalog.FixesRequest): what the adapter would
-    send, here from its own window rule. A stand-in until the adapter has it."""
-
-    def batch_request(self, spec: BatchSpec) -> BatchSpec:
-        begins, ends = self._window(spec)
-        return replace(spec, starts_at=begins, ends_at=ends)
 
 
 def _adapter(kind: str, url: str, keys_dir: str | None) -> Platform:
@@ -391,43 +380,24 @@ async def test_a_wechat_create_lost_after_the_answer_is_finished_with_the_same_r
         await another.aclose()
 
 
-WECHAT: dict[str, type[WechatPayPlatform]] = {
-    "wechat": WechatPayPlatform,
-    "wechat-telling": WindowTellingWechat,
-}
+WECHAT: dict[str, type[WechatPayPlatform]] = {"wechat": WechatPayPlatform}
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        pytest.param(
-            "wechat",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="known gap: the adapter fills a window not given from the time of the "
-                "call, and says nothing of it, so a resend from another process is another "
-                "request (RESOURCE_ALREADY_EXISTS); needs WechatPayPlatform.batch_request",
-            ),
-        ),
-        "wechat-telling",
-    ],
-)
 async def test_a_wechat_create_with_no_window_lost_after_the_answer_is_finished(
     postgres: EmbeddedPostgres,
     schema: str,
     pool: AsyncConnectionPool,
     wechat_sim: SimulatorProcess,
-    kind: str,
 ) -> None:
     """No window given: the window WeChat Pay receives is chosen at the call, so the intent
-    must keep the one sent (the platform says it through `batch_request`), and the resend,
+    must keep the one sent (the adapter says it through `batch_request`), and the resend,
     seconds later from another process, is the same request."""
     batch_id = new_id("b")
     order = child_order(
         postgres,
         schema,
         wechat_sim.url,
-        platform=kind,
+        platform="wechat",
         keys_dir=str(wechat_sim.keys_dir),
         batch_id=batch_id,
     )
@@ -436,7 +406,7 @@ async def test_a_wechat_create_with_no_window_lost_after_the_answer_is_finished(
     )
     (stock,) = sim_batches_for_key(wechat_sim.data_file, f"batch-{batch_id}")
     await asyncio.sleep(1.1)  # another second: a window made anew would differ
-    another = WECHAT[kind](wechat_sim.url, sim_merchant(wechat_sim.keys_dir))
+    another = WechatPayPlatform(wechat_sim.url, sim_merchant(wechat_sim.keys_dir))
     try:
         synced = await catalog.sync_batch(pool, another, batch_id)
     finally:

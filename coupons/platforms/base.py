@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import httpx
 
@@ -230,6 +230,16 @@ def read_answer(parse: Callable[[dict[str, Any]], T], raw: dict[str, Any]) -> T:
         return parse(raw)
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise PlatformUnavailable("BAD_RESPONSE", f"unreadable answer: {exc!r}") from exc
+
+
+@runtime_checkable
+class FixesRequest(Protocol):
+    """A platform whose create request holds something chosen when it is made (WeChat Pay
+    and Alipay fill a window not given from the time of the call): it says what, so the
+    catalog's intent keeps the very request and a later resend, from any process, is the
+    same one under the same key."""
+
+    def batch_request(self, spec: BatchSpec) -> BatchSpec: ...
 
 
 class Platform(Protocol):

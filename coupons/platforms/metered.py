@@ -16,6 +16,7 @@ from coupons.platforms.base import (
     BatchAction,
     BatchSpec,
     CouponUsedNotice,
+    FixesRequest,
     FlowKind,
     FlowRecord,
     FlowUnavailable,
@@ -69,6 +70,13 @@ class MeteredPlatform:
     @property
     def callback_success(self) -> str | None:
         return self._inner.callback_success
+
+    def batch_request(self, spec: BatchSpec) -> BatchSpec:
+        """What the wrapped platform would send (base.FixesRequest); `spec` when it fixes
+        nothing."""
+        if isinstance(self._inner, FixesRequest):
+            return self._inner.batch_request(spec)
+        return spec
 
     async def create_batch(self, spec: BatchSpec) -> PlatformBatch:
         return await self._measured("create_batch", self._inner.create_batch(spec))

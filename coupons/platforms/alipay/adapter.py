@@ -45,6 +45,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl
@@ -436,6 +437,11 @@ class AlipayPlatform:
         return answer, True, own
 
     # -- Platform -------------------------------------------------------------------
+
+    def batch_request(self, spec: BatchSpec) -> BatchSpec:
+        """`spec` with the window this create would fill in (base.FixesRequest)."""
+        begins, ends = self._window(spec)
+        return replace(spec, starts_at=begins, ends_at=ends)
 
     def _window(self, spec: BatchSpec) -> tuple[datetime, datetime]:
         if spec.starts_at is not None and spec.ends_at is not None:

@@ -64,7 +64,7 @@ import math
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
@@ -566,6 +566,11 @@ class WechatPayPlatform:
         return path.removeprefix(self._prefix)
 
     # -- Platform ---------------------------------------------------------------
+
+    def batch_request(self, spec: BatchSpec) -> BatchSpec:
+        """`spec` with the window this create would fill in (base.FixesRequest)."""
+        begins, ends = self._window(spec)
+        return replace(spec, starts_at=begins, ends_at=ends)
 
     def _window(self, spec: BatchSpec) -> tuple[datetime, datetime]:
         """The stock's window, which is also every coupon's validity on WeChat Pay; refused
