@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import importlib.metadata
 import json
 import logging
 import sys
@@ -49,7 +50,7 @@ from temporalio.client import (
 )
 from temporalio.service import RPCError
 
-from coupons import catalog, codec, report, service, tenants
+from coupons import catalog, codec, doctor, report, service, tenants, wedged
 from coupons import validation as rules
 from coupons.claims import ClaimService
 from coupons.config import ConfigError, Settings
@@ -73,6 +74,7 @@ from coupons.model import (
 )
 from coupons.platforms.base import BatchAction, Platform, PlatformError
 from coupons.platforms.configured import make_platform
+from coupons.running import settings_from_env, stack_for
 from coupons.service import Unavailable
 from coupons.temporal import connect
 from workflows.end_campaign import EndCampaignWorkflow
@@ -145,10 +147,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: invalid_request: {message} (see {self.prog} --help)\n")
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("coupon-lifecycle")
+    except importlib.metadata.PackageNotFoundError:  # run from a tree that was never installed
+        return "(not installed)"
+
+
 def parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="starter.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     codec.add_commands(sub.add_parser("codec", help="payload encryption keys: init, rotate, show"))
     c = sub.add_parser("claim", help="claim a coupon of a campaign for a user")
@@ -174,6 +184,13 @@ def parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", help="count a campaign's coupons by state (from the ledger)")
     st.add_argument("--campaign", required=True, type=_id("campaign"))
     sub.add_parser("repair", help="start the workflows of claims that lack one")
+    _coupon_parser(sub.add_parser("coupon", help="coupons whose workflow cannot progress"))
+    _json_flag(
+        sub.add_parser(
+            "doctor",
+            help="which stack this shell speaks to, and each part's health (exit 0: all well)",
+        )
+    )
     _batch_parser(sub.add_parser("batch", help="coupon batches at the platform"))
     _campaign_parser(sub.add_parser("campaign", help="campaigns that hand out a batch"))
     _tenant_parser(sub.add_parser("tenant", help="tenants: the apps that call the HTTP API"))
@@ -215,6 +232,22 @@ def _tenant_flag(p: argparse.ArgumentParser, what: str) -> None:
         type=_id("tenant"),
         help=f"the tenant that owns the {what} (default: %(default)s)",
     )
+
+
+def _coupon_parser(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True)
+    w = sub.add_parser("wedged", help="coupons whose workflow cannot make progress, with the cause")
+    w.add_argument(
+        "--limit", type=_rule(rules.LIST_LIMIT), default=1000, help="at most this many per cause"
+    )
+    _json_flag(w)
+    r = sub.add_parser(
+        "recover", help="recover a wedged coupon from the ledger's state (never sends twice)"
+    )
+    which = r.add_mutually_exclusive_group(required=True)
+    which.add_argument("coupon", nargs="?", type=_coupon_id, help="the coupon to recover")
+    which.add_argument("--all", action="store_true", help="every coupon `coupon wedged` lists")
+    _json_flag(r)
 
 
 def _batch_parser(p: argparse.ArgumentParser) -> None:
@@ -507,6 +540,29 @@ async def cmd_stats(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
 
 async def cmd_repair(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     return {"repaired": await ClaimService(ctx.pool, await ctx.client(), ctx.settings).repair()}
+
+
+async def cmd_coupon_wedged(ctx: Context, args: argparse.Namespace) -> Answer:
+    found = await wedged.find_wedged(ctx.pool, await ctx.client(), ctx.settings, limit=args.limit)
+    counts = wedged.count_by_cause(found)
+    return Answer(
+        {"wedged": found, "by_cause": counts},
+        lambda: _wedged_view(found, counts),
+    )
+
+
+async def cmd_coupon_recover(ctx: Context, args: argparse.Namespace) -> Answer:
+    client = await ctx.client()
+    if args.all:
+        done = await wedged.recover_all(ctx.pool, client, ctx.settings)
+    else:
+        done = [await wedged.recover(ctx.pool, client, ctx.settings, args.coupon)]
+    failed = [r.coupon_id for r in done if r.action == "error"]
+    return Answer(
+        {"recovered": done},
+        lambda: _recovery_view(done),
+        error=f"{len(failed)} not recovered: {', '.join(failed)}" if failed else None,
+    )
 
 
 # ------------------------------------------------------------------ batches
@@ -933,6 +989,8 @@ COMMANDS: dict[str, Callable[[Context, argparse.Namespace], Awaitable[CommandRes
     "list": cmd_list,
     "stats": cmd_stats,
     "repair": cmd_repair,
+    "coupon wedged": cmd_coupon_wedged,
+    "coupon recover": cmd_coupon_recover,
     "batch create": cmd_batch_create,
     "batch list": cmd_batch_list,
     "batch show": cmd_batch_show,
@@ -1235,6 +1293,60 @@ def _reconcile_view(report: ReconcileReport) -> list[RenderableType]:
     return lines
 
 
+def _wedged_view(found: list[wedged.Wedged], counts: dict[str, int]) -> list[RenderableType]:
+    if not found:
+        return [Text("no wedged coupons")]
+    table = _table("coupon", "cause", "ledger state", "since", "attempts", "detail")
+    for w in found:
+        table.add_row(
+            w.coupon_id,
+            w.cause,
+            w.ledger_state,
+            _time(w.since),
+            "" if w.attempts is None else str(w.attempts),
+            w.detail,
+        )
+    causes = ", ".join(f"{cause} {n}" for cause, n in counts.items() if n)
+    return [
+        table,
+        Text(f"{len(found)} wedged: {causes}; `starter.py coupon recover --all` recovers them"),
+    ]
+
+
+def _recovery_view(done: list[wedged.Recovery]) -> list[RenderableType]:
+    if not done:
+        return [Text("no wedged coupons: nothing to recover")]
+    lines: list[RenderableType] = []
+    for r in done:
+        runs = ""
+        if r.stopped_run_id or r.new_run_id:
+            runs = f"; stopped run {r.stopped_run_id or '-'}, new run {r.new_run_id or '-'}"
+        cause = f" ({r.cause})" if r.cause else ""
+        lines.append(Text(f"coupon {r.coupon_id}: {r.action}{cause}: {r.detail}{runs}"))
+    return lines
+
+
+def _doctor_answer(found: doctor.Diagnosis) -> Answer:
+    def view() -> list[RenderableType]:
+        table = _table("part", "", "detail")
+        for finding in found.findings:
+            status = {True: "ok", False: "PROBLEM", None: "?"}[finding.ok]
+            table.add_row(finding.part, status, finding.detail)
+        return [Text(f"stack: {found.stack}"), table]
+
+    problems = sorted({f.part for f in found.problems})
+    return Answer(
+        {
+            "stack": found.stack,
+            "settings": found.settings,
+            "findings": found.findings,
+            "ok": found.ok,
+        },
+        view,
+        error=f"{len(problems)} part(s) not well: {', '.join(problems)}" if problems else None,
+    )
+
+
 def _print(args: argparse.Namespace, result: CommandResult) -> None:
     if isinstance(result, Answer) and not args.json:
         plain = _plain()
@@ -1287,14 +1399,22 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     # psycopg_pool logs every failed connection attempt; the one-line error says it all.
     logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
     args = parser().parse_args(argv)
+    if args.command == "doctor":
+        # Apart from `run`: it must answer when PostgreSQL is the part that is down.
+        try:
+            settings = settings_from_env(environ)
+            found = asyncio.run(doctor.diagnose(settings, stack_for(settings, environ)))
+        except ConfigError as err:
+            return _fail(2, str(err))
+        return _answered(args, _doctor_answer(found))
     if args.command == "codec":
         try:
-            print(codec.run_command(args, Settings.from_env(environ)))
+            print(codec.run_command(args, settings_from_env(environ)))
         except ConfigError as err:
             return _fail(2, str(err))
         return 0
     try:
-        result = asyncio.run(run(args, Settings.from_env(environ)))
+        result = asyncio.run(run(args, settings_from_env(environ)))
     except ConfigError as err:
         return _fail(2, str(err))
     except Refused as err:
@@ -1312,6 +1432,10 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         _fail(1, f"unexpected {type(err).__name__}: {err}")
         traceback.print_exc()
         return 1
+    return _answered(args, result)
+
+
+def _answered(args: argparse.Namespace, result: CommandResult) -> int:
     try:
         _print(args, result)
     except BrokenPipeError:

@@ -210,8 +210,8 @@ def stack_for(settings: Settings, environ: Mapping[str, str] | None = None) -> S
     found = [
         record
         for record in live_stacks(environ)
-        if _stack_settings(record).temporal_address == settings.temporal_address
-        or without_password(_stack_settings(record).database_url) == database
+        if stack_settings(record).temporal_address == settings.temporal_address
+        or without_password(stack_settings(record).database_url) == database
     ]
     if len(found) > 1:
         raise ConfigError(
@@ -231,7 +231,7 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
     stack = stack_for(own, env)
     if stack is None:
         return own
-    theirs = _stack_settings(stack)
+    theirs = stack_settings(stack)
     given = Settings.given(env)
     compared = (set(own.to_env()) | set(theirs.to_env()) | set(_COMPARED_AS)) - (
         SECRET_SETTINGS | PROCESS_SETTINGS
@@ -256,7 +256,7 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
     return Settings.from_env({**env, **followed})
 
 
-def _stack_settings(record: StackRecord) -> Settings:
+def stack_settings(record: StackRecord) -> Settings:
     try:
         return Settings.from_env(record.settings)
     except ConfigError as err:

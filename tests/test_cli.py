@@ -353,6 +353,10 @@ async def test_batch_create_with_other_terms_or_bad_input_is_refused_and_writes_
     fresh = ("batch", "create", "--id", new_id("b"), "--quantity", "20")
     bad = {
         ("--quantity", "0"): "--quantity: 0 is out of range: 1 to 100,000,000 coupons",
+        # Issue 14's moments: a batch too big for the ledger was created at the platform first,
+        # and 1e20 came back as the platform's HTTP 500.
+        ("--quantity", "2147483648"): "--quantity: 2147483648 is out of range: 1 to 100,000,000",
+        ("--quantity", "1e20"): "--quantity: '1e20' is not a whole number",
         ("--value", "0"): "--value-cents/--value: ",
         ("--valid-days", "0"): "--valid-days: ",
         (

@@ -318,14 +318,17 @@ async def intend_change(
         return await _insert_intent(conn, batch_id, seq, action.value, key, request)
 
 
-async def pending_intents(pool: AsyncConnectionPool, batch_id: str) -> list[BatchIntent]:
-    """The batch's intents the platform has not answered yet, oldest first."""
+async def pending_intents(
+    pool: AsyncConnectionPool, batch_id: str | None = None
+) -> list[BatchIntent]:
+    """The batch's (None: every batch's) intents the platform has not answered yet, oldest
+    first."""
     async with pool.connection() as conn:
         cur = conn.cursor(row_factory=class_row(BatchIntent))
         await cur.execute(
-            f"SELECT {_INTENT_COLUMNS} FROM batch_intents"
-            " WHERE batch_id = %s AND state = 'pending' ORDER BY seq",
-            (batch_id,),
+            f"SELECT {_INTENT_COLUMNS} FROM batch_intents WHERE state = 'pending'"
+            " AND (%(batch)s::text IS NULL OR batch_id = %(batch)s) ORDER BY batch_id, seq",
+            {"batch": batch_id},
         )
         return await cur.fetchall()
 
