@@ -88,11 +88,14 @@ class RunningStack:
         record: dict[str, Any] = json.loads((self.data_dir / RECORD_NAME).read_text())
         return record
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """`starter.py` in a shell with the stack's environment, or `env`."""
         return subprocess.run(
             [sys.executable, "starter.py", *args],
             cwd=ROOT,
-            env=self.env,
+            env=self.env if env is None else env,
             capture_output=True,
             text=True,
             timeout=60,
@@ -618,3 +621,47 @@ def test_the_next_start_stops_what_a_dead_stack_left_running(tmp_path: Path) -> 
         if stack.process is not None:
             stack.kill()
         _stop_any(children)
+
+
+def test_a_plain_shell_beside_a_wechat_stack_follows_it_and_a_contrary_one_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Issue 14's first moment: `PLATFORM=wechat make run`, then `starter.py claim` in a shell
+    that never exported PLATFORM. It used to write to the WeChat ledger under the generic key
+    ring, leaving a coupon no worker could read; now it follows the stack, and a shell that
+    says another platform is refused before anything is written."""
+    stack = RunningStack(tmp_path / "data", "wechat")
+    stack.env["SIM_WECHAT_START_DELAY_S"] = "1"  # the demo stock's registration, shortened
+    try:
+        stack.start()
+        # The second shell knows only the moved ports of PostgreSQL and Temporal.
+        plain = {
+            k: v
+            for k, v in stack.env.items()
+            if k not in ("PLATFORM", "DATA_DIR", "SIMULATOR_PORT", "TEMPORAL_UI_PORT")
+        }
+        claimed = stack.cli("claim", "--campaign", "demo", "--user", "ann", env=plain)
+        assert claimed.returncode == 0, claimed.stderr
+        coupon = json.loads(claimed.stdout)
+        assert coupon["created"] is True
+        done = stack.cli(
+            "complete-task",
+            "--coupon",
+            coupon["coupon_id"],
+            "--task",
+            "first-order",
+            "--wait",
+            env=plain,
+        )
+        assert done.returncode == 0, done.stderr
+        stack.wait_states({"issued": 1})  # the stack's worker read it, and sent it to WeChat
+
+        contrary = {**plain, "PLATFORM": "alipay"}
+        refused = stack.cli("claim", "--campaign", "demo", "--user", "bob", env=contrary)
+        assert refused.returncode == 2, refused
+        assert "PLATFORM: this shell says alipay, the stack runs wechat" in refused.stderr
+        assert stack.states() == {"issued": 1}
+        assert stack.temporal_count("WorkflowType = 'UserCouponWorkflow'") == 1
+    finally:
+        if stack.process is not None:
+            stack.stop()
