@@ -32,7 +32,7 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 
-from coupons import catalog, tenants
+from coupons import catalog, tenants, wedged
 from coupons.cli import main
 from coupons.config import Settings
 from coupons.embedded import EmbeddedPostgres, free_port
@@ -1117,3 +1117,22 @@ async def test_batch_and_campaign_create_take_a_tenant(
         campaign["id"]: tid,
         default["id"]: "default",
     }
+
+
+async def test_coupon_wedged_lists_by_cause_and_recover_leaves_a_healthy_coupon_alone(
+    cli: Cli,
+) -> None:
+    """The commands over coupons.wedged (tests/test_wedged.py wedges coupons for real)."""
+    batch = await new_cli_batch(cli)
+    campaign = await new_cli_campaign(cli, batch["id"], "--task", "a")
+    coupon = await cli.coupon_json("claim", "--campaign", campaign["id"], "--user", "ann")
+    listed = await cli.json("coupon", "wedged")
+    assert coupon["coupon_id"] not in [w["coupon_id"] for w in listed["wedged"]]
+    assert set(listed["by_cause"]) == set(wedged.CAUSES)
+    healthy = await cli.json("coupon", "recover", coupon["coupon_id"])
+    assert [(r["coupon_id"], r["action"]) for r in healthy["recovered"]] == [
+        (coupon["coupon_id"], "none")
+    ]
+    await cli.refused("coupon", "recover", "nope:nobody:1", code="unknown_coupon")
+    ran = await cli("coupon", "recover")
+    assert ran.code == 2 and "one of the arguments coupon --all is required" in ran.err
