@@ -1,4 +1,5 @@
-"""The seven scenarios: what each injects, and the common run around it.
+"""The eight scenarios: what each injects, and the common run around it (the operator
+mistakes scenario lives in `chaos.operator`).
 
 Every scenario has the same shape: a fresh stack and campaign; claims spread over
 `Size.load_s`, each followed at once by its task completion; the fault injected while
@@ -15,16 +16,19 @@ moment the ledger shows every coupon issued (redeemed), or 0 when they all were 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import statistics
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chaos import operator as operator_mistakes
 from chaos.harness import Acked, Driver, Harness, Via
 from chaos.report import ScenarioResult
 from chaos.sizes import Size
@@ -109,6 +113,12 @@ class Scenario:
     # After the common checks: the scenario's own counts that must be 0 (`result.checks`);
     # unlike `observe`, a failure to read them fails the scenario.
     check: Callable[[Run], Awaitable[None]] | None = None
+    # The campaign's quota (and its batch's size): the load's coupons, and any the scenario
+    # claims on its own.
+    quota: Callable[[Size], int] = lambda size: size.coupons
+    # Entered before the scenario's stack starts, left after it stops: what the scenario
+    # changes about its stack (the operator scenario records it as `make run` does).
+    around: Callable[[Harness], AbstractContextManager[None]] | None = None
 
 
 # ----- the load ----------------------------------------------------------------------
@@ -738,6 +748,18 @@ SCENARIOS: dict[str, Scenario] = {
             api=True,
             check=check_callbacks,
         ),
+        Scenario(
+            name=operator_mistakes.NAME,
+            description=operator_mistakes.DESCRIPTION,
+            fault=operator_mistakes.make_mistakes,
+            reports=lambda size, i: ["update" if i % 2 else "signal"],
+            latency_ms=200,
+            # `starter.py doctor` checks the stack's API too.
+            api=True,
+            check=operator_mistakes.check_mistakes,
+            quota=operator_mistakes.quota,
+            around=operator_mistakes.recorded_stack,
+        ),
     )
 }
 
@@ -747,7 +769,7 @@ SCENARIOS: dict[str, Scenario] = {
 
 async def _drive(scenario: Scenario, size: Size, harness: Harness, result: ScenarioResult) -> None:
     async with Driver(harness, f"chaos-{scenario.name}", scenario.name) as driver:
-        await driver.create_campaign(quota=size.coupons)
+        await driver.create_campaign(quota=scenario.quota(size))
         if scenario.latency_ms:
             await driver.knobs(latency_ms=scenario.latency_ms)
         run = Run(scenario, size, harness, driver, result)
@@ -903,13 +925,15 @@ def execute(name: str, size: Size, root: Path) -> ScenarioResult:
         sync_interval_s=scenario.sync_interval(size),
         api=scenario.api,
     )
-    try:
-        harness.start()
-        asyncio.run(_drive(scenario, size, harness, result))
-    except Exception as err:
-        log.exception("scenario %s failed", name)
-        result.error = f"{type(err).__name__}: {err}"
-    finally:
-        harness.stop()
-        result.wall_s = round(time.monotonic() - began, 1)
+    around = scenario.around(harness) if scenario.around else contextlib.nullcontext()
+    with around:
+        try:
+            harness.start()
+            asyncio.run(_drive(scenario, size, harness, result))
+        except Exception as err:
+            log.exception("scenario %s failed", name)
+            result.error = f"{type(err).__name__}: {err}"
+        finally:
+            harness.stop()
+            result.wall_s = round(time.monotonic() - began, 1)
     return result
