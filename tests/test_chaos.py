@@ -2,8 +2,9 @@
 
 A regression in the harness (or a coupon lost, sent twice or left in a wrong state
 under a crash, a reconciliation that finds the platform and the ledger apart, or a
-platform callback applied twice, never, or forged) fails here. Timings are read from the
-run, never asserted.
+platform callback applied twice, never, or forged, or an operator's mistake that is not
+made safe: a contradicting shell that writes, a platform batch the ledger never learns of,
+a wedged coupon left wedged) fails here. Timings are read from the run, never asserted.
 """
 
 from __future__ import annotations
@@ -58,5 +59,19 @@ def test_every_scenario_at_tiny_size_loses_nothing(tmp_path: Path) -> None:
     assert figures["use_to_redeemed_ms_count"] == callbacks["coupons"], (callbacks, output)
     assert figures["failed_api_unreachable"] > 0, (callbacks, output)
     assert figures["callbacks_duplicated"] + figures["callbacks_forged_sent"] > 0, callbacks
+    # Every operator mistake was made and met (its checks above are 0): the contradicting
+    # shells refused, processes died between the platform and the ledger and left a batch
+    # the ledger did not know until the sync, coupons wedged and recovered, doctor content.
+    [mistakes] = [r for r in results if r["name"] == "operator_mistakes"]
+    figures = mistakes["figures"]
+    assert mistakes["checks"], (mistakes, output)
+    assert figures["refused_mismatched_shells"] == 3, (mistakes, output)
+    assert figures["following_shells_issued"] == figures["following_shells_claimed"] > 0
+    assert figures["crashes_between_platform_and_ledger"] >= 3, (mistakes, output)
+    assert figures["platform_batches_unknown_before_sync"] > 0, (mistakes, output)
+    assert figures["platform_batches_unknown_to_ledger"] == 0, (mistakes, output)
+    assert figures["wedged_before_recovery"] >= figures["wedged_issued"] > 0, (mistakes, output)
+    assert figures["wedged_after_recovery"] == 0, (mistakes, output)
+    assert figures["doctor_exit_code"] == 0, (mistakes, output)
     assert run.returncode == 0, output
     assert "converge s" in run.stdout and "reconcile" in run.stdout  # the table
