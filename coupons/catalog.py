@@ -598,10 +598,6 @@ def _check_deadline(
 ) -> None:
     if spec.task_deadline is not None and spec.task_deadline <= timedelta(0):
         raise InvalidField("task_deadline", "must be a positive duration")
-    if spec.task_deadline is not None and spec.task_deadline > rules.MAX_TASK_DEADLINE:
-        raise InvalidField(
-            "task_deadline", f"is out of range: at most {rules.MAX_TASK_DEADLINE.days} days"
-        )
     changed = existing is None or existing.deadline_at != spec.deadline_at
     if spec.tasks and spec.deadline_at is not None and changed and spec.deadline_at <= now:
         raise InvalidField("deadline_at", f"{spec.deadline_at.isoformat()} has already passed")

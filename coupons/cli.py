@@ -1398,7 +1398,10 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # psycopg_pool logs every failed connection attempt; the one-line error says it all.
     logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as exited:  # --help, --version, or bad input (already said on stderr)
+        return exited.code if isinstance(exited.code, int) else 2
     if args.command == "doctor":
         # Apart from `run`: it must answer when PostgreSQL is the part that is down.
         try:
