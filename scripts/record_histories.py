@@ -45,6 +45,7 @@ from coupons.model import (
 )
 from coupons.platforms.base import BatchAction
 from coupons.platforms.generic.adapter import RestPlatform
+from coupons.wedged import recover
 from coupons.workers import build_workers, workflow_runner
 from workflows.user_coupon import UserCouponWorkflow
 
@@ -403,6 +404,45 @@ async def budget_wait_then_issued(r: Recorder, name: str) -> Handle:
     return handle
 
 
+async def resumed_usable_issued(r: Recorder, name: str) -> Handle:
+    # The first run is lost before its send (no worker ran it; terminated): `coupon recover`
+    # starts a fresh run that resumes the ledger's `usable`, sends and is redeemed.
+    s = r.settings(name)
+    first = await r.claim(name, s, required_tasks=[])
+    await first.terminate("lost before its send")
+    async with r.workers(s):
+        return await _recovered_then_redeemed(r, s, first)
+
+
+async def resumed_issued_redeemed(r: Recorder, name: str) -> Handle:
+    # An issued coupon whose run Temporal lost (terminated here): the fresh run resumes
+    # `issued` with the ledger's receipt, and a redemption reaches it.
+    s = r.settings(name)
+    async with r.workers(s):
+        first = await r.claim(name, s, required_tasks=[])
+        await wait_for_state(first, "issued")
+        await first.terminate("Temporal's data lost")
+        return await _recovered_then_redeemed(r, s, first)
+
+
+async def _recovered_then_redeemed(r: Recorder, s: Settings, first: Handle) -> Handle:
+    coupon_id = first.id.removeprefix("coupon:")
+    recovery = await recover(r.pool, r.env.client, s, coupon_id)
+    check(recovery.action == "restarted", f"recovery: {recovery}")
+    resumed = r.env.client.get_workflow_handle_for(UserCouponWorkflow.run, first.id)
+    await wait_for_state(resumed, "issued")
+    used_at = await r.env.get_current_time()
+    await resumed.signal(
+        UserCouponWorkflow.report_redemption, RedemptionReport(used_at, "callback")
+    )
+    status = await resumed.result()
+    check(
+        [t.to_state for t in status.transitions][-1:] == ["redeemed"],
+        f"transitions: {status.transitions}",
+    )
+    return resumed
+
+
 async def wait_for_waiting(handle: Handle, what: str, timeout_s: float = 60) -> None:
     async with asyncio.timeout(timeout_s):
         while True:
@@ -433,6 +473,8 @@ PATHS = [
     Scenario("ignored_signals", "redeemed", ignored_signals),
     Scenario("received_expired_by_operator", "expired", received_expired_by_operator),
     Scenario("budget_wait_then_issued", "redeemed", budget_wait_then_issued),
+    Scenario("resumed_usable_issued", "redeemed", resumed_usable_issued),
+    Scenario("resumed_issued_redeemed", "redeemed", resumed_issued_redeemed),
 ]
 
 
