@@ -329,6 +329,13 @@ class Driver:
         stats: dict[str, int] = response.json()
         return stats
 
+    async def sim_batches(self) -> list[dict[str, Any]]:
+        """Every batch the simulator holds, with the request key it was created under."""
+        response = await self.http.get("/sim/batches")
+        response.raise_for_status()
+        batches: list[dict[str, Any]] = response.json()["batches"]
+        return batches
+
     async def set_batch(self, **changes: object) -> dict[str, Any]:
         """Change the batch behind the service's back (`remaining`, `status`), as the
         platform's operator can; the batch as the platform now has it."""

@@ -29,9 +29,7 @@ sent twice, wrong state, ...), and last `starter.py doctor --json` must exit 0.
 
 Temporal flags a workflow whose tasks keep failing (`TemporalReportedProblems`, what `coupon
 wedged` lists) after 5 consecutive problems by default, about 50 s on the dev server; this
-scenario's dev server says 2 (about 11 s), as tests/test_wedged.py's does. `Stack` builds its
-dev server itself, so the scenario's process hands it a `TemporalDevServer` with that dynamic
-config while the stack starts (the scenario runs in a process of its own: no other is touched).
+scenario's dev server says 2 (about 11 s), as tests/test_wedged.py's does.
 """
 
 from __future__ import annotations
@@ -41,19 +39,18 @@ import contextlib
 import json
 import logging
 import os
-import sqlite3
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from unittest import mock
 
 from temporalio.client import Client
 
-import coupons.stack
+from chaos.frame import Run
 from chaos.harness import TASK, Acked, Harness
 from chaos.sizes import Size
 from chaos.verify import EVIDENCE_PER_KIND
@@ -61,7 +58,6 @@ from coupons import catalog
 from coupons.claims import ClaimService
 from coupons.codec import encrypted_converter, ensure_keys
 from coupons.config import PLATFORMS, SECRET_SETTINGS
-from coupons.embedded import TemporalDevServer
 from coupons.ledger import campaigns as ledger_catalog
 from coupons.ledger import claims as ledger
 from coupons.ledger import db
@@ -69,9 +65,6 @@ from coupons.platforms.base import BatchAction
 from coupons.platforms.configured import make_platform
 from coupons.running import settings_from_env
 from coupons.wedged import UNDECODABLE, find_wedged
-
-if TYPE_CHECKING:
-    from chaos.scenarios import Run
 
 log = logging.getLogger("chaos.operator")
 
@@ -162,15 +155,6 @@ def quota(size: Size) -> int:
 # ----- the stack: recorded, quick to flag failing tasks --------------------------------
 
 
-class _FlagsFailingTasksSooner(TemporalDevServer):
-    """The dev server, flagging a workflow whose tasks keep failing after PROBLEMS_AFTER."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        config = dict(kwargs.pop("dynamic_config", None) or {})
-        config[PROBLEMS_SETTING] = PROBLEMS_AFTER
-        super().__init__(*args, dynamic_config=config, **kwargs)
-
-
 def _registry(harness: Harness) -> Path:
     return harness.settings.data_dir.parent / "stacks"
 
@@ -182,9 +166,9 @@ def recorded_stack(harness: Harness) -> Iterator[None]:
     before = os.environ.get("COUPONS_STATE_DIR")
     os.environ["COUPONS_STATE_DIR"] = str(_registry(harness))
     harness.stack.record = True
+    harness.stack.temporal_dynamic_config[PROBLEMS_SETTING] = PROBLEMS_AFTER
     try:
-        with mock.patch.object(coupons.stack, "TemporalDevServer", _FlagsFailingTasksSooner):
-            yield
+        yield
     finally:
         if before is None:
             os.environ.pop("COUPONS_STATE_DIR", None)
@@ -400,7 +384,7 @@ async def _crashes(run: Run) -> None:
     pending = await ledger_catalog.pending_intents(run.driver.pool)
     figures["intents_pending_before_sync"] = len(pending)
     unknown = _unknown_to_ledger(
-        await _platform_batches(run), await ledger_catalog.list_batches(run.driver.pool)
+        await run.driver.sim_batches(), await ledger_catalog.list_batches(run.driver.pool)
     )
     figures["platform_batches_unknown_before_sync"] = len(unknown)
     run.fault(
@@ -415,19 +399,6 @@ async def _crashes(run: Run) -> None:
     await _compare_batches(run)
 
 
-async def _platform_batches(run: Run) -> list[dict[str, Any]]:
-    """The simulator's own record of its batches (read-only; the control plane has no list)."""
-    path = run.harness.settings.data_dir / "simulator.sqlite3"
-
-    def read() -> list[dict[str, Any]]:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as store:
-            store.row_factory = sqlite3.Row
-            rows = store.execute("SELECT batch_id, request_key, name, status FROM batches")
-            return [dict(row) for row in rows]
-
-    return await asyncio.to_thread(read)
-
-
 def _unknown_to_ledger(
     platform: list[dict[str, Any]], batches: list[ledger_catalog.Batch]
 ) -> list[dict[str, Any]]:
@@ -437,7 +408,7 @@ def _unknown_to_ledger(
 
 async def _compare_batches(run: Run) -> None:
     tally, figures, pool = _tally(run), run.result.figures, run.driver.pool
-    platform = await _platform_batches(run)
+    platform = await run.driver.sim_batches()
     batches = await ledger_catalog.list_batches(pool)
     stats = await run.driver.sim_stats()
     figures["platform_batches"] = stats["batches"]

@@ -22,13 +22,11 @@ import re
 import statistics
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from chaos import operator as operator_mistakes
+from chaos.frame import Run, Scenario, say
 from chaos.harness import Acked, Driver, Harness, Via
 from chaos.report import ScenarioResult
 from chaos.sizes import Size
@@ -41,9 +39,6 @@ from workflows.user_coupon import UserCouponWorkflow
 
 log = logging.getLogger("chaos.scenarios")
 
-# Calls in flight from the driver at once: enough to keep claims and completions
-# flowing, far below the dev server's trouble zone (about 1,000 in flight).
-DRIVER_CONCURRENCY = 40
 VERIFY_BUDGET_S = 60.0
 # The reconciliation at the end of every scenario (well under a second at these sizes).
 RECONCILE_BUDGET_S = 60.0
@@ -56,69 +51,6 @@ PROGRESS_EVERY_S = 5.0
 # The budget scenario cuts the budget this far into the load, so coupons claimed before
 # are issued and those after wait for budget.
 BUDGET_CUT_AT = 0.3
-
-
-@dataclass
-class Run:
-    """What a scenario's fault and load share while it runs."""
-
-    scenario: Scenario
-    size: Size
-    harness: Harness
-    driver: Driver
-    result: ScenarioResult
-    t0: float = field(default_factory=time.monotonic)
-    gate: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(DRIVER_CONCURRENCY))
-    phase: str = "load"
-    # Wall-clock moments a fault marks for what is read after it (time.time()).
-    marks: dict[str, float] = field(default_factory=dict)
-
-    def at(self) -> str:
-        return f"t={time.monotonic() - self.t0:5.1f}s"
-
-    def fault(self, text: str) -> None:
-        line = f"{self.at()} {text}"
-        self.result.faults.append(line)
-        say(self.scenario.name, line)
-
-
-def say(name: str, text: str) -> None:
-    print(f"[{name}] {text}", flush=True)
-
-
-FaultFn = Callable[[Run, "asyncio.Task[None]"], Awaitable[float]]
-
-
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    description: str
-    fault: FaultFn
-    # The completion reports each coupon gets (all sent at once when more than one).
-    reports: Callable[[Size, int], list[Via]]
-    latency_ms: float = 0.0
-    claim_twice: bool = False
-    lag_window: Callable[[Size], float] = lambda size: 30.0
-    # After the checks: every issued coupon reported done again (signal and update);
-    # any new send counts as a duplicate.
-    late_duplicates: bool = False
-    # SYNC_INTERVAL_S of the scenario's worker (the catalog-sync schedule).
-    sync_interval: Callable[[Size], float] = lambda size: 300.0
-    # After convergence: read what the fault left to read (the scenario's figures).
-    observe: Callable[[Run], Awaitable[None]] | None = None
-    # The state every acknowledged coupon must end in.
-    final_state: str = "issued"
-    # The stack runs the HTTP API too (the simulator's callbacks go to it).
-    api: bool = False
-    # After the common checks: the scenario's own counts that must be 0 (`result.checks`);
-    # unlike `observe`, a failure to read them fails the scenario.
-    check: Callable[[Run], Awaitable[None]] | None = None
-    # The campaign's quota (and its batch's size): the load's coupons, and any the scenario
-    # claims on its own.
-    quota: Callable[[Size], int] = lambda size: size.coupons
-    # Entered before the scenario's stack starts, left after it stops: what the scenario
-    # changes about its stack (the operator scenario records it as `make run` does).
-    around: Callable[[Harness], AbstractContextManager[None]] | None = None
 
 
 # ----- the load ----------------------------------------------------------------------

@@ -160,6 +160,7 @@ class Stack:
         simulator_knobs: Mapping[str, str] | None = None,
         record: bool = False,
         die_with_parent: bool = False,
+        temporal_dynamic_config: Mapping[str, object] | None = None,
     ) -> None:
         """`api` starts the HTTP API too (`make run` does), on the settings' API_PORT;
         `simulator_knobs` (SIM_* variables) start the embedded simulator with those knobs.
@@ -167,7 +168,8 @@ class Stack:
         `record` makes this the running stack others follow (`coupons.running`), and first
         stops what a dead one on the same data left running. `die_with_parent` has the
         kernel stop each server when this process dies: only for a stack started, and
-        supervised, from the main thread (the signal comes when the starting thread ends)."""
+        supervised, from the main thread (the signal comes when the starting thread ends).
+        `temporal_dynamic_config`: the embedded dev server's dynamic config values."""
         self.settings = settings
         self.worker_env = worker_env or {}
         self.simulator_knobs = dict(simulator_knobs or {})
@@ -181,6 +183,7 @@ class Stack:
         self.temporal: TemporalDevServer | None = None
         self.simulator: SimulatorProcess | None = None
         self.record = record
+        self.temporal_dynamic_config = dict(temporal_dynamic_config or {})
         self.die_with_parent = die_with_parent
         self.leftovers: str | None = None
 
@@ -240,6 +243,7 @@ class Stack:
                 ui_codec_endpoint=codec_endpoint,
                 redact=[s.codec_token or ""],
                 die_with_parent=self.die_with_parent,
+                dynamic_config=self.temporal_dynamic_config,
             )
             temporal.start()
             self._started("Temporal", temporal)

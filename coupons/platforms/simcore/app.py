@@ -56,6 +56,7 @@ def create_app(data_path: Path, face: Face, knobs: Knobs, keys_dir: Path) -> Sta
         Route("/sim/knobs", control(sim.reset_knobs), methods=["DELETE"]),
         Route("/sim/stats", control(sim.stats), methods=["GET"]),
         Route("/sim/notifications", control(sim.notifications), methods=["GET"]),
+        Route("/sim/batches", control(sim.batches), methods=["GET"]),
         Route("/sim/batches/{batch_id}", control(sim.put_batch), methods=["PUT"]),
         Route("/sim/batches/{batch_id}/coupons", control(sim.batch_coupons), methods=["GET"]),
         Route("/sim/coupons/{coupon_id}/use", control(sim.use_coupon), methods=["POST"]),

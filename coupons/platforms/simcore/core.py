@@ -663,6 +663,16 @@ class Simulator:
             (status, iso(ends_at), row["batch_id"]),
         )
 
+    async def batches(self, request: Request) -> Response:
+        """Every batch the platform holds, with the request key it was created under: what
+        fault runs compare with the ledger (no batch at the platform the ledger lacks, none
+        created twice for a key)."""
+        rows = self.store.db.execute(
+            "SELECT batch_id, request_key, name, status, quantity, remaining FROM batches"
+            " ORDER BY batch_id"
+        ).fetchall()
+        return JSONResponse({"batches": [dict(row) for row in rows]})
+
     async def batch_coupons(self, request: Request) -> Response:
         """Every coupon the platform holds for a batch: what chaos runs and reconciliation
         count duplicates against."""
