@@ -22,7 +22,7 @@ $(INSTALLED): pyproject.toml
 setup: $(INSTALLED)
 
 run: $(INSTALLED)
-	$(BIN)/python -m coupons.stack
+	$(BIN)/python -m app.stack
 
 test: $(INSTALLED)
 	$(BIN)/python scripts/run_tests.py $(ARGS)

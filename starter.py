@@ -4,7 +4,7 @@ import contextlib
 import os
 import sys
 
-from coupons.cli import main
+from app.cli import main
 
 if __name__ == "__main__":
     code = main()

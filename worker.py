@@ -1,13 +1,13 @@
 """Runs the coupon worker: `python worker.py` (settings from the environment, following the
-running stack where it says nothing: `coupons.running`)."""
+running stack where it says nothing: `app.running`)."""
 
 import asyncio
 import logging
 import sys
 
+from app.running import settings_from_env
+from app.workers import run_worker
 from coupons.config import ConfigError
-from coupons.running import settings_from_env
-from coupons.workers import run_worker
 
 if __name__ == "__main__":
     logging.basicConfig(

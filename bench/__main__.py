@@ -27,6 +27,9 @@ from typing import Any
 
 import httpx
 
+from app.claims import ClaimService
+from app.embedded import ManagedProcess, free_port
+from app.stack import HARNESS_SIMULATOR_KNOBS, Stack
 from bench import report
 from bench.catalog import measure_reconcile, measure_sync
 from bench.floor import floor_worker_process, measure_floor
@@ -39,12 +42,9 @@ from bench.proc import memory_gib
 from bench.sizes import SIZES, Size
 from bench.storm import api_campaign, measure_storm, measure_storm_api
 from coupons.catalog import ensure_campaign
-from coupons.claims import ClaimService
 from coupons.config import PLATFORMS, Settings
-from coupons.embedded import ManagedProcess, free_port
 from coupons.ledger import db
 from coupons.platforms.configured import make_platform
-from coupons.stack import HARNESS_SIMULATOR_KNOBS, Stack
 from coupons.temporal import connect
 
 log = logging.getLogger("bench")

@@ -1,7 +1,7 @@
 """The floor's worker process (`python -m bench.floor`, settings from the environment)
 and the driver that measures it.
 
-The worker is built like the coupon worker (coupons/workers.py): the same sandboxed
+The worker is built like the coupon worker (app/workers.py): the same sandboxed
 workflow runner, the activity on a `-platform` queue with the same rate limit, default
 cache and pollers; only the workflow and the activity are trivial.
 """
@@ -21,15 +21,15 @@ from temporalio import activity
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from app.embedded import ManagedProcess
+from app.workers import workflow_runner
 from bench.floor_workflow import FLOOR_ACTIVITY, FLOOR_SIGNAL, FLOOR_WORKFLOW, FloorWorkflow
 from bench.load import LoadResult, closed_loop, fixed_rate, progress
 from bench.proc import CpuSplit
 from bench.stats import summary_ms
 from coupons.config import Settings
 from coupons.contract import platform_task_queue
-from coupons.embedded import ManagedProcess
 from coupons.temporal import connect
-from coupons.workers import workflow_runner
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ async def measure_floor(
             "signal_to_done_ms": summary_ms(light.latencies_s),
         },
         "worker": "bench/floor.py: same sandboxed runner, activity on a -platform queue "
-        "with the same rate limit, SDK defaults otherwise (as coupons/workers.py)",
+        "with the same rate limit, SDK defaults otherwise (as app/workers.py)",
     }
 
 

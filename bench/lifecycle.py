@@ -12,11 +12,11 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
+from app.claims import ClaimService
 from bench.load import closed_loop, fixed_rate, progress
 from bench.probes import IssuedWatcher, per_item, statement_counts
 from bench.proc import CpuSplit, cpu_seconds
 from bench.stats import summary_ms
-from coupons.claims import ClaimService
 from coupons.model import TaskCompletion
 
 log = logging.getLogger(__name__)

@@ -22,11 +22,11 @@ from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
+from app.embedded import ManagedProcess
 from bench.load import closed_loop, progress
 from bench.stats import summary_ms
 from coupons.catalog import ensure_campaign
 from coupons.config import Settings
-from coupons.embedded import ManagedProcess
 from coupons.ledger import claims as ledger
 from coupons.ledger import db
 from coupons.model import Receipt, Transition, idempotency_key

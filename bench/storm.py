@@ -21,13 +21,13 @@ from typing import Any
 import httpx
 from temporalio.client import Client
 
+from app.claims import ClaimRefused, ClaimService
 from bench.lifecycle import TASK
 from bench.load import progress
 from bench.proc import CpuSplit
 from bench.stats import summary_ms
 from coupons import catalog
 from coupons.catalog import CampaignSpec, Task
-from coupons.claims import ClaimRefused, ClaimService
 from coupons.config import Settings
 from coupons.ledger import claims as ledger
 from coupons.ledger import db

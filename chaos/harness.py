@@ -1,6 +1,6 @@
 """One scenario's stack and the driver that plays the app against it.
 
-The stack is `coupons.stack.Stack` in a temporary DATA_DIR on free ports, so a chaos run
+The stack is `app.stack.Stack` in a temporary DATA_DIR on free ports, so a chaos run
 never touches `make run`'s `.data` or its default ports, and every process it signals is
 one this stack started (by pid, through `ManagedProcess`).
 
@@ -32,18 +32,18 @@ from temporalio.client import (
     WorkflowUpdateFailedError,
 )
 
+from app.claims import ClaimResult, ClaimService
+from app.embedded import ManagedProcess, free_port
+from app.stack import HARNESS_SIMULATOR_KNOBS, Stack
 from coupons.catalog import ensure_campaign
-from coupons.claims import ClaimResult, ClaimService
 from coupons.config import Settings
 from coupons.contract import RECONCILE_WORKFLOW
-from coupons.embedded import ManagedProcess, free_port
 from coupons.ledger import claims as ledger
 from coupons.ledger import db
 from coupons.ledger.campaigns import Batch, get_batch, get_campaign
 from coupons.ledger.claims import ClaimRefused
 from coupons.model import CouponStatus, ReconcileInput, ReconcileReport, TaskCompletion
 from coupons.platforms.configured import make_platform
-from coupons.stack import HARNESS_SIMULATOR_KNOBS, Stack
 from coupons.temporal import connect
 from workflows.user_coupon import UserCouponWorkflow
 
@@ -69,7 +69,7 @@ class Harness:
         api: bool = False,
     ) -> None:
         """`api` starts the HTTP API too, on a free port, with the simulator's callbacks
-        wired to it (see `coupons.stack.Stack`)."""
+        wired to it (see `app.stack.Stack`)."""
         self.settings = Settings(
             data_dir=root,
             # The platform protocol the simulator speaks (`--platform`, or PLATFORM).

@@ -1,9 +1,9 @@
 """The operator-mistakes scenario (issue 14): what a person at a shell gets wrong, made
 safe, proved while the usual claim and task load flows.
 
-The stack is recorded as `make run` records it (`coupons.stack.Stack(record=True)`), in a
+The stack is recorded as `make run` records it (`app.stack.Stack(record=True)`), in a
 registry of this scenario's own (COUPONS_STATE_DIR under its root, never the user's), so
-`starter.py` run from a shell finds it as it finds `make run` (`coupons.running`). Three
+`starter.py` run from a shell finds it as it finds `make run` (`app.running`). Three
 mistakes, side by side, a quarter into the load:
 
 - Mismatched shells: `starter.py claim` from shells that set nothing but the stack's ports
@@ -19,7 +19,7 @@ mistakes, side by side, a quarter into the load:
   known to the ledger by its platform id, none created twice, no intent pending, each batch
   as last asked.
 - Coupons made undecodable by hand: claims whose workflows a client with another key ring
-  started (as tests/test_wedged.py does); the app reports their task meanwhile (a signal).
+  started (as tests/app/test_wedged.py does); the app reports their task meanwhile (a signal).
   `starter.py coupon wedged --json` must list them (cause undecodable), `starter.py coupon
   recover --all` recover them, and after their task is reported again (an update) each must
   end issued with exactly one send.
@@ -29,7 +29,7 @@ sent twice, wrong state, ...), and last `starter.py doctor --json` must exit 0.
 
 Temporal flags a workflow whose tasks keep failing (`TemporalReportedProblems`, what `coupon
 wedged` lists) after 5 consecutive problems by default, about 50 s on the dev server; this
-scenario's dev server says 2 (about 11 s), as tests/test_wedged.py's does.
+scenario's dev server says 2 (about 11 s), as tests/app/test_wedged.py's does.
 """
 
 from __future__ import annotations
@@ -50,12 +50,14 @@ from unittest import mock
 
 from temporalio.client import Client
 
+from app.claims import ClaimService
+from app.running import settings_from_env
+from app.wedged import UNDECODABLE, find_wedged
 from chaos.frame import Run
 from chaos.harness import TASK, Acked, Harness
 from chaos.sizes import Size
 from chaos.verify import EVIDENCE_PER_KIND
 from coupons import catalog
-from coupons.claims import ClaimService
 from coupons.codec import encrypted_converter, ensure_keys
 from coupons.config import PLATFORMS, SECRET_SETTINGS
 from coupons.ledger import campaigns as ledger_catalog
@@ -63,8 +65,6 @@ from coupons.ledger import claims as ledger
 from coupons.ledger import db
 from coupons.platforms.base import BatchAction
 from coupons.platforms.configured import make_platform
-from coupons.running import settings_from_env
-from coupons.wedged import UNDECODABLE, find_wedged
 
 log = logging.getLogger("chaos.operator")
 

@@ -44,7 +44,7 @@ _ALIPAY_PID = re.compile(r"2088[0-9]{12,}")
 
 
 # The variables that hold secrets: never written where others may read them (the running
-# stack's record, `coupons.running`).
+# stack's record, `app.running`).
 SECRET_SETTINGS = frozenset(
     {"PLATFORM_API_KEY", "PLATFORM_CALLBACK_SECRET", "CODEC_TOKEN", "TEMPORAL_API_KEY"}
 )
@@ -80,7 +80,7 @@ class Settings:
     # The catalog sync schedule's interval, and the hour (UTC) of the daily reconciliation.
     sync_interval_s: float = 300.0
     reconcile_hour_utc: int = 3
-    # The HTTP API (`python -m coupons.api`), and the secret the platform signs its
+    # The HTTP API (`python -m app.api`), and the secret the platform signs its
     # callbacks with (never logged; callbacks are refused while it is unset).
     api_host: str = "127.0.0.1"
     api_port: int = 8000

@@ -137,7 +137,7 @@ def reconciled(result: BatchReconciliation) -> None:
 
 
 def wedged(meter: MetricMeter, by_cause: Mapping[str, int]) -> None:
-    """The worker's last count of wedged coupons (`coupons.wedged`), for every cause (0 when
+    """The worker's last count of wedged coupons (`app.wedged`), for every cause (0 when
     none, so a recovered cause reads 0). Outside an activity: the caller passes the worker
     runtime's meter. Every worker counts the same coupons: aggregate with max, not sum."""
     gauge = meter.create_gauge(

@@ -44,7 +44,7 @@ class CouponInput:
     required_tasks: list[str]
     claimed_at: datetime
     task_deadline: datetime | None
-    # Set only when a recovery (coupons/wedged.py) starts a fresh run from the ledger, whose
+    # Set only when a recovery (app/wedged.py) starts a fresh run from the ledger, whose
     # state it resumes: `received` (with the task reports the stuck run had been given),
     # `usable` (its tasks done: the send is next, with the coupon's one idempotency key) or
     # `issued` (with the ledger's receipt: waiting for redemption or lapse). The defaults

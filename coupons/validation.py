@@ -2,7 +2,7 @@
 API and the catalog, checked before anything is written or sent to the platform.
 
 The command line parses with `Whole.parse`, `parse_time` and `parse_duration`; the API's
-request models take their bounds from the same rules (coupons/api/models.py), so OpenAPI
+request models take their bounds from the same rules (app/api/models.py), so OpenAPI
 shows them; the catalog checks them again for Python callers. The README's bad-input table
 lists each rule, and a test holds it to this table.
 """

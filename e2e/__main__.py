@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from app.embedded import free_port
+from app.stack import PROJECT_ROOT, Stack
 from coupons.config import Settings
-from coupons.embedded import free_port
-from coupons.stack import PROJECT_ROOT, Stack
 from e2e.encryption import stored_input
 from e2e.seed import seed
 

@@ -1,6 +1,6 @@
 """Coupons in several states on the running stack, made the way the service makes them.
 
-Claims and task completions go through `coupons.service` (what the API and the command line
+Claims and task completions go through `app.service` (what the API and the command line
 call), and the redemption through the simulator's shop till, whose signed callback reaches
 the API: every state the Web UI is then asked to show was reached by the real path.
 """
@@ -17,7 +17,7 @@ import httpx
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
-from coupons import service
+from app import service
 from coupons.config import Settings
 from coupons.ledger import claims as ledger
 from coupons.ledger import db

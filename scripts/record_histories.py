@@ -28,10 +28,12 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities.ledger import LedgerActivities
+from app.claims import ClaimService
+from app.embedded import EmbeddedPostgres, SimulatorProcess, find_binary, free_port
+from app.wedged import recover
+from app.workers import build_workers, workflow_runner
 from coupons.catalog import ensure_campaign
-from coupons.claims import ClaimService
 from coupons.config import Settings
-from coupons.embedded import EmbeddedPostgres, SimulatorProcess, find_binary, free_port
 from coupons.ledger import db
 from coupons.ledger.campaigns import get_batch
 from coupons.model import (
@@ -45,8 +47,6 @@ from coupons.model import (
 )
 from coupons.platforms.base import BatchAction
 from coupons.platforms.generic.adapter import RestPlatform
-from coupons.wedged import recover
-from coupons.workers import build_workers, workflow_runner
 from workflows.user_coupon import UserCouponWorkflow
 
 ROOT = Path(__file__).resolve().parent.parent

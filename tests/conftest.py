@@ -30,10 +30,11 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from app.claims import ClaimService
+from app.embedded import EmbeddedPostgres, SimulatorProcess, find_binary, free_port
+from app.workers import build_workers
 from coupons import catalog, metrics
-from coupons.claims import ClaimService
 from coupons.config import Settings
-from coupons.embedded import EmbeddedPostgres, SimulatorProcess, find_binary, free_port
 from coupons.ledger import claims as ledger
 from coupons.ledger import db
 from coupons.ledger.campaigns import Batch, Campaign
@@ -41,7 +42,6 @@ from coupons.lifecycle import FINAL_STATES
 from coupons.model import SEARCH_ATTRIBUTES, CouponStatus
 from coupons.platforms.generic.adapter import RestPlatform
 from coupons.platforms.metered import MeteredPlatform
-from coupons.workers import build_workers
 from workflows.user_coupon import UserCouponWorkflow
 
 

@@ -20,10 +20,11 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 
 from activities.platform import PlatformActivities
+from app import service as coupon_service
+from app.claims import ClaimResult
+from app.workers import build_workers
 from coupons import catalog
 from coupons import contract as act
-from coupons import service as coupon_service
-from coupons.claims import ClaimResult
 from coupons.config import Settings
 from coupons.ledger import campaigns as ledger_catalog
 from coupons.ledger import claims as ledger
@@ -36,7 +37,6 @@ from coupons.platforms.base import (
     SendRequest,
 )
 from coupons.platforms.generic.adapter import RestPlatform
-from coupons.workers import build_workers
 from tests.conftest import (
     Handle,
     claims_of,

@@ -19,8 +19,8 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 
+from app.claims import ClaimRefused, ClaimResult
 from coupons import catalog
-from coupons.claims import ClaimRefused, ClaimResult
 from coupons.config import Settings
 from coupons.errors import InvalidField, Refused
 from coupons.ledger import campaigns as ledger_catalog

@@ -27,10 +27,10 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 from temporalio.testing import WorkflowEnvironment
 
+from app.embedded import EmbeddedPostgres, SimulatorProcess, free_port
 from coupons import catalog
 from coupons import contract as act
 from coupons.config import Settings
-from coupons.embedded import EmbeddedPostgres, SimulatorProcess, free_port
 from coupons.errors import InvalidField, Refused
 from coupons.ledger import campaigns as ledger_catalog
 from coupons.ledger import db

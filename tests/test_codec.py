@@ -25,6 +25,7 @@ from temporalio.converter import DataConverter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
+from app.workers import workflow_runner
 from coupons.codec import (
     ENCRYPTED,
     KEY_ID,
@@ -39,7 +40,6 @@ from coupons.codec import (
 from coupons.config import ConfigError, Settings
 from coupons.model import PLATFORM_COUPON_ID, USER_ID, CouponInput, Receipt, TaskCompletion
 from coupons.platforms.generic.adapter import RestPlatform
-from coupons.workers import workflow_runner
 from tests.conftest import (
     TASK,
     claims_of,

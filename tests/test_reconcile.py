@@ -16,8 +16,8 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 
+from app.claims import ClaimResult
 from coupons import contract as act
-from coupons.claims import ClaimResult
 from coupons.config import Settings
 from coupons.ledger import claims as ledger
 from coupons.ledger.claims import LedgerCoupon

@@ -20,9 +20,9 @@ from temporalio.worker import Replayer
 
 # This module defines a workflow, so the sandbox re-imports it: pass the rest through.
 with workflow.unsafe.imports_passed_through():
+    from app.workers import workflow_runner
     from coupons.lifecycle import FINAL_STATES
     from coupons.model import COUPON_STATE, CouponInput, CouponStatus, coupon_workflow_id
-    from coupons.workers import workflow_runner
     from tests.conftest import published_search_attributes
     from workflows.user_coupon import FIRST_POLL_AFTER_BACKOFF, UserCouponWorkflow
 

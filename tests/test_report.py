@@ -22,8 +22,8 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 from temporalio.testing import WorkflowEnvironment
 
+from app.cli import main
 from coupons import catalog, report, tenants
-from coupons.cli import main
 from coupons.config import Settings
 from coupons.ledger import claims as ledger
 from coupons.ledger.campaigns import CampaignSpec

@@ -24,8 +24,8 @@ from temporalio.common import SearchAttributeKey
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
+from app.embedded import free_port
 from coupons.config import ConfigError, Settings
-from coupons.embedded import free_port
 from coupons.model import SEARCH_ATTRIBUTES
 from coupons.temporal import check_search_attributes, connect
 

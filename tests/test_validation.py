@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
+from app.api.app import create_app
+from app.cli import _Arg, main, parser
+from app.embedded import free_port
 from coupons import validation as rules
-from coupons.api.app import create_app
-from coupons.cli import _Arg, main, parser
 from coupons.config import Settings
-from coupons.embedded import free_port
 from coupons.errors import InvalidField
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -212,7 +212,7 @@ def test_every_value_the_api_takes_is_bounded_by_the_same_rules() -> None:
         if kind == "integer":
             assert (prop.get("minimum"), prop.get("maximum")) in ranges, (name, prop)
         elif kind == "string" and prop.get("format") == "date-time":
-            pass  # AwareDatetime between 2000 and 2099 (rules.plausible; tested in tests/api)
+            pass  # AwareDatetime between 2000 and 2099 (rules.plausible; tested in tests/app/api)
         elif kind == "string" and "enum" not in prop:
             bounded = prop.get("pattern") in patterns or (
                 (prop.get("minLength", 0), prop.get("maxLength")) in texts

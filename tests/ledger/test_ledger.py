@@ -10,7 +10,7 @@ import pytest
 from psycopg import AsyncConnection, sql
 from psycopg_pool import AsyncConnectionPool
 
-from coupons.embedded import EmbeddedPostgres
+from app.embedded import EmbeddedPostgres
 from coupons.ledger import campaigns, claims, db
 from coupons.model import Receipt, Transition
 from coupons.platforms.base import BatchSpec

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from coupons.embedded import LOCALHOST, SimulatorProcess, free_port
+from app.embedded import LOCALHOST, SimulatorProcess, free_port
 from coupons.platforms.base import (
     BatchAction,
     BatchSpec,

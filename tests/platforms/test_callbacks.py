@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from coupons.embedded import SimulatorProcess, free_port
+from app.embedded import SimulatorProcess, free_port
 from coupons.platforms.base import (
     CallbackRejected,
     CouponUsedNotice,

@@ -34,6 +34,7 @@ from temporalio.client import (
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
+from app.schedules import ensure_schedules
 from coupons import catalog
 from coupons import contract as act
 from coupons.config import Settings
@@ -42,7 +43,6 @@ from coupons.ledger import claims as ledger
 from coupons.model import EndCampaignInput, EndProgress, SyncInput, SyncReport, TaskCompletion
 from coupons.platforms.base import BatchAction
 from coupons.platforms.generic.adapter import RestPlatform
-from coupons.schedules import ensure_schedules
 from tests.conftest import (
     TASK,
     claims_of,

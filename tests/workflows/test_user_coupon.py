@@ -22,11 +22,11 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities.ledger import LedgerActivities
+from app.workers import workflow_runner
 from coupons.config import Settings
 from coupons.ledger import claims as ledger
 from coupons.model import CancelRequest, RedemptionReport, TaskCompletion
 from coupons.platforms.generic.adapter import RestPlatform
-from coupons.workers import workflow_runner
 from tests.conftest import (
     TASK,
     Handle,

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from coupons.embedded import SimulatorProcess
+from app.embedded import SimulatorProcess
 from coupons.platforms.alipay.adapter import AlipayPlatform
 from coupons.platforms.alipay.protocol import GATEWAY_PATH, SIM_PID, sim_app
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from coupons.embedded import LOCALHOST
+from app.embedded import LOCALHOST
 from coupons.platforms.alipay.protocol import (
     GATEWAY_PATH,
     SIM_PID,

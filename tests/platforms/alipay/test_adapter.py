@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl, urlencode
 import httpx
 import pytest
 
-from coupons.embedded import SimulatorProcess
+from app.embedded import SimulatorProcess
 from coupons.platforms.alipay.adapter import AlipayPlatform, error_for
 from coupons.platforms.alipay.protocol import (
     ALIPAY_PRIVATE_KEY,

@@ -115,7 +115,7 @@ from alipay.aop.api.util.SignatureUtils import (  # type: ignore[import-untyped]
 )
 from cryptography.hazmat.primitives import serialization
 
-from coupons.embedded import SimulatorProcess
+from app.embedded import SimulatorProcess
 from coupons.platforms.alipay.protocol import (
     ALIPAY_PUBLIC_KEY,
     APP_PRIVATE_KEY,

@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import pytest
 
-from coupons.embedded import SimulatorProcess
+from app.embedded import SimulatorProcess
 from coupons.platforms.alipay.protocol import (
     ACTIVITY_CREATE,
     ACTIVITY_PUBLISH,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from coupons.embedded import SimulatorProcess
+from app.embedded import SimulatorProcess
 from coupons.platforms.base import CallbackRejected
 from coupons.platforms.wechat.adapter import WechatPayPlatform
 from coupons.platforms.wechat.protocol import (

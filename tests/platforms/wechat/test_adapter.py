@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from coupons.embedded import SimulatorProcess
+from app.embedded import SimulatorProcess
 from coupons.platforms.base import (
     BatchAction,
     BatchSpec,

@@ -11,8 +11,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
+from app.embedded import SimulatorProcess
 from coupons import catalog
-from coupons.embedded import SimulatorProcess
 from coupons.errors import Refused
 from coupons.ledger import campaigns as ledger_catalog
 from coupons.platforms.base import BatchStatus, PlatformUnavailable

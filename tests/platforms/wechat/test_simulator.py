@@ -23,7 +23,7 @@ import pytest
 from wechatpayv3 import WeChatPay, WeChatPayType  # type: ignore[import-untyped]
 from wechatpayv3 import utils as sdk_utils
 
-from coupons.embedded import SimulatorProcess
+from app.embedded import SimulatorProcess
 from coupons.platforms.rsa_keys import new_rsa_key, private_pem, public_pem, rsa_sign
 from coupons.platforms.wechat.adapter import WechatPayPlatform
 from coupons.platforms.wechat.protocol import (

@@ -1,0 +1,224 @@
+"""Coupons as apps use them (scope `app` or `admin`): claim, list, read, complete a task
+(synchronously, or in bulk through the signal), cancel."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Query, Response, Security
+
+from app import service
+from app.api.models import (
+    CancelIn,
+    ClaimIn,
+    ClaimOut,
+    CompleteTaskIn,
+    CouponOut,
+    CouponState,
+    CouponSummary,
+    EventOut,
+    ReceiptOut,
+    State,
+    TaskEventIn,
+    TaskEventResult,
+    TaskEventsIn,
+    TaskEventsOut,
+    Tasks,
+    UserCoupons,
+)
+from app.api.problems import REFUSALS, error_responses
+from app.api.routing import ApiRoute, Backends, backends, bearer, principal, requires
+from coupons import validation as rules
+from coupons.errors import Refused
+from coupons.model import CouponStatus
+from coupons.tenants import ApiKey
+
+router = APIRouter(
+    prefix="/v1", tags=["coupons"], route_class=ApiRoute, dependencies=[Security(bearer)]
+)
+
+CampaignIdPath = Annotated[str, Path(pattern=rules.ID_PATTERN)]
+UserIdPath = Annotated[str, Path(pattern=rules.ID_PATTERN)]
+CouponIdPath = Annotated[str, Path(pattern=rules.COUPON_ID_PATTERN)]
+TaskPath = Annotated[str, Path(pattern=rules.ID_PATTERN)]
+App = Annotated[ApiKey, Depends(principal)]
+Parts = Annotated[Backends, Depends(backends)]
+APP = requires("app")
+# Signals sent at once by one task-events request.
+SIGNAL_CONCURRENCY = 20
+
+
+@router.post(
+    "/campaigns/{campaign_id}/claims",
+    status_code=201,
+    summary="Claim a coupon of the campaign for a user",
+    description="201 with a new coupon; 200 with the one the user holds already (at the "
+    "campaign's per-user limit a repeated claim returns it, whatever the campaign's state).",
+    responses={
+        200: {"model": ClaimOut, "description": "the coupon the user already holds"},
+        **error_responses(404, 409, 422),
+    },
+    openapi_extra=APP,
+)
+async def claim(
+    campaign_id: CampaignIdPath, body: ClaimIn, response: Response, key: App, parts: Parts
+) -> ClaimOut:
+    result = await service.claim(
+        parts.pool,
+        parts.client,
+        parts.settings,
+        campaign_id,
+        body.user_id,
+        tenant_id=key.tenant_id,
+    )
+    if not result.created:
+        response.status_code = 200
+    return ClaimOut.model_validate(result, from_attributes=True)
+
+
+@router.get(
+    "/users/{user_id}/coupons",
+    summary="A user's coupons, newest first",
+    responses=error_responses(422),
+    openapi_extra=APP,
+)
+async def user_coupons(
+    user_id: UserIdPath,
+    key: App,
+    parts: Parts,
+    campaign_id: Annotated[str | None, Query(pattern=rules.ID_PATTERN)] = None,
+    state: State | None = None,
+    limit: Annotated[int, Query(ge=rules.LIST_LIMIT.low, le=rules.LIST_LIMIT.high)] = 100,
+) -> UserCoupons:
+    found = await service.user_coupons(
+        parts.pool, key.tenant_id, user_id, campaign_id=campaign_id, state=state, limit=limit
+    )
+    return UserCoupons(
+        user_id=user_id,
+        coupons=[CouponSummary.model_validate(c, from_attributes=True) for c in found],
+    )
+
+
+@router.get(
+    "/coupons/{coupon_id}",
+    summary="One coupon: state, tasks, receipt, events and what it waits for",
+    responses=error_responses(404, 422),
+    openapi_extra=APP,
+)
+async def get_coupon(coupon_id: CouponIdPath, key: App, parts: Parts) -> CouponOut:
+    view = await service.show_coupon(parts.pool, parts.client, coupon_id, tenant_id=key.tenant_id)
+    claim, workflow = view.claim, view.workflow
+    return CouponOut(
+        coupon_id=claim.coupon_id,
+        campaign_id=claim.campaign_id,
+        user_id=claim.user_id,
+        state=claim.state,  # type: ignore[arg-type]  # the ledger holds lifecycle states
+        workflow_state=workflow.state if workflow else None,  # type: ignore[arg-type]
+        waiting_for=workflow.waiting_for if workflow else None,
+        tasks=Tasks(
+            required=claim.required_tasks,
+            done=workflow.tasks_done if workflow else None,
+            deadline=claim.task_deadline,
+        ),
+        claimed_at=claim.claimed_at,
+        receipt=ReceiptOut.model_validate(view.receipt) if view.receipt else None,
+        events=[EventOut.model_validate(e) for e in view.events],
+    )
+
+
+def _state(status: CouponStatus) -> CouponState:
+    return CouponState(
+        coupon_id=status.coupon_id,
+        state=status.state,  # type: ignore[arg-type]  # the workflow holds lifecycle states
+        tasks_required=status.tasks_required,
+        tasks_done=status.tasks_done,
+    )
+
+
+@router.post(
+    "/coupons/{coupon_id}/tasks/{task}/complete",
+    summary="Report a task done, synchronously: the coupon's new state, or why not",
+    description="Through the coupon workflow's update: `unknown_task` or `wrong_state` "
+    "when its validator refuses (nothing is recorded). The user must hold the coupon; "
+    "for anyone else it is `not_found`.",
+    responses=error_responses(404, 409, 422, 503),
+    openapi_extra=APP,
+)
+async def complete_task(
+    coupon_id: CouponIdPath, task: TaskPath, body: CompleteTaskIn, key: App, parts: Parts
+) -> CouponState:
+    status = await service.complete_task(
+        parts.pool,
+        parts.client,
+        coupon_id,
+        task,
+        tenant_id=key.tenant_id,
+        user_id=body.user_id,
+    )
+    return _state(status)
+
+
+@router.post(
+    "/task-events",
+    status_code=202,
+    summary="Report task completions in bulk, fire and forget",
+    description="Each event is checked against the ledger (the coupon, its holder, its "
+    "tasks) and sent to the coupon's workflow as the `task_done` signal; the answer says, "
+    f"per event, whether it was accepted. At most {rules.TASK_EVENTS.high} events.",
+    responses=error_responses(422),
+    openapi_extra=APP,
+)
+async def task_events(body: TaskEventsIn, key: App, parts: Parts) -> TaskEventsOut:
+    gate = asyncio.Semaphore(SIGNAL_CONCURRENCY)
+
+    async def one(event: TaskEventIn) -> TaskEventResult:
+        async with gate:
+            try:
+                await service.report_task(
+                    parts.pool,
+                    parts.client,
+                    event.coupon_id,
+                    event.task,
+                    tenant_id=key.tenant_id,
+                    user_id=event.user_id,
+                )
+            except Refused as refused:
+                code = REFUSALS.get(refused.code, (422, refused.code))[1]
+                return _event(event, code, refused.message)
+            except service.Unavailable as err:
+                return _event(event, "unavailable", str(err))
+        return _event(event, None, None)
+
+    results = await asyncio.gather(*(one(e) for e in body.events))
+    accepted = sum(r.accepted for r in results)
+    return TaskEventsOut(accepted=accepted, refused=len(results) - accepted, results=results)
+
+
+def _event(event: TaskEventIn, code: str | None, detail: str | None) -> TaskEventResult:
+    return TaskEventResult(
+        coupon_id=event.coupon_id,
+        task=event.task,
+        accepted=code is None,
+        code=code,
+        detail=detail,
+    )
+
+
+@router.post(
+    "/coupons/{coupon_id}/cancel",
+    summary="Cancel a coupon that is not yet sent to the platform",
+    responses=error_responses(404, 409, 422, 503),
+    openapi_extra=APP,
+)
+async def cancel(coupon_id: CouponIdPath, body: CancelIn, key: App, parts: Parts) -> CouponState:
+    status = await service.cancel(
+        parts.pool,
+        parts.client,
+        coupon_id,
+        body.reason,
+        tenant_id=key.tenant_id,
+        user_id=body.user_id,
+    )
+    assert status is not None  # the update answers; only the signal would not
+    return _state(status)

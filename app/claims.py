@@ -1,0 +1,194 @@
+"""Claiming: the atomic ledger claim, then the coupon's workflow; and the repair of the gap.
+
+The ledger claim comes first because only PostgreSQL can hold the quota atomically.
+A crash between the two steps leaves a claim row without a workflow; `repair` (run by
+the worker on a timer, and by any repeated claim) starts it with the same id.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from psycopg_pool import AsyncConnectionPool
+from temporalio.client import Client, WorkflowHandle
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError
+
+from coupons import metrics
+from coupons.config import Settings
+from coupons.errors import Refused
+from coupons.ledger import claims as ledger
+from coupons.ledger.claims import Claim, ClaimRefused
+from coupons.model import (
+    CAMPAIGN_ID,
+    COUPON_STATE,
+    PLATFORM_COUPON_ID,
+    USER_ID,
+    CouponInput,
+    CouponStatus,
+    Receipt,
+)
+from coupons.validation import validate_id
+from workflows.user_coupon import UserCouponWorkflow
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ClaimRefused", "ClaimResult", "ClaimService"]
+
+
+@dataclass
+class ClaimResult:
+    coupon_id: str
+    workflow_id: str
+    campaign_id: str
+    user_id: str
+    state: str
+    created: bool
+    claimed_at: datetime
+    task_deadline: datetime | None
+
+
+class ClaimService:
+    def __init__(self, pool: AsyncConnectionPool, client: Client, settings: Settings) -> None:
+        self._pool = pool
+        self._client = client
+        self._settings = settings
+
+    async def claim(self, campaign_id: str, user_id: str) -> ClaimResult:
+        """Claim a coupon; a repeated claim at the user's limit returns the existing one."""
+        try:
+            validate_id("campaign", campaign_id)
+            validate_id("user", user_id)
+            claim, created = await ledger.claim(self._pool, campaign_id, user_id)
+            if not claim.workflow_started:
+                await self.start_workflow(claim)
+        except Refused as refused:
+            metrics.CLAIMS.labels(outcome=refused.code).inc()
+            raise
+        except Exception:
+            metrics.CLAIMS.labels(outcome="error").inc()
+            raise
+        metrics.CLAIMS.labels(outcome="created" if created else "existing").inc()
+        return ClaimResult(
+            coupon_id=claim.coupon_id,
+            workflow_id=claim.workflow_id,
+            campaign_id=claim.campaign_id,
+            user_id=claim.user_id,
+            state=claim.state,
+            created=created,
+            claimed_at=claim.claimed_at,
+            task_deadline=claim.task_deadline,
+        )
+
+    async def start_workflow(self, claim: Claim) -> None:
+        try:
+            await self._start(
+                claim,
+                coupon_input(claim),
+                # One workflow per coupon, ever: a running one is reused, a closed one
+                # is never started again.
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            )
+        except WorkflowAlreadyStartedError:
+            log.info("workflow %s already exists (closed)", claim.workflow_id)
+        await ledger.mark_started(self._pool, claim.coupon_id)
+
+    async def restart_workflow(
+        self, claim: Claim, tasks_done: list[str], receipt: Receipt | None
+    ) -> str:
+        """A fresh run of the coupon's workflow resuming the ledger's state (`claim.state`,
+        with `receipt` when issued); returns its run id.
+
+        Only a recovery (app/wedged.py) calls this, after the stuck run was terminated
+        or found gone: the reuse policy lets a new run follow one that ended without
+        completing (terminated, failed, timed out), never a completed one, and never runs
+        beside a running one (WorkflowAlreadyStartedError: someone else recovered it).
+        """
+        handle = await self._start(
+            claim,
+            coupon_input(claim, tasks_done=tasks_done, receipt=receipt, resume=True),
+            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+            summary=f" (recovered from the ledger: {claim.state})",
+        )
+        await ledger.mark_started(self._pool, claim.coupon_id)
+        assert handle.result_run_id is not None  # a start always names its run
+        return handle.result_run_id
+
+    async def _start(
+        self,
+        claim: Claim,
+        input: CouponInput,
+        *,
+        id_conflict_policy: WorkflowIDConflictPolicy,
+        id_reuse_policy: WorkflowIDReusePolicy,
+        summary: str = "",
+    ) -> WorkflowHandle[UserCouponWorkflow, CouponStatus]:
+        attributes = [
+            SearchAttributePair(COUPON_STATE, claim.state),
+            SearchAttributePair(CAMPAIGN_ID, claim.campaign_id),
+            SearchAttributePair(USER_ID, claim.user_id),
+        ]
+        if input.receipt is not None:
+            attributes.append(
+                SearchAttributePair(PLATFORM_COUPON_ID, input.receipt.platform_coupon_id)
+            )
+        return await self._client.start_workflow(
+            UserCouponWorkflow.run,
+            input,
+            id=claim.workflow_id,
+            task_queue=self._settings.task_queue,
+            id_conflict_policy=id_conflict_policy,
+            id_reuse_policy=id_reuse_policy,
+            search_attributes=TypedSearchAttributes(attributes),
+            static_summary=f"coupon {claim.coupon_id}: campaign {claim.campaign_id}, "
+            f"user {claim.user_id}{summary}",
+        )
+
+    async def repair(self) -> int:
+        """Start the workflows of claims whose start was never confirmed; returns how many."""
+        stale = await ledger.unstarted(
+            self._pool, timedelta(seconds=self._settings.claim_repair_after_s)
+        )
+        repaired = 0
+        for claim in stale:
+            log.warning("repairing claim %s: starting its missing workflow", claim.coupon_id)
+            try:
+                await self.start_workflow(claim)
+            except RPCError:
+                # One claim Temporal will not start must not hold up the others.
+                log.exception("could not start the workflow of claim %s", claim.coupon_id)
+                continue
+            repaired += 1
+        return repaired
+
+
+def coupon_input(
+    claim: Claim,
+    *,
+    tasks_done: list[str] | None = None,
+    receipt: Receipt | None = None,
+    resume: bool = False,
+) -> CouponInput:
+    """The workflow's input for `claim`: as claimed, or (`resume`) from the ledger's state."""
+    return CouponInput(
+        coupon_id=claim.coupon_id,
+        campaign_id=claim.campaign_id,
+        user_id=claim.user_id,
+        batch_id=claim.batch_id,
+        required_tasks=list(claim.required_tasks),
+        claimed_at=claim.claimed_at,
+        task_deadline=claim.task_deadline,
+        resume_state=claim.state if resume else None,
+        tasks_done=list(tasks_done or []),
+        receipt=receipt,
+    )

@@ -1,0 +1,65 @@
+"""The lines between layers that are never crossed (README "Architecture"), read from the
+code's own imports: a new import across one fails here, not in review."""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _imports(path: Path) -> Iterator[str]:
+    """Every module `path` imports, at any depth (imports inside functions count too)."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            yield node.module
+            yield from (f"{node.module}.{alias.name}" for alias in node.names)
+
+
+def _crossings(folders: tuple[str, ...], forbidden: tuple[str, ...]) -> list[str]:
+    found = []
+    for folder in folders:
+        place = ROOT / folder
+        for path in [place] if place.is_file() else sorted(place.rglob("*.py")):
+            for module in _imports(path):
+                if any(module == f or module.startswith(f"{f}.") for f in forbidden):
+                    found.append(f"{path.relative_to(ROOT)} imports {module}")
+    return sorted(set(found))
+
+
+@pytest.mark.parametrize(
+    ("folders", "forbidden"),
+    [
+        # The floor below the application never reaches up to it.
+        (("coupons", "activities", "workflows"), ("app",)),
+        # Workflows are deterministic: no I/O libraries, no platform adapter.
+        (
+            ("workflows",),
+            (
+                "psycopg",
+                "psycopg_pool",
+                "httpx",
+                "coupons.platforms.generic",
+                "coupons.platforms.wechat",
+                "coupons.platforms.alipay",
+                "coupons.platforms.simcore",
+            ),
+        ),
+        (("activities",), ("workflows",)),
+        # The state machine is pure: no Temporal, no database, no network.
+        (("coupons/lifecycle.py",), ("temporalio", "psycopg", "psycopg_pool", "httpx")),
+    ],
+)
+def test_no_import_crosses_a_line(folders: tuple[str, ...], forbidden: tuple[str, ...]) -> None:
+    assert _crossings(folders, forbidden) == []
+
+
+def test_the_check_sees_a_crossing() -> None:
+    """The application does import the workflows: the walk finds imports at all."""
+    assert _crossings(("app",), ("workflows",))
