@@ -32,8 +32,8 @@ from app.embedded import ManagedProcess, free_port
 from app.stack import HARNESS_SIMULATOR_KNOBS, Stack
 from bench import report
 from bench.catalog import measure_reconcile, measure_sync
+from bench.end_to_end import TASK, LifecycleDriver, measure_lifecycle
 from bench.floor import floor_worker_process, measure_floor
-from bench.lifecycle import TASK, LifecycleDriver, measure_lifecycle
 from bench.load import progress
 from bench.open_coupons import measure_open
 from bench.peer_dbos import run_peer

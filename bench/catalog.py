@@ -18,7 +18,7 @@ import httpx
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
-from bench.lifecycle import LifecycleDriver
+from bench.end_to_end import LifecycleDriver
 from bench.load import closed_loop, progress
 from coupons import catalog
 from coupons.config import Settings

@@ -14,7 +14,7 @@ from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 from temporalio.service import RPCError
 
-from bench.lifecycle import LifecycleDriver
+from bench.end_to_end import LifecycleDriver
 from bench.load import closed_loop, progress
 from bench.proc import cpu_seconds, rss_mib
 from bench.stats import summary_ms

@@ -22,7 +22,7 @@ import httpx
 from temporalio.client import Client
 
 from app.claims import ClaimRefused, ClaimService
-from bench.lifecycle import TASK
+from bench.end_to_end import TASK
 from bench.load import progress
 from bench.proc import CpuSplit
 from bench.stats import summary_ms
