@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 from types import FrameType
 
+from chaos.drive import execute
 from chaos.runner import PROJECT_ROOT, clean_environment, run
-from chaos.scenarios import SCENARIOS, execute
+from chaos.scenarios import SCENARIOS
 from chaos.sizes import SIZES
 from coupons.config import PLATFORMS
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, _stop)
     try:
-        result = execute(args.scenario, size, args.root / "data")
+        result = execute(SCENARIOS[args.scenario], size, args.root / "data")
     except Stopped as err:
         print(f"[{args.scenario}] {err}: stopped", flush=True)
         return 1

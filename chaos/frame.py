@@ -1,5 +1,7 @@
-"""What every chaos scenario shares while it runs: the scenario's definition and the run's
-state (chaos/scenarios.py holds the scenarios and the driving; chaos/operator.py one family)."""
+"""What every chaos scenario shares while it runs: the scenario's definition, the run's
+state, and the platform's calm knobs. The load and the driving are in `chaos.drive`, each
+family's faults and checks in its own module (`chaos.processes`, `chaos.platform_faults`,
+`chaos.duplicates`, `chaos.callbacks`, `chaos.operator`), the table in `chaos.scenarios`."""
 
 from __future__ import annotations
 
@@ -16,6 +18,16 @@ from chaos.sizes import Size
 # Calls in flight from the driver at once: enough to keep claims and completions
 # flowing, far below the dev server's trouble zone (about 1,000 in flight).
 DRIVER_CONCURRENCY = 40
+
+# The simulator's knobs with no fault on: what the platform scenario ends with, and what
+# every scenario's checks run under.
+CALM_KNOBS: dict[str, object] = {
+    "error_rate": 0,
+    "ambiguous_rate": 0,
+    "lookup_lag_s": 0,
+    "rate_limit_per_s": 0,
+    "latency_ms": 0,
+}
 
 
 @dataclass

@@ -53,7 +53,7 @@ from temporalio.client import Client
 from app.claims import ClaimService
 from app.running import settings_from_env
 from app.wedged import UNDECODABLE, find_wedged
-from chaos.frame import Run
+from chaos.frame import Run, Scenario
 from chaos.harness import TASK, Acked, Harness
 from chaos.sizes import Size
 from chaos.verify import EVIDENCE_PER_KIND
@@ -571,6 +571,20 @@ async def check_mistakes(run: Run) -> None:
         for problem in problems or [doctor.describe()]:
             _tally(run).fail("doctor_not_ok", problem)
     run.fault(f"`starter.py doctor`: exit {doctor.rc}")
+
+
+SCENARIO = Scenario(
+    name=NAME,
+    description=DESCRIPTION,
+    fault=make_mistakes,
+    reports=lambda size, i: ["update" if i % 2 else "signal"],
+    latency_ms=200,
+    # `starter.py doctor` checks the stack's API too.
+    api=True,
+    check=check_mistakes,
+    quota=quota,
+    around=recorded_stack,
+)
 
 
 # ----- the child that dies between the platform's answer and the ledger's write ---------

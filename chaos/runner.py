@@ -22,14 +22,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from chaos import report
+from chaos.drive import CHECK_BUDGET_S, OBSERVE_BUDGET_S, RECONCILE_BUDGET_S, VERIFY_BUDGET_S
 from chaos.report import ScenarioResult
-from chaos.scenarios import (
-    CHECK_BUDGET_S,
-    OBSERVE_BUDGET_S,
-    RECONCILE_BUDGET_S,
-    SCENARIOS,
-    VERIFY_BUDGET_S,
-)
+from chaos.scenarios import SCENARIOS
 from chaos.sizes import Size
 
 log = logging.getLogger("chaos.runner")
