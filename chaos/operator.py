@@ -11,8 +11,8 @@ mistakes, side by side, a quarter into the load:
   end issued like any other), and from shells that contradict it (another PLATFORM, another
   DATA_DIR, another CODEC_KEYS_FILE): each must exit 2 naming the setting and write nothing
   (no claim for its user in the ledger, no coupon at the platform).
-- Crashes between the platform's change and the ledger's write: a child process (this
-  module, `python -m chaos.operator`, with the plain shell's environment) creates, starts,
+- Crashes between the platform's change and the ledger's write: a child process
+  (`python -m chaos.shells`, with the plain shell's environment) creates, starts,
   pauses and resumes batches with the ledger's completion write replaced by
   `os._exit(137)`, as tests/test_catalog_intents.py does. Then `starter.py batch sync` (the
   catalog sync workflow, on the stack's worker) must leave every batch the simulator holds
@@ -39,47 +39,36 @@ import contextlib
 import json
 import logging
 import os
-import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-from unittest import mock
 
 from temporalio.client import Client
 
 from app.claims import ClaimService
-from app.running import settings_from_env
 from app.wedged import UNDECODABLE, find_wedged
+from chaos import shells
 from chaos.frame import Run, Scenario
 from chaos.harness import TASK, Acked, Harness
+from chaos.shells import CRASHED, Answered, command, shell_env, starter
 from chaos.sizes import Size
 from chaos.verify import EVIDENCE_PER_KIND
-from coupons import catalog
 from coupons.codec import encrypted_converter, ensure_keys
-from coupons.config import PLATFORMS, SECRET_SETTINGS
+from coupons.config import PLATFORMS
 from coupons.ledger import campaigns as ledger_catalog
 from coupons.ledger import claims as ledger
-from coupons.ledger import db
-from coupons.platforms.base import BatchAction
-from coupons.platforms.configured import make_platform
 
 log = logging.getLogger("chaos.operator")
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 NAME = "operator_mistakes"
-# The exit code of the child that dies between the platform's answer and the ledger's write.
-CRASHED = 137
 # Temporal flags a workflow failing its tasks after this many problems in a row (default 5).
 PROBLEMS_SETTING = "system.numConsecutiveWorkflowTaskProblemsToTriggerSearchAttribute"
 PROBLEMS_AFTER = 2
 # How long the wedged coupons may take to be listed (flagged in about 11 s; 60 s would do
 # with the default threshold).
 WEDGED_WAIT_S = 90.0
-# One `starter.py` command (or crash child) may take this long.
-COMMAND_TIMEOUT_S = 90.0
 # The mistakes start this far into the load, so the load flows around them.
 MISTAKES_AT = 0.25
 
@@ -130,8 +119,6 @@ def crashes(platform: str) -> tuple[tuple[tuple[str, str, str], ...], dict[str, 
     return _CREATES + _CHANGES[changes], expected
 
 
-CRASH_BATCH_QUANTITY = 10
-
 DESCRIPTION = (
     "Operator mistakes while claims and completions flow, on a stack recorded as `make run` "
     "records it: `starter.py claim` from shells that set only the stack's ports (they follow "
@@ -155,16 +142,12 @@ def quota(size: Size) -> int:
 # ----- the stack: recorded, quick to flag failing tasks --------------------------------
 
 
-def _registry(harness: Harness) -> Path:
-    return harness.settings.data_dir.parent / "stacks"
-
-
 @contextlib.contextmanager
 def recorded_stack(harness: Harness) -> Iterator[None]:
     """The harness's stack recorded as `make run`'s, in a registry of its own, with its dev
     server flagging failing tasks sooner; for as long as the stack runs."""
     before = os.environ.get("COUPONS_STATE_DIR")
-    os.environ["COUPONS_STATE_DIR"] = str(_registry(harness))
+    os.environ["COUPONS_STATE_DIR"] = str(shells.registry(harness))
     harness.stack.record = True
     harness.stack.temporal_dynamic_config[PROBLEMS_SETTING] = PROBLEMS_AFTER
     try:
@@ -174,69 +157,6 @@ def recorded_stack(harness: Harness) -> Iterator[None]:
             os.environ.pop("COUPONS_STATE_DIR", None)
         else:
             os.environ["COUPONS_STATE_DIR"] = before
-
-
-# ----- shells -----------------------------------------------------------------------
-
-
-def shell_env(harness: Harness, **given: str) -> dict[str, str]:
-    """A shell beside the stack: none of the service's settings but the stack's ports (and
-    `given`), the scenario's registry in place of the user's."""
-    settings = harness.settings
-    ours = set(settings.to_env()) | SECRET_SETTINGS
-    ours |= {"COUPONS_CONFIG", "DATABASE_URL", "TEMPORAL_ADDRESS", "PLATFORM_URL"}
-    env = {
-        name: value
-        for name, value in os.environ.items()
-        if name not in ours and not name.startswith(("SIM_", "WECHAT_", "ALIPAY_"))
-    }
-    env["COUPONS_STATE_DIR"] = str(_registry(harness))
-    env["TEMPORAL_PORT"] = str(settings.temporal_port)
-    env["PG_PORT"] = str(settings.pg_port)
-    env.update(given)
-    return env
-
-
-@dataclass
-class Answered:
-    argv: list[str]
-    rc: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-    def describe(self) -> str:
-        said = (self.err.strip() or self.out.strip()).splitlines()
-        return f"`{' '.join(self.argv)}` exit {self.rc}: {said[-1][:200] if said else ''}"
-
-
-async def _command(env: Mapping[str, str], *argv: str) -> Answered:
-    """Run `python <argv>` in the project with `env`; its exit code and output."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *argv,
-        cwd=PROJECT_ROOT,
-        env=dict(env),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), COMMAND_TIMEOUT_S)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode is not None
-    return Answered(list(argv), process.returncode, out.decode(errors="replace"), err.decode())
-
-
-async def starter(env: Mapping[str, str], *argv: str) -> Answered:
-    answered = await _command(env, "starter.py", *argv)
-    log.info("%s", answered.describe())
-    return answered
 
 
 # ----- what the scenario counts -----------------------------------------------------
@@ -364,7 +284,7 @@ async def _mismatched_shells(run: Run, mistakes: Mistakes) -> None:
 
 async def _crash_child(run: Run, batch_id: str, operation: str, crash_on: str) -> Answered:
     order = {"batch_id": batch_id, "operation": operation, "crash_on": crash_on}
-    answered = await _command(shell_env(run.harness), "-m", "chaos.operator", json.dumps(order))
+    answered = await command(shell_env(run.harness), "-m", "chaos.shells", json.dumps(order))
     log.info("crash child %s: %s", order, answered.describe())
     return answered
 
@@ -585,42 +505,3 @@ SCENARIO = Scenario(
     quota=quota,
     around=recorded_stack,
 )
-
-
-# ----- the child that dies between the platform's answer and the ledger's write ---------
-
-
-async def _child(order: Mapping[str, str]) -> None:
-    """One catalog call, as `starter.py batch ...` makes it from a plain shell (this process's
-    environment); dies at the ledger write that completes `crash_on`."""
-    complete = ledger_catalog.complete_intent
-
-    async def die_before_writing(
-        pool: Any, intent: ledger_catalog.BatchIntent, *rest: Any
-    ) -> ledger_catalog.Batch:
-        if intent.operation == order["crash_on"]:
-            os._exit(CRASHED)  # the platform answered; the ledger never hears of it
-        return await complete(pool, intent, *rest)
-
-    settings = settings_from_env().with_stack_secrets()
-    platform = make_platform(settings)
-    try:
-        with mock.patch.object(ledger_catalog, "complete_intent", die_before_writing):
-            async with db.pool(settings.database_url, max_size=2) as pool:
-                batch_id = order["batch_id"]
-                if order["operation"] == "create":
-                    await catalog.create_batch(
-                        pool, platform, batch_id, quantity=CRASH_BATCH_QUANTITY
-                    )
-                else:
-                    action = BatchAction(order["operation"])
-                    await catalog.change_batch(pool, platform, batch_id, action)
-    finally:
-        await platform.aclose()
-
-
-if __name__ == "__main__":
-    asyncio.run(_child(json.loads(sys.argv[1])))
-    # The SDK's native runtime may abort at exit after the work is done (see starter.py).
-    sys.stdout.flush()
-    os._exit(0)
