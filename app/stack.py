@@ -21,26 +21,25 @@ import logging
 import os
 import secrets
 import signal
-import socket
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Protocol
 
 from app import running
 from app.embedded import (
     EmbeddedPostgres,
     ManagedProcess,
     ProcessStartError,
+    Server,
     SimulatorProcess,
     TemporalDevServer,
+    answers_health,
+    port_open,
     process_start_time,
     set_own_parent_death_signal,
     stop_recorded,
@@ -60,8 +59,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 API_START_TIMEOUT_S = 30.0
 
 
-class Stoppable(Protocol):
-    def stop(self, timeout_s: float = 10) -> object: ...
+# What a stack starts: a server (PostgreSQL, Temporal, the simulator) or a plain child.
+Part = Server | ManagedProcess
 
 
 def platform_api_key(settings: Settings) -> str:
@@ -84,14 +83,6 @@ def _kept_secret(path: Path) -> str:
         with os.fdopen(fd, "w") as secret_file:
             secret_file.write(secrets.token_urlsafe(32))
     return path.read_text().strip()
-
-
-def _port_in_use(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def stop_leftovers(data_dir: Path, environ: Mapping[str, str] | None = None) -> str | None:
@@ -176,7 +167,7 @@ class Stack:
         self.demo = demo
         self.with_api = api
         self.api: ManagedProcess | None = None
-        self.started: list[tuple[str, Stoppable]] = []
+        self.started: list[tuple[str, Part]] = []
         self.stopping = threading.Event()
         self.lines: list[str] = []
         self.postgres: EmbeddedPostgres | None = None
@@ -254,10 +245,10 @@ class Stack:
         else:
             self.lines.append(f"Temporal    {s.temporal_address}  (external)")
 
-        if self.with_api and _port_in_use(s.api_client_host, s.api_port):
+        if self.with_api and port_open(s.api_client_host, s.api_port):
             raise RuntimeError(f"API_PORT {s.api_port} is in use; choose another with API_PORT")
         metrics = s.worker_metrics_port
-        if metrics is not None and _port_in_use(s.metrics_host, metrics):
+        if metrics is not None and port_open(s.metrics_host, metrics):
             raise RuntimeError(
                 f"WORKER_METRICS_PORT {metrics} is in use; choose another, or set it to off"
             )
@@ -360,7 +351,7 @@ class Stack:
         )
         self.lines.append(f"Logs        {logs}")
 
-    def _started(self, name: str, part: Stoppable) -> None:
+    def _started(self, name: str, part: Part) -> None:
         self.started.append((name, part))
         self._write_record()
 
@@ -370,8 +361,8 @@ class Stack:
             return
         children = []
         for name, part in self.started:
-            process = part if isinstance(part, ManagedProcess) else getattr(part, "process", None)
-            if isinstance(process, ManagedProcess) and process.pid and process.start_time:
+            process = part.process if isinstance(part, Server) else part
+            if process.pid and process.start_time:
                 children.append(
                     running.Child(name, process.pid, process.start_time, process.stop_signal.name)
                 )
@@ -384,18 +375,8 @@ class Stack:
         assert self.api is not None
         self.api.start()
         health = f"{self.settings.api_url}/health"
-        # A proxy from the environment must not intercept calls to our own child.
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-        def healthy() -> bool:
-            try:
-                with opener.open(health, timeout=1) as response:
-                    return int(response.status) == 200
-            except (urllib.error.URLError, OSError):
-                return False
-
         try:
-            self.api.wait_ready(healthy, API_START_TIMEOUT_S)
+            self.api.wait_ready(lambda: answers_health(health), API_START_TIMEOUT_S)
         except BaseException:
             self.api.stop(timeout_s=5)
             raise
@@ -412,7 +393,7 @@ class Stack:
         up_since = dict.fromkeys(restartable, time.monotonic())
         while not self.stopping.wait(1.0):
             for name, part in self.started:
-                if name in restartable or getattr(part, "alive", True):
+                if name in restartable or part.alive:
                     continue
                 raise RuntimeError(f"{name} stopped unexpectedly; see its log under .data/logs")
             for name, (process, start) in restartable.items():

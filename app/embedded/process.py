@@ -1,0 +1,495 @@
+"""The one way this project supervises a child process, and the one way a server is one.
+
+`ManagedProcess` starts a child in its own session, signals it only by the pid `Popen` gave
+back, kills its whole tree when it will not stop, and can have the kernel stop it when its
+parent dies. `Server` is a server run as one such child: start waits until it serves;
+stop, kill and restart act on that child. Processes that are not our children (a dead
+stack's) are known by pid and start time (`process_start_time`, `stop_recorded`), never by
+name.
+"""
+
+from __future__ import annotations
+
+import abc
+import atexit
+import contextlib
+import ctypes
+import logging
+import os
+import pwd
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+logger = logging.getLogger(__name__)
+
+
+class ProcessStartError(RuntimeError):
+    """A child exited or did not become ready in time; the message carries its log tail."""
+
+
+# prctl(2) options, from <linux/prctl.h>.
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+_PR_GET_CHILD_SUBREAPER = 37
+
+
+def die_with_parent(sig: signal.Signals) -> Callable[[], None] | None:
+    """A `preexec_fn` that has the kernel send `sig` to the child when its parent dies (Linux
+    only; None elsewhere), so a parent killed with SIGKILL leaves no server behind.
+
+    The kernel sends it when the *thread* that forked the child exits, so only a parent
+    that starts its children from a thread that lives as long as they should may use it.
+    It runs after the child took its user and group (Popen sets them first), since a change
+    of credentials clears it.
+    """
+    return _parent_death_signal(sig, parent=os.getpid())
+
+
+def set_own_parent_death_signal(sig: signal.Signals) -> None:
+    """Have the kernel send `sig` to this process when its parent dies (Linux only)."""
+    set_it = _parent_death_signal(sig, parent=os.getppid())
+    if set_it is not None:
+        set_it()
+
+
+def _parent_death_signal(sig: signal.Signals, parent: int) -> Callable[[], None] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    # Looked up now, in the parent: the child between fork and exec only calls it.
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def set_parent_death_signal() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:
+            # The parent died before the setting took effect: act as if it had.
+            os.kill(os.getpid(), sig)
+
+    return set_parent_death_signal
+
+
+def _set_child_subreaper(enabled: bool) -> bool:
+    """Make this process the subreaper of orphaned descendants (Linux only).
+
+    Returns True only if this call changed the setting, so the caller restores it only
+    then and never undoes a subreaper role someone else gave this process.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        current = ctypes.c_int(0)
+        if libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(current), 0, 0, 0) != 0:
+            return False
+        if bool(current.value) == enabled:
+            return False
+        return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, int(enabled), 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def _children_of(pid: int) -> list[int]:
+    """Pids whose parent is `pid`, read from /proc (empty where there is no /proc)."""
+    children: list[int] = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as stat_file:
+                    fields = stat_file.read()
+            except OSError:
+                continue  # exited while we looked
+            # "pid (comm) state ppid ...": comm may contain spaces and parentheses.
+            after_comm = fields[fields.rindex(b")") + 2 :].split()
+            if int(after_comm[1]) == pid:
+                children.append(int(entry.name))
+    return children
+
+
+def process_start_time(pid: int) -> int | None:
+    """When `pid` started (clock ticks after boot, /proc/<pid>/stat field 22): with the pid, it
+    names one process, never a later one given the same pid. None if no such process runs
+    (a zombie has exited: it only waits to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            fields = stat_file.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    after_comm = fields[fields.rindex(b")") + 2 :].split()
+    if after_comm[0] in (b"Z", b"X"):
+        return None
+    return int(after_comm[19])
+
+
+def same_process_alive(pid: int, start_time: int) -> bool:
+    """True while the process `pid` that started at `start_time` runs."""
+    return pid > 0 and process_start_time(pid) == start_time
+
+
+def stop_recorded(pid: int, start_time: int, sig: signal.Signals, timeout_s: float = 10) -> bool:
+    """Stop a process that is not our child (a dead stack's), known by its pid and start
+    time: `sig`, then after `timeout_s` SIGKILL for it and its direct children (PostgreSQL's
+    backends have sessions of their own). False if it was not running."""
+    if not same_process_alive(pid, start_time):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+    deadline = time.monotonic() + timeout_s
+    while same_process_alive(pid, start_time):
+        if time.monotonic() >= deadline:
+            logger.warning(
+                "pid %d still running %.0f s after %s; killing it", pid, timeout_s, sig.name
+            )
+            # Frozen first, so its list of children is final (see ManagedProcess._kill_tree).
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+            for victim in [pid, *_children_of(pid)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(victim, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while same_process_alive(pid, start_time) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            break
+        time.sleep(0.05)
+    return True
+
+
+def _reap(pids: Sequence[int], timeout_s: float) -> None:
+    """Wait for each of `pids` that is (now) our child; skip any that is not."""
+    deadline = time.monotonic() + timeout_s
+    for pid in pids:
+        while True:
+            try:
+                reaped, _status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if reaped:
+                break
+            if time.monotonic() >= deadline:
+                logger.warning("pid %d still not exited after SIGKILL", pid)
+                return
+            time.sleep(0.01)
+
+
+def run_as(user: str | None) -> dict[str, Any]:
+    """`Popen` arguments that run a child as the system `user` (needs root; None: as us)."""
+    if user is None:
+        return {}
+    entry = pwd.getpwnam(user)
+    # Without group/extra_groups the child would keep root's groups.
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+
+# Children still running when the interpreter exits (a test that crashed before its
+# finally, an exception in `make run` before the orderly shutdown). Because they live in
+# their own session, nothing else would ever stop them.
+_running: set[ManagedProcess] = set()
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    for proc in list(_running):
+        logger.warning("stopping %s (pid %s) left running at exit", proc.name, proc.pid)
+        with contextlib.suppress(Exception):
+            proc.stop(timeout_s=5)
+
+
+class ManagedProcess:
+    """A child process we own, with its output in a log file we name.
+
+    The child gets its own session and process group (start_new_session=True): a Ctrl-C on
+    the terminal reaches only our process, which can then stop the children in order (the
+    worker before Temporal and PostgreSQL) instead of them all dying at once.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str | os.PathLike[str]],
+        log_path: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        user: str | None = None,
+        stop_signal: signal.Signals = signal.SIGTERM,
+        signal_group: bool = True,
+        redact: Sequence[str] = (),
+        die_with_parent: bool = False,
+    ) -> None:
+        """`user` runs the child as that system user (needs root). `stop_signal` is what
+        stop() sends first; `signal_group` sends it to the whole process group rather than
+        to the leader only (PostgreSQL wants only its postmaster signalled). `redact`: secrets
+        in `argv` that the log's command line shows as ***. `die_with_parent`: the kernel
+        sends the child `stop_signal` when the thread that started it exits (see
+        `die_with_parent()`): only for a parent that starts it from its main thread."""
+        self.name = name
+        self.argv = [os.fspath(a) for a in argv]
+        self.log_path = log_path
+        self.env = dict(env) if env is not None else None
+        self.cwd = cwd
+        self.user = user
+        self.stop_signal = stop_signal
+        self.signal_group = signal_group
+        self.redact = tuple(secret for secret in redact if secret)
+        self.die_with_parent = die_with_parent
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._start_time: int | None = None
+        self._log_offset = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self._popen.pid if self._popen is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return self._popen is not None and self._popen.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.poll() if self._popen is not None else None
+
+    @property
+    def start_time(self) -> int | None:
+        """When the current run started (see `process_start_time`), None before start()."""
+        return self._start_time
+
+    def start(self) -> None:
+        if self.alive:
+            raise RuntimeError(f"{self.name} is already running (pid {self.pid})")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        ids = run_as(self.user)
+        # Append, so the log of a restarted child keeps what the previous run said; the
+        # offset lets error messages quote only the current run.
+        with self.log_path.open("ab") as log:
+            self._log_offset = log.tell()
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            command = shlex.join(self.argv)
+            for secret in self.redact:
+                command = command.replace(secret, "***")
+            log.write(f"--- {stamp} starting {self.name}: {command}\n".encode())
+            log.flush()
+            self._popen = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,
+                preexec_fn=die_with_parent(self.stop_signal) if self.die_with_parent else None,
+                **ids,
+            )
+        # Read while the child is ours and unreaped, so it names this very process.
+        self._start_time = process_start_time(self._popen.pid)
+        _running.add(self)
+        logger.debug("started %s (pid %d), log %s", self.name, self._popen.pid, self.log_path)
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last `lines` lines this run of the child wrote to its log."""
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(self._log_offset)
+                text = log.read().decode(errors="replace")
+        except OSError as exc:
+            return f"(log {self.log_path} unreadable: {exc})"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def wait_ready(
+        self, check: Callable[[], bool], timeout_s: float, interval_s: float = 0.1
+    ) -> None:
+        """Poll `check` until it returns True; raise ProcessStartError if the child exits
+        first or `timeout_s` passes. An exception from `check` counts as "not yet" (a refused
+        connection is the normal answer while a server starts) and is quoted on timeout."""
+        deadline = time.monotonic() + timeout_s
+        last_error: BaseException | None = None
+        while True:
+            if not self.alive:
+                raise ProcessStartError(
+                    f"{self.name} exited with code {self.returncode} before it was ready; "
+                    f"last lines of {self.log_path}:\n{self.log_tail()}"
+                )
+            try:
+                if check():
+                    return
+            except Exception as exc:
+                last_error = exc
+            if time.monotonic() >= deadline:
+                detail = f" (last check error: {last_error!r})" if last_error else ""
+                raise ProcessStartError(
+                    f"{self.name} (pid {self.pid}) not ready after {timeout_s:.0f} s{detail}; "
+                    f"last lines of {self.log_path}:\n{self.log_tail()}"
+                )
+            time.sleep(interval_s)
+
+    def stop(self, timeout_s: float = 10) -> int | None:
+        """Ask the child to exit with `stop_signal`; SIGKILL it (see kill) after `timeout_s`.
+        Returns the exit code (negative for a signal), None if it was never started."""
+        popen = self._popen
+        if popen is None:
+            return None
+        if popen.poll() is None:
+            # Signalling only while the leader is unreaped guarantees its pid, which is
+            # also the group id, still names our child and not a recycled pid.
+            if self.signal_group:
+                self._signal_group(self.stop_signal)
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(popen.pid, self.stop_signal)
+            try:
+                popen.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                logger.warning(
+                    "%s (pid %d) still running %.0f s after %s; killing it",
+                    self.name,
+                    popen.pid,
+                    timeout_s,
+                    self.stop_signal.name,
+                )
+                self._kill_tree()
+        _running.discard(self)
+        logger.debug("%s (pid %d) exited with %s", self.name, popen.pid, popen.returncode)
+        return popen.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the child, its process group and its direct children, as a crash of the
+        whole component would (chaos tests)."""
+        popen = self._popen
+        if popen is None:
+            return
+        if popen.poll() is None:
+            self._kill_tree()
+        _running.discard(self)
+
+    def _kill_tree(self) -> None:
+        """SIGKILL the leader, its group and its direct children, then reap them all.
+
+        The group alone is not enough: PostgreSQL's backends call setsid(), so they are in
+        groups of their own. Left alive they notice the postmaster's death only at their
+        next wait, and while they hold the old shared memory a new postmaster refuses to
+        start. Freezing the leader with SIGSTOP first makes its list of children final (a
+        stopped process neither forks nor reaps, so those pids stay its children).
+
+        Orphans go to the nearest "child subreaper", else to pid 1, which may reap them late
+        (this project's sandbox leaves them <defunct> for a while). So for the moment of the
+        kill we become their subreaper and wait for exactly those pids, which cannot touch
+        any other child of ours.
+        """
+        popen = self._popen
+        assert popen is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(popen.pid, signal.SIGSTOP)
+        children = _children_of(popen.pid)
+        adopted = _set_child_subreaper(True)
+        try:
+            self._signal_group(signal.SIGKILL)
+            for child in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
+            popen.wait()
+            _reap(children, timeout_s=5)
+        finally:
+            if adopted:
+                _set_child_subreaper(False)
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        assert self._popen is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._popen.pid, sig)
+
+
+class Server(abc.ABC):
+    """A server we run as one `ManagedProcess`: what every embedded server does the same way.
+
+    start() refuses a second start, makes the child ready to run (`_prepare`), starts it,
+    waits until it serves (`_ready`, then `_finish_start`) and stops it again if it does not;
+    stop(), kill() and restart() act on that child only. A server says what is its own: its
+    checks and files in `_prepare`, when it serves, and where (`where`, `_ready_detail`).
+    """
+
+    title: ClassVar[str]
+    """The server in a sentence: "<title> is already running"."""
+    label: ClassVar[str]
+    """The server in the log: "<label> ready on <where> ..."."""
+
+    def __init__(self, process: ManagedProcess, startup_timeout_s: float) -> None:
+        self._process = process
+        self.startup_timeout_s = startup_timeout_s
+
+    @property
+    def process(self) -> ManagedProcess:
+        """The child; the same object across restarts."""
+        return self._process
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self._process.alive
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last `lines` lines the current run wrote to its log."""
+        return self._process.log_tail(lines)
+
+    @property
+    @abc.abstractmethod
+    def where(self) -> str:
+        """Where it serves, for the log."""
+
+    def start(self) -> None:
+        """Start the child and wait until it serves; a child that does not is stopped."""
+        if self.alive:
+            raise RuntimeError(f"{self.title} is already running (pid {self.pid})")
+        began = time.monotonic()
+        self._prepare()
+        self._process.start()
+        try:
+            self._process.wait_ready(self._ready, self.startup_timeout_s)
+            self._finish_start(began)
+        except BaseException:
+            self.stop(timeout_s=5)
+            raise
+        logger.info(
+            "%s ready on %s (pid %s) in %.2f s%s",
+            self.label,
+            self.where,
+            self.pid,
+            time.monotonic() - began,
+            self._ready_detail(),
+        )
+
+    def stop(self, timeout_s: float = 10) -> None:
+        """The child's stop signal; SIGKILL for its tree after `timeout_s`."""
+        self._process.stop(timeout_s)
+
+    def kill(self) -> None:
+        """SIGKILL the child and its tree, as a crash would (chaos tests)."""
+        self._process.kill()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    @abc.abstractmethod
+    def _prepare(self) -> None:
+        """Before each start: refuse ports in use, make directories and files."""
+
+    @abc.abstractmethod
+    def _ready(self) -> bool:
+        """Polled until True while the child starts (an exception counts as not yet)."""
+
+    def _finish_start(self, began: float) -> None:
+        """Once `_ready`: what must be done before the server counts as started (by
+        default nothing)."""
+        return
+
+    def _ready_detail(self) -> str:
+        """Appended to the log's ready line."""
+        return ""
