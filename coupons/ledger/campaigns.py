@@ -12,6 +12,7 @@ from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from coupons.ledger import db
 from coupons.ledger.tenants import DEFAULT_TENANT
 from coupons.platforms.base import BatchAction, BatchSpec, PlatformBatch
 
@@ -323,25 +324,23 @@ async def pending_intents(
 ) -> list[BatchIntent]:
     """The batch's (None: every batch's) intents the platform has not answered yet, oldest
     first."""
-    async with pool.connection() as conn:
-        cur = conn.cursor(row_factory=class_row(BatchIntent))
-        await cur.execute(
-            f"SELECT {_INTENT_COLUMNS} FROM batch_intents WHERE state = 'pending'"
-            " AND (%(batch)s::text IS NULL OR batch_id = %(batch)s) ORDER BY batch_id, seq",
-            {"batch": batch_id},
-        )
-        return await cur.fetchall()
+    return await db.fetch_all(
+        pool,
+        BatchIntent,
+        f"SELECT {_INTENT_COLUMNS} FROM batch_intents WHERE state = 'pending'"
+        " AND (%(batch)s::text IS NULL OR batch_id = %(batch)s) ORDER BY batch_id, seq",
+        {"batch": batch_id},
+    )
 
 
 async def batch_intents(pool: AsyncConnectionPool, batch_id: str) -> list[BatchIntent]:
     """Every intent of the batch, oldest first: its story at the platform."""
-    async with pool.connection() as conn:
-        cur = conn.cursor(row_factory=class_row(BatchIntent))
-        await cur.execute(
-            f"SELECT {_INTENT_COLUMNS} FROM batch_intents WHERE batch_id = %s ORDER BY seq",
-            (batch_id,),
-        )
-        return await cur.fetchall()
+    return await db.fetch_all(
+        pool,
+        BatchIntent,
+        f"SELECT {_INTENT_COLUMNS} FROM batch_intents WHERE batch_id = %s ORDER BY seq",
+        (batch_id,),
+    )
 
 
 async def complete_intent(
@@ -391,14 +390,13 @@ async def get_batch(
     pool: AsyncConnectionPool, batch_id: str, tenant_id: str | None = None
 ) -> Batch | None:
     """The batch; with `tenant_id`, only if that tenant owns it."""
-    async with pool.connection() as conn:
-        cur = conn.cursor(row_factory=class_row(Batch))
-        await cur.execute(
-            f"SELECT {_BATCH_COLUMNS} FROM batches"
-            " WHERE id = %s AND (%s::text IS NULL OR tenant_id = %s)",
-            (batch_id, tenant_id, tenant_id),
-        )
-        return await cur.fetchone()
+    return await db.fetch_one(
+        pool,
+        Batch,
+        f"SELECT {_BATCH_COLUMNS} FROM batches"
+        " WHERE id = %s AND (%s::text IS NULL OR tenant_id = %s)",
+        (batch_id, tenant_id, tenant_id),
+    )
 
 
 async def list_batches(
@@ -406,17 +404,16 @@ async def list_batches(
 ) -> list[Batch]:
     """Every batch (of a tenant), or only those a sync still reads: not stopped or expired,
     or with an intent the platform has not answered yet (the sync finishes it)."""
-    async with pool.connection() as conn:
-        cur = conn.cursor(row_factory=class_row(Batch))
-        await cur.execute(
-            f"SELECT {_BATCH_COLUMNS} FROM batches"
-            " WHERE (NOT %(syncable)s OR status NOT IN ('stopped', 'expired') OR EXISTS ("
-            "   SELECT 1 FROM batch_intents i WHERE i.batch_id = batches.id"
-            "   AND i.state = 'pending'))"
-            " AND (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s) ORDER BY created_at, id",
-            {"syncable": syncable_only, "tenant": tenant_id},
-        )
-        return await cur.fetchall()
+    return await db.fetch_all(
+        pool,
+        Batch,
+        f"SELECT {_BATCH_COLUMNS} FROM batches"
+        " WHERE (NOT %(syncable)s OR status NOT IN ('stopped', 'expired') OR EXISTS ("
+        "   SELECT 1 FROM batch_intents i WHERE i.batch_id = batches.id"
+        "   AND i.state = 'pending'))"
+        " AND (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s) ORDER BY created_at, id",
+        {"syncable": syncable_only, "tenant": tenant_id},
+    )
 
 
 @dataclass
@@ -587,14 +584,13 @@ async def get_campaign(
     pool: AsyncConnectionPool, campaign_id: str, tenant_id: str | None = None
 ) -> Campaign | None:
     """The campaign; with `tenant_id`, only if that tenant owns it."""
-    async with pool.connection() as conn:
-        cur = conn.cursor(row_factory=class_row(Campaign))
-        await cur.execute(
-            f"SELECT {_CAMPAIGN_COLUMNS} FROM campaigns"
-            " WHERE id = %s AND (%s::text IS NULL OR tenant_id = %s)",
-            (campaign_id, tenant_id, tenant_id),
-        )
-        return await cur.fetchone()
+    return await db.fetch_one(
+        pool,
+        Campaign,
+        f"SELECT {_CAMPAIGN_COLUMNS} FROM campaigns"
+        " WHERE id = %s AND (%s::text IS NULL OR tenant_id = %s)",
+        (campaign_id, tenant_id, tenant_id),
+    )
 
 
 async def list_campaigns(
@@ -604,17 +600,16 @@ async def list_campaigns(
     status: str | None = None,
     tenant_id: str | None = None,
 ) -> list[Campaign]:
-    async with pool.connection() as conn:
-        cur = conn.cursor(row_factory=class_row(Campaign))
-        await cur.execute(
-            f"SELECT {_CAMPAIGN_COLUMNS} FROM campaigns"
-            " WHERE (%(batch)s::text IS NULL OR batch_id = %(batch)s)"
-            " AND (%(status)s::text IS NULL OR status = %(status)s)"
-            " AND (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s)"
-            " ORDER BY created_at, id",
-            {"batch": batch_id, "status": status, "tenant": tenant_id},
-        )
-        return await cur.fetchall()
+    return await db.fetch_all(
+        pool,
+        Campaign,
+        f"SELECT {_CAMPAIGN_COLUMNS} FROM campaigns"
+        " WHERE (%(batch)s::text IS NULL OR batch_id = %(batch)s)"
+        " AND (%(status)s::text IS NULL OR status = %(status)s)"
+        " AND (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s)"
+        " ORDER BY created_at, id",
+        {"batch": batch_id, "status": status, "tenant": tenant_id},
+    )
 
 
 async def pool_execute(

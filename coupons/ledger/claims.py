@@ -12,6 +12,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from coupons.errors import Refused
+from coupons.ledger import db
 from coupons.lifecycle import FINAL_STATES
 from coupons.model import Receipt, Transition, coupon_workflow_id
 
@@ -168,13 +169,12 @@ async def get_claim(
     pool: AsyncConnectionPool, coupon_id: str, tenant_id: str | None = None
 ) -> Claim | None:
     """The claim; with `tenant_id`, only if it is of that tenant's campaign."""
-    async with pool.connection() as conn:
-        cur = conn.cursor(row_factory=class_row(Claim))
-        await cur.execute(
-            _SELECT_CLAIMS + " WHERE c.coupon_id = %s AND (%s::text IS NULL OR k.tenant_id = %s)",
-            (coupon_id, tenant_id, tenant_id),
-        )
-        return await cur.fetchone()
+    return await db.fetch_one(
+        pool,
+        Claim,
+        _SELECT_CLAIMS + " WHERE c.coupon_id = %s AND (%s::text IS NULL OR k.tenant_id = %s)",
+        (coupon_id, tenant_id, tenant_id),
+    )
 
 
 async def claims_of_user(
@@ -211,14 +211,13 @@ async def unstarted(
     pool: AsyncConnectionPool, older_than: timedelta, limit: int = 500
 ) -> list[Claim]:
     """Claims whose workflow start was never confirmed (a crash between the two steps)."""
-    async with pool.connection() as conn:
-        cur = conn.cursor(row_factory=class_row(Claim))
-        await cur.execute(
-            _SELECT_CLAIMS + " WHERE NOT c.workflow_started AND c.claimed_at < now() - %s"
-            " ORDER BY c.claimed_at LIMIT %s",
-            (older_than, limit),
-        )
-        return await cur.fetchall()
+    return await db.fetch_all(
+        pool,
+        Claim,
+        _SELECT_CLAIMS + " WHERE NOT c.workflow_started AND c.claimed_at < now() - %s"
+        " ORDER BY c.claimed_at LIMIT %s",
+        (older_than, limit),
+    )
 
 
 # ----------------------------------------------------------------- wedged coupons (wedged.py)
@@ -243,32 +242,29 @@ async def open_page(
     pool: AsyncConnectionPool, campaign_id: str, after: str = "", limit: int = 200
 ) -> list[Claim]:
     """A page of those claims of a campaign, in coupon id order, after `after`."""
-    async with pool.connection() as conn:
-        cur = conn.cursor(row_factory=class_row(Claim))
-        await cur.execute(
-            _SELECT_CLAIMS + " WHERE c.campaign_id = %s AND c.workflow_started"
-            " AND NOT c.state = ANY(%s) AND c.coupon_id > %s ORDER BY c.coupon_id LIMIT %s",
-            (campaign_id, _FINAL_STATES, after, limit),
-        )
-        return await cur.fetchall()
+    return await db.fetch_all(
+        pool,
+        Claim,
+        _SELECT_CLAIMS + " WHERE c.campaign_id = %s AND c.workflow_started"
+        " AND NOT c.state = ANY(%s) AND c.coupon_id > %s ORDER BY c.coupon_id LIMIT %s",
+        (campaign_id, _FINAL_STATES, after, limit),
+    )
 
 
 async def claims_by_workflow(pool: AsyncConnectionPool, workflow_ids: list[str]) -> list[Claim]:
-    async with pool.connection() as conn:
-        cur = conn.cursor(row_factory=class_row(Claim))
-        await cur.execute(_SELECT_CLAIMS + " WHERE c.workflow_id = ANY(%s)", (workflow_ids,))
-        return await cur.fetchall()
+    return await db.fetch_all(
+        pool, Claim, _SELECT_CLAIMS + " WHERE c.workflow_id = ANY(%s)", (workflow_ids,)
+    )
 
 
 async def receipt_of(pool: AsyncConnectionPool, coupon_id: str) -> Receipt | None:
-    async with pool.connection() as conn:
-        cur = conn.cursor(row_factory=class_row(Receipt))
-        await cur.execute(
-            "SELECT platform_coupon_id, idempotency_key, sent_at, valid_until, confirmed_at, raw"
-            " FROM receipts WHERE coupon_id = %s",
-            (coupon_id,),
-        )
-        return await cur.fetchone()
+    return await db.fetch_one(
+        pool,
+        Receipt,
+        "SELECT platform_coupon_id, idempotency_key, sent_at, valid_until, confirmed_at, raw"
+        " FROM receipts WHERE coupon_id = %s",
+        (coupon_id,),
+    )
 
 
 async def record_transition(conn: AsyncConnection[Any], coupon_id: str, t: Transition) -> bool:
@@ -378,22 +374,21 @@ async def _find_claims(
         if newest_first
         else (" ORDER BY c.claimed_at, c.coupon_id")
     )
-    async with pool.connection() as conn:
-        cur = conn.cursor(row_factory=class_row(Claim))
-        await cur.execute(
-            _SELECT_CLAIMS + " WHERE (%(tenant)s::text IS NULL OR k.tenant_id = %(tenant)s)"
-            " AND (%(campaign)s::text IS NULL OR c.campaign_id = %(campaign)s)"
-            " AND (%(user)s::text IS NULL OR c.user_id = %(user)s)"
-            " AND (%(state)s::text IS NULL OR c.state = %(state)s)" + order + " LIMIT %(limit)s",
-            {
-                "tenant": tenant_id,
-                "campaign": campaign_id,
-                "user": user_id,
-                "state": state,
-                "limit": limit,
-            },
-        )
-        return await cur.fetchall()
+    return await db.fetch_all(
+        pool,
+        Claim,
+        _SELECT_CLAIMS + " WHERE (%(tenant)s::text IS NULL OR k.tenant_id = %(tenant)s)"
+        " AND (%(campaign)s::text IS NULL OR c.campaign_id = %(campaign)s)"
+        " AND (%(user)s::text IS NULL OR c.user_id = %(user)s)"
+        " AND (%(state)s::text IS NULL OR c.state = %(state)s)" + order + " LIMIT %(limit)s",
+        {
+            "tenant": tenant_id,
+            "campaign": campaign_id,
+            "user": user_id,
+            "state": state,
+            "limit": limit,
+        },
+    )
 
 
 async def count_by_state(pool: AsyncConnectionPool, campaign_id: str) -> dict[str, int]:
@@ -419,16 +414,15 @@ class LedgerCoupon:
 
 async def batch_coupons(pool: AsyncConnectionPool, batch_id: str) -> list[LedgerCoupon]:
     """Every claim of every campaign on our batch `batch_id`, with its receipt if any."""
-    async with pool.connection() as conn:
-        cur = conn.cursor(row_factory=class_row(LedgerCoupon))
-        await cur.execute(
-            "SELECT c.coupon_id, c.user_id, c.state, c.workflow_id, r.idempotency_key,"
-            " r.platform_coupon_id FROM claims c JOIN campaigns k ON k.id = c.campaign_id"
-            " LEFT JOIN receipts r ON r.coupon_id = c.coupon_id"
-            " WHERE k.batch_id = %s ORDER BY c.coupon_id",
-            (batch_id,),
-        )
-        return await cur.fetchall()
+    return await db.fetch_all(
+        pool,
+        LedgerCoupon,
+        "SELECT c.coupon_id, c.user_id, c.state, c.workflow_id, r.idempotency_key,"
+        " r.platform_coupon_id FROM claims c JOIN campaigns k ON k.id = c.campaign_id"
+        " LEFT JOIN receipts r ON r.coupon_id = c.coupon_id"
+        " WHERE k.batch_id = %s ORDER BY c.coupon_id",
+        (batch_id,),
+    )
 
 
 async def coupons_in_state(
@@ -441,22 +435,21 @@ async def coupons_in_state(
     limit: int = 200,
 ) -> list[Claim]:
     """A page of claims in `state` (of a campaign, or of our batch), in coupon id order."""
-    async with pool.connection() as conn:
-        cur = conn.cursor(row_factory=class_row(Claim))
-        await cur.execute(
-            _SELECT_CLAIMS + " WHERE c.state = %(state)s AND c.coupon_id > %(after)s"
-            " AND (%(campaign)s::text IS NULL OR c.campaign_id = %(campaign)s)"
-            " AND (%(batch)s::text IS NULL OR k.batch_id = %(batch)s)"
-            " ORDER BY c.coupon_id LIMIT %(limit)s",
-            {
-                "state": state,
-                "after": after,
-                "campaign": campaign_id,
-                "batch": batch_id,
-                "limit": limit,
-            },
-        )
-        return await cur.fetchall()
+    return await db.fetch_all(
+        pool,
+        Claim,
+        _SELECT_CLAIMS + " WHERE c.state = %(state)s AND c.coupon_id > %(after)s"
+        " AND (%(campaign)s::text IS NULL OR c.campaign_id = %(campaign)s)"
+        " AND (%(batch)s::text IS NULL OR k.batch_id = %(batch)s)"
+        " ORDER BY c.coupon_id LIMIT %(limit)s",
+        {
+            "state": state,
+            "after": after,
+            "campaign": campaign_id,
+            "batch": batch_id,
+            "limit": limit,
+        },
+    )
 
 
 async def states_of(pool: AsyncConnectionPool, coupon_ids: list[str]) -> dict[str, str]:

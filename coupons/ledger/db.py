@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping, Sequence
 from importlib import resources
+from typing import Any, LiteralString, TypeVar
 
 import psycopg
 from psycopg import AsyncConnection, sql
+from psycopg.rows import class_row
 from psycopg_pool import AsyncConnectionPool
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Params = Sequence[Any] | Mapping[str, Any]
+# What a cursor executes (psycopg.abc.Query, as this version of its cursors takes it).
+Query = LiteralString | bytes | sql.SQL | sql.Composed
 
 _MIGRATION = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
 
@@ -97,3 +105,23 @@ def ping(url: str, timeout_s: int = 2) -> None:
     """Raises unless the server at `url` accepts a connection and answers."""
     with psycopg.connect(url, connect_timeout=timeout_s, autocommit=True) as conn:
         conn.execute("SELECT 1")
+
+
+async def fetch_all(
+    pool: AsyncConnectionPool, row: type[T], query: Query, params: Params | None = None
+) -> list[T]:
+    """The rows `query` answers, each as a `row` (a dataclass named by its columns)."""
+    async with pool.connection() as conn:
+        cur = conn.cursor(row_factory=class_row(row))
+        await cur.execute(query, params)
+        return await cur.fetchall()
+
+
+async def fetch_one(
+    pool: AsyncConnectionPool, row: type[T], query: Query, params: Params | None = None
+) -> T | None:
+    """The first row `query` answers as a `row`, or None."""
+    async with pool.connection() as conn:
+        cur = conn.cursor(row_factory=class_row(row))
+        await cur.execute(query, params)
+        return await cur.fetchone()

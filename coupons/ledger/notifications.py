@@ -6,8 +6,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from psycopg.rows import class_row
 from psycopg_pool import AsyncConnectionPool
+
+from coupons.ledger import db
 
 
 @dataclass
@@ -22,14 +23,13 @@ class ReceiptHolder:
 async def coupon_of(pool: AsyncConnectionPool, platform_coupon_id: str) -> ReceiptHolder | None:
     """The claim that received platform coupon `platform_coupon_id`; None while no receipt
     names it (not sent by us, or its receipt not recorded yet)."""
-    async with pool.connection() as conn:
-        cur = conn.cursor(row_factory=class_row(ReceiptHolder))
-        await cur.execute(
-            "SELECT c.coupon_id, c.workflow_id, c.state FROM receipts r"
-            " JOIN claims c ON c.coupon_id = r.coupon_id WHERE r.platform_coupon_id = %s",
-            (platform_coupon_id,),
-        )
-        return await cur.fetchone()
+    return await db.fetch_one(
+        pool,
+        ReceiptHolder,
+        "SELECT c.coupon_id, c.workflow_id, c.state FROM receipts r"
+        " JOIN claims c ON c.coupon_id = r.coupon_id WHERE r.platform_coupon_id = %s",
+        (platform_coupon_id,),
+    )
 
 
 async def apply_once(

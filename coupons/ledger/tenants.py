@@ -8,6 +8,8 @@ from datetime import datetime
 from psycopg.rows import class_row
 from psycopg_pool import AsyncConnectionPool
 
+from coupons.ledger import db
+
 DEFAULT_TENANT = "default"
 
 
@@ -62,17 +64,15 @@ async def create_tenant(
 
 
 async def get_tenant(pool: AsyncConnectionPool, tenant_id: str) -> Tenant | None:
-    async with pool.connection() as conn:
-        cur = conn.cursor(row_factory=class_row(Tenant))
-        await cur.execute("SELECT id, name, created_at FROM tenants WHERE id = %s", (tenant_id,))
-        return await cur.fetchone()
+    return await db.fetch_one(
+        pool, Tenant, "SELECT id, name, created_at FROM tenants WHERE id = %s", (tenant_id,)
+    )
 
 
 async def list_tenants(pool: AsyncConnectionPool) -> list[Tenant]:
-    async with pool.connection() as conn:
-        cur = conn.cursor(row_factory=class_row(Tenant))
-        await cur.execute("SELECT id, name, created_at FROM tenants ORDER BY created_at, id")
-        return await cur.fetchall()
+    return await db.fetch_all(
+        pool, Tenant, "SELECT id, name, created_at FROM tenants ORDER BY created_at, id"
+    )
 
 
 async def add_key(
@@ -91,29 +91,26 @@ async def add_key(
 
 
 async def get_key(pool: AsyncConnectionPool, key_id: str) -> ApiKey | None:
-    async with pool.connection() as conn:
-        cur = conn.cursor(row_factory=class_row(ApiKey))
-        await cur.execute(f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE id = %s", (key_id,))
-        return await cur.fetchone()
+    return await db.fetch_one(
+        pool, ApiKey, f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE id = %s", (key_id,)
+    )
 
 
 async def list_keys(pool: AsyncConnectionPool, tenant_id: str) -> list[ApiKey]:
-    async with pool.connection() as conn:
-        cur = conn.cursor(row_factory=class_row(ApiKey))
-        await cur.execute(
-            f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE tenant_id = %s ORDER BY created_at, id",
-            (tenant_id,),
-        )
-        return await cur.fetchall()
+    return await db.fetch_all(
+        pool,
+        ApiKey,
+        f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE tenant_id = %s ORDER BY created_at, id",
+        (tenant_id,),
+    )
 
 
 async def revoke_key(pool: AsyncConnectionPool, key_id: str) -> ApiKey | None:
     """Revoke the key (a no-op when it already is); None when there is no such key."""
-    async with pool.connection() as conn:
-        cur = conn.cursor(row_factory=class_row(ApiKey))
-        await cur.execute(
-            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE id = %s"
-            f" RETURNING {_KEY_COLUMNS}",
-            (key_id,),
-        )
-        return await cur.fetchone()
+    return await db.fetch_one(
+        pool,
+        ApiKey,
+        "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE id = %s"
+        f" RETURNING {_KEY_COLUMNS}",
+        (key_id,),
+    )
