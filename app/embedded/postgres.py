@@ -194,11 +194,7 @@ class EmbeddedPostgres(Server):
             signal_group=False,
             die_with_parent=die_with_parent,
         )
-        super().__init__(postmaster, startup_timeout_s)
-
-    @property
-    def where(self) -> str:
-        return f"{LOCALHOST}:{self.port}"
+        super().__init__(postmaster, startup_timeout_s, where=f"{LOCALHOST}:{port}")
 
     def url(self, database: str | None = None) -> str:
         """Connection URL for `database` (default: the one this server creates)."""

@@ -409,7 +409,8 @@ class Server(abc.ABC):
     start() refuses a second start, makes the child ready to run (`_prepare`), starts it,
     waits until it serves (`_ready`, then `_finish_start`) and stops it again if it does not;
     stop(), kill() and restart() act on that child only. A server says what is its own: its
-    checks and files in `_prepare`, when it serves, and where (`where`, `_ready_detail`).
+    checks and files in `_prepare`, when it serves (`_ready`, `_finish_start`), and what the
+    log says of it (`_ready_detail`).
     """
 
     title: ClassVar[str]
@@ -417,9 +418,11 @@ class Server(abc.ABC):
     label: ClassVar[str]
     """The server in the log: "<label> ready on <where> ..."."""
 
-    def __init__(self, process: ManagedProcess, startup_timeout_s: float) -> None:
+    def __init__(self, process: ManagedProcess, startup_timeout_s: float, where: str) -> None:
+        """`where`: where it serves, for the log."""
         self._process = process
         self.startup_timeout_s = startup_timeout_s
+        self.where = where
 
     @property
     def process(self) -> ManagedProcess:
@@ -437,11 +440,6 @@ class Server(abc.ABC):
     def log_tail(self, lines: int = 40) -> str:
         """The last `lines` lines the current run wrote to its log."""
         return self._process.log_tail(lines)
-
-    @property
-    @abc.abstractmethod
-    def where(self) -> str:
-        """Where it serves, for the log."""
 
     def start(self) -> None:
         """Start the child and wait until it serves; a child that does not is stopped."""

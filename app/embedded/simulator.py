@@ -89,15 +89,11 @@ class SimulatorProcess(Server):
             cwd=_PROJECT_ROOT,
             die_with_parent=die_with_parent,
         )
-        super().__init__(simulator, startup_timeout_s)
+        super().__init__(simulator, startup_timeout_s, where=self.url)
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
-
-    @property
-    def where(self) -> str:
-        return self.url
 
     def _prepare(self) -> None:
         require_free_port(self.title, self.port, self.host)

@@ -117,7 +117,7 @@ class TemporalDevServer(Server):
             redact=redact,
             die_with_parent=die_with_parent,
         )
-        super().__init__(server, startup_timeout_s)
+        super().__init__(server, startup_timeout_s, where=self.address)
 
     @property
     def address(self) -> str:
@@ -126,10 +126,6 @@ class TemporalDevServer(Server):
     @property
     def ui_url(self) -> str | None:
         return f"http://{LOCALHOST}:{self.ui_port}" if self.ui_port is not None else None
-
-    @property
-    def where(self) -> str:
-        return self.address
 
     def _argv(self) -> list[str | os.PathLike[str]]:
         argv: list[str | os.PathLike[str]] = [
