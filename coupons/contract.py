@@ -1,11 +1,13 @@
 """What the workflow and the activities agree on: names, error types and time limits.
 
-The workflow calls activities by name so that `workflows/` never imports the modules
-that do I/O (psycopg, httpx, platform adapters).
+The workflows call activities by reference (`workflow.execute_activity_method(
+PlatformActivities.issue_coupon, ...)`), but the activity type names below are what every
+stored history records: they never change, whatever the methods are called.
 """
 
 from datetime import timedelta
 
+# Activity type names, given to `@activity.defn(name=...)` in `activities/`.
 RECORD_TRANSITION = "record_transition"
 ISSUE_COUPON = "issue_coupon"
 WAIT_FOR_REDEMPTION = "wait_for_redemption"

@@ -3,32 +3,58 @@
 Pure and synchronous on purpose: no I/O, no clocks, no threads. The workflow feeds it
 events, reads where it landed, and persists the effects through activities, so the
 same machine runs inside Temporal's deterministic sandbox, in replay and in plain
-unit tests.
+unit tests. The workflow asks it what may happen now (`check`, the state flags, the
+predicates below) instead of restating its rules.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from statemachine import State, StateMachine
 from statemachine.exceptions import TransitionNotAllowed
 
-__all__ = ["FINAL_STATES", "STATES", "CouponLifecycle", "TransitionNotAllowed", "UnknownTask"]
+__all__ = [
+    "EVENTS",
+    "FINAL_STATES",
+    "MACHINE_STATES",
+    "STATES",
+    "CouponLifecycle",
+    "TransitionNotAllowed",
+    "UnknownTask",
+    "check_known_task",
+]
 
 
 class UnknownTask(ValueError):
     """A task key the coupon's campaign does not require."""
 
 
+def check_known_task(required_tasks: Sequence[str], task: str) -> None:
+    """Raise `UnknownTask` for a task the coupon's campaign never named: the one place that
+    says what an unknown task is (the machine's validator, the service's early refusal)."""
+    if task not in required_tasks:
+        known = ", ".join(required_tasks) or "none"
+        raise UnknownTask(f"unknown task {task!r}; this coupon's tasks are: {known}")
+
+
+# Internal states: sub-states the ledger, the search attribute and the status never show;
+# each maps to the public state it is part of.
+PUBLIC_STATE_OF = {"sending": "usable"}
+
+
 class CouponLifecycle(StateMachine):
     """received → usable → issued → redeemed, with the exits of each step.
 
     `received` waits for the campaign's tasks (patent: 已领取); `usable` is entitled but
-    not yet in the wallet (可使用); `issued` is in the wallet with a receipt.
+    not yet in the wallet (可使用); `issued` is in the wallet with a receipt. `sending` is
+    `usable` once the send to the platform has begun: the coupon may already be in the
+    wallet, so it can no longer be cancelled, and only the platform's answer moves it on.
     """
 
     received = State(initial=True)
     usable = State()
+    sending = State("Usable, sending")
     issued = State()
     redeemed = State(final=True)
     expired = State(final=True)
@@ -37,16 +63,22 @@ class CouponLifecycle(StateMachine):
     lapsed = State(final=True)
 
     # A task that leaves others pending keeps the coupon in `received`; the last one
-    # moves it to `usable`. The validator refuses task keys the campaign never named.
-    complete_task = received.to(usable, cond="completes_all_tasks", validators="is_known_task") | (
-        received.to.itself(internal=True, validators="is_known_task")  # type: ignore[no-untyped-call]
+    # moves it to `usable`. Once the tasks are done, a repeated report of one is answered
+    # (nothing moves) until the coupon is final. The validator refuses task keys the
+    # campaign never named, in every live state.
+    complete_task = (
+        received.to(usable, cond="completes_all_tasks", validators="is_known_task")
+        | received.to.itself(internal=True, validators="is_known_task")  # type: ignore[no-untyped-call]
+        | usable.to.itself(internal=True, cond="is_done_task", validators="is_known_task")  # type: ignore[no-untyped-call]
+        | sending.to.itself(internal=True, cond="is_done_task", validators="is_known_task")  # type: ignore[no-untyped-call]
+        | issued.to.itself(internal=True, cond="is_done_task", validators="is_known_task")  # type: ignore[no-untyped-call]
     )
     expire = received.to(expired)
     # Once the send has begun the coupon may already be in the wallet: no cancel then.
-    cancel = received.to(cancelled) | usable.to(cancelled, unless="send_started")
-    begin_send = usable.to.itself(internal=True, unless="send_started")  # type: ignore[no-untyped-call]
-    issue = usable.to(issued, cond="send_started")
-    refuse = usable.to(failed, cond="send_started")
+    cancel = received.to(cancelled) | usable.to(cancelled)
+    begin_send = usable.to(sending)
+    issue = sending.to(issued)
+    refuse = sending.to(failed)
     redeem = issued.to(redeemed)
     lapse = issued.to(lapsed)
 
@@ -55,18 +87,20 @@ class CouponLifecycle(StateMachine):
         required_tasks: Iterable[str],
         tasks_done: Iterable[str] = (),
         state: str | None = None,
-        send_started: bool = False,
     ) -> None:
         self.required_tasks: tuple[str, ...] = tuple(required_tasks)
         self.tasks_done: list[str] = [t for t in tasks_done if t in self.required_tasks]
-        self.send_started = send_started
         if state is None:
             state = "received" if self.tasks_pending else "usable"
         super().__init__(start_value=state)
 
+    # ----- where it is ------------------------------------------------------------------
+
     @property
     def state(self) -> str:
-        return str(self.current_state_value)
+        """The public state: what the ledger, the search attribute and the status show."""
+        value = str(self.current_state_value)
+        return PUBLIC_STATE_OF.get(value, value)
 
     @property
     def tasks_pending(self) -> list[str]:
@@ -74,24 +108,59 @@ class CouponLifecycle(StateMachine):
 
     @property
     def is_final(self) -> bool:
-        return self.state in FINAL_STATES
+        return any(state.final for state in self.configuration)
+
+    @property
+    def may_be_used(self) -> bool:
+        """The coupon is in the wallet or on its way there: a report of its use may come
+        (one can overtake our own confirmation of the send), to be taken once `issued`."""
+        return self.usable.is_active or self.sending.is_active or self.issued.is_active
+
+    # ----- what may happen now ------------------------------------------------------------
+
+    def check(self, event: str, *args: str) -> None:
+        """Raise what `send(event, *args)` would raise now (`TransitionNotAllowed`,
+        `UnknownTask`), moving nothing: asked on a copy, so an update validator can refuse
+        before anything happens."""
+        copy = CouponLifecycle(self.required_tasks, self.tasks_done, self.current_state_value)
+        copy.send(event, *args)
+
+    def refusal(self, event: str) -> str:
+        """Why `event` is refused now, in the caller's words."""
+        state = self.state
+        if self.is_final and event == "complete_task":
+            return f"coupon is {state}: it is finished"
+        if self.sending.is_active and event == "cancel":
+            why = "its send to the platform has begun, so it can no longer be cancelled"
+        else:
+            why = _ONLY.get(event, f"{event} is not allowed now")
+        return f"coupon is {state}; {why}"
+
+    # ----- guards and actions -------------------------------------------------------------
 
     def is_known_task(self, task: str) -> None:
-        if task not in self.required_tasks:
-            known = ", ".join(self.required_tasks) or "none"
-            raise UnknownTask(f"unknown task {task!r}; this coupon's tasks are: {known}")
+        check_known_task(self.required_tasks, task)
 
     def completes_all_tasks(self, task: str) -> bool:
         return not [t for t in self.tasks_pending if t != task]
+
+    def is_done_task(self, task: str) -> bool:
+        return task in self.tasks_done
 
     def on_complete_task(self, task: str) -> None:
         if task not in self.tasks_done:
             self.tasks_done.append(task)
 
-    def on_begin_send(self) -> None:
-        self.send_started = True
 
+# Where each event the caller may ask for is allowed, in the caller's words.
+_ONLY = {
+    "complete_task": "tasks can only be completed while received",
+    "cancel": "only received coupons, or usable ones not yet sent, can be cancelled",
+    "expire": "only received coupons can be expired",
+}
 
-STATES: tuple[str, ...] = tuple(s.id for s in CouponLifecycle.states)
+# Every state the machine has, and the public ones: the ledger's, the search attribute's.
+MACHINE_STATES: tuple[str, ...] = tuple(s.id for s in CouponLifecycle.states)
+STATES: tuple[str, ...] = tuple(s for s in MACHINE_STATES if s not in PUBLIC_STATE_OF)
 FINAL_STATES: frozenset[str] = frozenset(s.id for s in CouponLifecycle.states if s.final)
 EVENTS: tuple[str, ...] = tuple(e.id for e in CouponLifecycle.events)  # type: ignore[attr-defined]

@@ -9,7 +9,10 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError
 
+# Activities are called by reference; their module does I/O, so it (and what it imports)
+# comes from outside the sandbox.
 with workflow.unsafe.imports_passed_through():
+    from activities.catalog import CatalogActivities
     from coupons import contract as act
     from coupons.model import BatchSync, SyncInput, SyncReport
 
@@ -30,8 +33,8 @@ class CatalogSyncWorkflow:
     async def run(self, input: SyncInput) -> SyncReport:
         batch_ids = input.batch_ids
         if batch_ids is None:
-            batch_ids = await workflow.execute_activity(
-                act.SYNCABLE_BATCHES, start_to_close_timeout=LEDGER_CALL, result_type=list[str]
+            batch_ids = await workflow.execute_activity_method(
+                CatalogActivities.syncable_batches, start_to_close_timeout=LEDGER_CALL
             )
         report = SyncReport(batches=[])
         for start in range(0, len(batch_ids), PARALLEL):
@@ -50,17 +53,15 @@ class CatalogSyncWorkflow:
         return report
 
     async def _sync(self, batch_id: str) -> BatchSync:
-        synced: BatchSync = await workflow.execute_activity(
-            act.SYNC_BATCH,
+        return await workflow.execute_activity_method(
+            CatalogActivities.sync_batch,
             batch_id,
             task_queue=act.platform_task_queue(workflow.info().task_queue),
             start_to_close_timeout=timedelta(minutes=5),
             heartbeat_timeout=timedelta(seconds=30),
             retry_policy=PLATFORM_CALL,
-            result_type=BatchSync,
             summary=f"sync batch {batch_id}",
         )
-        return synced
 
 
 def _details(report: SyncReport) -> str:

@@ -6,13 +6,15 @@ from datetime import timedelta
 
 from temporalio import workflow
 
+# Activities are called by reference; their module does I/O, so it (and what it imports)
+# comes from outside the sandbox.
 with workflow.unsafe.imports_passed_through():
+    from activities.catalog import CatalogActivities
     from coupons import contract as act
     from coupons.model import (
         EndCampaignInput,
         EndProgress,
         ExpirePage,
-        ExpirePageResult,
         RepairCheck,
     )
 
@@ -22,7 +24,7 @@ LEDGER_WAIT_S = 60.0
 
 @workflow.defn(name=act.END_CAMPAIGN_WORKFLOW)
 class EndCampaignWorkflow:
-    """Started by `coupons.service.end_campaign` (the CLI's `campaign end --expire-pending`,
+    """Started by `app.service.end_campaign` (the CLI's `campaign end --expire-pending`,
     the API's `end` with `expire_pending`) once the campaign is ended (so
     no new claim arrives); the `progress` query drives the command's progress bar."""
 
@@ -33,11 +35,10 @@ class EndCampaignWorkflow:
     @workflow.run
     async def run(self, input: EndCampaignInput) -> EndProgress:
         progress = self._progress
-        progress.total = await workflow.execute_activity(
-            act.COUNT_RECEIVED,
+        progress.total = await workflow.execute_activity_method(
+            CatalogActivities.count_received,
             input.campaign_id,
             start_to_close_timeout=LEDGER_CALL,
-            result_type=int,
         )
         after = ""
         while True:
@@ -45,23 +46,21 @@ class EndCampaignWorkflow:
                 f"campaign `{input.campaign_id}`: {progress.expired} expired, "
                 f"{progress.skipped} skipped of {progress.total} received"
             )
-            page = await workflow.execute_activity(
-                act.EXPIRE_RECEIVED_PAGE,
+            page = await workflow.execute_activity_method(
+                CatalogActivities.expire_received_page,
                 ExpirePage(input.campaign_id, after, input.reason),
                 start_to_close_timeout=timedelta(minutes=5),
                 heartbeat_timeout=timedelta(minutes=1),
-                result_type=ExpirePageResult,
                 summary=f"expire received coupons after {after or 'the start'}",
             )
             if page.expired:
                 # Done means done in the ledger too: the workflows write `expired` a
                 # moment after accepting it.
-                await workflow.execute_activity(
-                    act.AWAIT_STATES,
+                await workflow.execute_activity_method(
+                    CatalogActivities.await_states,
                     RepairCheck(page.expired, "expired", LEDGER_WAIT_S),
                     start_to_close_timeout=timedelta(seconds=LEDGER_WAIT_S + 30),
                     heartbeat_timeout=timedelta(seconds=30),
-                    result_type=int,
                     summary=f"wait for {len(page.expired)} expiries in the ledger",
                 )
             progress.expired += len(page.expired)

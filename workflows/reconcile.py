@@ -7,7 +7,10 @@ from datetime import timedelta
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 
+# Activities are called by reference; their module does I/O, so it (and what it imports)
+# comes from outside the sandbox.
 with workflow.unsafe.imports_passed_through():
+    from activities.catalog import CatalogActivities
     from coupons import contract as act
     from coupons.model import BatchReconciliation, ReconcileInput, ReconcileReport, RepairCheck
 
@@ -30,8 +33,8 @@ class ReconcileWorkflow:
         if input.batch_id is not None:
             batch_ids = [input.batch_id]
         else:
-            batch_ids = await workflow.execute_activity(
-                act.ALL_BATCHES, start_to_close_timeout=LEDGER_CALL, result_type=list[str]
+            batch_ids = await workflow.execute_activity_method(
+                CatalogActivities.all_batches, start_to_close_timeout=LEDGER_CALL
             )
         report = ReconcileReport(batches=[])
         for batch_id in batch_ids:
@@ -40,23 +43,21 @@ class ReconcileWorkflow:
         return report
 
     async def _reconcile(self, batch_id: str, repair: bool) -> BatchReconciliation:
-        found: BatchReconciliation = await workflow.execute_activity(
-            act.RECONCILE_BATCH,
+        found = await workflow.execute_activity_method(
+            CatalogActivities.reconcile_batch,
             ReconcileInput(batch_id, repair),
             task_queue=act.platform_task_queue(workflow.info().task_queue),
             start_to_close_timeout=timedelta(minutes=10),
             heartbeat_timeout=timedelta(minutes=1),
             retry_policy=PLATFORM_CALL,
-            result_type=BatchReconciliation,
             summary=f"reconcile batch {batch_id}",
         )
         if found.repairs_requested:
-            found.repaired = await workflow.execute_activity(
-                act.AWAIT_STATES,
+            found.repaired = await workflow.execute_activity_method(
+                CatalogActivities.await_states,
                 RepairCheck(found.repairs_requested, "redeemed", REPAIR_WAIT_S),
                 start_to_close_timeout=timedelta(seconds=REPAIR_WAIT_S + 30),
                 heartbeat_timeout=timedelta(seconds=30),
-                result_type=int,
                 summary=f"wait for {len(found.repairs_requested)} repairs in the ledger",
             )
         return found

@@ -8,7 +8,11 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
+# Activities are called by reference (typed end to end); their modules do I/O, so they and
+# what they import come from outside the sandbox, as does the state machine library.
 with workflow.unsafe.imports_passed_through():
+    from activities.ledger import LedgerActivities
+    from activities.platform import PlatformActivities
     from coupons import contract as act
     from coupons.errors import UNKNOWN_TASK, WRONG_STATE
     from coupons.lifecycle import CouponLifecycle, TransitionNotAllowed, UnknownTask
@@ -100,11 +104,12 @@ class UserCouponWorkflow:
     async def run(self, input: CouponInput) -> CouponStatus:
         if input.resume_state == "received":
             self._take_reported_tasks(input.tasks_done)
-        if self._machine.state == "received":
+        # Each step runs only where the machine stands when the one before it ends.
+        if self._machine.received.is_active:
             await self._await_tasks()
-        if self._machine.state == "usable":
+        if self._machine.usable.is_active:
             await self._issue()
-        if self._machine.state == "issued":
+        if self._machine.issued.is_active:
             await self._await_redemption()
         await self._record_pending()
         self._waiting_for = "nothing (final)"
@@ -123,7 +128,7 @@ class UserCouponWorkflow:
             if deadline is not None and _until(deadline) <= timedelta(0):
                 raise TimeoutError
             await workflow.wait_condition(
-                lambda: self._machine.state != "received",
+                lambda: not self._machine.received.is_active,
                 timeout=_until(deadline) if deadline else None,
                 timeout_summary="task deadline",
             )
@@ -131,6 +136,7 @@ class UserCouponWorkflow:
             self._fire("expire", "task deadline passed")
 
     async def _issue(self) -> None:
+        # From here on the coupon may be in the wallet: the machine refuses a cancel.
         self._machine.begin_send()
         # The move into `usable` is written by the issue activity itself, saving a round trip.
         became_usable = self._unrecorded.pop() if self._unrecorded else None
@@ -141,8 +147,8 @@ class UserCouponWorkflow:
             # refused must still end the wait that follows.
             notices = self._budget_notices
             try:
-                receipt = await workflow.execute_activity(
-                    act.ISSUE_COUPON,
+                receipt = await workflow.execute_activity_method(
+                    PlatformActivities.issue_coupon,
                     IssueInput(
                         self._input.coupon_id,
                         self._input.batch_id,
@@ -153,7 +159,6 @@ class UserCouponWorkflow:
                         # can take it (and a patch would cost every coupon two events).
                         wait_for_budget=True,
                     ),
-                    result_type=Receipt,
                     task_queue=self._platform_queue,
                     start_to_close_timeout=act.ISSUE_START_TO_CLOSE,
                     heartbeat_timeout=act.ISSUE_HEARTBEAT,
@@ -215,10 +220,9 @@ class UserCouponWorkflow:
             except TimeoutError:
                 pass
         if self._redemption is None and _until(valid_until) > timedelta(0):
-            poll = workflow.start_activity(
-                act.WAIT_FOR_REDEMPTION,
+            poll = workflow.start_activity_method(
+                PlatformActivities.wait_for_redemption,
                 lookup,
-                result_type=PlatformView,
                 task_queue=self._platform_queue,
                 start_to_close_timeout=PLATFORM_CALL_TIMEOUT,
                 retry_policy=REDEMPTION_POLL,
@@ -246,10 +250,9 @@ class UserCouponWorkflow:
             return
         if view is None:
             # Validity is over: one last look, for a use since the last poll.
-            view = await workflow.execute_activity(
-                act.LOOKUP_COUPON,
+            view = await workflow.execute_activity_method(
+                PlatformActivities.lookup_coupon,
                 lookup,
-                result_type=PlatformView,
                 task_queue=self._platform_queue,
                 start_to_close_timeout=PLATFORM_CALL_TIMEOUT,
                 retry_policy=FINAL_LOOKUP_RETRY,
@@ -277,28 +280,7 @@ class UserCouponWorkflow:
     @complete_task.validator
     def _validate_complete_task(self, completion: TaskCompletion) -> None:
         # Rejected here, the update leaves nothing in history.
-        self._check_task(completion)
-
-    def _check_task(self, completion: TaskCompletion) -> bool:
-        """True when the completion changes something; raises when it is refused."""
-        state = self._machine.state
-        if self._machine.is_final:
-            raise ApplicationError(
-                f"coupon is {state}: it is finished", type=WRONG_STATE, non_retryable=True
-            )
-        try:
-            self._machine.is_known_task(completion.task)
-        except UnknownTask as err:
-            raise ApplicationError(str(err), type=UNKNOWN_TASK, non_retryable=True) from None
-        if completion.task in self._machine.tasks_done:
-            return False  # a duplicate report of a done task is answered, not refused
-        if state != "received":
-            raise ApplicationError(
-                f"coupon is {state}; tasks can only be completed while received",
-                type=WRONG_STATE,
-                non_retryable=True,
-            )
-        return True
+        self._check("complete_task", completion.task)
 
     def _take_reported_tasks(self, tasks: list[str]) -> None:
         """A recovered run: the task reports its stuck run was given (the ledger keeps only
@@ -311,62 +293,40 @@ class UserCouponWorkflow:
                 self._ignore(f"recovered task_done({task})", err)
 
     def _complete(self, completion: TaskCompletion) -> None:
-        if self._check_task(completion):
-            before = self._machine.state
-            self._machine.complete_task(completion.task)
-            if self._machine.state != before:
-                done = ", ".join(self._machine.tasks_done)
-                self._note(before, f"tasks done: {done}")
-            else:
-                self._publish()
+        before = self._take("complete_task", completion.task)
+        if self._machine.state != before:
+            self._note(before, f"tasks done: {', '.join(self._machine.tasks_done)}")
+        else:
+            self._publish()  # one of several tasks, or a repeated report
 
     # ----- cancel and redemption reports -------------------------------------------
 
     @workflow.signal
     def cancel(self, request: CancelRequest) -> None:
         try:
-            self._cancel(request)
+            self._note(self._take("cancel"), request.reason)
         except ApplicationError as err:
             self._ignore("cancel", err)
 
     @workflow.update
     def cancel_coupon(self, request: CancelRequest) -> CouponStatus:
-        self._cancel(request)
+        self._note(self._take("cancel"), request.reason)
         return self.status()
 
     @cancel_coupon.validator
     def _validate_cancel(self, request: CancelRequest) -> None:
-        self._check_cancel()
-
-    def _check_cancel(self) -> None:
-        if "cancel" in {event.id for event in self._machine.enabled_events()}:
-            return
-        state = self._machine.state
-        if state == "usable":
-            why = "its send to the platform has begun, so it can no longer be cancelled"
-        else:
-            why = "only received coupons, or usable ones not yet sent, can be cancelled"
-        raise ApplicationError(f"coupon is {state}; {why}", type=WRONG_STATE, non_retryable=True)
-
-    def _cancel(self, request: CancelRequest) -> None:
-        self._check_cancel()
-        self._fire("cancel", request.reason)
+        self._check("cancel")
 
     # ----- operator expiry and budget notices --------------------------------------
 
     @workflow.update(name=act.EXPIRE_COUPON)
     def expire_coupon(self, request: ExpireRequest) -> CouponStatus:
-        self._fire("expire", request.reason)
+        self._note(self._take("expire"), request.reason)
         return self.status()
 
     @expire_coupon.validator
     def _validate_expire(self, request: ExpireRequest) -> None:
-        if self._machine.state != "received":
-            raise ApplicationError(
-                f"coupon is {self._machine.state}; only received coupons can be expired",
-                type=WRONG_STATE,
-                non_retryable=True,
-            )
+        self._check("expire")
 
     @workflow.signal(name=act.BUDGET_AVAILABLE)
     def budget_available(self, notice: BudgetNotice) -> None:
@@ -380,7 +340,7 @@ class UserCouponWorkflow:
     @workflow.signal(name=act.REPORT_REDEMPTION)
     def report_redemption(self, report: RedemptionReport) -> None:
         # A report may overtake our own confirmation of the send: keep it for `issued`.
-        if self._machine.state in ("usable", "issued") and self._redemption is None:
+        if self._machine.may_be_used and self._redemption is None:
             self._redemption = report
         else:
             self._ignored.append(f"report_redemption: coupon is {self._machine.state}")
@@ -402,6 +362,31 @@ class UserCouponWorkflow:
             ignored_signals=list(self._ignored),
         )
 
+    # ----- asking the machine, and moving it -----------------------------------------
+
+    def _check(self, event: str, *args: str) -> None:
+        """Refuse, as the caller's error, an event the machine would refuse now; moves
+        nothing (the machine answers on a copy), so validators can ask it."""
+        try:
+            self._machine.check(event, *args)
+        except (TransitionNotAllowed, UnknownTask) as err:
+            raise self._refusal(event, err) from None
+
+    def _take(self, event: str, *args: str) -> str:
+        """Send an event a caller asked for; the state it left. Refused, it is the caller's
+        error (a refused event moves nothing), never a workflow task failure."""
+        before = self._machine.state
+        try:
+            self._machine.send(event, *args)
+        except (TransitionNotAllowed, UnknownTask) as err:
+            raise self._refusal(event, err) from None
+        return before
+
+    def _refusal(self, event: str, err: TransitionNotAllowed | UnknownTask) -> ApplicationError:
+        if isinstance(err, UnknownTask):
+            return ApplicationError(str(err), type=UNKNOWN_TASK, non_retryable=True)
+        return ApplicationError(self._machine.refusal(event), type=WRONG_STATE, non_retryable=True)
+
     # ----- effects -------------------------------------------------------------------
 
     def _fire(
@@ -411,7 +396,8 @@ class UserCouponWorkflow:
         try:
             self._machine.send(event)
         except TransitionNotAllowed as err:
-            # Handlers validate first, so this is a bug in the workflow, not bad input.
+            # The workflow's own events (deadline, the platform's answers) come only where
+            # the machine takes them: a refusal is a bug in the workflow, not bad input.
             raise RuntimeError(f"lifecycle refused {event} in {before}: {err}") from err
         self._note(before, cause, at=at, recorded=recorded)
 
@@ -427,8 +413,8 @@ class UserCouponWorkflow:
     async def _record_pending(self) -> None:
         while self._unrecorded:
             transition = self._unrecorded[0]
-            await workflow.execute_activity(
-                act.RECORD_TRANSITION,
+            await workflow.execute_activity_method(
+                LedgerActivities.record_transition,
                 RecordTransitionInput(self._input.coupon_id, transition),
                 start_to_close_timeout=LEDGER_TIMEOUT,
                 retry_policy=LEDGER_RETRY,
@@ -469,12 +455,10 @@ def _machine_of(input: CouponInput) -> CouponLifecycle:
     """The machine a run starts with: at the claim's start (`received`, or `usable` for a
     campaign without tasks), or where the ledger says a recovered coupon is."""
     if input.resume_state in ("usable", "issued"):
+        # Its tasks are done. A usable coupon's send starts again (same key); an issued
+        # one's is over.
         return CouponLifecycle(
-            input.required_tasks,
-            tasks_done=input.required_tasks,
-            state=input.resume_state,
-            # An issued coupon's send is over; a usable one's starts again, same key.
-            send_started=input.resume_state == "issued",
+            input.required_tasks, tasks_done=input.required_tasks, state=input.resume_state
         )
     return CouponLifecycle(input.required_tasks)
 
