@@ -17,6 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from coupons import catalog
 from coupons.ledger import funnel as ledger
+from coupons.ledger.funnel import Bin, TaskTimes
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -44,26 +45,6 @@ class Exit:
     name: str
     coupons: int
     of_claimed: float | None
-
-
-@dataclass
-class Bin:
-    label: str
-    from_s: float
-    to_s: float | None  # None: open-ended
-    coupons: int
-
-
-@dataclass
-class TaskTimes:
-    """Claim to `usable` (the tasks done) of the coupons that got there."""
-
-    coupons: int
-    p50_s: float | None
-    p90_s: float | None
-    p99_s: float | None
-    max_s: float | None
-    bins: list[Bin]
 
 
 @dataclass
@@ -107,7 +88,7 @@ async def funnel_report(
     """The funnel of `campaign_id` (of `tenant_id`, when given); an unknown campaign, or
     another tenant's, is refused as `unknown_campaign`."""
     campaign = await catalog.get_campaign(pool, campaign_id, tenant_id)
-    counts = await ledger.funnel(pool, campaign.id, TASK_TIME_EDGES_S)
+    counts = await ledger.funnel(pool, campaign.id, TASK_TIME_BINS)
     exits = {name: counts.reached.get(name, 0) for name in EXITS}
     return FunnelReport(
         campaign_id=campaign.id,
@@ -117,7 +98,7 @@ async def funnel_report(
         stages=_stages(counts),
         exits=[Exit(name, n, _rate(n, counts.claimed)) for name, n in exits.items()],
         states=counts.states,
-        task_times=_task_times(counts.task_times),
+        task_times=counts.task_times,
         claims_per_day=_every_day(counts.claims_per_day),
     )
 
@@ -133,16 +114,6 @@ def _stages(counts: ledger.FunnelCounts) -> list[Stage]:
         previous = _rate(n, stages[-1].coupons) if stages else None
         stages.append(Stage(name, n, previous, _rate(n, counts.claimed)))
     return stages
-
-
-def _task_times(times: ledger.TaskTimes) -> TaskTimes:
-    lows = (0, *TASK_TIME_EDGES_S)
-    highs = (*TASK_TIME_EDGES_S, None)
-    bins = [
-        Bin(_bin_label(low, high), low, high, n)
-        for low, high, n in zip(lows, highs, times.histogram, strict=True)
-    ]
-    return TaskTimes(times.coupons, times.p50_s, times.p90_s, times.p99_s, times.max_s, bins)
 
 
 def _bin_label(low: float, high: float | None) -> str:
@@ -178,6 +149,13 @@ def format_seconds(seconds: float | None) -> str:
             parts.append(f"{count}{unit}")
     # The two largest units; a zero second one is left out (1h, not 1h0m).
     return "".join(p for p in parts[:2] if not p.startswith("0")) or "0s"
+
+
+# The histogram's bins, from the edges: below the first, between each two, from the last.
+TASK_TIME_BINS = tuple(
+    Bin(_bin_label(low, high), low, high)
+    for low, high in zip((0, *TASK_TIME_EDGES_S), (*TASK_TIME_EDGES_S, None), strict=True)
+)
 
 
 def default_chart_path(data_dir: Path, report: FunnelReport) -> Path:

@@ -4,7 +4,7 @@ the time from claim to `usable`, and claims per day."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime
 from typing import Any
 
@@ -13,16 +13,25 @@ from psycopg_pool import AsyncConnectionPool
 
 
 @dataclass
+class Bin:
+    """Coupons whose claim-to-task time is at least `from_s` and below `to_s`."""
+
+    label: str
+    from_s: float
+    to_s: float | None  # None: open-ended
+    coupons: int = 0
+
+
+@dataclass
 class TaskTimes:
-    """Seconds from claim to `usable` of the coupons that got there."""
+    """Claim to `usable` (the tasks done) of the coupons that got there."""
 
     coupons: int
     p50_s: float | None
     p90_s: float | None
     p99_s: float | None
     max_s: float | None
-    # Coupons per bin: below the first edge, between each two, at or above the last.
-    histogram: list[int]
+    bins: list[Bin]
 
 
 @dataclass
@@ -38,12 +47,11 @@ class FunnelCounts:
     claims_per_day: list[tuple[date, int]]
 
 
-async def funnel(
-    pool: AsyncConnectionPool, campaign_id: str, edges_s: Sequence[float]
-) -> FunnelCounts:
+async def funnel(pool: AsyncConnectionPool, campaign_id: str, bins: Sequence[Bin]) -> FunnelCounts:
     """Every figure of the campaign's funnel, from one snapshot of the ledger.
 
-    `edges_s` (ascending) are the claim-to-task histogram's bin edges in seconds.
+    `bins` are the claim-to-task histogram's, counted: ascending and back to back, the first
+    from 0 s, the last open-ended.
     """
     async with pool.connection() as conn, conn.transaction():
         # One snapshot: claims and moves made while the report reads must not leave it
@@ -68,7 +76,7 @@ async def funnel(
             (campaign_id,),
         )
         states = {state: n for state, n in await cur.fetchall()}
-        task_times = await _task_times(conn, campaign_id, list(edges_s))
+        task_times = await _task_times(conn, campaign_id, bins)
         cur = await conn.execute(
             "SELECT (claimed_at AT TIME ZONE 'UTC')::date AS day, count(*) FROM claims"
             " WHERE campaign_id = %s GROUP BY day ORDER BY day",
@@ -89,8 +97,9 @@ _TASK_SECONDS = (
 
 
 async def _task_times(
-    conn: AsyncConnection[Any], campaign_id: str, edges_s: list[float]
+    conn: AsyncConnection[Any], campaign_id: str, bins: Sequence[Bin]
 ) -> TaskTimes:
+    edges_s = [b.from_s for b in bins[1:]]
     params = {"campaign": campaign_id, "edges": edges_s}
     cur = await conn.execute(
         f"WITH d AS ({_TASK_SECONDS}) SELECT count(*),"
@@ -107,7 +116,6 @@ async def _task_times(
         " count(*) FROM d GROUP BY bin",
         params,
     )
-    histogram = [0] * (len(edges_s) + 1)
-    for index, n in await cur.fetchall():
-        histogram[index] = n
+    counted = dict(await cur.fetchall())
+    histogram = [replace(b, coupons=counted.get(index, 0)) for index, b in enumerate(bins)]
     return TaskTimes(coupons, p50, p90, p99, longest, histogram)
