@@ -66,15 +66,16 @@ async def seed(settings: Settings, progress: Callable[[str], None]) -> Seeded:
 async def _make(
     pool: AsyncConnectionPool, client: Client, settings: Settings, progress: Callable[[str], None]
 ) -> Seeded:
+    backends = service.Backends(settings, pool, client)
     claimed: dict[str, str] = {}
     for user in (*ISSUED_USERS, REDEEMED_USER, RECEIVED_USER, CANCELLED_USER):
-        result = await service.claim(pool, client, settings, CAMPAIGN, user)
+        result = await service.claim(backends, CAMPAIGN, user)
         claimed[user] = result.coupon_id
     progress(f"claimed {len(claimed)} coupons of campaign {CAMPAIGN!r}")
 
     for user in (*ISSUED_USERS, REDEEMED_USER):
-        await service.complete_task(pool, client, claimed[user], TASK)
-    await service.cancel(pool, client, claimed[CANCELLED_USER], "e2e: cancelled by the user")
+        await service.complete_task(backends, claimed[user], TASK)
+    await service.cancel(backends, claimed[CANCELLED_USER], "e2e: cancelled by the user")
     progress(f"task {TASK!r} done for {len(ISSUED_USERS) + 1}; one cancelled, one left received")
 
     issued = [await _reached(pool, claimed[user], "issued") for user in ISSUED_USERS]

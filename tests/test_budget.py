@@ -205,7 +205,9 @@ async def test_a_paused_batch_holds_coupons_until_resumed(
             loop = asyncio.get_running_loop()
             started = loop.time()
             resumed = await coupon_service.change_batch(
-                pool, client, settings, platform, campaign.batch_id, BatchAction.RESUME
+                coupon_service.Backends(settings, pool, client, platform),
+                campaign.batch_id,
+                BatchAction.RESUME,
             )
             assert resumed.status == "running"
             await asyncio.gather(

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from app.api.app import create_app
-from app.cli import _Arg, main, parser
+from app.cli import main, parser
+from app.cli.args import _Arg
 from app.embedded import free_port
 from coupons import validation as rules
 from coupons.config import Settings

@@ -19,15 +19,15 @@ from psycopg_pool import PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from swagger_ui_bundle import swagger_ui_path
 
+from app import service
 from app.api import callbacks, catalog, codec, coupons, metrics
 from app.api.limits import MAX_BODY_BYTES, BodyLimit
 from app.api.models import Health
 from app.api.problems import PROBLEM_JSON, TITLES, ApiProblem, Problem, handle
-from app.api.routing import IDEMPOTENCY_KEEP, Backends
-from app.service import Unavailable
+from app.api.routing import IDEMPOTENCY_KEEP
+from app.service import Backends, Unavailable
 from coupons.config import Settings
 from coupons.errors import Refused
-from coupons.ledger import db, idempotency
 from coupons.platforms.base import PlatformError
 from coupons.platforms.configured import make_platform
 from coupons.temporal import connect
@@ -57,7 +57,7 @@ batches and campaigns for operators.
 async def _prune_forever(backends: Backends) -> None:
     while True:
         try:
-            pruned = await idempotency.prune(backends.pool, IDEMPOTENCY_KEEP)
+            pruned = await service.prune_answers(backends, IDEMPOTENCY_KEEP)
             if pruned:
                 log.info("forgot %d idempotent answers older than %s", pruned, IDEMPOTENCY_KEEP)
         except (PoolTimeout, psycopg.OperationalError) as err:
@@ -68,14 +68,13 @@ async def _prune_forever(backends: Backends) -> None:
 @contextlib.asynccontextmanager
 async def _running(settings: Settings) -> AsyncIterator[Backends]:
     """Open what the API works with, for the life of the process."""
-    await db.migrate_url(settings.database_url)
+    await service.migrate(settings)
     client = await connect(settings)
     platform = make_platform(settings)
-    try:
-        async with db.pool(settings.database_url, max_size=settings.db_pool_size) as pool:
-            yield Backends(settings, pool, client, platform)
-    finally:
-        await platform.aclose()
+    async with service.opened(
+        settings, pool_size=settings.db_pool_size, client=client, platform=platform
+    ) as opened:
+        yield opened
 
 
 def create_app(settings: Settings, backends: Backends | None = None) -> FastAPI:

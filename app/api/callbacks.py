@@ -21,7 +21,8 @@ from fastapi.responses import PlainTextResponse, Response
 from app import service
 from app.api.models import CallbackAnswer
 from app.api.problems import TITLES, ApiProblem, Problem
-from app.api.routing import Backends, backends
+from app.api.routing import backends
+from app.service import Backends
 from coupons import metrics
 from coupons.errors import Refused
 from coupons.platforms.base import CallbackRejected, verified_notice
@@ -81,8 +82,7 @@ async def coupon_used(
         return _taken(parts, "ignored")
     try:
         outcome = await service.apply_coupon_used(
-            parts.pool,
-            parts.client,
+            parts,
             notice.notification_id,
             notice.platform_coupon_id,
             notice.used_at,

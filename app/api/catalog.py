@@ -4,8 +4,9 @@ for another tenant's."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response, Security
 
@@ -27,26 +28,13 @@ from app.api.models import (
     CampaignStatus,
     Expiry,
     TaskIn,
-    TaskOut,
 )
 from app.api.problems import error_responses
-from app.api.routing import (
-    ApiRoute,
-    Backends,
-    backends,
-    bearer,
-    derived_id,
-    principal,
-    requires,
-)
-from coupons import catalog
+from app.api.routing import ApiRoute, backends, bearer, derived_id, principal, requires
+from app.service import ApiKey, Backends, Batch, Campaign, CampaignSpec, Task
 from coupons import validation as rules
 from coupons.errors import Refused
-from coupons.ledger import campaigns as catalog_ledger
-from coupons.ledger import claims as claims_ledger
-from coupons.ledger.campaigns import Batch, Campaign, CampaignSpec, Task
 from coupons.platforms.base import BatchAction
-from coupons.tenants import ApiKey
 
 router = APIRouter(
     prefix="/v1", tags=["operators"], route_class=ApiRoute, dependencies=[Security(bearer)]
@@ -57,33 +45,17 @@ CampaignIdPath = Annotated[str, Path(pattern=rules.ID_PATTERN)]
 Admin = Annotated[ApiKey, Depends(principal)]
 Parts = Annotated[Backends, Depends(backends)]
 ADMIN = requires("admin")
+Out = TypeVar("Out", bound=CampaignOut)
 
 
 def _batch(batch: Batch) -> BatchOut:
     return BatchOut.model_validate(batch, from_attributes=True)
 
 
-def _campaign(campaign: Campaign) -> dict[str, Any]:
-    return {
-        "id": campaign.id,
-        "name": campaign.name,
-        "batch_id": campaign.batch_id,
-        "status": campaign.status,
-        "quota": campaign.quota,
-        "claimed": campaign.claimed,
-        "remaining": campaign.quota - campaign.claimed,
-        "per_user_limit": campaign.per_user_limit,
-        "tasks": [TaskOut(key=t.key, name=t.name) for t in campaign.tasks],
-        "task_deadline_s": (
-            int(campaign.task_deadline.total_seconds()) if campaign.task_deadline else None
-        ),
-        "deadline_at": campaign.deadline_at,
-        "starts_at": campaign.starts_at,
-        "ends_at": campaign.ends_at,
-        "created_at": campaign.created_at,
-        "updated_at": campaign.updated_at,
-        "ended_at": campaign.ended_at,
-    }
+def _campaign(campaign: Campaign, model: type[Out] = CampaignOut, **more: Any) -> Out:  # type: ignore[assignment]
+    """The campaign as `model` (CampaignOut, or one with `more` fields), from the fields
+    the command line shows too."""
+    return model.model_validate({**service.campaign_fields(campaign), **more})
 
 
 # ------------------------------------------------------------------ batches
@@ -97,9 +69,8 @@ def _campaign(campaign: Campaign) -> dict[str, Any]:
     openapi_extra=ADMIN,
 )
 async def create_batch(body: BatchIn, request: Request, key: Admin, parts: Parts) -> BatchOut:
-    batch = await catalog.create_batch(
-        parts.pool,
-        parts.platform,
+    batch = await service.create_batch(
+        parts,
         derived_id("bat", request, key),
         quantity=body.quantity,
         face_value_cents=body.face_value_cents,
@@ -123,7 +94,7 @@ async def create_batch(body: BatchIn, request: Request, key: Admin, parts: Parts
     responses=error_responses(),
 )
 async def list_batches(key: Admin, parts: Parts) -> Batches:
-    found = await catalog_ledger.list_batches(parts.pool, tenant_id=key.tenant_id)
+    found = await service.list_batches(parts, tenant_id=key.tenant_id)
     return Batches(batches=[_batch(b) for b in found])
 
 
@@ -134,31 +105,17 @@ async def list_batches(key: Admin, parts: Parts) -> Batches:
     openapi_extra=ADMIN,
 )
 async def get_batch(batch_id: BatchIdPath, key: Admin, parts: Parts) -> BatchDetail:
-    batch = await catalog.get_batch(parts.pool, batch_id, key.tenant_id)
-    campaigns = await catalog_ledger.list_campaigns(
-        parts.pool, batch_id=batch.id, tenant_id=key.tenant_id
-    )
+    batch = await service.get_batch(parts, batch_id, key.tenant_id)
+    campaigns = await service.list_campaigns(parts, batch_id=batch.id, tenant_id=key.tenant_id)
     return BatchDetail(
-        **_batch(batch).model_dump(),
-        campaigns=[
-            BatchCampaign(id=c.id, status=c.status, quota=c.quota, claimed=c.claimed)  # type: ignore[arg-type]
-            for c in campaigns
-        ],
+        **dataclasses.asdict(batch),
+        campaigns=[BatchCampaign.model_validate(c, from_attributes=True) for c in campaigns],
     )
 
 
 def _batch_action(action: BatchAction) -> None:
     async def change(batch_id: BatchIdPath, key: Admin, parts: Parts) -> BatchOut:
-        batch = await service.change_batch(
-            parts.pool,
-            parts.client,
-            parts.settings,
-            parts.platform,
-            batch_id,
-            action,
-            key.tenant_id,
-        )
-        return _batch(batch)
+        return _batch(await service.change_batch(parts, batch_id, action, key.tenant_id))
 
     change.__name__ = f"{action.value}_batch"
     router.add_api_route(
@@ -216,10 +173,10 @@ async def create_campaign(
         deadline_at=body.deadline_at,
         tenant_id=key.tenant_id,
     )
-    campaign, created = await catalog.create_campaign(parts.pool, spec)
+    campaign, created = await service.create_campaign(parts, spec)
     if not created:
         response.status_code = 200
-    return CampaignCreated(**_campaign(campaign), created=created)
+    return _campaign(campaign, CampaignCreated, created=created)
 
 
 @router.get(
@@ -234,10 +191,10 @@ async def list_campaigns(
     batch_id: Annotated[str | None, Query(pattern=rules.ID_PATTERN)] = None,
     status: CampaignStatus | None = None,
 ) -> Campaigns:
-    found = await catalog_ledger.list_campaigns(
-        parts.pool, batch_id=batch_id, status=status, tenant_id=key.tenant_id
+    found = await service.list_campaigns(
+        parts, batch_id=batch_id, status=status, tenant_id=key.tenant_id
     )
-    return Campaigns(campaigns=[CampaignOut(**_campaign(c)) for c in found])
+    return Campaigns(campaigns=[_campaign(c) for c in found])
 
 
 @router.get(
@@ -247,9 +204,9 @@ async def list_campaigns(
     openapi_extra=ADMIN,
 )
 async def get_campaign(campaign_id: CampaignIdPath, key: Admin, parts: Parts) -> CampaignDetail:
-    campaign = await catalog.get_campaign(parts.pool, campaign_id, key.tenant_id)
-    states = await claims_ledger.count_by_state(parts.pool, campaign.id)
-    return CampaignDetail(**_campaign(campaign), states=states)
+    campaign = await service.get_campaign(parts, campaign_id, key.tenant_id)
+    states = await service.count_by_state(parts, campaign.id)
+    return _campaign(campaign, CampaignDetail, states=states)
 
 
 @router.patch(
@@ -273,18 +230,14 @@ async def update_campaign(
     if "task_deadline_s" in given:
         changes["task_deadline"] = _deadline(body.task_deadline_s)
     # Another tenant's campaign is as unknown as none.
-    campaign = await catalog.update_campaign(
-        parts.pool, campaign_id, tenant_id=key.tenant_id, **changes
-    )
-    return CampaignOut(**_campaign(campaign))
+    campaign = await service.update_campaign(parts, campaign_id, tenant_id=key.tenant_id, **changes)
+    return _campaign(campaign)
 
 
 def _campaign_action(action: str) -> None:
     async def change(campaign_id: CampaignIdPath, key: Admin, parts: Parts) -> CampaignOut:
-        campaign = await catalog.change_campaign_status(
-            parts.pool, campaign_id, action, key.tenant_id
-        )
-        return CampaignOut(**_campaign(campaign))
+        campaign = await service.change_campaign_status(parts, campaign_id, action, key.tenant_id)
+        return _campaign(campaign)
 
     change.__name__ = f"{action}_campaign"
     router.add_api_route(
@@ -318,13 +271,11 @@ async def end_campaign(
 ) -> CampaignEnded:
     given = body or CampaignEndIn()
     campaign, workflow_id = await service.end_campaign(
-        parts.pool,
-        parts.client,
-        parts.settings,
+        parts,
         campaign_id,
         tenant_id=key.tenant_id,
         expire_pending=given.expire_pending,
         reason=given.reason,
     )
     expiry = Expiry(workflow_id=workflow_id) if workflow_id else None
-    return CampaignEnded(**_campaign(campaign), expiry=expiry)
+    return _campaign(campaign, CampaignEnded, expiry=expiry)

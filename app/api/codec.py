@@ -31,11 +31,11 @@ from fastapi.routing import APIRoute
 from google.protobuf import json_format
 from temporalio.api.common.v1 import Payloads
 
+from app import service
 from app.api.problems import ApiProblem, handle, problem
 from app.api.routing import backends
 from coupons.codec import CodecError, EncryptionCodec
 from coupons.config import ConfigError
-from coupons.tenants import authenticate
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ async def _check_bearer(request: Request) -> None:
         )
     if _is_codec_token(request, presented):
         return
-    key = await authenticate(backends(request).pool, presented)
+    key = await service.authenticate(backends(request), presented)
     if key is None:
         _refused(request, "unknown token")
         raise ApiProblem(

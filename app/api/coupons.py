@@ -17,22 +17,19 @@ from app.api.models import (
     CouponOut,
     CouponState,
     CouponSummary,
-    EventOut,
-    ReceiptOut,
     State,
     TaskEventIn,
     TaskEventResult,
     TaskEventsIn,
     TaskEventsOut,
-    Tasks,
     UserCoupons,
 )
 from app.api.problems import REFUSALS, error_responses
-from app.api.routing import ApiRoute, Backends, backends, bearer, principal, requires
+from app.api.routing import ApiRoute, backends, bearer, principal, requires
+from app.service import ApiKey, Backends
 from coupons import validation as rules
 from coupons.errors import Refused
 from coupons.model import CouponStatus
-from coupons.tenants import ApiKey
 
 router = APIRouter(
     prefix="/v1", tags=["coupons"], route_class=ApiRoute, dependencies=[Security(bearer)]
@@ -64,14 +61,7 @@ SIGNAL_CONCURRENCY = 20
 async def claim(
     campaign_id: CampaignIdPath, body: ClaimIn, response: Response, key: App, parts: Parts
 ) -> ClaimOut:
-    result = await service.claim(
-        parts.pool,
-        parts.client,
-        parts.settings,
-        campaign_id,
-        body.user_id,
-        tenant_id=key.tenant_id,
-    )
+    result = await service.claim(parts, campaign_id, body.user_id, tenant_id=key.tenant_id)
     if not result.created:
         response.status_code = 200
     return ClaimOut.model_validate(result, from_attributes=True)
@@ -92,7 +82,7 @@ async def user_coupons(
     limit: Annotated[int, Query(ge=rules.LIST_LIMIT.low, le=rules.LIST_LIMIT.high)] = 100,
 ) -> UserCoupons:
     found = await service.user_coupons(
-        parts.pool, key.tenant_id, user_id, campaign_id=campaign_id, state=state, limit=limit
+        parts, key.tenant_id, user_id, campaign_id=campaign_id, state=state, limit=limit
     )
     return UserCoupons(
         user_id=user_id,
@@ -107,33 +97,12 @@ async def user_coupons(
     openapi_extra=APP,
 )
 async def get_coupon(coupon_id: CouponIdPath, key: App, parts: Parts) -> CouponOut:
-    view = await service.show_coupon(parts.pool, parts.client, coupon_id, tenant_id=key.tenant_id)
-    claim, workflow = view.claim, view.workflow
-    return CouponOut(
-        coupon_id=claim.coupon_id,
-        campaign_id=claim.campaign_id,
-        user_id=claim.user_id,
-        state=claim.state,  # type: ignore[arg-type]  # the ledger holds lifecycle states
-        workflow_state=workflow.state if workflow else None,  # type: ignore[arg-type]
-        waiting_for=workflow.waiting_for if workflow else None,
-        tasks=Tasks(
-            required=claim.required_tasks,
-            done=workflow.tasks_done if workflow else None,
-            deadline=claim.task_deadline,
-        ),
-        claimed_at=claim.claimed_at,
-        receipt=ReceiptOut.model_validate(view.receipt) if view.receipt else None,
-        events=[EventOut.model_validate(e) for e in view.events],
-    )
+    view = await service.show_coupon(parts, coupon_id, tenant_id=key.tenant_id)
+    return CouponOut.model_validate(view.fields())
 
 
 def _state(status: CouponStatus) -> CouponState:
-    return CouponState(
-        coupon_id=status.coupon_id,
-        state=status.state,  # type: ignore[arg-type]  # the workflow holds lifecycle states
-        tasks_required=status.tasks_required,
-        tasks_done=status.tasks_done,
-    )
+    return CouponState.model_validate(status, from_attributes=True)
 
 
 @router.post(
@@ -149,12 +118,7 @@ async def complete_task(
     coupon_id: CouponIdPath, task: TaskPath, body: CompleteTaskIn, key: App, parts: Parts
 ) -> CouponState:
     status = await service.complete_task(
-        parts.pool,
-        parts.client,
-        coupon_id,
-        task,
-        tenant_id=key.tenant_id,
-        user_id=body.user_id,
+        parts, coupon_id, task, tenant_id=key.tenant_id, user_id=body.user_id
     )
     return _state(status)
 
@@ -176,8 +140,7 @@ async def task_events(body: TaskEventsIn, key: App, parts: Parts) -> TaskEventsO
         async with gate:
             try:
                 await service.report_task(
-                    parts.pool,
-                    parts.client,
+                    parts,
                     event.coupon_id,
                     event.task,
                     tenant_id=key.tenant_id,
@@ -213,12 +176,7 @@ def _event(event: TaskEventIn, code: str | None, detail: str | None) -> TaskEven
 )
 async def cancel(coupon_id: CouponIdPath, body: CancelIn, key: App, parts: Parts) -> CouponState:
     status = await service.cancel(
-        parts.pool,
-        parts.client,
-        coupon_id,
-        body.reason,
-        tenant_id=key.tenant_id,
-        user_id=body.user_id,
+        parts, coupon_id, body.reason, tenant_id=key.tenant_id, user_id=body.user_id
     )
     assert status is not None  # the update answers; only the signal would not
     return _state(status)

@@ -12,7 +12,6 @@ import json
 import logging
 import secrets
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
 
@@ -20,14 +19,10 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
-from psycopg_pool import AsyncConnectionPool
-from temporalio.client import Client
 
+from app import service
 from app.api.problems import ApiProblem, problem_for
-from coupons.config import Settings
-from coupons.ledger import idempotency
-from coupons.platforms.base import Platform
-from coupons.tenants import ApiKey, authenticate
+from app.service import ApiKey, Backends
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +40,6 @@ MAX_IDEMPOTENCY_KEY = 255
 bearer = HTTPBearer(auto_error=False, description="an API key: `ck_<key id>_<secret>`")
 
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
-
-
-@dataclass
-class Backends:
-    """What the endpoints work with; one of each per API process."""
-
-    settings: Settings
-    pool: AsyncConnectionPool
-    client: Client
-    platform: Platform
 
 
 def backends(request: Request) -> Backends:
@@ -101,7 +86,7 @@ async def _authenticate(request: Request, needs: str) -> ApiKey:
             "this endpoint needs an API key: Authorization: Bearer <key>",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    key = await authenticate(backends(request).pool, presented.strip())
+    key = await service.authenticate(backends(request), presented.strip())
     if key is None:
         raise ApiProblem(
             "unauthorized",
@@ -160,10 +145,10 @@ async def _idempotent(
             f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters",
             errors=[{"field": "Idempotency-Key", "location": "header", "message": "invalid key"}],
         )
-    pool = backends(request).pool
+    parts = backends(request)
     this = fingerprint(request.method, request.url.path, request.url.query, await request.body())
-    kept = await idempotency.take(
-        pool, key.tenant_id, idempotency_key, this, IDEMPOTENCY_STALE_AFTER
+    kept = await service.take_answer(
+        parts, key.tenant_id, idempotency_key, this, IDEMPOTENCY_STALE_AFTER
     )
     if kept is not None:
         if kept.fingerprint != this:
@@ -194,16 +179,16 @@ async def _idempotent(
                 raise
             response = answer
     except BaseException:
-        await idempotency.release(pool, key.tenant_id, idempotency_key)
+        await service.release_answer(parts, key.tenant_id, idempotency_key)
         raise
     if response.status_code >= 500:
         # Our failure, not an answer: the client's repeat runs the request again.
-        await idempotency.release(pool, key.tenant_id, idempotency_key)
+        await service.release_answer(parts, key.tenant_id, idempotency_key)
         return response
     kept_body = json.loads(bytes(response.body)) if response.body else None
     media_type = response.headers.get("content-type", "application/json").split(";")[0]
-    await idempotency.keep(
-        pool,
+    await service.keep_answer(
+        parts,
         key.tenant_id,
         idempotency_key,
         response.status_code,

@@ -24,8 +24,8 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from app.api.app import create_app
-from app.api.routing import Backends
 from app.embedded import SimulatorProcess, free_port
+from app.service import Backends
 from coupons.config import Settings
 from coupons.platforms.configured import make_platform
 from coupons.tenants import create_key, create_tenant
@@ -98,10 +98,7 @@ class Api:
     http: httpx.AsyncClient
     settings: Settings
     backends: Backends
-
-    @property
-    def client(self) -> Client:
-        return self.backends.client
+    client: Client
 
     @property
     def pool(self) -> AsyncConnectionPool:
@@ -118,12 +115,12 @@ async def backends(
 
 
 @pytest_asyncio.fixture
-async def api(backends: Backends) -> AsyncIterator[Api]:
+async def api(backends: Backends, dev_env: WorkflowEnvironment) -> AsyncIterator[Api]:
     """The app in process, over the test's schema, task queue and simulator."""
     app = create_app(backends.settings, backends)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://api", timeout=30) as http:
-        yield Api(http, backends.settings, backends)
+        yield Api(http, backends.settings, backends, dev_env.client)
 
 
 @pytest_asyncio.fixture
