@@ -45,21 +45,14 @@ def add_parsers(nouns: Nouns) -> None:
         required=True,
         help=f"coupons the batch holds ({rules.QUANTITY.range})",
     )
-    # Money in cents, as both platforms count it; the unit is in the flag's name.
-    c.add_argument(
-        "--value-cents",
-        "--value",
-        dest="value",
-        type=rule(rules.FACE_VALUE_CENTS),
-        help="face value in cents (default 500 = 5.00)",
-    )
-    c.add_argument(
-        "--min-spend-cents",
-        "--min-spend",
-        dest="min_spend",
-        type=rule(rules.MIN_SPEND_CENTS),
-        help="minimum spend in cents (default 0: none)",
-    )
+    # Money in cents, as both platforms count it; the unit is in the flag's name (the name
+    # without it still works).
+    for dest, money, help in (
+        ("value", rules.FACE_VALUE_CENTS, "face value in cents (default 500 = 5.00)"),
+        ("min_spend", rules.MIN_SPEND_CENTS, "minimum spend in cents (default 0: none)"),
+    ):
+        flag = "--" + dest.replace("_", "-")
+        c.add_argument(f"{flag}-cents", flag, dest=dest, type=rule(money), help=help)
     c.add_argument(
         "--valid-days",
         type=rule(rules.VALID_DAYS),
