@@ -52,7 +52,11 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def postgres(run_dir: Path) -> Iterator[EmbeddedPostgres]:
-    server = EmbeddedPostgres(run_dir / "postgres", free_port(), log_path=run_dir / "postgres.log")
+    # The session's servers go with the test process however it ends (a timeout's SIGKILL
+    # included): session fixtures start them from the main thread, which lives as long.
+    server = EmbeddedPostgres(
+        run_dir / "postgres", free_port(), log_path=run_dir / "postgres.log", die_with_parent=True
+    )
     server.start()
     yield server
     server.stop()
@@ -60,7 +64,12 @@ def postgres(run_dir: Path) -> Iterator[EmbeddedPostgres]:
 
 @pytest.fixture(scope="session")
 def simulator_url(run_dir: Path) -> Iterator[str]:
-    sim = SimulatorProcess(run_dir / "simulator.sqlite3", free_port(), log_path=run_dir / "sim.log")
+    sim = SimulatorProcess(
+        run_dir / "simulator.sqlite3",
+        free_port(),
+        log_path=run_dir / "sim.log",
+        die_with_parent=True,
+    )
     sim.start()
     yield sim.url
     sim.stop()
