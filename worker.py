@@ -1,13 +1,26 @@
 """Runs the coupon worker: `python worker.py` (settings from the environment, following the
-running stack where it says nothing: `app.running`)."""
+running stack where it says nothing: `app.running`).
+
+What runs on which task queue is `build_workers` (app/workers.py): the workflows and the
+ledger activities on `TASK_QUEUE`, every platform call on `<TASK_QUEUE>-platform`,
+rate-limited to the platform's published limit.
+"""
 
 import asyncio
 import logging
 import sys
 
 from app.running import settings_from_env
-from app.workers import run_worker
-from coupons.config import ConfigError
+from app.workers import build_workers, run_until_stopped, worker_services
+from coupons.config import ConfigError, Settings
+
+
+async def main(settings: Settings) -> None:
+    """Run the workers until SIGINT or SIGTERM, then shut them down gracefully."""
+    async with worker_services(settings) as services:
+        workers = build_workers(services.client, services.pool, services.platform, settings)
+        await run_until_stopped(workers, services.stop)
+
 
 if __name__ == "__main__":
     logging.basicConfig(
@@ -19,7 +32,7 @@ if __name__ == "__main__":
         # Its keys from the stack's data directory when the environment has none: a worker
         # started by hand beside `make run` must read and write the payloads the stack's do.
         settings = settings_from_env().with_stack_secrets()
-        asyncio.run(run_worker(settings))
+        asyncio.run(main(settings))
     except ConfigError as err:
         # A setting that cannot work, or a namespace not prepared for us: one clear line.
         print(f"error: {err}", file=sys.stderr)

@@ -1,5 +1,6 @@
-"""The worker process: workflows and ledger activities on one task queue, platform
-calls on their own, rate-limited one, the claim repair loop and the wedged coupon count."""
+"""The worker process: what runs on which task queue (`build_workers`), and the services
+around the workers (`worker_services`: the database, the client, the schedules, the claim
+repair loop and the wedged coupon count). `worker.py` puts them together."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
@@ -49,9 +52,13 @@ def workflow_runner() -> SandboxedWorkflowRunner:
 def build_workers(
     client: Client, pool: AsyncConnectionPool, platform: Platform, settings: Settings
 ) -> list[Worker]:
-    platform_activities = PlatformActivities(platform, pool, settings.lag_window_s)
+    """What runs on which task queue: one worker per queue, with its workflows and
+    activities. `worker.py` runs these; the tests and scripts build the same ones."""
+    ledger = LedgerActivities(pool)
+    sends = PlatformActivities(platform, pool, settings.lag_window_s)
     catalog = CatalogActivities(pool, platform, client)
     return [
+        # TASK_QUEUE: every workflow, and the activities that only touch the ledger.
         Worker(
             client,
             task_queue=settings.task_queue,
@@ -62,7 +69,7 @@ def build_workers(
                 EndCampaignWorkflow,
             ],
             activities=[
-                LedgerActivities(pool).record_transition,
+                ledger.record_transition,
                 catalog.syncable_batches,
                 catalog.all_batches,
                 catalog.await_states,
@@ -74,18 +81,19 @@ def build_workers(
             max_concurrent_workflow_tasks=settings.worker_max_concurrent_workflow_tasks,
             max_concurrent_activities=settings.worker_max_concurrent_activities,
         ),
+        # <TASK_QUEUE>-platform: every platform call, at most the platform's published
+        # rate, so a burst of unlocks queues in Temporal instead of drawing the platform's
+        # frequency-limit refusals.
         Worker(
             client,
             task_queue=settings.platform_task_queue,
             activities=[
-                platform_activities.issue_coupon,
-                platform_activities.wait_for_redemption,
-                platform_activities.lookup_coupon,
+                sends.issue_coupon,
+                sends.wait_for_redemption,
+                sends.lookup_coupon,
                 catalog.sync_batch,
                 catalog.reconcile_batch,
             ],
-            # A burst of unlocks queues in Temporal instead of drawing the platform's
-            # frequency-limit refusals.
             max_task_queue_activities_per_second=settings.platform_rate_limit,
             max_concurrent_activities=settings.worker_max_concurrent_activities,
         ),
@@ -131,8 +139,22 @@ async def watch_wedged_forever(
         await asyncio.sleep(every_s)
 
 
-async def run_worker(settings: Settings) -> None:
-    """Run until SIGINT or SIGTERM, then shut the workers down gracefully."""
+@dataclass
+class WorkerServices:
+    """What a worker process gives its workers: built by `worker_services`."""
+
+    client: Client
+    pool: AsyncConnectionPool
+    platform: Platform
+    stop: asyncio.Event  # set by SIGINT or SIGTERM
+
+
+@contextlib.asynccontextmanager
+async def worker_services(settings: Settings) -> AsyncIterator[WorkerServices]:
+    """Everything around the workers: SIGINT and SIGTERM handled (a graceful stop, even
+    during start-up), the database migrated and pooled, the client (with the worker's
+    metrics), the search attributes checked, the schedules in place, the platform metered,
+    and the claim repair and wedged-coupon loops running until the block ends."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -157,20 +179,24 @@ async def run_worker(settings: Settings) -> None:
         meter = runtime.metric_meter if runtime is not None else MetricMeter.noop
         watch = asyncio.create_task(watch_wedged_forever(pool, client, settings, meter))
         try:
-            async with contextlib.AsyncExitStack() as running:
-                for worker in build_workers(client, pool, platform, settings):
-                    await running.enter_async_context(worker)
-                log.info(
-                    "worker polling %s and %s on %s",
-                    settings.task_queue,
-                    settings.platform_task_queue,
-                    settings.temporal_address,
-                )
-                await stop.wait()
-                log.info("shutting down")
+            yield WorkerServices(client, pool, platform, stop)
         finally:
             for task in (repair, watch):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await platform.aclose()
+
+
+async def run_until_stopped(workers: list[Worker], stop: asyncio.Event) -> None:
+    """Poll with every worker until `stop` is set, then shut them down gracefully."""
+    async with contextlib.AsyncExitStack() as running:
+        for worker in workers:
+            await running.enter_async_context(worker)
+        log.info(
+            "worker polling %s on %s",
+            " and ".join(worker.task_queue for worker in workers),
+            workers[0].client.service_client.config.target_host,
+        )
+        await stop.wait()
+        log.info("shutting down")
