@@ -454,7 +454,8 @@ class Server(abc.ABC):
         except BaseException:
             self.stop(timeout_s=5)
             raise
-        logger.info(
+        # Logged as the server's own module, beside what else it logs.
+        logging.getLogger(type(self).__module__).info(
             "%s ready on %s (pid %s) in %.2f s%s",
             self.label,
             self.where,
