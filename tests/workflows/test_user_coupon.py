@@ -10,6 +10,7 @@ PostgreSQL, the simulator over HTTP, the activities.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
@@ -22,10 +23,11 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities.ledger import LedgerActivities
+from activities.platform import PlatformActivities
 from app.workers import workflow_runner
 from coupons.config import Settings
 from coupons.ledger import claims as ledger
-from coupons.model import CancelRequest, RedemptionReport, TaskCompletion
+from coupons.model import CancelRequest, ExpireRequest, RedemptionReport, TaskCompletion
 from coupons.platforms.generic.adapter import RestPlatform
 from tests.conftest import (
     TASK,
@@ -211,6 +213,58 @@ async def test_update_with_unknown_task_is_refused_before_history(ts: TimeSkippi
         assert any("unknown task 'share'" in s for s in status.ignored_signals)
         await handle.execute_update(UserCouponWorkflow.cancel_coupon, CancelRequest())
         await handle.result()
+
+
+async def test_a_coupon_whose_send_has_begun_is_usable_and_refuses_cancel_and_expiry(
+    ts: TimeSkipping,
+) -> None:
+    """The machine's `sending` (usable, the send begun) as callers see it: `usable`, no
+    cancel or expiry (refused before history), a repeated task report answered."""
+    # No worker polls the platform queue yet: the send stays begun, unanswered.
+    async with Worker(
+        ts.env.client,
+        task_queue=ts.settings.task_queue,
+        workflows=[UserCouponWorkflow],
+        activities=[LedgerActivities(ts.pool).record_transition],
+        workflow_runner=workflow_runner(),
+    ):
+        handle = await ts.claim()
+        await handle.execute_update(UserCouponWorkflow.complete_task, TaskCompletion(TASK))
+        async with asyncio.timeout(30):
+            while True:
+                status = await handle.query(UserCouponWorkflow.status)
+                if status.waiting_for == "the platform to confirm the send":
+                    break
+                await asyncio.sleep(0.1)
+        assert status.state == "usable"
+        accepted = await update_events(handle)
+        with pytest.raises(WorkflowUpdateFailedError) as cancel:
+            await handle.execute_update(UserCouponWorkflow.cancel_coupon, CancelRequest())
+        assert "coupon is usable; its send to the platform has begun" in str(cancel.value.cause)
+        with pytest.raises(WorkflowUpdateFailedError) as expire:
+            await handle.execute_update(UserCouponWorkflow.expire_coupon, ExpireRequest())
+        assert "only received coupons can be expired" in str(expire.value.cause)
+        with pytest.raises(WorkflowUpdateFailedError) as unknown:
+            await handle.execute_update(UserCouponWorkflow.complete_task, TaskCompletion("x"))
+        assert "unknown task 'x'" in str(unknown.value.cause)
+        assert await update_events(handle) == accepted
+        again = await handle.execute_update(UserCouponWorkflow.complete_task, TaskCompletion(TASK))
+        assert (again.state, again.tasks_done) == ("usable", [TASK])
+        await handle.signal(UserCouponWorkflow.cancel, CancelRequest())
+        sends = PlatformActivities(ts.platform, ts.pool, ts.settings.lag_window_s)
+        async with Worker(
+            ts.env.client,
+            task_queue=ts.settings.platform_task_queue,
+            activities=[sends.issue_coupon, sends.wait_for_redemption, sends.lookup_coupon],
+        ):
+            await wait_for_state(handle, "issued")
+            await handle.signal(UserCouponWorkflow.report_redemption, RedemptionReport(USED_AT))
+            status = await handle.result()
+    assert [t.to_state for t in status.transitions] == ["usable", "issued", "redeemed"]
+    assert status.ignored_signals == [
+        "cancel: coupon is usable; its send to the platform has begun, so it can no longer "
+        "be cancelled"
+    ]
 
 
 async def test_platform_refusal_marks_failed_with_its_code(ts: TimeSkipping) -> None:
