@@ -1,15 +1,15 @@
 """The operations of the service: what the HTTP API (`app.api`) and the command line
-(`app.cli`) both call, so each exists once, and the one door through which they read and
-write the ledger, start workflows and reach the platform.
+(`app.cli`) both call, so each exists once.
 
 The rule: the entry points (`app/api/`, `app/cli/`) import nothing from `coupons.ledger`,
-`coupons.catalog`, `coupons.tenants` or `app.claims`; every read and write they make is an
-operation here. These operations hold what is the application's own (tenant scoping,
-starting and answering workflows, turning Temporal's answers into refusals) and delegate
-the rest to the domain modules: `coupons.catalog` (batches and campaigns),
-`coupons.tenants` (tenants and keys), `coupons.report` (the funnel), `app.claims` and
-`app.wedged`, which alone speak SQL through `coupons.ledger`. Record types the entry points
-render (`Batch`, `Campaign`, `Claim`, ...) are re-exported here.
+`coupons.catalog`, `coupons.tenants` or `app.claims`; every read and write they make, of
+the ledger, of Temporal or of the platform, is an operation here. An operation holds what
+belongs to the application (tenant scoping, starting and answering workflows, turning
+Temporal's answers into refusals) and leaves the rest to the domain below it:
+`coupons.catalog` (batches and campaigns), `coupons.tenants` (tenants and keys),
+`coupons.report` (the funnel), `app.claims` and `app.wedged`, and `coupons.ledger` (all
+SQL). The records the entry points render (`Batch`, `Campaign`, `Claim`, `ApiKey`, ...)
+are re-exported from here.
 
 Every operation takes one `Backends` first: the settings, the ledger's pool, Temporal's
 client and the platform. An operation that scopes by tenant takes an optional `tenant_id`:
@@ -87,6 +87,7 @@ from coupons.model import (
 from coupons.platforms.base import BatchAction, Platform
 from coupons.platforms.configured import make_platform
 from coupons.temporal import connect
+from coupons.tenants import SCOPES as SCOPES
 from coupons.tenants import IssuedKey as IssuedKey
 from coupons.validation import validate_id
 from workflows.user_coupon import UserCouponWorkflow

@@ -9,9 +9,8 @@ from typing import Any
 
 from app import service
 from app.cli.args import Commands, Nouns, ident, rule
-from app.service import ApiKey, Backends
+from app.service import SCOPES, ApiKey, Backends
 from coupons import validation as rules
-from coupons.tenants import SCOPES
 
 
 def add_parsers(nouns: Nouns) -> None:
