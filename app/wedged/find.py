@@ -1,41 +1,5 @@
-"""Wedged coupons: found, counted, listed and recovered, with the ledger as the truth.
-
-A coupon is wedged when its workflow cannot make progress on its own. The causes:
-
-- `undecodable`: every workflow task fails because a payload is encrypted with a key the
-  worker's key ring lacks (a shell started it with another CODEC_KEYS_FILE);
-- `task_failing`: every workflow task fails or times out for any other reason (a bug,
-  nondeterminism after a deploy);
-- `not_started`: the ledger claim's workflow start was never confirmed, past the time the
-  worker's claim repair should have started it;
-- `missing`: the ledger says the workflow was started, Temporal has no such workflow
-  (Temporal's data lost or deleted);
-- `closed`: the ledger's state is not final, yet the workflow is closed (terminated, failed,
-  timed out).
-
-How they are found, at a bounded cost whatever the number of coupons:
-
-- Task failures: Temporal's own `TemporalReportedProblems` search attribute, which the server
-  sets on a workflow after consecutive workflow task failures or timeouts (5 by default,
-  dynamic config `system.numConsecutiveWorkflowTaskProblemsToTriggerSearchAttribute`) and
-  clears at its next good task. One visibility query lists exactly the wedged runs, so the
-  cost follows the wedged, not the open coupons; describing every running workflow for its
-  pending task's attempt instead would cost one call per open coupon per round. Then, for
-  each one (bounded concurrency), its pending task's attempt and the last WorkflowTaskFailed
-  event, which is the first failure of the streak (Temporal writes no event for the retries
-  of a failing task) and whose failure names the cause (a CodecError is `undecodable`).
-- Missing or closed workflows: the ledger's count of started, unfinished claims against
-  Temporal's count of running coupon workflows; only when they differ, the same by campaign,
-  and only a campaign whose counts differ has its open claims checked page by page (one
-  visibility query per 200), the ones without a running workflow described one by one.
-
-Recovery keeps the claim and never sends twice: the stuck run is terminated (that run only,
-by its run id), then a fresh run under the same workflow id resumes the ledger's state
-(`received` with the task reports the stuck run had received, `usable`, or `issued` with the
-ledger's receipt). A usable coupon's send starts again with the coupon's one idempotency
-key, so a send the platform made but the ledger never recorded returns the same coupon;
-ledger writes are idempotent. The new run is encoded with this process's key ring.
-"""
+"""Finding wedged coupons: which coupons cannot make progress, and why (the package's
+docstring says how, at a bounded cost)."""
 
 from __future__ import annotations
 
@@ -54,19 +18,15 @@ from temporalio.api.history.v1 import HistoryEvent
 from temporalio.api.workflowservice.v1 import GetWorkflowExecutionHistoryReverseRequest
 from temporalio.client import Client, WorkflowExecutionDescription, WorkflowExecutionStatus
 from temporalio.common import SearchAttributeKey
-from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
+from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from app.claims import ClaimService
 from coupons.config import Settings
-from coupons.errors import Refused
 from coupons.ledger import claims as ledger
 from coupons.ledger.claims import Claim
 from coupons.lifecycle import FINAL_STATES
-from coupons.model import TaskCompletion
 
 log = logging.getLogger(__name__)
-
 UNDECODABLE = "undecodable"
 TASK_FAILING = "task_failing"
 NOT_STARTED = "not_started"
@@ -103,21 +63,6 @@ class Wedged:
     run_id: str | None = None  # the stuck or closed run, None when there is none
     attempts: int | None = None  # the failing workflow task's attempt
     status: str | None = None  # the run's status at Temporal (running, terminated, ...)
-
-
-@dataclass
-class Recovery:
-    coupon_id: str
-    workflow_id: str
-    ledger_state: str
-    # restarted (a fresh run resumes the ledger's state), started (the claim's first start),
-    # terminated (the ledger is final: only the stuck run stopped), none (nothing to do, or
-    # nothing safe to do: see detail), already_recovered (another process did it), error
-    action: str
-    detail: str
-    cause: str | None = None
-    stopped_run_id: str | None = None
-    new_run_id: str | None = None
 
 
 # ----------------------------------------------------------------- finding them
@@ -196,7 +141,7 @@ async def _failing_tasks(
         # Judged again from the workflow itself: visibility lags, the run may have healed.
         return await _diagnose_started(client, claim)
 
-    return [w for w in await _bounded(flagged, judge, concurrency) if w is not None]
+    return [w for w in await bounded(flagged, judge, concurrency) if w is not None]
 
 
 async def _gone(
@@ -215,7 +160,7 @@ async def _gone(
         query = f"{_running(settings)} AND CampaignId = {_quoted(campaign_id)}"
         return (await client.count_workflows(query)).count != open_claims[campaign_id]
 
-    checks = await _bounded(open_claims, differs, concurrency)
+    checks = await bounded(open_claims, differs, concurrency)
     found: list[Wedged] = []
     for campaign_id, different in zip(open_claims, checks, strict=True):
         if different and len(found) < limit:
@@ -237,7 +182,7 @@ async def _gone_of(
         query = f"{_running(settings)} AND WorkflowId IN ({ids})"
         alive = {e.id async for e in client.list_workflows(query)}
         absent = [c for c in page if c.workflow_id not in alive]
-        judged = await _bounded(absent, lambda c: _diagnose_started(client, c), concurrency)
+        judged = await bounded(absent, lambda c: _diagnose_started(client, c), concurrency)
         found += [w for w in judged if w is not None]
     return found
 
@@ -332,7 +277,7 @@ async def _classify(
 ) -> tuple[str, str]:
     """(cause, detail) of a failing workflow task, from its failure as this process reads it."""
     if event is None:
-        return TASK_FAILING, _cut("workflow task failing: " + (", ".join(problems) or "?"))
+        return TASK_FAILING, cut_detail("workflow task failing: " + (", ".join(problems) or "?"))
     if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT:
         return TASK_FAILING, "workflow task timed out again and again (worker stuck or too slow)"
     attributes = event.workflow_task_failed_event_attributes
@@ -343,10 +288,10 @@ async def _classify(
         error = await client.data_converter.decode_failure(attributes.failure)
     except Exception as err:
         # The failure itself is encrypted with a key this process does not hold either.
-        return UNDECODABLE, _cut(f"{kind}: failure unreadable here: {err}")
+        return UNDECODABLE, cut_detail(f"{kind}: failure unreadable here: {err}")
     error_type = error.type if isinstance(error, ApplicationError) else type(error).__name__
     cause = UNDECODABLE if error_type == "CodecError" else TASK_FAILING
-    return cause, _cut(f"{kind}: {error_type}: {error}")
+    return cause, cut_detail(f"{kind}: {error_type}: {error}")
 
 
 def _wedged(
@@ -365,184 +310,11 @@ def _wedged(
         campaign_id=claim.campaign_id,
         ledger_state=claim.state,
         cause=cause,
-        detail=_cut(detail),
+        detail=cut_detail(detail),
         since=since,
         run_id=run_id,
         attempts=attempts,
         status=status,
-    )
-
-
-# ----------------------------------------------------------------- recovering them
-
-
-async def recover(
-    pool: AsyncConnectionPool, client: Client, settings: Settings, coupon_id: str
-) -> Recovery:
-    """Recover one coupon if it is wedged; a coupon that is not is left alone (action none).
-
-    Refused `unknown_coupon` when the ledger has no such claim.
-    """
-    claim = await ledger.get_claim(pool, coupon_id)
-    if claim is None:
-        raise Refused("unknown_coupon", f"no coupon {coupon_id!r}")
-    found = await diagnose(pool, client, settings, claim)
-    if found is None:
-        return _recovery(claim, "none", "not wedged: its workflow is making progress")
-    return await _recover(pool, client, settings, claim, found)
-
-
-async def recover_all(
-    pool: AsyncConnectionPool,
-    client: Client,
-    settings: Settings,
-    *,
-    concurrency: int = 10,
-    repair_grace: timedelta = REPAIR_GRACE,
-) -> list[Recovery]:
-    """Recover every coupon `find_wedged` lists; one that fails is reported, not raised."""
-    found = await find_wedged(pool, client, settings, repair_grace=repair_grace)
-
-    async def one(wedged: Wedged) -> Recovery:
-        try:
-            return await recover(pool, client, settings, wedged.coupon_id)
-        except Exception as err:
-            log.exception("could not recover coupon %s", wedged.coupon_id)
-            return Recovery(
-                wedged.coupon_id,
-                wedged.workflow_id,
-                wedged.ledger_state,
-                "error",
-                _cut(f"{type(err).__name__}: {err}"),
-                cause=wedged.cause,
-            )
-
-    return await _bounded(found, one, concurrency)
-
-
-async def _recover(
-    pool: AsyncConnectionPool, client: Client, settings: Settings, claim: Claim, found: Wedged
-) -> Recovery:
-    service = ClaimService(pool, client, settings)
-    if found.cause == NOT_STARTED:
-        await service.start_workflow(claim)  # the claim's own start, as the repair makes it
-        return _recovery(claim, "started", "its workflow started", found)
-    if found.status == "completed":
-        # Never expected (a run writes its final state before it completes); the reuse
-        # policy would refuse a new run anyway. An operator decides.
-        return _recovery(
-            claim, "none", f"its run completed, the ledger says {claim.state}: check by hand", found
-        )
-    if found.cause == UNDECODABLE and await _readable_here(client, claim, found):
-        # The worker lacks a key this process holds: a new run would fail there the same way.
-        return _recovery(
-            claim,
-            "none",
-            "this process reads its payloads and the worker does not: give the worker this "
-            "key ring (CODEC_KEYS_FILE), then it goes on by itself",
-            found,
-        )
-    stopped = None
-    if found.status == "running":
-        stopped = await _terminate(client, claim, found)
-    if claim.state in FINAL_STATES:
-        return _recovery(
-            claim, "terminated", "the ledger is final: the stuck run stopped", found, stopped
-        )
-    receipt = await ledger.receipt_of(pool, claim.coupon_id) if claim.state == "issued" else None
-    if claim.state == "issued" and receipt is None:
-        raise Refused("inconsistent", f"coupon {claim.coupon_id} is issued without a receipt")
-    tasks = await _reported_tasks(client, claim, found) if claim.state == "received" else []
-    try:
-        new_run = await service.restart_workflow(claim, tasks, receipt)
-    except WorkflowAlreadyStartedError:
-        return _recovery(
-            claim, "already_recovered", "a new run was already started", found, stopped
-        )
-    log.warning(
-        "recovered coupon %s (%s): new run %s resumes %s",
-        claim.coupon_id,
-        found.cause,
-        new_run,
-        claim.state,
-    )
-    said = f"a new run resumes the ledger's {claim.state}"
-    if tasks:
-        said += f" with the tasks reported to the stuck run ({', '.join(tasks)})"
-    return _recovery(claim, "restarted", said, found, stopped, new_run)
-
-
-async def _terminate(client: Client, claim: Claim, found: Wedged) -> str | None:
-    """Terminate the stuck run, by its id: never a newer run another recovery started."""
-    handle = client.get_workflow_handle(claim.workflow_id, run_id=found.run_id)
-    try:
-        await handle.terminate(
-            reason=f"wedged ({found.cause}): recovered from the ledger ({claim.state}) by a new run"
-        )
-    except RPCError as err:
-        if err.status != RPCStatusCode.NOT_FOUND:
-            raise
-        return None  # it closed meanwhile
-    return found.run_id
-
-
-async def _readable_here(client: Client, claim: Claim, found: Wedged) -> bool:
-    """Whether this process's key ring decrypts the stuck run's input."""
-    handle = client.get_workflow_handle(claim.workflow_id, run_id=found.run_id)
-    async for event in handle.fetch_history_events():
-        started = event.workflow_execution_started_event_attributes
-        try:
-            await client.data_converter.decode(started.input.payloads)
-        except Exception:
-            return False
-        return True
-    return False
-
-
-async def _reported_tasks(client: Client, claim: Claim, found: Wedged) -> list[str]:
-    """The tasks reported to the stuck run by signal, for a `received` coupon (the ledger keeps
-    no partial progress); those this process cannot read (undecodable) are not taken, and the
-    app's report of them has to come again."""
-    if found.run_id is None:
-        return []
-    handle = client.get_workflow_handle(claim.workflow_id, run_id=found.run_id)
-    tasks: list[str] = []
-    async for event in handle.fetch_history_events():
-        if event.event_type != EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
-            continue
-        signaled = event.workflow_execution_signaled_event_attributes
-        if signaled.signal_name != "task_done":
-            continue
-        try:
-            [completion] = await client.data_converter.decode(
-                signaled.input.payloads, [TaskCompletion]
-            )
-        except Exception:
-            log.warning("a task report to %s cannot be read here: not taken", claim.workflow_id)
-            continue
-        task = completion.task
-        if task in claim.required_tasks and task not in tasks:
-            tasks.append(task)
-    return tasks
-
-
-def _recovery(
-    claim: Claim,
-    action: str,
-    detail: str,
-    found: Wedged | None = None,
-    stopped: str | None = None,
-    new_run: str | None = None,
-) -> Recovery:
-    return Recovery(
-        coupon_id=claim.coupon_id,
-        workflow_id=claim.workflow_id,
-        ledger_state=claim.state,
-        action=action,
-        detail=detail,
-        cause=found.cause if found else None,
-        stopped_run_id=stopped,
-        new_run_id=new_run,
     )
 
 
@@ -566,12 +338,12 @@ def _status_name(status: WorkflowExecutionStatus | None) -> str:
     return status.name.lower() if status is not None else "unknown"
 
 
-def _cut(text: str) -> str:
+def cut_detail(text: str) -> str:
     text = " ".join(text.split())
     return text if len(text) <= DETAIL_CHARS else text[: DETAIL_CHARS - 1] + "…"
 
 
-async def _bounded(
+async def bounded(
     items: Iterable[T], work: Callable[[T], Awaitable[R]], concurrency: int
 ) -> list[R]:
     """`work` on each item, at most `concurrency` at once, results in order."""
