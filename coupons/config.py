@@ -2,6 +2,9 @@
 
 Every default points at the embedded stack that `make run` starts, so the command
 line and the worker work against it with no configuration at all.
+
+Over 500 lines on purpose: each setting is a field, its check and the variable that rebuilds
+it, and they are read together; split, a setting would live in three files.
 """
 
 from __future__ import annotations

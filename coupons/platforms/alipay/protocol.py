@@ -41,6 +41,9 @@ The gateway (all confirmed unless marked):
   over every parameter but `sign` and `sign_type`, empty ones too ([JV2]
   AlipaySignature.getSignCheckContentV1; for messages unconfirmed, standard); the receiver
   answers the plain text `success`, else Alipay delivers again (unconfirmed for messages).
+
+Over 500 lines on purpose: both sides of one signed protocol in one place, so the adapter and
+the simulator can only ever speak the same one.
 """
 
 from __future__ import annotations

@@ -53,6 +53,9 @@ Chosen where the documentation is silent (marked unconfirmed in the docs table):
 - The used message: the envelope of [MSG] with biz_content {id, activity_id, event_time (epoch
   ms), voucher_id, user_id | open_id (user_id for the simulator's user_ids)}; each delivery is
   stamped (utc_timestamp) and signed afresh, the same notify_id and biz_content.id.
+
+Over 500 lines on purpose: one face of one platform, its every method and rule beside the
+others they share state with; docs/platforms/alipay.md is its index.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""The platform's behaviour, protocol-neutral, and the `Face` a protocol puts on it."""
+"""The platform's behaviour, protocol-neutral, and the `Face` a protocol puts on it.
+
+Over 500 lines on purpose: the one store-backed behaviour every face puts its protocol on
+(batches, sends, lookups, uses, flows, faults); its parts share one transaction each.
+"""
 
 from __future__ import annotations
 

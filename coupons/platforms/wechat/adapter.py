@@ -50,6 +50,9 @@ Decisions where WeChat Pay and `Platform` differ:
   digest of it (deterministic, so retries agree).
 - 预充值 (no_cash false): starting the stock locks its budget from the merchant's balance; a
   balance too small is a refusal of the start naming that, not a coupon's budget running out.
+
+Over 500 lines on purpose: the whole of one platform's adapter, each method next to the
+published rules it follows; docs/platforms/wechat.md is its index.
 """
 
 from __future__ import annotations

@@ -49,6 +49,9 @@ What is not faithful: a stock is never `audit`; transaction ids, order amounts a
 merchants are made up; times are truncated to whole seconds (window and validity ends rounded
 up); the balance knob resets when the simulator restarts; the platform certificate is signed by
 itself, not by Tenpay.com Root CA.
+
+Over 500 lines on purpose: one face of one platform, its every endpoint and rule beside the
+others they share state with; docs/platforms/wechat.md is its index.
 """
 
 from __future__ import annotations
