@@ -20,8 +20,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from coupons import catalog, metrics
 from coupons import contract as act
 from coupons.errors import Refused
-from coupons.ledger import campaigns as batches
-from coupons.ledger import claims
+from coupons.ledger import batches, claims
 from coupons.ledger.claims import LedgerCoupon
 from coupons.model import (
     BatchReconciliation,

@@ -28,8 +28,8 @@ from app import wedged
 from app.running import StackRecord, record_settings, stack_settings, without_password
 from coupons import contract
 from coupons.config import Settings
-from coupons.ledger import campaigns as catalog_ledger
 from coupons.ledger import db
+from coupons.ledger.batches import list_batches, pending_intents
 from coupons.temporal import connect
 
 # Each check's own limit: a part that hangs is as down as one that refuses.
@@ -267,7 +267,7 @@ async def _failing_workflows(client: Client, settings: Settings) -> list[Finding
 
 
 async def _ledger(pool: AsyncConnectionPool) -> list[Finding]:
-    batches = await catalog_ledger.list_batches(pool)
+    batches = await list_batches(pool)
     drifted = [b for b in batches if b.drift]
     findings = [
         Finding(
@@ -277,7 +277,7 @@ async def _ledger(pool: AsyncConnectionPool) -> list[Finding]:
             or f"none in {len(batches)} batch(es) at their last sync",
         )
     ]
-    pending = await catalog_ledger.pending_intents(pool)
+    pending = await pending_intents(pool)
     late = [i for i in pending if datetime.now(UTC) - i.created_at > INTENT_LATE]
     detail = f"{len(pending)} platform change(s) waiting for the next sync" if pending else "none"
     if late:

@@ -58,12 +58,11 @@ from coupons.contract import (
     REPORT_REDEMPTION,
 )
 from coupons.errors import UNKNOWN_TASK, WRONG_STATE, InvalidField, Refused
-from coupons.ledger import campaigns as catalog_ledger
+from coupons.ledger import batches, campaigns, db, idempotency, notifications
 from coupons.ledger import claims as ledger
-from coupons.ledger import db, idempotency, notifications
 from coupons.ledger import tenants as tenant_ledger
+from coupons.ledger.batches import Batch as Batch
 from coupons.ledger.campaigns import CAMPAIGN_STATUSES as CAMPAIGN_STATUSES
-from coupons.ledger.campaigns import Batch as Batch
 from coupons.ledger.campaigns import Campaign as Campaign
 from coupons.ledger.campaigns import CampaignSpec as CampaignSpec
 from coupons.ledger.campaigns import Task as Task
@@ -472,7 +471,7 @@ async def create_batch(
 
 async def list_batches(b: Backends, *, tenant_id: str | None = None) -> list[Batch]:
     """Every batch (the tenant's, when given) as last synced."""
-    return await catalog_ledger.list_batches(b.pool, tenant_id=tenant_id)
+    return await batches.list_batches(b.pool, tenant_id=tenant_id)
 
 
 async def get_batch(b: Backends, batch_id: str, tenant_id: str | None = None) -> Batch:
@@ -592,7 +591,7 @@ async def list_campaigns(
     tenant_id: str | None = None,
 ) -> list[Campaign]:
     """Campaigns (of a batch, in a status, of a tenant, when given)."""
-    return await catalog_ledger.list_campaigns(
+    return await campaigns.list_campaigns(
         b.pool, batch_id=batch_id, status=status, tenant_id=tenant_id
     )
 

@@ -23,7 +23,7 @@ from bench.load import closed_loop, progress
 from coupons import catalog
 from coupons.config import Settings
 from coupons.contract import CATALOG_SYNC_WORKFLOW, RECONCILE_WORKFLOW
-from coupons.ledger import campaigns as batches
+from coupons.ledger import batches
 from coupons.ledger import claims as ledger
 from coupons.model import (
     BatchReconciliation,

@@ -40,7 +40,8 @@ from coupons.config import Settings
 from coupons.contract import RECONCILE_WORKFLOW
 from coupons.ledger import claims as ledger
 from coupons.ledger import db
-from coupons.ledger.campaigns import Batch, get_batch, get_campaign
+from coupons.ledger.batches import Batch, get_batch
+from coupons.ledger.campaigns import get_campaign
 from coupons.ledger.claims import ClaimRefused
 from coupons.model import CouponStatus, ReconcileInput, ReconcileReport, TaskCompletion
 from coupons.platforms.configured import make_platform

@@ -57,8 +57,8 @@ from chaos.sizes import Size
 from chaos.verify import EVIDENCE_PER_KIND
 from coupons.codec import encrypted_converter, ensure_keys
 from coupons.config import PLATFORMS
-from coupons.ledger import campaigns as ledger_catalog
 from coupons.ledger import claims as ledger
+from coupons.ledger.batches import Batch, list_batches, pending_intents
 
 log = logging.getLogger("chaos.operator")
 
@@ -301,10 +301,10 @@ async def _crashes(run: Run) -> None:
         elif crash_on:
             crashed += 1
     figures["crashes_between_platform_and_ledger"] = crashed
-    pending = await ledger_catalog.pending_intents(run.driver.pool)
+    pending = await pending_intents(run.driver.pool)
     figures["intents_pending_before_sync"] = len(pending)
     unknown = _unknown_to_ledger(
-        await run.driver.sim_batches(), await ledger_catalog.list_batches(run.driver.pool)
+        await run.driver.sim_batches(), await list_batches(run.driver.pool)
     )
     figures["platform_batches_unknown_before_sync"] = len(unknown)
     run.fault(
@@ -320,7 +320,7 @@ async def _crashes(run: Run) -> None:
 
 
 def _unknown_to_ledger(
-    platform: list[dict[str, Any]], batches: list[ledger_catalog.Batch]
+    platform: list[dict[str, Any]], batches: list[Batch]
 ) -> list[dict[str, Any]]:
     known = {b.platform_batch_id for b in batches if b.platform_batch_id}
     return [b for b in platform if b["batch_id"] not in known]
@@ -329,7 +329,7 @@ def _unknown_to_ledger(
 async def _compare_batches(run: Run) -> None:
     tally, figures, pool = _tally(run), run.result.figures, run.driver.pool
     platform = await run.driver.sim_batches()
-    batches = await ledger_catalog.list_batches(pool)
+    batches = await list_batches(pool)
     stats = await run.driver.sim_stats()
     figures["platform_batches"] = stats["batches"]
     figures["ledger_batches"] = len(batches)
@@ -344,7 +344,7 @@ async def _compare_batches(run: Run) -> None:
         tally.notes.append(
             f"/sim/stats counts {stats['batches']} batches, its store {len(platform)}"
         )
-    for intent in await ledger_catalog.pending_intents(pool):
+    for intent in await pending_intents(pool):
         tally.fail(
             "intents_left_pending",
             f"batch {intent.batch_id} {intent.operation} ({intent.attempts} attempts: "

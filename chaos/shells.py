@@ -22,8 +22,7 @@ from app.running import settings_from_env
 from chaos.harness import Harness
 from coupons import catalog
 from coupons.config import SECRET_SETTINGS
-from coupons.ledger import campaigns as ledger_catalog
-from coupons.ledger import db
+from coupons.ledger import batches, db
 from coupons.platforms.base import BatchAction
 from coupons.platforms.configured import make_platform
 
@@ -108,11 +107,11 @@ async def starter(env: Mapping[str, str], *argv: str) -> Answered:
 async def _child(order: Mapping[str, str]) -> None:
     """One catalog call, as `starter.py batch ...` makes it from a plain shell (this process's
     environment); dies at the ledger write that completes `crash_on`."""
-    complete = ledger_catalog.complete_intent
+    complete = batches.complete_intent
 
     async def die_before_writing(
-        pool: Any, intent: ledger_catalog.BatchIntent, *rest: Any
-    ) -> ledger_catalog.Batch:
+        pool: Any, intent: batches.BatchIntent, *rest: Any
+    ) -> batches.Batch:
         if intent.operation == order["crash_on"]:
             os._exit(CRASHED)  # the platform answered; the ledger never hears of it
         return await complete(pool, intent, *rest)
@@ -120,7 +119,7 @@ async def _child(order: Mapping[str, str]) -> None:
     settings = settings_from_env().with_stack_secrets()
     platform = make_platform(settings)
     try:
-        with mock.patch.object(ledger_catalog, "complete_intent", die_before_writing):
+        with mock.patch.object(batches, "complete_intent", die_before_writing):
             async with db.pool(settings.database_url, max_size=2) as pool:
                 batch_id = order["batch_id"]
                 if order["operation"] == "create":

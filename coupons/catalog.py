@@ -17,8 +17,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from coupons import validation as rules
 from coupons.errors import InvalidField, Refused
-from coupons.ledger import campaigns as ledger
-from coupons.ledger.campaigns import Batch, BatchUse, Campaign, CampaignSpec, Task
+from coupons.ledger import batches, campaigns
+from coupons.ledger.batches import Batch
+from coupons.ledger.campaigns import BatchUse, Campaign, CampaignSpec, Task
 from coupons.ledger.tenants import DEFAULT_TENANT, get_tenant
 from coupons.model import BatchSync
 from coupons.platforms.base import (
@@ -100,7 +101,7 @@ async def create_batch(
     validate_id("batch", batch_id)
     if await get_tenant(pool, tenant_id) is None:
         raise Refused("unknown_tenant", f"no tenant {tenant_id!r}")
-    existing = await ledger.get_batch(pool, batch_id)
+    existing = await batches.get_batch(pool, batch_id)
     if existing is not None and existing.tenant_id != tenant_id:
         raise Refused("batch_exists", f"batch id {batch_id!r} is taken")
     rules.QUANTITY.check("quantity", quantity)
@@ -130,12 +131,12 @@ async def create_batch(
         # call leaves a pending create that the next sync finishes, never a batch at the
         # platform that the ledger has not heard of. A ledger that cannot write it stops
         # here, before the platform is asked anything.
-        intent = await ledger.begin_create(pool, batch_id, tenant_id, _request(platform, asked))
+        intent = await batches.begin_create(pool, batch_id, tenant_id, _request(platform, asked))
         if intent is not None:
             return await _created(pool, platform, intent, tenant_id, start)
         # Taken meanwhile by a create running at the same time: that batch (or, if the
         # platform refused it since, the id is free again).
-        existing = await ledger.get_batch(pool, batch_id)
+        existing = await batches.get_batch(pool, batch_id)
         if existing is not None and existing.tenant_id != tenant_id:
             raise Refused("batch_exists", f"batch id {batch_id!r} is taken")
     return await _finished(pool, platform, existing, asked, start)
@@ -144,7 +145,7 @@ async def create_batch(
 async def _created(
     pool: AsyncConnectionPool,
     platform: Platform,
-    intent: ledger.BatchIntent,
+    intent: batches.BatchIntent,
     tenant_id: str,
     start: bool,
 ) -> Batch:
@@ -198,7 +199,7 @@ async def _finished(
         )
     settled = await _settle(pool, platform, existing)
     seen = await platform.get_batch(settled.batch.platform_batch_id)
-    stored = await ledger.upsert_batch(pool, existing.id, seen, existing.tenant_id)
+    stored = await batches.upsert_batch(pool, existing.id, seen, existing.tenant_id)
     if start and seen.status == BatchStatus.CREATED:
         stored = await _started(pool, platform, stored)
     return stored
@@ -207,12 +208,12 @@ async def _finished(
 async def _differences(pool: AsyncConnectionPool, existing: Batch, asked: BatchSpec) -> list[str]:
     """How `asked` differs from the batch held: from what the platform holds once created,
     from the request kept (all its terms, and a window when one is asked) while pending."""
-    if existing.status == ledger.PENDING:
+    if existing.status == batches.PENDING:
         creates = [
-            i for i in await ledger.pending_intents(pool, existing.id) if i.operation == "create"
+            i for i in await batches.pending_intents(pool, existing.id) if i.operation == "create"
         ]
         if creates:
-            kept = ledger.spec_of(creates[0])
+            kept = batches.spec_of(creates[0])
             names = [*_PENDING_TERMS, *(w for w in ("starts_at", "ends_at") if getattr(asked, w))]
             held = {name: getattr(kept, name) for name in names}
             wanted = {name: getattr(asked, name) for name in names}
@@ -248,7 +249,7 @@ async def _started(pool: AsyncConnectionPool, platform: Platform, batch: Batch) 
 
 
 async def _start_when_ready(
-    pool: AsyncConnectionPool, platform: Platform, intent: ledger.BatchIntent, tenant_id: str
+    pool: AsyncConnectionPool, platform: Platform, intent: batches.BatchIntent, tenant_id: str
 ) -> Batch:
     loop = asyncio.get_running_loop()
     give_up = loop.time() + START_PATIENCE.total_seconds()
@@ -275,7 +276,7 @@ async def get_batch(
 ) -> Batch:
     """The batch (of `tenant_id`, when given: another tenant's is as unknown as none)."""
     validate_id("batch", batch_id)
-    batch = await ledger.get_batch(pool, batch_id, tenant_id)
+    batch = await batches.get_batch(pool, batch_id, tenant_id)
     if batch is None:
         raise Refused("unknown_batch", f"no batch {batch_id!r}")
     return batch
@@ -311,12 +312,12 @@ async def sync_batch(pool: AsyncConnectionPool, platform: Platform, batch_id: st
     where it drifted from the ledger."""
     settled = await _settle(pool, platform, await get_batch(pool, batch_id))
     seen = await platform.get_batch(settled.batch.platform_batch_id)
-    stored = await ledger.upsert_batch(pool, batch_id, seen)
-    owes = await ledger.obligations(pool, batch_id)
+    stored = await batches.upsert_batch(pool, batch_id, seen)
+    owes = await batches.obligations(pool, batch_id)
     drift = [*drift_of(seen, owes), *settled.drift]
     if drift:
         log.warning("batch %s drifted: %s", batch_id, "; ".join(drift))
-    await ledger.record_sync(pool, batch_id, owes.owed, owes.backlog, drift)
+    await batches.record_sync(pool, batch_id, owes.owed, owes.backlog, drift)
     return BatchSync(
         batch_id=batch_id,
         platform_batch_id=seen.batch_id,
@@ -355,8 +356,8 @@ def _request(platform: Platform, spec: BatchSpec) -> BatchSpec:
 
 async def _intend(
     pool: AsyncConnectionPool, batch: Batch, action: BatchAction
-) -> ledger.BatchIntent:
-    return await ledger.intend_change(
+) -> batches.BatchIntent:
+    return await batches.intend_change(
         pool, batch.id, action, batch.platform_batch_id, batch_request_key(batch.id)
     )
 
@@ -364,7 +365,7 @@ async def _intend(
 async def _send(
     pool: AsyncConnectionPool,
     platform: Platform,
-    intent: ledger.BatchIntent,
+    intent: batches.BatchIntent,
     tenant_id: str,
     *,
     resend: bool = False,
@@ -381,31 +382,31 @@ async def _send(
         answer = await _ask(platform, intent)
     except PlatformKeyReused as err:
         if not resend:
-            await ledger.refuse_intent(pool, intent, str(err))
+            await batches.refuse_intent(pool, intent, str(err))
             raise
-        await ledger.intent_unanswered(pool, intent, str(err))
+        await batches.intent_unanswered(pool, intent, str(err))
         raise
     except PlatformRefused as err:
         done = await _already_done(platform, intent)
         if done is None:
-            await ledger.refuse_intent(pool, intent, str(err))
+            await batches.refuse_intent(pool, intent, str(err))
             raise
         answer = done
     except PlatformError as err:
-        await ledger.intent_unanswered(pool, intent, str(err))
+        await batches.intent_unanswered(pool, intent, str(err))
         raise
-    return await ledger.complete_intent(pool, intent, answer, tenant_id)
+    return await batches.complete_intent(pool, intent, answer, tenant_id)
 
 
-async def _ask(platform: Platform, intent: ledger.BatchIntent) -> PlatformBatch:
+async def _ask(platform: Platform, intent: batches.BatchIntent) -> PlatformBatch:
     if intent.operation == "create":
-        return await platform.create_batch(ledger.spec_of(intent))
+        return await platform.create_batch(batches.spec_of(intent))
     return await platform.change_batch(
         intent.request["platform_batch_id"], BatchAction(intent.request["action"])
     )
 
 
-async def _already_done(platform: Platform, intent: ledger.BatchIntent) -> PlatformBatch | None:
+async def _already_done(platform: Platform, intent: batches.BatchIntent) -> PlatformBatch | None:
     """The batch, when a refused change is one the platform shows done (a resend after an
     answer that was lost, say); None otherwise (and for a create, which has no batch yet)."""
     if intent.operation == "create":
@@ -422,7 +423,7 @@ async def _already_done(platform: Platform, intent: ledger.BatchIntent) -> Platf
 class _Settled:
     batch: Batch  # as the ledger holds it once its intents were sent
     # The oldest intent still pending (the platform not ready for it yet), and why.
-    waiting: ledger.BatchIntent | None = None
+    waiting: batches.BatchIntent | None = None
     why: str = ""
 
     @property
@@ -440,7 +441,7 @@ async def _settle(pool: AsyncConnectionPool, platform: Platform, batch: Batch) -
     asked after it). Raises when the create is refused (Refused: the batch is gone) or not
     answered, or when the platform cannot be reached (the caller, or the sync activity's
     retries, ask again)."""
-    for intent in await ledger.pending_intents(pool, batch.id):
+    for intent in await batches.pending_intents(pool, batch.id):
         try:
             batch = await _send(pool, platform, intent, batch.tenant_id, resend=True)
         except PlatformKeyReused as err:
@@ -475,7 +476,7 @@ async def _settle(pool: AsyncConnectionPool, platform: Platform, batch: Batch) -
     return _Settled(batch)
 
 
-def drift_of(seen: PlatformBatch, owes: ledger.Obligations) -> list[str]:
+def drift_of(seen: PlatformBatch, owes: batches.Obligations) -> list[str]:
     """Where the platform's batch no longer covers what the ledger promised."""
     drift = []
     if seen.remaining < owes.owed:
@@ -636,15 +637,16 @@ def _check_create(spec: CampaignSpec, use: BatchUse, existing: Campaign | None) 
 def _check_created(spec: CampaignSpec, batch: Batch | None) -> None:
     """A batch whose create the platform has not answered yet sends nothing: a campaign on
     it would fail every coupon claimed meanwhile."""
-    if batch is not None and batch.tenant_id == spec.tenant_id and batch.status == ledger.PENDING:
+    if batch is not None and batch.tenant_id == spec.tenant_id and batch.status == batches.PENDING:
         raise InvalidField(
-            "batch", f"batch {batch.id!r} is not created at the platform yet: {ledger.PENDING_NOTE}"
+            "batch",
+            f"batch {batch.id!r} is not created at the platform yet: {batches.PENDING_NOTE}",
         )
 
 
 async def create_campaign(pool: AsyncConnectionPool, spec: CampaignSpec) -> tuple[Campaign, bool]:
     """Create the campaign; the same definition again returns it (created False)."""
-    return await ledger.save_campaign(pool, spec, _check_create)
+    return await campaigns.save_campaign(pool, spec, _check_create)
 
 
 def _check_update(spec: CampaignSpec, use: BatchUse, existing: Campaign | None) -> None:
@@ -661,7 +663,7 @@ async def update_campaign(pool: AsyncConnectionPool, campaign_id: str, **changes
         spec = replace(current.spec(), **changes)
     except TypeError as err:
         raise Refused("invalid_request", f"cannot change that: {err}") from None
-    campaign, _ = await ledger.save_campaign(pool, spec, _check_update)
+    campaign, _ = await campaigns.save_campaign(pool, spec, _check_update)
     return campaign
 
 
@@ -670,7 +672,7 @@ async def get_campaign(
 ) -> Campaign:
     """The campaign (of `tenant_id`, when given: another tenant's is as unknown as none)."""
     validate_id("campaign", campaign_id)
-    campaign = await ledger.get_campaign(pool, campaign_id, tenant_id)
+    campaign = await campaigns.get_campaign(pool, campaign_id, tenant_id)
     if campaign is None:
         raise Refused("unknown_campaign", f"no campaign {campaign_id!r}")
     return campaign
@@ -690,7 +692,7 @@ async def change_campaign_status(
     """Pause, resume or end a campaign; repeating an action already done is a no-op."""
     allowed_from, target = _STATUS_ACTIONS[action]
     await get_campaign(pool, campaign_id, tenant_id)  # another tenant's is unknown
-    campaign, moved = await ledger.set_campaign_status(pool, campaign_id, allowed_from, target)
+    campaign, moved = await campaigns.set_campaign_status(pool, campaign_id, allowed_from, target)
     if campaign is None:
         raise Refused("unknown_campaign", f"no campaign {campaign_id!r}")
     if not moved and campaign.status != target:

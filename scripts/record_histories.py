@@ -35,7 +35,7 @@ from app.workers import build_workers, workflow_runner
 from coupons.catalog import ensure_campaign
 from coupons.config import Settings
 from coupons.ledger import db
-from coupons.ledger.campaigns import get_batch
+from coupons.ledger.batches import get_batch
 from coupons.model import (
     SEARCH_ATTRIBUTES,
     BudgetNotice,

@@ -37,7 +37,8 @@ from coupons import catalog, metrics
 from coupons.config import Settings
 from coupons.ledger import claims as ledger
 from coupons.ledger import db
-from coupons.ledger.campaigns import Batch, Campaign
+from coupons.ledger.batches import Batch
+from coupons.ledger.campaigns import Campaign
 from coupons.lifecycle import FINAL_STATES
 from coupons.model import SEARCH_ATTRIBUTES, CouponStatus
 from coupons.platforms.generic.adapter import RestPlatform

@@ -26,7 +26,7 @@ from app.workers import build_workers
 from coupons import catalog
 from coupons import contract as act
 from coupons.config import Settings
-from coupons.ledger import campaigns as ledger_catalog
+from coupons.ledger import batches
 from coupons.ledger import claims as ledger
 from coupons.model import BatchSync, IssueInput, SyncInput, SyncReport
 from coupons.platforms.base import (
@@ -101,7 +101,7 @@ async def test_coupons_wait_for_exhausted_budget_and_are_issued_promptly_once_it
             dry = await sync_one(client, settings, batch.id)
             assert (dry.remaining, dry.backlog, dry.woken) == (0, 3, 0)
             assert any("budget" in d for d in dry.drift), dry.drift
-            stored = await ledger_catalog.get_batch(pool, batch.id)
+            stored = await batches.get_batch(pool, batch.id)
             assert stored is not None and (stored.backlog, stored.drift) == (3, dry.drift)
             assert (await handles[0].query(UserCouponWorkflow.status)).state == "usable"
 

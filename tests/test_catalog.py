@@ -23,9 +23,10 @@ from app.claims import ClaimRefused, ClaimResult
 from coupons import catalog
 from coupons.config import Settings
 from coupons.errors import InvalidField, Refused
-from coupons.ledger import campaigns as ledger_catalog
+from coupons.ledger import batches, campaigns
 from coupons.ledger import claims as ledger
-from coupons.ledger.campaigns import Batch, CampaignSpec, Task
+from coupons.ledger.batches import Batch
+from coupons.ledger.campaigns import CampaignSpec, Task
 from coupons.platforms.base import BatchAction
 from coupons.platforms.generic.adapter import RestPlatform
 from tests.conftest import (
@@ -77,7 +78,7 @@ async def test_create_batch_makes_one_batch_at_the_platform_however_often_it_run
 
     assert after["batches"] - before["batches"] == 1
     assert again.platform_batch_id == first.platform_batch_id
-    stored = await ledger_catalog.get_batch(pool, batch_id)
+    stored = await batches.get_batch(pool, batch_id)
     assert stored is not None
     assert (stored.platform_batch_id, stored.status, stored.quantity, stored.remaining) == (
         first.platform_batch_id,
@@ -103,7 +104,7 @@ async def test_same_batch_id_with_other_terms_is_refused_and_changes_nothing(
     assert refused.value.code == "batch_exists"
     assert batch_id in refused.value.message
     assert (await sim_stats(simulator))["batches"] == before["batches"]
-    stored = await ledger_catalog.get_batch(pool, batch_id)
+    stored = await batches.get_batch(pool, batch_id)
     assert stored is not None
     assert (stored.platform_batch_id, stored.quantity, stored.remaining) == (
         created.platform_batch_id,
@@ -146,7 +147,7 @@ async def test_start_pause_resume_stop_are_reflected_in_the_ledger(
     seen = []
     for action in (BatchAction.START, BatchAction.PAUSE, BatchAction.RESUME, BatchAction.STOP):
         changed = await catalog.change_batch(pool, platform, batch.id, action)
-        stored = await ledger_catalog.get_batch(pool, batch.id)
+        stored = await batches.get_batch(pool, batch.id)
         assert stored is not None
         at_platform = (await simulator.get(f"/v1/batches/{batch.platform_batch_id}")).json()
         seen.append((changed.status, stored.status, at_platform["status"]))
@@ -172,7 +173,7 @@ async def test_an_invalid_batch_transition_is_refused_wrong_state(
         await catalog.change_batch(pool, platform, stopped.id, BatchAction.RESUME)
     assert resume_stopped.value.code == "wrong_state"
 
-    after = {b.id: b.status for b in await ledger_catalog.list_batches(pool)}
+    after = {b.id: b.status for b in await batches.list_batches(pool)}
     assert after == {created.id: "created", stopped.id: "stopped"}
 
 
@@ -191,7 +192,7 @@ async def test_sync_shows_the_platforms_new_remaining_and_a_newer_synced_at(
 
     assert second.remaining == 37
     assert second.synced_at > first.synced_at
-    stored = await ledger_catalog.get_batch(pool, batch.id)
+    stored = await batches.get_batch(pool, batch.id)
     assert stored is not None
     assert (stored.remaining, stored.synced_at) == (37, second.synced_at)
     assert await row_count(pool, "batches") == 1
@@ -210,7 +211,7 @@ async def test_sync_flags_drift_when_the_platform_has_less_than_we_owe(
     assert (synced.remaining, synced.owed, synced.backlog) == (2, 3, 0)
     assert len(synced.drift) == 1
     assert "2" in synced.drift[0] and "3" in synced.drift[0]
-    stored = await ledger_catalog.get_batch(pool, campaign.batch_id)
+    stored = await batches.get_batch(pool, campaign.batch_id)
     assert stored is not None
     assert (stored.owed, stored.drift) == (3, synced.drift)
 
@@ -230,7 +231,7 @@ async def test_sync_flags_a_batch_finished_at_the_platform_while_a_campaign_uses
     assert synced.status == status
     assert len(synced.drift) == 1
     assert status in synced.drift[0] and campaign.id in synced.drift[0]
-    stored = await ledger_catalog.get_batch(pool, campaign.batch_id)
+    stored = await batches.get_batch(pool, campaign.batch_id)
     assert stored is not None
     assert (stored.status, stored.drift) == (status, synced.drift)
 
@@ -272,7 +273,7 @@ async def test_sync_flags_no_drift_when_all_is_fine(
     synced = await catalog.sync_batch(pool, platform, campaign.batch_id)
 
     assert (synced.remaining, synced.owed, synced.drift) == (3, 3, [])
-    stored = await ledger_catalog.get_batch(pool, campaign.batch_id)
+    stored = await batches.get_batch(pool, campaign.batch_id)
     assert stored is not None and stored.drift == []
 
 
@@ -347,7 +348,7 @@ async def test_each_invalid_campaign_is_refused_with_its_own_message_naming_the_
     assert len(set(messages.values())) == len(cases), messages
     assert await row_count(pool, "campaigns") == 0
     # The batches are untouched by all of it.
-    stored = await ledger_catalog.get_batch(pool, batch.id)
+    stored = await batches.get_batch(pool, batch.id)
     assert stored is not None and (stored.quantity, stored.remaining) == (20, 20)
 
 
@@ -384,7 +385,7 @@ async def test_update_below_what_is_claimed_is_refused_and_changes_nothing(
 
     assert invalid.value.field == "quota"
     assert "3" in invalid.value.message
-    stored = await ledger_catalog.get_campaign(pool, campaign.id)
+    stored = await campaigns.get_campaign(pool, campaign.id)
     assert stored is not None
     assert (stored.quota, stored.claimed, stored.updated_at) == (5, 3, campaign.updated_at)
     # Down to exactly what is claimed is allowed.
@@ -408,7 +409,7 @@ async def test_create_again_with_the_same_spec_is_a_no_op_and_with_another_is_re
     with pytest.raises(Refused) as exists:
         await catalog.create_campaign(pool, spec_copy(spec, quota=11))
     assert exists.value.code == "campaign_exists"
-    stored = await ledger_catalog.get_campaign(pool, spec.id)
+    stored = await campaigns.get_campaign(pool, spec.id)
     assert stored == first
 
 
@@ -442,7 +443,7 @@ async def test_an_ended_campaign_can_no_longer_change(
     # Ending again is a no-op, not an error.
     again = await catalog.change_campaign_status(pool, campaign.id, "end")
     assert (again.status, again.ended_at) == ("ended", ended.ended_at)
-    stored = await ledger_catalog.get_campaign(pool, campaign.id)
+    stored = await campaigns.get_campaign(pool, campaign.id)
     assert stored == ended
 
 
@@ -505,7 +506,7 @@ async def test_a_sold_out_campaign_refuses_sold_out(
     campaign = await new_campaign(pool, platform, quota=1)
     await ledger.claim(pool, campaign.id, "first")
     assert await refusal(pool, campaign.id, "second") == "sold_out"
-    stored = await ledger_catalog.get_campaign(pool, campaign.id)
+    stored = await campaigns.get_campaign(pool, campaign.id)
     assert stored is not None and stored.claimed == 1
     assert await row_count(pool, "claims") == 1
 
@@ -552,7 +553,7 @@ async def test_a_finished_batch_refuses_batch_finished_and_a_holder_gets_their_c
             "UPDATE batches SET ends_at = now() - interval '1 minute' WHERE id = %s",
             campaign.batch_id,
         )
-    stored = await ledger_catalog.get_batch(pool, campaign.batch_id)
+    stored = await batches.get_batch(pool, campaign.batch_id)
     assert stored is not None
     expected_status = {"stopped by us": "stopped", "expired at the platform": "expired"}
     assert stored.status == expected_status.get(finish, "running")
@@ -561,7 +562,7 @@ async def test_a_finished_batch_refuses_batch_finished_and_a_holder_gets_their_c
     again, created_again = await ledger.claim(pool, campaign.id, "holder")
     assert (again.coupon_id, created_again) == (held.coupon_id, False)
     assert await row_count(pool, "claims") == 1
-    stored_campaign = await ledger_catalog.get_campaign(pool, campaign.id)
+    stored_campaign = await campaigns.get_campaign(pool, campaign.id)
     assert stored_campaign is not None and stored_campaign.claimed == 1
 
 
@@ -660,7 +661,7 @@ async def test_300_concurrent_claims_on_quota_50_give_50_coupons_and_250_sold_ou
             again = await service.claim(campaign.id, holder.user_id)
             assert (again.coupon_id, again.created) == (holder.coupon_id, False)
 
-        stored = await ledger_catalog.get_campaign(pool, campaign.id)
+        stored = await campaigns.get_campaign(pool, campaign.id)
         assert stored is not None and stored.claimed == 50
         assert await row_count(pool, "claims") == 50
         assert await scalar(pool, "SELECT count(*) FROM claims WHERE workflow_started") == 50

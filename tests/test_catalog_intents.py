@@ -32,9 +32,9 @@ from coupons import catalog
 from coupons import contract as act
 from coupons.config import Settings
 from coupons.errors import InvalidField, Refused
-from coupons.ledger import campaigns as ledger_catalog
-from coupons.ledger import db
-from coupons.ledger.campaigns import PENDING, CampaignSpec
+from coupons.ledger import batches, db
+from coupons.ledger.batches import PENDING
+from coupons.ledger.campaigns import CampaignSpec
 from coupons.model import SyncInput, SyncReport
 from coupons.platforms.base import BatchAction, BatchStatus, Platform
 from coupons.platforms.generic.adapter import RestPlatform
@@ -60,16 +60,16 @@ def _adapter(kind: str, url: str, keys_dir: str | None) -> Platform:
 
 async def _child(order: dict[str, Any]) -> None:
     """Run one catalog call; die at the ledger write that completes `crash_on`."""
-    complete = ledger_catalog.complete_intent
+    complete = batches.complete_intent
 
     async def die_before_writing(
-        pool: AsyncConnectionPool, intent: ledger_catalog.BatchIntent, *rest: Any
-    ) -> ledger_catalog.Batch:
+        pool: AsyncConnectionPool, intent: batches.BatchIntent, *rest: Any
+    ) -> batches.Batch:
         if intent.operation == order["crash_on"]:
             os._exit(CRASHED)  # the platform answered; the ledger never hears of it
         return await complete(pool, intent, *rest)
 
-    ledger_catalog.complete_intent = die_before_writing  # type: ignore[assignment]
+    batches.complete_intent = die_before_writing  # type: ignore[assignment]
     platform = _adapter(order["platform"], order["platform_url"], order.get("keys_dir"))
     async with db.pool(order["database_url"], schema=order["schema"]) as pool:
         if order["operation"] == "create":
@@ -115,10 +115,7 @@ def session_sim_file(run_dir: Path) -> Path:
 
 
 async def intents_of(pool: AsyncConnectionPool, batch_id: str) -> list[tuple[str, str, int]]:
-    return [
-        (i.operation, i.state, i.attempts)
-        for i in await ledger_catalog.batch_intents(pool, batch_id)
-    ]
+    return [(i.operation, i.state, i.attempts) for i in await batches.batch_intents(pool, batch_id)]
 
 
 def child_order(
@@ -162,8 +159,8 @@ async def test_a_create_whose_answer_never_reached_the_ledger_is_finished_by_the
     assert len(created_there) == 1
     pending = await catalog.get_batch(pool, batch_id)
     assert (pending.status, pending.platform_batch_id, pending.quantity) == (PENDING, "", 7)
-    assert pending.drift == [ledger_catalog.PENDING_NOTE]
-    assert [b.id for b in await ledger_catalog.list_batches(pool)] == [batch_id]
+    assert pending.drift == [batches.PENDING_NOTE]
+    assert [b.id for b in await batches.list_batches(pool)] == [batch_id]
     assert await intents_of(pool, batch_id) == [("create", "pending", 0)]
 
     async with running_workers(dev_env.client, pool, settings):
@@ -237,14 +234,14 @@ async def test_a_change_whose_answer_never_reached_the_ledger_is_finished_by_the
     assert (await platform.get_batch(batch.platform_batch_id)).status == target
     assert (await catalog.get_batch(pool, batch.id)).status == "running"  # never heard
     # Still read by the sync, even when the change was a stop.
-    assert batch.id in [b.id for b in await ledger_catalog.list_batches(pool, syncable_only=True)]
+    assert batch.id in [b.id for b in await batches.list_batches(pool, syncable_only=True)]
 
     synced = await catalog.sync_batch(pool, platform, batch.id)
     assert synced.status == target.value and synced.drift == []
     assert (await catalog.get_batch(pool, batch.id)).status == target.value
     # Sent again, the change was a no-op at the platform: done, not refused.
     assert (await intents_of(pool, batch.id))[-1] == (action.value, "done", 1)
-    assert await ledger_catalog.pending_intents(pool, batch.id) == []
+    assert await batches.pending_intents(pool, batch.id) == []
 
 
 async def test_a_pending_change_is_sent_before_the_next_one(
@@ -267,7 +264,7 @@ async def test_a_pending_change_is_sent_before_the_next_one(
         ("pause", "done", 1),
         ("resume", "done", 1),
     ]
-    keys = [i.request_key for i in await ledger_catalog.batch_intents(pool, batch.id)]
+    keys = [i.request_key for i in await batches.batch_intents(pool, batch.id)]
     assert keys[0] == catalog.batch_request_key(batch.id) and len(set(keys)) == 4
     assert (await catalog.sync_batch(pool, platform, batch.id)).status == "running"
 
@@ -281,7 +278,7 @@ async def test_a_refused_change_is_marked_so_and_changes_nothing_else(
     assert refused.value.code == "wrong_state"
     stored = await catalog.get_batch(pool, batch.id)
     assert (stored.status, stored.synced_at) == ("created", batch.synced_at)
-    (*_, pause) = await ledger_catalog.batch_intents(pool, batch.id)
+    (*_, pause) = await batches.batch_intents(pool, batch.id)
     assert (pause.operation, pause.state, pause.attempts) == ("pause", "refused", 1)
     assert pause.last_error is not None and "BATCH_STATE_INVALID" in pause.last_error
 
@@ -307,7 +304,7 @@ async def test_a_ledger_that_cannot_write_the_intent_means_no_platform_call(
     async def ledger_down(*_: Any) -> None:
         raise psycopg.OperationalError("connection refused")
 
-    monkeypatch.setattr(ledger_catalog, "begin_create", ledger_down)
+    monkeypatch.setattr(batches, "begin_create", ledger_down)
     down = new_id("b")
     with pytest.raises(psycopg.OperationalError):
         await catalog.create_batch(pool, platform, down, quantity=5)
@@ -315,7 +312,7 @@ async def test_a_ledger_that_cannot_write_the_intent_means_no_platform_call(
     assert (await sim_stats(simulator))["batches"] == before
     for batch_id in (overflow, down):
         assert sim_batches_for_key(session_sim_file(run_dir), f"batch-{batch_id}") == []
-        assert await ledger_catalog.get_batch(pool, batch_id) is None
+        assert await batches.get_batch(pool, batch_id) is None
 
 
 # ----------------------------------------------------------------- WeChat Pay

@@ -16,9 +16,10 @@ from psycopg_pool import AsyncConnectionPool
 from coupons import catalog, tenants
 from coupons.catalog import CampaignSpec
 from coupons.errors import InvalidField, Refused
-from coupons.ledger import campaigns as catalog_ledger
+from coupons.ledger import batches, campaigns
 from coupons.ledger import claims as ledger
-from coupons.ledger.campaigns import Batch, Campaign
+from coupons.ledger.batches import Batch
+from coupons.ledger.campaigns import Campaign
 from coupons.ledger.tenants import DEFAULT_TENANT, Tenant, list_keys, list_tenants
 from coupons.platforms.base import BatchAction
 from coupons.platforms.generic.adapter import RestPlatform
@@ -232,7 +233,7 @@ async def test_a_campaign_on_another_tenants_batch_is_refused_as_an_unknown_batc
             await catalog.create_campaign(pool, spec)
         assert refused.value.field == "batch"
         assert f"unknown batch {batch.id!r}" in str(refused.value)
-    assert await catalog_ledger.list_campaigns(pool) == []
+    assert await campaigns.list_campaigns(pool) == []
 
     # Its owner can, and a default campaign (the operator's) is the default tenant's.
     spec = CampaignSpec(id=new_id("c"), batch_id=batch.id, quota=5, tenant_id=a.id)
@@ -268,12 +269,10 @@ async def test_another_tenants_batch_and_campaign_are_unknown(
     assert (await catalog.get_campaign(pool, campaign.id)).status == "active"
     assert (await catalog.get_batch(pool, batch.id)).status == "running"
 
-    assert [c.id for c in await catalog_ledger.list_campaigns(pool, tenant_id=b.id)] == []
-    assert [c.id for c in await catalog_ledger.list_campaigns(pool, tenant_id=a.id)] == [
-        campaign.id
-    ]
-    assert [x.id for x in await catalog_ledger.list_batches(pool, tenant_id=b.id)] == []
-    assert [x.id for x in await catalog_ledger.list_batches(pool, tenant_id=a.id)] == [batch.id]
+    assert [c.id for c in await campaigns.list_campaigns(pool, tenant_id=b.id)] == []
+    assert [c.id for c in await campaigns.list_campaigns(pool, tenant_id=a.id)] == [campaign.id]
+    assert [x.id for x in await batches.list_batches(pool, tenant_id=b.id)] == []
+    assert [x.id for x in await batches.list_batches(pool, tenant_id=a.id)] == [batch.id]
 
 
 async def test_ids_taken_by_another_tenant_are_refused_and_left_as_they_are(

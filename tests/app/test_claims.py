@@ -26,7 +26,7 @@ from coupons.config import Settings
 from coupons.errors import Refused
 from coupons.ledger import campaigns
 from coupons.ledger import claims as ledger
-from coupons.ledger.campaigns import get_batch
+from coupons.ledger.batches import get_batch
 from coupons.model import (
     CancelRequest,
     CouponStatus,

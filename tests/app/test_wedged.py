@@ -53,7 +53,7 @@ from app.workers import watch_wedged_forever
 from coupons.codec import encrypted_converter, ensure_keys, load_keys
 from coupons.config import Settings
 from coupons.ledger import claims as ledger
-from coupons.ledger.campaigns import get_batch
+from coupons.ledger.batches import get_batch
 from coupons.model import (
     SEARCH_ATTRIBUTES,
     CouponInput,

@@ -11,7 +11,7 @@ from psycopg import AsyncConnection, sql
 from psycopg_pool import AsyncConnectionPool
 
 from app.embedded import EmbeddedPostgres
-from coupons.ledger import campaigns, claims, db
+from coupons.ledger import batches, claims, db
 from coupons.model import Receipt, Transition
 from coupons.platforms.base import BatchSpec
 from coupons.platforms.generic.adapter import RestPlatform
@@ -142,14 +142,14 @@ async def test_a_create_intent_keeps_the_whole_request_and_gives_it_back_the_sam
         starts_at=datetime(2026, 12, 1, 8, 0, 0, 123456, tzinfo=timezone(timedelta(hours=8))),
         ends_at=None,
     )
-    intent = await campaigns.begin_create(pool, "kept", "default", spec)
+    intent = await batches.begin_create(pool, "kept", "default", spec)
     assert intent is not None and intent.request_key == "batch-kept"
-    (pending,) = await campaigns.pending_intents(pool, "kept")
-    kept = campaigns.spec_of(pending)
+    (pending,) = await batches.pending_intents(pool, "kept")
+    kept = batches.spec_of(pending)
     assert kept == spec and kept.starts_at is not None
     assert kept.starts_at.utcoffset() == timedelta(hours=8)
     # The id is taken by the pending batch: a second create meets it.
-    assert await campaigns.begin_create(pool, "kept", "default", spec) is None
+    assert await batches.begin_create(pool, "kept", "default", spec) is None
     with pytest.raises(psycopg.errors.CheckViolation, match="pending_has_no_platform_id"):
         await pool_execute(pool, "UPDATE batches SET status = 'running' WHERE id = 'kept'")
 

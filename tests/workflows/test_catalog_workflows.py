@@ -38,8 +38,8 @@ from app.schedules import ensure_schedules
 from coupons import catalog
 from coupons import contract as act
 from coupons.config import Settings
-from coupons.ledger import campaigns as ledger_catalog
 from coupons.ledger import claims as ledger
+from coupons.ledger.batches import get_batch, list_batches
 from coupons.model import EndCampaignInput, EndProgress, SyncInput, SyncReport, TaskCompletion
 from coupons.platforms.base import BatchAction
 from coupons.platforms.generic.adapter import RestPlatform
@@ -103,7 +103,7 @@ async def test_catalog_sync_reports_every_batch_in_use_and_shows_drift(
 ) -> None:
     client = dev_env.client
     batches = await drifting_catalog(pool, platform, simulator)
-    before = {b.id: b.synced_at for b in await ledger_catalog.list_batches(pool)}
+    before = {b.id: b.synced_at for b in await list_batches(pool)}
     async with running_workers(client, pool, settings):
         handle = await start_workflow(
             client, settings, act.CATALOG_SYNC_WORKFLOW, SyncInput(), SyncReport
@@ -127,7 +127,7 @@ async def test_catalog_sync_reports_every_batch_in_use_and_shows_drift(
         assert batches[name] in details
     assert batches["fine"] not in details
 
-    stored = {b.id: b for b in await ledger_catalog.list_batches(pool)}
+    stored = {b.id: b for b in await list_batches(pool)}
     assert stored[batches["short"]].drift == by_id[batches["short"]].drift
     assert stored[batches["stopped"]].status == "stopped"
     assert stored[batches["fine"]].drift == []
@@ -152,7 +152,7 @@ async def test_catalog_sync_of_named_batches_on_the_time_skipping_server(
         )
     assert [b.batch_id for b in report.batches] == named
     assert [b.batch_id for b in report.drifted] == [batches["short"]]
-    stored = await ledger_catalog.get_batch(pool, batches["short"])
+    stored = await get_batch(pool, batches["short"])
     assert stored is not None and (stored.remaining, stored.owed) == (1, 3)
 
 
@@ -289,7 +289,7 @@ async def test_a_short_interval_schedule_starts_sync_runs_that_complete(
     for report in reports:
         assert [b.batch_id for b in report.batches] == [batch.id]
         assert report.failed == []
-    stored = await ledger_catalog.get_batch(pool, batch.id)
+    stored = await get_batch(pool, batch.id)
     assert stored is not None and stored.synced_at > batch.synced_at
 
 

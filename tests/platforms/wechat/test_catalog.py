@@ -14,7 +14,7 @@ from psycopg_pool import AsyncConnectionPool
 from app.embedded import SimulatorProcess
 from coupons import catalog
 from coupons.errors import Refused
-from coupons.ledger import campaigns as ledger_catalog
+from coupons.ledger import batches
 from coupons.platforms.base import BatchStatus, PlatformUnavailable
 from coupons.platforms.wechat.adapter import WechatPayPlatform
 from coupons.platforms.wechat.protocol import sim_merchant
@@ -44,7 +44,7 @@ async def test_a_refused_start_leaves_the_batch_in_the_ledger_and_says_how_to_st
         await catalog.create_batch(pool, adapter, batch_id, quantity=5)
     assert refused.value.code == "platform_refused"
     assert "balance" in refused.value.message and f"batch start {batch_id}" in refused.value.message
-    stored = await ledger_catalog.get_batch(pool, batch_id)
+    stored = await batches.get_batch(pool, batch_id)
     assert stored is not None and stored.status == BatchStatus.CREATED.value
     at_platform = await adapter.get_batch(stored.platform_batch_id)
     assert at_platform.status == BatchStatus.CREATED
@@ -66,7 +66,7 @@ async def test_a_start_that_gave_up_is_finished_by_asking_again_from_another_pro
     batch_id = new_id("batch")
     with pytest.raises(PlatformUnavailable, match=f"batch start {batch_id}"):
         await catalog.create_batch(pool, adapter, batch_id, quantity=5)
-    stored = await ledger_catalog.get_batch(pool, batch_id)
+    stored = await batches.get_batch(pool, batch_id)
     assert stored is not None and stored.status == BatchStatus.CREATED.value
     created = (await control.stats())["batches"]
 
