@@ -76,7 +76,7 @@ class CatalogActivities:
         """Upsert the platform's figures and flag drift; when budget is back, tell the
         coupons waiting for it to try again."""
         try:
-            synced = await catalog.sync_batch(self._pool, self._platform, batch_id)
+            synced = await catalog.batches.sync_batch(self._pool, self._platform, batch_id)
         except Refused as err:
             raise ApplicationError(str(err), type=err.code, non_retryable=True) from err
         if synced.backlog and synced.remaining > 0 and synced.status == BatchStatus.RUNNING:
@@ -268,7 +268,7 @@ async def _known_batch(pool: AsyncConnectionPool, batch_id: str) -> batches.Batc
     """The batch, or a non-retryable failure: no retry makes an unknown batch known, nor
     one whose create is pending (no platform id yet) reconcilable."""
     try:
-        batch = await catalog.get_batch(pool, batch_id)
+        batch = await catalog.batches.get_batch(pool, batch_id)
     except Refused as err:
         raise ApplicationError(str(err), type=err.code, non_retryable=True) from err
     if batch.status == batches.PENDING:

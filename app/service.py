@@ -207,7 +207,7 @@ async def claim(
     validate_id("user", user_id)
     if tenant_id is not None:
         # Campaigns never change tenant, so this check holds for the claim that follows.
-        await catalog.get_campaign(b.pool, campaign_id, tenant_id)
+        await catalog.campaigns.get_campaign(b.pool, campaign_id, tenant_id)
     try:
         return await ClaimService(b.pool, client, b.settings).claim(campaign_id, user_id)
     except RPCError as err:
@@ -465,8 +465,10 @@ async def create_batch(
     b: Backends, batch_id: str, *, tenant_id: str = DEFAULT_TENANT, **fields: Any
 ) -> Batch:
     """Create the batch at the platform (idempotent) and, unless `start=False`, start it;
-    `fields` are `coupons.catalog.create_batch`'s."""
-    return await catalog.create_batch(b.pool, b.platform, batch_id, tenant_id=tenant_id, **fields)
+    `fields` are `coupons.catalog.batches.create_batch`'s."""
+    return await catalog.batches.create_batch(
+        b.pool, b.platform, batch_id, tenant_id=tenant_id, **fields
+    )
 
 
 async def list_batches(b: Backends, *, tenant_id: str | None = None) -> list[Batch]:
@@ -476,7 +478,7 @@ async def list_batches(b: Backends, *, tenant_id: str | None = None) -> list[Bat
 
 async def get_batch(b: Backends, batch_id: str, tenant_id: str | None = None) -> Batch:
     """The batch as last synced; refused `unknown_batch`."""
-    return await catalog.get_batch(b.pool, batch_id, tenant_id)
+    return await catalog.batches.get_batch(b.pool, batch_id, tenant_id)
 
 
 async def change_batch(
@@ -488,7 +490,7 @@ async def change_batch(
     # Pausing or stopping a runaway batch must not wait for Temporal: only an action after
     # which the batch sends again needs it (to wake the coupons waiting for it).
     client = await b.client() if action in SENDS_AGAIN else None
-    batch = await catalog.change_batch(b.pool, b.platform, batch_id, action, tenant_id)
+    batch = await catalog.batches.change_batch(b.pool, b.platform, batch_id, action, tenant_id)
     if client is not None:
         try:
             await client.start_workflow(
@@ -511,7 +513,7 @@ async def sync_catalog(
     sync workflow; its id and report."""
     for batch_id in batch_ids or ():
         # Refused here, at once: the workflow would retry an unknown batch before giving up.
-        await catalog.get_batch(b.pool, batch_id)
+        await catalog.batches.get_batch(b.pool, batch_id)
     workflow_id = f"catalog-sync:manual:{uuid.uuid4()}"
     found = await _run_workflow(
         b, CATALOG_SYNC_WORKFLOW, SyncInput(batch_ids), workflow_id, SyncReport, timeout_s
@@ -526,7 +528,7 @@ async def reconcile(
     ledger, through the reconciliation workflow; its id and report."""
     if batch_id is not None:
         # Refused here, at once: the workflow would retry an unknown batch before giving up.
-        await catalog.get_batch(b.pool, batch_id)
+        await catalog.batches.get_batch(b.pool, batch_id)
     workflow_id = f"reconcile:manual:{uuid.uuid4()}"
     found = await _run_workflow(
         b,
@@ -570,17 +572,17 @@ def campaign_fields(campaign: Campaign) -> dict[str, Any]:
 
 async def create_campaign(b: Backends, spec: CampaignSpec) -> tuple[Campaign, bool]:
     """Define a campaign; the same definition again is a no-op (`created` False)."""
-    return await catalog.create_campaign(b.pool, spec)
+    return await catalog.campaigns.create_campaign(b.pool, spec)
 
 
 async def update_campaign(b: Backends, campaign_id: str, **changes: Any) -> Campaign:
     """Change some fields (`tenant_id` scopes); claims already made keep theirs."""
-    return await catalog.update_campaign(b.pool, campaign_id, **changes)
+    return await catalog.campaigns.update_campaign(b.pool, campaign_id, **changes)
 
 
 async def get_campaign(b: Backends, campaign_id: str, tenant_id: str | None = None) -> Campaign:
     """The campaign; refused `unknown_campaign`."""
-    return await catalog.get_campaign(b.pool, campaign_id, tenant_id)
+    return await catalog.campaigns.get_campaign(b.pool, campaign_id, tenant_id)
 
 
 async def list_campaigns(
@@ -600,7 +602,7 @@ async def change_campaign_status(
     b: Backends, campaign_id: str, action: str, tenant_id: str | None = None
 ) -> Campaign:
     """Pause, resume or end claims of the campaign."""
-    return await catalog.change_campaign_status(b.pool, campaign_id, action, tenant_id)
+    return await catalog.campaigns.change_campaign_status(b.pool, campaign_id, action, tenant_id)
 
 
 async def end_campaign(
@@ -616,7 +618,7 @@ async def end_campaign(
     if reason is not None and not expire_pending:
         raise InvalidField("reason", "applies only with expire_pending")
     client = await b.client() if expire_pending else None
-    campaign = await catalog.change_campaign_status(b.pool, campaign_id, "end", tenant_id)
+    campaign = await catalog.campaigns.change_campaign_status(b.pool, campaign_id, "end", tenant_id)
     if client is None:
         return campaign, None
     expire = EndCampaignInput(campaign.id)

@@ -44,7 +44,7 @@ from app.embedded import (
     set_own_parent_death_signal,
     stop_recorded,
 )
-from coupons.catalog import ensure_campaign
+from coupons.catalog.campaigns import ensure_campaign
 from coupons.config import ConfigError, Settings
 from coupons.errors import Refused
 from coupons.ledger import db

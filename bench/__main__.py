@@ -41,7 +41,7 @@ from bench.probes import IssuedWatcher, create_statement_stats, enable_statement
 from bench.proc import memory_gib
 from bench.sizes import SIZES, Size
 from bench.storm import api_campaign, measure_storm, measure_storm_api
-from coupons.catalog import ensure_campaign
+from coupons.catalog.campaigns import ensure_campaign
 from coupons.config import PLATFORMS, Settings
 from coupons.ledger import db
 from coupons.platforms.configured import make_platform

@@ -90,14 +90,14 @@ def _simulator(settings: Settings) -> httpx.AsyncClient:
 async def measure_sync(
     client: Client, pool: AsyncConnectionPool, settings: Settings, *, n: int
 ) -> dict[str, Any]:
-    """Create `n` batches (catalog.create_batch: created and started at the platform,
+    """Create `n` batches (catalog.batches.create_batch: created and started at the platform,
     stored), change some at the platform, then one catalog sync over them all."""
     ids = [f"bench-sync-{i:04d}" for i in range(n)]
     platform = make_platform(settings)
     try:
 
         async def create(batch_id: str) -> None:
-            await catalog.create_batch(pool, platform, batch_id, quantity=SYNC_QUANTITY)
+            await catalog.batches.create_batch(pool, platform, batch_id, quantity=SYNC_QUANTITY)
 
         began = time.monotonic()
         await _each(ids, create)
@@ -110,7 +110,7 @@ async def measure_sync(
     async with _simulator(settings) as sim:
 
         async def change(batch_id: str) -> None:
-            batch = await catalog.get_batch(pool, batch_id)
+            batch = await catalog.batches.get_batch(pool, batch_id)
             response = await sim.put(
                 f"/sim/batches/{batch.platform_batch_id}", json={"remaining": CHANGED_REMAINING}
             )
@@ -141,7 +141,7 @@ async def measure_sync(
         "measure": "one CatalogSyncWorkflow over the batches, from start to result: per "
         "batch a platform read, the ledger upsert, the obligations and drift check; "
         f"{len(changed)} of them given a new budget at the platform first (changes_seen: "
-        "the ledger shows it after the sync). Creation: catalog.create_batch, "
+        "the ledger shows it after the sync). Creation: catalog.batches.create_batch, "
         f"{FAN_OUT} at once",
     }
 
@@ -187,7 +187,7 @@ async def measure_reconcile(
         await closed_loop(
             "reconciliation top-up", top_up, concurrency, lambda i: driver.whole(f"recon-{i}")
         )
-    batch = await catalog.get_batch(pool, batch_id)
+    batch = await catalog.batches.get_batch(pool, batch_id)
     async with _simulator(settings) as sim:
         response = await sim.get(f"/sim/batches/{batch.platform_batch_id}/coupons")
         response.raise_for_status()

@@ -25,7 +25,7 @@ from psycopg_pool import AsyncConnectionPool
 from app.embedded import ManagedProcess
 from bench.load import closed_loop, progress
 from bench.stats import summary_ms
-from coupons.catalog import ensure_campaign
+from coupons.catalog.campaigns import ensure_campaign
 from coupons.config import Settings
 from coupons.ledger import claims as ledger
 from coupons.ledger import db

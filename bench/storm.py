@@ -27,10 +27,10 @@ from bench.load import progress
 from bench.proc import CpuSplit
 from bench.stats import summary_ms
 from coupons import catalog
-from coupons.catalog import CampaignSpec, Task
 from coupons.config import Settings
 from coupons.ledger import claims as ledger
 from coupons.ledger import db
+from coupons.ledger.campaigns import CampaignSpec, Task
 from coupons.platforms.configured import make_platform
 from coupons.tenants import create_key, create_tenant
 
@@ -141,10 +141,10 @@ async def api_campaign(settings: Settings, campaign_id: str, quota: int) -> str:
         async with db.pool(settings.database_url, max_size=2) as pool:
             tenant, _ = await create_tenant(pool, f"{campaign_id} tenant")
             key = await create_key(pool, tenant.id, "app")
-            await catalog.create_batch(
+            await catalog.batches.create_batch(
                 pool, platform, campaign_id, quantity=quota, tenant_id=tenant.id
             )
-            await catalog.create_campaign(
+            await catalog.campaigns.create_campaign(
                 pool,
                 CampaignSpec(
                     id=campaign_id,

@@ -35,7 +35,7 @@ from temporalio.client import (
 from app.claims import ClaimResult, ClaimService
 from app.embedded import ManagedProcess, free_port
 from app.stack import HARNESS_SIMULATOR_KNOBS, Stack
-from coupons.catalog import ensure_campaign
+from coupons.catalog.campaigns import ensure_campaign
 from coupons.config import Settings
 from coupons.contract import RECONCILE_WORKFLOW
 from coupons.ledger import claims as ledger

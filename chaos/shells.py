@@ -123,12 +123,12 @@ async def _child(order: Mapping[str, str]) -> None:
             async with db.pool(settings.database_url, max_size=2) as pool:
                 batch_id = order["batch_id"]
                 if order["operation"] == "create":
-                    await catalog.create_batch(
+                    await catalog.batches.create_batch(
                         pool, platform, batch_id, quantity=CRASH_BATCH_QUANTITY
                     )
                 else:
                     action = BatchAction(order["operation"])
-                    await catalog.change_batch(pool, platform, batch_id, action)
+                    await catalog.batches.change_batch(pool, platform, batch_id, action)
     finally:
         await platform.aclose()
 

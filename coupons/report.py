@@ -87,7 +87,7 @@ async def funnel_report(
 ) -> FunnelReport:
     """The funnel of `campaign_id` (of `tenant_id`, when given); an unknown campaign, or
     another tenant's, is refused as `unknown_campaign`."""
-    campaign = await catalog.get_campaign(pool, campaign_id, tenant_id)
+    campaign = await catalog.campaigns.get_campaign(pool, campaign_id, tenant_id)
     counts = await ledger.funnel(pool, campaign.id, TASK_TIME_BINS)
     exits = {name: counts.reached.get(name, 0) for name in EXITS}
     return FunnelReport(

@@ -32,7 +32,7 @@ from app.claims import ClaimService
 from app.embedded import EmbeddedPostgres, SimulatorProcess, find_binary, free_port
 from app.wedged import recover
 from app.workers import build_workers, workflow_runner
-from coupons.catalog import ensure_campaign
+from coupons.catalog.campaigns import ensure_campaign
 from coupons.config import Settings
 from coupons.ledger import db
 from coupons.ledger.batches import get_batch

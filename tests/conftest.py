@@ -236,7 +236,7 @@ async def ledger_states(pool: AsyncConnectionPool, coupon_id: str) -> list[tuple
 async def new_batch(pool: AsyncConnectionPool, platform: RestPlatform, **kwargs: Any) -> Batch:
     """A batch (20 coupons unless told otherwise) at the simulator and in the ledger."""
     kwargs.setdefault("quantity", 20)
-    return await catalog.create_batch(pool, platform, new_id("b"), **kwargs)
+    return await catalog.batches.create_batch(pool, platform, new_id("b"), **kwargs)
 
 
 async def new_campaign(
@@ -245,7 +245,7 @@ async def new_campaign(
     """A campaign (and its batch at the simulator) with an id no other test uses."""
     kwargs.setdefault("required_tasks", [TASK])
     kwargs.setdefault("quota", 10)
-    return await catalog.ensure_campaign(pool, platform, new_id("c"), **kwargs)
+    return await catalog.campaigns.ensure_campaign(pool, platform, new_id("c"), **kwargs)
 
 
 async def set_at_platform(
@@ -253,7 +253,7 @@ async def set_at_platform(
 ) -> None:
     """Change our batch `batch_id` at the simulator behind the service's back, as the
     platform's own operator can (`remaining`, `status`); the ledger learns it at a sync."""
-    batch = await catalog.get_batch(pool, batch_id)
+    batch = await catalog.batches.get_batch(pool, batch_id)
     response = await simulator.put(f"/sim/batches/{batch.platform_batch_id}", json=changes)
     response.raise_for_status()
 

@@ -83,7 +83,7 @@ async def test_coupons_wait_for_exhausted_budget_and_are_issued_promptly_once_it
 ) -> None:
     client = dev_env.client
     campaign = await new_campaign(pool, platform, required_tasks=[], quota=10)
-    batch = await catalog.get_batch(pool, campaign.batch_id)
+    batch = await catalog.batches.get_batch(pool, campaign.batch_id)
     await set_at_platform(pool, simulator, batch.id, remaining=0)
     results: list[ClaimResult] = []
     before = await sim_stats(simulator)
@@ -185,7 +185,9 @@ async def test_a_paused_batch_holds_coupons_until_resumed(
 ) -> None:
     client = dev_env.client
     campaign = await new_campaign(pool, platform, required_tasks=[], quota=10)
-    paused = await catalog.change_batch(pool, platform, campaign.batch_id, BatchAction.PAUSE)
+    paused = await catalog.batches.change_batch(
+        pool, platform, campaign.batch_id, BatchAction.PAUSE
+    )
     assert paused.status == "paused"
     results: list[ClaimResult] = []
     try:
@@ -347,7 +349,7 @@ async def test_an_issue_activity_scheduled_before_the_budget_wait_keeps_retrying
     backoff) instead of raising the failure only newer workflows know how to wait on."""
     campaign = await new_campaign(pool, platform, required_tasks=[])
     claim, _ = await ledger.claim(pool, campaign.id, "old-timer")
-    batch = await catalog.change_batch(pool, platform, campaign.batch_id, BatchAction.PAUSE)
+    batch = await catalog.batches.change_batch(pool, platform, campaign.batch_id, BatchAction.PAUSE)
     activities = PlatformActivities(platform, pool, lag_window_s=1.0)
     env = ActivityEnvironment()
     older = IssueInput(claim.coupon_id, batch.platform_batch_id, claim.user_id, None)

@@ -72,8 +72,12 @@ async def test_create_batch_makes_one_batch_at_the_platform_however_often_it_run
 ) -> None:
     before = await sim_stats(simulator)
     batch_id = new_id("b")
-    first = await catalog.create_batch(pool, platform, batch_id, quantity=100, valid_days=10)
-    again = await catalog.create_batch(pool, platform, batch_id, quantity=100, valid_days=10)
+    first = await catalog.batches.create_batch(
+        pool, platform, batch_id, quantity=100, valid_days=10
+    )
+    again = await catalog.batches.create_batch(
+        pool, platform, batch_id, quantity=100, valid_days=10
+    )
     after = await sim_stats(simulator)
 
     assert after["batches"] - before["batches"] == 1
@@ -95,11 +99,11 @@ async def test_same_batch_id_with_other_terms_is_refused_and_changes_nothing(
     pool: AsyncConnectionPool, platform: RestPlatform, simulator: httpx.AsyncClient
 ) -> None:
     batch_id = new_id("b")
-    created = await catalog.create_batch(pool, platform, batch_id, quantity=100)
+    created = await catalog.batches.create_batch(pool, platform, batch_id, quantity=100)
     before = await sim_stats(simulator)
 
     with pytest.raises(Refused) as refused:
-        await catalog.create_batch(pool, platform, batch_id, quantity=200)
+        await catalog.batches.create_batch(pool, platform, batch_id, quantity=200)
 
     assert refused.value.code == "batch_exists"
     assert batch_id in refused.value.message
@@ -131,7 +135,7 @@ async def test_a_bad_batch_term_is_refused_naming_the_field_and_writes_nothing_a
 ) -> None:
     before = await sim_stats(simulator)
     with pytest.raises(InvalidField) as invalid:
-        await catalog.create_batch(pool, platform, new_id("b"), **terms)
+        await catalog.batches.create_batch(pool, platform, new_id("b"), **terms)
     assert invalid.value.field == field
     assert invalid.value.code == "invalid_request"
     assert field in str(invalid.value)
@@ -146,7 +150,7 @@ async def test_start_pause_resume_stop_are_reflected_in_the_ledger(
     assert batch.status == "created"
     seen = []
     for action in (BatchAction.START, BatchAction.PAUSE, BatchAction.RESUME, BatchAction.STOP):
-        changed = await catalog.change_batch(pool, platform, batch.id, action)
+        changed = await catalog.batches.change_batch(pool, platform, batch.id, action)
         stored = await batches.get_batch(pool, batch.id)
         assert stored is not None
         at_platform = (await simulator.get(f"/v1/batches/{batch.platform_batch_id}")).json()
@@ -164,13 +168,13 @@ async def test_an_invalid_batch_transition_is_refused_wrong_state(
 ) -> None:
     created = await new_batch(pool, platform, start=False)
     with pytest.raises(Refused) as pause_created:
-        await catalog.change_batch(pool, platform, created.id, BatchAction.PAUSE)
+        await catalog.batches.change_batch(pool, platform, created.id, BatchAction.PAUSE)
     assert pause_created.value.code == "wrong_state"
 
     stopped = await new_batch(pool, platform)
-    await catalog.change_batch(pool, platform, stopped.id, BatchAction.STOP)
+    await catalog.batches.change_batch(pool, platform, stopped.id, BatchAction.STOP)
     with pytest.raises(Refused) as resume_stopped:
-        await catalog.change_batch(pool, platform, stopped.id, BatchAction.RESUME)
+        await catalog.batches.change_batch(pool, platform, stopped.id, BatchAction.RESUME)
     assert resume_stopped.value.code == "wrong_state"
 
     after = {b.id: b.status for b in await batches.list_batches(pool)}
@@ -184,11 +188,11 @@ async def test_sync_shows_the_platforms_new_remaining_and_a_newer_synced_at(
     pool: AsyncConnectionPool, platform: RestPlatform, simulator: httpx.AsyncClient
 ) -> None:
     batch = await new_batch(pool, platform, quantity=100)
-    first = await catalog.sync_batch(pool, platform, batch.id)
+    first = await catalog.batches.sync_batch(pool, platform, batch.id)
     assert (first.remaining, first.status, first.drift) == (100, "running", [])
 
     await set_at_platform(pool, simulator, batch.id, remaining=37)
-    second = await catalog.sync_batch(pool, platform, batch.id)
+    second = await catalog.batches.sync_batch(pool, platform, batch.id)
 
     assert second.remaining == 37
     assert second.synced_at > first.synced_at
@@ -206,7 +210,7 @@ async def test_sync_flags_drift_when_the_platform_has_less_than_we_owe(
         await ledger.claim(pool, campaign.id, f"owed-{i}")  # received, deadline open
     await set_at_platform(pool, simulator, campaign.batch_id, remaining=2)
 
-    synced = await catalog.sync_batch(pool, platform, campaign.batch_id)
+    synced = await catalog.batches.sync_batch(pool, platform, campaign.batch_id)
 
     assert (synced.remaining, synced.owed, synced.backlog) == (2, 3, 0)
     assert len(synced.drift) == 1
@@ -226,7 +230,7 @@ async def test_sync_flags_a_batch_finished_at_the_platform_while_a_campaign_uses
     campaign = await new_campaign(pool, platform, quota=10)
     await set_at_platform(pool, simulator, campaign.batch_id, status=status)
 
-    synced = await catalog.sync_batch(pool, platform, campaign.batch_id)
+    synced = await catalog.batches.sync_batch(pool, platform, campaign.batch_id)
 
     assert synced.status == status
     assert len(synced.drift) == 1
@@ -240,9 +244,9 @@ async def test_only_usable_and_received_coupons_within_their_deadline_are_owed(
     pool: AsyncConnectionPool, platform: RestPlatform, simulator: httpx.AsyncClient
 ) -> None:
     batch = await new_batch(pool, platform, quantity=15)
-    open_, _ = await catalog.create_campaign(pool, spec_on(batch, quota=5))
-    lapsed, _ = await catalog.create_campaign(pool, spec_on(batch, quota=5))
-    free, _ = await catalog.create_campaign(pool, spec_on(batch, quota=5, tasks=[]))
+    open_, _ = await catalog.campaigns.create_campaign(pool, spec_on(batch, quota=5))
+    lapsed, _ = await catalog.campaigns.create_campaign(pool, spec_on(batch, quota=5))
+    free, _ = await catalog.campaigns.create_campaign(pool, spec_on(batch, quota=5, tasks=[]))
     await ledger.claim(pool, open_.id, "u1")  # received, deadline open: owed
     past, _ = await ledger.claim(pool, lapsed.id, "u1")  # received, deadline passed: not owed
     # Its deadline passed (the workflow that would expire it is not running here).
@@ -255,11 +259,11 @@ async def test_only_usable_and_received_coupons_within_their_deadline_are_owed(
     await ledger.claim(pool, free.id, "u2")
     await set_at_platform(pool, simulator, batch.id, remaining=3)
 
-    synced = await catalog.sync_batch(pool, platform, batch.id)
+    synced = await catalog.batches.sync_batch(pool, platform, batch.id)
 
     assert (synced.owed, synced.backlog, synced.drift) == (3, 2, [])
     await set_at_platform(pool, simulator, batch.id, remaining=2)
-    assert (await catalog.sync_batch(pool, platform, batch.id)).drift != []
+    assert (await catalog.batches.sync_batch(pool, platform, batch.id)).drift != []
 
 
 async def test_sync_flags_no_drift_when_all_is_fine(
@@ -270,7 +274,7 @@ async def test_sync_flags_no_drift_when_all_is_fine(
         await ledger.claim(pool, campaign.id, f"fine-{i}")
     await set_at_platform(pool, simulator, campaign.batch_id, remaining=3)
 
-    synced = await catalog.sync_batch(pool, platform, campaign.batch_id)
+    synced = await catalog.batches.sync_batch(pool, platform, campaign.batch_id)
 
     assert (synced.remaining, synced.owed, synced.drift) == (3, 3, [])
     stored = await batches.get_batch(pool, campaign.batch_id)
@@ -281,10 +285,10 @@ async def test_an_ended_campaign_on_a_stopped_batch_is_no_drift(
     pool: AsyncConnectionPool, platform: RestPlatform, simulator: httpx.AsyncClient
 ) -> None:
     campaign = await new_campaign(pool, platform, quota=10)
-    await catalog.change_campaign_status(pool, campaign.id, "end")
+    await catalog.campaigns.change_campaign_status(pool, campaign.id, "end")
     await set_at_platform(pool, simulator, campaign.batch_id, status="stopped")
 
-    synced = await catalog.sync_batch(pool, platform, campaign.batch_id)
+    synced = await catalog.batches.sync_batch(pool, platform, campaign.batch_id)
 
     assert (synced.status, synced.drift) == ("stopped", [])
 
@@ -305,7 +309,7 @@ async def test_each_invalid_campaign_is_refused_with_its_own_message_naming_the_
     batch = await new_batch(pool, platform, quantity=20, per_user_limit=2, valid_days=10)
     assert batch.ends_at is not None
     stopped = await new_batch(pool, platform)
-    await catalog.change_batch(pool, platform, stopped.id, BatchAction.STOP)
+    await catalog.batches.change_batch(pool, platform, stopped.id, BatchAction.STOP)
     now = datetime.now(UTC)
     cases = {
         "quota above the batch": ("quota", spec_on(batch, quota=21)),
@@ -339,7 +343,7 @@ async def test_each_invalid_campaign_is_refused_with_its_own_message_naming_the_
     messages = {}
     for case, (field, spec) in cases.items():
         with pytest.raises(InvalidField) as invalid:
-            await catalog.create_campaign(pool, spec)
+            await catalog.campaigns.create_campaign(pool, spec)
         assert invalid.value.field == field, case
         assert invalid.value.code == "invalid_request", case
         assert str(invalid.value.message).startswith(f"{field}: "), case
@@ -367,7 +371,7 @@ async def test_valid_edges_of_each_rule_are_accepted(
         task_deadline=4 * DAY,
         deadline_at=batch.ends_at,
     )
-    campaign, created = await catalog.create_campaign(pool, spec)
+    campaign, created = await catalog.campaigns.create_campaign(pool, spec)
     assert created
     assert campaign.spec() == spec
     assert await row_count(pool, "campaigns") == 1
@@ -381,7 +385,7 @@ async def test_update_below_what_is_claimed_is_refused_and_changes_nothing(
         await ledger.claim(pool, campaign.id, f"holder-{i}")
 
     with pytest.raises(InvalidField) as invalid:
-        await catalog.update_campaign(pool, campaign.id, quota=2)
+        await catalog.campaigns.update_campaign(pool, campaign.id, quota=2)
 
     assert invalid.value.field == "quota"
     assert "3" in invalid.value.message
@@ -389,7 +393,7 @@ async def test_update_below_what_is_claimed_is_refused_and_changes_nothing(
     assert stored is not None
     assert (stored.quota, stored.claimed, stored.updated_at) == (5, 3, campaign.updated_at)
     # Down to exactly what is claimed is allowed.
-    lowered = await catalog.update_campaign(pool, campaign.id, quota=3)
+    lowered = await catalog.campaigns.update_campaign(pool, campaign.id, quota=3)
     assert (lowered.quota, lowered.claimed) == (3, 3)
 
 
@@ -398,8 +402,8 @@ async def test_create_again_with_the_same_spec_is_a_no_op_and_with_another_is_re
 ) -> None:
     batch = await new_batch(pool, platform)
     spec = spec_on(batch, quota=10, task_deadline=3 * DAY, name="spring")
-    first, created = await catalog.create_campaign(pool, spec)
-    again, created_again = await catalog.create_campaign(pool, spec_copy(spec))
+    first, created = await catalog.campaigns.create_campaign(pool, spec)
+    again, created_again = await catalog.campaigns.create_campaign(pool, spec_copy(spec))
 
     assert (created, created_again) == (True, False)
     assert again.updated_at == first.updated_at
@@ -407,7 +411,7 @@ async def test_create_again_with_the_same_spec_is_a_no_op_and_with_another_is_re
     assert await row_count(pool, "campaigns") == 1
 
     with pytest.raises(Refused) as exists:
-        await catalog.create_campaign(pool, spec_copy(spec, quota=11))
+        await catalog.campaigns.create_campaign(pool, spec_copy(spec, quota=11))
     assert exists.value.code == "campaign_exists"
     stored = await campaigns.get_campaign(pool, spec.id)
     assert stored == first
@@ -422,7 +426,7 @@ async def test_concurrent_creates_of_one_campaign_make_one_and_answer_all(
     spec = spec_on(batch, quota=10)
     await warm_up(pool, 5)
     outcomes = await asyncio.gather(
-        *(catalog.create_campaign(pool, spec_copy(spec)) for _ in range(5)),
+        *(catalog.campaigns.create_campaign(pool, spec_copy(spec)) for _ in range(5)),
         return_exceptions=True,
     )
     failures = [o for o in outcomes if isinstance(o, BaseException)]
@@ -435,13 +439,13 @@ async def test_an_ended_campaign_can_no_longer_change(
     pool: AsyncConnectionPool, platform: RestPlatform
 ) -> None:
     campaign = await new_campaign(pool, platform, quota=5)
-    ended = await catalog.change_campaign_status(pool, campaign.id, "end")
+    ended = await catalog.campaigns.change_campaign_status(pool, campaign.id, "end")
     assert ended.status == "ended" and ended.ended_at is not None
     with pytest.raises(Refused) as refused:
-        await catalog.update_campaign(pool, campaign.id, quota=4)
+        await catalog.campaigns.update_campaign(pool, campaign.id, quota=4)
     assert refused.value.code == "wrong_state"
     # Ending again is a no-op, not an error.
-    again = await catalog.change_campaign_status(pool, campaign.id, "end")
+    again = await catalog.campaigns.change_campaign_status(pool, campaign.id, "end")
     assert (again.status, again.ended_at) == ("ended", ended.ended_at)
     stored = await campaigns.get_campaign(pool, campaign.id)
     assert stored == ended
@@ -466,10 +470,10 @@ async def test_claims_outside_the_window_are_refused_not_open_and_closed(
 ) -> None:
     batch = await new_batch(pool, platform)
     now = datetime.now(UTC)
-    early, _ = await catalog.create_campaign(
+    early, _ = await catalog.campaigns.create_campaign(
         pool, spec_on(batch, starts_at=now + timedelta(hours=1), ends_at=now + DAY)
     )
-    late, _ = await catalog.create_campaign(
+    late, _ = await catalog.campaigns.create_campaign(
         pool, spec_on(batch, starts_at=now - DAY, ends_at=now - timedelta(hours=1))
     )
 
@@ -484,19 +488,19 @@ async def test_claims_on_a_paused_or_ended_campaign_are_refused_with_distinct_co
 ) -> None:
     paused = await new_campaign(pool, platform)
     ended = await new_campaign(pool, platform)
-    await catalog.change_campaign_status(pool, paused.id, "pause")
-    await catalog.change_campaign_status(pool, ended.id, "end")
+    await catalog.campaigns.change_campaign_status(pool, paused.id, "pause")
+    await catalog.campaigns.change_campaign_status(pool, ended.id, "end")
 
     assert await refusal(pool, paused.id, "u1") == "campaign_paused"
     assert await refusal(pool, ended.id, "u1") == "campaign_ended"
     assert await row_count(pool, "claims") == 0
 
     # Resumed, the paused one takes claims again; the ended one never does.
-    await catalog.change_campaign_status(pool, paused.id, "resume")
+    await catalog.campaigns.change_campaign_status(pool, paused.id, "resume")
     claim, created = await ledger.claim(pool, paused.id, "u1")
     assert created and claim.state == "received"
     with pytest.raises(Refused) as resume_ended:
-        await catalog.change_campaign_status(pool, ended.id, "resume")
+        await catalog.campaigns.change_campaign_status(pool, ended.id, "resume")
     assert resume_ended.value.code == "wrong_state"
 
 
@@ -524,7 +528,7 @@ async def test_a_holders_repeated_claim_returns_their_coupon_when_paused_or_sold
     assert (again.coupon_id, created_again) == (held.coupon_id, False)
 
     # Paused: the same.
-    await catalog.change_campaign_status(pool, campaign.id, "pause")
+    await catalog.campaigns.change_campaign_status(pool, campaign.id, "pause")
     assert await refusal(pool, campaign.id, "other") == "campaign_paused"
     paused_again, created_paused = await ledger.claim(pool, campaign.id, "holder")
     assert (paused_again.coupon_id, created_paused) == (held.coupon_id, False)
@@ -542,10 +546,10 @@ async def test_a_finished_batch_refuses_batch_finished_and_a_holder_gets_their_c
     held, created = await ledger.claim(pool, campaign.id, "holder")
     assert created
     if finish == "stopped by us":
-        await catalog.change_batch(pool, platform, campaign.batch_id, BatchAction.STOP)
+        await catalog.batches.change_batch(pool, platform, campaign.batch_id, BatchAction.STOP)
     elif finish == "expired at the platform":
         await set_at_platform(pool, simulator, campaign.batch_id, status="expired")
-        await catalog.sync_batch(pool, platform, campaign.batch_id)
+        await catalog.batches.sync_batch(pool, platform, campaign.batch_id)
     else:
         # Its window ended since the last sync, which still saw it running.
         await execute(
@@ -571,8 +575,10 @@ async def test_claims_after_the_fixed_task_deadline_are_refused_campaign_closed(
 ) -> None:
     batch = await new_batch(pool, platform)
     deadline_at = datetime.now(UTC) + DAY
-    with_task, _ = await catalog.create_campaign(pool, spec_on(batch, deadline_at=deadline_at))
-    no_task, _ = await catalog.create_campaign(
+    with_task, _ = await catalog.campaigns.create_campaign(
+        pool, spec_on(batch, deadline_at=deadline_at)
+    )
+    no_task, _ = await catalog.campaigns.create_campaign(
         pool, spec_on(batch, tasks=[], deadline_at=deadline_at)
     )
     held, created = await ledger.claim(pool, with_task.id, "holder")
@@ -598,15 +604,17 @@ async def test_the_task_deadline_is_the_earlier_of_claim_plus_duration_and_the_f
 ) -> None:
     batch = await new_batch(pool, platform, quantity=50, valid_days=30)
     fixed = datetime.now(UTC) + 2 * DAY
-    duration_first, _ = await catalog.create_campaign(
+    duration_first, _ = await catalog.campaigns.create_campaign(
         pool, spec_on(batch, task_deadline=DAY, deadline_at=fixed)
     )
-    fixed_first, _ = await catalog.create_campaign(
+    fixed_first, _ = await catalog.campaigns.create_campaign(
         pool, spec_on(batch, task_deadline=3 * DAY, deadline_at=fixed)
     )
-    fixed_only, _ = await catalog.create_campaign(pool, spec_on(batch, deadline_at=fixed))
-    duration_only, _ = await catalog.create_campaign(pool, spec_on(batch, task_deadline=DAY))
-    neither, _ = await catalog.create_campaign(pool, spec_on(batch))
+    fixed_only, _ = await catalog.campaigns.create_campaign(pool, spec_on(batch, deadline_at=fixed))
+    duration_only, _ = await catalog.campaigns.create_campaign(
+        pool, spec_on(batch, task_deadline=DAY)
+    )
+    neither, _ = await catalog.campaigns.create_campaign(pool, spec_on(batch))
 
     a, _ = await ledger.claim(pool, duration_first.id, "u1")
     b, _ = await ledger.claim(pool, fixed_first.id, "u1")
@@ -693,7 +701,7 @@ async def test_a_coupon_never_fails_because_its_batch_has_not_begun_sending(
         batch = await new_batch(pool, platform, starts_at=now + DAY, ends_at=now + 10 * DAY)
     spec = spec_on(batch, quota=5, tasks=[])  # entitled at claim: sent at once
     try:
-        await catalog.create_campaign(pool, spec)
+        await catalog.campaigns.create_campaign(pool, spec)
     except InvalidField as refused:
         assert refused.field in ("batch", "starts_at"), refused
         assert await row_count(pool, "campaigns") == 0

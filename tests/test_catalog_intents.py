@@ -77,10 +77,10 @@ async def _child(order: dict[str, Any]) -> None:
             for moment in ("starts_at", "ends_at"):
                 if terms.get(moment):
                     terms[moment] = datetime.fromisoformat(terms[moment])
-            await catalog.create_batch(pool, platform, order["batch_id"], **terms)
+            await catalog.batches.create_batch(pool, platform, order["batch_id"], **terms)
         else:
             action = BatchAction(order["operation"])
-            await catalog.change_batch(pool, platform, order["batch_id"], action)
+            await catalog.batches.change_batch(pool, platform, order["batch_id"], action)
     await platform.aclose()
 
 
@@ -157,7 +157,7 @@ async def test_a_create_whose_answer_never_reached_the_ledger_is_finished_by_the
 
     created_there = sim_batches_for_key(session_sim_file(run_dir), f"batch-{batch_id}")
     assert len(created_there) == 1
-    pending = await catalog.get_batch(pool, batch_id)
+    pending = await catalog.batches.get_batch(pool, batch_id)
     assert (pending.status, pending.platform_batch_id, pending.quantity) == (PENDING, "", 7)
     assert pending.drift == [batches.PENDING_NOTE]
     assert [b.id for b in await batches.list_batches(pool)] == [batch_id]
@@ -169,7 +169,7 @@ async def test_a_create_whose_answer_never_reached_the_ledger_is_finished_by_the
         )
     assert report.failed == []
     (synced,) = report.batches
-    stored = await catalog.get_batch(pool, batch_id)
+    stored = await catalog.batches.get_batch(pool, batch_id)
     assert synced.platform_batch_id == stored.platform_batch_id == created_there[0]
     # The start was never asked (the child died first): created, as the platform holds it.
     assert (stored.status, stored.quantity, stored.drift) == ("created", 7, [])
@@ -178,7 +178,7 @@ async def test_a_create_whose_answer_never_reached_the_ledger_is_finished_by_the
     assert (await sim_stats(simulator))["batches"] == before + 1
 
     # `batch create` again starts it, still the same one batch.
-    started = await catalog.create_batch(pool, platform, batch_id, quantity=7)
+    started = await catalog.batches.create_batch(pool, platform, batch_id, quantity=7)
     assert (started.status, started.platform_batch_id) == ("running", created_there[0])
     assert (await sim_stats(simulator))["batches"] == before + 1
 
@@ -199,16 +199,18 @@ async def test_batch_create_again_finishes_a_pending_create_and_refuses_other_te
     )
     before = (await sim_stats(simulator))["batches"]
     with pytest.raises(Refused, match="quantity 9, not 8; valid_days 10, not 30") as other:
-        await catalog.create_batch(pool, platform, batch_id, quantity=8)
+        await catalog.batches.create_batch(pool, platform, batch_id, quantity=8)
     assert other.value.code == "batch_exists"
-    assert (await catalog.get_batch(pool, batch_id)).status == PENDING  # nothing asked
+    assert (await catalog.batches.get_batch(pool, batch_id)).status == PENDING  # nothing asked
 
     # A campaign cannot use it yet: its coupons could not be sent.
     spec = CampaignSpec(id=new_id("c"), batch_id=batch_id, quota=1)
     with pytest.raises(InvalidField, match="not created at the platform yet"):
-        await catalog.create_campaign(pool, spec)
+        await catalog.campaigns.create_campaign(pool, spec)
 
-    finished = await catalog.create_batch(pool, platform, batch_id, quantity=9, valid_days=10)
+    finished = await catalog.batches.create_batch(
+        pool, platform, batch_id, quantity=9, valid_days=10
+    )
     (at_platform,) = sim_batches_for_key(session_sim_file(run_dir), f"batch-{batch_id}")
     assert (finished.status, finished.platform_batch_id) == ("running", at_platform)
     assert await intents_of(pool, batch_id) == [("create", "done", 1), ("start", "done", 1)]
@@ -227,18 +229,18 @@ async def test_a_change_whose_answer_never_reached_the_ledger_is_finished_by_the
     simulator_url: str,
     action: BatchAction,
 ) -> None:
-    batch = await catalog.create_batch(pool, platform, new_id("b"), quantity=5)
+    batch = await catalog.batches.create_batch(pool, platform, new_id("b"), quantity=5)
     order = child_order(postgres, schema, simulator_url, batch_id=batch.id)
     await crash_between_answer_and_ledger(**order, operation=action.value, crash_on=action.value)
     target = {BatchAction.PAUSE: BatchStatus.PAUSED, BatchAction.STOP: BatchStatus.STOPPED}[action]
     assert (await platform.get_batch(batch.platform_batch_id)).status == target
-    assert (await catalog.get_batch(pool, batch.id)).status == "running"  # never heard
+    assert (await catalog.batches.get_batch(pool, batch.id)).status == "running"  # never heard
     # Still read by the sync, even when the change was a stop.
     assert batch.id in [b.id for b in await batches.list_batches(pool, syncable_only=True)]
 
-    synced = await catalog.sync_batch(pool, platform, batch.id)
+    synced = await catalog.batches.sync_batch(pool, platform, batch.id)
     assert synced.status == target.value and synced.drift == []
-    assert (await catalog.get_batch(pool, batch.id)).status == target.value
+    assert (await catalog.batches.get_batch(pool, batch.id)).status == target.value
     # Sent again, the change was a no-op at the platform: done, not refused.
     assert (await intents_of(pool, batch.id))[-1] == (action.value, "done", 1)
     assert await batches.pending_intents(pool, batch.id) == []
@@ -253,10 +255,10 @@ async def test_a_pending_change_is_sent_before_the_next_one(
 ) -> None:
     """The pause's answer was lost; the resume asked after it must not be overtaken by it:
     the pause goes first, the resume last, and the batch runs."""
-    batch = await catalog.create_batch(pool, platform, new_id("b"), quantity=5)
+    batch = await catalog.batches.create_batch(pool, platform, new_id("b"), quantity=5)
     order = child_order(postgres, schema, simulator_url, batch_id=batch.id)
     await crash_between_answer_and_ledger(**order, operation="pause", crash_on="pause")
-    resumed = await catalog.change_batch(pool, platform, batch.id, BatchAction.RESUME)
+    resumed = await catalog.batches.change_batch(pool, platform, batch.id, BatchAction.RESUME)
     assert resumed.status == "running"
     assert await intents_of(pool, batch.id) == [
         ("create", "done", 1),
@@ -265,18 +267,18 @@ async def test_a_pending_change_is_sent_before_the_next_one(
         ("resume", "done", 1),
     ]
     keys = [i.request_key for i in await batches.batch_intents(pool, batch.id)]
-    assert keys[0] == catalog.batch_request_key(batch.id) and len(set(keys)) == 4
-    assert (await catalog.sync_batch(pool, platform, batch.id)).status == "running"
+    assert keys[0] == catalog.batches.batch_request_key(batch.id) and len(set(keys)) == 4
+    assert (await catalog.batches.sync_batch(pool, platform, batch.id)).status == "running"
 
 
 async def test_a_refused_change_is_marked_so_and_changes_nothing_else(
     pool: AsyncConnectionPool, platform: RestPlatform
 ) -> None:
-    batch = await catalog.create_batch(pool, platform, new_id("b"), quantity=5, start=False)
+    batch = await catalog.batches.create_batch(pool, platform, new_id("b"), quantity=5, start=False)
     with pytest.raises(Refused) as refused:
-        await catalog.change_batch(pool, platform, batch.id, BatchAction.PAUSE)
+        await catalog.batches.change_batch(pool, platform, batch.id, BatchAction.PAUSE)
     assert refused.value.code == "wrong_state"
-    stored = await catalog.get_batch(pool, batch.id)
+    stored = await catalog.batches.get_batch(pool, batch.id)
     assert (stored.status, stored.synced_at) == ("created", batch.synced_at)
     (*_, pause) = await batches.batch_intents(pool, batch.id)
     assert (pause.operation, pause.state, pause.attempts) == ("pause", "refused", 1)
@@ -299,7 +301,7 @@ async def test_a_ledger_that_cannot_write_the_intent_means_no_platform_call(
     before = (await sim_stats(simulator))["batches"]
     overflow = new_id("b")
     with pytest.raises((psycopg.errors.NumericValueOutOfRange, InvalidField)):
-        await catalog.create_batch(pool, platform, overflow, quantity=2**31)
+        await catalog.batches.create_batch(pool, platform, overflow, quantity=2**31)
 
     async def ledger_down(*_: Any) -> None:
         raise psycopg.OperationalError("connection refused")
@@ -307,7 +309,7 @@ async def test_a_ledger_that_cannot_write_the_intent_means_no_platform_call(
     monkeypatch.setattr(batches, "begin_create", ledger_down)
     down = new_id("b")
     with pytest.raises(psycopg.OperationalError):
-        await catalog.create_batch(pool, platform, down, quantity=5)
+        await catalog.batches.create_batch(pool, platform, down, quantity=5)
 
     assert (await sim_stats(simulator))["batches"] == before
     for batch_id in (overflow, down):
@@ -368,9 +370,9 @@ async def test_a_wechat_create_lost_after_the_answer_is_finished_with_the_same_r
     await asyncio.sleep(1.1)  # another second: a window made anew would differ
     another = WechatPayPlatform(wechat_sim.url, sim_merchant(wechat_sim.keys_dir))
     try:
-        synced = await catalog.sync_batch(pool, another, batch_id)
+        synced = await catalog.batches.sync_batch(pool, another, batch_id)
         assert synced.platform_batch_id == stock and synced.status == "created"
-        assert (await catalog.get_batch(pool, batch_id)).platform_batch_id == stock
+        assert (await catalog.batches.get_batch(pool, batch_id)).platform_batch_id == stock
         assert await intents_of(pool, batch_id) == [("create", "done", 1)]
         assert sim_batches_for_key(wechat_sim.data_file, f"batch-{batch_id}") == [stock]
     finally:
@@ -405,7 +407,7 @@ async def test_a_wechat_create_with_no_window_lost_after_the_answer_is_finished(
     await asyncio.sleep(1.1)  # another second: a window made anew would differ
     another = WechatPayPlatform(wechat_sim.url, sim_merchant(wechat_sim.keys_dir))
     try:
-        synced = await catalog.sync_batch(pool, another, batch_id)
+        synced = await catalog.batches.sync_batch(pool, another, batch_id)
     finally:
         await another.aclose()
     assert synced.platform_batch_id == stock

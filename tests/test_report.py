@@ -377,7 +377,7 @@ async def test_refusals_exit_2_and_write_no_chart(
 ) -> None:
     tenant, _ = await tenants.create_tenant(pool, new_id("shop"))
     batch = await new_batch(pool, platform, tenant_id=tenant.id)
-    theirs, _ = await catalog.create_campaign(
+    theirs, _ = await catalog.campaigns.create_campaign(
         pool, CampaignSpec(id=new_id("c"), batch_id=batch.id, quota=5, tenant_id=tenant.id)
     )
     ours = await new_campaign(pool, platform)

@@ -14,12 +14,11 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from coupons import catalog, tenants
-from coupons.catalog import CampaignSpec
 from coupons.errors import InvalidField, Refused
 from coupons.ledger import batches, campaigns
 from coupons.ledger import claims as ledger
 from coupons.ledger.batches import Batch
-from coupons.ledger.campaigns import Campaign
+from coupons.ledger.campaigns import Campaign, CampaignSpec
 from coupons.ledger.tenants import DEFAULT_TENANT, Tenant, list_keys, list_tenants
 from coupons.platforms.base import BatchAction
 from coupons.platforms.generic.adapter import RestPlatform
@@ -43,7 +42,7 @@ async def tenant_campaign(
     """A running batch of `tenant_id` and a campaign of the same tenant on it."""
     batch = await new_batch(pool, platform, tenant_id=tenant_id)
     spec = CampaignSpec(id=new_id("c"), batch_id=batch.id, quota=10, tenant_id=tenant_id)
-    campaign, created = await catalog.create_campaign(pool, spec)
+    campaign, created = await catalog.campaigns.create_campaign(pool, spec)
     assert created
     return batch, campaign
 
@@ -230,14 +229,14 @@ async def test_a_campaign_on_another_tenants_batch_is_refused_as_an_unknown_batc
     for tenant_id in (b.id, DEFAULT_TENANT):
         spec = CampaignSpec(id=new_id("c"), batch_id=batch.id, quota=5, tenant_id=tenant_id)
         with pytest.raises(InvalidField) as refused:
-            await catalog.create_campaign(pool, spec)
+            await catalog.campaigns.create_campaign(pool, spec)
         assert refused.value.field == "batch"
         assert f"unknown batch {batch.id!r}" in str(refused.value)
     assert await campaigns.list_campaigns(pool) == []
 
     # Its owner can, and a default campaign (the operator's) is the default tenant's.
     spec = CampaignSpec(id=new_id("c"), batch_id=batch.id, quota=5, tenant_id=a.id)
-    campaign, _ = await catalog.create_campaign(pool, spec)
+    campaign, _ = await catalog.campaigns.create_campaign(pool, spec)
     assert campaign.tenant_id == a.id
     assert CampaignSpec(id="x", batch_id="y", quota=1).tenant_id == DEFAULT_TENANT
 
@@ -249,25 +248,27 @@ async def test_another_tenants_batch_and_campaign_are_unknown(
     b, _ = await new_tenant(pool)
     batch, campaign = await tenant_campaign(pool, platform, a.id)
 
-    assert (await catalog.get_batch(pool, batch.id, a.id)).id == batch.id
-    assert (await catalog.get_batch(pool, batch.id)).id == batch.id  # operator-wide
-    assert (await catalog.get_campaign(pool, campaign.id, a.id)).id == campaign.id
-    assert (await catalog.get_campaign(pool, campaign.id)).id == campaign.id
+    assert (await catalog.batches.get_batch(pool, batch.id, a.id)).id == batch.id
+    assert (await catalog.batches.get_batch(pool, batch.id)).id == batch.id  # operator-wide
+    assert (await catalog.campaigns.get_campaign(pool, campaign.id, a.id)).id == campaign.id
+    assert (await catalog.campaigns.get_campaign(pool, campaign.id)).id == campaign.id
     for tenant_id in (b.id, DEFAULT_TENANT):
         with pytest.raises(Refused) as no_batch:
-            await catalog.get_batch(pool, batch.id, tenant_id)
+            await catalog.batches.get_batch(pool, batch.id, tenant_id)
         assert no_batch.value.code == "unknown_batch"
         with pytest.raises(Refused) as no_campaign:
-            await catalog.get_campaign(pool, campaign.id, tenant_id)
+            await catalog.campaigns.get_campaign(pool, campaign.id, tenant_id)
         assert no_campaign.value.code == "unknown_campaign"
         with pytest.raises(Refused) as not_paused:
-            await catalog.change_campaign_status(pool, campaign.id, "pause", tenant_id)
+            await catalog.campaigns.change_campaign_status(pool, campaign.id, "pause", tenant_id)
         assert not_paused.value.code == "unknown_campaign"
         with pytest.raises(Refused) as not_stopped:
-            await catalog.change_batch(pool, platform, batch.id, BatchAction.STOP, tenant_id)
+            await catalog.batches.change_batch(
+                pool, platform, batch.id, BatchAction.STOP, tenant_id
+            )
         assert not_stopped.value.code == "unknown_batch"
-    assert (await catalog.get_campaign(pool, campaign.id)).status == "active"
-    assert (await catalog.get_batch(pool, batch.id)).status == "running"
+    assert (await catalog.campaigns.get_campaign(pool, campaign.id)).status == "active"
+    assert (await catalog.batches.get_batch(pool, batch.id)).status == "running"
 
     assert [c.id for c in await campaigns.list_campaigns(pool, tenant_id=b.id)] == []
     assert [c.id for c in await campaigns.list_campaigns(pool, tenant_id=a.id)] == [campaign.id]
@@ -285,17 +286,17 @@ async def test_ids_taken_by_another_tenant_are_refused_and_left_as_they_are(
     before = await sim_stats(simulator)
 
     with pytest.raises(Refused) as batch_taken:
-        await catalog.create_batch(pool, platform, batch.id, quantity=20, tenant_id=b.id)
+        await catalog.batches.create_batch(pool, platform, batch.id, quantity=20, tenant_id=b.id)
     assert batch_taken.value.code == "batch_exists"
     assert (await sim_stats(simulator))["batches"] == before["batches"]  # nothing at the platform
 
     spec = CampaignSpec(id=campaign.id, batch_id=their_batch.id, quota=10, tenant_id=b.id)
     with pytest.raises(Refused) as campaign_taken:
-        await catalog.create_campaign(pool, spec)
+        await catalog.campaigns.create_campaign(pool, spec)
     assert campaign_taken.value.code == "campaign_exists"
-    kept = await catalog.get_campaign(pool, campaign.id)
+    kept = await catalog.campaigns.get_campaign(pool, campaign.id)
     assert (kept.tenant_id, kept.batch_id) == (a.id, batch.id)
-    assert (await catalog.get_batch(pool, batch.id)).tenant_id == a.id
+    assert (await catalog.batches.get_batch(pool, batch.id)).tenant_id == a.id
 
 
 async def test_a_users_coupons_and_a_coupons_record_are_seen_only_by_its_tenant(

@@ -1065,7 +1065,9 @@ async def test_batch_and_campaign_create_take_a_tenant(
 
     campaign = await new_cli_campaign(cli, theirs["id"], "--tenant", tid)
     assert campaign["tenant_id"] == tid
-    assert (await catalog.get_campaign(pool, campaign["id"], tid)).batch_id == theirs["id"]
+    assert (await catalog.campaigns.get_campaign(pool, campaign["id"], tid)).batch_id == theirs[
+        "id"
+    ]
     default = await new_cli_campaign(cli, ours["id"])
     assert default["tenant_id"] == "default"
 

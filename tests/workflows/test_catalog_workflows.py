@@ -85,7 +85,7 @@ async def drifting_catalog(
     stopped = await new_campaign(pool, platform, quota=5)
     await set_at_platform(pool, simulator, stopped.batch_id, status="stopped")
     retired = await new_batch(pool, platform)
-    await catalog.change_batch(pool, platform, retired.id, BatchAction.STOP)
+    await catalog.batches.change_batch(pool, platform, retired.id, BatchAction.STOP)
     return {
         "fine": fine.batch_id,
         "short": short.batch_id,
@@ -325,7 +325,7 @@ async def test_end_campaign_expires_received_coupons_and_leaves_the_others(
             )
             await wait_for_budget(waiting_handle)
 
-            await catalog.change_campaign_status(pool, campaign.id, "end")
+            await catalog.campaigns.change_campaign_status(pool, campaign.id, "end")
             end = await start_workflow(
                 client,
                 settings,

@@ -28,7 +28,9 @@ async def test_the_catalog_waits_for_a_new_stock_to_be_registered_then_starts_it
 ) -> None:
     await control.knobs(wechat_start_delay_s=1.5)
     began = time.monotonic()
-    batch = await catalog.create_batch(pool, adapter, new_id("batch"), quantity=5, valid_days=30)
+    batch = await catalog.batches.create_batch(
+        pool, adapter, new_id("batch"), quantity=5, valid_days=30
+    )
     assert time.monotonic() - began >= 1.5
     assert batch.status == BatchStatus.RUNNING.value
     assert batch.starts_at is not None and batch.ends_at is not None
@@ -41,7 +43,7 @@ async def test_a_refused_start_leaves_the_batch_in_the_ledger_and_says_how_to_st
     await control.knobs(wechat_balance_cents=100)  # a 预充值 stock of 5 x 5.00 yuan needs 2,500
     batch_id = new_id("batch")
     with pytest.raises(Refused) as refused:
-        await catalog.create_batch(pool, adapter, batch_id, quantity=5)
+        await catalog.batches.create_batch(pool, adapter, batch_id, quantity=5)
     assert refused.value.code == "platform_refused"
     assert "balance" in refused.value.message and f"batch start {batch_id}" in refused.value.message
     stored = await batches.get_batch(pool, batch_id)
@@ -61,11 +63,11 @@ async def test_a_start_that_gave_up_is_finished_by_asking_again_from_another_pro
     how to finish it; `batch create` run again (a new process: another adapter, which holds no
     remembered window) finds the batch in the ledger, asks nothing new of WeChat Pay, and
     starts it."""
-    monkeypatch.setattr(catalog, "START_PATIENCE", timedelta(seconds=1))
+    monkeypatch.setattr(catalog.batches, "START_PATIENCE", timedelta(seconds=1))
     await control.knobs(wechat_start_delay_s=3)
     batch_id = new_id("batch")
     with pytest.raises(PlatformUnavailable, match=f"batch start {batch_id}"):
-        await catalog.create_batch(pool, adapter, batch_id, quantity=5)
+        await catalog.batches.create_batch(pool, adapter, batch_id, quantity=5)
     stored = await batches.get_batch(pool, batch_id)
     assert stored is not None and stored.status == BatchStatus.CREATED.value
     created = (await control.stats())["batches"]
@@ -73,14 +75,14 @@ async def test_a_start_that_gave_up_is_finished_by_asking_again_from_another_pro
     await asyncio.sleep(3)
     another = WechatPayPlatform(wechat_simulator.url, sim_merchant(wechat_simulator.keys_dir))
     try:
-        again = await catalog.create_batch(pool, another, batch_id, quantity=5)
+        again = await catalog.batches.create_batch(pool, another, batch_id, quantity=5)
     finally:
         await another.aclose()
     assert again.status == BatchStatus.RUNNING.value
     assert again.platform_batch_id == stored.platform_batch_id
     assert (await control.stats())["batches"] == created
     with pytest.raises(Refused, match="quantity 5, not 6") as other:
-        await catalog.create_batch(pool, adapter, batch_id, quantity=6)
+        await catalog.batches.create_batch(pool, adapter, batch_id, quantity=6)
     assert other.value.code == "batch_exists"
 
 
@@ -90,7 +92,7 @@ async def test_a_window_given_without_valid_days_is_the_coupons_validity(
     """On WeChat Pay a coupon lasts as its stock's window: a window of 60 days with no
     valid_days given is valid 60 days, not refused for the 30-day default."""
     begins = datetime.now(UTC).replace(microsecond=0)
-    batch = await catalog.create_batch(
+    batch = await catalog.batches.create_batch(
         pool,
         adapter,
         new_id("batch"),
