@@ -1,0 +1,303 @@
+"""Operations on coupons: claiming, reading (one coupon, a user's, a campaign's), reporting
+a task done and cancelling through the coupon's workflow, and the wedged coupons found and
+recovered (`app.wedged`)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+from temporalio.client import (
+    Client,
+    WorkflowHandle,
+    WorkflowQueryFailedError,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
+
+from app import wedged
+from app.claims import ClaimResult, ClaimService
+from app.service.backends import Backends, Unavailable
+from coupons import catalog
+from coupons.errors import UNKNOWN_TASK, WRONG_STATE, InvalidField, Refused
+from coupons.ledger import claims as ledger
+from coupons.ledger.claims import Claim
+from coupons.lifecycle import FINAL_STATES, STATES
+from coupons.model import CancelRequest, CouponStatus, TaskCompletion
+from coupons.validation import validate_id
+from workflows.user_coupon import UserCouponWorkflow
+
+log = logging.getLogger(__name__)
+
+# How long a synchronous update waits for the coupon's worker to answer.
+UPDATE_WAIT = timedelta(seconds=10)
+# How long reading a coupon waits for its workflow's `status` query before answering from
+# the ledger alone.
+QUERY_WAIT = timedelta(seconds=5)
+
+
+# ------------------------------------------------------------------ claims and reads
+
+
+async def claim(
+    b: Backends, campaign_id: str, user_id: str, *, tenant_id: str | None = None
+) -> ClaimResult:
+    """Claim a coupon of the campaign for the user; a repeated claim at the user's limit
+    returns the coupon they hold (`created` False)."""
+    client = await b.client()
+    validate_id("user", user_id)
+    if tenant_id is not None:
+        # Campaigns never change tenant, so this check holds for the claim that follows.
+        await catalog.campaigns.get_campaign(b.pool, campaign_id, tenant_id)
+    try:
+        return await ClaimService(b.pool, client, b.settings).claim(campaign_id, user_id)
+    except RPCError as err:
+        # The claim is in the ledger; the worker starts its workflow, a repeat returns it.
+        raise Unavailable(
+            f"the claim is recorded but its workflow could not be started yet (Temporal "
+            f"answered {err.status.name}); repeat the claim to get it"
+        ) from None
+
+
+async def repair(b: Backends) -> int:
+    """Start the workflows of claims that lack one; how many were started."""
+    return await ClaimService(b.pool, await b.client(), b.settings).repair()
+
+
+async def find_coupon(
+    b: Backends, coupon_id: str, *, tenant_id: str | None = None, user_id: str | None = None
+) -> Claim:
+    """The coupon's claim; refused as unknown when it is not the tenant's, or not held by
+    `user_id` (when given)."""
+    found = await ledger.get_claim(b.pool, coupon_id, tenant_id)
+    if found is None or (user_id is not None and found.user_id != user_id):
+        raise Refused("unknown_coupon", f"no coupon {coupon_id!r}")
+    return found
+
+
+@dataclass
+class CouponView:
+    """One coupon as the ledger records it, with its workflow's view when it answered."""
+
+    claim: Claim
+    receipt: dict[str, Any] | None
+    events: list[dict[str, Any]]
+    workflow: CouponStatus | None
+
+    def fields(self) -> dict[str, Any]:
+        """The coupon as both entry points show it."""
+        claim, workflow = self.claim, self.workflow
+        return {
+            "coupon_id": claim.coupon_id,
+            "campaign_id": claim.campaign_id,
+            "user_id": claim.user_id,
+            "state": claim.state,
+            "workflow_id": claim.workflow_id,
+            "workflow_state": workflow.state if workflow else None,
+            "waiting_for": workflow.waiting_for if workflow else None,
+            "tasks": {
+                "required": claim.required_tasks,
+                "done": workflow.tasks_done if workflow else None,
+                "deadline": claim.task_deadline,
+            },
+            "claimed_at": claim.claimed_at,
+            "receipt": self.receipt,
+            "events": self.events,
+        }
+
+
+async def show_coupon(
+    b: Backends,
+    coupon_id: str,
+    *,
+    tenant_id: str | None = None,
+    user_id: str | None = None,
+    query_wait: timedelta = QUERY_WAIT,
+) -> CouponView:
+    """The coupon's claim, receipt and events, and its workflow's status (tasks done, what
+    it waits for) unless the workflow cannot answer now: then that part is None."""
+    client = await b.client()
+    view = await ledger.coupon_view(b.pool, coupon_id, tenant_id)
+    if view is None or (user_id is not None and view["claim"].user_id != user_id):
+        raise Refused("unknown_coupon", f"no coupon {coupon_id!r}")
+    found: Claim = view["claim"]
+    handle = client.get_workflow_handle_for(UserCouponWorkflow.run, found.workflow_id)
+    workflow: CouponStatus | None = None
+    try:
+        workflow = await handle.query(UserCouponWorkflow.status, rpc_timeout=query_wait)
+    except RPCError as err:
+        if err.status != RPCStatusCode.NOT_FOUND:
+            log.warning("status query of %s failed: %s", found.workflow_id, err)
+    except WorkflowQueryFailedError as err:
+        log.warning("status query of %s failed: %s", found.workflow_id, err)
+    return CouponView(found, view["receipt"], view["events"], workflow)
+
+
+async def user_coupons(
+    b: Backends,
+    tenant_id: str,
+    user_id: str,
+    *,
+    campaign_id: str | None = None,
+    state: str | None = None,
+    limit: int = 100,
+) -> list[Claim]:
+    """The user's coupons in the tenant's campaigns, newest first."""
+    validate_id("user", user_id)
+    if campaign_id is not None:
+        validate_id("campaign", campaign_id)
+    if state is not None and state not in STATES:
+        raise InvalidField("state", f"{state!r} is not one of {', '.join(STATES)}")
+    if not 1 <= limit <= 1000:
+        raise InvalidField("limit", f"{limit} must be between 1 and 1000")
+    return await ledger.claims_of_user(
+        b.pool, tenant_id, user_id, campaign_id=campaign_id, state=state, limit=limit
+    )
+
+
+async def campaign_coupons(
+    b: Backends,
+    campaign_id: str,
+    *,
+    user_id: str | None = None,
+    state: str | None = None,
+    limit: int = 100,
+) -> list[Claim]:
+    """A campaign's coupons (of one user, in one state, when given), from the ledger."""
+    return await ledger.list_claims(b.pool, campaign_id, user_id=user_id, state=state, limit=limit)
+
+
+async def count_by_state(b: Backends, campaign_id: str) -> dict[str, int]:
+    """The campaign's coupons counted by state (states with none left out)."""
+    return await ledger.count_by_state(b.pool, campaign_id)
+
+
+# ------------------------------------------------------------------ task completion, cancel
+
+
+def _check_task(found: Claim, task: str) -> None:
+    validate_id("task", task)
+    if task not in found.required_tasks:
+        known = ", ".join(found.required_tasks) or "none"
+        raise Refused(UNKNOWN_TASK, f"unknown task {task!r}; this coupon's tasks are: {known}")
+
+
+async def complete_task(
+    b: Backends,
+    coupon_id: str,
+    task: str,
+    *,
+    tenant_id: str | None = None,
+    user_id: str | None = None,
+    wait: timedelta = UPDATE_WAIT,
+) -> CouponStatus:
+    """Report the task done through the workflow's update: the coupon's new status, or the
+    workflow's refusal (`unknown_task`, `wrong_state`) with nothing written."""
+    client = await b.client()
+    found = await find_coupon(b, coupon_id, tenant_id=tenant_id, user_id=user_id)
+    _check_task(found, task)
+    async with _coupon_workflow(b.pool, client, found) as handle:
+        return await handle.execute_update(
+            UserCouponWorkflow.complete_task, TaskCompletion(task), rpc_timeout=wait
+        )
+
+
+async def report_task(
+    b: Backends,
+    coupon_id: str,
+    task: str,
+    *,
+    tenant_id: str | None = None,
+    user_id: str | None = None,
+) -> None:
+    """Report the task done through the workflow's signal (fire and forget): refused here
+    only for what the ledger already tells (unknown coupon or task, a finished coupon)."""
+    client = await b.client()
+    found = await find_coupon(b, coupon_id, tenant_id=tenant_id, user_id=user_id)
+    _check_task(found, task)
+    if found.state in FINAL_STATES:
+        raise Refused(WRONG_STATE, f"coupon {coupon_id!r} is {found.state}: it is finished")
+    async with _coupon_workflow(b.pool, client, found) as handle:
+        await handle.signal(UserCouponWorkflow.task_done, TaskCompletion(task))
+
+
+async def cancel(
+    b: Backends,
+    coupon_id: str,
+    reason: str,
+    *,
+    tenant_id: str | None = None,
+    user_id: str | None = None,
+    wait: timedelta | None = UPDATE_WAIT,
+) -> CouponStatus | None:
+    """Cancel a coupon not yet sent, through the update (its new status) or, with `wait`
+    None, through the signal (None)."""
+    client = await b.client()
+    found = await find_coupon(b, coupon_id, tenant_id=tenant_id, user_id=user_id)
+    async with _coupon_workflow(b.pool, client, found) as handle:
+        if wait is None:
+            await handle.signal(UserCouponWorkflow.cancel, CancelRequest(reason))
+            return None
+        return await handle.execute_update(
+            UserCouponWorkflow.cancel_coupon, CancelRequest(reason), rpc_timeout=wait
+        )
+
+
+@contextlib.asynccontextmanager
+async def _coupon_workflow(
+    pool: AsyncConnectionPool, client: Client, found: Claim
+) -> AsyncIterator[WorkflowHandle[UserCouponWorkflow, Any]]:
+    """The coupon's workflow; what Temporal answers about it becomes refusals a caller can
+    act on, and a workflow or worker that cannot answer `Unavailable`."""
+    try:
+        yield client.get_workflow_handle_for(UserCouponWorkflow.run, found.workflow_id)
+    except WorkflowUpdateFailedError as err:
+        cause = err.cause
+        if isinstance(cause, ApplicationError) and cause.type:
+            # The workflow's validator refused: nothing was written to its history.
+            raise Refused(cause.type, cause.message) from None
+        raise
+    except WorkflowUpdateRPCTimeoutOrCancelledError:
+        raise Unavailable(
+            "no worker answered in time; the request stays queued and may still apply"
+        ) from None
+    except RPCError as err:
+        if err.status != RPCStatusCode.NOT_FOUND:
+            raise Unavailable(f"Temporal answered {err.status.name}: {err.message}") from None
+        if not found.workflow_started:
+            raise Unavailable(
+                f"coupon {found.coupon_id!r} has no workflow yet; the worker starts it "
+                "shortly, then try again"
+            ) from None
+        # The workflow is closed: the coupon reached a final state, which the ledger
+        # recorded before the workflow closed.
+        now = await ledger.get_claim(pool, found.coupon_id)
+        state = now.state if now is not None else found.state
+        raise Refused(
+            WRONG_STATE, f"coupon {found.coupon_id!r} is {state}: it is finished"
+        ) from None
+
+
+# ------------------------------------------------------------------ wedged coupons
+
+
+async def wedged_coupons(b: Backends, *, limit: int = 1000) -> list[wedged.Wedged]:
+    """Coupons whose workflow cannot make progress, with the cause (`app.wedged`)."""
+    return await wedged.find_wedged(b.pool, await b.client(), b.settings, limit=limit)
+
+
+async def recover(b: Backends, coupon_id: str) -> wedged.Recovery:
+    """Recover one coupon if it is wedged; one that is not is left alone."""
+    return await wedged.recover(b.pool, await b.client(), b.settings, coupon_id)
+
+
+async def recover_all(b: Backends) -> list[wedged.Recovery]:
+    """Recover every wedged coupon; one that fails is reported, not raised."""
+    return await wedged.recover_all(b.pool, await b.client(), b.settings)
