@@ -59,8 +59,6 @@ def _crossings(folders: tuple[str, ...], forbidden: tuple[str, ...]) -> list[str
             (
                 "coupons.ledger",
                 "coupons.catalog",
-                "coupons.batches",
-                "coupons.campaigns",
                 "coupons.tenants",
                 "app.claims",
             ),
@@ -76,3 +74,22 @@ def test_no_import_crosses_a_line(folders: tuple[str, ...], forbidden: tuple[str
 def test_the_check_sees_a_crossing() -> None:
     """The application does import the workflows: the walk finds imports at all."""
     assert _crossings(("app",), ("workflows",))
+
+
+def test_the_catalog_and_its_ledger_go_by_one_name_each() -> None:
+    """`batches`, `campaigns` and `catalog` are imported under their own names, so a call
+    shows its layer: `catalog.batches.get_batch` the domain, `batches.get_batch` the ledger."""
+    found = []
+    for folder in ("app", "coupons", "activities", "workflows", "bench", "chaos", "e2e", "tests"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.ImportFrom) and node.module in (
+                    "coupons",
+                    "coupons.ledger",
+                ):
+                    found += [
+                        f"{path.relative_to(ROOT)}: {alias.name} as {alias.asname}"
+                        for alias in node.names
+                        if alias.name in ("batches", "campaigns", "catalog") and alias.asname
+                    ]
+    assert found == []
