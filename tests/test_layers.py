@@ -76,20 +76,23 @@ def test_the_check_sees_a_crossing() -> None:
     assert _crossings(("app",), ("workflows",))
 
 
+def _aliased(path: Path) -> Iterator[str]:
+    """`from coupons[.ledger] import batches|campaigns|catalog as <another name>` in `path`."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module in ("coupons", "coupons.ledger"):
+            for alias in node.names:
+                if alias.name in ("batches", "campaigns", "catalog") and alias.asname:
+                    yield f"{path.relative_to(ROOT)}: {alias.name} as {alias.asname}"
+
+
 def test_the_catalog_and_its_ledger_go_by_one_name_each() -> None:
     """`batches`, `campaigns` and `catalog` are imported under their own names, so a call
     shows its layer: `catalog.batches.get_batch` the domain, `batches.get_batch` the ledger."""
-    found = []
-    for folder in ("app", "coupons", "activities", "workflows", "bench", "chaos", "e2e", "tests"):
-        for path in sorted((ROOT / folder).rglob("*.py")):
-            for node in ast.walk(ast.parse(path.read_text(), str(path))):
-                if isinstance(node, ast.ImportFrom) and node.module in (
-                    "coupons",
-                    "coupons.ledger",
-                ):
-                    found += [
-                        f"{path.relative_to(ROOT)}: {alias.name} as {alias.asname}"
-                        for alias in node.names
-                        if alias.name in ("batches", "campaigns", "catalog") and alias.asname
-                    ]
+    folders = ("app", "coupons", "activities", "workflows", "bench", "chaos", "e2e", "tests")
+    found = [
+        line
+        for folder in folders
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        for line in _aliased(path)
+    ]
     assert found == []
