@@ -429,7 +429,7 @@ async def _recovered_then_redeemed(r: Recorder, s: Settings, first: Handle) -> H
     coupon_id = first.id.removeprefix("coupon:")
     recovery = await recover(r.pool, r.env.client, s, coupon_id)
     check(recovery.action == "restarted", f"recovery: {recovery}")
-    resumed = r.env.client.get_workflow_handle_for(UserCouponWorkflow.run, first.id)
+    resumed: Handle = r.env.client.get_workflow_handle_for(UserCouponWorkflow.run, first.id)
     await wait_for_state(resumed, "issued")
     used_at = await r.env.get_current_time()
     await resumed.signal(

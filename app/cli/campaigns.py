@@ -200,7 +200,10 @@ async def cmd_campaign_end(b: Backends, args: argparse.Namespace) -> Answer:
     assert workflow_id is not None  # expire_pending: the expiry was started
     expiry: dict[str, Any] = {"workflow_id": workflow_id, "done": False}
     if not args.no_wait:
-        handle = (await b.client()).get_workflow_handle_for(EndCampaignWorkflow.run, workflow_id)
+        client = await b.client()
+        handle: WorkflowHandle[EndCampaignWorkflow, EndProgress] = client.get_workflow_handle_for(
+            EndCampaignWorkflow.run, workflow_id
+        )
         progress = await _follow_expiry(handle, campaign.id, silence_s)
         expiry = {"workflow_id": workflow_id, **dataclasses.asdict(progress)}
     data = {**campaign_json(campaign), "expiry": expiry}

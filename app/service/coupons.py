@@ -128,7 +128,10 @@ async def show_coupon(
     if view is None or (user_id is not None and view["claim"].user_id != user_id):
         raise Refused("unknown_coupon", f"no coupon {coupon_id!r}")
     found: Claim = view["claim"]
-    handle = client.get_workflow_handle_for(UserCouponWorkflow.run, found.workflow_id)
+    # Typed here: without a target type mypy infers the handle's parameters as Never.
+    handle: WorkflowHandle[UserCouponWorkflow, CouponStatus] = client.get_workflow_handle_for(
+        UserCouponWorkflow.run, found.workflow_id
+    )
     workflow: CouponStatus | None = None
     try:
         workflow = await handle.query(UserCouponWorkflow.status, rpc_timeout=query_wait)
