@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import Client, TLSConfig
 from temporalio.common import SearchAttributeKey
@@ -59,6 +60,24 @@ async def check_search_attributes(
             "register each once with `temporal operator search-attribute create "
             f"--namespace {namespace} --name <name> --type Keyword`"
         )
+    # By type too: a Text CouponState would be accepted and split each value into words, so
+    # `CouponState = 'issued'` would stop finding what it finds today.
+    wrong = [
+        f"{key.name} is {_type_name(has)}, not {_type_name(needs)}"
+        for key in keys
+        if (has := int(registered[key.name])) != (needs := int(key.indexed_value_type))
+    ]
+    if wrong:
+        raise ConfigError(
+            f"namespace {namespace!r} has search attributes of another type: {'; '.join(wrong)}"
+            " (a search attribute's type cannot change: remove it and register it again)"
+        )
+
+
+def _type_name(value: int) -> str:
+    """`Keyword` for INDEXED_VALUE_TYPE_KEYWORD, as the temporal CLI names the types."""
+    name = IndexedValueType.Name(value).removeprefix("INDEXED_VALUE_TYPE_")  # type: ignore[arg-type]
+    return "".join(part.capitalize() for part in name.split("_"))
 
 
 def data_converter(settings: Settings) -> DataConverter:

@@ -20,6 +20,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.common import SearchAttributeKey
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
@@ -183,3 +185,19 @@ async def test_a_namespace_missing_a_search_attribute_is_refused_by_name(
     missing = SearchAttributeKey.for_keyword("CouponShoeSize")
     with pytest.raises(ConfigError, match="lacks the search attributes CouponShoeSize"):
         await check_search_attributes(dev_env.client, "default", [*SEARCH_ATTRIBUTES, missing])
+
+
+async def test_a_search_attribute_of_another_type_is_refused_naming_both_types(
+    dev_env: WorkflowEnvironment,
+) -> None:
+    """A Text attribute where we need a Keyword would pass a check by name and split every
+    value into words: the check is by type too."""
+    await dev_env.client.operator_service.add_search_attributes(
+        AddSearchAttributesRequest(
+            namespace="default",
+            search_attributes={"CouponWordy": IndexedValueType.INDEXED_VALUE_TYPE_TEXT},
+        )
+    )
+    wordy = SearchAttributeKey.for_keyword("CouponWordy")
+    with pytest.raises(ConfigError, match="CouponWordy is Text, not Keyword"):
+        await check_search_attributes(dev_env.client, "default", [*SEARCH_ATTRIBUTES, wordy])
