@@ -8,11 +8,12 @@ it, with the ledger's completion write for `crash_on` replaced by `os._exit(137)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,22 +105,31 @@ async def starter(env: Mapping[str, str], *argv: str) -> Answered:
 # ----- the child that dies between the platform's answer and the ledger's write ---------
 
 
-async def _child(order: Mapping[str, str]) -> None:
-    """One catalog call, as `starter.py batch ...` makes it from a plain shell (this process's
-    environment); dies at the ledger write that completes `crash_on`."""
+@contextlib.contextmanager
+def dying_at_completion(operation: str) -> Iterator[None]:
+    """While inside, the ledger's write that completes an `operation` intent kills this
+    process (exit CRASHED): the platform has answered, the ledger never hears of it. The one
+    fault this forces, at that exact point; the fault runs and the intent tests use it."""
     complete = batches.complete_intent
 
     async def die_before_writing(
         pool: Any, intent: batches.BatchIntent, *rest: Any
     ) -> batches.Batch:
-        if intent.operation == order["crash_on"]:
-            os._exit(CRASHED)  # the platform answered; the ledger never hears of it
+        if intent.operation == operation:
+            os._exit(CRASHED)
         return await complete(pool, intent, *rest)
 
+    with mock.patch.object(batches, "complete_intent", die_before_writing):
+        yield
+
+
+async def _child(order: Mapping[str, str]) -> None:
+    """One catalog call, as `starter.py batch ...` makes it from a plain shell (this process's
+    environment); dies at the ledger write that completes `crash_on`."""
     settings = settings_from_env().with_stack_secrets()
     platform = make_platform(settings)
     try:
-        with mock.patch.object(batches, "complete_intent", die_before_writing):
+        with dying_at_completion(order["crash_on"]):
             async with db.pool(settings.database_url, max_size=2) as pool:
                 batch_id = order["batch_id"]
                 if order["operation"] == "create":

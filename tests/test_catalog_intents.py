@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sqlite3
 import sys
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio.testing import WorkflowEnvironment
 
 from app.embedded import EmbeddedPostgres, SimulatorProcess, free_port
+from chaos.shells import CRASHED, dying_at_completion
 from coupons import catalog
 from coupons import contract as act
 from coupons.config import Settings
@@ -42,7 +42,6 @@ from coupons.platforms.wechat.adapter import WechatPayPlatform
 from coupons.platforms.wechat.protocol import sim_merchant
 from tests.conftest import new_id, run_workflow, running_workers, sim_stats
 
-CRASHED = 137
 PROJECT = Path(__file__).resolve().parent.parent
 # The wechat simulator of these tests: no frequency limits, a new stock may start at once.
 WECHAT_KNOBS = {"SIM_ENDPOINT_LIMITS": "false", "SIM_WECHAT_START_DELAY_S": "0"}
@@ -60,27 +59,18 @@ def _adapter(kind: str, url: str, keys_dir: str | None) -> Platform:
 
 async def _child(order: dict[str, Any]) -> None:
     """Run one catalog call; die at the ledger write that completes `crash_on`."""
-    complete = batches.complete_intent
-
-    async def die_before_writing(
-        pool: AsyncConnectionPool, intent: batches.BatchIntent, *rest: Any
-    ) -> batches.Batch:
-        if intent.operation == order["crash_on"]:
-            os._exit(CRASHED)  # the platform answered; the ledger never hears of it
-        return await complete(pool, intent, *rest)
-
-    batches.complete_intent = die_before_writing  # type: ignore[assignment]
     platform = _adapter(order["platform"], order["platform_url"], order.get("keys_dir"))
-    async with db.pool(order["database_url"], schema=order["schema"]) as pool:
-        if order["operation"] == "create":
-            terms = dict(order["terms"])
-            for moment in ("starts_at", "ends_at"):
-                if terms.get(moment):
-                    terms[moment] = datetime.fromisoformat(terms[moment])
-            await catalog.batches.create_batch(pool, platform, order["batch_id"], **terms)
-        else:
-            action = BatchAction(order["operation"])
-            await catalog.batches.change_batch(pool, platform, order["batch_id"], action)
+    with dying_at_completion(order["crash_on"]):
+        async with db.pool(order["database_url"], schema=order["schema"]) as pool:
+            if order["operation"] == "create":
+                terms = dict(order["terms"])
+                for moment in ("starts_at", "ends_at"):
+                    if terms.get(moment):
+                        terms[moment] = datetime.fromisoformat(terms[moment])
+                await catalog.batches.create_batch(pool, platform, order["batch_id"], **terms)
+            else:
+                action = BatchAction(order["operation"])
+                await catalog.batches.change_batch(pool, platform, order["batch_id"], action)
     await platform.aclose()
 
 
