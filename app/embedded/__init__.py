@@ -9,7 +9,7 @@ test runs and a developer's own servers on the same machine are never touched.
 """
 
 from app.embedded.binaries import find_binary
-from app.embedded.ports import LOCALHOST, answers_health, free_port, port_open
+from app.embedded.ports import LOCALHOST, answers_health, free_port, free_ports, port_open
 from app.embedded.postgres import EmbeddedPostgres
 from app.embedded.process import (
     ManagedProcess,
@@ -40,6 +40,7 @@ __all__ = [
     "answers_health",
     "find_binary",
     "free_port",
+    "free_ports",
     "port_open",
     "process_start_time",
     "same_process_alive",

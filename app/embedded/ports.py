@@ -3,6 +3,7 @@ port is taken or a server answers."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import urllib.error
 import urllib.request
@@ -25,6 +26,18 @@ def free_port(host: str = LOCALHOST) -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def free_ports(count: int, host: str = LOCALHOST) -> list[int]:
+    """`count` different ports free right now: each socket stays bound until all are taken, so
+    the kernel cannot hand the same port out twice (as `free_port` called in a row can)."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(count):
+            sock = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind((host, 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
 
 
 def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:

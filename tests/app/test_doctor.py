@@ -14,22 +14,21 @@ from typing import Any
 
 import pytest
 
-from app.embedded import free_port
+from app.embedded import free_ports
 from app.stack import Stack
 from coupons.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+PORTS = ("PG_PORT", "TEMPORAL_PORT", "TEMPORAL_UI_PORT", "SIMULATOR_PORT", "API_PORT")
+
+
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[tuple[Stack, dict[str, str]]]:
     env = {
         "DATA_DIR": str(tmp_path / "data"),
-        "PG_PORT": str(free_port()),
-        "TEMPORAL_PORT": str(free_port()),
-        "TEMPORAL_UI_PORT": str(free_port()),
-        "SIMULATOR_PORT": str(free_port()),
-        "API_PORT": str(free_port()),
+        **dict(zip(PORTS, map(str, free_ports(len(PORTS))), strict=True)),
         "WORKER_METRICS_PORT": "off",
         "COUPONS_STATE_DIR": str(tmp_path / "state"),
     }

@@ -21,7 +21,7 @@ import httpx
 import psycopg
 import pytest
 
-from app.embedded import find_binary, free_port, same_process_alive, stop_recorded
+from app.embedded import find_binary, free_ports, same_process_alive, stop_recorded
 from app.running import RECORD_NAME
 from coupons.ledger import claims as ledger
 from coupons.ledger import db
@@ -30,18 +30,24 @@ from coupons.tenants import create_tenant
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# Each server's port, all different (free_port twice in a row may give the same one).
+PORTS = (
+    "PG_PORT",
+    "TEMPORAL_PORT",
+    "TEMPORAL_UI_PORT",
+    "SIMULATOR_PORT",
+    "API_PORT",
+    "WORKER_METRICS_PORT",
+)
+
+
 class RunningStack:
     def __init__(self, data_dir: Path, platform: str = "generic") -> None:
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("SIM_", "PLATFORM"))},
             "PLATFORM": platform,
             "DATA_DIR": str(data_dir),
-            "PG_PORT": str(free_port()),
-            "TEMPORAL_PORT": str(free_port()),
-            "TEMPORAL_UI_PORT": str(free_port()),
-            "SIMULATOR_PORT": str(free_port()),
-            "API_PORT": str(free_port()),
-            "WORKER_METRICS_PORT": str(free_port()),
+            **dict(zip(PORTS, map(str, free_ports(len(PORTS))), strict=True)),
             # Its record in a registry of its own, not the user's (app.running).
             "COUPONS_STATE_DIR": str(data_dir.parent / "state"),
         }
