@@ -7,9 +7,11 @@ the worker on a timer, and by any repeated claim) starts it with the same id.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client, WorkflowHandle
@@ -39,9 +41,22 @@ from coupons.model import (
 from coupons.validation import validate_id
 from workflows.user_coupon import UserCouponWorkflow
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 log = logging.getLogger(__name__)
 
-__all__ = ["ClaimRefused", "ClaimResult", "ClaimService"]
+__all__ = ["ClaimRefused", "ClaimResult", "ClaimService", "from_claim"]
+
+D = TypeVar("D", bound="DataclassInstance")
+
+
+def from_claim(cls: type[D], claim: Claim, **given: Any) -> D:
+    """A `cls` holding `given` and, in each of its other fields that `Claim` has too, the
+    claim's value: what is told of a claim (the answer to a claim, its workflow's input, a
+    wedged coupon) names the claim's fields as the ledger does."""
+    shared = {f.name for f in dataclasses.fields(cls)} & {f.name for f in dataclasses.fields(Claim)}
+    return cls(**{name: getattr(claim, name) for name in shared - given.keys()}, **given)
 
 
 @dataclass
@@ -77,16 +92,7 @@ class ClaimService:
             metrics.CLAIMS.labels(outcome="error").inc()
             raise
         metrics.CLAIMS.labels(outcome="created" if created else "existing").inc()
-        return ClaimResult(
-            coupon_id=claim.coupon_id,
-            workflow_id=claim.workflow_id,
-            campaign_id=claim.campaign_id,
-            user_id=claim.user_id,
-            state=claim.state,
-            created=created,
-            claimed_at=claim.claimed_at,
-            task_deadline=claim.task_deadline,
-        )
+        return from_claim(ClaimResult, claim, created=created)
 
     async def start_workflow(self, claim: Claim) -> None:
         try:
@@ -180,14 +186,10 @@ def coupon_input(
     resume: bool = False,
 ) -> CouponInput:
     """The workflow's input for `claim`: as claimed, or (`resume`) from the ledger's state."""
-    return CouponInput(
-        coupon_id=claim.coupon_id,
-        campaign_id=claim.campaign_id,
-        user_id=claim.user_id,
-        batch_id=claim.batch_id,
+    return from_claim(
+        CouponInput,
+        claim,
         required_tasks=list(claim.required_tasks),
-        claimed_at=claim.claimed_at,
-        task_deadline=claim.task_deadline,
         resume_state=claim.state if resume else None,
         tasks_done=list(tasks_done or []),
         receipt=receipt,

@@ -21,6 +21,7 @@ from temporalio.common import SearchAttributeKey
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
+from app.claims import from_claim
 from coupons.config import Settings
 from coupons.ledger import claims as ledger
 from coupons.ledger.claims import Claim
@@ -105,13 +106,10 @@ async def _not_started(
 
 
 def _unstarted(claim: Claim) -> Wedged:
-    return Wedged(
-        coupon_id=claim.coupon_id,
-        workflow_id=claim.workflow_id,
-        campaign_id=claim.campaign_id,
-        ledger_state=claim.state,
-        cause=NOT_STARTED,
-        detail="the claim's workflow start was never confirmed (the worker's claim repair "
+    return _wedged(
+        claim,
+        NOT_STARTED,
+        "the claim's workflow start was never confirmed (the worker's claim repair "
         "should have started it: is a worker running?)",
         since=claim.claimed_at,
     )
@@ -304,10 +302,9 @@ def _wedged(
     attempts: int | None = None,
     status: str | None = None,
 ) -> Wedged:
-    return Wedged(
-        coupon_id=claim.coupon_id,
-        workflow_id=claim.workflow_id,
-        campaign_id=claim.campaign_id,
+    return from_claim(
+        Wedged,
+        claim,
         ledger_state=claim.state,
         cause=cause,
         detail=cut_detail(detail),

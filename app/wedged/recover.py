@@ -13,7 +13,7 @@ from temporalio.client import Client
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from app.claims import ClaimService
+from app.claims import ClaimService, from_claim
 from app.wedged.find import (
     NOT_STARTED,
     REPAIR_GRACE,
@@ -64,7 +64,13 @@ async def recover(
         raise Refused("unknown_coupon", f"no coupon {coupon_id!r}")
     found = await diagnose(pool, client, settings, claim)
     if found is None:
-        return _recovery(claim, "none", "not wedged: its workflow is making progress")
+        return from_claim(
+            Recovery,
+            claim,
+            ledger_state=claim.state,
+            action="none",
+            detail="not wedged: its workflow is making progress",
+        )
     return await _recover(pool, client, settings, claim, found)
 
 
@@ -84,14 +90,7 @@ async def recover_all(
             return await recover(pool, client, settings, wedged.coupon_id)
         except Exception as err:
             log.exception("could not recover coupon %s", wedged.coupon_id)
-            return Recovery(
-                wedged.coupon_id,
-                wedged.workflow_id,
-                wedged.ledger_state,
-                "error",
-                cut_detail(f"{type(err).__name__}: {err}"),
-                cause=wedged.cause,
-            )
+            return _recovery(wedged, "error", cut_detail(f"{type(err).__name__}: {err}"))
 
     return await bounded(found, one, concurrency)
 
@@ -102,29 +101,26 @@ async def _recover(
     service = ClaimService(pool, client, settings)
     if found.cause == NOT_STARTED:
         await service.start_workflow(claim)  # the claim's own start, as the repair makes it
-        return _recovery(claim, "started", "its workflow started", found)
+        return _recovery(found, "started", "its workflow started")
     if found.status == "completed":
         # Never expected (a run writes its final state before it completes); the reuse
         # policy would refuse a new run anyway. An operator decides.
         return _recovery(
-            claim, "none", f"its run completed, the ledger says {claim.state}: check by hand", found
+            found, "none", f"its run completed, the ledger says {claim.state}: check by hand"
         )
     if found.cause == UNDECODABLE and await _readable_here(client, claim, found):
         # The worker lacks a key this process holds: a new run would fail there the same way.
         return _recovery(
-            claim,
+            found,
             "none",
             "this process reads its payloads and the worker does not: give the worker this "
             "key ring (CODEC_KEYS_FILE), then it goes on by itself",
-            found,
         )
     stopped = None
     if found.status == "running":
         stopped = await _terminate(client, claim, found)
     if claim.state in FINAL_STATES:
-        return _recovery(
-            claim, "terminated", "the ledger is final: the stuck run stopped", found, stopped
-        )
+        return _recovery(found, "terminated", "the ledger is final: the stuck run stopped", stopped)
     receipt = await ledger.receipt_of(pool, claim.coupon_id) if claim.state == "issued" else None
     if claim.state == "issued" and receipt is None:
         raise Refused("inconsistent", f"coupon {claim.coupon_id} is issued without a receipt")
@@ -132,9 +128,7 @@ async def _recover(
     try:
         new_run = await service.restart_workflow(claim, tasks, receipt)
     except WorkflowAlreadyStartedError:
-        return _recovery(
-            claim, "already_recovered", "a new run was already started", found, stopped
-        )
+        return _recovery(found, "already_recovered", "a new run was already started", stopped)
     log.warning(
         "recovered coupon %s (%s): new run %s resumes %s",
         claim.coupon_id,
@@ -145,7 +139,7 @@ async def _recover(
     said = f"a new run resumes the ledger's {claim.state}"
     if tasks:
         said += f" with the tasks reported to the stuck run ({', '.join(tasks)})"
-    return _recovery(claim, "restarted", said, found, stopped, new_run)
+    return _recovery(found, "restarted", said, stopped, new_run)
 
 
 async def _terminate(client: Client, claim: Claim, found: Wedged) -> str | None:
@@ -203,20 +197,16 @@ async def _reported_tasks(client: Client, claim: Claim, found: Wedged) -> list[s
 
 
 def _recovery(
-    claim: Claim,
-    action: str,
-    detail: str,
-    found: Wedged | None = None,
-    stopped: str | None = None,
-    new_run: str | None = None,
+    found: Wedged, action: str, detail: str, stopped: str | None = None, new_run: str | None = None
 ) -> Recovery:
+    """What was done to the wedged coupon `found` (whose ledger state is the claim's)."""
     return Recovery(
-        coupon_id=claim.coupon_id,
-        workflow_id=claim.workflow_id,
-        ledger_state=claim.state,
-        action=action,
-        detail=detail,
-        cause=found.cause if found else None,
+        found.coupon_id,
+        found.workflow_id,
+        found.ledger_state,
+        action,
+        detail,
+        cause=found.cause,
         stopped_run_id=stopped,
         new_run_id=new_run,
     )
