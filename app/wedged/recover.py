@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import timedelta
 
 from psycopg_pool import AsyncConnectionPool
 from temporalio.api.enums.v1 import EventType
@@ -16,7 +15,6 @@ from temporalio.service import RPCError, RPCStatusCode
 from app.claims import ClaimService, from_claim
 from app.wedged.find import (
     NOT_STARTED,
-    REPAIR_GRACE,
     UNDECODABLE,
     Wedged,
     bounded,
@@ -75,15 +73,10 @@ async def recover(
 
 
 async def recover_all(
-    pool: AsyncConnectionPool,
-    client: Client,
-    settings: Settings,
-    *,
-    concurrency: int = 10,
-    repair_grace: timedelta = REPAIR_GRACE,
+    pool: AsyncConnectionPool, client: Client, settings: Settings, *, concurrency: int = 10
 ) -> list[Recovery]:
     """Recover every coupon `find_wedged` lists; one that fails is reported, not raised."""
-    found = await find_wedged(pool, client, settings, repair_grace=repair_grace)
+    found = await find_wedged(pool, client, settings)
 
     async def one(wedged: Wedged) -> Recovery:
         try:
