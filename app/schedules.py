@@ -33,31 +33,24 @@ log = logging.getLogger(__name__)
 
 
 def catalog_schedules(settings: Settings) -> dict[str, Schedule]:
-    # SKIP: a sync still running when the next is due makes the next one pointless.
-    policy = SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP)
     return {
-        act.CATALOG_SYNC_SCHEDULE: Schedule(
-            action=ScheduleActionStartWorkflow(
-                act.CATALOG_SYNC_WORKFLOW,
-                SyncInput(),
-                id=act.CATALOG_SYNC_SCHEDULE,
-                task_queue=settings.task_queue,
-                static_summary="catalog sync: every batch in use, read at the platform",
-            ),
-            spec=ScheduleSpec(
+        act.CATALOG_SYNC_SCHEDULE: _schedule(
+            settings,
+            act.CATALOG_SYNC_WORKFLOW,
+            SyncInput(),
+            act.CATALOG_SYNC_SCHEDULE,
+            "catalog sync: every batch in use, read at the platform",
+            ScheduleSpec(
                 intervals=[ScheduleIntervalSpec(every=timedelta(seconds=settings.sync_interval_s))]
             ),
-            policy=policy,
         ),
-        act.RECONCILE_SCHEDULE: Schedule(
-            action=ScheduleActionStartWorkflow(
-                act.RECONCILE_WORKFLOW,
-                ReconcileInput(),
-                id=act.RECONCILE_SCHEDULE,
-                task_queue=settings.task_queue,
-                static_summary="daily reconciliation of every batch with the platform's flows",
-            ),
-            spec=ScheduleSpec(
+        act.RECONCILE_SCHEDULE: _schedule(
+            settings,
+            act.RECONCILE_WORKFLOW,
+            ReconcileInput(),
+            act.RECONCILE_SCHEDULE,
+            "daily reconciliation of every batch with the platform's flows",
+            ScheduleSpec(
                 calendars=[
                     ScheduleCalendarSpec(
                         hour=[ScheduleRange(settings.reconcile_hour_utc)],
@@ -66,9 +59,27 @@ def catalog_schedules(settings: Settings) -> dict[str, Schedule]:
                     )
                 ]
             ),
-            policy=policy,
         ),
     }
+
+
+def _schedule(
+    settings: Settings,
+    workflow: str,
+    arg: SyncInput | ReconcileInput,
+    schedule_id: str,
+    summary: str,
+    spec: ScheduleSpec,
+) -> Schedule:
+    """One run of `workflow` at each time of `spec`, with the schedule's id as workflow id."""
+    return Schedule(
+        action=ScheduleActionStartWorkflow(
+            workflow, arg, id=schedule_id, task_queue=settings.task_queue, static_summary=summary
+        ),
+        spec=spec,
+        # SKIP: a run still going when the next is due makes the next one pointless.
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+    )
 
 
 async def ensure_schedules(client: Client, settings: Settings) -> None:

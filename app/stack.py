@@ -138,6 +138,17 @@ async def seed_demo(settings: Settings) -> None:
         await platform.aclose()
 
 
+def _test_merchant(settings: Settings) -> str:
+    if settings.platform != "wechat":
+        return "test merchant"
+    signs = {
+        "public_key": "its public key",
+        "certificates": "platform certificates",
+        "switching": "either key (switching)",
+    }[settings.wechat_platform_keys]
+    return f"test merchant; signed with {signs}"
+
+
 class Stack:
     """The embedded parts, started in order; benchmarks and chaos runs drive them too."""
 
@@ -169,7 +180,6 @@ class Stack:
         self.api: ManagedProcess | None = None
         self.started: list[tuple[str, Part]] = []
         self.stopping = threading.Event()
-        self.lines: list[str] = []
         self.postgres: EmbeddedPostgres | None = None
         self.temporal: TemporalDevServer | None = None
         self.simulator: SimulatorProcess | None = None
@@ -213,15 +223,8 @@ class Stack:
             )
             pg.start()
             self._started("PostgreSQL", pg)
-            self.lines.append(f"PostgreSQL  {s.database_url}  (embedded, data {data / 'postgres'})")
-        else:
-            self.lines.append("PostgreSQL  DATABASE_URL (external)")
         applied = asyncio.run(db.migrate_url(s.database_url))
         log.info("migrations applied: %s", applied or "none (up to date)")
-        self.lines.append(
-            f"Codec       payloads encrypted (keys {s.codec_keys_file})"
-            + ("; the Web UI decodes them through the API" if codec_endpoint else "")
-        )
 
         if s.temporal_address_override is None:
             self.temporal = temporal = TemporalDevServer(
@@ -238,12 +241,6 @@ class Stack:
             )
             temporal.start()
             self._started("Temporal", temporal)
-            self.lines.append(
-                f"Temporal    {s.temporal_address}  Web UI http://127.0.0.1:{s.temporal_ui_port}"
-                f"  (dev server, {data / 'temporal.db'})"
-            )
-        else:
-            self.lines.append(f"Temporal    {s.temporal_address}  (external)")
 
         if self.with_api and port_open(s.api_client_host, s.api_port):
             raise RuntimeError(f"API_PORT {s.api_port} is in use; choose another with API_PORT")
@@ -280,36 +277,10 @@ class Stack:
             )
             sim.start()
             self._started("platform simulator", sim)
-            self.lines.append(
-                f"Platform    {s.platform_url}  ({s.platform} simulator, "
-                f"{data / 'simulator.sqlite3'})"
-            )
-            if s.platform != "generic":
-                signs = {
-                    "public_key": "its public key",
-                    "certificates": "platform certificates",
-                    "switching": "either key (switching)",
-                }[s.wechat_platform_keys]
-                merchant = (
-                    f"test merchant; signed with {signs}"
-                    if s.platform == "wechat"
-                    else ("test merchant")
-                )
-                self.lines.append(
-                    f"Keys        {s.platform_keys_dir.resolve() / s.platform}  ({merchant})"
-                )
-        else:
-            self.lines.append(f"Platform    {s.platform_url}  (external)")
 
-        if self.demo and s.platform_url_override is not None:
-            # A real platform's batch is real money: never made without an operator asking.
-            self.lines.append("Demo        none (PLATFORM_URL is a real platform)")
-        elif self.demo:
+        # A real platform's batch is real money: never made without an operator asking.
+        if self.demo and s.platform_url_override is None:
             asyncio.run(seed_demo(s))
-            self.lines.append(
-                "Demo        campaign 'demo' on batch 'demo': task first-order, quota 1000, "
-                "1 per user, valid 30 days"
-            )
         env = {**os.environ, **s.to_env(), **self.worker_env}
         self.worker = ManagedProcess(
             "worker",
@@ -321,15 +292,6 @@ class Stack:
         )
         self.worker.start()
         self._started("worker", self.worker)
-        self.lines.append(
-            f"Worker      pid {self.worker.pid}, task queues {s.task_queue} and "
-            f"{s.platform_task_queue}"
-            + (
-                f", metrics http://{s.metrics_host}:{s.worker_metrics_port}/metrics"
-                if s.worker_metrics_port is not None
-                else ""
-            )
-        )
         if self.with_api:
             self.api = ManagedProcess(
                 "API",
@@ -341,15 +303,62 @@ class Stack:
             )
             self.start_api()
             self._started("API", self.api)
-            self.lines.append(
+
+    @property
+    def lines(self) -> list[str]:
+        """What `make run` prints once the stack is up: each part, where it is, how reached."""
+        s = self.settings
+        data = s.data_dir
+        lines = [
+            f"PostgreSQL  {s.database_url}  (embedded, data {data / 'postgres'})"
+            if self.postgres is not None
+            else "PostgreSQL  DATABASE_URL (external)",
+            f"Codec       payloads encrypted (keys {s.codec_keys_file})"
+            + ("; the Web UI decodes them through the API" if self.with_api else ""),
+            f"Temporal    {s.temporal_address}  Web UI http://127.0.0.1:{s.temporal_ui_port}"
+            f"  (dev server, {data / 'temporal.db'})"
+            if self.temporal is not None
+            else f"Temporal    {s.temporal_address}  (external)",
+        ]
+        if self.simulator is None:
+            lines.append(f"Platform    {s.platform_url}  (external)")
+        else:
+            lines.append(
+                f"Platform    {s.platform_url}  ({s.platform} simulator, "
+                f"{data / 'simulator.sqlite3'})"
+            )
+            if s.platform != "generic":
+                lines.append(
+                    f"Keys        {s.platform_keys_dir.resolve() / s.platform}  "
+                    f"({_test_merchant(s)})"
+                )
+        if self.demo:
+            lines.append(
+                "Demo        campaign 'demo' on batch 'demo': task first-order, quota 1000, "
+                "1 per user, valid 30 days"
+                if self.simulator is not None
+                else "Demo        none (PLATFORM_URL is a real platform)"
+            )
+        metrics = (
+            f", metrics http://{s.metrics_host}:{s.worker_metrics_port}/metrics"
+            if s.worker_metrics_port is not None
+            else ""
+        )
+        lines.append(
+            f"Worker      pid {self.worker.pid}, task queues {s.task_queue} and "
+            f"{s.platform_task_queue}{metrics}"
+        )
+        if self.api is not None:
+            lines.append(
                 f"API         {s.api_url}  docs {s.api_url}/docs  (pid {self.api.pid}; "
                 "keys: starter.py tenant create)"
             )
-        self.lines.append(
+        return [
+            *lines,
             f"Schedules   catalog-sync every {s.sync_interval_s:g} s, reconcile-daily at "
-            f"{s.reconcile_hour_utc:02d}:00 UTC (kept up to date by the worker)"
-        )
-        self.lines.append(f"Logs        {logs}")
+            f"{s.reconcile_hour_utc:02d}:00 UTC (kept up to date by the worker)",
+            f"Logs        {data / 'logs'}",
+        ]
 
     def _started(self, name: str, part: Part) -> None:
         self.started.append((name, part))

@@ -42,12 +42,18 @@ def shown(value: object) -> str:
 
 
 @dataclass(frozen=True)
-class Whole:
-    """A whole number between `low` and `high` (inclusive), counted in `unit`."""
+class _Bounded:
+    """A rule bounded by `low` and `high` (inclusive); each kind says its `range` in words."""
 
     name: str
     low: int
     high: int
+
+
+@dataclass(frozen=True)
+class Whole(_Bounded):
+    """A whole number between `low` and `high` (inclusive), counted in `unit`."""
+
     unit: str
 
     @property
@@ -69,12 +75,8 @@ class Whole:
 
 
 @dataclass(frozen=True)
-class Text:
+class Text(_Bounded):
     """Printable text of `low` to `high` characters."""
-
-    name: str
-    low: int
-    high: int
 
     @property
     def range(self) -> str:

@@ -6,8 +6,9 @@ import asyncio
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError
+
+from workflows.policies import LEDGER_CALL, PLATFORM_RETRY
 
 # Activities are called by reference; their module does I/O, so it (and what it imports)
 # comes from outside the sandbox.
@@ -16,10 +17,6 @@ with workflow.unsafe.imports_passed_through():
     from coupons import contract as act
     from coupons.model import BatchSync, SyncInput, SyncReport
 
-LEDGER_CALL = timedelta(seconds=30)
-# A sync that cannot reach the platform gives up on that batch for this round; the
-# schedule's next run tries again.
-PLATFORM_CALL = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=5)
 # Batches read at once.
 PARALLEL = 8
 
@@ -59,7 +56,7 @@ class CatalogSyncWorkflow:
             task_queue=act.platform_task_queue(workflow.info().task_queue),
             start_to_close_timeout=timedelta(minutes=5),
             heartbeat_timeout=timedelta(seconds=30),
-            retry_policy=PLATFORM_CALL,
+            retry_policy=PLATFORM_RETRY,
             summary=f"sync batch {batch_id}",
         )
 

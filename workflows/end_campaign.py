@@ -6,6 +6,8 @@ from datetime import timedelta
 
 from temporalio import workflow
 
+from workflows.policies import LEDGER_CALL
+
 # Activities are called by reference; their module does I/O, so it (and what it imports)
 # comes from outside the sandbox.
 with workflow.unsafe.imports_passed_through():
@@ -18,7 +20,6 @@ with workflow.unsafe.imports_passed_through():
         RepairCheck,
     )
 
-LEDGER_CALL = timedelta(seconds=30)
 LEDGER_WAIT_S = 60.0
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
+
+from workflows.policies import LEDGER_CALL, PLATFORM_RETRY
 
 # Activities are called by reference; their module does I/O, so it (and what it imports)
 # comes from outside the sandbox.
@@ -14,8 +15,6 @@ with workflow.unsafe.imports_passed_through():
     from coupons import contract as act
     from coupons.model import BatchReconciliation, ReconcileInput, ReconcileReport, RepairCheck
 
-LEDGER_CALL = timedelta(seconds=30)
-PLATFORM_CALL = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=5)
 # How long a repair may take to reach the ledger through its coupon's workflow.
 REPAIR_WAIT_S = 60.0
 
@@ -49,7 +48,7 @@ class ReconcileWorkflow:
             task_queue=act.platform_task_queue(workflow.info().task_queue),
             start_to_close_timeout=timedelta(minutes=10),
             heartbeat_timeout=timedelta(minutes=1),
-            retry_policy=PLATFORM_CALL,
+            retry_policy=PLATFORM_RETRY,
             summary=f"reconcile batch {batch_id}",
         )
         if found.repairs_requested:

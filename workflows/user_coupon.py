@@ -8,6 +8,8 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
+from workflows.policies import LEDGER_CALL
+
 # Activities are called by reference (typed end to end); their modules do I/O, so they and
 # what they import come from outside the sandbox, as does the state machine library.
 with workflow.unsafe.imports_passed_through():
@@ -36,7 +38,6 @@ with workflow.unsafe.imports_passed_through():
         Transition,
     )
 
-LEDGER_TIMEOUT = timedelta(seconds=30)
 LEDGER_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1), maximum_interval=timedelta(minutes=1)
 )
@@ -416,7 +417,7 @@ class UserCouponWorkflow:
             await workflow.execute_activity_method(
                 LedgerActivities.record_transition,
                 RecordTransitionInput(self._input.coupon_id, transition),
-                start_to_close_timeout=LEDGER_TIMEOUT,
+                start_to_close_timeout=LEDGER_CALL,
                 retry_policy=LEDGER_RETRY,
                 summary=f"ledger: {transition.from_state} → {transition.to_state}",
             )
