@@ -5,10 +5,11 @@ for another tenant's."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response, Security
+from fastapi import Body, Query, Request, Response
 
 from app import service
 from app.api.models import (
@@ -27,29 +28,21 @@ from app.api.models import (
     Campaigns,
     CampaignStatus,
     Expiry,
-    TaskIn,
 )
 from app.api.problems import error_responses
-from app.api.routing import ApiRoute, backends, bearer, derived_id, principal, requires
-from app.service import ApiKey, Backends, Batch, Campaign, CampaignSpec, Task
+from app.api.routing import IdPath, Key, Parts, derived_id, scoped_router
+from app.service import Batch, Campaign, CampaignSpec, Task
 from coupons import validation as rules
 from coupons.errors import Refused
 from coupons.platforms.base import BatchAction
 
-router = APIRouter(
-    prefix="/v1", tags=["operators"], route_class=ApiRoute, dependencies=[Security(bearer)]
-)
-
-BatchIdPath = Annotated[str, Path(pattern=rules.ID_PATTERN)]
-CampaignIdPath = Annotated[str, Path(pattern=rules.ID_PATTERN)]
-Admin = Annotated[ApiKey, Depends(principal)]
-Parts = Annotated[Backends, Depends(backends)]
-ADMIN = requires("admin")
+router = scoped_router("admin", "operators")
 Out = TypeVar("Out", bound=CampaignOut)
+Endpoint = Callable[..., Awaitable[Any]]
 
 
 def _batch(batch: Batch) -> BatchOut:
-    return BatchOut.model_validate(batch, from_attributes=True)
+    return BatchOut(**dataclasses.asdict(batch))
 
 
 def _campaign(campaign: Campaign, model: type[Out] = CampaignOut, **more: Any) -> Out:  # type: ignore[assignment]
@@ -66,34 +59,23 @@ def _campaign(campaign: Campaign, model: type[Out] = CampaignOut, **more: Any) -
     status_code=201,
     summary="Create a batch at the platform (and start it, unless start is false)",
     responses=error_responses(409),
-    openapi_extra=ADMIN,
 )
-async def create_batch(body: BatchIn, request: Request, key: Admin, parts: Parts) -> BatchOut:
-    batch = await service.create_batch(
-        parts,
-        derived_id("bat", request, key),
-        quantity=body.quantity,
-        face_value_cents=body.face_value_cents,
-        min_spend_cents=body.min_spend_cents,
-        # Not given: as long as the window given (what WeChat Pay can keep), else 30.
-        valid_days=body.valid_days if "valid_days" in body.model_fields_set else None,
-        per_user_limit=body.per_user_limit,
-        name=body.name,
-        starts_at=body.starts_at,
-        ends_at=body.ends_at,
-        start=body.start,
-        tenant_id=key.tenant_id,
-    )
+async def create_batch(body: BatchIn, request: Request, key: Key, parts: Parts) -> BatchOut:
+    fields = body.model_dump()  # the catalog's create_batch takes them by the same names
+    if "valid_days" not in body.model_fields_set:
+        # As long as the window given (what WeChat Pay can keep), else 30.
+        fields["valid_days"] = None
+    batch_id = derived_id("bat", request, key)
+    batch = await service.create_batch(parts, batch_id, tenant_id=key.tenant_id, **fields)
     return _batch(batch)
 
 
 @router.get(
     "/batches",
     summary="The tenant's batches, as last synced",
-    openapi_extra=ADMIN,
     responses=error_responses(),
 )
-async def list_batches(key: Admin, parts: Parts) -> Batches:
+async def list_batches(key: Key, parts: Parts) -> Batches:
     found = await service.list_batches(parts, tenant_id=key.tenant_id)
     return Batches(batches=[_batch(b) for b in found])
 
@@ -102,9 +84,8 @@ async def list_batches(key: Admin, parts: Parts) -> Batches:
     "/batches/{batch_id}",
     summary="One batch as last synced, with the campaigns that hand it out",
     responses=error_responses(404),
-    openapi_extra=ADMIN,
 )
-async def get_batch(batch_id: BatchIdPath, key: Admin, parts: Parts) -> BatchDetail:
+async def get_batch(batch_id: IdPath, key: Key, parts: Parts) -> BatchDetail:
     batch = await service.get_batch(parts, batch_id, key.tenant_id)
     campaigns = await service.list_campaigns(parts, batch_id=batch.id, tenant_id=key.tenant_id)
     return BatchDetail(
@@ -113,20 +94,32 @@ async def get_batch(batch_id: BatchIdPath, key: Admin, parts: Parts) -> BatchDet
     )
 
 
-def _batch_action(action: BatchAction) -> None:
-    async def change(batch_id: BatchIdPath, key: Admin, parts: Parts) -> BatchOut:
-        return _batch(await service.change_batch(parts, batch_id, action, key.tenant_id))
-
-    change.__name__ = f"{action.value}_batch"
+def _add_action(path: str, name: str, change: Endpoint, *, summary: str, description: str) -> None:
+    """POST `path`: an action on one batch or campaign, which `change` takes; `name` starts
+    its OpenAPI operation id. The answer is 404 for an unknown one, 409 where its status
+    does not allow the action."""
     router.add_api_route(
-        f"/batches/{{batch_id}}/{action.value}",
+        path,
         change,
         methods=["POST"],
+        name=name,
+        summary=summary,
+        description=description,
+        responses=error_responses(404, 409),
+    )
+
+
+def _batch_action(action: BatchAction) -> None:
+    async def change(batch_id: IdPath, key: Key, parts: Parts) -> BatchOut:
+        return _batch(await service.change_batch(parts, batch_id, action, key.tenant_id))
+
+    _add_action(
+        f"/batches/{{batch_id}}/{action.value}",
+        f"{action.value}_batch",
+        change,
         summary=f"{action.value.capitalize()} the batch at the platform",
         description="Repeating an action already done is a no-op; one the batch's status "
         "does not allow is `wrong_state`.",
-        responses=error_responses(404, 409),
-        openapi_extra=ADMIN,
     )
 
 
@@ -137,12 +130,17 @@ for _action in BatchAction:
 # ------------------------------------------------------------------ campaigns
 
 
-def _tasks(tasks: list[TaskIn]) -> list[Task]:
-    return [Task(t.key, t.name or t.key) for t in tasks]
-
-
-def _deadline(seconds: int | None) -> timedelta | None:
-    return None if seconds is None else timedelta(seconds=seconds)
+def _spec_fields(body: CampaignIn | CampaignPatch, given: dict[str, Any]) -> dict[str, Any]:
+    """The fields `given` of `body` (all of them, or those a patch sets) as CampaignSpec
+    names them: tasks as Task (the key names one that has no name), the relative deadline
+    as a timedelta."""
+    fields = {k: v for k, v in given.items() if k not in ("tasks", "task_deadline_s")}
+    if "tasks" in given:
+        fields["tasks"] = [Task(t.key, t.name or t.key) for t in body.tasks]
+    if "task_deadline_s" in given:
+        seconds = body.task_deadline_s
+        fields["task_deadline"] = None if seconds is None else timedelta(seconds=seconds)
+    return fields
 
 
 @router.post(
@@ -155,24 +153,12 @@ def _deadline(seconds: int | None) -> timedelta | None:
         200: {"model": CampaignCreated, "description": "the same definition existed"},
         **error_responses(409),
     },
-    openapi_extra=ADMIN,
 )
 async def create_campaign(
-    body: CampaignIn, request: Request, response: Response, key: Admin, parts: Parts
+    body: CampaignIn, request: Request, response: Response, key: Key, parts: Parts
 ) -> CampaignCreated:
-    spec = CampaignSpec(
-        id=derived_id("cmp", request, key),
-        batch_id=body.batch_id,
-        quota=body.quota,
-        per_user_limit=body.per_user_limit,
-        tasks=_tasks(body.tasks),
-        name=body.name,
-        starts_at=body.starts_at,
-        ends_at=body.ends_at,
-        task_deadline=_deadline(body.task_deadline_s),
-        deadline_at=body.deadline_at,
-        tenant_id=key.tenant_id,
-    )
+    fields = _spec_fields(body, body.model_dump())
+    spec = CampaignSpec(id=derived_id("cmp", request, key), tenant_id=key.tenant_id, **fields)
     campaign, created = await service.create_campaign(parts, spec)
     if not created:
         response.status_code = 200
@@ -183,10 +169,9 @@ async def create_campaign(
     "/campaigns",
     summary="The tenant's campaigns",
     responses=error_responses(422),
-    openapi_extra=ADMIN,
 )
 async def list_campaigns(
-    key: Admin,
+    key: Key,
     parts: Parts,
     batch_id: Annotated[str | None, Query(pattern=rules.ID_PATTERN)] = None,
     status: CampaignStatus | None = None,
@@ -201,9 +186,8 @@ async def list_campaigns(
     "/campaigns/{campaign_id}",
     summary="One campaign, with its coupons counted by state",
     responses=error_responses(404),
-    openapi_extra=ADMIN,
 )
-async def get_campaign(campaign_id: CampaignIdPath, key: Admin, parts: Parts) -> CampaignDetail:
+async def get_campaign(campaign_id: IdPath, key: Key, parts: Parts) -> CampaignDetail:
     campaign = await service.get_campaign(parts, campaign_id, key.tenant_id)
     states = await service.count_by_state(parts, campaign.id)
     return _campaign(campaign, CampaignDetail, states=states)
@@ -213,10 +197,9 @@ async def get_campaign(campaign_id: CampaignIdPath, key: Admin, parts: Parts) ->
     "/campaigns/{campaign_id}",
     summary="Change some fields of a campaign; claims already made keep theirs",
     responses=error_responses(404, 409),
-    openapi_extra=ADMIN,
 )
 async def update_campaign(
-    campaign_id: CampaignIdPath, body: CampaignPatch, key: Admin, parts: Parts
+    campaign_id: IdPath, body: CampaignPatch, key: Key, parts: Parts
 ) -> CampaignOut:
     given = body.model_dump(exclude_unset=True)
     if not given:
@@ -224,30 +207,23 @@ async def update_campaign(
     for field in ("batch_id", "quota", "per_user_limit", "tasks"):
         if field in given and given[field] is None:
             raise Refused("invalid_request", f"{field}: cannot be null")
-    changes: dict[str, Any] = {k: v for k, v in given.items() if k != "task_deadline_s"}
-    if "tasks" in given:
-        changes["tasks"] = _tasks(body.tasks)
-    if "task_deadline_s" in given:
-        changes["task_deadline"] = _deadline(body.task_deadline_s)
+    changes = _spec_fields(body, given)
     # Another tenant's campaign is as unknown as none.
     campaign = await service.update_campaign(parts, campaign_id, tenant_id=key.tenant_id, **changes)
     return _campaign(campaign)
 
 
 def _campaign_action(action: str) -> None:
-    async def change(campaign_id: CampaignIdPath, key: Admin, parts: Parts) -> CampaignOut:
+    async def change(campaign_id: IdPath, key: Key, parts: Parts) -> CampaignOut:
         campaign = await service.change_campaign_status(parts, campaign_id, action, key.tenant_id)
         return _campaign(campaign)
 
-    change.__name__ = f"{action}_campaign"
-    router.add_api_route(
+    _add_action(
         f"/campaigns/{{campaign_id}}/{action}",
+        f"{action}_campaign",
         change,
-        methods=["POST"],
         summary=f"{action.capitalize()} claims of the campaign",
         description="Repeating it is a no-op; on an ended campaign it is `wrong_state`.",
-        responses=error_responses(404, 409),
-        openapi_extra=ADMIN,
     )
 
 
@@ -261,11 +237,10 @@ for _status_action in ("pause", "resume"):
     description="With `expire_pending`, the workflow `end-campaign:<id>` expires its "
     "`received` coupons through their workflows, page by page; the answer names it.",
     responses=error_responses(404, 409),
-    openapi_extra=ADMIN,
 )
 async def end_campaign(
-    campaign_id: CampaignIdPath,
-    key: Admin,
+    campaign_id: IdPath,
+    key: Key,
     parts: Parts,
     body: Annotated[CampaignEndIn | None, Body()] = None,
 ) -> CampaignEnded:

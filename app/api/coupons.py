@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query, Response, Security
+from fastapi import Query, Response
 
 from app import service
 from app.api.models import (
@@ -25,23 +25,12 @@ from app.api.models import (
     UserCoupons,
 )
 from app.api.problems import REFUSALS, error_responses
-from app.api.routing import ApiRoute, backends, bearer, principal, requires
-from app.service import ApiKey, Backends
+from app.api.routing import CouponIdPath, IdPath, Key, Parts, scoped_router
 from coupons import validation as rules
 from coupons.errors import Refused
 from coupons.model import CouponStatus
 
-router = APIRouter(
-    prefix="/v1", tags=["coupons"], route_class=ApiRoute, dependencies=[Security(bearer)]
-)
-
-CampaignIdPath = Annotated[str, Path(pattern=rules.ID_PATTERN)]
-UserIdPath = Annotated[str, Path(pattern=rules.ID_PATTERN)]
-CouponIdPath = Annotated[str, Path(pattern=rules.COUPON_ID_PATTERN)]
-TaskPath = Annotated[str, Path(pattern=rules.ID_PATTERN)]
-App = Annotated[ApiKey, Depends(principal)]
-Parts = Annotated[Backends, Depends(backends)]
-APP = requires("app")
+router = scoped_router("app", "coupons")
 # Signals sent at once by one task-events request.
 SIGNAL_CONCURRENCY = 20
 
@@ -56,10 +45,9 @@ SIGNAL_CONCURRENCY = 20
         200: {"model": ClaimOut, "description": "the coupon the user already holds"},
         **error_responses(404, 409, 422),
     },
-    openapi_extra=APP,
 )
 async def claim(
-    campaign_id: CampaignIdPath, body: ClaimIn, response: Response, key: App, parts: Parts
+    campaign_id: IdPath, body: ClaimIn, response: Response, key: Key, parts: Parts
 ) -> ClaimOut:
     result = await service.claim(parts, campaign_id, body.user_id, tenant_id=key.tenant_id)
     if not result.created:
@@ -71,11 +59,10 @@ async def claim(
     "/users/{user_id}/coupons",
     summary="A user's coupons, newest first",
     responses=error_responses(422),
-    openapi_extra=APP,
 )
 async def user_coupons(
-    user_id: UserIdPath,
-    key: App,
+    user_id: IdPath,
+    key: Key,
     parts: Parts,
     campaign_id: Annotated[str | None, Query(pattern=rules.ID_PATTERN)] = None,
     state: State | None = None,
@@ -94,9 +81,8 @@ async def user_coupons(
     "/coupons/{coupon_id}",
     summary="One coupon: state, tasks, receipt, events and what it waits for",
     responses=error_responses(404, 422),
-    openapi_extra=APP,
 )
-async def get_coupon(coupon_id: CouponIdPath, key: App, parts: Parts) -> CouponOut:
+async def get_coupon(coupon_id: CouponIdPath, key: Key, parts: Parts) -> CouponOut:
     view = await service.show_coupon(parts, coupon_id, tenant_id=key.tenant_id)
     return CouponOut.model_validate(view.fields())
 
@@ -112,10 +98,9 @@ def _state(status: CouponStatus) -> CouponState:
     "when its validator refuses (nothing is recorded). The user must hold the coupon; "
     "for anyone else it is `not_found`.",
     responses=error_responses(404, 409, 422, 503),
-    openapi_extra=APP,
 )
 async def complete_task(
-    coupon_id: CouponIdPath, task: TaskPath, body: CompleteTaskIn, key: App, parts: Parts
+    coupon_id: CouponIdPath, task: IdPath, body: CompleteTaskIn, key: Key, parts: Parts
 ) -> CouponState:
     status = await service.complete_task(
         parts, coupon_id, task, tenant_id=key.tenant_id, user_id=body.user_id
@@ -131,9 +116,8 @@ async def complete_task(
     "tasks) and sent to the coupon's workflow as the `task_done` signal; the answer says, "
     f"per event, whether it was accepted. At most {rules.TASK_EVENTS.high} events.",
     responses=error_responses(422),
-    openapi_extra=APP,
 )
-async def task_events(body: TaskEventsIn, key: App, parts: Parts) -> TaskEventsOut:
+async def task_events(body: TaskEventsIn, key: Key, parts: Parts) -> TaskEventsOut:
     gate = asyncio.Semaphore(SIGNAL_CONCURRENCY)
 
     async def one(event: TaskEventIn) -> TaskEventResult:
@@ -172,9 +156,8 @@ def _event(event: TaskEventIn, code: str | None, detail: str | None) -> TaskEven
     "/coupons/{coupon_id}/cancel",
     summary="Cancel a coupon that is not yet sent to the platform",
     responses=error_responses(404, 409, 422, 503),
-    openapi_extra=APP,
 )
-async def cancel(coupon_id: CouponIdPath, body: CancelIn, key: App, parts: Parts) -> CouponState:
+async def cancel(coupon_id: CouponIdPath, body: CancelIn, key: Key, parts: Parts) -> CouponState:
     status = await service.cancel(
         parts, coupon_id, body.reason, tenant_id=key.tenant_id, user_id=body.user_id
     )

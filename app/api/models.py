@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+from annotated_types import GroupedMetadata
 from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic.dataclasses import dataclass
 
+from app.service import Batch
 from coupons import validation as rules
 
 
@@ -24,56 +29,37 @@ def _plausible(moment: datetime) -> datetime:
     return moment
 
 
-# Every bound below is a rule of coupons.validation, which the command line and the catalog
-# check too: one table of what the service takes.
+@dataclasses.dataclass(frozen=True)
+class Rule(GroupedMetadata):
+    """A rule of coupons.validation, which the command line and the catalog check too (one
+    table of what the service takes), as the constraints of a field of its type."""
+
+    rule: rules.Whole | rules.Text
+
+    def __iter__(self) -> Iterator[object]:
+        low, high = self.rule.low, self.rule.high
+        if isinstance(self.rule, rules.Text):
+            yield Field(min_length=low, max_length=high, pattern=rules.PRINTABLE_PATTERN)
+            return
+        # Integers as JSON Schema has them: 5 and 5.0, never "5" or true. (The bounds sit
+        # with the integer, inside the validator, so the OpenAPI shows them as minimum and
+        # maximum.)
+        yield Field(strict=True, ge=low, le=high)
+        yield BeforeValidator(_whole)
+
+
 Id = Annotated[str, Field(pattern=rules.ID_PATTERN, examples=["alice"])]
 CouponId = Annotated[str, Field(pattern=rules.COUPON_ID_PATTERN, examples=["spring:alice:1"])]
 Moment = Annotated[AwareDatetime, AfterValidator(_plausible)]
-Name = Annotated[
-    str,
-    Field(min_length=rules.NAME.low, max_length=rules.NAME.high, pattern=rules.PRINTABLE_PATTERN),
-]
-Reason = Annotated[
-    str,
-    Field(
-        min_length=rules.REASON.low, max_length=rules.REASON.high, pattern=rules.PRINTABLE_PATTERN
-    ),
-]
-# Integers as JSON Schema has them: 5 and 5.0, never "5" or true. (The bounds sit with the
-# integer, inside the validator, so the OpenAPI shows them as minimum and maximum.)
-Quantity = Annotated[
-    int,
-    Field(strict=True, ge=rules.QUANTITY.low, le=rules.QUANTITY.high),
-    BeforeValidator(_whole),
-]
-Quota = Annotated[
-    int, Field(strict=True, ge=rules.QUOTA.low, le=rules.QUOTA.high), BeforeValidator(_whole)
-]
-PerUser = Annotated[
-    int,
-    Field(strict=True, ge=rules.PER_USER_LIMIT.low, le=rules.PER_USER_LIMIT.high),
-    BeforeValidator(_whole),
-]
-MinSpend = Annotated[
-    int,
-    Field(strict=True, ge=rules.MIN_SPEND_CENTS.low, le=rules.MIN_SPEND_CENTS.high),
-    BeforeValidator(_whole),
-]
-FaceValue = Annotated[
-    int,
-    Field(strict=True, ge=rules.FACE_VALUE_CENTS.low, le=rules.FACE_VALUE_CENTS.high),
-    BeforeValidator(_whole),
-]
-Days = Annotated[
-    int,
-    Field(strict=True, ge=rules.VALID_DAYS.low, le=rules.VALID_DAYS.high),
-    BeforeValidator(_whole),
-]
-DeadlineSeconds = Annotated[
-    int,
-    Field(strict=True, ge=rules.TASK_DEADLINE_S.low, le=rules.TASK_DEADLINE_S.high),
-    BeforeValidator(_whole),
-]
+Name = Annotated[str, Rule(rules.NAME)]
+Reason = Annotated[str, Rule(rules.REASON)]
+Quantity = Annotated[int, Rule(rules.QUANTITY)]
+Quota = Annotated[int, Rule(rules.QUOTA)]
+PerUser = Annotated[int, Rule(rules.PER_USER_LIMIT)]
+MinSpend = Annotated[int, Rule(rules.MIN_SPEND_CENTS)]
+FaceValue = Annotated[int, Rule(rules.FACE_VALUE_CENTS)]
+Days = Annotated[int, Rule(rules.VALID_DAYS)]
+DeadlineSeconds = Annotated[int, Rule(rules.TASK_DEADLINE_S)]
 State = Literal[
     "received", "usable", "issued", "redeemed", "expired", "cancelled", "failed", "lapsed"
 ]
@@ -264,24 +250,11 @@ class TaskEventsOut(BaseModel):
     results: list[TaskEventResult]
 
 
-class BatchOut(BaseModel):
-    id: str
-    platform_batch_id: str
-    name: str
-    status: str
-    quantity: int
-    remaining: int
-    valid_days: int
-    face_value_cents: int | None
-    min_spend_cents: int | None
-    per_user_limit: int | None
-    starts_at: datetime | None
-    ends_at: datetime | None
-    created_at: datetime
-    synced_at: datetime
-    owed: int
-    backlog: int
-    drift: list[str]
+# The ledger's batch as its tenant reads it: the tenant is the key's, so not shown. (No
+# docstring: it would be the schema's description.)
+@dataclass
+class BatchOut(Batch):
+    tenant_id: Annotated[str, Field(exclude=True)]
 
 
 class BatchCampaign(BaseModel):
@@ -291,6 +264,7 @@ class BatchCampaign(BaseModel):
     claimed: int
 
 
+@dataclass
 class BatchDetail(BatchOut):
     campaigns: list[BatchCampaign]
 

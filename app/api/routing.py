@@ -13,9 +13,9 @@ import logging
 import secrets
 from collections.abc import Callable, Coroutine
 from datetime import timedelta
-from typing import Any, cast
+from typing import Annotated, Any, cast
 
-from fastapi import Request, Response
+from fastapi import APIRouter, Depends, Path, Request, Response, Security
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
@@ -23,6 +23,7 @@ from fastapi.security import HTTPBearer
 from app import service
 from app.api.problems import ApiProblem, problem_for
 from app.service import ApiKey, Backends
+from coupons import validation as rules
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,12 @@ def principal(request: Request) -> ApiKey:
     return cast(ApiKey, request.state.principal)
 
 
-def requires(scope: str) -> dict[str, Any]:
-    """The `openapi_extra` of an endpoint that needs a key of `scope`."""
-    return {SCOPE: scope}
+# What the /v1 endpoints take besides their body: an id of ours (batch, campaign, user,
+# task) or a coupon's in the path, the request's API key, the service's backends.
+IdPath = Annotated[str, Path(pattern=rules.ID_PATTERN)]
+CouponIdPath = Annotated[str, Path(pattern=rules.COUPON_ID_PATTERN)]
+Key = Annotated[ApiKey, Depends(principal)]
+Parts = Annotated[Backends, Depends(backends)]
 
 
 class ApiRoute(APIRoute):
@@ -76,6 +80,20 @@ class ApiRoute(APIRoute):
             return await _idempotent(request, key, idempotency_key, handler)
 
         return guarded
+
+
+def scoped_router(scope: str, tag: str) -> APIRouter:
+    """A router of /v1 endpoints that all need a key of `scope`: set once here, so an
+    endpoint added later cannot be public by leaving it out."""
+
+    class Scoped(ApiRoute):
+        def __init__(
+            self, path: str, endpoint: Callable[..., Any], *, openapi_extra: Any = None, **more: Any
+        ) -> None:
+            extra = {**(openapi_extra or {}), SCOPE: scope}
+            super().__init__(path, endpoint, openapi_extra=extra, **more)
+
+    return APIRouter(prefix="/v1", tags=[tag], route_class=Scoped, dependencies=[Security(bearer)])
 
 
 async def _authenticate(request: Request, needs: str) -> ApiKey:
