@@ -8,7 +8,6 @@ from datetime import datetime
 from typing import Any, LiteralString
 
 from psycopg import AsyncConnection
-from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
@@ -49,10 +48,11 @@ _BATCH_COLUMNS = (
     " face_value_cents, min_spend_cents, per_user_limit, starts_at, ends_at, created_at,"
     " synced_at, owed, backlog, drift"
 )
+_SELECT_BATCHES = f"SELECT {_BATCH_COLUMNS} FROM batches"
 
 
 async def upsert_batch(
-    pool: AsyncConnectionPool,
+    source: db.Source,
     batch_id: str,
     platform: PlatformBatch,
     tenant_id: str = DEFAULT_TENANT,
@@ -60,15 +60,9 @@ async def upsert_batch(
     """Store the platform's view of our batch `batch_id`: one row, refreshed on every sync.
 
     `tenant_id` counts only when the row is created: a batch never changes hands."""
-    async with pool.connection() as conn:
-        return await _upsert_batch(conn, batch_id, platform, tenant_id)
-
-
-async def _upsert_batch(
-    conn: AsyncConnection[Any], batch_id: str, platform: PlatformBatch, tenant_id: str
-) -> Batch:
-    cur = conn.cursor(row_factory=class_row(Batch))
-    await cur.execute(
+    return await db.fetch_written(
+        source,
+        Batch,
         "INSERT INTO batches (id, platform_batch_id, name, status, quantity, remaining,"
         " valid_days, face_value_cents, min_spend_cents, per_user_limit, starts_at, ends_at,"
         " raw, tenant_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
@@ -99,9 +93,6 @@ async def _upsert_batch(
             tenant_id,
         ),
     )
-    stored = await cur.fetchone()
-    assert stored is not None  # INSERT ... RETURNING always yields its row
-    return stored
 
 
 # ------------------------------------------------------------------ batch intents
@@ -135,6 +126,7 @@ _INTENT_COLUMNS = (
     "id, batch_id, seq, operation, request_key, request, state, attempts, last_error,"
     " created_at, updated_at"
 )
+_SELECT_INTENTS = f"SELECT {_INTENT_COLUMNS} FROM batch_intents"
 
 
 def spec_json(spec: BatchSpec) -> dict[str, Any]:
@@ -174,15 +166,13 @@ async def _insert_intent(
     request_key: str,
     request: dict[str, Any],
 ) -> BatchIntent:
-    cur = conn.cursor(row_factory=class_row(BatchIntent))
-    await cur.execute(
+    return await db.fetch_written(
+        conn,
+        BatchIntent,
         "INSERT INTO batch_intents (batch_id, seq, operation, request_key, request)"
         f" VALUES (%s, %s, %s, %s, %s) RETURNING {_INTENT_COLUMNS}",
         (batch_id, seq, operation, request_key, Jsonb(request)),
     )
-    intent = await cur.fetchone()
-    assert intent is not None  # INSERT ... RETURNING always yields its row
-    return intent
 
 
 async def begin_create(
@@ -232,13 +222,13 @@ async def intend_change(
     is the same intent under the same key), or a new one keyed `{key_prefix}-{seq}-{action}`."""
     async with pool.connection() as conn, conn.transaction():
         seq = await _lock_intents(conn, batch_id)
-        cur = conn.cursor(row_factory=class_row(BatchIntent))
-        await cur.execute(
-            f"SELECT {_INTENT_COLUMNS} FROM batch_intents"
-            " WHERE batch_id = %s AND operation = %s AND state = 'pending' ORDER BY seq LIMIT 1",
+        pending = await db.fetch_one(
+            conn,
+            BatchIntent,
+            _SELECT_INTENTS + " WHERE batch_id = %s AND operation = %s AND state = 'pending'"
+            " ORDER BY seq LIMIT 1",
             (batch_id, action.value),
         )
-        pending = await cur.fetchone()
         if pending is not None:
             return pending
         request = {"platform_batch_id": platform_batch_id, "action": action.value}
@@ -254,19 +244,16 @@ async def pending_intents(
     return await db.fetch_all(
         pool,
         BatchIntent,
-        f"SELECT {_INTENT_COLUMNS} FROM batch_intents WHERE state = 'pending'"
-        " AND (%(batch)s::text IS NULL OR batch_id = %(batch)s) ORDER BY batch_id, seq",
-        {"batch": batch_id},
+        f"{_SELECT_INTENTS} WHERE state = 'pending' AND {db.given('batch_id')}"
+        " ORDER BY batch_id, seq",
+        {"batch_id": batch_id},
     )
 
 
 async def batch_intents(pool: AsyncConnectionPool, batch_id: str) -> list[BatchIntent]:
     """Every intent of the batch, oldest first: its story at the platform."""
     return await db.fetch_all(
-        pool,
-        BatchIntent,
-        f"SELECT {_INTENT_COLUMNS} FROM batch_intents WHERE batch_id = %s ORDER BY seq",
-        (batch_id,),
+        pool, BatchIntent, _SELECT_INTENTS + " WHERE batch_id = %s ORDER BY seq", (batch_id,)
     )
 
 
@@ -276,7 +263,7 @@ async def complete_intent(
     """The platform answered `intent` with `answer`: store the batch as it now is and mark
     the intent done, in one transaction. Completing it again changes nothing more."""
     async with pool.connection() as conn, conn.transaction():
-        stored = await _upsert_batch(conn, intent.batch_id, answer, tenant_id)
+        stored = await upsert_batch(conn, intent.batch_id, answer, tenant_id)
         await conn.execute(
             "UPDATE batch_intents SET state = 'done', answer = %s, attempts = attempts + 1,"
             " last_error = NULL, updated_at = now(), finished_at = now()"
@@ -317,13 +304,7 @@ async def get_batch(
     pool: AsyncConnectionPool, batch_id: str, tenant_id: str | None = None
 ) -> Batch | None:
     """The batch; with `tenant_id`, only if that tenant owns it."""
-    return await db.fetch_one(
-        pool,
-        Batch,
-        f"SELECT {_BATCH_COLUMNS} FROM batches"
-        " WHERE id = %s AND (%s::text IS NULL OR tenant_id = %s)",
-        (batch_id, tenant_id, tenant_id),
-    )
+    return await db.fetch_by_id(pool, Batch, _SELECT_BATCHES, "id", batch_id, tenant_id)
 
 
 async def list_batches(
@@ -334,12 +315,12 @@ async def list_batches(
     return await db.fetch_all(
         pool,
         Batch,
-        f"SELECT {_BATCH_COLUMNS} FROM batches"
+        f"{_SELECT_BATCHES}"
         " WHERE (NOT %(syncable)s OR status NOT IN ('stopped', 'expired') OR EXISTS ("
         "   SELECT 1 FROM batch_intents i WHERE i.batch_id = batches.id"
         "   AND i.state = 'pending'))"
-        " AND (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s) ORDER BY created_at, id",
-        {"syncable": syncable_only, "tenant": tenant_id},
+        f" AND {db.given('tenant_id')} ORDER BY created_at, id",
+        {"syncable": syncable_only, "tenant_id": tenant_id},
     )
 
 
@@ -384,9 +365,9 @@ async def record_sync(
 
 async def batch_for_share(conn: AsyncConnection[Any], batch_id: str) -> Batch | None:
     """The batch, locked against change until the transaction ends (None: no such batch)."""
-    cur = conn.cursor(row_factory=class_row(Batch))
-    await cur.execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = %s FOR SHARE", (batch_id,))
-    return await cur.fetchone()
+    return await db.fetch_one(
+        conn, Batch, _SELECT_BATCHES + " WHERE id = %s FOR SHARE", (batch_id,)
+    )
 
 
 async def pool_execute(

@@ -6,10 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, LiteralString
 
 from psycopg import AsyncConnection
-from psycopg.rows import class_row
 from psycopg_pool import AsyncConnectionPool
 
 from coupons.ledger import batches, db
@@ -87,6 +86,7 @@ _CAMPAIGN_COLUMNS = (
     " per_user_limit, quota, claimed, name, starts_at, ends_at, status, created_at,"
     " updated_at, ended_at"
 )
+_SELECT_CAMPAIGNS = f"SELECT {_CAMPAIGN_COLUMNS} FROM campaigns"
 
 
 @dataclass
@@ -142,26 +142,22 @@ async def save_campaign(
             spec.tenant_id,
             spec.id,
         )
-        cur = conn.cursor(row_factory=class_row(Campaign))
         if existing is None:
-            await cur.execute(
+            write: LiteralString = (
                 "INSERT INTO campaigns (batch_id, required_tasks, task_names, task_deadline,"
                 " deadline_at, per_user_limit, quota, name, starts_at, ends_at, tenant_id, id)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                f" RETURNING {_CAMPAIGN_COLUMNS}",
-                values,
+                f" RETURNING {_CAMPAIGN_COLUMNS}"
             )
         else:
-            await cur.execute(
+            write = (
                 "UPDATE campaigns SET batch_id = %s, required_tasks = %s, task_names = %s,"
                 " task_deadline = %s, deadline_at = %s, per_user_limit = %s, quota = %s,"
                 " name = %s, starts_at = %s, ends_at = %s, tenant_id = %s, updated_at = now()"
-                f" WHERE id = %s RETURNING {_CAMPAIGN_COLUMNS}",
-                values,
+                f" WHERE id = %s RETURNING {_CAMPAIGN_COLUMNS}"
             )
-        saved = await cur.fetchone()
-        assert saved is not None  # the row exists: inserted or locked above
-        return saved, True
+        # The row exists: inserted, or locked above.
+        return await db.fetch_written(conn, Campaign, write, values), True
 
 
 async def _promised_elsewhere(conn: AsyncConnection[Any], batch_id: str, campaign_id: str) -> int:
@@ -176,11 +172,9 @@ async def _promised_elsewhere(conn: AsyncConnection[Any], batch_id: str, campaig
 
 
 async def _campaign_for_update(conn: AsyncConnection[Any], campaign_id: str) -> Campaign | None:
-    cur = conn.cursor(row_factory=class_row(Campaign))
-    await cur.execute(
-        f"SELECT {_CAMPAIGN_COLUMNS} FROM campaigns WHERE id = %s FOR UPDATE", (campaign_id,)
+    return await db.fetch_one(
+        conn, Campaign, _SELECT_CAMPAIGNS + " WHERE id = %s FOR UPDATE", (campaign_id,)
     )
-    return await cur.fetchone()
 
 
 async def set_campaign_status(
@@ -195,27 +189,22 @@ async def set_campaign_status(
         current = await _campaign_for_update(conn, campaign_id)
         if current is None or current.status not in allowed_from:
             return current, False
-        cur = conn.cursor(row_factory=class_row(Campaign))
-        await cur.execute(
+        moved = await db.fetch_written(
+            conn,
+            Campaign,
             "UPDATE campaigns SET status = %s, updated_at = now(),"
             " ended_at = CASE WHEN %s = 'ended' THEN now() ELSE ended_at END"
             f" WHERE id = %s RETURNING {_CAMPAIGN_COLUMNS}",
             (status, status, campaign_id),
         )
-        return await cur.fetchone(), True
+        return moved, True
 
 
 async def get_campaign(
     pool: AsyncConnectionPool, campaign_id: str, tenant_id: str | None = None
 ) -> Campaign | None:
     """The campaign; with `tenant_id`, only if that tenant owns it."""
-    return await db.fetch_one(
-        pool,
-        Campaign,
-        f"SELECT {_CAMPAIGN_COLUMNS} FROM campaigns"
-        " WHERE id = %s AND (%s::text IS NULL OR tenant_id = %s)",
-        (campaign_id, tenant_id, tenant_id),
-    )
+    return await db.fetch_by_id(pool, Campaign, _SELECT_CAMPAIGNS, "id", campaign_id, tenant_id)
 
 
 async def list_campaigns(
@@ -228,10 +217,7 @@ async def list_campaigns(
     return await db.fetch_all(
         pool,
         Campaign,
-        f"SELECT {_CAMPAIGN_COLUMNS} FROM campaigns"
-        " WHERE (%(batch)s::text IS NULL OR batch_id = %(batch)s)"
-        " AND (%(status)s::text IS NULL OR status = %(status)s)"
-        " AND (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s)"
+        f"{_SELECT_CAMPAIGNS} WHERE {db.given('batch_id', 'status', 'tenant_id')}"
         " ORDER BY created_at, id",
-        {"batch": batch_id, "status": status, "tenant": tenant_id},
+        {"batch_id": batch_id, "status": status, "tenant_id": tenant_id},
     )

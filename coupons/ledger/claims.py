@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from psycopg import AsyncConnection
-from psycopg.rows import class_row, dict_row
+from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
@@ -37,12 +37,17 @@ class Claim:
     updated_at: datetime | None = None  # the last state change (None: not read yet)
 
 
-# A claim with what its workflow needs from the campaign; `batch_id` is the platform's.
-_SELECT_CLAIMS = (
-    "SELECT c.coupon_id, c.campaign_id, c.user_id, c.seq, c.state, c.workflow_id,"
+# A claim `c` with what its workflow needs from its campaign; `batch_id` is the platform's.
+_CLAIM_COLUMNS = (
+    "c.coupon_id, c.campaign_id, c.user_id, c.seq, c.state, c.workflow_id,"
     " c.workflow_started, c.claimed_at, c.task_deadline, b.platform_batch_id AS batch_id,"
     " k.required_tasks, c.updated_at"
-    " FROM claims c JOIN campaigns k ON k.id = c.campaign_id JOIN batches b ON b.id = k.batch_id"
+)
+_WITH_CAMPAIGN = " JOIN campaigns k ON k.id = c.campaign_id JOIN batches b ON b.id = k.batch_id"
+_SELECT_CLAIMS = f"SELECT {_CLAIM_COLUMNS} FROM claims c{_WITH_CAMPAIGN}"
+_SELECT_RECEIPT = (
+    "SELECT platform_coupon_id, idempotency_key, sent_at, valid_until, confirmed_at, raw"
+    " FROM receipts WHERE coupon_id = %s"
 )
 
 
@@ -58,7 +63,7 @@ async def claim(pool: AsyncConnectionPool, campaign_id: str, user_id: str) -> tu
         await cur.execute(
             "SELECT k.per_user_limit, k.quota, k.claimed, k.required_tasks, k.status,"
             " k.starts_at, k.ends_at, k.deadline_at, now() AS now,"
-            " b.id AS batch, b.platform_batch_id,"
+            " b.id AS batch,"
             " CASE WHEN b.status IN ('stopped', 'expired') THEN b.status"
             "      WHEN b.ends_at <= now() THEN 'expired' END AS batch_finished,"
             # No task can count once the batch has ended: its send would be refused.
@@ -77,17 +82,19 @@ async def claim(pool: AsyncConnectionPool, campaign_id: str, user_id: str) -> tu
         if campaign["claimed"] >= campaign["quota"]:
             raise ClaimRefused("sold_out", f"campaign {campaign_id!r} has no coupons left")
         required_tasks = campaign["required_tasks"]
-        now = campaign["now"]
         seq = len(held) + 1
         coupon_id = f"{campaign_id}:{user_id}:{seq}"
         state = "received" if required_tasks else "usable"
         await conn.execute(
             "UPDATE campaigns SET claimed = claimed + 1 WHERE id = %s", (campaign_id,)
         )
-        inserted_cur = await conn.execute(
-            "INSERT INTO claims (coupon_id, campaign_id, user_id, seq, state, workflow_id,"
-            " task_deadline, claimed_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
-            " RETURNING workflow_id, claimed_at, task_deadline",
+        # Read back as every reader reads a claim, campaign and batch joined.
+        new = await db.fetch_written(
+            conn,
+            Claim,
+            "WITH c AS (INSERT INTO claims (coupon_id, campaign_id, user_id, seq, state,"
+            " workflow_id, task_deadline, claimed_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+            f" RETURNING *) SELECT {_CLAIM_COLUMNS} FROM c{_WITH_CAMPAIGN}",
             (
                 coupon_id,
                 campaign_id,
@@ -96,29 +103,13 @@ async def claim(pool: AsyncConnectionPool, campaign_id: str, user_id: str) -> tu
                 state,
                 coupon_workflow_id(coupon_id),
                 campaign["task_deadline"] if required_tasks else None,
-                now,
+                campaign["now"],
             ),
         )
-        inserted = await inserted_cur.fetchone()
-        assert inserted is not None  # INSERT ... RETURNING always yields its row
-        workflow_id, claimed_at, task_deadline = inserted
         await conn.execute(
             "INSERT INTO coupon_events (coupon_id, from_state, to_state, cause, at)"
             " VALUES (%s, NULL, %s, 'claimed', now())",
             (coupon_id, state),
-        )
-        new = Claim(
-            coupon_id=coupon_id,
-            campaign_id=campaign_id,
-            user_id=user_id,
-            seq=seq,
-            state=state,
-            workflow_id=workflow_id,
-            workflow_started=False,
-            claimed_at=claimed_at,
-            task_deadline=task_deadline,
-            batch_id=campaign["platform_batch_id"],
-            required_tasks=list(required_tasks),
         )
         return new, True
 
@@ -157,23 +148,49 @@ def _check_open(campaign_id: str, campaign: dict[str, Any]) -> None:
 
 
 async def _claims_of(conn: AsyncConnection[Any], campaign_id: str, user_id: str) -> list[Claim]:
-    cur = conn.cursor(row_factory=class_row(Claim))
-    await cur.execute(
+    return await db.fetch_all(
+        conn,
+        Claim,
         _SELECT_CLAIMS + " WHERE c.campaign_id = %s AND c.user_id = %s ORDER BY c.seq DESC",
         (campaign_id, user_id),
     )
-    return await cur.fetchall()
 
 
 async def get_claim(
     pool: AsyncConnectionPool, coupon_id: str, tenant_id: str | None = None
 ) -> Claim | None:
     """The claim; with `tenant_id`, only if it is of that tenant's campaign."""
-    return await db.fetch_one(
+    return await db.fetch_by_id(
+        pool, Claim, _SELECT_CLAIMS, "c.coupon_id", coupon_id, tenant_id, "k.tenant_id"
+    )
+
+
+@dataclass(frozen=True)
+class ClaimFilter:
+    """Which claims a listing wants: each field given narrows it (None: any), then the order
+    (by claim time, oldest first unless `newest_first`) and how many at most."""
+
+    tenant_id: str | None = None
+    campaign_id: str | None = None
+    user_id: str | None = None
+    state: str | None = None
+    newest_first: bool = False
+    limit: int = 100
+
+
+_FILTERED_CLAIMS = (
+    f"{_SELECT_CLAIMS} WHERE {db.given('k.tenant_id', 'c.campaign_id', 'c.user_id', 'c.state')}"
+)
+
+
+async def find_claims(pool: AsyncConnectionPool, where: ClaimFilter) -> list[Claim]:
+    """The claims `where` asks for."""
+    order = "c.claimed_at DESC" if where.newest_first else "c.claimed_at"
+    return await db.fetch_all(
         pool,
         Claim,
-        _SELECT_CLAIMS + " WHERE c.coupon_id = %s AND (%s::text IS NULL OR k.tenant_id = %s)",
-        (coupon_id, tenant_id, tenant_id),
+        f"{_FILTERED_CLAIMS} ORDER BY {order}, c.coupon_id LIMIT %(limit)s",
+        asdict(where),
     )
 
 
@@ -187,14 +204,16 @@ async def claims_of_user(
     limit: int = 100,
 ) -> list[Claim]:
     """A user's coupons in a tenant's campaigns, newest first."""
-    return await _find_claims(
+    return await find_claims(
         pool,
-        tenant_id=tenant_id,
-        campaign_id=campaign_id,
-        user_id=user_id,
-        state=state,
-        newest_first=True,
-        limit=limit,
+        ClaimFilter(
+            tenant_id=tenant_id,
+            campaign_id=campaign_id,
+            user_id=user_id,
+            state=state,
+            newest_first=True,
+            limit=limit,
+        ),
     )
 
 
@@ -258,13 +277,7 @@ async def claims_by_workflow(pool: AsyncConnectionPool, workflow_ids: list[str])
 
 
 async def receipt_of(pool: AsyncConnectionPool, coupon_id: str) -> Receipt | None:
-    return await db.fetch_one(
-        pool,
-        Receipt,
-        "SELECT platform_coupon_id, idempotency_key, sent_at, valid_until, confirmed_at, raw"
-        " FROM receipts WHERE coupon_id = %s",
-        (coupon_id,),
-    )
+    return await db.fetch_one(pool, Receipt, _SELECT_RECEIPT, (coupon_id,))
 
 
 async def record_transition(conn: AsyncConnection[Any], coupon_id: str, t: Transition) -> bool:
@@ -304,15 +317,8 @@ async def record_receipt(
             ),
         )
         await record_transition(conn, coupon_id, issued)
-        cur = conn.cursor(row_factory=class_row(Receipt))
-        await cur.execute(
-            "SELECT platform_coupon_id, idempotency_key, sent_at, valid_until, confirmed_at, raw"
-            " FROM receipts WHERE coupon_id = %s",
-            (coupon_id,),
-        )
-        stored = await cur.fetchone()
-        assert stored is not None  # written above, or by the attempt before
-        return stored
+        # Written above, or by the attempt before.
+        return await db.fetch_written(conn, Receipt, _SELECT_RECEIPT, (coupon_id,))
 
 
 async def record(pool: AsyncConnectionPool, coupon_id: str, transition: Transition) -> bool:
@@ -330,11 +336,7 @@ async def coupon_view(
         return None
     async with pool.connection() as conn:
         cur = conn.cursor(row_factory=dict_row)
-        await cur.execute(
-            "SELECT platform_coupon_id, idempotency_key, sent_at, valid_until, confirmed_at, raw"
-            " FROM receipts WHERE coupon_id = %s",
-            (coupon_id,),
-        )
+        await cur.execute(_SELECT_RECEIPT, (coupon_id,))
         receipt = await cur.fetchone()
         await cur.execute(
             "SELECT from_state, to_state, cause, at FROM coupon_events"
@@ -354,40 +356,8 @@ async def list_claims(
     limit: int = 100,
 ) -> list[Claim]:
     """A campaign's coupons, oldest first."""
-    return await _find_claims(
-        pool, campaign_id=campaign_id, user_id=user_id, state=state, limit=limit
-    )
-
-
-async def _find_claims(
-    pool: AsyncConnectionPool,
-    *,
-    tenant_id: str | None = None,
-    campaign_id: str | None = None,
-    user_id: str | None = None,
-    state: str | None = None,
-    newest_first: bool = False,
-    limit: int,
-) -> list[Claim]:
-    order = (
-        " ORDER BY c.claimed_at DESC, c.coupon_id"
-        if newest_first
-        else (" ORDER BY c.claimed_at, c.coupon_id")
-    )
-    return await db.fetch_all(
-        pool,
-        Claim,
-        _SELECT_CLAIMS + " WHERE (%(tenant)s::text IS NULL OR k.tenant_id = %(tenant)s)"
-        " AND (%(campaign)s::text IS NULL OR c.campaign_id = %(campaign)s)"
-        " AND (%(user)s::text IS NULL OR c.user_id = %(user)s)"
-        " AND (%(state)s::text IS NULL OR c.state = %(state)s)" + order + " LIMIT %(limit)s",
-        {
-            "tenant": tenant_id,
-            "campaign": campaign_id,
-            "user": user_id,
-            "state": state,
-            "limit": limit,
-        },
+    return await find_claims(
+        pool, ClaimFilter(campaign_id=campaign_id, user_id=user_id, state=state, limit=limit)
     )
 
 
@@ -439,14 +409,12 @@ async def coupons_in_state(
         pool,
         Claim,
         _SELECT_CLAIMS + " WHERE c.state = %(state)s AND c.coupon_id > %(after)s"
-        " AND (%(campaign)s::text IS NULL OR c.campaign_id = %(campaign)s)"
-        " AND (%(batch)s::text IS NULL OR k.batch_id = %(batch)s)"
-        " ORDER BY c.coupon_id LIMIT %(limit)s",
+        f" AND {db.given('c.campaign_id', 'k.batch_id')} ORDER BY c.coupon_id LIMIT %(limit)s",
         {
             "state": state,
             "after": after,
-            "campaign": campaign_id,
-            "batch": batch_id,
+            "campaign_id": campaign_id,
+            "batch_id": batch_id,
             "limit": limit,
         },
     )

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any, LiteralString, TypeVar
 
@@ -107,21 +108,72 @@ def ping(url: str, timeout_s: int = 2) -> None:
         conn.execute("SELECT 1")
 
 
+# Where a statement runs: a connection borrowed from the pool for it, or the caller's own
+# connection (inside its transaction, seeing its writes and holding its locks).
+Source = AsyncConnectionPool | AsyncConnection[Any]
+
+
+@asynccontextmanager
+async def _connection(source: Source) -> AsyncIterator[AsyncConnection[Any]]:
+    if isinstance(source, AsyncConnection):
+        yield source
+    else:
+        async with source.connection() as conn:
+            yield conn
+
+
 async def fetch_all(
-    pool: AsyncConnectionPool, row: type[T], query: Query, params: Params | None = None
+    source: Source, row: type[T], query: Query, params: Params | None = None
 ) -> list[T]:
     """The rows `query` answers, each as a `row` (a dataclass named by its columns)."""
-    async with pool.connection() as conn:
+    async with _connection(source) as conn:
         cur = conn.cursor(row_factory=class_row(row))
         await cur.execute(query, params)
         return await cur.fetchall()
 
 
 async def fetch_one(
-    pool: AsyncConnectionPool, row: type[T], query: Query, params: Params | None = None
+    source: Source, row: type[T], query: Query, params: Params | None = None
 ) -> T | None:
     """The first row `query` answers as a `row`, or None."""
-    async with pool.connection() as conn:
+    async with _connection(source) as conn:
         cur = conn.cursor(row_factory=class_row(row))
         await cur.execute(query, params)
         return await cur.fetchone()
+
+
+async def fetch_written(source: Source, row: type[T], query: Query, params: Params) -> T:
+    """The row answered by a statement that cannot miss it: an INSERT ... RETURNING, or the
+    read of a row known to exist (written before, or locked by this transaction)."""
+    written = await fetch_one(source, row, query, params)
+    assert written is not None  # as the caller knows: the row exists
+    return written
+
+
+def given(*columns: LiteralString) -> LiteralString:
+    """The condition of optional filters, one a column, each on a text parameter named as
+    its column (without the table's alias): a NULL parameter lets every row through."""
+    conditions: list[LiteralString] = []
+    for column in columns:
+        name = column.rpartition(".")[2]
+        conditions.append(f"(%({name})s::text IS NULL OR {column} = %({name})s)")
+    return " AND ".join(conditions)
+
+
+async def fetch_by_id(
+    pool: AsyncConnectionPool,
+    row: type[T],
+    select: LiteralString,
+    id_column: LiteralString,
+    row_id: str,
+    tenant_id: str | None,
+    tenant_column: LiteralString = "tenant_id",
+) -> T | None:
+    """The row `select` reads whose `id_column` is `row_id`; with `tenant_id`, only if that
+    tenant owns it (its `tenant_column`: a tenant_id column, with the table's alias if any)."""
+    return await fetch_one(
+        pool,
+        row,
+        f"{select} WHERE {id_column} = %(id)s AND {given(tenant_column)}",
+        {"id": row_id, "tenant_id": tenant_id},
+    )

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
+
+from coupons.ledger import db
 
 
 @dataclass
@@ -48,13 +49,13 @@ async def take(
         )
         if await cur.fetchone() is not None:
             return None
-        rows = conn.cursor(row_factory=class_row(KeptRequest))
-        await rows.execute(
+        kept = await db.fetch_one(
+            conn,
+            KeptRequest,
             "SELECT fingerprint, status, response FROM idempotency_keys"
             " WHERE tenant_id = %s AND key = %s",
             (tenant_id, key),
         )
-        kept = await rows.fetchone()
         # Released since the conflict (its request failed): "in flight" makes the client
         # repeat, and the repeat takes the key.
         return kept or KeptRequest(fingerprint, None, None)

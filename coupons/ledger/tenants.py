@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from psycopg.rows import class_row
 from psycopg_pool import AsyncConnectionPool
 
 from coupons.ledger import db
@@ -43,24 +42,16 @@ async def create_tenant(
 ) -> tuple[Tenant, ApiKey] | None:
     """The new tenant with its first key, written together; None when the name is taken."""
     async with pool.connection() as conn, conn.transaction():
-        cur = conn.cursor(row_factory=class_row(Tenant))
-        await cur.execute(
+        tenant = await db.fetch_one(
+            conn,
+            Tenant,
             "INSERT INTO tenants (id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING"
             " RETURNING id, name, created_at",
             (tenant_id, name),
         )
-        tenant = await cur.fetchone()
         if tenant is None:
             return None
-        keys = conn.cursor(row_factory=class_row(ApiKey))
-        await keys.execute(
-            "INSERT INTO api_keys (id, tenant_id, scope, secret_sha256) VALUES (%s, %s, %s, %s)"
-            f" RETURNING {_KEY_COLUMNS}",
-            (key_id, tenant_id, scope, secret_sha256),
-        )
-        key = await keys.fetchone()
-        assert key is not None  # INSERT ... RETURNING always yields its row
-        return tenant, key
+        return tenant, await add_key(conn, key_id, tenant_id, scope, secret_sha256)
 
 
 async def get_tenant(pool: AsyncConnectionPool, tenant_id: str) -> Tenant | None:
@@ -76,18 +67,15 @@ async def list_tenants(pool: AsyncConnectionPool) -> list[Tenant]:
 
 
 async def add_key(
-    pool: AsyncConnectionPool, key_id: str, tenant_id: str, scope: str, secret_sha256: bytes
+    source: db.Source, key_id: str, tenant_id: str, scope: str, secret_sha256: bytes
 ) -> ApiKey:
-    async with pool.connection() as conn:
-        cur = conn.cursor(row_factory=class_row(ApiKey))
-        await cur.execute(
-            "INSERT INTO api_keys (id, tenant_id, scope, secret_sha256) VALUES (%s, %s, %s, %s)"
-            f" RETURNING {_KEY_COLUMNS}",
-            (key_id, tenant_id, scope, secret_sha256),
-        )
-        key = await cur.fetchone()
-        assert key is not None  # INSERT ... RETURNING always yields its row
-        return key
+    return await db.fetch_written(
+        source,
+        ApiKey,
+        "INSERT INTO api_keys (id, tenant_id, scope, secret_sha256) VALUES (%s, %s, %s, %s)"
+        f" RETURNING {_KEY_COLUMNS}",
+        (key_id, tenant_id, scope, secret_sha256),
+    )
 
 
 async def get_key(pool: AsyncConnectionPool, key_id: str) -> ApiKey | None:

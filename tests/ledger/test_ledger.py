@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from typing import LiteralString
 
@@ -112,6 +113,20 @@ async def test_the_event_table_is_append_only(
     async with pool.connection() as conn:
         with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
             await conn.execute(statement)
+
+
+async def test_a_new_claim_reads_as_the_ledger_holds_it_and_a_filter_finds_it(
+    pool: AsyncConnectionPool, platform: RestPlatform
+) -> None:
+    campaign = await new_campaign(pool, platform, per_user_limit=2)
+    first, _ = await claims.claim(pool, campaign.id, "u1")
+    assert first == await claims.get_claim(pool, first.coupon_id)
+    second, _ = await claims.claim(pool, campaign.id, "u1")
+    await claims.claim(pool, campaign.id, "u2")
+    of_u1 = claims.ClaimFilter(campaign_id=campaign.id, user_id="u1")
+    assert await claims.find_claims(pool, of_u1) == [first, second]
+    newest = replace(of_u1, newest_first=True, limit=1)
+    assert await claims.find_claims(pool, newest) == [second]
 
 
 async def test_the_quota_holds_even_against_direct_sql(
