@@ -98,9 +98,10 @@ async def cmd_show(b: Backends, args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def cmd_list(b: Backends, args: argparse.Namespace) -> dict[str, Any]:
-    found = await service.campaign_coupons(
-        b, args.campaign, user_id=args.user, state=args.state, limit=args.limit
+    where = service.ClaimFilter(
+        campaign_id=args.campaign, user_id=args.user, state=args.state, limit=args.limit
     )
+    found = await service.list_coupons(b, where)
     return {
         "campaign_id": args.campaign,
         "coupons": [

@@ -9,7 +9,7 @@ Temporal's answers into refusals) and leaves the rest to the domain below it:
 `coupons.catalog` (batches and campaigns), `coupons.tenants` (tenants and keys),
 `coupons.report` (the funnel), `app.claims` and `app.wedged`, and `coupons.ledger` (all
 SQL). The records the entry points render (`Batch`, `Campaign`, `Claim`, `ApiKey`, ...)
-are re-exported from here.
+are re-exported from here, with `ClaimFilter` (which claims a listing wants).
 
 The operations live one module per noun, as `app/cli/` has them: `coupons` (claims, reads,
 tasks, cancel, wedged coupons), `batches`, `campaigns`, `reports` (the funnel,
@@ -57,12 +57,12 @@ from app.service.coupons import (
     QUERY_WAIT,
     UPDATE_WAIT,
     CouponView,
-    campaign_coupons,
     cancel,
     claim,
     complete_task,
     count_by_state,
     find_coupon,
+    list_coupons,
     recover,
     recover_all,
     repair,
@@ -83,7 +83,7 @@ from app.service.tenants import (
 )
 from coupons.ledger.batches import Batch
 from coupons.ledger.campaigns import CAMPAIGN_STATUSES, Campaign, CampaignSpec, Task
-from coupons.ledger.claims import Claim
+from coupons.ledger.claims import Claim, ClaimFilter
 from coupons.ledger.idempotency import KeptRequest
 from coupons.ledger.tenants import DEFAULT_TENANT, ApiKey, Tenant
 from coupons.tenants import SCOPES, IssuedKey
@@ -101,6 +101,7 @@ __all__ = [
     "Campaign",
     "CampaignSpec",
     "Claim",
+    "ClaimFilter",
     "ClaimResult",
     "CouponView",
     "IssuedKey",
@@ -110,7 +111,6 @@ __all__ = [
     "Unavailable",
     "apply_coupon_used",
     "authenticate",
-    "campaign_coupons",
     "campaign_fields",
     "cancel",
     "change_batch",
@@ -131,6 +131,7 @@ __all__ = [
     "known_tenant",
     "list_batches",
     "list_campaigns",
+    "list_coupons",
     "list_keys",
     "list_tenants",
     "migrate",

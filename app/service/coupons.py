@@ -28,7 +28,7 @@ from app.service.backends import Backends, Unavailable
 from coupons import catalog
 from coupons.errors import UNKNOWN_TASK, WRONG_STATE, InvalidField, Refused
 from coupons.ledger import claims as ledger
-from coupons.ledger.claims import Claim
+from coupons.ledger.claims import Claim, ClaimFilter
 from coupons.lifecycle import FINAL_STATES, STATES
 from coupons.model import CancelRequest, CouponStatus, TaskCompletion
 from coupons.validation import validate_id
@@ -165,16 +165,9 @@ async def user_coupons(
     )
 
 
-async def campaign_coupons(
-    b: Backends,
-    campaign_id: str,
-    *,
-    user_id: str | None = None,
-    state: str | None = None,
-    limit: int = 100,
-) -> list[Claim]:
-    """A campaign's coupons (of one user, in one state, when given), from the ledger."""
-    return await ledger.list_claims(b.pool, campaign_id, user_id=user_id, state=state, limit=limit)
+async def list_coupons(b: Backends, where: ClaimFilter) -> list[Claim]:
+    """The coupons `where` asks for (of a campaign, a user, in a state...), from the ledger."""
+    return await ledger.find_claims(b.pool, where)
 
 
 async def count_by_state(b: Backends, campaign_id: str) -> dict[str, int]:
