@@ -226,7 +226,9 @@ class Driver:
             )
         finally:
             await platform.aclose()
-        found = await ledger.list_claims(self.pool, self.campaign, limit=1)
+        found = await ledger.find_claims(
+            self.pool, ledger.ClaimFilter(campaign_id=self.campaign, limit=1)
+        )
         assert not found, "a fresh campaign has no claims"
         campaign = await get_campaign(self.pool, self.campaign)
         assert campaign is not None

@@ -264,7 +264,9 @@ async def _mismatched_shells(run: Run, mistakes: Mistakes) -> None:
         if answered.rc != 2 or name not in answered.err:
             tally.fail("mismatched_shells_not_refused", f"{name}={value}: {answered.describe()}")
             return False
-        written = await ledger.list_claims(run.driver.pool, campaign, user_id=user)
+        written = await ledger.find_claims(
+            run.driver.pool, ledger.ClaimFilter(campaign_id=campaign, user_id=user)
+        )
         if written:
             tally.fail("mismatched_shells_wrote", f"{name}={value}: {len(written)} claims")
             return False
@@ -466,7 +468,9 @@ async def check_mistakes(run: Run) -> None:
     sends = Counter(c["user_id"] for c in platform)
     states = {
         c.coupon_id: c.state
-        for c in await ledger.list_claims(run.driver.pool, run.driver.campaign, limit=100_000)
+        for c in await ledger.find_claims(
+            run.driver.pool, ledger.ClaimFilter(campaign_id=run.driver.campaign, limit=100_000)
+        )
     }
     for prefix, figure in (
         ("op-shell-", "following_shells_issued"),

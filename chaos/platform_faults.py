@@ -125,7 +125,9 @@ async def _count_budget_waits(run: Run) -> None:
     """The coupons that wait for budget as the budget comes back: usable in the ledger,
     and the workflow says what it waits for."""
     driver = run.driver
-    usable = await ledger.list_claims(driver.pool, driver.campaign, state="usable", limit=100_000)
+    usable = await ledger.find_claims(
+        driver.pool, ledger.ClaimFilter(campaign_id=driver.campaign, state="usable", limit=100_000)
+    )
     waiting = 0
     for claim in usable:
         acked = driver.acked.get(claim.coupon_id)

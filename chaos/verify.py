@@ -198,7 +198,9 @@ async def verify(driver: Driver, result: ScenarioResult, target: str = "issued")
         )
     unacked = [
         c
-        for c in await ledger.list_claims(driver.pool, driver.campaign, limit=100_000)
+        for c in await ledger.find_claims(
+            driver.pool, ledger.ClaimFilter(campaign_id=driver.campaign, limit=100_000)
+        )
         if c.coupon_id not in driver.acked
     ]
     if unacked:

@@ -74,8 +74,10 @@ async def _make(
     progress(f"claimed {len(claimed)} coupons of campaign {CAMPAIGN!r}")
 
     for user in (*ISSUED_USERS, REDEEMED_USER):
-        await service.complete_task(backends, claimed[user], TASK)
-    await service.cancel(backends, claimed[CANCELLED_USER], "e2e: cancelled by the user")
+        await service.complete_task(backends, service.CouponRef(claimed[user]), TASK)
+    await service.cancel(
+        backends, service.CouponRef(claimed[CANCELLED_USER]), "e2e: cancelled by the user"
+    )
     progress(f"task {TASK!r} done for {len(ISSUED_USERS) + 1}; one cancelled, one left received")
 
     issued = [await _reached(pool, claimed[user], "issued") for user in ISSUED_USERS]

@@ -18,7 +18,7 @@ from coupons.errors import InvalidField, Refused
 from coupons.ledger import batches, campaigns
 from coupons.ledger import claims as ledger
 from coupons.ledger.batches import Batch
-from coupons.ledger.campaigns import Campaign, CampaignSpec
+from coupons.ledger.campaigns import Campaign, CampaignFilter, CampaignSpec
 from coupons.ledger.tenants import DEFAULT_TENANT, Tenant, list_keys, list_tenants
 from coupons.platforms.base import BatchAction
 from coupons.platforms.generic.adapter import RestPlatform
@@ -270,8 +270,12 @@ async def test_another_tenants_batch_and_campaign_are_unknown(
     assert (await catalog.campaigns.get_campaign(pool, campaign.id)).status == "active"
     assert (await catalog.batches.get_batch(pool, batch.id)).status == "running"
 
-    assert [c.id for c in await campaigns.list_campaigns(pool, tenant_id=b.id)] == []
-    assert [c.id for c in await campaigns.list_campaigns(pool, tenant_id=a.id)] == [campaign.id]
+    assert [
+        c.id for c in await campaigns.list_campaigns(pool, CampaignFilter(tenant_id=b.id))
+    ] == []
+    assert [c.id for c in await campaigns.list_campaigns(pool, CampaignFilter(tenant_id=a.id))] == [
+        campaign.id
+    ]
     assert [x.id for x in await batches.list_batches(pool, tenant_id=b.id)] == []
     assert [x.id for x in await batches.list_batches(pool, tenant_id=a.id)] == [batch.id]
 
@@ -313,12 +317,17 @@ async def test_a_users_coupons_and_a_coupons_record_are_seen_only_by_its_tenant(
     def coupon_ids(claims: list[Any]) -> list[str]:
         return [c.coupon_id for c in claims]
 
-    assert coupon_ids(await ledger.claims_of_user(pool, a.id, "u1")) == [claim_a.coupon_id]
-    assert coupon_ids(await ledger.claims_of_user(pool, b.id, "u1")) == [claim_b.coupon_id]
-    assert await ledger.claims_of_user(pool, DEFAULT_TENANT, "u1") == []
-    assert await ledger.claims_of_user(pool, a.id, "u2") == []
+    def of_user(tenant_id: str, user_id: str, campaign_id: str | None = None) -> Any:
+        return ledger.ClaimFilter(
+            tenant_id=tenant_id, user_id=user_id, campaign_id=campaign_id, newest_first=True
+        )
+
+    assert coupon_ids(await ledger.find_claims(pool, of_user(a.id, "u1"))) == [claim_a.coupon_id]
+    assert coupon_ids(await ledger.find_claims(pool, of_user(b.id, "u1"))) == [claim_b.coupon_id]
+    assert await ledger.find_claims(pool, of_user(DEFAULT_TENANT, "u1")) == []
+    assert await ledger.find_claims(pool, of_user(a.id, "u2")) == []
     # Naming the other tenant's campaign finds nothing either.
-    assert await ledger.claims_of_user(pool, a.id, "u1", campaign_id=campaign_b.id) == []
+    assert await ledger.find_claims(pool, of_user(a.id, "u1", campaign_id=campaign_b.id)) == []
 
     view = await ledger.coupon_view(pool, claim_a.coupon_id, a.id)
     assert view is not None and view["claim"].coupon_id == claim_a.coupon_id

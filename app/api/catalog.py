@@ -87,7 +87,9 @@ async def list_batches(key: Key, parts: Parts) -> Batches:
 )
 async def get_batch(batch_id: IdPath, key: Key, parts: Parts) -> BatchDetail:
     batch = await service.get_batch(parts, batch_id, key.tenant_id)
-    campaigns = await service.list_campaigns(parts, batch_id=batch.id, tenant_id=key.tenant_id)
+    campaigns = await service.list_campaigns(
+        parts, service.CampaignFilter(batch_id=batch.id, tenant_id=key.tenant_id)
+    )
     return BatchDetail(
         **dataclasses.asdict(batch),
         campaigns=[BatchCampaign.model_validate(c, from_attributes=True) for c in campaigns],
@@ -176,9 +178,8 @@ async def list_campaigns(
     batch_id: Annotated[str | None, Query(pattern=rules.ID_PATTERN)] = None,
     status: CampaignStatus | None = None,
 ) -> Campaigns:
-    found = await service.list_campaigns(
-        parts, batch_id=batch_id, status=status, tenant_id=key.tenant_id
-    )
+    where = service.CampaignFilter(batch_id, status, key.tenant_id)
+    found = await service.list_campaigns(parts, where)
     return Campaigns(campaigns=[_campaign(c) for c in found])
 
 

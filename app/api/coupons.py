@@ -68,9 +68,15 @@ async def user_coupons(
     state: State | None = None,
     limit: Annotated[int, Query(ge=rules.LIST_LIMIT.low, le=rules.LIST_LIMIT.high)] = 100,
 ) -> UserCoupons:
-    found = await service.user_coupons(
-        parts, key.tenant_id, user_id, campaign_id=campaign_id, state=state, limit=limit
+    where = service.ClaimFilter(
+        tenant_id=key.tenant_id,
+        campaign_id=campaign_id,
+        user_id=user_id,
+        state=state,
+        newest_first=True,
+        limit=limit,
     )
+    found = await service.list_coupons(parts, where)
     return UserCoupons(
         user_id=user_id,
         coupons=[CouponSummary.model_validate(c, from_attributes=True) for c in found],
@@ -83,7 +89,7 @@ async def user_coupons(
     responses=error_responses(404, 422),
 )
 async def get_coupon(coupon_id: CouponIdPath, key: Key, parts: Parts) -> CouponOut:
-    view = await service.show_coupon(parts, coupon_id, tenant_id=key.tenant_id)
+    view = await service.show_coupon(parts, service.CouponRef(coupon_id, key.tenant_id))
     return CouponOut.model_validate(view.fields())
 
 
@@ -102,9 +108,8 @@ def _state(status: CouponStatus) -> CouponState:
 async def complete_task(
     coupon_id: CouponIdPath, task: IdPath, body: CompleteTaskIn, key: Key, parts: Parts
 ) -> CouponState:
-    status = await service.complete_task(
-        parts, coupon_id, task, tenant_id=key.tenant_id, user_id=body.user_id
-    )
+    ref = service.CouponRef(coupon_id, key.tenant_id, body.user_id)
+    status = await service.complete_task(parts, ref, task)
     return _state(status)
 
 
@@ -123,13 +128,8 @@ async def task_events(body: TaskEventsIn, key: Key, parts: Parts) -> TaskEventsO
     async def one(event: TaskEventIn) -> TaskEventResult:
         async with gate:
             try:
-                await service.report_task(
-                    parts,
-                    event.coupon_id,
-                    event.task,
-                    tenant_id=key.tenant_id,
-                    user_id=event.user_id,
-                )
+                ref = service.CouponRef(event.coupon_id, key.tenant_id, event.user_id)
+                await service.report_task(parts, ref, event.task)
             except Refused as refused:
                 code = REFUSALS.get(refused.code, (422, refused.code))[1]
                 return _event(event, code, refused.message)
@@ -158,8 +158,7 @@ def _event(event: TaskEventIn, code: str | None, detail: str | None) -> TaskEven
     responses=error_responses(404, 409, 422, 503),
 )
 async def cancel(coupon_id: CouponIdPath, body: CancelIn, key: Key, parts: Parts) -> CouponState:
-    status = await service.cancel(
-        parts, coupon_id, body.reason, tenant_id=key.tenant_id, user_id=body.user_id
-    )
+    ref = service.CouponRef(coupon_id, key.tenant_id, body.user_id)
+    status = await service.cancel(parts, ref, body.reason)
     assert status is not None  # the update answers; only the signal would not
     return _state(status)

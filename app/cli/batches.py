@@ -125,7 +125,7 @@ async def cmd_batch_list(b: Backends, args: argparse.Namespace) -> Answer:
 
 async def cmd_batch_show(b: Backends, args: argparse.Namespace) -> Answer:
     batch = await service.get_batch(b, args.batch)
-    campaigns = await service.list_campaigns(b, batch_id=batch.id)
+    campaigns = await service.list_campaigns(b, service.CampaignFilter(batch_id=batch.id))
     data = batch_json(batch)
     data["campaigns"] = [
         {"id": c.id, "status": c.status, "quota": c.quota, "claimed": c.claimed} for c in campaigns

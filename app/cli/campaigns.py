@@ -164,7 +164,7 @@ async def cmd_campaign_update(b: Backends, args: argparse.Namespace) -> Answer:
 
 
 async def cmd_campaign_list(b: Backends, args: argparse.Namespace) -> Answer:
-    campaigns = await service.list_campaigns(b, batch_id=args.batch, status=args.status)
+    campaigns = await service.list_campaigns(b, service.CampaignFilter(args.batch, args.status))
     return Answer(
         {"campaigns": [campaign_json(c) for c in campaigns]},
         lambda: [campaign_table(campaigns)] if campaigns else [Text("no campaigns")],

@@ -77,24 +77,24 @@ async def cmd_claim(b: Backends, args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def cmd_complete_task(b: Backends, args: argparse.Namespace) -> dict[str, Any]:
+    ref = service.CouponRef(args.coupon)
     if args.wait:
-        status = await service.complete_task(b, args.coupon, args.task, wait=wait(args))
+        status = await service.complete_task(b, ref, args.task, wait(args))
         return {"coupon_id": args.coupon, "state": status.state, "tasks_done": status.tasks_done}
-    await service.report_task(b, args.coupon, args.task)
+    await service.report_task(b, ref, args.task)
     return {"coupon_id": args.coupon, "signalled": "task_done", "task": args.task}
 
 
 async def cmd_cancel(b: Backends, args: argparse.Namespace) -> dict[str, Any]:
-    status = await service.cancel(
-        b, args.coupon, args.reason, wait=None if args.no_wait else wait(args)
-    )
+    ref = service.CouponRef(args.coupon)
+    status = await service.cancel(b, ref, args.reason, None if args.no_wait else wait(args))
     if status is None:
         return {"coupon_id": args.coupon, "signalled": "cancel"}
     return {"coupon_id": args.coupon, "state": status.state}
 
 
 async def cmd_show(b: Backends, args: argparse.Namespace) -> dict[str, Any]:
-    return (await service.show_coupon(b, args.coupon)).fields()
+    return (await service.show_coupon(b, service.CouponRef(args.coupon))).fields()
 
 
 async def cmd_list(b: Backends, args: argparse.Namespace) -> dict[str, Any]:

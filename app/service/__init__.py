@@ -56,6 +56,7 @@ from app.service.campaigns import (
 from app.service.coupons import (
     QUERY_WAIT,
     UPDATE_WAIT,
+    CouponRef,
     CouponView,
     cancel,
     claim,
@@ -68,7 +69,6 @@ from app.service.coupons import (
     repair,
     report_task,
     show_coupon,
-    user_coupons,
     wedged_coupons,
 )
 from app.service.reports import funnel_report, reconcile
@@ -82,7 +82,13 @@ from app.service.tenants import (
     revoke_key,
 )
 from coupons.ledger.batches import Batch
-from coupons.ledger.campaigns import CAMPAIGN_STATUSES, Campaign, CampaignSpec, Task
+from coupons.ledger.campaigns import (
+    CAMPAIGN_STATUSES,
+    Campaign,
+    CampaignFilter,
+    CampaignSpec,
+    Task,
+)
 from coupons.ledger.claims import Claim, ClaimFilter
 from coupons.ledger.idempotency import KeptRequest
 from coupons.ledger.tenants import DEFAULT_TENANT, ApiKey, Tenant
@@ -99,10 +105,12 @@ __all__ = [
     "Backends",
     "Batch",
     "Campaign",
+    "CampaignFilter",
     "CampaignSpec",
     "Claim",
     "ClaimFilter",
     "ClaimResult",
+    "CouponRef",
     "CouponView",
     "IssuedKey",
     "KeptRequest",
@@ -148,6 +156,5 @@ __all__ = [
     "sync_catalog",
     "take_answer",
     "update_campaign",
-    "user_coupons",
     "wedged_coupons",
 ]

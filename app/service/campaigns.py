@@ -13,7 +13,7 @@ from coupons import catalog
 from coupons.contract import END_CAMPAIGN_WORKFLOW
 from coupons.errors import InvalidField
 from coupons.ledger import campaigns
-from coupons.ledger.campaigns import Campaign, CampaignSpec
+from coupons.ledger.campaigns import Campaign, CampaignFilter, CampaignSpec
 from coupons.model import EndCampaignInput
 
 
@@ -58,17 +58,9 @@ async def get_campaign(b: Backends, campaign_id: str, tenant_id: str | None = No
     return await catalog.campaigns.get_campaign(b.pool, campaign_id, tenant_id)
 
 
-async def list_campaigns(
-    b: Backends,
-    *,
-    batch_id: str | None = None,
-    status: str | None = None,
-    tenant_id: str | None = None,
-) -> list[Campaign]:
-    """Campaigns (of a batch, in a status, of a tenant, when given)."""
-    return await campaigns.list_campaigns(
-        b.pool, batch_id=batch_id, status=status, tenant_id=tenant_id
-    )
+async def list_campaigns(b: Backends, where: CampaignFilter) -> list[Campaign]:
+    """The campaigns `where` asks for (of a batch, in a status, of a tenant)."""
+    return await campaigns.list_campaigns(b.pool, where)
 
 
 async def change_campaign_status(

@@ -31,7 +31,7 @@ from coupons.ledger import claims as ledger
 from coupons.ledger.claims import Claim, ClaimFilter
 from coupons.lifecycle import FINAL_STATES, STATES
 from coupons.model import CancelRequest, CouponStatus, TaskCompletion
-from coupons.validation import validate_id
+from coupons.validation import LIST_LIMIT, validate_id
 from workflows.user_coupon import UserCouponWorkflow
 
 log = logging.getLogger(__name__)
@@ -71,15 +71,26 @@ async def repair(b: Backends) -> int:
     return await ClaimService(b.pool, await b.client(), b.settings).repair()
 
 
-async def find_coupon(
-    b: Backends, coupon_id: str, *, tenant_id: str | None = None, user_id: str | None = None
-) -> Claim:
-    """The coupon's claim; refused as unknown when it is not the tenant's, or not held by
-    `user_id` (when given)."""
-    found = await ledger.get_claim(b.pool, coupon_id, tenant_id)
-    if found is None or (user_id is not None and found.user_id != user_id):
-        raise Refused("unknown_coupon", f"no coupon {coupon_id!r}")
-    return found
+@dataclass(frozen=True)
+class CouponRef:
+    """A coupon as a caller names it: its id, and whose it must be for the caller to see it
+    at all (the API key's tenant; the holder, for a user's own action). None: anyone's."""
+
+    coupon_id: str
+    tenant_id: str | None = None
+    user_id: str | None = None
+
+    def sees(self, claim: Claim | None) -> Claim:
+        """`claim` (the ledger's answer for this id and tenant) if the caller may see it;
+        refused as unknown otherwise: another's coupon is as unknown as none."""
+        if claim is None or (self.user_id is not None and claim.user_id != self.user_id):
+            raise Refused("unknown_coupon", f"no coupon {self.coupon_id!r}")
+        return claim
+
+
+async def find_coupon(b: Backends, ref: CouponRef) -> Claim:
+    """The coupon's claim, if the caller may see it."""
+    return ref.sees(await ledger.get_claim(b.pool, ref.coupon_id, ref.tenant_id))
 
 
 @dataclass
@@ -114,20 +125,13 @@ class CouponView:
 
 
 async def show_coupon(
-    b: Backends,
-    coupon_id: str,
-    *,
-    tenant_id: str | None = None,
-    user_id: str | None = None,
-    query_wait: timedelta = QUERY_WAIT,
+    b: Backends, ref: CouponRef, query_wait: timedelta = QUERY_WAIT
 ) -> CouponView:
     """The coupon's claim, receipt and events, and its workflow's status (tasks done, what
     it waits for) unless the workflow cannot answer now: then that part is None."""
     client = await b.client()
-    view = await ledger.coupon_view(b.pool, coupon_id, tenant_id)
-    if view is None or (user_id is not None and view["claim"].user_id != user_id):
-        raise Refused("unknown_coupon", f"no coupon {coupon_id!r}")
-    found: Claim = view["claim"]
+    view = await ledger.coupon_view(b.pool, ref.coupon_id, ref.tenant_id) or {}
+    found = ref.sees(view.get("claim"))
     # Typed here: without a target type mypy infers the handle's parameters as Never.
     handle: WorkflowHandle[UserCouponWorkflow, CouponStatus] = client.get_workflow_handle_for(
         UserCouponWorkflow.run, found.workflow_id
@@ -143,30 +147,14 @@ async def show_coupon(
     return CouponView(found, view["receipt"], view["events"], workflow)
 
 
-async def user_coupons(
-    b: Backends,
-    tenant_id: str,
-    user_id: str,
-    *,
-    campaign_id: str | None = None,
-    state: str | None = None,
-    limit: int = 100,
-) -> list[Claim]:
-    """The user's coupons in the tenant's campaigns, newest first."""
-    validate_id("user", user_id)
-    if campaign_id is not None:
-        validate_id("campaign", campaign_id)
-    if state is not None and state not in STATES:
-        raise InvalidField("state", f"{state!r} is not one of {', '.join(STATES)}")
-    if not 1 <= limit <= 1000:
-        raise InvalidField("limit", f"{limit} must be between 1 and 1000")
-    return await ledger.claims_of_user(
-        b.pool, tenant_id, user_id, campaign_id=campaign_id, state=state, limit=limit
-    )
-
-
 async def list_coupons(b: Backends, where: ClaimFilter) -> list[Claim]:
-    """The coupons `where` asks for (of a campaign, a user, in a state...), from the ledger."""
+    """The coupons `where` asks for (a tenant's, a campaign's, a user's, in a state...)."""
+    for kind, given in (("user", where.user_id), ("campaign", where.campaign_id)):
+        if given is not None:
+            validate_id(kind, given)
+    if where.state is not None and where.state not in STATES:
+        raise InvalidField("state", f"{where.state!r} is not one of {', '.join(STATES)}")
+    LIST_LIMIT.check("limit", where.limit)
     return await ledger.find_claims(b.pool, where)
 
 
@@ -186,18 +174,12 @@ def _check_task(found: Claim, task: str) -> None:
 
 
 async def complete_task(
-    b: Backends,
-    coupon_id: str,
-    task: str,
-    *,
-    tenant_id: str | None = None,
-    user_id: str | None = None,
-    wait: timedelta = UPDATE_WAIT,
+    b: Backends, ref: CouponRef, task: str, wait: timedelta = UPDATE_WAIT
 ) -> CouponStatus:
     """Report the task done through the workflow's update: the coupon's new status, or the
     workflow's refusal (`unknown_task`, `wrong_state`) with nothing written."""
     client = await b.client()
-    found = await find_coupon(b, coupon_id, tenant_id=tenant_id, user_id=user_id)
+    found = await find_coupon(b, ref)
     _check_task(found, task)
     async with _coupon_workflow(b.pool, client, found) as handle:
         return await handle.execute_update(
@@ -205,38 +187,25 @@ async def complete_task(
         )
 
 
-async def report_task(
-    b: Backends,
-    coupon_id: str,
-    task: str,
-    *,
-    tenant_id: str | None = None,
-    user_id: str | None = None,
-) -> None:
+async def report_task(b: Backends, ref: CouponRef, task: str) -> None:
     """Report the task done through the workflow's signal (fire and forget): refused here
     only for what the ledger already tells (unknown coupon or task, a finished coupon)."""
     client = await b.client()
-    found = await find_coupon(b, coupon_id, tenant_id=tenant_id, user_id=user_id)
+    found = await find_coupon(b, ref)
     _check_task(found, task)
     if found.state in FINAL_STATES:
-        raise Refused(WRONG_STATE, f"coupon {coupon_id!r} is {found.state}: it is finished")
+        raise Refused(WRONG_STATE, f"coupon {found.coupon_id!r} is {found.state}: it is finished")
     async with _coupon_workflow(b.pool, client, found) as handle:
         await handle.signal(UserCouponWorkflow.task_done, TaskCompletion(task))
 
 
 async def cancel(
-    b: Backends,
-    coupon_id: str,
-    reason: str,
-    *,
-    tenant_id: str | None = None,
-    user_id: str | None = None,
-    wait: timedelta | None = UPDATE_WAIT,
+    b: Backends, ref: CouponRef, reason: str, wait: timedelta | None = UPDATE_WAIT
 ) -> CouponStatus | None:
     """Cancel a coupon not yet sent, through the update (its new status) or, with `wait`
     None, through the signal (None)."""
     client = await b.client()
-    found = await find_coupon(b, coupon_id, tenant_id=tenant_id, user_id=user_id)
+    found = await find_coupon(b, ref)
     async with _coupon_workflow(b.pool, client, found) as handle:
         if wait is None:
             await handle.signal(UserCouponWorkflow.cancel, CancelRequest(reason))

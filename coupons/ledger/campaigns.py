@@ -4,7 +4,7 @@ hands out, and its status."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, LiteralString
 
@@ -207,17 +207,23 @@ async def get_campaign(
     return await db.fetch_by_id(pool, Campaign, _SELECT_CAMPAIGNS, "id", campaign_id, tenant_id)
 
 
+@dataclass(frozen=True)
+class CampaignFilter:
+    """Which campaigns a listing wants: each field given narrows it (None: any)."""
+
+    batch_id: str | None = None
+    status: str | None = None
+    tenant_id: str | None = None
+
+
 async def list_campaigns(
-    pool: AsyncConnectionPool,
-    *,
-    batch_id: str | None = None,
-    status: str | None = None,
-    tenant_id: str | None = None,
+    pool: AsyncConnectionPool, where: CampaignFilter = CampaignFilter()
 ) -> list[Campaign]:
+    """The campaigns `where` asks for, oldest first."""
     return await db.fetch_all(
         pool,
         Campaign,
         f"{_SELECT_CAMPAIGNS} WHERE {db.given('batch_id', 'status', 'tenant_id')}"
         " ORDER BY created_at, id",
-        {"batch_id": batch_id, "status": status, "tenant_id": tenant_id},
+        asdict(where),
     )

@@ -194,29 +194,6 @@ async def find_claims(pool: AsyncConnectionPool, where: ClaimFilter) -> list[Cla
     )
 
 
-async def claims_of_user(
-    pool: AsyncConnectionPool,
-    tenant_id: str,
-    user_id: str,
-    *,
-    campaign_id: str | None = None,
-    state: str | None = None,
-    limit: int = 100,
-) -> list[Claim]:
-    """A user's coupons in a tenant's campaigns, newest first."""
-    return await find_claims(
-        pool,
-        ClaimFilter(
-            tenant_id=tenant_id,
-            campaign_id=campaign_id,
-            user_id=user_id,
-            state=state,
-            newest_first=True,
-            limit=limit,
-        ),
-    )
-
-
 async def mark_started(pool: AsyncConnectionPool, coupon_id: str) -> None:
     async with pool.connection() as conn:
         await conn.execute(
@@ -345,20 +322,6 @@ async def coupon_view(
         )
         events = await cur.fetchall()
     return {"claim": claim_row, "receipt": receipt, "events": events}
-
-
-async def list_claims(
-    pool: AsyncConnectionPool,
-    campaign_id: str,
-    *,
-    user_id: str | None = None,
-    state: str | None = None,
-    limit: int = 100,
-) -> list[Claim]:
-    """A campaign's coupons, oldest first."""
-    return await find_claims(
-        pool, ClaimFilter(campaign_id=campaign_id, user_id=user_id, state=state, limit=limit)
-    )
 
 
 async def count_by_state(pool: AsyncConnectionPool, campaign_id: str) -> dict[str, int]:
