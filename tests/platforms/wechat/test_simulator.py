@@ -826,6 +826,13 @@ async def test_notifications_and_forged_probes(
             assert (await control.use(coupons[-1])).status_code == 200
             # The probe, then the genuine notification.
             await eventually(partial(at_least, receiver.received, expected))
+
+        async def both_delivered() -> bool:
+            # Counted once the receiver's answer is back: a moment after it has the request.
+            delivered = (await control.stats())["callbacks_delivered"]
+            return delivered - before["callbacks_delivered"] >= 2
+
+        await eventually(both_delivered)
         stats = await control.stats()
         for counter, grew in (
             ("callbacks_forged_sent", 2),
