@@ -69,6 +69,7 @@ async def _report(run: Run, acked: Acked, vias: list[Via], deadline: float) -> N
 
 async def _load(run: Run) -> None:
     n, spread = run.size.coupons, run.size.load_s
+    say(run.scenario.name, f"{n} users over {spread:g} s")
     begin = time.monotonic()
     await asyncio.gather(*(_one_user(run, i, begin + spread * i / n) for i in range(n)))
     say(run.scenario.name, f"{run.at()} load done: {_counts(run.driver)}")
@@ -110,7 +111,7 @@ async def _drive(scenario: Scenario, size: Size, harness: Harness, result: Scena
         if scenario.latency_ms:
             await driver.knobs(latency_ms=scenario.latency_ms)
         run = Run(scenario, size, harness, driver, result)
-        say(scenario.name, f"stack up; {size.coupons} users over {size.load_s:g} s")
+        say(scenario.name, "stack up")
         helpers = [asyncio.create_task(_progress(run)), asyncio.create_task(_watch_worker(run))]
         try:
             await asyncio.wait_for(_phases(run), timeout=size.hard_timeout_s)
@@ -160,7 +161,7 @@ async def _drive(scenario: Scenario, size: Size, harness: Harness, result: Scena
 
 
 async def _phases(run: Run) -> None:
-    load = asyncio.create_task(_load(run))
+    load = asyncio.create_task((run.scenario.load or _load)(run))
     try:
         fault_end = await run.scenario.fault(run, load)
         await load

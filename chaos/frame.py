@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Any
 
 from chaos.harness import Driver, Harness, Via
 from chaos.report import ScenarioResult
@@ -91,3 +92,6 @@ class Scenario:
     # Entered before the scenario's stack starts, left after it stops: what the scenario
     # changes about its stack (the operator scenario records it as `make run` does).
     around: Callable[[Harness], AbstractContextManager[None]] | None = None
+    # The scenario's own load in place of the common one (`chaos.drive`: one claim per user
+    # spread over `Size.load_s`, each followed by its reports); it runs beside `fault`.
+    load: Callable[[Run], Coroutine[Any, Any, None]] | None = None

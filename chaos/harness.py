@@ -5,7 +5,9 @@ never touches `make run`'s `.data` or its default ports, and every process it si
 one this stack started (by pid, through `ManagedProcess`).
 
 The driver claims through `ClaimService` and reports task completion as the app would
-(signal or update). A call that fails because a part is down is retried until it
+(signal or update); where the harness runs the HTTP API it can do both through it too,
+with an app key of the default tenant (the campaigns' tenant). A call that fails because a
+part is down (or the API answers 5xx, or no answer comes back) is retried until it
 succeeds or its deadline passes; only acknowledged claims count as coupons. It also plays
 a shop's till, marking coupons used at the platform, whose callbacks then reach the API
 (when the harness runs one).
@@ -32,20 +34,23 @@ from temporalio.client import (
     WorkflowUpdateFailedError,
 )
 
-from app.claims import ClaimResult, ClaimService
+from app.claims import ClaimService
 from app.embedded import ManagedProcess, free_port
 from app.stack import HARNESS_SIMULATOR_KNOBS, Stack
 from coupons.catalog.campaigns import ensure_campaign
 from coupons.config import Settings
 from coupons.contract import RECONCILE_WORKFLOW
+from coupons.errors import Refused
 from coupons.ledger import claims as ledger
 from coupons.ledger import db
 from coupons.ledger.batches import Batch, get_batch
 from coupons.ledger.campaigns import get_campaign
 from coupons.ledger.claims import ClaimRefused
+from coupons.ledger.tenants import DEFAULT_TENANT
 from coupons.model import CouponStatus, ReconcileInput, ReconcileReport, TaskCompletion
 from coupons.platforms.configured import make_platform
 from coupons.temporal import connect
+from coupons.tenants import create_key
 from workflows.user_coupon import UserCouponWorkflow
 
 log = logging.getLogger("chaos.harness")
@@ -152,6 +157,15 @@ class Counters:
     # Calls that succeeded at the first try but took over SLOW_CALL_S, by kind.
     delayed: dict[str, int] = field(default_factory=dict)
     last_completion_at: float = 0.0
+    # Calls under way at this moment (a fault's line tells what it met).
+    in_flight: int = 0
+    # Claims answered with the coupon the user already held: a repeated claim, or a retry
+    # that found what its lost first attempt made (a part killed between commit and answer).
+    claims_found_held: int = 0
+
+
+class NoAnswer(Exception):
+    """The API answered 5xx or 429: a part behind it is down; the call is tried again."""
 
 
 class Driver:
@@ -171,9 +185,14 @@ class Driver:
         # Platform coupon ids marked used at the platform (the till's), with their user.
         self.used: dict[str, str] = {}
         self.counters = Counters()
+        # Users whose claim was refused, with the refusal's code.
+        self.refused: dict[str, str] = {}
+        # Coupons whose task completion was acknowledged (the API's 2xx, or Temporal's).
+        self.completed: set[str] = set()
         self._pool: AsyncConnectionPool | None = None
         self._client: Client | None = None
         self._http: httpx.AsyncClient | None = None
+        self._api: httpx.AsyncClient | None = None
         self._claims: ClaimService | None = None
 
     async def __aenter__(self) -> Driver:
@@ -189,8 +208,9 @@ class Driver:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._http is not None:
-            await self._http.aclose()
+        for http in (self._http, self._api):
+            if http is not None:
+                await http.aclose()
         if self._pool is not None:
             await self._pool.close()
 
@@ -208,6 +228,21 @@ class Driver:
     def http(self) -> httpx.AsyncClient:
         assert self._http is not None
         return self._http
+
+    async def open_api(self) -> None:
+        """The HTTP API's client, as an app holds it: an `app` key of the default tenant."""
+        key = await create_key(self.pool, DEFAULT_TENANT, "app")
+        self._api = httpx.AsyncClient(
+            base_url=self.settings.api_url,
+            headers={"Authorization": f"Bearer {key.api_key}"},
+            timeout=CALL_TIMEOUT_S - 1,
+            trust_env=False,  # a proxy from the environment must not carry our calls
+        )
+
+    @property
+    def api(self) -> httpx.AsyncClient:
+        assert self._api is not None, "open_api() first"
+        return self._api
 
     # ----- setup ----------------------------------------------------------------------
 
@@ -247,6 +282,7 @@ class Driver:
         while True:
             attempt += 1
             began = time.monotonic()
+            self.counters.in_flight += 1
             try:
                 answer = await asyncio.wait_for(call(), timeout=CALL_TIMEOUT_S)
                 if time.monotonic() - began > SLOW_CALL_S:
@@ -254,7 +290,7 @@ class Driver:
                     kind = what.split()[0]
                     self.counters.delayed[kind] = self.counters.delayed.get(kind, 0) + 1
                 return True, answer
-            except (ClaimRefused, WorkflowUpdateFailedError):
+            except (Refused, WorkflowUpdateFailedError):
                 raise  # an answer, not an outage
             except Exception as err:
                 if time.monotonic() >= deadline:
@@ -263,27 +299,41 @@ class Driver:
                 log.info("%s: attempt %d failed (%s), retrying", what, attempt, _short(err))
                 kind = what.split()[0]
                 self.counters.retried[kind] = self.counters.retried.get(kind, 0) + 1
-                await asyncio.sleep(min(0.25 * attempt, 2.0))
+            finally:
+                self.counters.in_flight -= 1
+            await asyncio.sleep(min(0.25 * attempt, 2.0))
 
-    async def claim(self, user: str, deadline: float) -> Acked | None:
+    async def claim(self, user: str, deadline: float, *, api: bool = False) -> Acked | None:
+        """The user's claim, in process (`ClaimService`) or through the HTTP API (`api`);
+        None when refused (`refused` has the code) or never answered."""
         assert self._claims is not None
         claims = self._claims
 
-        async def once() -> ClaimResult:
-            return await claims.claim(self.campaign, user)
+        async def in_process() -> tuple[str, str, bool]:
+            result = await claims.claim(self.campaign, user)
+            return result.coupon_id, result.workflow_id, result.created
+
+        async def through_api() -> tuple[str, str, bool]:
+            path = f"/v1/campaigns/{self.campaign}/claims"
+            body = _answer(await self.api.post(path, json={"user_id": user}), ClaimRefused)
+            return str(body["coupon_id"]), str(body["workflow_id"]), bool(body["created"])
 
         try:
-            ok, result = await self._retry(f"claim {user}", once, deadline)
+            ok, answer = await self._retry(
+                f"claim {user}", through_api if api else in_process, deadline
+            )
         except ClaimRefused as err:
             self.counters.refusals.append(f"claim {user}: {err}")
             self.counters.claims_unacknowledged += 1
+            self.refused[user] = err.code
             return None
         if not ok:
             self.counters.claims_unacknowledged += 1
             return None
-        assert isinstance(result, ClaimResult)
-        acked = Acked(result.coupon_id, user, result.workflow_id, time.monotonic())
-        previous = self.acked.setdefault(result.coupon_id, acked)
+        coupon_id, workflow_id, created = answer
+        self.counters.claims_found_held += not created
+        acked = Acked(coupon_id, user, workflow_id, time.monotonic())
+        previous = self.acked.setdefault(coupon_id, acked)
         if previous is acked:
             self.counters.claimed += 1
         return acked
@@ -291,7 +341,9 @@ class Driver:
     def handle(self, acked: Acked) -> WorkflowHandle[UserCouponWorkflow, CouponStatus]:
         return self.client.get_workflow_handle_for(UserCouponWorkflow.run, acked.workflow_id)
 
-    async def complete(self, acked: Acked, via: Via, deadline: float) -> bool:
+    async def complete(self, acked: Acked, via: Via, deadline: float, *, api: bool = False) -> bool:
+        """Report the coupon's task done to its workflow (`via` its signal or its update),
+        or through the HTTP API (`api`: the bulk task events, or the synchronous endpoint)."""
         handle = self.handle(acked)
         completion = TaskCompletion(TASK)
 
@@ -305,17 +357,34 @@ class Driver:
                 rpc_timeout=timedelta(seconds=CALL_TIMEOUT_S - 1),
             )
 
+        async def through_api() -> object:
+            if via == "update":
+                path = f"/v1/coupons/{acked.coupon_id}/tasks/{TASK}/complete"
+                return _answer(await self.api.post(path, json={"user_id": acked.user_id}))
+            event = {"coupon_id": acked.coupon_id, "user_id": acked.user_id, "task": TASK}
+            answer = _answer(await self.api.post("/v1/task-events", json={"events": [event]}))
+            [result] = answer["results"]
+            if result["code"] == "unavailable":
+                raise NoAnswer(f"task event: {result['detail']}")
+            if not result["accepted"]:
+                raise Refused(result["code"], result["detail"])
+            return answer
+
         self.counters.completions_sent += 1
         try:
-            ok, _ = await self._retry(f"{via} {acked.coupon_id}", once, deadline)
-        except WorkflowUpdateFailedError as err:
+            ok, _ = await self._retry(
+                f"{via} {acked.coupon_id}", through_api if api else once, deadline
+            )
+        except (Refused, WorkflowUpdateFailedError) as err:
             # A duplicate report of a done task is answered, never refused: a refusal
             # here means the coupon is somewhere it should not be.
-            self.counters.refusals.append(f"update {acked.coupon_id}: {_short(err.cause or err)}")
+            cause = err.cause or err if isinstance(err, WorkflowUpdateFailedError) else err
+            self.counters.refusals.append(f"{via} {acked.coupon_id}: {_short(cause)}")
             return False
         if ok:
             self.counters.completions_acked += 1
             self.counters.last_completion_at = time.monotonic()
+            self.completed.add(acked.coupon_id)
         else:
             self.counters.completions_failed += 1
         return bool(ok)
@@ -431,6 +500,22 @@ class Driver:
                 return time.monotonic()
             await asyncio.sleep(0.5)
         return None
+
+
+def _answer(response: httpx.Response, refused: type[Refused] = Refused) -> dict[str, Any]:
+    """The API's 2xx body; a 4xx answer raises `refused` with its code (an answer, never
+    tried again), a 5xx or 429 `NoAnswer` (tried again)."""
+    if response.is_success:
+        body: dict[str, Any] = response.json()
+        return body
+    if response.status_code == 429 or response.is_server_error:
+        raise NoAnswer(f"HTTP {response.status_code}: {response.text[:160]}")
+    try:
+        problem = response.json()
+        code, detail = str(problem["code"]), str(problem["detail"])
+    except (ValueError, KeyError, TypeError):
+        code, detail = f"http_{response.status_code}", response.text[:160]
+    raise refused(code, detail)
 
 
 def _short(err: BaseException) -> str:

@@ -39,6 +39,14 @@ class Size:
     # ("stop" is SIGTERM, a graceful shutdown; "kill" SIGKILL) and for how many seconds, so
     # the platform's callbacks fail and are retried.
     api_outages: tuple[tuple[str, float], ...]
+    # The claim burst scenario: this many users claim a campaign whose quota is `coupons`,
+    # in `burst_waves` waves of users at once spread over `burst_s`, while these parts
+    # ("worker", "api", "temporal" or "postgres") are SIGKILLed, each in a random wave once
+    # a random share of its users is answered, and started again the given seconds later.
+    burst_users: int
+    burst_waves: int
+    burst_s: float
+    burst_kills: tuple[tuple[str, float], ...]
     # After the faults: how long every coupon may take to be issued.
     converge_timeout_s: float
     # Load, faults and convergence; past it the scenario stops and checks what it finds.
@@ -67,6 +75,10 @@ SIZES: dict[str, Size] = {
         budget_hold_s=3,
         sync_interval_s=2,
         api_outages=(("kill", 3),),
+        burst_users=24,
+        burst_waves=4,
+        burst_s=4,
+        burst_kills=(("api", 1), ("worker", 1), ("postgres", 2)),
         converge_timeout_s=75,
         hard_timeout_s=100,
         # Two stacks at a time, not five: each Temporal dev server also binds internal
@@ -90,6 +102,17 @@ SIZES: dict[str, Size] = {
         budget_hold_s=10,
         sync_interval_s=3,
         api_outages=(("stop", 4), ("kill", 4)),
+        burst_users=150,
+        burst_waves=8,
+        burst_s=20,
+        burst_kills=(
+            ("worker", 1),
+            ("api", 1),
+            ("temporal", 3),
+            ("worker", 1),
+            ("api", 1),
+            ("postgres", 3),
+        ),
         converge_timeout_s=100,
         hard_timeout_s=150,
         jobs=5,
@@ -110,6 +133,19 @@ SIZES: dict[str, Size] = {
         budget_hold_s=30,
         sync_interval_s=5,
         api_outages=(("stop", 10), ("kill", 10)),
+        burst_users=600,
+        burst_waves=12,
+        burst_s=40,
+        burst_kills=(
+            ("worker", 1),
+            ("api", 1),
+            ("temporal", 8),
+            ("worker", 1),
+            ("api", 1),
+            ("postgres", 8),
+            ("worker", 1),
+            ("api", 1),
+        ),
         converge_timeout_s=300,
         hard_timeout_s=420,
         jobs=1,

@@ -4,7 +4,9 @@ A regression in the harness (or a coupon lost, sent twice or left in a wrong sta
 under a crash, a reconciliation that finds the platform and the ledger apart, or a
 platform callback applied twice, never, or forged, or an operator's mistake that is not
 made safe: a contradicting shell that writes, a platform batch the ledger never learns of,
-a wedged coupon left wedged) fails here. Timings are read from the run, never asserted.
+a wedged coupon left wedged, or a claim burst under kills that grants over the quota or
+leaves a claim without exactly one workflow) fails here. Timings are read from the run,
+never asserted.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from chaos.report import MUST_BE_ZERO
 from chaos.scenarios import SCENARIOS
+from chaos.sizes import SIZES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,5 +76,19 @@ def test_every_scenario_at_tiny_size_loses_nothing(tmp_path: Path) -> None:
     assert figures["wedged_before_recovery"] >= figures["wedged_issued"] > 0, (mistakes, output)
     assert figures["wedged_after_recovery"] == 0, (mistakes, output)
     assert figures["doctor_exit_code"] == 0, (mistakes, output)
+    # The claim burst met its kills: more users than the quota (the rest answered sold_out),
+    # the quota granted exactly and every grant acknowledged, each kill landing while the
+    # driver's calls were in flight, tasks reported the instant the claim was answered, and
+    # every claim's workflow looked up in Temporal (its checks above: 0).
+    [burst] = [r for r in results if r["name"] == "claim_burst_kills"]
+    figures = burst["figures"]
+    assert burst["checks"], (burst, output)
+    assert figures["kills"] == len(SIZES["tiny"].burst_kills), (burst, output)
+    assert figures["calls_in_flight_at_kills"] > 0, (burst, output)
+    assert figures["granted"] == figures["quota"] == figures["acknowledged"] == burst["coupons"]
+    assert figures["refused_sold_out"] == figures["users"] - figures["granted"] > 0, burst
+    assert figures["claimed_counter"] == figures["granted"], (burst, output)
+    assert figures["workflows_checked"] == figures["granted"], (burst, output)
+    assert figures["completions_at_once"] > 0, (burst, output)
     assert run.returncode == 0, output
     assert "converge s" in run.stdout and "reconcile" in run.stdout  # the table
