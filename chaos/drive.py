@@ -3,9 +3,10 @@ from a fresh stack to the verdict (`execute`). The scenarios themselves, one mod
 family, are put together in `chaos.scenarios`; this module knows none of them.
 
 Every scenario has the same shape: a fresh stack and campaign; claims spread over
-`Size.load_s`, each followed at once by its task completion; the fault injected while
-that load flows; then a bounded wait until every acknowledged coupon is issued (for the
-callbacks scenario, which uses them at the platform: redeemed), the checks of
+`Size.load_s`, each followed at once by its task completion (or the scenario's own load:
+the claim burst's waves); the fault injected while that load flows; then a bounded wait
+until every acknowledged coupon is issued (for the callbacks scenario, which uses them at
+the platform: redeemed), the checks of
 `chaos.verify` (and the scenario's own, if it has some), and last a reconciliation of the
 campaign's batch (the platform's flow files against the ledger), whose mismatches must be
 0 too. `converge_s` counts from the end of the fault (the moment the last part is back;
