@@ -3,8 +3,8 @@
 Starts a fresh embedded stack with the HTTP API (temporary DATA_DIR, free ports: never the
 user's `.data` or default ports), runs every part against it, writes
 bench/results/<date>.{json,png,md} (quick and tiny runs prefixed with their size, so they
-never overwrite a full run) and stops everything it started, also on error, Ctrl-C or
-SIGTERM.
+never overwrite a full run; each figure beside the previous committed run of the same size)
+and stops everything it started, also on error, Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import signal
 import sys
 import tempfile
 import time
-from datetime import timedelta
 from importlib.metadata import version
 from pathlib import Path
 from types import FrameType
@@ -32,7 +31,10 @@ from app.embedded import ManagedProcess, free_port
 from app.stack import HARNESS_SIMULATOR_KNOBS, Stack
 from bench import report
 from bench.catalog import measure_reconcile, measure_sync
-from bench.end_to_end import TASK, LifecycleDriver, measure_lifecycle
+from bench.claimers import service_campaign
+from bench.claiming import measure_claims
+from bench.compare import compare, previous_run, results_prefix
+from bench.end_to_end import LifecycleDriver, measure_lifecycle
 from bench.floor import floor_worker_process, measure_floor
 from bench.load import progress
 from bench.open_coupons import measure_open
@@ -40,11 +42,8 @@ from bench.peer_dbos import run_peer
 from bench.probes import IssuedWatcher, create_statement_stats, enable_statement_stats
 from bench.proc import memory_gib
 from bench.sizes import SIZES, Size
-from bench.storm import api_campaign, measure_storm, measure_storm_api
-from coupons.catalog.campaigns import ensure_campaign
 from coupons.config import PLATFORMS, Settings
 from coupons.ledger import db
-from coupons.platforms.configured import make_platform
 from coupons.temporal import connect
 
 log = logging.getLogger("bench")
@@ -52,8 +51,8 @@ log = logging.getLogger("bench")
 RESULTS = Path(__file__).resolve().parent / "results"
 # Variables that would point the run at someone's real services or fault knobs.
 FOREIGN_ENV = ("DATABASE_URL", "TEMPORAL_ADDRESS", "PLATFORM_URL", "PLATFORM_API_KEY")
-# The bench client's connections (claims serialize on the campaign row anyway); with the
-# storm's 100, the worker's 20 and DBOS's, it stays under the server's max_connections.
+# The bench client's connections; with the worker's 20 and DBOS's, it stays under the
+# server's max_connections. The claim part's 100 (bench/claimers.py) come after it closed.
 CLIENT_POOL = 50
 PEER_TIMEOUT_S = {"tiny": 120.0, "quick": 180.0, "full": 420.0}
 
@@ -101,22 +100,6 @@ async def callbacks_off(settings: Settings) -> None:
         (await sim.put("/sim/knobs", json={"callback_url": ""})).raise_for_status()
 
 
-async def campaign(settings: Settings, campaign_id: str, quota: int) -> None:
-    platform_client = make_platform(settings)
-    try:
-        async with db.pool(settings.database_url, max_size=2) as pool:
-            await ensure_campaign(
-                pool,
-                platform_client,
-                campaign_id,
-                required_tasks=[TASK],
-                quota=quota,
-                task_deadline=timedelta(days=7),
-            )
-    finally:
-        await platform_client.aclose()
-
-
 async def run_parts(
     stack: Stack, floor_worker: ManagedProcess, size: Size, statements: bool, log_dir: Path
 ) -> dict[str, Any]:
@@ -125,13 +108,8 @@ async def run_parts(
     assert worker_pid is not None
     client = await connect(settings)
     await callbacks_off(settings)
-    for name, quota in (
-        ("bench-life", 1_000_000),
-        ("bench-open", 1_000_000),
-        ("bench-storm", size.storm_quota),
-    ):
-        await campaign(settings, name, quota)
-    storm_key = await api_campaign(settings, "bench-storm-api", size.storm_quota)
+    for name in ("bench-life", "bench-open"):
+        await service_campaign(settings, name, 1_000_000)
     results: dict[str, Any] = {}
     assert stack.temporal and stack.postgres and stack.simulator and stack.api
     processes = {
@@ -191,31 +169,6 @@ async def run_parts(
         progress("catalog sync", f"{size.sync_batches} batches")
         results["catalog_sync"] = await measure_sync(client, pool, settings, n=size.sync_batches)
 
-        progress(
-            "claim storm",
-            f"{size.storm_claims} claims at once, quota {size.storm_quota}: in process, then "
-            "through the HTTP API",
-        )
-        results["claim_storm"] = await measure_storm(
-            settings.database_url,
-            client,
-            settings,
-            "bench-storm",
-            claims=size.storm_claims,
-            quota=size.storm_quota,
-            processes=processes,
-        )
-        results["claim_storm_api"] = await measure_storm_api(
-            settings,
-            "bench-storm-api",
-            storm_key,
-            claims=size.storm_claims,
-            quota=size.storm_quota,
-            processes={**processes, "api": stack.api.pid or 0},
-        )
-        # Only the storm needs the API: the parts after run without it, as before.
-        await asyncio.to_thread(stack.api.stop)
-
         progress("peer", f"DBOS: {size.peer_n} lifecycles, {size.concurrency} in flight")
         results["peer"] = await asyncio.to_thread(
             run_peer,
@@ -239,6 +192,15 @@ async def run_parts(
             evicted_sample=size.evicted_sample,
             cache_size=settings.worker_cache_size,
         )
+    # Last, once the bench's own pool is closed (the claim part opens 100 connections of its
+    # own), so that the thousands of coupons its claims leave open weigh on no other part.
+    results.update(
+        await measure_claims(
+            settings, client, size, worker_pid, {**processes, "api": stack.api.pid or 0}
+        )
+    )
+    # Only the claims need the API.
+    await asyncio.to_thread(stack.api.stop)
     return results
 
 
@@ -326,9 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         **results,
     }
     data["targets"] = report.targets(data)
-    prefix = "" if size.name == "full" else f"{size.name}-"
-    if args.platform != "generic":
-        prefix = f"{args.platform}-{prefix}"
+    prefix = results_prefix(size.name, args.platform)
+    data["previous"] = compare(data, previous_run(RESULTS, prefix))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / f"{prefix}{date}"
     report.write_json(data, stem.with_suffix(".json"))

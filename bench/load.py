@@ -1,10 +1,11 @@
-"""Load shapes shared by every part: a closed loop at saturation, a light fixed rate,
-and the progress lines printed while they run."""
+"""Load shapes shared by every part: a closed loop at saturation, a light fixed rate, an
+open loop at an offered rate, and the progress lines printed while they run."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,12 +56,14 @@ class LoadResult:
 
 
 class _Ticker:
-    """Prints done/total and the rate every few seconds while a load runs."""
+    """Prints done/total and the rate every few seconds while a load runs (and how many of
+    the done were skipped, when an open loop skips some)."""
 
     def __init__(self, phase: str, total: int) -> None:
         self.phase = phase
         self.total = total
         self.done = 0
+        self.skipped = 0
         self.began = time.monotonic()
         self._last = self.began
 
@@ -70,7 +73,8 @@ class _Ticker:
         if now - self._last >= PROGRESS_EVERY_S or self.done == self.total:
             self._last = now
             rate = self.done / max(now - self.began, 1e-9)
-            progress(self.phase, f"{self.done}/{self.total} done, {rate:.1f}/s")
+            skipped = f" ({self.skipped} skipped)" if self.skipped else ""
+            progress(self.phase, f"{self.done}/{self.total} done{skipped}, {rate:.1f}/s")
 
 
 async def closed_loop(
@@ -112,3 +116,80 @@ async def fixed_rate(
 
     await asyncio.gather(*(one(i) for i in range(n)))
     return LoadResult(n, time.monotonic() - began, latencies)
+
+
+@dataclass
+class OpenLoopResult:
+    offered: int
+    rate_per_s: float
+    # Per answered item: seconds from its planned send time to its answer.
+    latencies_s: list[float] = field(default_factory=list)
+    # What each answered item came to (the item's own words: "granted", a refusal code...).
+    outcomes: Counter[str] = field(default_factory=Counter)
+    # Items never sent: the generator could not send them within the late limit.
+    skipped: int = 0
+    # From the first planned send to the last answer, and that last answer's monotonic time.
+    wall_s: float = 0.0
+    ended_at: float = 0.0
+
+    @property
+    def answered(self) -> int:
+        return len(self.latencies_s)
+
+    @property
+    def achieved_per_s(self) -> float:
+        return self.answered / self.wall_s if self.wall_s > 0 else 0.0
+
+
+async def open_loop(
+    phase: str,
+    n: int,
+    rate_per_s: float,
+    item: Callable[[int], Awaitable[str]],
+    *,
+    max_in_flight: int,
+    late_limit_s: float,
+) -> OpenLoopResult:
+    """Send item(i) at its planned time i / rate, whether or not earlier ones answered
+    (open loop), and time each from that planned time, so queueing anywhere (in the
+    system, or in this generator when it falls behind) shows in the latency.
+
+    Two bounds keep a system that cannot keep up from running the load forever or drowning
+    what it calls: at most `max_in_flight` items are in flight (an item over it waits, and
+    the wait counts in its latency), and an item that could not be sent within
+    `late_limit_s` of its planned time is skipped and counted, never sent.
+    """
+    ticker = _Ticker(phase, n)
+    gate = asyncio.Semaphore(max_in_flight)
+    result = OpenLoopResult(n, rate_per_s)
+
+    async def one(planned: float, i: int) -> None:
+        give_up_in = max(0.0, planned + late_limit_s - time.monotonic())
+        try:
+            await asyncio.wait_for(gate.acquire(), give_up_in)
+        except TimeoutError:
+            result.skipped += 1
+            ticker.skipped += 1
+            ticker.tick()
+            return
+        try:
+            outcome = await item(i)
+        finally:
+            gate.release()
+        result.ended_at = time.monotonic()
+        result.latencies_s.append(result.ended_at - planned)
+        result.outcomes[outcome] += 1
+        ticker.tick()
+
+    began = time.monotonic()
+    sent: list[asyncio.Task[None]] = []
+    for i in range(n):
+        planned = began + i / rate_per_s
+        # One timer for the schedule, not one sleeping task per item; a late wake-up sends
+        # every item already due at once, each still timed from its own planned time.
+        await asyncio.sleep(max(0.0, planned - time.monotonic()))
+        sent.append(asyncio.create_task(one(planned, i)))
+    await asyncio.gather(*sent)
+    result.ended_at = result.ended_at or time.monotonic()  # nothing answered: ended now
+    result.wall_s = result.ended_at - began
+    return result

@@ -1,5 +1,6 @@
 """What the benchmark reads from PostgreSQL to observe the service from outside: when
-each coupon's `issued` event was written, and how many SQL statements ran.
+each coupon's `issued` event was written, how many granted claims still wait for their
+workflow, and how many SQL statements ran.
 
 Every statement here carries the /* bench */ marker, so the statement counts leave the
 benchmark's own reads out.
@@ -77,6 +78,17 @@ class IssuedWatcher:
                 future = self._waiting.get(coupon_id)
                 if future is not None and not future.done():
                     future.set_result(recorded_at)
+
+
+async def unstarted_claims(pool: AsyncConnectionPool, campaign_id: str) -> int:
+    """Granted claims of the campaign whose workflow is not started yet."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            f"{MARK} SELECT count(*) FROM claims WHERE campaign_id = %s AND NOT workflow_started",
+            (campaign_id,),
+        )
+        row = await cur.fetchone()
+        return int(row[0]) if row else 0
 
 
 def enable_statement_stats(admin_url: str) -> None:

@@ -12,35 +12,21 @@ import matplotlib
 matplotlib.use("Agg")  # no display here, and none needed for a file
 import matplotlib.pyplot as plt
 
-
-def _get(data: dict[str, Any], path: str) -> Any:
-    node: Any = data
-    for key in path.split("."):
-        if not isinstance(node, dict) or key not in node:
-            return None
-        node = node[key]
-    return node
-
-
-def _num(value: Any) -> float:
-    return float(value) if isinstance(value, int | float) else math.nan
+from bench import claims_report, compare
+from bench.figures import get, num, p50_p99
 
 
 def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets, each with its figure, its bound and whether it was met."""
-    ratio = _num(_get(data, "lifecycle.ratio_to_floor"))
-    light = _num(_get(data, "lifecycle.light_rate.unlock_to_issued_ms.p50"))
-    floor_light = _num(_get(data, "floor.light_rate.signal_to_done_ms.p50"))
-    rss = _num(_get(data, "open_coupons.worker_rss_mib"))
-    count = _get(data, "open_coupons.count")
-    at_100 = _num(_get(data, "open_coupons.claim_latency_ms_at_100.p50"))
-    at_all = _num(_get(data, "open_coupons.claim_latency_ms_at_all.p50"))
-    granted = _get(data, "claim_storm.granted")
-    quota = _get(data, "claim_storm.quota")
-    api_granted = _get(data, "claim_storm_api.granted")
-    api_quota = _get(data, "claim_storm_api.quota")
-    sync = _get(data, "catalog_sync") or {}
-    recon = _get(data, "reconciliation") or {}
+    """The issues' targets, each with its figure, its bound and whether it was met."""
+    ratio = num(get(data, "lifecycle.ratio_to_floor"))
+    light = num(get(data, "lifecycle.light_rate.unlock_to_issued_ms.p50"))
+    floor_light = num(get(data, "floor.light_rate.signal_to_done_ms.p50"))
+    rss = num(get(data, "open_coupons.worker_rss_mib"))
+    count = get(data, "open_coupons.count")
+    at_100 = num(get(data, "open_coupons.claim_latency_ms_at_100.p50"))
+    at_all = num(get(data, "open_coupons.claim_latency_ms_at_all.p50"))
+    sync = get(data, "catalog_sync") or {}
+    recon = get(data, "reconciliation") or {}
     marked = recon.get("marked_used")
     first = recon.get("first") or {}
     second = recon.get("second") or {}
@@ -66,16 +52,7 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
             "figure": f"{at_all:.1f} ms vs {at_100:.1f} ms ({at_all / at_100:.2f}x)",
             "met": at_all <= 1.5 * at_100,
         },
-        {
-            "target": "claim storm: granted == quota",
-            "figure": f"{granted} granted, quota {quota}",
-            "met": granted == quota,
-        },
-        {
-            "target": "claim storm through the HTTP API: granted == quota",
-            "figure": f"{api_granted} granted, quota {api_quota}",
-            "met": api_granted is not None and api_granted == api_quota,
-        },
+        *claims_report.targets(data),
         {
             "target": "catalog sync: every batch synced, the platform's changes in the ledger",
             "figure": f"{sync.get('synced')} of {sync.get('batches')} synced, "
@@ -106,9 +83,9 @@ def write_json(data: dict[str, Any], path: Path) -> None:
 def write_plot(data: dict[str, Any], path: Path) -> None:
     names = ["floor (Temporal)", "lifecycle (Temporal)", "peer (DBOS)"]
     throughput = [
-        _num(_get(data, "floor.throughput_per_s")),
-        _num(_get(data, "lifecycle.throughput_per_s")),
-        _num(_get(data, "peer.throughput_per_s")),
+        num(get(data, "floor.throughput_per_s")),
+        num(get(data, "lifecycle.throughput_per_s")),
+        num(get(data, "peer.throughput_per_s")),
     ]
     latency_keys = [
         ("floor light", "floor.light_rate.signal_to_done_ms"),
@@ -118,8 +95,8 @@ def write_plot(data: dict[str, Any], path: Path) -> None:
         ("peer sat.", "peer.unlock_to_issued_ms"),
     ]
     colors = ["#888888", "#1f77b4", "#ff7f0e"]
-    fig, (left, right, catalog, storm) = plt.subplots(
-        1, 4, figsize=(21, 4.8), gridspec_kw={"width_ratios": [3, 3, 2, 2]}
+    fig, ((left, right, catalog), (storms, claim_rates, sweep)) = plt.subplots(
+        2, 3, figsize=(19, 9.6), gridspec_kw={"width_ratios": [3, 3, 2]}
     )
     bars = left.bar(names, [0 if math.isnan(t) else t for t in throughput], color=colors)
     for bar, value in zip(bars, throughput, strict=True):
@@ -131,8 +108,8 @@ def write_plot(data: dict[str, Any], path: Path) -> None:
     left.set_ylabel("per second")
 
     labels = [label for label, _ in latency_keys]
-    p50 = [_num(_get(data, f"{key}.p50")) for _, key in latency_keys]
-    p99 = [_num(_get(data, f"{key}.p99")) for _, key in latency_keys]
+    p50 = [num(get(data, f"{key}.p50")) for _, key in latency_keys]
+    p99 = [num(get(data, f"{key}.p99")) for _, key in latency_keys]
     x = range(len(labels))
     width = 0.4
     right.bar(
@@ -148,9 +125,9 @@ def write_plot(data: dict[str, Any], path: Path) -> None:
     right.legend()
 
     catalog_bars = [
-        ("batch sync\n(batches/s)", _num(_get(data, "catalog_sync.batches_per_s"))),
-        ("reconcile + repair\n(coupons/s)", _num(_get(data, "reconciliation.first.coupons_per_s"))),
-        ("reconcile again\n(coupons/s)", _num(_get(data, "reconciliation.second.coupons_per_s"))),
+        ("batch sync\n(batches/s)", num(get(data, "catalog_sync.batches_per_s"))),
+        ("reconcile + repair\n(coupons/s)", num(get(data, "reconciliation.first.coupons_per_s"))),
+        ("reconcile again\n(coupons/s)", num(get(data, "reconciliation.second.coupons_per_s"))),
     ]
     bars = catalog.bar(
         [label for label, _ in catalog_bars],
@@ -167,122 +144,32 @@ def write_plot(data: dict[str, Any], path: Path) -> None:
     catalog.set_ylim(1, max(tallest, 10.0) * 3)  # room for the labels on a log scale
     catalog.set_ylabel("per second (log scale)")
     catalog.set_title(
-        f"catalog: {_get(data, 'catalog_sync.batches')} batches, "
-        f"{_get(data, 'reconciliation.coupons')} coupons"
+        f"catalog: {get(data, 'catalog_sync.batches')} batches, "
+        f"{get(data, 'reconciliation.coupons')} coupons"
     )
-    _plot_storm(storm, data)
-    size = _get(data, "size.name")
-    fig.suptitle(f"coupon lifecycle benchmark ({size}, {_get(data, 'machine.cpu_count')} cpus)")
+    claims_report.plot_storms(storms, data)
+    claims_report.plot_claim_rates(claim_rates, data)
+    claims_report.plot_sweep(sweep, data)
+    size = get(data, "size.name")
+    fig.suptitle(f"coupon lifecycle benchmark ({size}, {get(data, 'machine.cpu_count')} cpus)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-STORM_PATHS = (("in process", "claim_storm"), ("HTTP API", "claim_storm_api"))
-
-
-def _plot_storm(axes: Any, data: dict[str, Any]) -> None:
-    """The claim storm's latency by path, p50 and p99, with each path's throughput."""
-    labels = [
-        f"{name}\n{_num(_get(data, f'{key}.throughput_per_s')):.0f} claims/s"
-        for name, key in STORM_PATHS
-    ]
-    width = 0.4
-    for offset, quantile in ((-width / 2, "p50"), (width / 2, "p99")):
-        values = [_num(_get(data, f"{key}.claim_latency_ms.{quantile}")) for _, key in STORM_PATHS]
-        axes.bar(
-            [i + offset for i in range(len(labels))],
-            [0 if math.isnan(v) else v for v in values],
-            width,
-            label=quantile,
-        )
-    axes.set_xticks(list(range(len(labels))), labels)
-    axes.set_ylabel("claim latency, ms")
-    axes.set_title(
-        f"claim storm: {_get(data, 'claim_storm.claims')} claims at once, "
-        f"quota {_get(data, 'claim_storm.quota')}"
-    )
-    axes.legend()
-
-
-def _storm_row(data: dict[str, Any], key: str) -> str:
-    return (
-        f"{_get(data, f'{key}.granted')} granted of quota {_get(data, f'{key}.quota')} from "
-        f"{_get(data, f'{key}.claims')} claims, {_ms(data, f'{key}.claim_latency_ms')}, "
-        f"{_num(_get(data, f'{key}.throughput_per_s')):.0f} claims/s"
-    )
-
-
-def _storm_section(data: dict[str, Any]) -> list[str]:
-    """The two paths of the claim storm side by side."""
-
-    def cells(pick: Any) -> str:
-        return " | ".join(str(pick(key)) for _, key in STORM_PATHS)
-
-    def latency(key: str) -> str:
-        summary = _get(data, f"{key}.claim_latency_ms") or {}
-        return " / ".join(f"{_num(summary.get(q)):.0f}" for q in ("p50", "p99", "max"))
-
-    def refused(key: str) -> str:
-        found = _get(data, f"{key}.refused") or {}
-        return ", ".join(f"{code} {n}" for code, n in sorted(found.items())) or "none"
-
-    api_pool = _get(data, "claim_storm_api.api_pool_connections")
-    return [
-        "",
-        "## Claim storm, in process and through the HTTP API",
-        "",
-        "Every claim at once, each by its own user, against a campaign of its own per path. "
-        "In process: `ClaimService` on a pool of "
-        f"{_get(data, 'claim_storm.pool_connections')} connections. HTTP API: "
-        "`POST /v1/campaigns/{id}/claims` with a tenant's app key from "
-        f"{_get(data, 'claim_storm_api.http_connections')} clients of one HTTP connection "
-        f"each to the API process (its own pool: {api_pool} connections). Latency is the "
-        "client's: queueing for a connection included, on both paths.",
-        "",
-        "| | " + " | ".join(name for name, _ in STORM_PATHS) + " |",
-        "|---|---|---|",
-        "| granted of quota | "
-        + cells(lambda k: f"{_get(data, f'{k}.granted')} of {_get(data, f'{k}.quota')}")
-        + " |",
-        "| claims in the ledger | " + cells(lambda k: _get(data, f"{k}.claims_in_ledger")) + " |",
-        "| refused | " + cells(refused) + " |",
-        "| claim latency p50 / p99 / max, ms | " + cells(latency) + " |",
-        "| throughput, claims/s | "
-        + cells(lambda k: f"{_num(_get(data, f'{k}.throughput_per_s')):.0f}")
-        + " |",
-        "| wall time, s | " + cells(lambda k: _get(data, f"{k}.wall_s")) + " |",
-        "| repeated by the client (503, no answer) | - | "
-        + (
-            ", ".join(
-                f"{why} {n}"
-                for why, n in sorted((_get(data, "claim_storm_api.retried") or {}).items())
-            )
-            or "none"
-        )
-        + " |",
-    ]
-
-
-def _ms(data: dict[str, Any], key: str) -> str:
-    p50 = _num(_get(data, f"{key}.p50"))
-    p99 = _num(_get(data, f"{key}.p99"))
-    return f"p50 {p50:.0f} ms, p99 {p99:.0f} ms"
-
-
 def write_markdown(data: dict[str, Any], path: Path, plot_name: str) -> None:
-    peer_error = _get(data, "peer.error")
+    peer_error = get(data, "peer.error")
     peer = (
         f"not measured: {peer_error}"
         if peer_error
-        else f"{_num(_get(data, 'peer.throughput_per_s')):.1f} lifecycles/s, "
-        + _ms(data, "peer.unlock_to_issued_ms")
+        else f"{num(get(data, 'peer.throughput_per_s')):.1f} lifecycles/s, "
+        + p50_p99(data, "peer.unlock_to_issued_ms")
     )
-    sql = _get(data, "lifecycle.sql_per_coupon") or {}
-    history = _get(data, "lifecycle.history_events_per_coupon") or {}
+    sql = get(data, "lifecycle.sql_per_coupon") or {}
+    history = get(data, "lifecycle.history_events_per_coupon") or {}
     machine = data.get("machine", {})
     lines = [
-        f"# Benchmark {data.get('date')} ({_get(data, 'size.name')})",
+        f"# Benchmark {data.get('date')} ({get(data, 'size.name')})",
         "",
         f"Machine: {machine.get('cpu_count')} x {machine.get('cpu_model')}, "
         f"{machine.get('memory_gib')} GiB, Python {machine.get('python')}, "
@@ -290,42 +177,42 @@ def write_markdown(data: dict[str, Any], path: Path, plot_name: str) -> None:
         "",
         "| figure | value |",
         "|---|---|",
-        f"| floor throughput | {_num(_get(data, 'floor.throughput_per_s')):.1f} workflows/s |",
-        f"| floor signal-to-done, light rate | {_ms(data, 'floor.light_rate.signal_to_done_ms')} |",
-        f"| lifecycle throughput | {_num(_get(data, 'lifecycle.throughput_per_s')):.1f} "
-        f"lifecycles/s (ratio to floor {_num(_get(data, 'lifecycle.ratio_to_floor')):.2f}) |",
+        f"| floor throughput | {num(get(data, 'floor.throughput_per_s')):.1f} workflows/s |",
+        f"| floor signal-to-done, light rate | "
+        f"{p50_p99(data, 'floor.light_rate.signal_to_done_ms')} |",
+        f"| lifecycle throughput | {num(get(data, 'lifecycle.throughput_per_s')):.1f} "
+        f"lifecycles/s (ratio to floor {num(get(data, 'lifecycle.ratio_to_floor')):.2f}) |",
         f"| unlock-to-issued, light rate | "
-        f"{_ms(data, 'lifecycle.light_rate.unlock_to_issued_ms')} |",
-        f"| unlock-to-issued, saturation | {_ms(data, 'lifecycle.unlock_to_issued_ms')} |",
+        f"{p50_p99(data, 'lifecycle.light_rate.unlock_to_issued_ms')} |",
+        f"| unlock-to-issued, saturation | {p50_p99(data, 'lifecycle.unlock_to_issued_ms')} |",
         f"| worker CPU per 1,000 lifecycles | "
-        f"{_num(_get(data, 'lifecycle.worker_cpu_s_per_1000')):.1f} s |",
+        f"{num(get(data, 'lifecycle.worker_cpu_s_per_1000')):.1f} s |",
         f"| history events per coupon | {history.get('mean')} (to `issued`) |",
         f"| SQL per coupon | {sql.get('statements', 'n/a')} statements "
         f"({sql.get('transaction_control', 'n/a')} of them BEGIN/COMMIT) |",
-        f"| open coupons | {_get(data, 'open_coupons.count')}, worker RSS "
-        f"{_get(data, 'open_coupons.worker_rss_mib')} MiB (at 100: "
-        f"{_get(data, 'open_coupons.worker_rss_mib_at_100')} MiB) |",
+        f"| open coupons | {get(data, 'open_coupons.count')}, worker RSS "
+        f"{get(data, 'open_coupons.worker_rss_mib')} MiB (at 100: "
+        f"{get(data, 'open_coupons.worker_rss_mib_at_100')} MiB) |",
         f"| claim latency, 100 open / all open | "
-        f"{_ms(data, 'open_coupons.claim_latency_ms_at_100')} / "
-        f"{_ms(data, 'open_coupons.claim_latency_ms_at_all')} |",
-        f"| evicted coupons resumed | {_get(data, 'open_coupons.evicted_resumed')}/"
-        f"{_get(data, 'open_coupons.evicted_sample')} issued |",
-        f"| claim storm, in process | {_storm_row(data, 'claim_storm')} |",
-        f"| claim storm, HTTP API | {_storm_row(data, 'claim_storm_api')} |",
+        f"{p50_p99(data, 'open_coupons.claim_latency_ms_at_100')} / "
+        f"{p50_p99(data, 'open_coupons.claim_latency_ms_at_all')} |",
+        f"| evicted coupons resumed | {get(data, 'open_coupons.evicted_resumed')}/"
+        f"{get(data, 'open_coupons.evicted_sample')} issued |",
+        *claims_report.table_rows(data),
         f"| peer (DBOS) | {peer} |",
-        f"| catalog sync | {_get(data, 'catalog_sync.synced')} batches in "
-        f"{_num(_get(data, 'catalog_sync.wall_s')):.2f} s: "
-        f"{_num(_get(data, 'catalog_sync.batches_per_s')):.1f} batches/s (created at "
-        f"{_num(_get(data, 'catalog_sync.created_per_s')):.1f}/s) |",
-        f"| reconciliation, with repairs | {_get(data, 'reconciliation.coupons')} coupons, "
-        f"{_get(data, 'reconciliation.marked_used')} used behind our back: "
-        f"{_get(data, 'reconciliation.first.mismatches')} found, "
-        f"{_get(data, 'reconciliation.first.repaired')} repaired in "
-        f"{_num(_get(data, 'reconciliation.first.wall_s')):.2f} s "
-        f"({_num(_get(data, 'reconciliation.first.coupons_per_s')):.0f} coupons/s) |",
-        f"| reconciliation, again | {_get(data, 'reconciliation.second.mismatches')} "
-        f"mismatches in {_num(_get(data, 'reconciliation.second.wall_s')):.2f} s "
-        f"({_num(_get(data, 'reconciliation.second.coupons_per_s')):.0f} coupons/s) |",
+        f"| catalog sync | {get(data, 'catalog_sync.synced')} batches in "
+        f"{num(get(data, 'catalog_sync.wall_s')):.2f} s: "
+        f"{num(get(data, 'catalog_sync.batches_per_s')):.1f} batches/s (created at "
+        f"{num(get(data, 'catalog_sync.created_per_s')):.1f}/s) |",
+        f"| reconciliation, with repairs | {get(data, 'reconciliation.coupons')} coupons, "
+        f"{get(data, 'reconciliation.marked_used')} used behind our back: "
+        f"{get(data, 'reconciliation.first.mismatches')} found, "
+        f"{get(data, 'reconciliation.first.repaired')} repaired in "
+        f"{num(get(data, 'reconciliation.first.wall_s')):.2f} s "
+        f"({num(get(data, 'reconciliation.first.coupons_per_s')):.0f} coupons/s) |",
+        f"| reconciliation, again | {get(data, 'reconciliation.second.mismatches')} "
+        f"mismatches in {num(get(data, 'reconciliation.second.wall_s')):.2f} s "
+        f"({num(get(data, 'reconciliation.second.coupons_per_s')):.0f} coupons/s) |",
         "",
         "## Targets",
         "",
@@ -335,8 +222,8 @@ def write_markdown(data: dict[str, Any], path: Path, plot_name: str) -> None:
     for target in data.get("targets", []):
         mark = "met" if target["met"] else "**missed**"
         lines.append(f"| {target['target']} | {target['figure']} | {mark} |")
-    floor_cpu = _get(data, "floor.cpu_by_process") or {}
-    life_cpu = _get(data, "lifecycle.cpu_by_process") or {}
+    floor_cpu = get(data, "floor.cpu_by_process") or {}
+    life_cpu = get(data, "lifecycle.cpu_by_process") or {}
     if floor_cpu or life_cpu:
         lines += [
             "",
@@ -350,6 +237,7 @@ def write_markdown(data: dict[str, Any], path: Path, plot_name: str) -> None:
             floor_cores = floor_cpu.get(name, {}).get("cores", "-")
             life_cores = life_cpu.get(name, {}).get("cores", "-")
             lines.append(f"| {name} | {floor_cores} | {life_cores} |")
-    lines += _storm_section(data)
+    lines += claims_report.sections(data)
+    lines += compare.markdown(data)
     lines += ["", f"![throughput and latency]({plot_name})", ""]
     path.write_text("\n".join(lines))

@@ -23,8 +23,23 @@ class Size:
     open_count: int
     open_probe_claims: int
     evicted_sample: int
+    # Claim bursts: this many claims at once against this quota; the large burst (0: not
+    # run) too.
     storm_claims: int
     storm_quota: int
+    large_storm_claims: int
+    large_storm_quota: int
+    # The single-row commit rate and SELECT 1 rate, each measured this long.
+    reference_s: float
+    # Steady claims, open loop: offered at this rate for this long; then a sweep of offered
+    # rates, this long each. A claim the generator cannot send within the late limit of
+    # its planned time is skipped (counted); the wait for the claims' workflows is bounded.
+    steady_rate_per_s: float
+    steady_s: float
+    sweep_rates_per_s: tuple[float, ...]
+    sweep_step_s: float
+    late_limit_s: float
+    workflow_wait_s: float
     history_sample: int
     # The worker's workflow cache: smaller than the open coupons, so the oldest are evicted
     # and must be replayed from history when their task completes.
@@ -52,6 +67,15 @@ SIZES = {
         evicted_sample=50,
         storm_claims=1000,
         storm_quota=100,
+        large_storm_claims=10_000,
+        large_storm_quota=1000,
+        reference_s=5,
+        steady_rate_per_s=500,
+        steady_s=20,
+        sweep_rates_per_s=(100, 250, 500, 1000),
+        sweep_step_s=5,
+        late_limit_s=30,
+        workflow_wait_s=120,
         history_sample=20,
         worker_cache_size=1000,
         sync_batches=200,
@@ -70,6 +94,15 @@ SIZES = {
         evicted_sample=50,
         storm_claims=1000,
         storm_quota=100,
+        large_storm_claims=0,
+        large_storm_quota=0,
+        reference_s=3,
+        steady_rate_per_s=500,
+        steady_s=5,
+        sweep_rates_per_s=(100, 250, 500, 1000),
+        sweep_step_s=2,
+        late_limit_s=5,
+        workflow_wait_s=60,
         history_sample=10,
         worker_cache_size=100,
         sync_batches=50,
@@ -89,6 +122,15 @@ SIZES = {
         evicted_sample=10,
         storm_claims=200,
         storm_quota=20,
+        large_storm_claims=0,
+        large_storm_quota=0,
+        reference_s=1,
+        steady_rate_per_s=50,
+        steady_s=2,
+        sweep_rates_per_s=(25, 50),
+        sweep_step_s=1,
+        late_limit_s=5,
+        workflow_wait_s=30,
         history_sample=5,
         worker_cache_size=50,
         sync_batches=5,

@@ -1,16 +1,22 @@
 """The benchmark harness, run end to end at its tiny size: every part runs, and the JSON
 holds every figure the issues ask for with sane values, and the catalog's and the claim
 storm's counts hold (in process and through the HTTP API). Timings are never asserted
-against targets here: those are read from a full run."""
+against targets here: those are read from a full run. The open loop and the comparison
+with the previous run are also checked on their own."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
+
+from bench.compare import compare, markdown, previous_run, results_prefix
+from bench.load import open_loop
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,6 +44,21 @@ REQUIRED = (
     "claim_storm_api.throughput_per_s",
     "claim_storm_api.claim_latency_ms.p50",
     "claim_storm_api.claim_latency_ms.p99",
+    "claim_storm.ratio_to_commit_rate",
+    "claim_storm_api.ratio_to_commit_rate",
+    "claim_storm_large.not_run",
+    "claim_storm_large_api.not_run",
+    "commit_reference.single_row_commits_per_s",
+    "commit_reference.select1_per_s",
+    "steady_claims.claim_latency_ms.p99",
+    "steady_claims.achieved_per_s",
+    "steady_claims.workflows.unstarted_left",
+    "steady_claims_api.claim_latency_ms.p99",
+    "steady_claims_api.achieved_per_s",
+    "steady_claims_api.workflows.unstarted_left",
+    "claim_rate_sweep.in_process",
+    "claim_rate_sweep.api",
+    "previous.figures",
     "peer.throughput_per_s",
     "catalog_sync.batches_per_s",
     "catalog_sync.wall_s",
@@ -62,13 +83,16 @@ def test_tiny_bench_end_to_end(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=150,
+        timeout=240,
     )
     assert run.returncode == 0, f"{run.stdout}\n{run.stderr}"
     assert "lifecycle saturation" in run.stdout  # progress lines while it runs
     [json_file] = tmp_path.glob("tiny-*.json")
     assert json_file.with_suffix(".png").stat().st_size > 0
-    assert "## Targets" in json_file.with_suffix(".md").read_text()
+    summary = json_file.with_suffix(".md").read_text()
+    assert "## Targets" in summary
+    assert "## Claim latency against offered rate" in summary
+    assert "## Compared with the previous run" in summary
     data = json.loads(json_file.read_text())
 
     for path in REQUIRED:
@@ -80,6 +104,21 @@ def test_tiny_bench_end_to_end(tmp_path: Path) -> None:
         assert storm["quota"] == data["size"]["storm_quota"], (path, storm)
         assert storm["granted"] == storm["claims_in_ledger"] == storm["quota"], (path, storm)
         assert storm["refused"] == {"sold_out": storm["claims"] - storm["quota"]}, (path, storm)
+        assert storm["failed"] == {}, (path, storm)
+    # The reference and the open-loop runs: every claim offered is accounted for.
+    assert data["commit_reference"]["single_row_commits_per_s"] > 0
+    assert data["commit_reference"]["select1_per_s"] > 0
+    size = data["size"]
+    for path in ("steady_claims", "steady_claims_api"):
+        steady = data[path]
+        assert steady["offered"] == round(size["steady_rate_per_s"] * size["steady_s"]), steady
+        assert steady["answered"] + steady["skipped_late"] == steady["offered"], steady
+        answers = steady["granted"] + sum(steady["refused"].values())
+        assert answers + sum(steady["failed"].values()) == steady["answered"], steady
+        assert steady["claim_latency_ms"]["p50"] <= steady["claim_latency_ms"]["p99"], steady
+    for points in data["claim_rate_sweep"].values():
+        assert [p["offered_rate_per_s"] for p in points] == size["sweep_rates_per_s"]
+        assert all(p["answered"] + p["skipped_late"] == p["offered"] for p in points), points
     for part in ("floor", "lifecycle"):
         assert data[part]["throughput_per_s"] > 0
     for key in ("floor.signal_to_done_ms", "lifecycle.unlock_to_issued_ms"):
@@ -111,5 +150,62 @@ def test_tiny_bench_end_to_end(tmp_path: Path) -> None:
     assert first["platform_used"] == recon["marked_used"], recon
     assert second["mismatches"] == 0, recon
     assert second["platform_sent"] == second["ledger_coupons"] == recon["coupons"], recon
-    assert len(data["targets"]) == 8
-    assert all(t["met"] for t in data["targets"][-2:]), data["targets"]
+    met = {t["target"]: t["met"] for t in data["targets"]}
+    assert len(met) == len(data["targets"]) == 14, data["targets"]
+    for name in (
+        "claim storm: granted == quota",
+        "claim storm through the HTTP API: granted == quota",
+        "catalog sync: every batch synced, the platform's changes in the ledger",
+        "reconciliation: every use behind our back found and repaired, a second run finds nothing",
+    ):
+        assert met[name], data["targets"]
+
+
+def test_open_loop_sends_on_schedule_and_times_from_the_plan() -> None:
+    """Items are sent at their planned times whatever earlier ones do, and each is timed
+    from its plan: one in flight at a time, 50 ms each, offered every 10 ms, so the queue
+    shows in the latencies; those that could not be sent within the late limit are skipped."""
+
+    async def item(i: int) -> str:
+        await asyncio.sleep(0.05)
+        return "granted"
+
+    async def run() -> tuple[Any, float]:
+        began = time.monotonic()
+        result = await open_loop("test", 20, 100, item, max_in_flight=1, late_limit_s=0.3)
+        return result, time.monotonic() - began
+
+    result, took = asyncio.run(run())
+    assert result.answered + result.skipped == 20
+    assert 0 < result.skipped < 20  # 50 ms each, one at a time: the late ones were dropped
+    assert result.outcomes == {"granted": result.answered}
+    assert min(result.latencies_s) >= 0.05
+    assert max(result.latencies_s) > 0.3  # queued behind the others, counted from the plan
+    assert took < 2
+
+
+def test_compared_with_the_previous_run(tmp_path: Path) -> None:
+    """The newest committed run of the same size, figure by figure, with the change."""
+    now = {"date": "2026-12-07", "claim_storm": {"throughput_per_s": 300.0}}
+    before = {"date": "2026-12-06", "claim_storm": {"throughput_per_s": 200.0}}
+    for name, body in (
+        ("quick-2026-12-01.json", {"date": "2026-12-01"}),
+        ("quick-2026-12-06.json", before),
+        ("2026-12-09.json", {"date": "2026-12-09"}),  # full size: not the same size
+    ):
+        (tmp_path / name).write_text(json.dumps(body))
+    assert results_prefix("quick", "generic") == "quick-"
+    assert results_prefix("full", "wechat") == "wechat-"
+    found = previous_run(tmp_path, "quick-")  # not a git tree: the files on disk
+    assert found == ("quick-2026-12-06.json", before)
+    compared = compare(now, found)
+    [storm] = [f for f in compared["figures"] if f["path"] == "claim_storm.throughput_per_s"]
+    assert (storm["now"], storm["previous"], storm["change_pct"], storm["better"]) == (
+        300.0,
+        200.0,
+        50.0,
+        True,
+    )
+    lines = markdown({"previous": compared})
+    assert any("| 300 | 200 | +100, +50%, better |" in line for line in lines), lines
+    assert compare(now, None)["file"] is None

@@ -1,0 +1,161 @@
+"""Every claim figure, in one part: the same run's PostgreSQL reference, then bursts,
+steady claims and a sweep of offered rates, each in process and through the HTTP API
+(bench/claimers.py), each path on campaigns of its own.
+
+Before each burst, steady run and sweep the worker is let settle (the previous run's
+workflow starts absorbed), so each starts from rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from temporalio.client import Client
+
+from bench.claimers import (
+    CLAIM_POOL,
+    Claimer,
+    InProcess,
+    ThroughApi,
+    api_campaign,
+    api_tenant,
+    service_campaign,
+)
+from bench.load import progress
+from bench.open_coupons import settle
+from bench.reference import measure_reference
+from bench.sizes import Size
+from bench.steady import measure_steady, measure_sweep
+from bench.storm import measure_storm
+from coupons.config import Settings
+
+# Room for every claim of the steady runs and the sweep.
+OPEN_QUOTA = 1_000_000
+
+
+@dataclass(frozen=True)
+class ClaimPath:
+    name: str  # in the sweep's JSON
+    suffix: str  # of its results' JSON keys ("_api") and campaign ids ("-api")
+    open: Callable[[], Claimer]
+    campaign: Callable[[str, int], Awaitable[None]]
+    rest: Callable[[], Awaitable[None]]  # until the worker is idle
+
+    @asynccontextmanager
+    async def ready(self, name: str, quota: int) -> AsyncIterator[tuple[Claimer, str]]:
+        """The path open on a new campaign of `quota` of its own for `name` ("storm"), the
+        worker at rest; the claimer and the campaign's id."""
+        campaign = f"bench-{name}{self.suffix.replace('_', '-')}"
+        await self.campaign(campaign, quota)
+        await self.rest()
+        async with self.open() as claimer:
+            yield claimer, campaign
+
+
+async def _paths(
+    settings: Settings, client: Client, worker_pid: int
+) -> tuple[ClaimPath, ClaimPath]:
+    tenant_id, key = await api_tenant(settings, "bench claims")
+
+    async def rest() -> None:
+        await settle(client, settings.task_queue, worker_pid)
+
+    return (
+        ClaimPath(
+            "in_process",
+            "",
+            lambda: InProcess(settings.database_url, client, settings),
+            partial(service_campaign, settings),
+            rest,
+        ),
+        ClaimPath(
+            "api",
+            "_api",
+            lambda: ThroughApi(settings, key),
+            partial(api_campaign, settings, tenant_id),
+            rest,
+        ),
+    )
+
+
+def _bursts(size: Size) -> list[tuple[str, int, int]]:
+    """(name, claims, quota) of each burst this size runs; its JSON key is claim_<name>."""
+    bursts = [("storm", size.storm_claims, size.storm_quota)]
+    if size.large_storm_claims:
+        bursts.append(("storm_large", size.large_storm_claims, size.large_storm_quota))
+    return bursts
+
+
+LARGE_NOT_RUN = (
+    "the 10,000-claim burst runs at full size only: with a claim path that starts each "
+    "workflow before it answers, it takes minutes"
+)
+
+
+async def measure_claims(
+    settings: Settings, client: Client, size: Size, worker_pid: int, processes: dict[str, int]
+) -> dict[str, Any]:
+    url = settings.database_url
+    results: dict[str, Any] = {}
+    progress("reference", "single-row commit rate and SELECT 1 rate (pgbench, this process)")
+    reference = await measure_reference(
+        url, settings.data_dir, clients=CLAIM_POOL, seconds=size.reference_s, processes=processes
+    )
+    results["commit_reference"] = reference
+    commits_per_s = reference["single_row_commits_per_s"]
+    paths = await _paths(settings, client, worker_pid)
+
+    for name, claims, quota in _bursts(size):
+        progress("claim storm", f"{claims} claims at once, quota {quota}: in process, then API")
+        for path in paths:
+            async with path.ready(name.replace("_", "-"), quota) as (claimer, campaign):
+                burst = await measure_storm(
+                    claimer, url, campaign, claims=claims, quota=quota, processes=processes
+                )
+            burst["ratio_to_commit_rate"] = (
+                round(burst["throughput_per_s"] / commits_per_s, 3) if commits_per_s else None
+            )
+            results[f"claim_{name}{path.suffix}"] = burst
+    if not size.large_storm_claims:
+        progress("claim storm", f"10,000 at once: not run ({LARGE_NOT_RUN})")
+        for path in paths:
+            results[f"claim_storm_large{path.suffix}"] = {"not_run": LARGE_NOT_RUN}
+
+    progress(
+        "steady claims",
+        f"{size.steady_rate_per_s:g}/s for {size.steady_s:g} s, open loop: in process, then API",
+    )
+    for path in paths:
+        async with path.ready("steady", OPEN_QUOTA) as (claimer, campaign):
+            results[f"steady_claims{path.suffix}"] = await measure_steady(
+                claimer,
+                url,
+                campaign,
+                rate=size.steady_rate_per_s,
+                seconds=size.steady_s,
+                late_s=size.late_limit_s,
+                wait_s=size.workflow_wait_s,
+                processes=processes,
+            )
+
+    rates = ", ".join(f"{r:g}" for r in size.sweep_rates_per_s)
+    progress(
+        "claim sweep", f"offered {rates}/s, {size.sweep_step_s:g} s each: in process, then API"
+    )
+    sweep: dict[str, list[dict[str, Any]]] = {}
+    for path in paths:
+        async with path.ready("sweep", OPEN_QUOTA) as (claimer, campaign):
+            sweep[path.name] = await measure_sweep(
+                claimer,
+                url,
+                campaign,
+                rates=size.sweep_rates_per_s,
+                seconds=size.sweep_step_s,
+                late_s=size.late_limit_s,
+            )
+    results["claim_rate_sweep"] = sweep
+    return results
