@@ -1,12 +1,16 @@
-"""Claiming: the atomic ledger claim, then the coupon's workflow; and the repair of the gap.
+"""Claiming: answered by the ledger alone; the coupon's workflow started after the answer.
 
-The ledger claim comes first because only PostgreSQL can hold the quota atomically.
-A crash between the two steps leaves a claim row without a workflow; `repair` (run by
-the worker on a timer, and by any repeated claim) starts it with the same id.
+Only PostgreSQL can hold the quota atomically, and it answers in milliseconds where a
+workflow start waits for the Temporal server's pace: so a claim is answered as soon as the
+ledger has committed it, and the claims not yet `workflow_started` are an outbox the
+workers drain (`start_pending`, `app.workers.start_claims_forever`). A task report or a
+cancel arriving before the worker got to the claim starts the workflow itself
+(`start_workflow`, the same id: one workflow, whoever starts it first).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -22,7 +26,6 @@ from temporalio.common import (
     WorkflowIDReusePolicy,
 )
 from temporalio.exceptions import WorkflowAlreadyStartedError
-from temporalio.service import RPCError
 
 from coupons import metrics
 from coupons.config import Settings
@@ -46,7 +49,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ClaimRefused", "ClaimResult", "ClaimService", "from_claim"]
+# Workflow starts in flight at once from one starter: the Temporal server's pace, not the
+# ledger's, bounds them.
+STARTS_AT_ONCE = 50
+
+__all__ = ["ClaimRefused", "ClaimResult", "ClaimService", "claim", "from_claim"]
 
 D = TypeVar("D", bound="DataclassInstance")
 
@@ -78,23 +85,30 @@ class ClaimService:
         self._settings = settings
 
     async def claim(self, campaign_id: str, user_id: str) -> ClaimResult:
-        """Claim a coupon; a repeated claim at the user's limit returns the existing one."""
-        try:
-            validate_id("campaign", campaign_id)
-            validate_id("user", user_id)
-            claim, created = await ledger.claim(self._pool, campaign_id, user_id)
-            if not claim.workflow_started:
-                await self.start_workflow(claim)
-        except Refused as refused:
-            metrics.CLAIMS.labels(outcome=refused.code).inc()
-            raise
-        except Exception:
-            metrics.CLAIMS.labels(outcome="error").inc()
-            raise
-        metrics.CLAIMS.labels(outcome="created" if created else "existing").inc()
-        return from_claim(ClaimResult, claim, created=created)
+        return await claim(self._pool, campaign_id, user_id)
 
     async def start_workflow(self, claim: Claim) -> None:
+        """Start the claim's workflow unless it exists, and record it started."""
+        await self._start_new(claim)
+        await ledger.mark_started(self._pool, [claim.coupon_id])
+
+    async def start_pending(self, limit: int = STARTS_AT_ONCE) -> int:
+        """Start the workflows of up to `limit` claims not started yet (oldest first, none
+        another starter holds); how many were started."""
+        lease = timedelta(seconds=self._settings.claim_repair_after_s)
+        taken = await ledger.take_unstarted(self._pool, limit, lease)
+        started = await asyncio.gather(*(self._start_new(c) for c in taken), return_exceptions=True)
+        done = [c.coupon_id for c, outcome in zip(taken, started, strict=True) if outcome is None]
+        for c, outcome in zip(taken, started, strict=True):
+            if isinstance(outcome, BaseException):
+                # One claim Temporal will not start must not hold up the others; its lease
+                # ends and it is taken again.
+                log.warning("could not start the workflow of claim %s: %s", c.coupon_id, outcome)
+        if done:
+            await ledger.mark_started(self._pool, done)
+        return len(done)
+
+    async def _start_new(self, claim: Claim) -> None:
         try:
             await self._start(
                 claim,
@@ -106,7 +120,6 @@ class ClaimService:
             )
         except WorkflowAlreadyStartedError:
             log.info("workflow %s already exists (closed)", claim.workflow_id)
-        await ledger.mark_started(self._pool, claim.coupon_id)
 
     async def restart_workflow(
         self, claim: Claim, tasks_done: list[str], receipt: Receipt | None
@@ -126,7 +139,7 @@ class ClaimService:
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
             summary=f" (recovered from the ledger: {claim.state})",
         )
-        await ledger.mark_started(self._pool, claim.coupon_id)
+        await ledger.mark_started(self._pool, [claim.coupon_id])
         assert handle.result_run_id is not None  # a start always names its run
         return handle.result_run_id
 
@@ -161,21 +174,31 @@ class ClaimService:
         )
 
     async def repair(self) -> int:
-        """Start the workflows of claims whose start was never confirmed; returns how many."""
-        stale = await ledger.unstarted(
-            self._pool, timedelta(seconds=self._settings.claim_repair_after_s)
-        )
-        repaired = 0
-        for claim in stale:
-            log.warning("repairing claim %s: starting its missing workflow", claim.coupon_id)
-            try:
-                await self.start_workflow(claim)
-            except RPCError:
-                # One claim Temporal will not start must not hold up the others.
-                log.exception("could not start the workflow of claim %s", claim.coupon_id)
-                continue
-            repaired += 1
-        return repaired
+        """Start every claim's workflow not started yet; how many were started."""
+        started = total = await self.start_pending()
+        while started == STARTS_AT_ONCE:
+            started = await self.start_pending()
+            total += started
+        return total
+
+
+async def claim(
+    pool: AsyncConnectionPool, campaign_id: str, user_id: str, tenant_id: str | None = None
+) -> ClaimResult:
+    """Claim a coupon, answered once the ledger has it; a repeated claim at the user's limit
+    returns the existing one. With `tenant_id`, only of that tenant's campaigns."""
+    try:
+        validate_id("campaign", campaign_id)
+        validate_id("user", user_id)
+        claim, created = await ledger.claim(pool, campaign_id, user_id, tenant_id)
+    except Refused as refused:
+        metrics.CLAIMS.labels(outcome=refused.code).inc()
+        raise
+    except Exception:
+        metrics.CLAIMS.labels(outcome="error").inc()
+        raise
+    metrics.CLAIMS.labels(outcome="created" if created else "existing").inc()
+    return from_claim(ClaimResult, claim, created=created)
 
 
 def coupon_input(

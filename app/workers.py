@@ -1,6 +1,6 @@
 """The worker process: what runs on which task queue (`build_workers`), and the services
-around the workers (`worker_services`: the database, the client, the schedules, the claim
-repair loop and the wedged coupon count). `worker.py` puts them together."""
+around the workers (`worker_services`: the database, the client, the schedules, the
+starter of claims' workflows and the wedged coupon count). `worker.py` puts them together."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
@@ -20,7 +21,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 from activities.catalog import CatalogActivities
 from activities.ledger import LedgerActivities
 from activities.platform import PlatformActivities
-from app.claims import ClaimService
+from app.claims import STARTS_AT_ONCE, ClaimService
 from app.schedules import ensure_schedules
 from app.wedged import count_by_cause, find_wedged
 from coupons import metrics
@@ -37,7 +38,9 @@ from workflows.user_coupon import UserCouponWorkflow
 
 log = logging.getLogger(__name__)
 
-REPAIR_EVERY_S = 10.0
+# How often an idle starter looks for new claims: the most a granted claim waits for its
+# workflow's start when nothing else is going on. One indexed read each time.
+STARTS_IDLE_S = 0.2
 # A scan costs a few counts and one query per wedged coupon (app/wedged.py).
 WEDGED_EVERY_S = 60.0
 
@@ -100,16 +103,18 @@ def build_workers(
     ]
 
 
-async def repair_forever(claims: ClaimService, every_s: float) -> None:
+async def start_claims_forever(claims: ClaimService, idle_s: float = STARTS_IDLE_S) -> None:
+    """Start the workflows of granted claims, as fast as Temporal takes them: the claims
+    answered by the ledger alone are this loop's outbox."""
     while True:
         try:
-            repaired = await claims.repair()
-            if repaired:
-                log.info("repaired %d claims without a workflow", repaired)
+            started = await claims.start_pending()
         except Exception:
             # Postgres or Temporal may be restarting; the next round tries again.
-            log.exception("claim repair round failed")
-        await asyncio.sleep(every_s)
+            log.exception("starting claims' workflows failed")
+            started = 0
+        if started < STARTS_AT_ONCE:
+            await asyncio.sleep(idle_s)
 
 
 async def watch_wedged_forever(
@@ -139,6 +144,20 @@ async def watch_wedged_forever(
         await asyncio.sleep(every_s)
 
 
+@contextlib.asynccontextmanager
+async def in_background(*loops: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
+    """`loops` running beside the block, cancelled when it ends."""
+    tasks = [asyncio.create_task(loop) for loop in loops]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 @dataclass
 class WorkerServices:
     """What a worker process gives its workers: built by `worker_services`."""
@@ -154,7 +173,7 @@ async def worker_services(settings: Settings) -> AsyncIterator[WorkerServices]:
     """Everything around the workers: SIGINT and SIGTERM handled (a graceful stop, even
     during start-up), the database migrated and pooled, the client (with the worker's
     metrics), the search attributes checked, the schedules in place, the platform metered,
-    and the claim repair and wedged-coupon loops running until the block ends."""
+    and the claims' workflow starter and the wedged-coupon loops running until the block ends."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -170,21 +189,14 @@ async def worker_services(settings: Settings) -> AsyncIterator[WorkerServices]:
     await ensure_schedules(client, settings)
     platform = MeteredPlatform(make_platform(settings), metrics.platform_call)
     async with db.pool(settings.database_url, max_size=settings.db_pool_size) as pool:
-        repair = asyncio.create_task(
-            repair_forever(
-                ClaimService(pool, client, settings),
-                min(REPAIR_EVERY_S, settings.claim_repair_after_s),
-            )
-        )
         meter = runtime.metric_meter if runtime is not None else MetricMeter.noop
-        watch = asyncio.create_task(watch_wedged_forever(pool, client, settings, meter))
         try:
-            yield WorkerServices(client, pool, platform, stop)
+            async with in_background(
+                start_claims_forever(ClaimService(pool, client, settings)),
+                watch_wedged_forever(pool, client, settings, meter),
+            ):
+                yield WorkerServices(client, pool, platform, stop)
         finally:
-            for task in (repair, watch):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
             await platform.aclose()
 
 

@@ -30,9 +30,9 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from app.claims import ClaimService
+from app.claims import ClaimResult, ClaimService
 from app.embedded import EmbeddedPostgres, SimulatorProcess, find_binary, free_port
-from app.workers import build_workers
+from app.workers import build_workers, in_background, start_claims_forever
 from coupons import catalog, metrics
 from coupons.config import Settings
 from coupons.ledger import claims as ledger
@@ -160,16 +160,19 @@ def settings(postgres: EmbeddedPostgres, schema: str, simulator_url: str) -> Set
 
 @asynccontextmanager
 async def running_workers(
-    client: Client, pool: AsyncConnectionPool, settings: Settings
+    client: Client, pool: AsyncConnectionPool, settings: Settings, *, starter: bool = True
 ) -> AsyncIterator[list[Worker]]:
+    """The workers as `worker.py` runs them, and (unless not `starter`) the starter of
+    claims' workflows beside them."""
     # As run_worker builds it: every platform call measured.
     platform = MeteredPlatform(
         RestPlatform(settings.platform_url, timeout_s=settings.platform_timeout_s),
         metrics.platform_call,
     )
     workers = build_workers(client, pool, platform, settings)
+    loops = [start_claims_forever(ClaimService(pool, client, settings))] if starter else []
     try:
-        async with workers[0], workers[1]:
+        async with workers[0], workers[1], in_background(*loops):
             yield workers
     finally:
         await platform.aclose()
@@ -288,8 +291,34 @@ async def share_clock(env: WorkflowEnvironment, simulator: httpx.AsyncClient) ->
 # ----------------------------------------------------------------- claims and workflows
 
 
+class StartedClaims(ClaimService):
+    """Claims as most tests want them: answered by the ledger, then waited on until the
+    starter running beside the test's workers has started the coupon's workflow (what a
+    user sees a moment after the answer). The tests of the answer itself use ClaimService."""
+
+    async def claim(self, campaign_id: str, user_id: str) -> ClaimResult:
+        result = await super().claim(campaign_id, user_id)
+        await wait_started(self._pool, result.coupon_id)
+        return result
+
+
+async def wait_started(pool: AsyncConnectionPool, coupon_id: str) -> None:
+    """Until the ledger says the claim's workflow is started; fails after STARTED_WITHIN_S."""
+    async with asyncio.timeout(STARTED_WITHIN_S):
+        while True:
+            found = await ledger.get_claim(pool, coupon_id)
+            if found is not None and found.workflow_started:
+                return
+            await asyncio.sleep(0.02)
+
+
+# Far more than the starter takes (it looks every 0.2 s): a claim not started by then means
+# no starter runs beside the test.
+STARTED_WITHIN_S = 15.0
+
+
 def claims_of(pool: AsyncConnectionPool, client: Client, settings: Settings) -> ClaimService:
-    return ClaimService(pool, client, settings)
+    return StartedClaims(pool, client, settings)
 
 
 Handle = WorkflowHandle[UserCouponWorkflow, CouponStatus]

@@ -22,7 +22,7 @@ from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 from activities.platform import PlatformActivities
 from app import service as coupon_service
 from app.claims import ClaimResult
-from app.workers import build_workers
+from app.workers import build_workers, in_background, start_claims_forever
 from coupons import catalog
 from coupons import contract as act
 from coupons.config import Settings
@@ -272,7 +272,8 @@ async def test_budget_returning_while_the_send_is_being_refused_is_not_missed(
     result: ClaimResult | None = None
     try:
         workers = build_workers(client, pool, held, settings)
-        async with workers[0], workers[1]:
+        starter = start_claims_forever(claims_of(pool, client, settings))
+        async with workers[0], workers[1], in_background(starter):
             result = await claims_of(pool, client, settings).claim(campaign.id, "racer")
             handle = handle_of(client, result.workflow_id)
             async with asyncio.timeout(15):

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from psycopg_pool import AsyncConnectionPool
 from temporalio.client import (
     Client,
     WorkflowHandle,
@@ -22,10 +21,9 @@ from temporalio.client import (
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from app import wedged
+from app import claims, wedged
 from app.claims import ClaimResult, ClaimService
 from app.service.backends import Backends, Unavailable
-from coupons import catalog
 from coupons.errors import UNKNOWN_TASK, WRONG_STATE, InvalidField, Refused
 from coupons.ledger import claims as ledger
 from coupons.ledger.claims import Claim, ClaimFilter
@@ -49,21 +47,10 @@ QUERY_WAIT = timedelta(seconds=5)
 async def claim(
     b: Backends, campaign_id: str, user_id: str, *, tenant_id: str | None = None
 ) -> ClaimResult:
-    """Claim a coupon of the campaign for the user; a repeated claim at the user's limit
-    returns the coupon they hold (`created` False)."""
-    client = await b.client()
-    validate_id("user", user_id)
-    if tenant_id is not None:
-        # Campaigns never change tenant, so this check holds for the claim that follows.
-        await catalog.campaigns.get_campaign(b.pool, campaign_id, tenant_id)
-    try:
-        return await ClaimService(b.pool, client, b.settings).claim(campaign_id, user_id)
-    except RPCError as err:
-        # The claim is in the ledger; the worker starts its workflow, a repeat returns it.
-        raise Unavailable(
-            f"the claim is recorded but its workflow could not be started yet (Temporal "
-            f"answered {err.status.name}); repeat the claim to get it"
-        ) from None
+    """Claim a coupon of the campaign for the user, answered by the ledger alone (the
+    workers start its workflow); a repeated claim at the user's limit returns the coupon
+    they hold (`created` False)."""
+    return await claims.claim(b.pool, campaign_id, user_id, tenant_id)
 
 
 async def repair(b: Backends) -> int:
@@ -181,7 +168,7 @@ async def complete_task(
     client = await b.client()
     found = await find_coupon(b, ref)
     _check_task(found, task)
-    async with _coupon_workflow(b.pool, client, found) as handle:
+    async with _coupon_workflow(b, client, found) as handle:
         return await handle.execute_update(
             UserCouponWorkflow.complete_task, TaskCompletion(task), rpc_timeout=wait
         )
@@ -195,7 +182,7 @@ async def report_task(b: Backends, ref: CouponRef, task: str) -> None:
     _check_task(found, task)
     if found.state in FINAL_STATES:
         raise Refused(WRONG_STATE, f"coupon {found.coupon_id!r} is {found.state}: it is finished")
-    async with _coupon_workflow(b.pool, client, found) as handle:
+    async with _coupon_workflow(b, client, found) as handle:
         await handle.signal(UserCouponWorkflow.task_done, TaskCompletion(task))
 
 
@@ -206,7 +193,7 @@ async def cancel(
     None, through the signal (None)."""
     client = await b.client()
     found = await find_coupon(b, ref)
-    async with _coupon_workflow(b.pool, client, found) as handle:
+    async with _coupon_workflow(b, client, found) as handle:
         if wait is None:
             await handle.signal(UserCouponWorkflow.cancel, CancelRequest(reason))
             return None
@@ -217,11 +204,15 @@ async def cancel(
 
 @contextlib.asynccontextmanager
 async def _coupon_workflow(
-    pool: AsyncConnectionPool, client: Client, found: Claim
+    b: Backends, client: Client, found: Claim
 ) -> AsyncIterator[WorkflowHandle[UserCouponWorkflow, Any]]:
-    """The coupon's workflow; what Temporal answers about it becomes refusals a caller can
-    act on, and a workflow or worker that cannot answer `Unavailable`."""
+    """The coupon's workflow, started here if the workers have not started it yet (a report
+    the instant after the claim's answer is neither lost nor refused); what Temporal answers
+    about it becomes refusals a caller can act on, and a workflow or worker that cannot
+    answer `Unavailable`."""
     try:
+        if not found.workflow_started:
+            await ClaimService(b.pool, client, b.settings).start_workflow(found)
         yield client.get_workflow_handle_for(UserCouponWorkflow.run, found.workflow_id)
     except WorkflowUpdateFailedError as err:
         cause = err.cause
@@ -236,14 +227,9 @@ async def _coupon_workflow(
     except RPCError as err:
         if err.status != RPCStatusCode.NOT_FOUND:
             raise Unavailable(f"Temporal answered {err.status.name}: {err.message}") from None
-        if not found.workflow_started:
-            raise Unavailable(
-                f"coupon {found.coupon_id!r} has no workflow yet; the worker starts it "
-                "shortly, then try again"
-            ) from None
         # The workflow is closed: the coupon reached a final state, which the ledger
         # recorded before the workflow closed.
-        now = await ledger.get_claim(pool, found.coupon_id)
+        now = await ledger.get_claim(b.pool, found.coupon_id)
         state = now.state if now is not None else found.state
         raise Refused(
             WRONG_STATE, f"coupon {found.coupon_id!r} is {state}: it is finished"

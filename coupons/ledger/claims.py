@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any
 
+import psycopg
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
@@ -51,105 +52,156 @@ _SELECT_RECEIPT = (
 )
 
 
-async def claim(pool: AsyncConnectionPool, campaign_id: str, user_id: str) -> tuple[Claim, bool]:
+# The claim in one statement, so the campaign row's lock (taken by the UPDATE) is held only
+# for the rest of this statement and its commit, not across round trips to the client.
+# `k`: the campaign as this statement first reads it, with the first rule a new claim breaks
+# (NULL: none); `took`: the quota counted, only if no rule is broken and the user is under
+# their limit (the UPDATE re-checks `claimed < quota` on the row it waited for, so two
+# claims can never both take the last coupon; two claims of one user both reading `held`
+# as n meet on the UNIQUE (campaign_id, user_id, seq) and the loser is retried).
+_CLAIM = f"""
+WITH k AS (
+    SELECT k.id, k.per_user_limit, k.quota, k.claimed, k.required_tasks, k.status,
+           k.starts_at, k.ends_at, k.deadline_at, b.id AS batch, b.platform_batch_id,
+           CASE WHEN b.status IN ('stopped', 'expired') THEN b.status
+                WHEN b.ends_at <= now() THEN 'expired' END AS batch_finished,
+           -- No task can count once the batch has ended: its send would be refused.
+           CASE WHEN cardinality(k.required_tasks) > 0
+                THEN LEAST(now() + k.task_deadline, k.deadline_at, b.ends_at) END
+               AS task_deadline,
+           CASE WHEN k.status = 'ended' THEN 'campaign_ended'
+                WHEN k.status = 'paused' THEN 'campaign_paused'
+                WHEN k.starts_at > now() THEN 'campaign_not_open'
+                WHEN k.ends_at <= now() THEN 'campaign_closed'
+                WHEN cardinality(k.required_tasks) > 0 AND k.deadline_at <= now()
+                    THEN 'deadline_passed'
+                WHEN b.status IN ('stopped', 'expired') OR b.ends_at <= now()
+                    THEN 'batch_finished'
+                WHEN k.claimed >= k.quota THEN 'sold_out' END AS broken
+    FROM campaigns k JOIN batches b ON b.id = k.batch_id
+    WHERE k.id = %(campaign)s AND (%(tenant)s::text IS NULL OR k.tenant_id = %(tenant)s)
+), held AS (
+    SELECT count(*)::int AS n FROM claims
+    WHERE campaign_id = %(campaign)s AND user_id = %(user)s
+), took AS (
+    UPDATE campaigns SET claimed = claimed + 1
+    WHERE id = %(campaign)s AND claimed < quota
+      AND (SELECT broken IS NULL AND held.n < k.per_user_limit FROM k, held)
+    RETURNING id
+), c AS (
+    INSERT INTO claims (coupon_id, campaign_id, user_id, seq, state, workflow_id,
+                        task_deadline, claimed_at)
+    SELECT %(campaign)s || ':' || %(user)s || ':' || (held.n + 1), k.id, %(user)s,
+           held.n + 1, CASE WHEN cardinality(k.required_tasks) > 0 THEN 'received'
+                            ELSE 'usable' END,
+           %(workflow_prefix)s || %(campaign)s || ':' || %(user)s || ':' || (held.n + 1),
+           k.task_deadline, now()
+    FROM took, k, held
+    RETURNING *
+), event AS (
+    INSERT INTO coupon_events (coupon_id, from_state, to_state, cause, at)
+    SELECT coupon_id, NULL, state, 'claimed', claimed_at FROM c
+)
+SELECT k.broken, held.n AS held, k.per_user_limit, k.starts_at, k.ends_at, k.deadline_at,
+       k.batch, k.batch_finished,
+       {
+    ", ".join(
+        f"c.{column}"
+        for column in (
+            "coupon_id",
+            "campaign_id",
+            "user_id",
+            "seq",
+            "state",
+            "workflow_id",
+            "workflow_started",
+            "claimed_at",
+            "task_deadline",
+            "updated_at",
+        )
+    )
+},
+       k.platform_batch_id AS batch_id, k.required_tasks
+FROM k CROSS JOIN held LEFT JOIN c ON true
+"""
+_CLAIM_FIELDS = [f.name for f in fields(Claim)]
+# Two claims of one user at once: the loser of the UNIQUE race tries again, and then sees
+# the winner's claim (a retry) or claims the next of their limit.
+_CLAIM_ATTEMPTS = 3
+
+
+async def claim(
+    pool: AsyncConnectionPool, campaign_id: str, user_id: str, tenant_id: str | None = None
+) -> tuple[Claim, bool]:
     """Claim a coupon atomically: (the claim, True) or, at the user's limit, (their latest, False).
 
-    The campaign row is locked for the length of one short transaction, so the quota
-    and the per-user limit hold whatever the concurrency. A holder's repeated claim gets
-    their coupon back whatever the campaign's state now: it is a retry, not a new claim.
+    One statement, committed as it ends: the quota and the per-user limit hold whatever the
+    concurrency (the campaign row is locked for that statement only). A holder's repeated
+    claim gets their coupon back whatever the campaign's state now: it is a retry, not a
+    new claim. With `tenant_id`, another tenant's campaign is as unknown as none.
     """
-    async with pool.connection() as conn, conn.transaction():
-        cur = conn.cursor(row_factory=dict_row)
-        await cur.execute(
-            "SELECT k.per_user_limit, k.quota, k.claimed, k.required_tasks, k.status,"
-            " k.starts_at, k.ends_at, k.deadline_at, now() AS now,"
-            " b.id AS batch,"
-            " CASE WHEN b.status IN ('stopped', 'expired') THEN b.status"
-            "      WHEN b.ends_at <= now() THEN 'expired' END AS batch_finished,"
-            # No task can count once the batch has ended: its send would be refused.
-            " LEAST(now() + k.task_deadline, k.deadline_at, b.ends_at) AS task_deadline"
-            " FROM campaigns k JOIN batches b ON b.id = k.batch_id WHERE k.id = %s"
-            " FOR UPDATE OF k",
-            (campaign_id,),
-        )
-        campaign = await cur.fetchone()
-        if campaign is None:
-            raise ClaimRefused("unknown_campaign", f"no campaign {campaign_id!r}")
-        held = await _claims_of(conn, campaign_id, user_id)
-        if len(held) >= campaign["per_user_limit"]:
-            return held[0], False
-        _check_open(campaign_id, campaign)
-        if campaign["claimed"] >= campaign["quota"]:
-            raise ClaimRefused("sold_out", f"campaign {campaign_id!r} has no coupons left")
-        required_tasks = campaign["required_tasks"]
-        seq = len(held) + 1
-        coupon_id = f"{campaign_id}:{user_id}:{seq}"
-        state = "received" if required_tasks else "usable"
-        await conn.execute(
-            "UPDATE campaigns SET claimed = claimed + 1 WHERE id = %s", (campaign_id,)
-        )
-        # Read back as every reader reads a claim, campaign and batch joined.
-        new = await db.fetch_written(
-            conn,
-            Claim,
-            "WITH c AS (INSERT INTO claims (coupon_id, campaign_id, user_id, seq, state,"
-            " workflow_id, task_deadline, claimed_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
-            f" RETURNING *) SELECT {_CLAIM_COLUMNS} FROM c{_WITH_CAMPAIGN}",
-            (
-                coupon_id,
-                campaign_id,
-                user_id,
-                seq,
-                state,
-                coupon_workflow_id(coupon_id),
-                campaign["task_deadline"] if required_tasks else None,
-                campaign["now"],
-            ),
-        )
-        await conn.execute(
-            "INSERT INTO coupon_events (coupon_id, from_state, to_state, cause, at)"
-            " VALUES (%s, NULL, %s, 'claimed', now())",
-            (coupon_id, state),
-        )
-        return new, True
+    params = {
+        "campaign": campaign_id,
+        "user": user_id,
+        "tenant": tenant_id,
+        "workflow_prefix": coupon_workflow_id(""),
+    }
+    for attempt in range(_CLAIM_ATTEMPTS):
+        try:
+            async with pool.connection() as conn:
+                cur = conn.cursor(row_factory=dict_row)
+                await cur.execute(_CLAIM, params)
+                row = await cur.fetchone()
+            break
+        except psycopg.errors.UniqueViolation:
+            if attempt == _CLAIM_ATTEMPTS - 1:
+                raise
+    if row is None:
+        raise ClaimRefused("unknown_campaign", f"no campaign {campaign_id!r}")
+    if row["coupon_id"] is not None:
+        return Claim(**{name: row[name] for name in _CLAIM_FIELDS}), True
+    if row["held"] >= row["per_user_limit"]:
+        held = await _claims_of(pool, campaign_id, user_id)
+        return held[0], False
+    # Under their limit and no rule broken as first read: the last coupon went to another
+    # claim while this one waited for the row.
+    raise _refusal(campaign_id, row["broken"] or "sold_out", row)
 
 
-def _check_open(campaign_id: str, campaign: dict[str, Any]) -> None:
-    """Refuse a new claim the campaign's status, window, deadline or batch rule out."""
-    now: datetime = campaign["now"]
-    if campaign["status"] == "ended":
-        raise ClaimRefused("campaign_ended", f"campaign {campaign_id!r} has ended")
-    if campaign["status"] == "paused":
-        raise ClaimRefused("campaign_paused", f"campaign {campaign_id!r} is paused")
-    starts_at, ends_at = campaign["starts_at"], campaign["ends_at"]
-    if starts_at is not None and now < starts_at:
-        raise ClaimRefused(
-            "campaign_not_open",
-            f"campaign {campaign_id!r} opens for claims at {starts_at.isoformat()}",
+def _refusal(campaign_id: str, broken: str, campaign: dict[str, Any]) -> ClaimRefused:
+    """The refusal of a new claim for the rule it broke (`broken`, as the claim reads it)."""
+    quoted = repr(campaign_id)
+    if broken == "campaign_ended":
+        return ClaimRefused(broken, f"campaign {quoted} has ended")
+    if broken == "campaign_paused":
+        return ClaimRefused(broken, f"campaign {quoted} is paused")
+    if broken == "campaign_not_open":
+        return ClaimRefused(
+            broken, f"campaign {quoted} opens for claims at {campaign['starts_at'].isoformat()}"
         )
-    if ends_at is not None and now >= ends_at:
-        raise ClaimRefused(
+    if broken == "campaign_closed":
+        return ClaimRefused(
+            broken, f"campaign {quoted} closed for claims at {campaign['ends_at'].isoformat()}"
+        )
+    if broken == "deadline_passed":
+        return ClaimRefused(
             "campaign_closed",
-            f"campaign {campaign_id!r} closed for claims at {ends_at.isoformat()}",
+            f"campaign {quoted}: its task deadline {campaign['deadline_at'].isoformat()} "
+            "has passed",
         )
-    deadline_at = campaign["deadline_at"]
-    if campaign["required_tasks"] and deadline_at is not None and now >= deadline_at:
-        raise ClaimRefused(
-            "campaign_closed",
-            f"campaign {campaign_id!r}: its task deadline {deadline_at.isoformat()} has passed",
-        )
-    if campaign["batch_finished"]:
+    if broken == "batch_finished":
         # As of the last sync: a send from it would be refused and the coupon fail.
-        raise ClaimRefused(
-            "batch_finished",
-            f"campaign {campaign_id!r} hands out batch {campaign['batch']!r}, which is "
+        return ClaimRefused(
+            broken,
+            f"campaign {quoted} hands out batch {campaign['batch']!r}, which is "
             f"{campaign['batch_finished']} at the platform",
         )
+    return ClaimRefused("sold_out", f"campaign {quoted} has no coupons left")
 
 
-async def _claims_of(conn: AsyncConnection[Any], campaign_id: str, user_id: str) -> list[Claim]:
+async def _claims_of(source: db.Source, campaign_id: str, user_id: str) -> list[Claim]:
     return await db.fetch_all(
-        conn,
+        source,
         Claim,
         _SELECT_CLAIMS + " WHERE c.campaign_id = %s AND c.user_id = %s ORDER BY c.seq DESC",
         (campaign_id, user_id),
@@ -194,13 +246,28 @@ async def find_claims(pool: AsyncConnectionPool, where: ClaimFilter) -> list[Cla
     )
 
 
-async def mark_started(pool: AsyncConnectionPool, coupon_id: str) -> None:
+async def mark_started(pool: AsyncConnectionPool, coupon_ids: list[str]) -> None:
     async with pool.connection() as conn:
         await conn.execute(
             "UPDATE claims SET workflow_started = true"
-            " WHERE coupon_id = %s AND NOT workflow_started",
-            (coupon_id,),
+            " WHERE coupon_id = ANY(%s) AND NOT workflow_started",
+            (coupon_ids,),
         )
+
+
+async def take_unstarted(pool: AsyncConnectionPool, limit: int, lease: timedelta) -> list[Claim]:
+    """Up to `limit` claims whose workflow is not started, oldest first, that no other
+    starter holds: each is the caller's to start for `lease`, then anyone's again."""
+    return await db.fetch_all(
+        pool,
+        Claim,
+        "WITH c AS (UPDATE claims SET start_leased_until = now() + %(lease)s"
+        " WHERE coupon_id IN (SELECT coupon_id FROM claims WHERE NOT workflow_started"
+        " AND (start_leased_until IS NULL OR start_leased_until < now())"
+        " ORDER BY claimed_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED) RETURNING *)"
+        f" SELECT {_CLAIM_COLUMNS} FROM c{_WITH_CAMPAIGN} ORDER BY c.claimed_at",
+        {"lease": lease, "limit": limit},
+    )
 
 
 async def unstarted(

@@ -21,7 +21,8 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
-from app.claims import ClaimRefused, ClaimResult
+from app import service
+from app.claims import ClaimRefused, ClaimResult, ClaimService
 from coupons.config import Settings
 from coupons.errors import Refused
 from coupons.ledger import campaigns
@@ -50,6 +51,7 @@ from tests.conftest import (
     sim_stats,
     wait_for_stat,
     wait_for_state,
+    wait_started,
 )
 from workflows.user_coupon import UserCouponWorkflow
 
@@ -305,7 +307,7 @@ async def test_ambiguous_send_is_resolved_by_resending_the_same_key_one_coupon(
 # ----------------------------------------------------------------- nothing lost
 
 
-async def test_crash_between_ledger_claim_and_workflow_start_is_repaired(
+async def test_a_claim_is_answered_by_the_ledger_and_its_workflow_started_behind_the_answer(
     dev_env: WorkflowEnvironment,
     pool: AsyncConnectionPool,
     platform: RestPlatform,
@@ -313,34 +315,76 @@ async def test_crash_between_ledger_claim_and_workflow_start_is_repaired(
     simulator: httpx.AsyncClient,
 ) -> None:
     client = dev_env.client
-    service = claims_of(pool, client, settings)
+    campaign = await new_campaign(pool, platform)
+    # No worker runs: the answer needs none, and no workflow exists yet.
+    answered = await ClaimService(pool, client, settings).claim(campaign.id, "early")
+    assert answered.created and answered.state == "received"
+    handle = handle_of(client, answered.workflow_id)
+    assert not await exists(handle)
+    row = await ledger.get_claim(pool, answered.coupon_id)
+    assert row is not None and not row.workflow_started
     async with running_workers(client, pool, settings):
-        campaign = await new_campaign(pool, platform)
-        # The "crash": the ledger claim commits, the workflow start never happens.
-        orphan, created = await ledger.claim(pool, campaign.id, "crashed")
-        assert created and not orphan.workflow_started
-        handle = handle_of(client, orphan.workflow_id)
-        assert not await exists(handle)
-
-        await asyncio.sleep(settings.claim_repair_after_s + 0.5)
-        assert await service.repair() == 1
+        await wait_started(pool, answered.coupon_id)
         assert await exists(handle)
-        repaired = await ledger.get_claim(pool, orphan.coupon_id)
-        assert repaired is not None and repaired.workflow_started
-        assert await service.repair() == 0
+        await handle.signal(UserCouponWorkflow.task_done, TaskCompletion(TASK))
+        await wait_for_state(handle, "issued")
 
+
+async def test_a_task_reported_the_instant_after_the_answer_is_neither_lost_nor_refused(
+    dev_env: WorkflowEnvironment,
+    pool: AsyncConnectionPool,
+    platform: RestPlatform,
+    settings: Settings,
+    simulator: httpx.AsyncClient,
+) -> None:
+    """No starter runs, so no workflow exists when the reports come: each report starts
+    the coupon's workflow itself."""
+    client = dev_env.client
+    b = service.Backends(settings, pool, client, platform)
+    campaign = await new_campaign(pool, platform)
+    async with running_workers(client, pool, settings, starter=False):
+        signalled, updated, cancelled = [
+            await service.claim(b, campaign.id, f"quick-{n}") for n in range(3)
+        ]
+        await service.report_task(b, service.CouponRef(signalled.coupon_id), TASK)
+        status = await service.complete_task(b, service.CouponRef(updated.coupon_id), TASK)
+        assert status.tasks_done == [TASK]
+        gone = await service.cancel(b, service.CouponRef(cancelled.coupon_id), "changed mind")
+        assert gone is not None and gone.state == "cancelled"
+        for answered in (signalled, updated):
+            await wait_for_state(handle_of(client, answered.workflow_id), "issued")
+    for answered in (signalled, updated, cancelled):
+        row = await ledger.get_claim(pool, answered.coupon_id)
+        assert row is not None and row.workflow_started
+
+
+async def test_a_claim_whose_starter_died_is_started_once_when_its_lease_ends(
+    dev_env: WorkflowEnvironment,
+    pool: AsyncConnectionPool,
+    platform: RestPlatform,
+    settings: Settings,
+    simulator: httpx.AsyncClient,
+) -> None:
+    client = dev_env.client
+    campaign = await new_campaign(pool, platform)
+    orphan, created = await ledger.claim(pool, campaign.id, "crashed")
+    assert created and not orphan.workflow_started
+    # A starter took it for 3 s and died before starting it.
+    [taken] = await ledger.take_unstarted(pool, 10, timedelta(seconds=3))
+    assert taken.coupon_id == orphan.coupon_id
+    handle = handle_of(client, orphan.workflow_id)
+    async with running_workers(client, pool, settings):
+        await asyncio.sleep(1)
+        assert not await exists(handle)  # the live starter leaves it to the lease's holder
+        await wait_started(pool, orphan.coupon_id)
+        assert await exists(handle)
+        assert await ClaimService(pool, client, settings).repair() == 0
         await handle.signal(UserCouponWorkflow.task_done, TaskCompletion(TASK))
         status = await wait_for_state(handle, "issued")
         assert status.receipt is not None
-
-        # A repeated claim also starts the workflow of a claim left unstarted.
-        second, _ = await ledger.claim(pool, campaign.id, "crashed-too")
-        assert not await exists(handle_of(client, second.workflow_id))
-        again = await service.claim(campaign.id, "crashed-too")
-        assert (again.coupon_id, again.created) == (second.coupon_id, False)
-        assert await exists(handle_of(client, second.workflow_id))
-        row = await ledger.get_claim(pool, second.coupon_id)
-        assert row is not None and row.workflow_started
+        # A repeated claim returns the claim, started once.
+        again = await ClaimService(pool, client, settings).claim(campaign.id, "crashed")
+        assert (again.coupon_id, again.created) == (orphan.coupon_id, False)
     assert await ledger_states(pool, orphan.coupon_id) == [
         (None, "received"),
         ("received", "usable"),
@@ -411,7 +455,7 @@ async def test_every_claim_row_has_a_workflow_and_every_workflow_a_claim_row(
     service = claims_of(pool, client, settings)
     async with running_workers(client, pool, settings):
         campaign = await new_campaign(pool, platform, quota=10)
-        # One claim whose workflow start "crashed", repaired below.
+        # One claim answered by the ledger alone: the starter beside the workers starts it.
         orphan, _ = await ledger.claim(pool, campaign.id, "crashed")
         outcomes = await asyncio.gather(
             *(service.claim(campaign.id, f"mixed-{i}") for i in range(11)),
@@ -430,8 +474,6 @@ async def test_every_claim_row_has_a_workflow_and_every_workflow_a_claim_row(
             handles[2].execute_update(UserCouponWorkflow.cancel_coupon, CancelRequest("left")),
             handles[3].signal(UserCouponWorkflow.cancel, CancelRequest("left")),
         )
-        await asyncio.sleep(settings.claim_repair_after_s + 0.5)
-        assert await service.repair() == 1
         await asyncio.gather(
             wait_for_state(handles[0], "issued"),
             wait_for_state(handles[1], "issued"),

@@ -23,8 +23,9 @@ import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 from temporalio.testing import WorkflowEnvironment
 
+from app.claims import ClaimService
 from app.embedded import free_port
-from app.workers import build_workers
+from app.workers import build_workers, in_background, start_claims_forever
 from coupons import contract as act
 from coupons import metrics
 from coupons.model import ReconcileInput, ReconcileReport, SyncInput, SyncReport
@@ -71,8 +72,9 @@ async def worker_metrics(api: Api, dev_env: WorkflowEnvironment) -> AsyncIterato
     client = await connect(settings, runtime)
     platform = MeteredPlatform(make_platform(settings), metrics.platform_call)
     workers = build_workers(client, api.pool, platform, settings)
+    starter = start_claims_forever(ClaimService(api.pool, client, settings))
     try:
-        async with workers[0], workers[1]:
+        async with workers[0], workers[1], in_background(starter):
             yield f"http://{settings.metrics_host}:{settings.worker_metrics_port}/metrics"
     finally:
         await platform.aclose()
