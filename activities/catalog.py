@@ -244,6 +244,12 @@ class CatalogActivities:
             except RPCError as err:
                 if err.status != RPCStatusCode.NOT_FOUND:
                     raise
+                if not claim.workflow_started:
+                    # Claimed a moment ago: the workers' starter starts it shortly, and the
+                    # page's retry expires it then.
+                    raise ApplicationError(
+                        f"coupon {claim.coupon_id!r} has no workflow yet", type="not_started"
+                    ) from None
                 return False  # finished since the page was read
             return True
 

@@ -330,12 +330,20 @@ def handle_of(client: Client, workflow_id: str) -> Handle:
 
 
 async def wait_for_state(handle: Handle, state: str, timeout_s: float = 30.0) -> CouponStatus:
-    """Poll the `status` query until the coupon is in `state`; fails after `timeout_s`."""
+    """Poll the `status` query until the coupon is in `state` (its workflow may start a moment
+    after the claim's answer); fails after `timeout_s`."""
     last: str | None = None
     try:
         async with asyncio.timeout(timeout_s):
             while True:
-                status = await handle.query(UserCouponWorkflow.status)
+                try:
+                    status = await handle.query(UserCouponWorkflow.status)
+                except RPCError as err:
+                    if err.status != RPCStatusCode.NOT_FOUND:
+                        raise
+                    last = "not started"
+                    await asyncio.sleep(0.05)
+                    continue
                 last = status.state
                 if last == state:
                     return status

@@ -30,7 +30,6 @@ from coupons.config import Settings
 from coupons.errors import Refused
 from coupons.platforms.base import PlatformError
 from coupons.platforms.configured import make_platform
-from coupons.temporal import connect
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +66,13 @@ async def _prune_forever(backends: Backends) -> None:
 
 @contextlib.asynccontextmanager
 async def _running(settings: Settings) -> AsyncIterator[Backends]:
-    """Open what the API works with, for the life of the process."""
+    """Open what the API works with, for the life of the process. Temporal is reached on
+    first use, not here: claims are answered by the ledger alone, so the API serves them
+    while Temporal is down or restarting."""
     await service.migrate(settings)
-    client = await connect(settings)
     platform = make_platform(settings)
     async with service.opened(
-        settings, pool_size=settings.db_pool_size, client=client, platform=platform
+        settings, pool_size=settings.db_pool_size, platform=platform
     ) as opened:
         yield opened
 

@@ -45,17 +45,20 @@ class Backends:
         self.pool = pool
         self._client = client
         self._platform = platform
+        # Requests arriving together wait for one connection rather than each making its own.
+        self._connecting = asyncio.Lock()
 
     async def client(self) -> Client:
-        if self._client is None:
-            try:
-                self._client = await connect(self.settings.with_stack_secrets())
-            except RuntimeError as err:
-                raise Unavailable(
-                    f"cannot reach Temporal at {self.settings.temporal_address} ({err}); "
-                    "is `make run` up, with the same environment as this shell?"
-                ) from None
-        return self._client
+        async with self._connecting:
+            if self._client is None:
+                try:
+                    self._client = await connect(self.settings.with_stack_secrets())
+                except RuntimeError as err:
+                    raise Unavailable(
+                        f"cannot reach Temporal at {self.settings.temporal_address} ({err}); "
+                        "is `make run` up, with the same environment as this shell?"
+                    ) from None
+            return self._client
 
     @property
     def platform(self) -> Platform:
