@@ -87,6 +87,16 @@ class ClaimService:
     async def claim(self, campaign_id: str, user_id: str) -> ClaimResult:
         return await claim(self._pool, campaign_id, user_id)
 
+    async def claim_started(self, campaign_id: str, user_id: str) -> ClaimResult:
+        """Claim a coupon and start its workflow before answering, through this service's
+        own client: for a caller that wants the workflow at once (the command line's
+        `claim`). The new claim is born leased to this caller, so no starter races it."""
+        lease = timedelta(seconds=self._settings.claim_repair_after_s)
+        claimed, created = await _claim(self._pool, campaign_id, user_id, None, lease)
+        if not claimed.workflow_started:
+            await self.start_workflow(claimed)
+        return from_claim(ClaimResult, claimed, created=created)
+
     async def start_workflow(self, claim: Claim) -> None:
         """Start the claim's workflow unless it exists, and record it started."""
         await self._start_new(claim)
@@ -187,10 +197,21 @@ async def claim(
 ) -> ClaimResult:
     """Claim a coupon, answered once the ledger has it; a repeated claim at the user's limit
     returns the existing one. With `tenant_id`, only of that tenant's campaigns."""
+    claimed, created = await _claim(pool, campaign_id, user_id, tenant_id, None)
+    return from_claim(ClaimResult, claimed, created=created)
+
+
+async def _claim(
+    pool: AsyncConnectionPool,
+    campaign_id: str,
+    user_id: str,
+    tenant_id: str | None,
+    lease: timedelta | None,
+) -> tuple[Claim, bool]:
     try:
         validate_id("campaign", campaign_id)
         validate_id("user", user_id)
-        claim, created = await ledger.claim(pool, campaign_id, user_id, tenant_id)
+        claimed, created = await ledger.claim(pool, campaign_id, user_id, tenant_id, lease)
     except Refused as refused:
         metrics.CLAIMS.labels(outcome=refused.code).inc()
         raise
@@ -198,7 +219,7 @@ async def claim(
         metrics.CLAIMS.labels(outcome="error").inc()
         raise
     metrics.CLAIMS.labels(outcome="created" if created else "existing").inc()
-    return from_claim(ClaimResult, claim, created=created)
+    return claimed, created
 
 
 def coupon_input(

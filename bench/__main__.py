@@ -26,8 +26,8 @@ from typing import Any
 
 import httpx
 
-from app.claims import ClaimService
 from app.embedded import ManagedProcess, free_port
+from app.service import Backends
 from app.stack import HARNESS_SIMULATOR_KNOBS, Stack
 from bench import report
 from bench.catalog import measure_reconcile, measure_sync
@@ -137,10 +137,10 @@ async def run_parts(
         db.pool(settings.database_url, max_size=CLIENT_POOL, timeout_s=120) as pool,
         IssuedWatcher(pool) as watcher,
     ):
-        claims = ClaimService(pool, client, settings)
+        backends = Backends(settings, pool, client)
         progress("lifecycle", f"{size.lifecycle_n} lifecycles, {size.concurrency} in flight")
         life = await measure_lifecycle(
-            LifecycleDriver(client, claims, watcher, "bench-life"),
+            LifecycleDriver(client, backends, watcher, "bench-life"),
             pool,
             worker_pid,
             n=size.lifecycle_n,
@@ -160,7 +160,7 @@ async def run_parts(
         # still minutes away (see measure_reconcile).
         progress("reconciliation", f"a batch of {size.reconcile_coupons}+ issued coupons")
         results["reconciliation"] = await measure_reconcile(
-            LifecycleDriver(client, claims, watcher, "bench-life"),
+            LifecycleDriver(client, backends, watcher, "bench-life"),
             pool,
             settings,
             coupons=size.reconcile_coupons,
@@ -184,7 +184,7 @@ async def run_parts(
 
         progress("open coupons", f"{size.open_count} coupons left in received")
         results["open_coupons"] = await measure_open(
-            LifecycleDriver(client, claims, watcher, "bench-open"),
+            LifecycleDriver(client, backends, watcher, "bench-open"),
             worker_pid,
             settings.task_queue,
             count=size.open_count,

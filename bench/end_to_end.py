@@ -1,5 +1,7 @@
 """The coupon lifecycle measured end to end: claim, task completion (signal), `issued`
-with its receipt in the ledger, through the real worker process."""
+with its receipt in the ledger, through the real worker process. Claims and reports go the
+way the app's do (`app.service`): a claim is answered by the ledger and its workflow started
+by the worker's starter, or by the report if that comes first."""
 
 from __future__ import annotations
 
@@ -12,12 +14,12 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 
-from app.claims import ClaimService
+from app import service
+from app.service import Backends
 from bench.load import closed_loop, fixed_rate, progress
 from bench.probes import IssuedWatcher, per_item, statement_counts
 from bench.proc import CpuSplit, cpu_seconds
 from bench.stats import summary_ms
-from coupons.model import TaskCompletion
 
 log = logging.getLogger(__name__)
 
@@ -28,19 +30,18 @@ ISSUED_TIMEOUT_S = 180.0
 @dataclass
 class LifecycleDriver:
     client: Client
-    claims: ClaimService
+    backends: Backends
     watcher: IssuedWatcher
     campaign: str
 
     async def claim(self, user: str) -> tuple[str, str]:
-        result = await self.claims.claim(self.campaign, user)
+        result = await service.claim(self.backends, self.campaign, user)
         return result.coupon_id, result.workflow_id
 
     async def unlock_and_wait(self, coupon_id: str, workflow_id: str) -> float:
         """Signal the task done (the unlock); seconds until the ledger shows `issued`."""
-        handle = self.client.get_workflow_handle(workflow_id)
         sent = time.time()
-        await handle.signal("task_done", TaskCompletion(TASK))
+        await service.report_task(self.backends, service.CouponRef(coupon_id), TASK)
         issued = await self.watcher.issued_at(coupon_id, ISSUED_TIMEOUT_S)
         return issued.timestamp() - sent
 

@@ -384,7 +384,7 @@ async def _undecodable(run: Run, mistakes: Mistakes) -> None:
     deadline = time.monotonic() + run.size.converge_timeout_s
     wedged: list[Acked] = []
     for index in range(mistakes.undecodable):
-        claimed = await claims.claim(driver.campaign, f"op-wedged-{index}")
+        claimed = await claims.claim_started(driver.campaign, f"op-wedged-{index}")
         wedged.append(_add_coupon(run, claimed.coupon_id, claimed.user_id, claimed.workflow_id))
     run.fault(
         f"coupons: {len(wedged)} claims' workflows started by a client with another key ring "

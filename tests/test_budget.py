@@ -299,14 +299,14 @@ async def test_a_usable_claim_without_its_workflow_does_not_break_the_sync(
     settings: Settings,
     simulator: httpx.AsyncClient,
 ) -> None:
-    """A crash between the ledger claim and the workflow start leaves a `usable` claim with
-    no workflow for a while (the claim repair starts it). A sync that wants to wake it must
-    still sync the batch, not fail on it."""
+    """A claim is answered before its workflow starts, so a `usable` claim has no workflow
+    for a while (the workers' starter starts it; here none runs). A sync that wants to wake
+    it must still sync the batch, not fail on it."""
     client = ts_env.client
     campaign = await new_campaign(pool, platform, required_tasks=[], quota=10)
-    orphan, _ = await ledger.claim(pool, campaign.id, "crashed")
+    orphan, _ = await ledger.claim(pool, campaign.id, "answered")
     assert (orphan.state, orphan.workflow_started) == ("usable", False)
-    async with running_workers(client, pool, settings):
+    async with running_workers(client, pool, settings, starter=False):
         synced = await sync_one(client, settings, campaign.batch_id)
     assert (synced.batch_id, synced.backlog) == (campaign.batch_id, 1)
 

@@ -45,7 +45,8 @@ FAILING_ATTEMPTS = 3
 CONCURRENCY = 20
 PAGE = 200
 DETAIL_CHARS = 300
-# How long past CLAIM_REPAIR_AFTER_S an unstarted claim may wait: the repair runs every 10 s.
+# How long past CLAIM_REPAIR_AFTER_S (a dead starter's lease) an unstarted claim may wait
+# before it counts as wedged: younger, it is in the workers' outbox like any fresh claim.
 REPAIR_GRACE = timedelta(seconds=30)
 
 T = TypeVar("T")
@@ -193,7 +194,8 @@ async def diagnose(
 ) -> Wedged | None:
     """Whether this one coupon is wedged, and why; None when it is not."""
     if not claim.workflow_started:
-        return _unstarted(claim)
+        overdue = timedelta(seconds=settings.claim_repair_after_s) + REPAIR_GRACE
+        return _unstarted(claim) if claim.claimed_at < datetime.now(UTC) - overdue else None
     return await _diagnose_started(client, claim)
 
 

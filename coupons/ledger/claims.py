@@ -90,12 +90,12 @@ WITH k AS (
     RETURNING id
 ), c AS (
     INSERT INTO claims (coupon_id, campaign_id, user_id, seq, state, workflow_id,
-                        task_deadline, claimed_at)
+                        task_deadline, claimed_at, start_leased_until)
     SELECT %(campaign)s || ':' || %(user)s || ':' || (held.n + 1), k.id, %(user)s,
            held.n + 1, CASE WHEN cardinality(k.required_tasks) > 0 THEN 'received'
                             ELSE 'usable' END,
            %(workflow_prefix)s || %(campaign)s || ':' || %(user)s || ':' || (held.n + 1),
-           k.task_deadline, now()
+           k.task_deadline, now(), now() + %(lease)s::interval
     FROM took, k, held
     RETURNING *
 ), event AS (
@@ -131,19 +131,25 @@ _CLAIM_ATTEMPTS = 3
 
 
 async def claim(
-    pool: AsyncConnectionPool, campaign_id: str, user_id: str, tenant_id: str | None = None
+    pool: AsyncConnectionPool,
+    campaign_id: str,
+    user_id: str,
+    tenant_id: str | None = None,
+    lease: timedelta | None = None,
 ) -> tuple[Claim, bool]:
     """Claim a coupon atomically: (the claim, True) or, at the user's limit, (their latest, False).
 
     One statement, committed as it ends: the quota and the per-user limit hold whatever the
     concurrency (the campaign row is locked for that statement only). A holder's repeated
     claim gets their coupon back whatever the campaign's state now: it is a retry, not a
-    new claim. With `tenant_id`, another tenant's campaign is as unknown as none.
+    new claim. With `tenant_id`, another tenant's campaign is as unknown as none. With
+    `lease`, the new claim is the caller's to start for that long (no starter takes it).
     """
     params = {
         "campaign": campaign_id,
         "user": user_id,
         "tenant": tenant_id,
+        "lease": lease,
         "workflow_prefix": coupon_workflow_id(""),
     }
     for attempt in range(_CLAIM_ATTEMPTS):

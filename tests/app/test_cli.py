@@ -33,6 +33,7 @@ from temporalio.client import WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 
 from app import wedged
+from app.claims import ClaimService
 from app.cli import main
 from app.embedded import EmbeddedPostgres, free_port
 from coupons import catalog, tenants
@@ -42,7 +43,6 @@ from coupons.ledger import claims as ledger
 from coupons.platforms.generic.adapter import RestPlatform
 from coupons.validation import parse_duration, parse_time
 from tests.conftest import (
-    claims_of,
     close_workflows,
     new_campaign,
     new_id,
@@ -79,12 +79,9 @@ def test_postgres_down_is_one_line_and_exit_1() -> None:
 
 def test_temporal_down_is_one_line_and_exit_1(postgres: EmbeddedPostgres) -> None:
     closed = free_port()
+    # `repair` starts workflows: it needs Temporal first (a claim needs only the ledger).
     result = starter(
-        "claim",
-        "--campaign",
-        "demo",
-        "--user",
-        "u1",
+        "repair",
         DATABASE_URL=postgres.url(),
         TEMPORAL_ADDRESS=f"127.0.0.1:{closed}",
     )
@@ -107,7 +104,8 @@ async def test_waiting_commands_give_up_clearly_when_no_worker_answers(
 ) -> None:
     campaign = await new_campaign(pool, platform)
     # Claimed and started, but no worker polls this test's task queue.
-    claimed = await claims_of(pool, dev_env.client, settings).claim(campaign.id, "u1")
+    claims = ClaimService(pool, dev_env.client, settings)
+    claimed = await claims.claim_started(campaign.id, "u1")
     env = {
         "DATABASE_URL": settings.database_url,
         "TEMPORAL_ADDRESS": dev_env.client.service_client.config.target_host,
@@ -120,23 +118,31 @@ async def test_waiting_commands_give_up_clearly_when_no_worker_answers(
         assert result.stderr.startswith("error: no worker answered in time"), result.stderr
 
 
-async def test_a_coupon_without_its_workflow_yet_says_so(
+async def test_a_cancel_before_the_workflow_starts_starts_it(
     dev_env: WorkflowEnvironment,
     pool: AsyncConnectionPool,
     platform: RestPlatform,
     settings: Settings,
 ) -> None:
     campaign = await new_campaign(pool, platform)
-    claim, _ = await ledger.claim(pool, campaign.id, "u1")  # a crash before the start
+    claim, _ = await ledger.claim(pool, campaign.id, "u1")  # answered; no starter got to it
     result = starter(
         "cancel",
         "--coupon",
         claim.coupon_id,
+        "--timeout",
+        "2",
         DATABASE_URL=settings.database_url,
         TEMPORAL_ADDRESS=dev_env.client.service_client.config.target_host,
+        TASK_QUEUE=settings.task_queue,
     )
+    # Started by the cancel itself; no worker polls this test's queue to apply it.
     assert result.returncode == 1
-    assert "has no workflow yet" in result.stderr, result.stderr
+    assert result.stderr.startswith("error: no worker answered in time"), result.stderr
+    started = await ledger.get_claim(pool, claim.coupon_id)
+    assert started is not None and started.workflow_started
+    described = await dev_env.client.get_workflow_handle(claim.workflow_id).describe()
+    assert described.status == WorkflowExecutionStatus.RUNNING
 
 
 # ----------------------------------------------------------------- in-process harness

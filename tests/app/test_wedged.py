@@ -35,7 +35,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
-from app.claims import ClaimResult
+from app.claims import ClaimResult, ClaimService
 from app.embedded import find_binary, free_port
 from app.wedged import (
     CAUSES,
@@ -251,8 +251,9 @@ async def test_a_start_encrypted_with_another_key_ring_is_found_and_recovered(
     campaign = await new_campaign(pool, platform)
     user = new_id("u")
     try:
-        async with running_workers(client, pool, settings):
-            claimed = await claims_of(pool, shell, settings).claim(campaign.id, user)
+        async with running_workers(client, pool, settings, starter=False):
+            shells = ClaimService(pool, shell, settings)
+            claimed = await shells.claim_started(campaign.id, user)
             found = await wait_wedged(pool, client, settings, claimed.coupon_id)
             assert (found.cause, found.ledger_state, found.campaign_id) == (
                 UNDECODABLE,
@@ -326,7 +327,7 @@ async def test_a_task_failing_on_nondeterminism_is_found_and_recovered_with_its_
         workflow_runner=UnsandboxedWorkflowRunner(),
     )
     async with bad_deploy:
-        claimed = await claims_of(pool, client, settings).claim(campaign.id, user)
+        claimed = await ClaimService(pool, client, settings).claim_started(campaign.id, user)
         handle = handle_of(client, claimed.workflow_id)
         async with asyncio.timeout(15):
             while True:
@@ -462,7 +463,7 @@ async def test_a_send_the_ledger_never_recorded_gives_one_coupon_after_recovery(
     campaign = await new_campaign(pool, platform, required_tasks=[])
     user = new_id("u")
     # No worker yet: nothing sends but the "stuck run" below.
-    claimed = await claims_of(pool, client, settings).claim(campaign.id, user)
+    claimed = await ClaimService(pool, client, settings).claim_started(campaign.id, user)
     assert claimed.state == "usable"
     try:
         await client.get_workflow_handle(claimed.workflow_id).terminate("stuck mid-send")

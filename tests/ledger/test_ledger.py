@@ -35,6 +35,7 @@ async def test_migrations_build_an_empty_database_once(postgres: EmbeddedPostgre
             (2, "catalog"),
             (3, "tenants"),
             (4, "batch_intents"),
+            (5, "claim_starts"),
         ]
 
 
@@ -56,7 +57,7 @@ async def test_the_catalog_migration_keeps_existing_batches_and_campaigns(
             "INSERT INTO campaigns (id, batch_id, required_tasks, per_user_limit, quota)"
             " VALUES ('old', 'bat_1', '{first-order}', 1, 10)"
         )
-        assert await db.migrate(conn) == [2, 3, 4]
+        assert await db.migrate(conn) == [2, 3, 4, 5]
         cur = await conn.execute("SELECT id, platform_batch_id, drift, tenant_id FROM batches")
         assert await cur.fetchall() == [("bat_1", "bat_1", [], "default")]
         cur = await conn.execute(

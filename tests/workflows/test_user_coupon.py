@@ -24,6 +24,7 @@ from temporalio.worker import Worker
 
 from activities.ledger import LedgerActivities
 from activities.platform import PlatformActivities
+from app.claims import ClaimService
 from app.workers import workflow_runner
 from coupons.config import Settings
 from coupons.ledger import claims as ledger
@@ -32,7 +33,6 @@ from coupons.platforms.generic.adapter import RestPlatform
 from tests.conftest import (
     TASK,
     Handle,
-    claims_of,
     handle_of,
     ledger_states,
     new_campaign,
@@ -68,7 +68,9 @@ class TimeSkipping:
         if isinstance(deadline, timedelta):
             campaign["task_deadline"] = deadline + skew
         c = await new_campaign(self.pool, self.platform, **campaign)
-        result = await claims_of(self.pool, self.env.client, self.settings).claim(c.id, user)
+        # Started here: some tests run bare workers, without the starter.
+        claims = ClaimService(self.pool, self.env.client, self.settings)
+        result = await claims.claim_started(c.id, user)
         return handle_of(self.env.client, result.workflow_id)
 
 

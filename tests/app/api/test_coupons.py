@@ -33,6 +33,12 @@ async def _coupon_in(api: Api, tenant: Tenant, coupon_id: str, state: str) -> di
     return shown if shown["state"] == state else {}
 
 
+async def _workflow_started(api: Api, tenant: Tenant, coupon_id: str) -> dict[str, Any]:
+    """The coupon once its workflow answers, else an empty dict."""
+    shown = await _coupon(api, tenant, coupon_id)
+    return shown if shown["workflow_state"] is not None else {}
+
+
 async def test_claim_read_complete_and_issue(api: Api, tenant_a: Tenant) -> None:
     campaign = await make_campaign(api, tenant_a)
     first = await api.http.post(
@@ -47,7 +53,11 @@ async def test_claim_read_complete_and_issue(api: Api, tenant_a: Tenant) -> None
     assert again.status_code == 200
     assert again.json()["coupon_id"] == coupon["coupon_id"] and again.json()["created"] is False
 
+    # Answered by the ledger: the ledger's view at once, the workflow's once the worker's
+    # starter has started it.
     shown = await _coupon(api, tenant_a, coupon["coupon_id"])
+    assert shown["state"] == "received"
+    shown = await until(lambda: _workflow_started(api, tenant_a, coupon["coupon_id"]), 10)
     assert shown["state"] == "received" and shown["workflow_state"] == "received"
     assert shown["tasks"]["required"] == [TASK] and shown["tasks"]["done"] == []
     assert shown["waiting_for"].startswith("task completion")
