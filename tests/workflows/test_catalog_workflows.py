@@ -76,7 +76,9 @@ async def current_details(handle: WorkflowHandle[Any, SyncReport]) -> str:
 async def drifting_catalog(
     pool: AsyncConnectionPool, platform: RestPlatform, simulator: httpx.AsyncClient
 ) -> dict[str, str]:
-    """Four batches: fine, short of what we owe, stopped at the platform, stopped by us."""
+    """Four batches: fine, short of what we owe, stopped at the platform, stopped by us.
+    The claims owed are the ledger's alone: the workers of these tests run no starter, so
+    no coupon workflow outlives its test on the shared server."""
     fine = await new_campaign(pool, platform, quota=5)
     short = await new_campaign(pool, platform, quota=5)
     for i in range(3):
@@ -104,7 +106,7 @@ async def test_catalog_sync_reports_every_batch_in_use_and_shows_drift(
     client = dev_env.client
     batches = await drifting_catalog(pool, platform, simulator)
     before = {b.id: b.synced_at for b in await list_batches(pool)}
-    async with running_workers(client, pool, settings):
+    async with running_workers(client, pool, settings, starter=False):
         handle = await start_workflow(
             client, settings, act.CATALOG_SYNC_WORKFLOW, SyncInput(), SyncReport
         )
@@ -146,7 +148,7 @@ async def test_catalog_sync_of_named_batches_on_the_time_skipping_server(
     client = ts_env.client
     batches = await drifting_catalog(pool, platform, simulator)
     named = [batches["fine"], batches["short"]]
-    async with running_workers(client, pool, settings):
+    async with running_workers(client, pool, settings, starter=False):
         report = await run_workflow(
             client, settings, act.CATALOG_SYNC_WORKFLOW, SyncInput(batch_ids=named), SyncReport
         )
