@@ -59,7 +59,7 @@ _SELECT_RECEIPT = (
 # their limit (the UPDATE re-checks `claimed < quota` on the row it waited for, so two
 # claims can never both take the last coupon; two claims of one user both reading `held`
 # as n meet on the UNIQUE (campaign_id, user_id, seq) and the loser is retried).
-_CLAIM = f"""
+_CLAIM = """
 WITH k AS (
     SELECT k.id, k.per_user_limit, k.quota, k.claimed, k.required_tasks, k.status,
            k.starts_at, k.ends_at, k.deadline_at, b.id AS batch, b.platform_batch_id,
@@ -104,23 +104,8 @@ WITH k AS (
 )
 SELECT k.broken, held.n AS held, k.per_user_limit, k.starts_at, k.ends_at, k.deadline_at,
        k.batch, k.batch_finished,
-       {
-    ", ".join(
-        f"c.{column}"
-        for column in (
-            "coupon_id",
-            "campaign_id",
-            "user_id",
-            "seq",
-            "state",
-            "workflow_id",
-            "workflow_started",
-            "claimed_at",
-            "task_deadline",
-            "updated_at",
-        )
-    )
-},
+       c.coupon_id, c.campaign_id, c.user_id, c.seq, c.state, c.workflow_id,
+       c.workflow_started, c.claimed_at, c.task_deadline, c.updated_at,
        k.platform_batch_id AS batch_id, k.required_tasks
 FROM k CROSS JOIN held LEFT JOIN c ON true
 """
