@@ -11,7 +11,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, LiteralString, TypeVar
@@ -23,6 +23,7 @@ from psycopg import AsyncConnection, sql
 from psycopg_pool import AsyncConnectionPool
 from temporalio.api.enums.v1 import EventType, IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
+from temporalio.api.workflowservice.v1 import ListOpenWorkflowExecutionsRequest
 from temporalio.client import Client, WorkflowHandle, WorkflowHistory
 from temporalio.common import TypedSearchAttributes
 from temporalio.converter import decode_typed_search_attributes
@@ -87,9 +88,7 @@ async def dev_env() -> AsyncIterator[WorkflowEnvironment]:
     await env.shutdown()
 
 
-@pytest_asyncio.fixture(scope="session")
-async def ts_env() -> AsyncIterator[WorkflowEnvironment]:
-    """The time-skipping test server, for deadlines and validity measured in days."""
+async def start_time_skipping() -> WorkflowEnvironment:
     env = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=str(find_binary("temporal-test-server"))
     )
@@ -102,8 +101,54 @@ async def ts_env() -> AsyncIterator[WorkflowEnvironment]:
             },
         )
     )
+    return env
+
+
+@dataclass
+class TimeSkippingServer:
+    """The run's one time-skipping server, replaced only if a test broke it."""
+
+    env: WorkflowEnvironment
+
+
+@pytest_asyncio.fixture(scope="session")
+async def ts_server() -> AsyncIterator[TimeSkippingServer]:
+    server = TimeSkippingServer(await start_time_skipping())
+    yield server
+    await server.env.shutdown()
+
+
+@pytest_asyncio.fixture
+async def ts_env(ts_server: TimeSkippingServer) -> AsyncIterator[WorkflowEnvironment]:
+    """The time-skipping server, for deadlines and validity measured in days.
+
+    Its clock is one for all tests: a task nobody will take any more (a workflow left
+    open, a query its worker never answered) stops time skipping for every later test.
+    The test that leaves the server so fails here, saying why, and the next test gets a
+    fresh server, so one broken test shows as one failure and not as a dozen."""
+    env = ts_server.env
     yield env
-    await env.shutdown()
+    client = env.client
+    found = await client.workflow_service.list_open_workflow_executions(
+        ListOpenWorkflowExecutionsRequest(namespace=client.namespace, maximum_page_size=100)
+    )
+    left = [(e.type.name, e.execution.workflow_id) for e in found.executions]
+    for e in found.executions:
+        await client.get_workflow_handle(e.execution.workflow_id).terminate("left open")
+    try:
+        # A day passes in milliseconds on a server that skips, and never on one that cannot.
+        await asyncio.wait_for(env.sleep(timedelta(days=1)), SKIP_CHECK_S)
+        skips = True
+    except TimeoutError:
+        skips = False
+    if not skips:
+        await env.shutdown()
+        ts_server.env = await start_time_skipping()
+    assert not left, f"workflows left open on the time-skipping server: {left}"
+    assert skips, f"time skipping stopped during this test (a day not skipped in {SKIP_CHECK_S} s)"
+
+
+SKIP_CHECK_S = 10
 
 
 @pytest_asyncio.fixture

@@ -472,8 +472,17 @@ def test_each_platform_protocol_runs_the_whole_lifecycle(
             _wait_for(lambda: api.get(paths[0]).json()["state"] == "redeemed", 30)
             events = api.get(paths[0]).json()["events"]
             assert events[-1]["cause"] == "redeemed (callback)", events
-            notices = httpx.get(f"{sim}/sim/notifications").json()["notifications"]
-            assert [n["state"] for n in notices] == ["delivered"], notices
+            # Delivered on the API's answer, which the simulator reads a moment later.
+            _wait_for(
+                lambda: (
+                    [
+                        n["state"]
+                        for n in httpx.get(f"{sim}/sim/notifications").json()["notifications"]
+                    ]
+                    == ["delivered"]
+                ),
+                10,
+            )
             assert api.get(paths[1]).json()["state"] == "issued"
 
             # bob's coupon is used with no callback (none is sent while callback_url is off):

@@ -180,6 +180,29 @@ class Callbacks:
         listed: list[dict[str, Any]] = response.json()["notifications"]
         return listed
 
+    async def delivered(self, coupon_id: str) -> dict[str, Any]:
+        """The coupon's one notification, once the simulator has it delivered: it does on
+        the receiver's answer, a moment after the receiver has the request."""
+
+        async def done() -> bool:
+            return [n["state"] for n in await self.notifications(coupon_id=coupon_id)] == [
+                "delivered"
+            ]
+
+        await eventually(done)
+        [listed] = await self.notifications(coupon_id=coupon_id)
+        return listed
+
+    async def stats_once(self, counter: str, value: int) -> dict[str, int]:
+        """The simulator's statistics once `counter` has reached `value` (a delivery is
+        counted on the receiver's answer, a moment after the receiver has the request)."""
+
+        async def reached() -> bool:
+            return (await self.control.stats())[counter] >= value
+
+        await eventually(reached)
+        return await self.control.stats()
+
     def verify(self, request: Received) -> CouponUsedNotice:
         return coupon_use(self.platform, request.headers, request.body)
 
@@ -422,12 +445,8 @@ async def test_a_used_coupon_is_notified_once_signed_so_the_adapter_verifies_it(
             callbacks.process.url, callback_secret=SECRET, callback_max_skew_s=0
         ).verify_callback(request.headers, request.body)
 
-    [listed] = await callbacks.notifications(coupon_id=coupon.coupon_id)
-    assert (listed["id"], listed["state"], listed["attempts"]) == (
-        notice.notification_id,
-        "delivered",
-        1,
-    )
+    listed = await callbacks.delivered(coupon.coupon_id)
+    assert (listed["id"], listed["attempts"]) == (notice.notification_id, 1)
     assert listed["body"] == notice.raw and listed["delivered_at"] is not None
     stats = await callbacks.control.stats()
     assert (stats["callbacks_delivered"], stats["callbacks_pending"]) == (1, 0)
@@ -459,8 +478,8 @@ async def test_failed_deliveries_are_retried_with_backoff_until_a_2xx(
     # Waits of 0.1, 0.2, 0.4, 0.8 s after each failure (the fourth failing after 0.3 s).
     gaps = [later.at - earlier.at for earlier, later in itertools.pairwise(received)]
     assert [round(gap, 1) >= 0.1 * 2**i for i, gap in enumerate(gaps)] == [True] * 4, gaps
-    [listed] = await callbacks.notifications(coupon_id=coupon.coupon_id)
-    assert (listed["state"], listed["attempts"], listed["last_error"]) == ("delivered", 5, None)
+    listed = await callbacks.delivered(coupon.coupon_id)
+    assert (listed["attempts"], listed["last_error"]) == (5, None)
     stats = await callbacks.control.stats()
     assert (stats["callback_attempts_failed"], stats["callbacks_delivered"]) == (4, 1)
     assert stats["callbacks_given_up"] == 0
@@ -498,7 +517,7 @@ async def test_the_duplicate_knob_delivers_the_identical_notification_again(
     first, again = callbacks.receiver.received
     assert first.body == again.body
     assert callbacks.verify(first) == callbacks.verify(again)
-    stats = await callbacks.control.stats()
+    stats = await callbacks.stats_once("callbacks_duplicated", 1)
     assert (stats["callbacks_delivered"], stats["callbacks_duplicated"]) == (1, 1)
 
 
@@ -519,7 +538,7 @@ async def test_forged_probes_come_first_and_a_verifying_receiver_refuses_them(
     assert wrong_key.body == genuine.body
     assert tampered.body != genuine_too.body
     assert json.loads(tampered.body)["coupon"] == json.loads(genuine_too.body)["coupon"]
-    stats = await callbacks.control.stats()
+    stats = await callbacks.stats_once("callbacks_delivered", 2)
     assert (stats["callbacks_forged_sent"], stats["callbacks_forged_accepted"]) == (2, 0)
     assert stats["callbacks_delivered"] == 2
 
@@ -581,8 +600,8 @@ async def test_an_undelivered_notification_survives_a_restart(callbacks: Callbac
     assert len(delivered) == 1
     assert delivered[0].body == callbacks.receiver.received[0].body
     assert callbacks.verify(delivered[0]).platform_coupon_id == coupon.coupon_id
-    [listed] = await callbacks.notifications(coupon_id=coupon.coupon_id)
-    assert (listed["id"], listed["state"]) == (before["id"], "delivered")
+    listed = await callbacks.delivered(coupon.coupon_id)
+    assert listed["id"] == before["id"]
     # Each attempt is counted, before the restart and after it.
     # (An attempt cut short by the stop reached the receiver but is not counted.)
     assert failed + 1 <= listed["attempts"] <= len(callbacks.receiver.received)

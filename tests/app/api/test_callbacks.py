@@ -109,7 +109,8 @@ async def test_marked_used_at_the_platform_is_redeemed_through_the_callback(
     status = await wait_for_state(handle_of(api.client, coupon["workflow_id"]), "redeemed")
     assert status.transitions[-1].cause == "redeemed (callback)"
     assert await notifications.count_applied(api.pool, coupon["platform_coupon_id"]) == 1
-    assert (await sim_stats(simulator))["callbacks_delivered"] >= 1
+    # Counted on the API's answer, which the simulator reads a moment after redeeming.
+    await until(lambda: _delivered(simulator), 10)
     shown = await api.http.get(f"/v1/coupons/{coupon['coupon_id']}", headers=tenant_a.app)
     assert shown.json()["events"][-1]["to_state"] == "redeemed"
     print(f"redeemed {took:.2f} s after the platform marked it used")
@@ -223,3 +224,7 @@ async def test_a_notice_that_overtakes_our_receipt_is_asked_again(
     answer = await api.http.post(CALLBACK_PATH, content=body, headers=_signed(body))
     assert answer.status_code == 409 and answer.json()["code"] == "unknown_platform_coupon"
     assert await ledger_counts(api.pool) == before
+
+
+async def _delivered(simulator: httpx.AsyncClient) -> bool:
+    return (await sim_stats(simulator))["callbacks_delivered"] >= 1

@@ -113,9 +113,20 @@ async def test_create_start_send_lookup_use_and_the_verified_callback(
         assert (notice.platform_coupon_id, notice.batch_id) == (sent.coupon_id, batch.batch_id)
         assert abs(notice.used_at - datetime.now(UTC)) < timedelta(seconds=30)
         assert notice.user_id == ""  # WeChat's COUPON.USE resource names no openid
-        listed = (await control.http.get(f"/sim/notifications?coupon_id={sent.coupon_id}")).json()
-        assert [n["id"] for n in listed["notifications"]] == [notice.notification_id]
-        assert listed["notifications"][0]["state"] == "delivered"
+
+        async def listed() -> list[tuple[str, str]]:
+            path = f"/sim/notifications?coupon_id={sent.coupon_id}"
+            return [
+                (n["id"], n["state"])
+                for n in (await control.http.get(path)).json()["notifications"]
+            ]
+
+        # Delivered on the receiver's answer, a moment after the receiver has the request.
+        async def listed_delivered() -> bool:
+            return [s for _, s in await listed()] == ["delivered"]
+
+        await eventually(listed_delivered)
+        assert await listed() == [(notice.notification_id, "delivered")]
 
         used = await adapter.get_coupon(request.user_id, sent.coupon_id)
         assert used is not None and used.status == PlatformCouponStatus.USED
