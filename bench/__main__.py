@@ -192,7 +192,7 @@ async def run_parts(
             evicted_sample=size.evicted_sample,
             cache_size=settings.worker_cache_size,
         )
-    # Last, once the bench's own pool is closed (the claim part opens 100 connections of its
+    # Last, once the bench's own pool is closed (the claim part opens connections of its
     # own), so that the thousands of coupons its claims leave open weigh on no other part.
     results.update(
         await measure_claims(

@@ -185,8 +185,8 @@ def _storm_section(data: dict[str, Any]) -> list[str]:
         "## Claim storms, in process and through the HTTP API",
         "",
         "Every claim at once, each by its own user, against a campaign of its own per path "
-        "and burst. In process: `ClaimService` on a pool of "
-        f"{get(data, 'claim_storm.pool_connections')} connections. HTTP API: "
+        "and burst. In process: `ClaimService` on a warm pool of "
+        f"{get(data, 'claim_storm.pool_connections')} connections (DB_POOL_SIZE). HTTP API: "
         "`POST /v1/campaigns/{id}/claims` with a tenant's app key from "
         f"{get(data, 'claim_storm_api.http_connections')} clients of one HTTP connection "
         f"each to the API process (its own pool: {api_pool} connections). Latency is the "

@@ -25,18 +25,31 @@ _MIGRATION = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
 
 
 def pool(
-    url: str, *, schema: str | None = None, max_size: int = 10, timeout_s: float = 30.0
+    url: str,
+    *,
+    schema: str | None = None,
+    max_size: int = 10,
+    min_size: int = 1,
+    timeout_s: float = 30.0,
 ) -> AsyncConnectionPool:
     """One pool per process; open it with `await pool.open()` (or `async with`).
 
     `timeout_s` bounds the wait for a connection, including while PostgreSQL is down.
+    `min_size` connections are kept open: as many as `max_size` for a server that must
+    answer a burst at full speed from its first request (a connection costs milliseconds
+    to open).
     """
     kwargs: dict[str, object] = {"autocommit": True}
     if schema is not None:
         # Tests give every test its own schema; the SQL never names one.
         kwargs["options"] = f"-c search_path={schema}"
     return AsyncConnectionPool(
-        url, min_size=1, max_size=max_size, kwargs=kwargs, open=False, timeout=timeout_s
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        kwargs=kwargs,
+        open=False,
+        timeout=timeout_s,
     )
 
 
