@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 # ledger's, bounds them.
 STARTS_AT_ONCE = 50
 
-__all__ = ["ClaimRefused", "ClaimResult", "ClaimService", "claim", "from_claim"]
+__all__ = ["ClaimRefused", "ClaimResult", "ClaimService", "StartSignal", "claim", "from_claim"]
 
 D = TypeVar("D", bound="DataclassInstance")
 
@@ -78,6 +78,14 @@ class ClaimResult:
     task_deadline: datetime | None
 
 
+@dataclass(frozen=True)
+class StartSignal:
+    """A signal sent with a workflow's start (signal-with-start): its name and argument."""
+
+    name: str
+    arg: Any
+
+
 class ClaimService:
     def __init__(self, pool: AsyncConnectionPool, client: Client, settings: Settings) -> None:
         self._pool = pool
@@ -97,9 +105,12 @@ class ClaimService:
             await self.start_workflow(claimed)
         return from_claim(ClaimResult, claimed, created=created)
 
-    async def start_workflow(self, claim: Claim) -> None:
-        """Start the claim's workflow unless it exists, and record it started."""
-        await self._start_new(claim)
+    async def start_workflow(self, claim: Claim, signal: StartSignal | None = None) -> None:
+        """Start the claim's workflow unless it exists, and record it started. With
+        `signal`, the workflow gets it either way, in the same call: a new one finds it in
+        its first task (one workflow task, not two). A closed one neither starts again nor
+        gets the signal: WorkflowAlreadyStartedError, then."""
+        await self._start_new(claim, signal)
         await ledger.mark_started(self._pool, [claim.coupon_id])
 
     async def start_pending(self, limit: int = STARTS_AT_ONCE) -> int:
@@ -118,7 +129,7 @@ class ClaimService:
             await ledger.mark_started(self._pool, done)
         return len(done)
 
-    async def _start_new(self, claim: Claim) -> None:
+    async def _start_new(self, claim: Claim, signal: StartSignal | None = None) -> None:
         try:
             await self._start(
                 claim,
@@ -127,9 +138,12 @@ class ClaimService:
                 # is never started again.
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                signal=signal,
             )
         except WorkflowAlreadyStartedError:
             log.info("workflow %s already exists (closed)", claim.workflow_id)
+            if signal is not None:
+                raise
 
     async def restart_workflow(
         self, claim: Claim, tasks_done: list[str], receipt: Receipt | None
@@ -161,6 +175,7 @@ class ClaimService:
         id_conflict_policy: WorkflowIDConflictPolicy,
         id_reuse_policy: WorkflowIDReusePolicy,
         summary: str = "",
+        signal: StartSignal | None = None,
     ) -> WorkflowHandle[UserCouponWorkflow, CouponStatus]:
         attributes = [
             SearchAttributePair(COUPON_STATE, claim.state),
@@ -181,6 +196,8 @@ class ClaimService:
             search_attributes=TypedSearchAttributes(attributes),
             static_summary=f"coupon {claim.coupon_id}: campaign {claim.campaign_id}, "
             f"user {claim.user_id}{summary}",
+            start_signal=signal.name if signal else None,
+            start_signal_args=[signal.arg] if signal else [],
         )
 
     async def repair(self) -> int:

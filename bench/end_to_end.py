@@ -38,7 +38,7 @@ class LifecycleDriver:
         result = await service.claim(self.backends, self.campaign, user)
         return result.coupon_id, result.workflow_id
 
-    async def unlock_and_wait(self, coupon_id: str, workflow_id: str) -> float:
+    async def unlock_and_wait(self, coupon_id: str) -> float:
         """Signal the task done (the unlock); seconds until the ledger shows `issued`."""
         sent = time.time()
         await service.report_task(self.backends, service.CouponRef(coupon_id), TASK)
@@ -46,8 +46,8 @@ class LifecycleDriver:
         return issued.timestamp() - sent
 
     async def whole(self, user: str) -> float:
-        coupon_id, workflow_id = await self.claim(user)
-        return await self.unlock_and_wait(coupon_id, workflow_id)
+        coupon_id, _ = await self.claim(user)
+        return await self.unlock_and_wait(coupon_id)
 
 
 async def history_events(client: Client, workflow_ids: list[str]) -> dict[str, Any]:
@@ -87,7 +87,7 @@ async def measure_lifecycle(
         "lifecycle light rate",
         light_n,
         light_rate,
-        lambda i: driver.unlock_and_wait(*light_claims[i]),
+        lambda i: driver.unlock_and_wait(light_claims[i][0]),
     )
 
     cpu_before = cpu_seconds(worker_pid)

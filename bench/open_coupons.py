@@ -114,12 +114,9 @@ async def measure_open(
 
     # The oldest coupons have long left the worker's cache (an LRU of `cache_size`):
     # completing their task makes the worker replay their history from the server.
-    oldest = [
-        (f"{driver.campaign}:open-{i}:1", f"coupon:{driver.campaign}:open-{i}:1")
-        for i in range(min(evicted_sample, BASELINE_OPEN))
-    ]
+    oldest = [f"{driver.campaign}:open-{i}:1" for i in range(min(evicted_sample, BASELINE_OPEN))]
     results = await asyncio.gather(
-        *(driver.unlock_and_wait(coupon, workflow) for coupon, workflow in oldest),
+        *(driver.unlock_and_wait(coupon) for coupon in oldest),
         return_exceptions=True,
     )
     resumed = [r for r in results if isinstance(r, float)]

@@ -21,8 +21,10 @@ COUNT_RECEIVED = "count_received"
 EXPIRE_RECEIVED_PAGE = "expire_received_page"
 
 # Handlers of the coupon workflow that activities reach by name (`activities/` never
-# imports `workflows/`).
+# imports `workflows/`), or that are sent with a start (`start_signal` takes a name).
 REPORT_REDEMPTION = "report_redemption"
+TASK_DONE = "task_done"
+CANCEL = "cancel"
 BUDGET_AVAILABLE = "budget_available"
 EXPIRE_COUPON = "expire_coupon"
 

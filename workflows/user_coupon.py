@@ -266,7 +266,7 @@ class UserCouponWorkflow:
 
     # ----- task completion ---------------------------------------------------------
 
-    @workflow.signal
+    @workflow.signal(name=act.TASK_DONE)
     def task_done(self, completion: TaskCompletion) -> None:
         try:
             self._complete(completion)
@@ -302,7 +302,7 @@ class UserCouponWorkflow:
 
     # ----- cancel and redemption reports -------------------------------------------
 
-    @workflow.signal
+    @workflow.signal(name=act.CANCEL)
     def cancel(self, request: CancelRequest) -> None:
         try:
             self._note(self._take("cancel"), request.reason)

@@ -18,12 +18,13 @@ from temporalio.client import (
     WorkflowUpdateFailedError,
     WorkflowUpdateRPCTimeoutOrCancelledError,
 )
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from app import claims, wedged
-from app.claims import ClaimResult, ClaimService
+from app.claims import ClaimResult, ClaimService, StartSignal
 from app.service.backends import Backends, Unavailable
+from coupons import contract as act
 from coupons.errors import UNKNOWN_TASK, WRONG_STATE, InvalidField, Refused
 from coupons.ledger import claims as ledger
 from coupons.ledger.claims import Claim, ClaimFilter
@@ -182,8 +183,7 @@ async def report_task(b: Backends, ref: CouponRef, task: str) -> None:
     _check_task(found, task)
     if found.state in FINAL_STATES:
         raise Refused(WRONG_STATE, f"coupon {found.coupon_id!r} is {found.state}: it is finished")
-    async with _coupon_workflow(b, client, found) as handle:
-        await handle.signal(UserCouponWorkflow.task_done, TaskCompletion(task))
+    await _signal(b, client, found, StartSignal(act.TASK_DONE, TaskCompletion(task)))
 
 
 async def cancel(
@@ -193,27 +193,44 @@ async def cancel(
     None, through the signal (None)."""
     client = await b.client()
     found = await find_coupon(b, ref)
+    if wait is None:
+        await _signal(b, client, found, StartSignal(act.CANCEL, CancelRequest(reason)))
+        return None
     async with _coupon_workflow(b, client, found) as handle:
-        if wait is None:
-            await handle.signal(UserCouponWorkflow.cancel, CancelRequest(reason))
-            return None
         return await handle.execute_update(
             UserCouponWorkflow.cancel_coupon, CancelRequest(reason), rpc_timeout=wait
         )
+
+
+async def _signal(b: Backends, client: Client, found: Claim, signal: StartSignal) -> None:
+    """Signal the coupon's workflow; one the workers have not started yet is started here
+    with the signal, in one call (a report the instant after the claim's answer is
+    neither lost nor refused, and costs the new workflow no second task)."""
+    async with _temporal_refusals(b, found):
+        if found.workflow_started:
+            await client.get_workflow_handle(found.workflow_id).signal(signal.name, signal.arg)
+        else:
+            await ClaimService(b.pool, client, b.settings).start_workflow(found, signal)
 
 
 @contextlib.asynccontextmanager
 async def _coupon_workflow(
     b: Backends, client: Client, found: Claim
 ) -> AsyncIterator[WorkflowHandle[UserCouponWorkflow, Any]]:
-    """The coupon's workflow, started here if the workers have not started it yet (a report
-    the instant after the claim's answer is neither lost nor refused); what Temporal answers
-    about it becomes refusals a caller can act on, and a workflow or worker that cannot
-    answer `Unavailable`."""
-    try:
+    """The coupon's workflow, started here if the workers have not started it yet (an
+    update the instant after the claim's answer is neither lost nor refused)."""
+    async with _temporal_refusals(b, found):
         if not found.workflow_started:
             await ClaimService(b.pool, client, b.settings).start_workflow(found)
         yield client.get_workflow_handle_for(UserCouponWorkflow.run, found.workflow_id)
+
+
+@contextlib.asynccontextmanager
+async def _temporal_refusals(b: Backends, found: Claim) -> AsyncIterator[None]:
+    """What Temporal answers about the coupon's workflow, as refusals a caller can act on;
+    a workflow or worker that cannot answer is `Unavailable`."""
+    try:
+        yield
     except WorkflowUpdateFailedError as err:
         cause = err.cause
         if isinstance(cause, ApplicationError) and cause.type:
@@ -224,11 +241,11 @@ async def _coupon_workflow(
         raise Unavailable(
             "no worker answered in time; the request stays queued and may still apply"
         ) from None
-    except RPCError as err:
-        if err.status != RPCStatusCode.NOT_FOUND:
+    except (RPCError, WorkflowAlreadyStartedError) as err:
+        if isinstance(err, RPCError) and err.status != RPCStatusCode.NOT_FOUND:
             raise Unavailable(f"Temporal answered {err.status.name}: {err.message}") from None
-        # The workflow is closed: the coupon reached a final state, which the ledger
-        # recorded before the workflow closed.
+        # The workflow is closed (not found open, or not started again with the signal):
+        # the coupon reached a final state, which the ledger recorded before it closed.
         now = await ledger.get_claim(b.pool, found.coupon_id)
         state = now.state if now is not None else found.state
         raise Refused(

@@ -338,22 +338,35 @@ async def test_a_task_reported_the_instant_after_the_answer_is_neither_lost_nor_
     simulator: httpx.AsyncClient,
 ) -> None:
     """No starter runs, so no workflow exists when the reports come: each report starts
-    the coupon's workflow itself."""
+    the coupon's workflow itself (a signal in the same call as the start)."""
     client = dev_env.client
     b = service.Backends(settings, pool, client, platform)
     campaign = await new_campaign(pool, platform)
     async with running_workers(client, pool, settings, starter=False):
-        signalled, updated, cancelled = [
-            await service.claim(b, campaign.id, f"quick-{n}") for n in range(3)
+        signalled, updated, cancelled, cancelled_by_signal = [
+            await service.claim(b, campaign.id, f"quick-{n}") for n in range(4)
         ]
         await service.report_task(b, service.CouponRef(signalled.coupon_id), TASK)
         status = await service.complete_task(b, service.CouponRef(updated.coupon_id), TASK)
         assert status.tasks_done == [TASK]
         gone = await service.cancel(b, service.CouponRef(cancelled.coupon_id), "changed mind")
         assert gone is not None and gone.state == "cancelled"
+        ref = service.CouponRef(cancelled_by_signal.coupon_id)
+        assert await service.cancel(b, ref, "changed mind", wait=None) is None
         for answered in (signalled, updated):
             await wait_for_state(handle_of(client, answered.workflow_id), "issued")
-    for answered in (signalled, updated, cancelled):
+        await wait_for_state(handle_of(client, cancelled_by_signal.workflow_id), "cancelled")
+        # The signal came with the start: the new workflow took both in its first task.
+        history = await handle_of(client, signalled.workflow_id).fetch_history()
+        first_task = next(
+            i
+            for i, e in enumerate(history.events)
+            if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED
+        )
+        assert EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED in [
+            e.event_type for e in history.events[:first_task]
+        ]
+    for answered in (signalled, updated, cancelled, cancelled_by_signal):
         row = await ledger.get_claim(pool, answered.coupon_id)
         assert row is not None and row.workflow_started
 
