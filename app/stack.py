@@ -32,6 +32,7 @@ from types import FrameType
 
 from app import running
 from app.embedded import (
+    BACKGROUND_NICE,
     EmbeddedPostgres,
     ManagedProcess,
     ProcessStartError,
@@ -238,6 +239,7 @@ class Stack:
                 redact=[s.codec_token or ""],
                 die_with_parent=self.die_with_parent,
                 dynamic_config=self.temporal_dynamic_config,
+                nice=BACKGROUND_NICE,
             )
             temporal.start()
             self._started("Temporal", temporal)
@@ -289,6 +291,7 @@ class Stack:
             env=env,
             cwd=PROJECT_ROOT,
             die_with_parent=self.die_with_parent,
+            nice=BACKGROUND_NICE,
         )
         self.worker.start()
         self._started("worker", self.worker)

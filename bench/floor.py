@@ -21,7 +21,7 @@ from temporalio import activity
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from app.embedded import ManagedProcess
+from app.embedded import BACKGROUND_NICE, ManagedProcess
 from app.workers import workflow_runner
 from bench.floor_workflow import FLOOR_ACTIVITY, FLOOR_SIGNAL, FLOOR_WORKFLOW, FloorWorkflow
 from bench.load import LoadResult, closed_loop, fixed_rate, progress
@@ -81,6 +81,7 @@ def floor_worker_process(settings: Settings, env: dict[str, str], log_dir: Path)
         log_dir / "floor-worker.log",
         env={**env, **settings.to_env()},
         cwd=PROJECT_ROOT,
+        nice=BACKGROUND_NICE,  # as the stack's own worker: the ratio stays fair
     )
 
 

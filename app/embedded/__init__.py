@@ -12,6 +12,7 @@ from app.embedded.binaries import find_binary
 from app.embedded.ports import LOCALHOST, answers_health, free_port, free_ports, port_open
 from app.embedded.postgres import EmbeddedPostgres
 from app.embedded.process import (
+    BACKGROUND_NICE,
     ManagedProcess,
     ProcessStartError,
     Server,
@@ -28,6 +29,7 @@ from app.embedded.temporal import (
 )
 
 __all__ = [
+    "BACKGROUND_NICE",
     "LOCALHOST",
     "SEARCH_ATTRIBUTE_TYPES",
     "EmbeddedPostgres",

@@ -200,6 +200,14 @@ def _stop_leftovers() -> None:
             proc.stop(timeout_s=5)
 
 
+# The niceness of work that runs behind the answers on a machine that also answers: one
+# box running the whole stack (`make run`, the benchmark) gives the CPU first to what a
+# user waits on (PostgreSQL, the API) and lets the workflow engine and its worker, which
+# start and drive coupons behind the answer, take what is left. It changes nothing while
+# the machine has CPU to spare.
+BACKGROUND_NICE = 10
+
+
 class ManagedProcess:
     """A child process we own, with its output in a log file we name.
 
@@ -221,13 +229,16 @@ class ManagedProcess:
         signal_group: bool = True,
         redact: Sequence[str] = (),
         die_with_parent: bool = False,
+        nice: int = 0,
     ) -> None:
         """`user` runs the child as that system user (needs root). `stop_signal` is what
         stop() sends first; `signal_group` sends it to the whole process group rather than
         to the leader only (PostgreSQL wants only its postmaster signalled). `redact`: secrets
         in `argv` that the log's command line shows as ***. `die_with_parent`: the kernel
         sends the child `stop_signal` when the thread that started it exits (see
-        `die_with_parent()`): only for a parent that starts it from its main thread."""
+        `die_with_parent()`): only for a parent that starts it from its main thread.
+        `nice`: added to the child's niceness, for work that should yield the CPU to others
+        on a busy machine (see BACKGROUND_NICE)."""
         self.name = name
         self.argv = [os.fspath(a) for a in argv]
         self.log_path = log_path
@@ -238,6 +249,7 @@ class ManagedProcess:
         self.signal_group = signal_group
         self.redact = tuple(secret for secret in redact if secret)
         self.die_with_parent = die_with_parent
+        self.nice = nice
         self._popen: subprocess.Popen[bytes] | None = None
         self._start_time: int | None = None
         self._log_offset = 0
@@ -282,13 +294,27 @@ class ManagedProcess:
                 env=self.env,
                 cwd=self.cwd,
                 start_new_session=True,
-                preexec_fn=die_with_parent(self.stop_signal) if self.die_with_parent else None,
+                preexec_fn=self._preexec(),
                 **ids,
             )
         # Read while the child is ours and unreaped, so it names this very process.
         self._start_time = process_start_time(self._popen.pid)
         _running.add(self)
         logger.debug("started %s (pid %d), log %s", self.name, self._popen.pid, self.log_path)
+
+    def _preexec(self) -> Callable[[], None] | None:
+        """What the child runs between fork and exec: its parent-death signal, its nice."""
+        parent_death = die_with_parent(self.stop_signal) if self.die_with_parent else None
+        if not self.nice:
+            return parent_death
+        nice = self.nice
+
+        def run() -> None:
+            if parent_death is not None:
+                parent_death()
+            os.nice(nice)
+
+        return run
 
     def log_tail(self, lines: int = 40) -> str:
         """The last `lines` lines this run of the child wrote to its log."""

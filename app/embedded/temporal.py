@@ -85,12 +85,13 @@ class TemporalDevServer(Server):
         ui_codec_endpoint: str | None = None,
         redact: Sequence[str] = (),
         die_with_parent: bool = False,
+        nice: int = 0,
     ) -> None:
         """`db_file` None keeps everything in memory (lost at stop); `ui_port` None runs
         headless; `search_attributes` maps names to CLI type names (Keyword, Int, ...);
         `dynamic_config` values are JSON-encoded into --dynamic-config-value;
         `ui_codec_endpoint` is the codec server the Web UI decodes payloads with;
-        `die_with_parent`: see ManagedProcess."""
+        `die_with_parent`, `nice`: see ManagedProcess."""
         unknown = {k: t for k, t in search_attributes.items() if t not in SEARCH_ATTRIBUTE_TYPES}
         if unknown:
             raise ValueError(
@@ -116,6 +117,7 @@ class TemporalDevServer(Server):
             self.log_path,
             redact=redact,
             die_with_parent=die_with_parent,
+            nice=nice,
         )
         super().__init__(server, startup_timeout_s, where=self.address)
 

@@ -19,6 +19,7 @@ from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import Client
 
 from app.embedded import (
+    BACKGROUND_NICE,
     EmbeddedPostgres,
     ManagedProcess,
     SearchAttributeConflict,
@@ -272,3 +273,25 @@ def test_a_recorded_process_deaf_to_its_stop_signal_is_killed(tmp_path: Path) ->
         if deaf.poll() is None:
             os.kill(deaf.pid, signal.SIGKILL)
             deaf.wait()
+
+
+def test_a_background_child_is_niced_and_keeps_its_parent_death_signal(tmp_path: Path) -> None:
+    probe = (
+        "import ctypes, os, signal; sig = ctypes.c_int();"
+        " ctypes.CDLL(None).prctl(2, ctypes.byref(sig), 0, 0, 0);"  # PR_GET_PDEATHSIG
+        " print(os.nice(0), sig.value)"
+    )
+    child = ManagedProcess(
+        "probe",
+        [sys.executable, "-c", probe],
+        tmp_path / "probe.log",
+        die_with_parent=True,
+        nice=BACKGROUND_NICE,
+    )
+    child.start()
+    deadline = time.monotonic() + 10
+    while child.alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child.stop()
+    printed = child.log_tail().splitlines()[-1].split()
+    assert [int(v) for v in printed] == [os.nice(0) + BACKGROUND_NICE, int(signal.SIGTERM)]
