@@ -13,15 +13,15 @@ the text `success`).
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Literal
+from typing import Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 
 from app import service
 from app.api.models import CallbackAnswer
 from app.api.problems import TITLES, ApiProblem, Problem
-from app.api.routing import backends
+from app.api.routing import Parts
 from app.service import Backends
 from coupons import metrics
 from coupons.errors import Refused
@@ -58,7 +58,7 @@ router = APIRouter(tags=["callbacks"])
 async def coupon_used(
     request: Request,
     platform: Literal["generic", "wechat", "alipay"],
-    parts: Annotated[Backends, Depends(backends)],
+    parts: Parts,
 ) -> CallbackAnswer | Response:
     if platform != parts.settings.platform:
         raise ApiProblem(
