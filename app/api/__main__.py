@@ -34,6 +34,11 @@ def main() -> int:
         log_config=None,  # our logging above, one format for every line
         proxy_headers=False,
         timeout_graceful_shutdown=10,
+        # uvicorn's compiled parts (of its `standard` extras), named so that a missing
+        # install fails here rather than falling back: with h11 and asyncio's own loop a
+        # claim took about 1.0 ms of the API's CPU, with these 0.85 ms.
+        http="httptools",
+        loop="uvloop",
     )
     return 0
 
