@@ -5,7 +5,9 @@ another tenant's batch, campaign or coupon, which is as unknown to it as none.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import uuid
 from typing import Any
 
 import httpx
@@ -17,9 +19,10 @@ from coupons import catalog, tenants
 from coupons.errors import InvalidField, Refused
 from coupons.ledger import batches, campaigns
 from coupons.ledger import claims as ledger
+from coupons.ledger import tenants as tenant_ledger
 from coupons.ledger.batches import Batch
 from coupons.ledger.campaigns import Campaign, CampaignFilter, CampaignSpec
-from coupons.ledger.tenants import DEFAULT_TENANT, Tenant, list_keys, list_tenants
+from coupons.ledger.tenants import DEFAULT_TENANT, ApiKey, Tenant, list_keys, list_tenants
 from coupons.platforms.base import BatchAction
 from coupons.platforms.generic.adapter import RestPlatform
 from tests.conftest import new_batch, new_id, row_count, sim_stats
@@ -141,6 +144,79 @@ async def test_a_revoked_key_no_longer_authenticates_and_others_still_do(
     with pytest.raises(Refused) as unknown:
         await tenants.revoke_key(pool, "k0123456789abcdef")
     assert unknown.value.code == "unknown_key"
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_key_revoked_by_another_process_is_refused_within_key_fresh_s(
+    pool: AsyncConnectionPool,
+) -> None:
+    # The command line revoking a key beside a running API: the API learns it only from the
+    # ledger, which it reads again once the row it holds is KEY_FRESH_S old.
+    clock = Clock()
+    lookups = tenants.KeyLookups(clock=clock)
+    _, key = await new_tenant(pool)
+    assert await tenants.authenticate(pool, key.api_key, lookups) is not None
+    await tenant_ledger.revoke_key(pool, key.key_id)  # not through this process's revoke_key
+
+    clock.now = tenants.KEY_FRESH_S / 2
+    assert await tenants.authenticate(pool, key.api_key, lookups) is not None
+    clock.now = tenants.KEY_FRESH_S
+    assert await tenants.authenticate(pool, key.api_key, lookups) is None
+    clock.now = 10 * tenants.KEY_FRESH_S  # and for good
+    assert await tenants.authenticate(pool, key.api_key, lookups) is None
+
+
+async def test_a_key_revoked_by_this_process_is_refused_at_once(
+    pool: AsyncConnectionPool,
+) -> None:
+    _, admin = await new_tenant(pool)
+    app = await tenants.create_key(pool, admin.tenant_id, "app")
+    assert await tenants.authenticate(pool, app.api_key) is not None  # now remembered
+    await tenants.revoke_key(pool, app.key_id)
+    assert await tenants.authenticate(pool, app.api_key) is None
+    assert await tenants.authenticate(pool, admin.api_key) is not None
+
+
+async def test_keys_are_read_once_for_requests_together_and_unknown_ids_every_time(
+    pool: AsyncConnectionPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[str] = []
+    get_key = tenant_ledger.get_key
+
+    async def counted(source: AsyncConnectionPool, key_id: str) -> ApiKey | None:
+        reads.append(key_id)
+        return await get_key(source, key_id)
+
+    monkeypatch.setattr(tenant_ledger, "get_key", counted)
+    lookups = tenants.KeyLookups(clock=Clock())
+    _, key = await new_tenant(pool)
+    found = await asyncio.gather(
+        *(tenants.authenticate(pool, key.api_key, lookups) for _ in range(50))
+    )
+    assert all(k is not None and k.id == key.key_id for k in found)
+    assert reads == [key.key_id]
+    # A wrong secret is still refused, from the row it holds.
+    wrong = f"ck_{key.key_id}_{'x' * 43}"
+    assert await tenants.authenticate(pool, wrong, lookups) is None
+    assert reads == [key.key_id]
+
+    # An id not (yet) in the ledger is not remembered: the key made a moment later works.
+    key_id = f"k{uuid.uuid4().hex[:16]}"
+    secret = "s" * 43
+    assert await tenants.authenticate(pool, f"ck_{key_id}_{secret}", lookups) is None
+    digest = hashlib.sha256(secret.encode()).digest()
+    await tenant_ledger.add_key(pool, key_id, key.tenant_id, "app", digest)
+    assert await tenants.authenticate(pool, f"ck_{key_id}_{secret}", lookups) is not None
+    assert reads == [key.key_id, key_id, key_id]
 
 
 async def test_the_secret_is_never_stored_only_its_digest(pool: AsyncConnectionPool) -> None:

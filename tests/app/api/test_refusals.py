@@ -349,3 +349,21 @@ async def _world(api: Api, simulator: httpx.AsyncClient, workflow_id: str) -> di
         "history": await history_length(api.client, workflow_id),
         "sends": stats["sends_applied"],
     }
+
+
+async def test_a_key_the_api_has_checked_is_refused_once_revoked_here(
+    api: Api, tenant_a: Tenant
+) -> None:
+    # The API remembers a key it has checked (coupons.tenants.KeyLookups): a revocation made
+    # in its own process must still end the key at once (another process's, within
+    # KEY_FRESH_S: tests/test_tenants.py).
+    campaign = await make_campaign(api, tenant_a)
+    key = await create_key(api.pool, tenant_a.id, "app")
+    headers = {"Authorization": f"Bearer {key.api_key}"}
+    path = f"/v1/campaigns/{campaign['id']}/claims"
+    accepted = await api.http.post(path, json={"user_id": "before"}, headers=headers)
+    assert accepted.status_code == 201, accepted.text
+    await revoke_key(api.pool, key.key_id)
+    refused = await api.http.post(path, json={"user_id": "after"}, headers=headers)
+    assert refused.status_code == 401, refused.text
+    assert refused.json()["code"] == "unauthorized"
