@@ -24,7 +24,7 @@ from app.api import callbacks, catalog, codec, coupons, metrics
 from app.api.limits import MAX_BODY_BYTES, BodyLimit
 from app.api.models import Health
 from app.api.problems import PROBLEM_JSON, TITLES, ApiProblem, Problem, handle
-from app.api.routing import IDEMPOTENCY_KEEP
+from app.api.routing import BEARER, BEARER_SCHEME, IDEMPOTENCY_KEEP
 from app.service import Backends, Unavailable
 from coupons.config import Settings
 from coupons.errors import Refused
@@ -160,18 +160,27 @@ def create_app(settings: Settings, backends: Backends | None = None) -> FastAPI:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = _problem_responses(
-                get_openapi(
-                    title=app.title,
-                    version=app.version,
-                    description=app.description,
-                    routes=app.routes,
+            app.openapi_schema = _bearer_scheme(
+                _problem_responses(
+                    get_openapi(
+                        title=app.title,
+                        version=app.version,
+                        description=app.description,
+                        routes=app.routes,
+                    )
                 )
             )
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _bearer_scheme(schema: dict[str, Any]) -> dict[str, Any]:
+    """The bearer key's scheme, which the /v1 operations name (app.api.routing.BEARER)."""
+    schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+    schemes[BEARER] = BEARER_SCHEME
+    return schema
 
 
 def _problem_responses(schema: dict[str, Any]) -> dict[str, Any]:

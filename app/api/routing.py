@@ -15,10 +15,9 @@ from collections.abc import Callable, Coroutine
 from datetime import timedelta
 from typing import Annotated, Any, cast
 
-from fastapi import APIRouter, Depends, Path, Request, Response, Security
+from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from fastapi.security import HTTPBearer
 
 from app import service
 from app.api.problems import ApiProblem, problem_for
@@ -36,9 +35,16 @@ IDEMPOTENCY_STALE_AFTER = timedelta(minutes=2)
 IDEMPOTENCY_KEEP = timedelta(hours=24)
 MAX_IDEMPOTENCY_KEY = 255
 
-# Documents the bearer key in the OpenAPI (and the /docs "Authorize" button); the check
-# itself is ApiRoute's.
-bearer = HTTPBearer(auto_error=False, description="an API key: `ck_<key id>_<secret>`")
+# The bearer key as the OpenAPI document names it (and the /docs "Authorize" button uses
+# it); the check itself is ApiRoute's. Written into the document (`scoped_router`,
+# app.openapi) rather than declared as a FastAPI security dependency, which would parse the
+# header again on every request for nothing but the document.
+BEARER = "HTTPBearer"
+BEARER_SCHEME = {
+    "type": "http",
+    "scheme": "bearer",
+    "description": "an API key: `ck_<key id>_<secret>`",
+}
 
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 
@@ -99,10 +105,10 @@ def scoped_router(scope: str, tag: str) -> APIRouter:
         def __init__(
             self, path: str, endpoint: Callable[..., Any], *, openapi_extra: Any = None, **more: Any
         ) -> None:
-            extra = {**(openapi_extra or {}), SCOPE: scope}
+            extra = {**(openapi_extra or {}), SCOPE: scope, "security": [{BEARER: []}]}
             super().__init__(path, endpoint, openapi_extra=extra, **more)
 
-    return APIRouter(prefix="/v1", tags=[tag], route_class=Scoped, dependencies=[Security(bearer)])
+    return APIRouter(prefix="/v1", tags=[tag], route_class=Scoped)
 
 
 async def _authenticate(request: Request, needs: str) -> ApiKey:
