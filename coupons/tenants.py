@@ -17,6 +17,7 @@ import hmac
 import re
 import secrets
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -106,7 +107,7 @@ async def revoke_key(pool: AsyncConnectionPool, key_id: str) -> ApiKey:
 
 @dataclass(frozen=True)
 class _Lookup:
-    pool: AsyncConnectionPool
+    pool: weakref.ref[AsyncConnectionPool]  # not kept alive by a key read through it
     began: float  # on KeyLookups' clock
     row: asyncio.Future[ApiKey | None]
 
@@ -126,7 +127,7 @@ class KeyLookups:
     async def get(self, pool: AsyncConnectionPool, key_id: str) -> ApiKey | None:
         now = self._clock()
         lookup = self._known.get(key_id)
-        if lookup is None or lookup.pool is not pool or now - lookup.began >= self._fresh_s:
+        if lookup is None or lookup.pool() is not pool or now - lookup.began >= self._fresh_s:
             lookup = self._read(pool, key_id, now)
         # Shielded: one caller cancelled (its client went away) must not cancel the read
         # that the others wait for.
@@ -138,15 +139,17 @@ class KeyLookups:
 
     def _read(self, pool: AsyncConnectionPool, key_id: str, now: float) -> _Lookup:
         if len(self._known) >= MAX_KEYS:
-            self._known = {k: v for k, v in self._known.items() if now - v.began < self._fresh_s}
-        lookup = _Lookup(pool, now, asyncio.ensure_future(ledger.get_key(pool, key_id)))
+            fresh = {k: v for k, v in self._known.items() if now - v.began < self._fresh_s}
+            self._known = fresh if len(fresh) < MAX_KEYS else {}
+        row = asyncio.ensure_future(ledger.get_key(pool, key_id))
+        lookup = _Lookup(weakref.ref(pool), now, row)
         self._known[key_id] = lookup
 
-        def settled(row: asyncio.Future[ApiKey | None]) -> None:
+        def settled(read: asyncio.Future[ApiKey | None]) -> None:
             # Only a found key's row is kept (a revoked one stays revoked): an unknown id (a
             # typo, a guess, a key made a moment later) and a failed read are read again.
-            failed = row.cancelled() or row.exception() is not None
-            if (failed or row.result() is None) and self._known.get(key_id) is lookup:
+            failed = read.cancelled() or read.exception() is not None
+            if (failed or read.result() is None) and self._known.get(key_id) is lookup:
                 del self._known[key_id]
 
         lookup.row.add_done_callback(settled)

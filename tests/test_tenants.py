@@ -219,6 +219,29 @@ async def test_keys_are_read_once_for_requests_together_and_unknown_ids_every_ti
     assert reads == [key.key_id, key_id, key_id]
 
 
+async def test_a_caller_that_goes_away_does_not_cancel_the_read_others_wait_for(
+    pool: AsyncConnectionPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = asyncio.Event()
+    get_key = tenant_ledger.get_key
+
+    async def slow(source: AsyncConnectionPool, key_id: str) -> ApiKey | None:
+        await release.wait()
+        return await get_key(source, key_id)
+
+    monkeypatch.setattr(tenant_ledger, "get_key", slow)
+    lookups = tenants.KeyLookups(clock=Clock())
+    _, key = await new_tenant(pool)
+    gone = asyncio.ensure_future(tenants.authenticate(pool, key.api_key, lookups))
+    staying = asyncio.ensure_future(tenants.authenticate(pool, key.api_key, lookups))
+    await asyncio.sleep(0)
+    gone.cancel()
+    release.set()
+    found = await staying
+    assert found is not None and found.id == key.key_id
+    assert gone.cancelled()
+
+
 async def test_the_secret_is_never_stored_only_its_digest(pool: AsyncConnectionPool) -> None:
     tenant, admin = await new_tenant(pool)
     app = await tenants.create_key(pool, tenant.id, "app")
