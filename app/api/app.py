@@ -71,8 +71,9 @@ async def _running(settings: Settings) -> AsyncIterator[Backends]:
     while Temporal is down or restarting."""
     await service.migrate(settings)
     platform = make_platform(settings)
+    # Warm: a campaign's opening burst finds every connection open.
     async with service.opened(
-        settings, pool_size=settings.db_pool_size, platform=platform
+        settings, pool_size=settings.db_pool_size, platform=platform, warm=True
     ) as opened:
         yield opened
 

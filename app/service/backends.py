@@ -85,12 +85,19 @@ async def opened(
     timeout_s: float = 30.0,
     client: Client | None = None,
     platform: Platform | None = None,
+    warm: bool = False,
 ) -> AsyncIterator[Backends]:
     """The backends over a new pool for the life of the block; the platform's client is
-    closed at its end (`timeout_s` bounds the wait for a connection)."""
+    closed at its end (`timeout_s` bounds the wait for a connection). A `warm` pool opens
+    all its connections at once, for a server whose first burst must not wait for them."""
     made: Backends | None = None
     try:
-        async with db.pool(settings.database_url, max_size=pool_size, timeout_s=timeout_s) as pool:
+        async with db.pool(
+            settings.database_url,
+            max_size=pool_size,
+            min_size=pool_size if warm else 1,
+            timeout_s=timeout_s,
+        ) as pool:
             made = Backends(settings, pool, client, platform)
             yield made
     finally:
