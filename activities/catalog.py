@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
-from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.client import (
+    Client,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
+from temporalio.converter import value_to_type
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -50,6 +56,80 @@ from coupons.reconcile import REDEEM, compare
 # enough that a bulk operation never crowds out the app's own traffic.
 FAN_OUT = 32
 PAGE = 500
+
+
+# ----- ending a campaign: what a page takes, gives back and heartbeats ------------------
+
+# How long a coupon's workflow has to take an expiry before the page reports it stuck: a
+# workflow with a worker takes it in milliseconds.
+UPDATE_TIMEOUT_S = 10.0
+
+
+@dataclass
+class StuckCoupon:
+    """A coupon a campaign end left `received`, and why (`contract.STUCK_*`)."""
+
+    coupon_id: str
+    reason: str
+    detail: str = ""
+
+
+@dataclass
+class ExpireCoupons:
+    """One page of a campaign end: its received coupons after `after`, at most `limit`."""
+
+    campaign_id: str
+    after: str
+    reason: str
+    # Each coupon's update id is `<update_key>:<coupon id>`: the same on every retry and
+    # every pass, so a retry joins an update still in flight or reads its outcome (which
+    # Temporal keeps, even once the coupon's workflow has closed) and never counts twice.
+    update_key: str
+    limit: int = 200
+    update_timeout_s: float = UPDATE_TIMEOUT_S
+    ledger_wait_s: float = 60.0
+
+
+@dataclass
+class ExpiredCoupons:
+    """What one page did: counts, and the coupons it left with their reason (at most a page)."""
+
+    expired: int  # taken by the workflow and `expired` in the ledger
+    skipped: int  # no longer received when asked (task done, cancelled, finished)
+    stuck: list[StuckCoupon]
+    last: str  # the last coupon id read: the next page starts after it
+    done: bool  # the page was the pass's last
+
+
+@dataclass
+class PageCoupon:
+    coupon_id: str
+    workflow_id: str
+    workflow_started: bool
+
+
+@dataclass
+class PageTally:
+    """The page as its activity heartbeats it: the coupons as first read (a retry works on
+    these, not on a new read that no longer shows those already expired) and what became of
+    each one done so far."""
+
+    coupons: list[PageCoupon]
+    last: str
+    done: bool
+    accepted: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    stuck: list[StuckCoupon] = field(default_factory=list)
+
+    def untouched(self) -> list[PageCoupon]:
+        handled = {*self.accepted, *self.skipped, *(s.coupon_id for s in self.stuck)}
+        return [c for c in self.coupons if c.coupon_id not in handled]
+
+    def note(self, coupon: PageCoupon, outcome: bool | StuckCoupon) -> None:
+        if isinstance(outcome, StuckCoupon):
+            self.stuck.append(outcome)
+        else:
+            (self.accepted if outcome else self.skipped).append(coupon.coupon_id)
 
 
 class CatalogActivities:
@@ -211,14 +291,23 @@ class CatalogActivities:
     @activity.defn(name=act.AWAIT_STATES)
     async def await_states(self, check: RepairCheck) -> int:
         """How many of the coupons reached `state` in the ledger within the timeout."""
+
+        def beat(reached: int) -> None:
+            activity.heartbeat(f"{reached}/{len(check.coupon_ids)} {check.state}")
+
+        return len(await self._reached(check, beat))
+
+    async def _reached(self, check: RepairCheck, beat: Callable[[int], None]) -> set[str]:
+        """The coupons in `check.state` in the ledger once all are, or once `timeout_s` has
+        passed; `beat` (a heartbeat) at each look."""
         loop = asyncio.get_running_loop()
         give_up = loop.time() + check.timeout_s
         while True:
             states = await claims.states_of(self._pool, check.coupon_ids)
-            reached = sum(1 for s in states.values() if s == check.state)
-            if reached == len(check.coupon_ids) or loop.time() >= give_up:
+            reached = {coupon for coupon, state in states.items() if state == check.state}
+            if len(reached) == len(check.coupon_ids) or loop.time() >= give_up:
                 return reached
-            activity.heartbeat(f"{reached}/{len(check.coupon_ids)} {check.state}")
+            beat(len(reached))
             await asyncio.sleep(0.2)
 
     # ----- ending a campaign ------------------------------------------------------------
@@ -227,31 +316,110 @@ class CatalogActivities:
     async def count_received(self, campaign_id: str) -> int:
         return (await claims.count_by_state(self._pool, campaign_id)).get("received", 0)
 
+    @activity.defn(name=act.EXPIRE_RECEIVED_COUPONS)
+    async def expire_received_coupons(self, page: ExpireCoupons) -> ExpiredCoupons:
+        """Expire one page of the campaign's received coupons through their workflows, then
+        wait for the ledger to show them expired.
+
+        No coupon holds the page up: each update is bounded by `update_timeout_s`, and a
+        coupon that cannot take it (no workflow yet, no worker on its queue, a failing
+        workflow task) comes back stuck with its reason. Each outcome is a heartbeat of the
+        whole tally, and a retry resumes from the last one."""
+        details = activity.info().heartbeat_details
+        tally = value_to_type(PageTally, details[0]) if details else await self._read_page(page)
+        request = ExpireRequest(page.reason)
+        within = timedelta(seconds=page.update_timeout_s)
+
+        async def expire(coupon: PageCoupon) -> None:
+            update_id = f"{page.update_key}:{coupon.coupon_id}"
+            tally.note(coupon, await self._expire_one(coupon, request, update_id, within))
+            activity.heartbeat(tally)
+
+        await _each(tally.untouched(), expire)
+        check = RepairCheck(tally.accepted, "expired", page.ledger_wait_s)
+        confirmed = await self._reached(check, lambda _: activity.heartbeat(tally))
+        lagging = [
+            StuckCoupon(c, act.STUCK_LEDGER_LAG, f"still not expired after {check.timeout_s:g} s")
+            for c in tally.accepted
+            if c not in confirmed
+        ]
+        return ExpiredCoupons(
+            expired=len(confirmed),
+            skipped=len(tally.skipped),
+            stuck=[*tally.stuck, *lagging],
+            last=tally.last,
+            done=tally.done,
+        )
+
+    async def _read_page(self, page: ExpireCoupons) -> PageTally:
+        found = await claims.coupons_in_state(
+            self._pool, "received", campaign_id=page.campaign_id, after=page.after, limit=page.limit
+        )
+        return PageTally(
+            coupons=[PageCoupon(c.coupon_id, c.workflow_id, c.workflow_started) for c in found],
+            last=found[-1].coupon_id if found else page.after,
+            done=len(found) < page.limit,
+        )
+
+    async def _expire_one(
+        self,
+        coupon: PageCoupon,
+        request: ExpireRequest,
+        update_id: str | None,
+        within: timedelta,
+    ) -> bool | StuckCoupon:
+        """True: the workflow took the expiry; False: it is no longer received; else why not."""
+        handle = self._client.get_workflow_handle(coupon.workflow_id)
+        try:
+            # rpc_timeout bounds each call; the client calls again while the server has only
+            # admitted the update, then polls for its outcome: the whole is bounded here.
+            async with asyncio.timeout(within.total_seconds()):
+                await handle.execute_update(
+                    act.EXPIRE_COUPON, request, id=update_id, rpc_timeout=within
+                )
+        except WorkflowUpdateFailedError:
+            return False  # refused by its validator: the task was done, or it was cancelled
+        except (WorkflowUpdateRPCTimeoutOrCancelledError, TimeoutError):
+            if _cancelled():
+                raise asyncio.CancelledError from None  # the page itself is cancelled
+            detail = f"no answer within {within.total_seconds():g} s"
+            return StuckCoupon(coupon.coupon_id, act.STUCK_NO_ANSWER, detail)
+        except RPCError as err:
+            if err.status != RPCStatusCode.NOT_FOUND:
+                return StuckCoupon(coupon.coupon_id, act.STUCK_REFUSED, err.status.name)
+            if coupon.workflow_started:
+                return False  # finished since the page was read
+            # Claimed a moment ago: the workers' starter starts it shortly.
+            return StuckCoupon(coupon.coupon_id, act.STUCK_NOT_STARTED, "no workflow yet")
+        return True
+
     @activity.defn(name=act.EXPIRE_RECEIVED_PAGE)
     async def expire_received_page(self, page: ExpirePage) -> ExpirePageResult:
-        """Expire one page of the campaign's received coupons through their workflows."""
+        """Expire one page of the campaign's received coupons through their workflows: for
+        EndCampaignWorkflow runs started before the patch `end-campaign-counts`.
+
+        Each update is bounded as in `expire_received_coupons` and each outcome is a
+        heartbeat; one that gets no answer or is refused counts as skipped (the only outcome
+        besides `expired` these runs know), so the page ends."""
         found = await claims.coupons_in_state(
             self._pool, "received", campaign_id=page.campaign_id, after=page.after, limit=page.limit
         )
         request = ExpireRequest(page.reason)
+        within = timedelta(seconds=UPDATE_TIMEOUT_S)
+        answered = 0
 
         async def expire(claim: claims.Claim) -> bool:
-            handle = self._client.get_workflow_handle(claim.workflow_id)
-            try:
-                await handle.execute_update(act.EXPIRE_COUPON, request)
-            except WorkflowUpdateFailedError:
-                return False  # no longer received: the task was done, or it was cancelled
-            except RPCError as err:
-                if err.status != RPCStatusCode.NOT_FOUND:
-                    raise
-                if not claim.workflow_started:
-                    # Claimed a moment ago: the workers' starter starts it shortly, and the
-                    # page's retry expires it then.
-                    raise ApplicationError(
-                        f"coupon {claim.coupon_id!r} has no workflow yet", type="not_started"
-                    ) from None
-                return False  # finished since the page was read
-            return True
+            nonlocal answered
+            coupon = PageCoupon(claim.coupon_id, claim.workflow_id, claim.workflow_started)
+            outcome = await self._expire_one(coupon, request, None, within)
+            answered += 1
+            activity.heartbeat(f"{answered}/{len(found)} coupons asked")
+            if isinstance(outcome, StuckCoupon) and outcome.reason == act.STUCK_NOT_STARTED:
+                # The page's retry expires it once the workers' starter has started it.
+                raise ApplicationError(
+                    f"coupon {claim.coupon_id!r} has no workflow yet", type="not_started"
+                )
+            return outcome is True
 
         accepted = await _each(found, expire)
         expired = [c.coupon_id for c, ok in zip(found, accepted, strict=True) if ok]
@@ -285,6 +453,13 @@ async def _known_batch(pool: AsyncConnectionPool, batch_id: str) -> batches.Batc
             non_retryable=True,
         )
     return batch
+
+
+def _cancelled() -> bool:
+    """Whether the running task is being cancelled (the activity, not a timeout of ours:
+    `asyncio.timeout` takes back the cancellation it made before the error leaves it)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 async def _each(items: Iterable[T], call: Callable[[T], Awaitable[R]]) -> list[R]:

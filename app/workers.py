@@ -91,6 +91,7 @@ def build_workers(
                 catalog.await_states,
                 catalog.count_received,
                 catalog.expire_received_page,
+                catalog.expire_received_coupons,
             ],
             workflow_runner=workflow_runner(),
             max_cached_workflows=settings.worker_cache_size,

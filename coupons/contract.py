@@ -19,6 +19,9 @@ RECONCILE_BATCH = "reconcile_batch"
 AWAIT_STATES = "await_states"
 COUNT_RECEIVED = "count_received"
 EXPIRE_RECEIVED_PAGE = "expire_received_page"
+# Its successor (EndCampaignWorkflow after the patch "end-campaign-counts"): one page, each
+# coupon's update bounded, the page resumed from its heartbeat, counts back instead of ids.
+EXPIRE_RECEIVED_COUPONS = "expire_received_coupons"
 
 # Handlers of the coupon workflow that activities reach by name (`activities/` never
 # imports `workflows/`), or that are sent with a start (`start_signal` takes a name).
@@ -44,6 +47,17 @@ LOOKUP_FAILED = "lookup_failed"
 RECEIPT_NOT_VISIBLE = "receipt_not_visible"
 # The batch cannot send now (budget used up, paused): the coupon waits for it.
 BATCH_UNAVAILABLE = "batch_unavailable"
+
+# Why a campaign end left a coupon `received` (EndCampaignWorkflow reports each with one).
+# Its workflow is not started yet: the claim was answered by the ledger, the starter is behind.
+STUCK_NOT_STARTED = "not_started"
+# Its workflow did not take the expiry in time: no worker polls its task queue, or its
+# workflow task keeps failing.
+STUCK_NO_ANSWER = "no_answer"
+# Its workflow took the expiry, but the ledger did not show it `expired` within the wait.
+STUCK_LEDGER_LAG = "ledger_lag"
+# Temporal refused the update for another reason (its status code is in the detail).
+STUCK_REFUSED = "refused"
 
 # The issue activity heartbeats while it waits for a lagging lookup; a single platform
 # call must answer well inside the heartbeat timeout, and the whole attempt (the send

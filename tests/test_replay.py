@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from temporalio import workflow
@@ -21,9 +22,11 @@ from temporalio.worker import Replayer
 # This module defines a workflow, so the sandbox re-imports it: pass the rest through.
 with workflow.unsafe.imports_passed_through():
     from app.workers import workflow_runner
+    from coupons.contract import END_CAMPAIGN_WORKFLOW
     from coupons.lifecycle import FINAL_STATES
     from coupons.model import COUPON_STATE, CouponInput, CouponStatus, coupon_workflow_id
     from tests.conftest import published_search_attributes
+    from workflows.end_campaign import COUNTS, EndCampaignRun, EndCampaignWorkflow
     from workflows.user_coupon import FIRST_POLL_AFTER_BACKOFF, UserCouponWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
@@ -161,3 +164,42 @@ def test_the_corpus_holds_both_sides_of_every_patch() -> None:
     assert any(not patches for patches in recorded.values()), "no history from before patches"
     for patch in (FIRST_POLL_AFTER_BACKOFF,):
         assert any(patch in patches for patches in recorded.values()), f"no history has {patch}"
+
+
+# ----- the campaign end ---------------------------------------------------------------
+
+# Its own folder: the checks above read every history in tests/histories as a coupon's.
+END_CAMPAIGN_FILES = sorted((HISTORIES / "end_campaign").glob("*.json"))
+
+
+def load_end_campaign(path: Path) -> WorkflowHistory:
+    return WorkflowHistory.from_json(f"end-campaign:{path.stem}", path.read_text())
+
+
+async def test_every_stored_end_campaign_history_replays_on_both_sides_of_its_patch() -> None:
+    """Runs from before COUNTS (id lists, one pass) and after it (counts, passes, a run
+    that continued as new, one that reported stuck coupons) replay on today's code."""
+    recorded: dict[str, set[str]] = {}
+    for path in END_CAMPAIGN_FILES:
+        history = load_end_campaign(path)
+        await replayer(EndCampaignWorkflow).replay_workflow(history)
+        recorded[path.name] = patches_of(history)
+    assert any(not patches for patches in recorded.values()), "no history from before COUNTS"
+    assert any(COUNTS in patches for patches in recorded.values()), f"no history has {COUNTS}"
+
+
+@workflow.defn(name=END_CAMPAIGN_WORKFLOW)
+class UnpatchedEndCampaignWorkflow(EndCampaignWorkflow):
+    """EndCampaignWorkflow taking today's path without asking `workflow.patched`."""
+
+    @workflow.run
+    async def run(self, input: EndCampaignRun) -> Any:
+        return await self._run_with_counts(input)
+
+
+async def test_an_unpatched_end_campaign_fails_replay_of_a_run_from_before() -> None:
+    history = load_end_campaign(HISTORIES / "end_campaign" / "before_counts.json")
+    results = await replayer(UnpatchedEndCampaignWorkflow).replay_workflows(
+        one_by_one([history]), raise_on_replay_failure=False
+    )
+    assert isinstance(results.replay_failures.get(history.run_id), workflow.NondeterminismError)

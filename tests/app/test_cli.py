@@ -792,6 +792,10 @@ async def test_campaign_end_expire_pending_expires_received_coupons_through_thei
                 "expired": 3,
                 "skipped": 0,
                 "done": True,
+                "stuck": 0,
+                "stuck_coupons": [],
+                "passes": 1,
+                "runs": 1,
             }
             # The workflows took the expiry; each writes it to the ledger a moment later.
             await wait_for_ledger_states(pool, coupon_ids, "expired", timeout_s=10)

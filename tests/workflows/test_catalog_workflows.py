@@ -1,5 +1,5 @@
 """The catalog's workflows and Schedules: the batch sync, the Schedules that run it and the
-daily reconciliation, and ending a campaign's pending coupons.
+daily reconciliation (ending a campaign: tests/workflows/test_end_campaign.py).
 
 The sync runs on the dev server and on the time-skipping server. The Schedules run on the
 dev server only: the time-skipping test server does not implement them (its
@@ -11,7 +11,6 @@ namespace-global, so each test gives them its own task queue and deletes them af
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -28,7 +27,6 @@ from temporalio.client import (
     ScheduleActionStartWorkflow,
     ScheduleOverlapPolicy,
     ScheduleRange,
-    WorkflowExecutionStatus,
     WorkflowHandle,
 )
 from temporalio.service import RPCError, RPCStatusCode
@@ -40,24 +38,17 @@ from coupons import contract as act
 from coupons.config import Settings
 from coupons.ledger import claims as ledger
 from coupons.ledger.batches import get_batch, list_batches
-from coupons.model import EndCampaignInput, EndProgress, SyncInput, SyncReport, TaskCompletion
+from coupons.model import SyncInput, SyncReport
 from coupons.platforms.base import BatchAction
 from coupons.platforms.generic.adapter import RestPlatform
 from tests.conftest import (
-    TASK,
-    claims_of,
-    close_workflows,
-    handle_of,
     new_batch,
     new_campaign,
     run_workflow,
     running_workers,
     set_at_platform,
     start_workflow,
-    wait_for_budget,
-    wait_for_state,
 )
-from workflows.user_coupon import UserCouponWorkflow
 
 SCHEDULES = (act.CATALOG_SYNC_SCHEDULE, act.RECONCILE_SCHEDULE)
 
@@ -293,94 +284,3 @@ async def test_a_short_interval_schedule_starts_sync_runs_that_complete(
         assert report.failed == []
     stored = await get_batch(pool, batch.id)
     assert stored is not None and stored.synced_at > batch.synced_at
-
-
-# ----------------------------------------------------------------- ending a campaign
-
-
-async def test_end_campaign_expires_received_coupons_and_leaves_the_others(
-    dev_env: WorkflowEnvironment,
-    pool: AsyncConnectionPool,
-    platform: RestPlatform,
-    settings: Settings,
-    simulator: httpx.AsyncClient,
-) -> None:
-    client = dev_env.client
-    service = claims_of(pool, client, settings)
-    campaign = await new_campaign(pool, platform, quota=20)
-    workflow_ids: list[str] = []
-    try:
-        async with running_workers(client, pool, settings):
-            pending = [await service.claim(campaign.id, f"pending-{i:02d}") for i in range(12)]
-            done = await service.claim(campaign.id, "done")
-            waiting = await service.claim(campaign.id, "waiting")
-            workflow_ids += [r.workflow_id for r in [*pending, done, waiting]]
-
-            done_handle = handle_of(client, done.workflow_id)
-            waiting_handle = handle_of(client, waiting.workflow_id)
-            await done_handle.execute_update(UserCouponWorkflow.complete_task, TaskCompletion(TASK))
-            await wait_for_state(done_handle, "issued")
-            # Paused at the platform, the next one becomes usable and waits there.
-            await set_at_platform(pool, simulator, campaign.batch_id, status="paused")
-            await waiting_handle.execute_update(
-                UserCouponWorkflow.complete_task, TaskCompletion(TASK)
-            )
-            await wait_for_budget(waiting_handle)
-
-            await catalog.campaigns.change_campaign_status(pool, campaign.id, "end")
-            end = await start_workflow(
-                client,
-                settings,
-                act.END_CAMPAIGN_WORKFLOW,
-                EndCampaignInput(campaign.id),
-                EndProgress,
-            )
-            seen: list[EndProgress] = []
-            while True:
-                snapshot = await end.query("progress", result_type=EndProgress)
-                seen.append(snapshot)
-                if snapshot.done:
-                    break
-                await asyncio.sleep(0.05)
-            result = await end.result()
-            final_query = await end.query("progress", result_type=EndProgress)
-
-            finals = await asyncio.gather(
-                *(handle_of(client, r.workflow_id).result() for r in pending)
-            )
-            done_status = await done_handle.query(UserCouponWorkflow.status)
-            waiting_status = await waiting_handle.query(UserCouponWorkflow.status)
-            open_ones = [(await h.describe()).status for h in (done_handle, waiting_handle)]
-
-        assert (result.campaign_id, result.total, result.expired, result.skipped, result.done) == (
-            campaign.id,
-            12,
-            12,
-            0,
-            True,
-        )
-        assert final_query == result
-        for earlier, later in itertools.pairwise(seen):
-            assert later.expired >= earlier.expired
-        for snapshot in seen:
-            assert snapshot.expired + snapshot.skipped <= snapshot.total
-        assert {s.state for s in finals} == {"expired"}
-        assert {s.transitions[-1].cause for s in finals} == {"campaign ended"}
-        states = await ledger.states_of(pool, [r.coupon_id for r in pending])
-        assert set(states.values()) == {"expired"}
-        for r in pending[:3]:
-            view = await ledger.coupon_view(pool, r.coupon_id)
-            assert view is not None
-            last = view["events"][-1]
-            assert (last["from_state"], last["to_state"], last["cause"]) == (
-                "received",
-                "expired",
-                "campaign ended",
-            )
-
-        assert (done_status.state, waiting_status.state) == ("issued", "usable")
-        assert open_ones == [WorkflowExecutionStatus.RUNNING] * 2
-        assert (await ledger.get_claim(pool, done.coupon_id)).state == "issued"  # type: ignore[union-attr]
-        assert (await ledger.get_claim(pool, waiting.coupon_id)).state == "usable"  # type: ignore[union-attr]
-    finally:
-        await close_workflows(client, workflow_ids)
