@@ -81,10 +81,15 @@ class Campaign:
         )
 
 
+# What the campaign's quota slots have counted (migration 006), for a query on `campaigns`.
+_CLAIMED = (
+    "(SELECT COALESCE(sum(s.claimed), 0)::int FROM campaign_slots s"
+    " WHERE s.campaign_id = campaigns.id)"
+)
 _CAMPAIGN_COLUMNS = (
     "id, tenant_id, batch_id, required_tasks, task_names, task_deadline, deadline_at,"
-    " per_user_limit, quota, claimed, name, starts_at, ends_at, status, created_at,"
-    " updated_at, ended_at"
+    f" per_user_limit, quota, {_CLAIMED} AS claimed, name, starts_at, ends_at, status,"
+    " created_at, updated_at, ended_at"
 )
 _SELECT_CAMPAIGNS = f"SELECT {_CAMPAIGN_COLUMNS} FROM campaigns"
 
@@ -120,6 +125,10 @@ async def save_campaign(
             "SELECT pg_advisory_xact_lock(hashtext('campaign-batch:' || %s))", (spec.batch_id,)
         )
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext('campaign:' || %s))", (spec.id,))
+        # The count the checks read cannot move before the write: claims wait meanwhile.
+        await conn.execute(
+            "SELECT 1 FROM campaign_slots WHERE campaign_id = %s FOR UPDATE", (spec.id,)
+        )
         existing = await _campaign_for_update(conn, spec.id)
         use = BatchUse(
             await batches.batch_for_share(conn, spec.batch_id),
@@ -157,12 +166,15 @@ async def save_campaign(
                 f" WHERE id = %s RETURNING {_CAMPAIGN_COLUMNS}"
             )
         # The row exists: inserted, or locked above.
-        return await db.fetch_written(conn, Campaign, write, values), True
+        saved = await db.fetch_written(conn, Campaign, write, values)
+        if existing is None or existing.quota != spec.quota:
+            await conn.execute("SELECT spread_quota(%s, %s)", (spec.id, spec.quota))
+        return saved, True
 
 
 async def _promised_elsewhere(conn: AsyncConnection[Any], batch_id: str, campaign_id: str) -> int:
     cur = await conn.execute(
-        "SELECT COALESCE(sum(CASE WHEN status = 'ended' THEN claimed ELSE quota END), 0)"
+        f"SELECT COALESCE(sum(CASE WHEN status = 'ended' THEN {_CLAIMED} ELSE quota END), 0)"
         " FROM campaigns WHERE batch_id = %s AND id <> %s",
         (batch_id, campaign_id),
     )

@@ -52,16 +52,19 @@ _SELECT_RECEIPT = (
 )
 
 
-# The claim in one statement, so the campaign row's lock (taken by the UPDATE) is held only
-# for the rest of this statement and its commit, not across round trips to the client.
+# The claim in one statement, so the lock it takes on one of the campaign's quota slots
+# (migration 006) is held only for the rest of this statement and its commit, not across
+# round trips to the client; claims on other slots commit beside it.
 # `k`: the campaign as this statement first reads it, with the first rule a new claim breaks
-# (NULL: none); `took`: the quota counted, only if no rule is broken and the user is under
-# their limit (the UPDATE re-checks `claimed < quota` on the row it waited for, so two
-# claims can never both take the last coupon; two claims of one user both reading `held`
-# as n meet on the UNIQUE (campaign_id, user_id, seq) and the loser is retried).
+# (NULL: none); `took`: one coupon counted in a slot with room, chosen at random, only if
+# no rule is broken and the user is under their limit. The UPDATE re-checks
+# `claimed < quota` on the slot it waited for, so two claims never both take a slot's last
+# coupon; a claim whose slot filled meanwhile takes nothing and is run again. Two claims of
+# one user both reading `held` as n meet on the UNIQUE (campaign_id, user_id, seq) and the
+# loser is retried.
 _CLAIM = """
 WITH k AS (
-    SELECT k.id, k.per_user_limit, k.quota, k.claimed, k.required_tasks, k.status,
+    SELECT k.id, k.per_user_limit, k.quota, k.required_tasks, k.status,
            k.starts_at, k.ends_at, k.deadline_at, b.id AS batch, b.platform_batch_id,
            CASE WHEN b.status IN ('stopped', 'expired') THEN b.status
                 WHEN b.ends_at <= now() THEN 'expired' END AS batch_finished,
@@ -77,17 +80,22 @@ WITH k AS (
                     THEN 'deadline_passed'
                 WHEN b.status IN ('stopped', 'expired') OR b.ends_at <= now()
                     THEN 'batch_finished'
-                WHEN k.claimed >= k.quota THEN 'sold_out' END AS broken
+                WHEN NOT EXISTS (SELECT 1 FROM campaign_slots s
+                                 WHERE s.campaign_id = k.id AND s.claimed < s.quota)
+                    THEN 'sold_out' END AS broken
     FROM campaigns k JOIN batches b ON b.id = k.batch_id
     WHERE k.id = %(campaign)s AND (%(tenant)s::text IS NULL OR k.tenant_id = %(tenant)s)
 ), held AS (
     SELECT count(*)::int AS n FROM claims
     WHERE campaign_id = %(campaign)s AND user_id = %(user)s
 ), took AS (
-    UPDATE campaigns SET claimed = claimed + 1
-    WHERE id = %(campaign)s AND claimed < quota
+    UPDATE campaign_slots SET claimed = claimed + 1
+    WHERE campaign_id = %(campaign)s AND claimed < quota
+      AND slot = (SELECT slot FROM campaign_slots
+                  WHERE campaign_id = %(campaign)s AND claimed < quota
+                  ORDER BY random() LIMIT 1)
       AND (SELECT broken IS NULL AND held.n < k.per_user_limit FROM k, held)
-    RETURNING id
+    RETURNING campaign_id
 ), c AS (
     INSERT INTO claims (coupon_id, campaign_id, user_id, seq, state, workflow_id,
                         task_deadline, claimed_at, start_leased_until)
@@ -137,26 +145,30 @@ async def claim(
         "lease": lease,
         "workflow_prefix": coupon_workflow_id(""),
     }
-    for attempt in range(_CLAIM_ATTEMPTS):
+    races = 0
+    while True:
         try:
             async with pool.connection() as conn:
                 cur = conn.cursor(row_factory=dict_row)
                 await cur.execute(_CLAIM, params)
                 row = await cur.fetchone()
-            break
         except psycopg.errors.UniqueViolation:
-            if attempt == _CLAIM_ATTEMPTS - 1:
+            races += 1
+            if races == _CLAIM_ATTEMPTS:
                 raise
-    if row is None:
-        raise ClaimRefused("unknown_campaign", f"no campaign {campaign_id!r}")
-    if row["coupon_id"] is not None:
-        return Claim(**{name: row[name] for name in _CLAIM_FIELDS}), True
-    if row["held"] >= row["per_user_limit"]:
-        held = await _claims_of(pool, campaign_id, user_id)
-        return held[0], False
-    # Under their limit and no rule broken as first read: the last coupon went to another
-    # claim while this one waited for the row.
-    raise _refusal(campaign_id, row["broken"] or "sold_out", row)
+            continue
+        if row is None:
+            raise ClaimRefused("unknown_campaign", f"no campaign {campaign_id!r}")
+        if row["coupon_id"] is not None:
+            return Claim(**{name: row[name] for name in _CLAIM_FIELDS}), True
+        if row["held"] >= row["per_user_limit"]:
+            held = await _claims_of(pool, campaign_id, user_id)
+            return held[0], False
+        if row["broken"] is not None:
+            raise _refusal(campaign_id, row["broken"], row)
+        # No rule broken and a slot with room as this claim read them, but that slot's last
+        # coupon went to another claim while this one waited: again, from a fresh read.
+        # Each time round another claim took a coupon, so this ends by the quota at most.
 
 
 def _refusal(campaign_id: str, broken: str, campaign: dict[str, Any]) -> ClaimRefused:

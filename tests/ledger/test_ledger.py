@@ -13,6 +13,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from app.embedded import EmbeddedPostgres
 from coupons.ledger import batches, claims, db
+from coupons.ledger.campaigns import get_campaign
 from coupons.model import Receipt, Transition
 from coupons.platforms.base import BatchSpec
 from coupons.platforms.generic.adapter import RestPlatform
@@ -36,6 +37,7 @@ async def test_migrations_build_an_empty_database_once(postgres: EmbeddedPostgre
             (3, "tenants"),
             (4, "batch_intents"),
             (5, "claim_starts"),
+            (6, "claim_slots"),
         ]
 
 
@@ -57,13 +59,57 @@ async def test_the_catalog_migration_keeps_existing_batches_and_campaigns(
             "INSERT INTO campaigns (id, batch_id, required_tasks, per_user_limit, quota)"
             " VALUES ('old', 'bat_1', '{first-order}', 1, 10)"
         )
-        assert await db.migrate(conn) == [2, 3, 4, 5]
+        assert await db.migrate(conn, upto=5) == [2, 3, 4, 5]
         cur = await conn.execute("SELECT id, platform_batch_id, drift, tenant_id FROM batches")
         assert await cur.fetchall() == [("bat_1", "bat_1", [], "default")]
         cur = await conn.execute(
             "SELECT required_tasks, task_names, status, tenant_id FROM campaigns"
         )
         assert await cur.fetchall() == [(["first-order"], ["first-order"], "active", "default")]
+        await conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(upgraded)))
+
+
+async def test_the_slots_migration_keeps_each_campaigns_count_and_quota(
+    postgres: EmbeddedPostgres, schema: str
+) -> None:
+    """A ledger whose quota was one counter per campaign upgrades to slots in place: the
+    same count, the same quota, and claims go on up to it and no further."""
+    upgraded = f"{schema}_slots"
+    assert await db.migrate_url(postgres.url(), schema=upgraded, upto=5) == [1, 2, 3, 4, 5]
+    options = f"-c search_path={upgraded}"
+    async with await AsyncConnection.connect(
+        postgres.url(), options=options, autocommit=True
+    ) as conn:
+        await conn.execute(
+            "INSERT INTO batches (id, platform_batch_id, name, quantity, valid_days, status,"
+            " remaining, raw) VALUES ('b1', 'pb1', 'old', 100, 30, 'running', 100, '{}')"
+        )
+        for campaign, quota, taken in (("full", 3, 3), ("part", 37, 5), ("none", 0, 0)):
+            await conn.execute(
+                "INSERT INTO campaigns (id, batch_id, task_names, per_user_limit, quota, claimed,"
+                " starts_at, ends_at) VALUES (%s, 'b1', '{}', 1, %s, %s, now() - interval '1 day',"
+                " now() + interval '1 day')",
+                (campaign, quota, taken),
+            )
+        assert await db.migrate(conn) == [6]
+        cur = await conn.execute(
+            "SELECT campaign_id, count(*), sum(quota), sum(claimed), min(quota), max(quota)"
+            " FROM campaign_slots GROUP BY campaign_id ORDER BY campaign_id"
+        )
+        # Shared evenly past what was claimed: 32 free coupons over 16 slots, 2 each.
+        assert await cur.fetchall() == [
+            ("full", 16, 3, 3, 0, 3),
+            ("none", 16, 0, 0, 0, 0),
+            ("part", 16, 37, 5, 2, 7),
+        ]
+    async with db.pool(postgres.url(), schema=upgraded, max_size=4) as pool:
+        granted = [await claims.claim(pool, "part", f"u{i}") for i in range(32)]
+        assert all(created for _, created in granted)
+        with pytest.raises(claims.ClaimRefused, match="no coupons left"):
+            await claims.claim(pool, "part", "one-more")
+        stored = await get_campaign(pool, "part")
+        assert stored is not None and (stored.claimed, stored.quota) == (37, 37)
+    async with await AsyncConnection.connect(postgres.url(), autocommit=True) as conn:
         await conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(upgraded)))
 
 
@@ -136,9 +182,10 @@ async def test_the_quota_holds_even_against_direct_sql(
     campaign = await new_campaign(pool, platform, quota=1)
     await claims.claim(pool, campaign.id, "u1")
     async with pool.connection() as conn:
-        with pytest.raises(psycopg.errors.CheckViolation, match="claimed_within_quota"):
+        with pytest.raises(psycopg.errors.CheckViolation, match="slot_claimed_within_quota"):
             await conn.execute(
-                "UPDATE campaigns SET claimed = claimed + 1 WHERE id = %s", (campaign.id,)
+                "UPDATE campaign_slots SET claimed = claimed + 1 WHERE campaign_id = %s",
+                (campaign.id,),
             )
 
 
