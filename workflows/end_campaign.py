@@ -28,8 +28,8 @@ with workflow.unsafe.imports_passed_through():
     )
 
 LEDGER_WAIT_S = 60.0
-# Runs recorded before it expired by id lists in one run, and raised on a coupon whose
-# workflow was not started (`_run_before_counts`); runs after it carry counts (see the class).
+# The patch that brought counts: runs from before it (`_run_before_counts`) expired by id
+# lists in one pass and retried a page for ever on a coupon with no workflow yet.
 COUNTS = "end-campaign-counts"
 # Waits before each pass after the first: the claims a pass found not started get started by
 # the workers' starter meanwhile (a flash sale may leave it minutes behind).
@@ -39,6 +39,7 @@ PASS_WAITS_S = (10.0, 60.0, 300.0)
 PAGES_PER_RUN = 100
 # The stuck coupons the result names; the count covers them all.
 STUCK_KEPT = 100
+PAGE_HEARTBEAT = timedelta(minutes=1)
 
 
 @dataclass
@@ -154,7 +155,8 @@ class EndCampaignWorkflow:
             # The updates take at most ceil(page / FAN_OUT) update timeouts, then the ledger
             # wait: minutes at most. Every coupon's outcome is a heartbeat.
             start_to_close_timeout=timedelta(minutes=10),
-            heartbeat_timeout=timedelta(minutes=1),
+            # A heartbeat comes at least once per update timeout (each update ends by then).
+            heartbeat_timeout=max(PAGE_HEARTBEAT, timedelta(seconds=3 * input.update_timeout_s)),
             summary=f"pass {self._progress.passes}: expire received coupons after "
             f"{after or 'the start'}",
         )
