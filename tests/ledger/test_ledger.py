@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
-from typing import LiteralString
+from typing import Any, LiteralString
 
 import psycopg
 import pytest
@@ -41,16 +43,30 @@ async def test_migrations_build_an_empty_database_once(postgres: EmbeddedPostgre
         ]
 
 
+@asynccontextmanager
+async def ledger_at(
+    postgres: EmbeddedPostgres, schema: str, version: int
+) -> AsyncIterator[AsyncConnection[Any]]:
+    """A ledger of its own as migration `version` left it (a connection on it, autocommit),
+    dropped at the end."""
+    assert await db.migrate_url(postgres.url(), schema=schema, upto=version) == list(
+        range(1, version + 1)
+    )
+    try:
+        async with await AsyncConnection.connect(
+            postgres.url(), options=f"-c search_path={schema}", autocommit=True
+        ) as conn:
+            yield conn
+    finally:
+        async with await AsyncConnection.connect(postgres.url(), autocommit=True) as conn:
+            await conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+
+
 async def test_the_catalog_migration_keeps_existing_batches_and_campaigns(
     postgres: EmbeddedPostgres, schema: str
 ) -> None:
     """A ledger from before the catalog (batch ids were the platform's) upgrades in place."""
-    upgraded = f"{schema}_upgrade"
-    assert await db.migrate_url(postgres.url(), schema=upgraded, upto=1) == [1]
-    options = f"-c search_path={upgraded}"
-    async with await AsyncConnection.connect(
-        postgres.url(), options=options, autocommit=True
-    ) as conn:
+    async with ledger_at(postgres, f"{schema}_upgrade", 1) as conn:
         await conn.execute(
             "INSERT INTO batches (id, name, quantity, valid_days, status, remaining, raw)"
             " VALUES ('bat_1', 'old', 10, 30, 'active', 10, '{}')"
@@ -66,7 +82,6 @@ async def test_the_catalog_migration_keeps_existing_batches_and_campaigns(
             "SELECT required_tasks, task_names, status, tenant_id FROM campaigns"
         )
         assert await cur.fetchall() == [(["first-order"], ["first-order"], "active", "default")]
-        await conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(upgraded)))
 
 
 async def test_the_slots_migration_keeps_each_campaigns_count_and_quota(
@@ -75,11 +90,7 @@ async def test_the_slots_migration_keeps_each_campaigns_count_and_quota(
     """A ledger whose quota was one counter per campaign upgrades to slots in place: the
     same count, the same quota, and claims go on up to it and no further."""
     upgraded = f"{schema}_slots"
-    assert await db.migrate_url(postgres.url(), schema=upgraded, upto=5) == [1, 2, 3, 4, 5]
-    options = f"-c search_path={upgraded}"
-    async with await AsyncConnection.connect(
-        postgres.url(), options=options, autocommit=True
-    ) as conn:
+    async with ledger_at(postgres, upgraded, 5) as conn:
         await conn.execute(
             "INSERT INTO batches (id, platform_batch_id, name, quantity, valid_days, status,"
             " remaining, raw) VALUES ('b1', 'pb1', 'old', 100, 30, 'running', 100, '{}')"
@@ -102,15 +113,13 @@ async def test_the_slots_migration_keeps_each_campaigns_count_and_quota(
             ("none", 16, 0, 0, 0, 0),
             ("part", 16, 37, 5, 2, 7),
         ]
-    async with db.pool(postgres.url(), schema=upgraded, max_size=4) as pool:
-        granted = [await claims.claim(pool, "part", f"u{i}") for i in range(32)]
-        assert all(created for _, created in granted)
-        with pytest.raises(claims.ClaimRefused, match="no coupons left"):
-            await claims.claim(pool, "part", "one-more")
-        stored = await get_campaign(pool, "part")
-        assert stored is not None and (stored.claimed, stored.quota) == (37, 37)
-    async with await AsyncConnection.connect(postgres.url(), autocommit=True) as conn:
-        await conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(upgraded)))
+        async with db.pool(postgres.url(), schema=upgraded, max_size=4) as pool:
+            granted = [await claims.claim(pool, "part", f"u{i}") for i in range(32)]
+            assert all(created for _, created in granted)
+            with pytest.raises(claims.ClaimRefused, match="no coupons left"):
+                await claims.claim(pool, "part", "one-more")
+            stored = await get_campaign(pool, "part")
+            assert stored is not None and (stored.claimed, stored.quota) == (37, 37)
 
 
 async def claimed(pool: AsyncConnectionPool, platform: RestPlatform) -> str:
