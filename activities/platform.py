@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 from psycopg_pool import AsyncConnectionPool
@@ -31,6 +33,40 @@ from coupons.platforms.base import (
 
 # Lookups right after a send may not show the coupon yet; poll at these gaps (seconds).
 CONFIRM_BACKOFF = (0.2, 0.4, 0.8, 1.6, 3.2, 5.0)
+# Heartbeats per heartbeat timeout while a ledger write waits: one late still leaves
+# another inside the timeout.
+BEATS_PER_HEARTBEAT_TIMEOUT = 3
+
+
+@contextlib.asynccontextmanager
+async def heartbeating(doing: str) -> AsyncIterator[None]:
+    """Heartbeat all through the block, and once more when it ends well.
+
+    For the ledger writes of an activity with a heartbeat timeout: a write first waits for
+    a pool connection, up to the pool's timeout (30 s, twice the issue activity's 15 s
+    heartbeat timeout) when every connection is busy. Silent, the attempt would be timed
+    out as lost and run again on another worker while this one still writes; heartbeating,
+    it waits, and fails (PoolTimeout, retried) only when the pool's own timeout says so."""
+    timeout = activity.info().heartbeat_timeout
+    if not timeout:
+        yield
+        return
+    every = timeout.total_seconds() / BEATS_PER_HEARTBEAT_TIMEOUT
+    beats = asyncio.create_task(_beat(doing, every))
+    try:
+        yield
+    finally:
+        beats.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beats
+    # The next step (a platform call) starts with a whole heartbeat timeout before it.
+    activity.heartbeat(f"{doing}: done")
+
+
+async def _beat(doing: str, every: float) -> None:
+    while True:
+        activity.heartbeat(doing)
+        await asyncio.sleep(every)
 
 
 class PlatformActivities:
@@ -49,10 +85,11 @@ class PlatformActivities:
         ledger, and the send always carries the coupon's own idempotency key, so an
         ambiguous answer (timeout, 5xx) is resolved by sending the same key again.
         """
-        if input.became_usable is not None and await claims.record(
-            self._pool, input.coupon_id, input.became_usable
-        ):
-            metrics.transition(input.became_usable)
+        if input.became_usable is not None:
+            async with heartbeating("recording usable"):
+                recorded = await claims.record(self._pool, input.coupon_id, input.became_usable)
+            if recorded:
+                metrics.transition(input.became_usable)
         key = idempotency_key(input.coupon_id)
         try:
             sent = await self._platform.send_coupon(SendRequest(input.batch_id, input.user_id, key))
@@ -102,7 +139,8 @@ class PlatformActivities:
         issued = Transition("usable", "issued", "platform confirmed the send", confirmed_at)
         # A retry after the receipt was written gets the first one back, so the workflow
         # and the ledger agree on it.
-        stored = await claims.record_receipt(self._pool, input.coupon_id, receipt, issued)
+        async with heartbeating("recording the receipt"):
+            stored = await claims.record_receipt(self._pool, input.coupon_id, receipt, issued)
         if stored.confirmed_at == confirmed_at:
             metrics.transition(issued)  # this attempt wrote it, with the move to issued
         return stored
