@@ -1,4 +1,9 @@
-"""Extend the replay corpus after a patched workflow change; never paper over a replay failure."""
+"""Extend the replay corpus after a patched workflow change; never paper over a replay failure.
+
+Records the histories of each workflow type (`--type`: the coupon's by default, the catalog
+sync's, the reconciliation's, or all) on a stack of its own: the time-skipping Temporal
+server, PostgreSQL and the platform simulator. Each path drives its workflow to the end it
+is meant to reach and checks it; a path that ends otherwise writes nothing."""
 
 from __future__ import annotations
 
@@ -32,21 +37,29 @@ from app.claims import ClaimService
 from app.embedded import EmbeddedPostgres, SimulatorProcess, find_binary, free_port
 from app.wedged import recover
 from app.workers import build_workers, workflow_runner
+from coupons.catalog.batches import change_batch
 from coupons.catalog.campaigns import ensure_campaign
 from coupons.config import Settings
 from coupons.ledger import db
 from coupons.ledger.batches import get_batch
+from coupons.ledger.campaigns import Campaign
 from coupons.model import (
     SEARCH_ATTRIBUTES,
     BudgetNotice,
     CancelRequest,
     CouponStatus,
     ExpireRequest,
+    ReconcileInput,
+    ReconcileReport,
     RedemptionReport,
+    SyncInput,
+    SyncReport,
     TaskCompletion,
 )
 from coupons.platforms.base import BatchAction
 from coupons.platforms.generic.adapter import RestPlatform
+from workflows.catalog_sync import CatalogSyncWorkflow
+from workflows.reconcile import ReconcileWorkflow
 from workflows.user_coupon import UserCouponWorkflow
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,6 +83,7 @@ class Recorder:
         sim: httpx.AsyncClient,
         base: Settings,
         default_knobs: dict[str, Any],
+        database_url: str,
     ) -> None:
         self.env = env
         self.pool = pool
@@ -77,6 +91,28 @@ class Recorder:
         self.sim = sim
         self.base = base
         self.default_knobs = default_knobs
+        self.database_url = database_url
+        # Before each campaign id: the platform is shared by every path (its batches too).
+        self.prefix = ""
+
+    @contextlib.asynccontextmanager
+    async def own_ledger(self, name: str) -> AsyncIterator[Recorder]:
+        """This recorder on a ledger schema of the path's own: a run over every batch (no
+        batch ids given) then reads only the path's batches, whichever paths ran before."""
+        schema = f"rec_{name}"
+        await db.migrate_url(self.database_url, schema=schema)
+        async with db.pool(self.database_url, schema=schema) as pool:
+            own = Recorder(
+                self.env,
+                pool,
+                self.platform,
+                self.sim,
+                self.base,
+                self.default_knobs,
+                self.database_url,
+            )
+            own.prefix = f"{name}-"
+            yield own
 
     def settings(self, name: str, **changes: Any) -> Settings:
         """Settings of one path: its own task queues."""
@@ -107,14 +143,26 @@ class Recorder:
     async def claim(
         self, name: str, settings: Settings, user: str = "u1", **campaign: Any
     ) -> Handle:
-        # Earlier paths skipped the server's clock ahead: the platform must share its time,
-        # or the coupon's validity would already be over when it is issued.
+        return await self.claim_in(await self.campaign(f"rec-{name}", **campaign), settings, user)
+
+    async def claim_in(self, c: Campaign, settings: Settings, user: str) -> Handle:
+        """A coupon of `c` claimed by `user`, its workflow started."""
+        result = await ClaimService(self.pool, self.env.client, settings).claim_started(c.id, user)
+        return self.env.client.get_workflow_handle_for(UserCouponWorkflow.run, result.workflow_id)
+
+    async def share_clock(self) -> None:
+        """Earlier paths skipped the server's clock ahead: the platform must share its time,
+        or a coupon's validity (and a batch's window) would already be over."""
         await self.knobs(clock_offset_s=(await self.skew()).total_seconds())
+
+    async def campaign(self, campaign_id: str, **campaign: Any) -> Campaign:
+        """A campaign and its batch, at the platform and in the ledger."""
+        await self.share_clock()
         campaign.setdefault("required_tasks", ["first-order"])
         campaign.setdefault("quota", 10)
-        c = await ensure_campaign(self.pool, self.platform, f"rec-{name}", **campaign)
-        result = await ClaimService(self.pool, self.env.client, settings).claim(c.id, user)
-        return self.env.client.get_workflow_handle_for(UserCouponWorkflow.run, result.workflow_id)
+        return await ensure_campaign(
+            self.pool, self.platform, self.prefix + campaign_id, **campaign
+        )
 
     async def stats(self) -> dict[str, int]:
         response = await self.sim.get("/sim/stats")
@@ -451,11 +499,249 @@ async def wait_for_waiting(handle: Handle, what: str, timeout_s: float = 60) -> 
             await asyncio.sleep(0.2)
 
 
+# ----- the catalog sync -----------------------------------------------------------------
+# Each path runs on a ledger of its own, drives one CatalogSyncWorkflow and checks its report.
+
+SyncHandle = WorkflowHandle[CatalogSyncWorkflow, SyncReport]
+
+
+async def set_at_platform(r: Recorder, c: Campaign, **changes: Any) -> None:
+    """Change the campaign's batch at the platform behind the ledger's back, as the
+    platform's own operator can (`remaining`, `status`)."""
+    batch = await get_batch(r.pool, c.batch_id)
+    assert batch is not None
+    response = await r.sim.put(f"/sim/batches/{batch.platform_batch_id}", json=changes)
+    response.raise_for_status()
+
+
+async def short_of_what_we_owe(r: Recorder, campaign_id: str) -> Campaign:
+    """A batch the platform has 1 coupon left of while we owe 3 claims (drift). The claims
+    are the ledger's alone: no workflow of theirs outlives the path."""
+    c = await r.campaign(campaign_id, quota=5)
+    for i in range(3):
+        await ClaimService(r.pool, r.env.client, r.base).claim(c.id, f"owed-{i}")
+    await set_at_platform(r, c, remaining=1)
+    return c
+
+
+async def sync(r: Recorder, name: str, s: Settings, input: SyncInput) -> SyncHandle:
+    """Run the sync to its end in real time: no timer of the coupons around it fires."""
+    handle = await r.env.client.start_workflow(
+        CatalogSyncWorkflow.run,
+        input,
+        id=f"record-catalog-sync-{name}",
+        task_queue=s.task_queue,
+        execution_timeout=timedelta(minutes=5),
+    )
+    with r.env.auto_time_skipping_disabled():
+        await handle.result()
+    return handle
+
+
+async def every_batch_in_two_rounds(r: Recorder, name: str) -> Recorded:
+    # Nine batches in use (two rounds of PARALLEL): six fine, one short of what we owe, one
+    # stopped at the platform behind our back, one a coupon waits on that the platform
+    # resumed behind our back (the sync wakes the coupon). One we stopped is not read.
+    async with r.own_ledger(name) as r:
+        s = r.settings(name)
+        fine = [await r.campaign(f"fine-{i}") for i in range(6)]
+        short = await short_of_what_we_owe(r, "short")
+        stopped = await r.campaign("stopped")
+        await set_at_platform(r, stopped, status="stopped")
+        retired = await r.campaign("retired")
+        await change_batch(r.pool, r.platform, retired.batch_id, BatchAction.STOP)
+        resumed = await r.campaign("resumed", required_tasks=[])
+        await set_at_platform(r, resumed, status="paused")
+        async with r.workers(s):
+            coupon = await r.claim_in(resumed, s, "waits-for-budget")
+            await wait_for_waiting(coupon, "budget")
+            await set_at_platform(r, resumed, status="running")
+            handle = await sync(r, name, s, SyncInput())
+            await wait_for_state(coupon, "issued")
+            used_at = await r.env.get_current_time()
+            await coupon.signal(
+                UserCouponWorkflow.report_redemption, RedemptionReport(used_at, "callback")
+            )
+            await coupon.result()
+        report = await handle.result()
+    by_id = {b.batch_id: b for b in report.batches}
+    read = {c.batch_id for c in [*fine, short, stopped, resumed]}
+    check(set(by_id) == read, f"synced {sorted(by_id)}, expected {sorted(read)}")
+    check(report.failed == [], f"failed: {report.failed}")
+    drifted = {b.batch_id for b in report.drifted}
+    check(drifted == {short.batch_id, stopped.batch_id}, f"drifted: {sorted(drifted)}")
+    check(by_id[resumed.batch_id].woken == 1, f"woken: {by_id[resumed.batch_id].woken}")
+    return Recorded(handle, sync_outcome(report))
+
+
+async def named_batches_one_failed(r: Recorder, name: str) -> Recorded:
+    # The operator names three batches; the ledger knows no batch of the second name. That
+    # batch is reported failed, the two others are synced (one has drifted).
+    async with r.own_ledger(name) as r:
+        s = r.settings(name)
+        fine = await r.campaign("fine")
+        short = await short_of_what_we_owe(r, "short")
+        named = [fine.batch_id, "b-gone", short.batch_id]
+        async with r.workers(s):
+            handle = await sync(r, name, s, SyncInput(batch_ids=named))
+        report = await handle.result()
+    synced = [b.batch_id for b in report.batches]
+    check(synced == [fine.batch_id, short.batch_id], f"synced: {synced}")
+    check(len(report.failed) == 1, f"failed: {report.failed}")
+    check(report.failed[0].startswith("b-gone: "), f"failed: {report.failed}")
+    check([b.batch_id for b in report.drifted] == [short.batch_id], "drift not found")
+    return Recorded(handle, sync_outcome(report))
+
+
+def sync_outcome(report: SyncReport) -> str:
+    return (
+        f"{len(report.batches)} synced, {len(report.drifted)} drifted, {len(report.failed)} failed"
+    )
+
+
+# ----- reconciliation ------------------------------------------------------------------
+# Each path runs on a ledger of its own: coupons issued, some used at the platform behind
+# our back (no callback, and long before their workflow's first poll), then one
+# ReconcileWorkflow whose report is checked.
+
+ReconcileHandle = WorkflowHandle[ReconcileWorkflow, ReconcileReport]
+
+
+async def issued_coupons(r: Recorder, c: Campaign, s: Settings, count: int) -> list[Handle]:
+    handles = [await r.claim_in(c, s, f"shopper-{i}") for i in range(count)]
+    for handle in handles:
+        await wait_for_state(handle, "issued")
+    return handles
+
+
+async def used_behind_our_back(r: Recorder, handles: list[Handle]) -> None:
+    for handle in handles:
+        status = await handle.query(UserCouponWorkflow.status)
+        assert status.receipt is not None
+        used = await r.sim.post(f"/sim/coupons/{status.receipt.platform_coupon_id}/use")
+        used.raise_for_status()
+
+
+async def reconcile(r: Recorder, name: str, s: Settings, input: ReconcileInput) -> ReconcileHandle:
+    """Run the reconciliation to its end in real time: no coupon's poll finds a use first."""
+    handle = await r.env.client.start_workflow(
+        ReconcileWorkflow.run,
+        input,
+        id=f"record-reconcile-{name}",
+        task_queue=s.task_queue,
+        execution_timeout=timedelta(minutes=5),
+    )
+    with r.env.auto_time_skipping_disabled():
+        await handle.result()
+    return handle
+
+
+async def close_issued(handles: list[Handle]) -> None:
+    """The coupons the path left issued: their histories are not recorded, and their
+    timers must not fire in a later path's time skips."""
+    for handle in handles:
+        if (await handle.query(UserCouponWorkflow.status)).state == "issued":
+            await handle.terminate("recording over")
+
+
+async def one_batch_uses_repaired(r: Recorder, name: str) -> Recorded:
+    # Four coupons issued, two used at the till: both found and repaired to redeemed.
+    async with r.own_ledger(name) as r:
+        s = r.settings(name)
+        c = await r.campaign("till", required_tasks=[])
+        async with r.workers(s):
+            coupons = await issued_coupons(r, c, s, 4)
+            await used_behind_our_back(r, coupons[:2])
+            handle = await reconcile(r, name, s, ReconcileInput(c.batch_id))
+            await close_issued(coupons)
+        report = await handle.result()
+    [batch] = report.batches
+    check(len(batch.repairs_requested) == 2, f"repairs: {batch.repairs_requested}")
+    check((report.mismatches, report.repaired) == (2, 2), reconcile_outcome(report))
+    return Recorded(handle, reconcile_outcome(report))
+
+
+async def every_batch_one_repaired_one_clean(r: Recorder, name: str) -> Recorded:
+    # Every batch (none named): one with a use behind our back, repaired; one clean.
+    async with r.own_ledger(name) as r:
+        s = r.settings(name)
+        used = await r.campaign("used", required_tasks=[])
+        clean = await r.campaign("clean", required_tasks=[])
+        async with r.workers(s):
+            in_used = await issued_coupons(r, used, s, 2)
+            in_clean = await issued_coupons(r, clean, s, 2)
+            await used_behind_our_back(r, in_used[:1])
+            handle = await reconcile(r, name, s, ReconcileInput())
+            await close_issued([*in_used, *in_clean])
+        report = await handle.result()
+    by_id = {b.batch_id: b for b in report.batches}
+    check(set(by_id) == {used.batch_id, clean.batch_id}, f"reconciled: {sorted(by_id)}")
+    check(by_id[used.batch_id].repaired == 1, f"{used.batch_id}: {by_id[used.batch_id]}")
+    check(by_id[clean.batch_id].mismatches == [], f"{clean.batch_id}: {by_id[clean.batch_id]}")
+    return Recorded(handle, reconcile_outcome(report))
+
+
+async def one_batch_found_not_repaired(r: Recorder, name: str) -> Recorded:
+    # Asked not to repair: the use is found and left for an operator (no wait for repairs).
+    async with r.own_ledger(name) as r:
+        s = r.settings(name)
+        c = await r.campaign("till", required_tasks=[])
+        async with r.workers(s):
+            coupons = await issued_coupons(r, c, s, 2)
+            await used_behind_our_back(r, coupons[:1])
+            handle = await reconcile(r, name, s, ReconcileInput(c.batch_id, repair=False))
+            await close_issued(coupons)
+        report = await handle.result()
+    [batch] = report.batches
+    check(len(batch.mismatches) == 1, f"mismatches: {batch.mismatches}")
+    check(batch.mismatches[0].repair is None, f"repair: {batch.mismatches[0].repair}")
+    check(batch.repairs_requested == [], f"repairs: {batch.repairs_requested}")
+    return Recorded(handle, reconcile_outcome(report))
+
+
+def reconcile_outcome(report: ReconcileReport) -> str:
+    return (
+        f"{len(report.batches)} reconciled, {report.mismatches} mismatches, "
+        f"{report.repaired} repaired"
+    )
+
+
+# ----- what is recorded where ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A path's workflow once closed as the path meant it to, and one line on how it ended."""
+
+    handle: WorkflowHandle[Any, Any]
+    outcome: str
+
+
+@dataclass(frozen=True)
+class Recording:
+    """One stored history: `drive` runs its workflow to its end and checks the end."""
+
+    name: str
+    drive: Callable[[Recorder, str], Awaitable[Recorded]]
+
+
 @dataclass(frozen=True)
 class Scenario:
+    """A coupon's path, and the state its workflow must end in."""
+
     name: str
     final_state: str
     drive: Callable[[Recorder, str], Awaitable[Handle]]
+
+    def recording(self) -> Recording:
+        async def drive(r: Recorder, name: str) -> Recorded:
+            handle = await self.drive(r, name)
+            status = await handle.result()
+            if status.state != self.final_state:
+                raise PathFailed(f"{name} ended {status.state}, expected {self.final_state}")
+            return Recorded(handle, status.state)
+
+        return Recording(self.name, drive)
 
 
 PATHS = [
@@ -478,18 +764,35 @@ PATHS = [
 ]
 
 
-async def record(r: Recorder, path: Scenario, out: Path) -> None:
+SYNC_PATHS = [
+    Recording("every_batch_in_two_rounds", every_batch_in_two_rounds),
+    Recording("named_batches_one_failed", named_batches_one_failed),
+]
+
+RECONCILE_PATHS = [
+    Recording("one_batch_uses_repaired", one_batch_uses_repaired),
+    Recording("every_batch_one_repaired_one_clean", every_batch_one_repaired_one_clean),
+    Recording("one_batch_found_not_repaired", one_batch_found_not_repaired),
+]
+
+# Each workflow type's histories, and their folder under --out: the coupon's at its top
+# (where tests/test_replay.py reads them), the others in a folder each.
+TYPES: dict[str, tuple[str, list[Recording]]] = {
+    "coupon": ("", [p.recording() for p in PATHS]),
+    "catalog_sync": ("catalog_sync", SYNC_PATHS),
+    "reconcile": ("reconcile", RECONCILE_PATHS),
+}
+
+
+async def record(r: Recorder, recording: Recording, out: Path) -> None:
     began = time.monotonic()
     await r.knobs(**r.default_knobs)
-    handle = await asyncio.wait_for(path.drive(r, path.name), timeout=300)
-    status = await handle.result()
-    if status.state != path.final_state:
-        raise PathFailed(f"{path.name} ended {status.state}, expected {path.final_state}")
-    history = await handle.fetch_history()
-    target = out / f"{path.name}.json"
+    recorded = await asyncio.wait_for(recording.drive(r, recording.name), timeout=300)
+    history = await recorded.handle.fetch_history()
+    target = out / f"{recording.name}.json"
     target.write_text(history.to_json() + "\n")
     print(
-        f"  {path.name:<30} {status.state:<9} {len(history.events):>3} events "
+        f"  {recording.name:<36} {recorded.outcome:<44} {len(history.events):>3} events "
         f"{target.stat().st_size:>7,} bytes  {time.monotonic() - began:5.1f} s",
         flush=True,
     )
@@ -515,7 +818,7 @@ async def start_time_skipping() -> WorkflowEnvironment:
     return env
 
 
-async def run(paths: list[Scenario], out: Path) -> None:
+async def run(chosen: list[tuple[Path, Recording]]) -> None:
     with tempfile.TemporaryDirectory(prefix="record-histories-") as tmp:
         run_dir = Path(tmp)
         postgres = EmbeddedPostgres(
@@ -539,7 +842,7 @@ async def run(paths: list[Scenario], out: Path) -> None:
             )
             print(
                 f"stack up: postgres pid {postgres.pid}, simulator pid {simulator.pid}, "
-                f"time-skipping server; recording {len(paths)} paths to {out}",
+                f"time-skipping server; recording {len(chosen)} paths",
                 flush=True,
             )
             async with (
@@ -549,9 +852,9 @@ async def run(paths: list[Scenario], out: Path) -> None:
                 platform = RestPlatform(simulator.url, timeout_s=5.0)
                 try:
                     default_knobs = (await sim.get("/sim/knobs")).raise_for_status().json()
-                    r = Recorder(env, pool, platform, sim, base, default_knobs)
-                    for path in paths:
-                        await record(r, path, out)
+                    r = Recorder(env, pool, platform, sim, base, default_knobs, postgres.url())
+                    for out, recording in chosen:
+                        await record(r, recording, out)
                 finally:
                     await platform.aclose()
         finally:
@@ -564,23 +867,42 @@ async def run(paths: list[Scenario], out: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
-        "paths", nargs="*", metavar="PATH", help=f"record only these: {[p.name for p in PATHS]}"
+        "--type",
+        choices=[*TYPES, "all"],
+        default="coupon",
+        help="the workflow type whose histories to record (default: %(default)s)",
     )
-    parser.add_argument("--out", type=Path, default=HISTORIES, help="default: %(default)s")
+    parser.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="record only these: "
+        + "; ".join(f"{t}: {[p.name for p in paths]}" for t, (_, paths) in TYPES.items()),
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=HISTORIES,
+        help="the corpus: coupon histories at its top, the others in a folder per type "
+        "(default: %(default)s)",
+    )
     args = parser.parse_args()
-    unknown = set(args.paths) - {p.name for p in PATHS}
+    types = list(TYPES) if args.type == "all" else [args.type]
+    offered = [(args.out / TYPES[t][0], p) for t in types for p in TYPES[t][1]]
+    unknown = set(args.paths) - {p.name for _, p in offered}
     if unknown:
-        parser.error(f"unknown paths: {', '.join(sorted(unknown))}")
-    chosen = [p for p in PATHS if not args.paths or p.name in args.paths]
+        parser.error(f"unknown paths of {args.type}: {', '.join(sorted(unknown))}")
+    chosen = [(out, p) for out, p in offered if not args.paths or p.name in args.paths]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # The paths fail activities and ignore signals on purpose: keep the progress readable.
     logging.getLogger("temporalio").setLevel(logging.ERROR)
     quiet = TelemetryFilter(core_level="ERROR", other_level="ERROR")
     Runtime.set_default(Runtime(telemetry=TelemetryConfig(logging=LoggingConfig(filter=quiet))))
-    args.out.mkdir(parents=True, exist_ok=True)
+    for out in {out for out, _ in chosen}:
+        out.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
     try:
-        asyncio.run(run(chosen, args.out))
+        asyncio.run(run(chosen))
     except PathFailed as err:
         print(f"FAILED: {err}", file=sys.stderr)
         return 1
