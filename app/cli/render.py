@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -222,10 +223,16 @@ def states_table(states: dict[str, int]) -> RenderableType:
 def expiry_view(expiry: dict[str, Any]) -> RenderableType:
     if not expiry.get("done"):
         return Text(f"expiring its received coupons in workflow {expiry['workflow_id']}")
-    return Text(
+    text = (
         f"{expiry['expired']} received coupons expired, {expiry['skipped']} skipped "
         f"(of {expiry['total']}) by workflow {expiry['workflow_id']}"
     )
+    if stuck := expiry.get("stuck"):
+        # The coupons that could not take the expiry, by reason (the result names them).
+        reasons = Counter(c["reason"] for c in expiry.get("stuck_coupons", []))
+        named = ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items()))
+        text += f"; {stuck} left received ({named or 'reasons in --json'})"
+    return Text(text)
 
 
 def reconcile_view(report: ReconcileReport) -> list[RenderableType]:

@@ -35,6 +35,7 @@ from temporalio.testing import WorkflowEnvironment
 from app import wedged
 from app.claims import ClaimService
 from app.cli import main
+from app.cli.render import expiry_view
 from app.embedded import EmbeddedPostgres, free_port
 from coupons import catalog, tenants
 from coupons.config import Settings
@@ -1149,3 +1150,24 @@ async def test_coupon_wedged_lists_by_cause_and_recover_leaves_a_healthy_coupon_
     await cli.refused("coupon", "recover", "nope:nobody:1", code="unknown_coupon")
     ran = await cli("coupon", "recover")
     assert ran.code == 2 and "one of the arguments coupon --all is required" in ran.err
+
+
+def test_a_campaign_end_that_left_coupons_received_says_how_many_and_why() -> None:
+    stuck = [
+        {"coupon_id": "c:a:1", "reason": "no_answer", "detail": ""},
+        {"coupon_id": "c:b:1", "reason": "not_started", "detail": ""},
+        {"coupon_id": "c:d:1", "reason": "no_answer", "detail": ""},
+    ]
+    expiry = {
+        "workflow_id": "end-campaign:c",
+        "total": 8,
+        "expired": 5,
+        "skipped": 0,
+        "done": True,
+        "stuck": 3,
+        "stuck_coupons": stuck,
+    }
+    assert expiry_view(expiry).plain == (  # type: ignore[union-attr]
+        "5 received coupons expired, 0 skipped (of 8) by workflow end-campaign:c; "
+        "3 left received (no_answer 2, not_started 1)"
+    )
