@@ -44,7 +44,7 @@ class IssueOnceWorkflow:
 
     @workflow.run
     async def run(self, input: IssueInput) -> Receipt:
-        return await workflow.execute_activity(
+        receipt: Receipt = await workflow.execute_activity(
             act.ISSUE_COUPON,
             input,
             result_type=Receipt,
@@ -52,6 +52,7 @@ class IssueOnceWorkflow:
             heartbeat_timeout=HEARTBEAT,
             retry_policy=RetryPolicy(maximum_attempts=1),
         )
+        return receipt
 
 
 async def until_started(handle: WorkflowHandle[IssueOnceWorkflow, Receipt]) -> None:
@@ -76,6 +77,7 @@ async def test_a_send_waiting_for_a_busy_pool_heartbeats_and_completes(
     campaign = await new_campaign(pool, platform)
     claim, _ = await ledger.claim(pool, campaign.id, new_id("u"))
     batch = await get_batch(pool, campaign.batch_id)
+    assert batch is not None
     usable = Transition("received", "usable", "tasks done", datetime.now(UTC))
     input = IssueInput(claim.coupon_id, batch.platform_batch_id, claim.user_id, usable)
     async with db.pool(postgres.url(), schema=schema, max_size=1) as busy:
