@@ -11,6 +11,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,10 @@ def build_workers(
     ledger = LedgerActivities(pool)
     sends = PlatformActivities(platform, pool, settings.lag_window_s)
     catalog = CatalogActivities(pool, platform, client)
+    # A stopping worker takes no new task, and gives those in flight this long to finish
+    # before cancelling them: a deploy would otherwise cut every send mid-way, to be resent
+    # by another worker once its heartbeat times out.
+    grace = timedelta(seconds=settings.worker_shutdown_grace_s)
     return [
         # TASK_QUEUE: every workflow, and the activities that only touch the ledger.
         Worker(
@@ -97,6 +102,7 @@ def build_workers(
             max_cached_workflows=settings.worker_cache_size,
             max_concurrent_workflow_tasks=settings.worker_max_concurrent_workflow_tasks,
             max_concurrent_activities=settings.worker_max_concurrent_activities,
+            graceful_shutdown_timeout=grace,
         ),
         # <TASK_QUEUE>-platform: every platform call, at most the platform's published
         # rate, so a burst of unlocks queues in Temporal instead of drawing the platform's
@@ -113,6 +119,7 @@ def build_workers(
             ],
             max_task_queue_activities_per_second=settings.platform_rate_limit,
             max_concurrent_activities=settings.worker_max_concurrent_activities,
+            graceful_shutdown_timeout=grace,
         ),
     ]
 
@@ -179,19 +186,18 @@ class WorkerServices:
     client: Client
     pool: AsyncConnectionPool
     platform: Platform
-    stop: asyncio.Event  # set by SIGINT or SIGTERM
+    stop: asyncio.Event  # set by the first SIGINT or SIGTERM
 
 
 @contextlib.asynccontextmanager
 async def worker_services(settings: Settings) -> AsyncIterator[WorkerServices]:
-    """Everything around the workers: SIGINT and SIGTERM handled (a graceful stop, even
-    during start-up), the database migrated and pooled, the client (with the worker's
-    metrics), the search attributes checked, the schedules in place, the platform metered,
-    and the claims' workflow starter and the wedged-coupon loops running until the block ends."""
+    """Everything around the workers: SIGINT and SIGTERM handled (the first a graceful stop,
+    even during start-up; a second one stops at once), the database migrated and pooled, the
+    client (with the worker's metrics), the search attributes checked, the schedules in
+    place, the platform metered, and the claims' workflow starter and the wedged-coupon loops
+    running until the block ends."""
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    _stop_on_signal(stop)
     await db.migrate_url(settings.database_url)
     runtime = worker_runtime(settings)
     client = await connect(settings, runtime)
@@ -214,8 +220,31 @@ async def worker_services(settings: Settings) -> AsyncIterator[WorkerServices]:
             await platform.aclose()
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _stop_on_signal(stop: asyncio.Event) -> None:
+    """The first SIGINT or SIGTERM sets `stop`; after it both have their default effect
+    again, so a second one (an impatient operator, an orchestrator's last word) ends the
+    process at once rather than waiting for the work in flight."""
+    loop = asyncio.get_running_loop()
+
+    def stopping() -> None:
+        stop.set()
+        for sig in _STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+            # Not Python's SIGINT handler: its KeyboardInterrupt would wait for the
+            # cancelled work to wind down, the very wait a second Ctrl-C means to skip.
+            signal.signal(sig, signal.SIG_DFL)
+
+    for sig in _STOP_SIGNALS:
+        loop.add_signal_handler(sig, stopping)
+
+
 async def run_until_stopped(workers: list[Worker], stop: asyncio.Event) -> None:
-    """Poll with every worker until `stop` is set, then shut them down gracefully."""
+    """Poll with every worker until `stop` is set, then shut them down gracefully: none
+    takes new work, the activities in flight finish (within WORKER_SHUTDOWN_GRACE_S, then
+    they are cancelled), and this returns."""
     async with contextlib.AsyncExitStack() as running:
         for worker in workers:
             await running.enter_async_context(worker)
@@ -225,4 +254,7 @@ async def run_until_stopped(workers: list[Worker], stop: asyncio.Event) -> None:
             workers[0].client.service_client.config.target_host,
         )
         await stop.wait()
-        log.info("shutting down")
+        log.info("shutting down: no new work taken, the work in flight finishing")
+        # All at once: leaving the exit stack would stop the workers one after the other,
+        # each with its own grace, and a queue still polled meanwhile takes new work.
+        await asyncio.gather(*(worker.shutdown() for worker in workers))

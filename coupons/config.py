@@ -101,6 +101,10 @@ class Settings:
     # The worker's slots; the SDK's defaults.
     worker_max_concurrent_activities: int = 100
     worker_max_concurrent_workflow_tasks: int = 100
+    # How long a stopping worker (SIGTERM, as a rolling deploy sends) lets the activities in
+    # flight finish before it cancels them: a send and its receipt take a few seconds. Under
+    # the orchestrator's own wait before it kills (Kubernetes: 30 s unless told otherwise).
+    worker_shutdown_grace_s: float = 20.0
     # Prometheus: the worker's endpoint (the SDK's runtime metrics and ours; None: off) and
     # the address both it and the API's /metrics are meant for.
     worker_metrics_port: int | None = 9464
@@ -346,6 +350,7 @@ class Settings:
             "TEMPORAL_TLS": "true" if self.temporal_tls else "false",
             "WORKER_MAX_CONCURRENT_ACTIVITIES": str(self.worker_max_concurrent_activities),
             "WORKER_MAX_CONCURRENT_WORKFLOW_TASKS": str(self.worker_max_concurrent_workflow_tasks),
+            "WORKER_SHUTDOWN_GRACE_S": str(self.worker_shutdown_grace_s),
             "WORKER_METRICS_PORT": str(self.worker_metrics_port or "off"),
             "METRICS_HOST": self.metrics_host,
             "CODEC_CORS_ORIGINS": ",".join(self.codec_cors_origins),
@@ -453,6 +458,7 @@ class Settings:
             worker_max_concurrent_workflow_tasks=_number(
                 env, "WORKER_MAX_CONCURRENT_WORKFLOW_TASKS", 100, int
             ),
+            worker_shutdown_grace_s=_number(env, "WORKER_SHUTDOWN_GRACE_S", 20.0, float),
             worker_metrics_port=_port_or_off(env, "WORKER_METRICS_PORT", 9464),
             metrics_host=env.get("METRICS_HOST") or "127.0.0.1",
             codec_keys_file=_path(env, "CODEC_KEYS_FILE"),

@@ -84,6 +84,8 @@ def test_the_stack_secrets_come_from_the_data_directory(tmp_path: Path) -> None:
         ({"API_PORT": "70000"}, "API_PORT=70000 must be a TCP port, 1 to 65535"),
         ({"SIMULATOR_PORT": "65536"}, "SIMULATOR_PORT=65536 must be a TCP port"),
         ({"API_HOST": "local host"}, "API_HOST='local host' must be a host name or address"),
+        ({"WORKER_SHUTDOWN_GRACE_S": "0"}, "WORKER_SHUTDOWN_GRACE_S='0' must be greater than"),
+        ({"WORKER_SHUTDOWN_GRACE_S": "20s"}, "WORKER_SHUTDOWN_GRACE_S='20s' is not a valid"),
     ],
 )
 def test_unusable_settings_are_refused_naming_the_variable(
@@ -91,6 +93,14 @@ def test_unusable_settings_are_refused_naming_the_variable(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         Settings.from_env(env)
+
+
+def test_the_shutdown_grace_stays_under_kubernetes_wait_before_it_kills() -> None:
+    # A send and its receipt take seconds; Kubernetes kills 30 s after its SIGTERM.
+    assert Settings.from_env({}).worker_shutdown_grace_s == 20.0
+    s = Settings.from_env({"WORKER_SHUTDOWN_GRACE_S": "45.5"})
+    assert s.worker_shutdown_grace_s == 45.5
+    assert Settings.from_env(s.to_env()) == s
 
 
 def test_each_platform_has_its_own_embedded_data_and_simulator_address() -> None:
