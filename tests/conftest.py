@@ -235,6 +235,8 @@ async def platform(simulator_url: str) -> AsyncIterator[RestPlatform]:
 R = TypeVar("R")
 # The task `new_campaign`'s campaigns require unless told otherwise.
 TASK = "first-order"
+# When a test's coupon is used at the till (any moment will do).
+USED_AT = datetime(2026, 11, 2, 9, 30, tzinfo=UTC)
 
 
 def new_id(prefix: str) -> str:

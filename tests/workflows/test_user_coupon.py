@@ -32,6 +32,7 @@ from coupons.model import CancelRequest, ExpireRequest, RedemptionReport, TaskCo
 from coupons.platforms.generic.adapter import RestPlatform
 from tests.conftest import (
     TASK,
+    USED_AT,
     Handle,
     handle_of,
     ledger_states,
@@ -46,7 +47,6 @@ from workflows.user_coupon import UserCouponWorkflow
 
 DAY = timedelta(days=1)
 HOUR = timedelta(hours=1)
-USED_AT = datetime(2026, 11, 2, 9, 30, tzinfo=UTC)
 
 
 @dataclass
