@@ -292,6 +292,8 @@ class Stack:
             cwd=PROJECT_ROOT,
             die_with_parent=self.die_with_parent,
             nice=BACKGROUND_NICE,
+            # Its graceful stop lets the activities in flight finish first.
+            stop_timeout_s=s.worker_shutdown_grace_s + 5,
         )
         self.worker.start()
         self._started("worker", self.worker)

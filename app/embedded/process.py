@@ -230,6 +230,7 @@ class ManagedProcess:
         redact: Sequence[str] = (),
         die_with_parent: bool = False,
         nice: int = 0,
+        stop_timeout_s: float = 10,
     ) -> None:
         """`user` runs the child as that system user (needs root). `stop_signal` is what
         stop() sends first; `signal_group` sends it to the whole process group rather than
@@ -238,7 +239,8 @@ class ManagedProcess:
         sends the child `stop_signal` when the thread that started it exits (see
         `die_with_parent()`): only for a parent that starts it from its main thread.
         `nice`: added to the child's niceness, for work that should yield the CPU to others
-        on a busy machine (see BACKGROUND_NICE)."""
+        on a busy machine (see BACKGROUND_NICE). `stop_timeout_s`: how long stop() waits
+        after `stop_signal` before it kills, by default."""
         self.name = name
         self.argv = [os.fspath(a) for a in argv]
         self.log_path = log_path
@@ -250,6 +252,7 @@ class ManagedProcess:
         self.redact = tuple(secret for secret in redact if secret)
         self.die_with_parent = die_with_parent
         self.nice = nice
+        self.stop_timeout_s = stop_timeout_s
         self._popen: subprocess.Popen[bytes] | None = None
         self._start_time: int | None = None
         self._log_offset = 0
@@ -353,9 +356,12 @@ class ManagedProcess:
                 )
             time.sleep(interval_s)
 
-    def stop(self, timeout_s: float = 10) -> int | None:
-        """Ask the child to exit with `stop_signal`; SIGKILL it (see kill) after `timeout_s`.
-        Returns the exit code (negative for a signal), None if it was never started."""
+    def stop(self, timeout_s: float | None = None) -> int | None:
+        """Ask the child to exit with `stop_signal`; SIGKILL it (see kill) after `timeout_s`
+        (default: its `stop_timeout_s`). Returns the exit code (negative for a signal), None
+        if it was never started."""
+        if timeout_s is None:
+            timeout_s = self.stop_timeout_s
         popen = self._popen
         if popen is None:
             return None

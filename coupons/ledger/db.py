@@ -11,6 +11,7 @@ from typing import Any, LiteralString, TypeVar
 
 import psycopg
 from psycopg import AsyncConnection, sql
+from psycopg.conninfo import make_conninfo
 from psycopg.rows import class_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -94,8 +95,9 @@ async def migrate(conn: AsyncConnection[object], upto: int | None = None) -> lis
 
 
 async def migrate_url(url: str, *, schema: str | None = None, upto: int | None = None) -> list[int]:
-    options = f"-c search_path={schema}" if schema else ""
-    async with await AsyncConnection.connect(url, autocommit=True, options=options) as conn:
+    # Only a schema of its own changes `options`: one the URL carries is kept otherwise.
+    conninfo = make_conninfo(url, options=f"-c search_path={schema}") if schema else url
+    async with await AsyncConnection.connect(conninfo, autocommit=True) as conn:
         if schema is not None:
             await conn.execute(
                 sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema))

@@ -43,6 +43,27 @@ async def test_migrations_build_an_empty_database_once(postgres: EmbeddedPostgre
         ]
 
 
+async def test_a_url_naming_a_schema_is_migrated_in_that_schema(
+    postgres: EmbeddedPostgres, schema: str
+) -> None:
+    """DATABASE_URL may name the schema (`options=-csearch_path=...`): the migrations go
+    there, where the pools of the same URL look, not into `public`."""
+    named = f"{schema}_by_url"
+    async with await AsyncConnection.connect(postgres.url(), autocommit=True) as conn:
+        await conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(named)))
+        try:
+            url = f"{postgres.url()}?options=-csearch_path%3D{named}"
+            assert await db.migrate_url(url) == [v for v, _, _ in db.migrations()]
+            cur = await conn.execute(
+                "SELECT count(*) FROM information_schema.tables"
+                " WHERE table_schema = %s AND table_name = 'campaign_slots'",
+                (named,),
+            )
+            assert await cur.fetchone() == (1,)
+        finally:
+            await conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(named)))
+
+
 @asynccontextmanager
 async def ledger_at(
     postgres: EmbeddedPostgres, schema: str, version: int
