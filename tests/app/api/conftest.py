@@ -55,6 +55,7 @@ def simulator_url(run_dir: Path) -> Iterator[str]:
         env={"PLATFORM_CALLBACK_SECRET": CALLBACK_SECRET},
         log_path=run_dir / "api-simulator.log",
         inherit_knobs=False,
+        die_with_parent=True,  # gone with the test process, however it ends
     )
     sim.start()
     yield sim.url
