@@ -4,6 +4,7 @@ port is taken or a server answers."""
 from __future__ import annotations
 
 import contextlib
+import random
 import socket
 import urllib.error
 import urllib.request
@@ -17,27 +18,53 @@ _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def free_port(host: str = LOCALHOST) -> int:
-    """Ask the kernel for a TCP port that is free right now.
+    """A TCP port that is free right now, below the kernel's ephemeral range.
 
-    There is a window between closing this socket and the child binding the port; callers
-    that start several children take all their ports first, and startup errors name the port.
+    There is a window between this check and the child binding the port; callers that
+    start several children take all their ports first, and startup errors name the port.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    [port] = free_ports(1, host)
+    return port
 
 
 def free_ports(count: int, host: str = LOCALHOST) -> list[int]:
-    """`count` different ports free right now: each socket stays bound until all are taken, so
-    the kernel cannot hand the same port out twice (as `free_port` called in a row can)."""
+    """`count` different ports free right now, each held bound until all are taken.
+
+    Picked below the ephemeral range the kernel draws every outgoing connection's local
+    port from: a port from `bind(0)` lies in that range, and a connection opened meanwhile
+    can take it before our child binds it (seen: a Temporal UI port taken in between).
+    Where that range leaves no room below it, the kernel's own choice is taken."""
+    low = _ephemeral_low()
+    candidates = range(_PICK_FLOOR, low) if low - _PICK_FLOOR >= 1000 else range(0)
     with contextlib.ExitStack() as held:
-        ports = []
-        for _ in range(count):
+        ports: list[int] = []
+        for port in random.sample(candidates, min(len(candidates), 50 * count)):
+            if len(ports) == count:
+                break
+            sock = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            ports.append(port)
+        while len(ports) < count:
             sock = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
             sock.bind((host, 0))
             ports.append(int(sock.getsockname()[1]))
         return ports
+
+
+# Ports below this are left to services a machine runs on purpose.
+_PICK_FLOOR = 15000
+
+
+def _ephemeral_low(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> int:
+    """The first port of the kernel's ephemeral range (Linux; 32768 elsewhere, the default)."""
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -26,6 +27,8 @@ from app.embedded import (
     TemporalDevServer,
     find_binary,
     free_port,
+    free_ports,
+    ports,
     process_start_time,
     same_process_alive,
     stop_recorded,
@@ -295,3 +298,15 @@ def test_a_background_child_is_niced_and_keeps_its_parent_death_signal(tmp_path:
     child.stop()
     printed = child.log_tail().splitlines()[-1].split()
     assert [int(v) for v in printed] == [os.nice(0) + BACKGROUND_NICE, int(signal.SIGTERM)]
+
+
+def test_free_ports_come_from_below_the_ephemeral_range_distinct_and_bindable() -> None:
+    """An outgoing connection can take a port the kernel handed out, before our child binds
+    it: the ports are picked where no outgoing connection draws from."""
+    low = ports._ephemeral_low()
+    picked = free_ports(20)
+    assert len(set(picked)) == 20
+    assert all(ports._PICK_FLOOR <= p < low for p in picked), (low, picked)
+    for port in picked:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", port))
