@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from statemachine import State, StateMachine
+from statemachine.engines.sync import SyncEngine
 from statemachine.exceptions import TransitionNotAllowed
 
 __all__ = [
@@ -19,10 +20,12 @@ __all__ = [
     "FINAL_STATES",
     "MACHINE_STATES",
     "STATES",
+    "AsyncMachineRefused",
     "CouponLifecycle",
     "TransitionNotAllowed",
     "UnknownTask",
     "check_known_task",
+    "require_sync_engine",
 ]
 
 
@@ -36,6 +39,35 @@ def check_known_task(required_tasks: Sequence[str], task: str) -> None:
     if task not in required_tasks:
         known = ", ".join(required_tasks) or "none"
         raise UnknownTask(f"unknown task {task!r}; this coupon's tasks are: {known}")
+
+
+class AsyncMachineRefused(TypeError):
+    """A lifecycle machine that python-statemachine would run on its async engine."""
+
+
+def require_sync_engine(machine: StateMachine) -> None:
+    """Refuse a machine python-statemachine would run on its async engine.
+
+    python-statemachine 3.2 picks the engine per instance, when it is built: one
+    coroutine callback anywhere (an `async def on_enter_issued` in a subclass, an async
+    listener) makes it an `AsyncEngine` (statemachine/statemachine.py,
+    `StateMachine._get_engine`; `CallbacksRegistry.async_or_sync` in callbacks.py). Its
+    `send` then runs the event through `run_async_from_sync` (utils.py), which, inside a
+    running event loop, as every workflow runs, returns the coroutine instead of running
+    it: nothing moves, the state stays where it was, and no error is raised. The check
+    reads the library's private `_engine` and `_callbacks`, so pyproject.toml pins the
+    minor release it was read from; a release that renames them is refused here too.
+    """
+    engine = vars(machine).get("_engine")
+    callbacks = vars(machine).get("_callbacks")
+    if type(engine) is SyncEngine and getattr(callbacks, "has_async_callbacks", None) is False:
+        return
+    raise AsyncMachineRefused(
+        f"{type(machine).__name__} would run on python-statemachine's "
+        f"{type(engine).__name__} engine: the lifecycle must stay synchronous (no async "
+        "callbacks or listeners), because inside a workflow's event loop an async machine's "
+        "send() returns an unawaited coroutine and the transition silently never happens"
+    )
 
 
 # Internal states: sub-states the ledger, the search attribute and the status never show;
@@ -93,6 +125,17 @@ class CouponLifecycle(StateMachine):
         if state is None:
             state = "received" if self.tasks_pending else "usable"
         super().__init__(start_value=state)
+        require_sync_engine(self)
+
+    def add_listener(self, *listeners: object) -> CouponLifecycle:
+        # A listener added later keeps the engine built at construction, and the library
+        # does not re-read its callbacks: the sync engine would call an async listener's
+        # coroutines without awaiting them. Re-read by the library's own rule, and refused
+        # like one given at construction.
+        super().add_listener(*listeners)  # type: ignore[no-untyped-call]
+        self._callbacks.async_or_sync()  # type: ignore[no-untyped-call]
+        require_sync_engine(self)
+        return self
 
     # ----- where it is ------------------------------------------------------------------
 
@@ -164,3 +207,7 @@ MACHINE_STATES: tuple[str, ...] = tuple(s.id for s in CouponLifecycle.states)
 STATES: tuple[str, ...] = tuple(s for s in MACHINE_STATES if s not in PUBLIC_STATE_OF)
 FINAL_STATES: frozenset[str] = frozenset(s.id for s in CouponLifecycle.states if s.final)
 EVENTS: tuple[str, ...] = tuple(e.id for e in CouponLifecycle.events)  # type: ignore[attr-defined]
+
+# The class as defined here is checked at import, so a worker whose lifecycle gained an
+# async callback fails when it loads its workflows, not at a coupon's first transition.
+require_sync_engine(CouponLifecycle(required_tasks=()))

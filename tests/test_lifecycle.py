@@ -9,10 +9,12 @@ from coupons.lifecycle import (
     FINAL_STATES,
     MACHINE_STATES,
     STATES,
+    AsyncMachineRefused,
     CouponLifecycle,
     TransitionNotAllowed,
     UnknownTask,
     check_known_task,
+    require_sync_engine,
 )
 
 # machine state -> {event: machine state after}; an event missing from a row must raise.
@@ -197,3 +199,47 @@ def test_the_whole_happy_path() -> None:
     m.redeem()
     assert m.state == "redeemed"
     assert m.is_final
+
+
+# ----- the engine: synchronous, or refused ------------------------------------------------
+
+
+class _AsyncCallback(CouponLifecycle):
+    async def on_enter_issued(self) -> None:
+        """What anyone might add: one coroutine makes the library pick its async engine."""
+
+
+class _AsyncListener:
+    async def on_enter_state(self) -> None:
+        """An async listener: the same switch, from outside the class."""
+
+
+def test_a_machine_with_an_async_callback_is_refused_at_construction() -> None:
+    with pytest.raises(AsyncMachineRefused, match="silently never happens"):
+        _AsyncCallback(["a"], ["a"], state="sending")
+
+
+async def test_an_async_machine_is_refused_inside_an_event_loop_too() -> None:
+    # Where a workflow runs it: without the refusal send() would return an unawaited
+    # coroutine and the coupon would stay `sending` with no error (python-statemachine 3.2).
+    with pytest.raises(AsyncMachineRefused):
+        _AsyncCallback(["a"], ["a"], state="sending")
+
+
+class _WithAsyncListener(CouponLifecycle):
+    listeners = [_AsyncListener]  # noqa: RUF012 (python-statemachine's class listeners)
+
+
+def test_an_async_listener_is_refused_on_the_class_or_added_later() -> None:
+    with pytest.raises(AsyncMachineRefused):
+        _WithAsyncListener(["a"])
+    m = CouponLifecycle(["a"])
+    with pytest.raises(AsyncMachineRefused):
+        m.add_listener(_AsyncListener())
+
+
+def test_the_lifecycle_as_defined_runs_on_the_sync_engine() -> None:
+    m = CouponLifecycle(["a"], ["a"], state="sending")
+    require_sync_engine(m)
+    m.send("issue")
+    assert m.state == "issued"
