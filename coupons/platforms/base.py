@@ -223,6 +223,20 @@ def on_platform(origin: httpx.URL, url: str) -> httpx.URL:
     return target
 
 
+async def exchange(
+    client: httpx.AsyncClient, what: str, method: str, url: str | httpx.URL, **request: Any
+) -> httpx.Response:
+    """One HTTP exchange with a platform, whatever it answers. A redirect is never followed:
+    it could lead off the platform with our key or signature. No answer at all (a timeout,
+    a broken connection) is `PlatformUnavailable`: whether the platform acted is unknown."""
+    try:
+        return await client.request(method, url, follow_redirects=False, **request)
+    except httpx.TimeoutException as exc:
+        raise PlatformUnavailable("TIMEOUT", f"{what}: {exc!r}") from exc
+    except httpx.TransportError as exc:
+        raise PlatformUnavailable("TRANSPORT_ERROR", f"{what}: {exc!r}") from exc
+
+
 def read_answer(parse: Callable[[dict[str, Any]], T], raw: dict[str, Any]) -> T:
     """`parse(raw)`, where an answer we cannot read is PlatformUnavailable: a success we cannot
     read may still have been applied, so it is ambiguous (retried), never a refusal."""

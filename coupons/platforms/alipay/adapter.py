@@ -124,6 +124,7 @@ from coupons.platforms.base import (
     PlatformUnavailable,
     SendRequest,
     answer_text,
+    exchange,
     read_answer,
 )
 
@@ -375,18 +376,9 @@ class AlipayPlatform:
     async def _call(self, method: str, biz_content: Mapping[str, Any]) -> dict[str, Any]:
         """One signed gateway call; its verified answer on success, else the error it means."""
         params = signed_request(self._app, method, biz_content, datetime.now(UTC))
-        try:
-            response = await self._client.post(
-                self._gateway_url,
-                data=params,
-                timeout=self._timeout,
-                # A redirect could lead off Alipay, with our signed request: never follow one.
-                follow_redirects=False,
-            )
-        except httpx.TimeoutException as exc:
-            raise PlatformUnavailable("TIMEOUT", f"{method}: {exc!r}") from exc
-        except httpx.TransportError as exc:
-            raise PlatformUnavailable("TRANSPORT_ERROR", f"{method}: {exc!r}") from exc
+        response = await exchange(
+            self._client, method, "POST", self._gateway_url, data=params, timeout=self._timeout
+        )
         if response.status_code == 429:
             raise PlatformRateLimited("HTTP_429", f"{method}: {response.text[:200]}")
         if response.status_code != 200:

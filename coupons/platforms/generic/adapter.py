@@ -38,6 +38,7 @@ from coupons.platforms.base import (
     PlatformUnavailable,
     SendRequest,
     answer_text,
+    exchange,
     on_platform,
     read_answer,
 )
@@ -247,20 +248,9 @@ class RestPlatform:
         self, method: str, url: str | httpx.URL, what: str, body: dict[str, Any] | None = None
     ) -> httpx.Response:
         """One HTTP exchange; any answer but 2xx raises the `PlatformError` it means."""
-        try:
-            response = await self._client.request(
-                method,
-                url,
-                json=body,
-                headers=self._headers,
-                timeout=self._timeout,
-                # A redirect could lead off the platform, with our key: never follow one.
-                follow_redirects=False,
-            )
-        except httpx.TimeoutException as exc:
-            raise PlatformUnavailable("TIMEOUT", f"{what}: {exc!r}") from exc
-        except httpx.TransportError as exc:
-            raise PlatformUnavailable("TRANSPORT_ERROR", f"{what}: {exc!r}") from exc
+        response = await exchange(
+            self._client, what, method, url, json=body, headers=self._headers, timeout=self._timeout
+        )
         if not response.is_success:
             raise _error_of(response)
         return response

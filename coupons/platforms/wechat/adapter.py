@@ -98,6 +98,7 @@ from coupons.platforms.base import (
     PlatformUnavailable,
     SendRequest,
     answer_text,
+    exchange,
     on_platform,
     read_answer,
 )
@@ -413,20 +414,15 @@ class WechatPayPlatform:
             headers["Wechatpay-Serial"] = self._merchant.platform_public_key_id
         if body is not None:
             headers["Content-Type"] = "application/json"
-        try:
-            response = await self._client.request(
-                method,
-                self._base_url + path,
-                content=content,
-                headers=headers,
-                timeout=self._timeout,
-                # A redirect could lead off the platform, with our signature: never follow.
-                follow_redirects=False,
-            )
-        except httpx.TimeoutException as exc:
-            raise PlatformUnavailable("TIMEOUT", f"{what}: {exc!r}") from exc
-        except httpx.TransportError as exc:
-            raise PlatformUnavailable("TRANSPORT_ERROR", f"{what}: {exc!r}") from exc
+        response = await exchange(
+            self._client,
+            what,
+            method,
+            self._base_url + path,
+            content=content,
+            headers=headers,
+            timeout=self._timeout,
+        )
         if not response.is_success:
             raise await self._error_of(response, what, refresh=refresh)
         if signed_answer:
