@@ -48,6 +48,7 @@ from coupons.platforms.base import (
     PlatformCoupon,
     PlatformCouponStatus,
     PlatformRateLimited,
+    PlatformRefused,
     PlatformUnavailable,
 )
 from coupons.reconcile import REDEEM, compare
@@ -248,6 +249,9 @@ class CatalogActivities:
             return await self._platform.batch_flow(platform_batch_id, kind)
         except FlowUnavailable:
             return None
+        except PlatformRefused as err:
+            # Definitive (the platform knows no such batch): no retry changes the answer.
+            raise ApplicationError(str(err), type=err.code, non_retryable=True) from err
 
     async def _uses_by_lookup(
         self, platform_batch_id: str, ours: list[LedgerCoupon]

@@ -216,6 +216,8 @@ class RepairCheck:
 @dataclass
 class ReconcileReport:
     batches: list[BatchReconciliation]
+    # Batches that could not be reconciled ("batch: why"), the others reconciled all the same.
+    failed: list[str] = field(default_factory=list)
 
     @property
     def mismatches(self) -> int:
