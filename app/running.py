@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from app.embedded.process import same_process_alive
+from app.embedded.pids import same_process_alive
 from coupons.config import SECRET_SETTINGS, ConfigError, Settings
 
 RECORD_NAME = "stack.json"

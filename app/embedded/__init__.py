@@ -9,18 +9,15 @@ test runs and a developer's own servers on the same machine are never touched.
 """
 
 from app.embedded.binaries import find_binary
-from app.embedded.ports import LOCALHOST, answers_health, free_port, free_ports, port_open
-from app.embedded.postgres import EmbeddedPostgres
-from app.embedded.process import (
-    BACKGROUND_NICE,
-    ManagedProcess,
-    ProcessStartError,
-    Server,
+from app.embedded.pids import (
     process_start_time,
     same_process_alive,
     set_own_parent_death_signal,
     stop_recorded,
 )
+from app.embedded.ports import LOCALHOST, answers_health, free_port, free_ports, port_open
+from app.embedded.postgres import EmbeddedPostgres
+from app.embedded.process import BACKGROUND_NICE, ManagedProcess, ProcessStartError, Server
 from app.embedded.simulator import SimulatorProcess
 from app.embedded.temporal import (
     SEARCH_ATTRIBUTE_TYPES,

@@ -17,8 +17,9 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from app.embedded.pids import run_as
 from app.embedded.ports import LOCALHOST, require_free_port
-from app.embedded.process import ManagedProcess, ProcessStartError, Server, run_as
+from app.embedded.process import ManagedProcess, ProcessStartError, Server
 from coupons.ledger.db import create_database, ping
 
 logger = logging.getLogger(__name__)
