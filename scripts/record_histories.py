@@ -699,10 +699,37 @@ async def one_batch_found_not_repaired(r: Recorder, name: str) -> Recorded:
     return Recorded(handle, reconcile_outcome(report))
 
 
+async def every_batch_one_failed(r: Recorder, name: str) -> Recorded:
+    # Every batch: the first one's id is unknown at the platform (its flow files answer
+    # BATCH_NOT_FOUND) and is reported failed; the one after it is reconciled and repaired.
+    async with r.own_ledger(name) as r:
+        s = r.settings(name)
+        gone = await r.campaign("gone", required_tasks=[])
+        kept = await r.campaign("kept", required_tasks=[])
+        async with r.pool.connection() as conn:
+            await conn.execute(
+                "UPDATE batches SET platform_batch_id = %s WHERE id = %s",
+                (f"{name}-unknown-at-platform", gone.batch_id),
+            )
+        async with r.workers(s):
+            coupons = await issued_coupons(r, kept, s, 2)
+            await used_behind_our_back(r, coupons[:1])
+            handle = await reconcile(r, name, s, ReconcileInput())
+            await close_issued(coupons)
+        report = await handle.result()
+    check([b.batch_id for b in report.batches] == [kept.batch_id], reconcile_outcome(report))
+    check(report.repaired == 1, reconcile_outcome(report))
+    check(
+        len(report.failed) == 1 and report.failed[0].startswith(f"{gone.batch_id}: "),
+        f"failed: {report.failed}",
+    )
+    return Recorded(handle, reconcile_outcome(report))
+
+
 def reconcile_outcome(report: ReconcileReport) -> str:
     return (
         f"{len(report.batches)} reconciled, {report.mismatches} mismatches, "
-        f"{report.repaired} repaired"
+        f"{report.repaired} repaired, {len(report.failed)} failed"
     )
 
 
@@ -773,6 +800,7 @@ RECONCILE_PATHS = [
     Recording("one_batch_uses_repaired", one_batch_uses_repaired),
     Recording("every_batch_one_repaired_one_clean", every_batch_one_repaired_one_clean),
     Recording("one_batch_found_not_repaired", one_batch_found_not_repaired),
+    Recording("every_batch_one_failed", every_batch_one_failed),
 ]
 
 # Each workflow type's histories, and their folder under --out: the coupon's at its top

@@ -30,8 +30,10 @@ from tests.conftest import (
     close_workflows,
     handle_of,
     new_campaign,
+    new_id,
     run_workflow,
     running_workers,
+    scalar,
     set_at_platform,
     wait_for_state,
 )
@@ -279,3 +281,29 @@ async def test_reconcile_of_every_batch_covers_each_of_them(
         report = await reconcile(client, settings, ReconcileInput())
     assert sorted(b.batch_id for b in report.batches) == sorted([one.batch_id, two.batch_id])
     assert report.mismatches == 0
+
+
+async def test_a_batch_that_cannot_be_reconciled_is_reported_and_the_others_are_done(
+    dev_env: WorkflowEnvironment,
+    pool: AsyncConnectionPool,
+    platform: RestPlatform,
+    settings: Settings,
+) -> None:
+    """Issue 17 item 5: one failing batch failed the whole run, and the batches after it
+    were never reconciled. Here the platform no longer knows the first batch's id (its
+    flow files answer BATCH_NOT_FOUND): that batch is reported failed, the other one is
+    reconciled, and the run completes."""
+    client = dev_env.client
+    gone = await new_campaign(pool, platform, quota=5)
+    kept = await new_campaign(pool, platform, quota=5)
+    await scalar(
+        pool,
+        "UPDATE batches SET platform_batch_id = %s WHERE id = %s RETURNING id",
+        new_id("unknown-at-platform"),
+        gone.batch_id,
+    )
+    async with running_workers(client, pool, settings, starter=False):
+        report = await reconcile(client, settings, ReconcileInput())
+    assert [b.batch_id for b in report.batches] == [kept.batch_id]
+    [failed] = report.failed
+    assert failed.startswith(f"{gone.batch_id}: ") and "BATCH_NOT_FOUND" in failed

@@ -49,7 +49,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.catalog_sync import CatalogSyncWorkflow
     from workflows.end_campaign import COUNTS, EndCampaignRun, EndCampaignWorkflow
     from workflows.policies import LEDGER_CALL, PLATFORM_RETRY
-    from workflows.reconcile import ReconcileWorkflow
+    from workflows.reconcile import BATCH_FAILURE_REPORTED, ReconcileWorkflow
     from workflows.user_coupon import FIRST_POLL_AFTER_BACKOFF, UserCouponWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
@@ -322,6 +322,15 @@ def test_the_stored_reconciliations_are_what_they_are_named() -> None:
     assert [m.repair for m in batch.mismatches] == [None]
     assert (batch.repairs_requested, batch.repaired) == ([], 0)
 
+    # After BATCH_FAILURE_REPORTED: the first batch failed and was reported, the next done.
+    failed = load_named(folder / "every_batch_one_failed.json")
+    assert started_with(failed, ReconcileInput).batch_id is None
+    assert patches_of(failed) == {BATCH_FAILURE_REPORTED}
+    report = result_of(failed, ReconcileReport)
+    [why] = report.failed
+    assert "BATCH_NOT_FOUND" in why
+    assert (len(report.batches), report.repaired) == (1, 1)
+
 
 @workflow.defn(name=act.CATALOG_SYNC_WORKFLOW)
 class OneAtATimeSyncWorkflow(CatalogSyncWorkflow):
@@ -364,9 +373,28 @@ class NoRepairWaitReconcileWorkflow(ReconcileWorkflow):
         )
 
 
+@workflow.defn(name=act.RECONCILE_WORKFLOW)
+class FailOnFirstBatchReconcileWorkflow(ReconcileWorkflow):
+    """ReconcileWorkflow as it was before BATCH_FAILURE_REPORTED: a batch that fails fails
+    the run (an old worker handed a run that went on past a failed batch)."""
+
+    @workflow.run
+    async def run(self, input: ReconcileInput) -> ReconcileReport:
+        batch_ids = [input.batch_id] if input.batch_id is not None else []
+        if input.batch_id is None:
+            batch_ids = await workflow.execute_activity_method(
+                CatalogActivities.all_batches, start_to_close_timeout=LEDGER_CALL
+            )
+        report = ReconcileReport(batches=[])
+        for batch_id in batch_ids:
+            report.batches.append(await self._reconcile(batch_id, input.repair))
+        return report
+
+
 @pytest.mark.parametrize(
     ("altered", "path"),
     [
+        (FailOnFirstBatchReconcileWorkflow, "reconcile/every_batch_one_failed.json"),
         (OneAtATimeSyncWorkflow, "catalog_sync/every_batch_in_two_rounds.json"),
         (OneAtATimeSyncWorkflow, "catalog_sync/named_batches_one_failed.json"),
         (NoRepairWaitReconcileWorkflow, "reconcile/one_batch_uses_repaired.json"),

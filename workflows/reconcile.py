@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from temporalio import workflow
+from temporalio.exceptions import ActivityError
 
 from workflows.policies import LEDGER_CALL, PLATFORM_RETRY
 
@@ -17,6 +18,9 @@ with workflow.unsafe.imports_passed_through():
 
 # How long a repair may take to reach the ledger through its coupon's workflow.
 REPAIR_WAIT_S = 60.0
+# The patch that reports a batch that could not be reconciled and goes on with the others;
+# runs from before it failed the whole reconciliation on the first such batch.
+BATCH_FAILURE_REPORTED = "reconcile-batch-failure-reported"
 
 
 @workflow.defn(name=act.RECONCILE_WORKFLOW)
@@ -37,7 +41,14 @@ class ReconcileWorkflow:
             )
         report = ReconcileReport(batches=[])
         for batch_id in batch_ids:
-            report.batches.append(await self._reconcile(batch_id, input.repair))
+            try:
+                report.batches.append(await self._reconcile(batch_id, input.repair))
+            except ActivityError as err:
+                # Asked only when a batch fails: a run where none fails records no marker
+                # and its commands are those from before the patch.
+                if not workflow.patched(BATCH_FAILURE_REPORTED):
+                    raise
+                report.failed.append(f"{batch_id}: {err.cause or err}")
             workflow.set_current_details(_details(report, len(batch_ids)))
         return report
 
@@ -71,4 +82,5 @@ def _details(report: ReconcileReport, total: int) -> str:
         left = [m for m in batch.mismatches if m.repair is None]
         if left:
             lines.append(f"- `{batch.batch_id}`: {len(left)} for an operator")
+    lines += [f"- failed: {why}" for why in report.failed]
     return "\n\n".join(lines)
