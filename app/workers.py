@@ -31,8 +31,10 @@ from app.wedged import count_by_cause, find_wedged
 from coupons import metrics
 from coupons.config import Settings
 from coupons.ledger import db
+from coupons.ledger.permits import PermitLeases, PermitPolicy
 from coupons.platforms.base import Platform
 from coupons.platforms.configured import make_platform
+from coupons.platforms.limited import CallKind, LeasedPermits, LimitedPlatform
 from coupons.platforms.metered import MeteredPlatform
 from coupons.temporal import check_search_attributes, connect, worker_runtime
 from workflows.catalog_sync import CatalogSyncWorkflow
@@ -104,9 +106,10 @@ def build_workers(
             max_concurrent_activities=settings.worker_max_concurrent_activities,
             graceful_shutdown_timeout=grace,
         ),
-        # <TASK_QUEUE>-platform: every platform call, at most the platform's published
-        # rate, so a burst of unlocks queues in Temporal instead of drawing the platform's
-        # frequency-limit refusals.
+        # <TASK_QUEUE>-platform: every platform call. The platform's limits are held per
+        # call by `limited_platform`; each of these activities makes at least one call, so
+        # dispatching more of them a second than the limit on all calls would only move the
+        # queue from Temporal (durable, visible) into the workers' slots, waiting for permits.
         Worker(
             client,
             task_queue=settings.platform_task_queue,
@@ -207,8 +210,10 @@ async def worker_services(settings: Settings) -> AsyncIterator[WorkerServices]:
         )
     await check_search_attributes(client, settings.temporal_namespace)
     await ensure_schedules(client, settings)
-    platform = MeteredPlatform(make_platform(settings), metrics.platform_call)
     async with db.pool(settings.database_url, max_size=settings.db_pool_size) as pool:
+        platform = limited_platform(
+            MeteredPlatform(make_platform(settings), metrics.platform_call), pool, settings
+        )
         meter = runtime.metric_meter if runtime is not None else MetricMeter.noop
         try:
             async with in_background(
@@ -218,6 +223,23 @@ async def worker_services(settings: Settings) -> AsyncIterator[WorkerServices]:
                 yield WorkerServices(client, pool, platform, stop)
         finally:
             await platform.aclose()
+
+
+def limited_platform(inner: Platform, pool: AsyncConnectionPool, settings: Settings) -> Platform:
+    """`inner` (measured: what it counts are the calls that reach the platform), taking a
+    permit before each call from the limits every worker shares through PostgreSQL, sends
+    before queries. A call waits for its permit at most PLATFORM_TIMEOUT_S: with the call's
+    own timeout, inside the issue activity's heartbeat timeout (Settings.check)."""
+    policy = PermitPolicy(
+        limits={
+            CallKind.SEND: int(settings.platform_send_rate_limit),
+            CallKind.QUERY: int(settings.platform_query_rate_limit),
+        },
+        total=int(settings.platform_rate_limit),
+        yields_to={CallKind.QUERY: CallKind.SEND},
+    )
+    permits = LeasedPermits(PermitLeases(pool, policy), settings.platform_timeout_s)
+    return LimitedPlatform(inner, permits)
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

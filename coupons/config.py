@@ -74,7 +74,12 @@ class Settings:
     simulator_port: int = 8600
     platform_api_key: str | None = field(default=None, repr=False)
     platform_timeout_s: float = 5.0
-    platform_rate_limit: float = 500.0
+    # Platform calls per second across all workers (coupons/platforms/limited.py): sends,
+    # every other call (queries), and all of them together (None: the two added up).
+    # WeChat Pay publishes sends 500/s and coupon queries 500/s from one IP (1,000/s in all).
+    platform_send_rate_limit: float = 500.0
+    platform_query_rate_limit: float = 500.0
+    platform_rate_limit_override: float | None = None
     lag_window_s: float = 30.0
     db_pool_size: int = 20
     claim_repair_after_s: float = 30.0
@@ -161,6 +166,13 @@ class Settings:
     @property
     def temporal_address(self) -> str:
         return self.temporal_address_override or f"127.0.0.1:{self.temporal_port}"
+
+    @property
+    def platform_rate_limit(self) -> float:
+        """All platform calls per second across all workers (PLATFORM_RATE_LIMIT)."""
+        if self.platform_rate_limit_override is not None:
+            return self.platform_rate_limit_override
+        return self.platform_send_rate_limit + self.platform_query_rate_limit
 
     @property
     def platform_task_queue(self) -> str:
@@ -284,6 +296,14 @@ class Settings:
                 f"the lag window must fit in the issue activity's "
                 f"{ISSUE_START_TO_CLOSE.total_seconds():g} s"
             )
+        for name, rate in (
+            ("PLATFORM_SEND_RATE_LIMIT", self.platform_send_rate_limit),
+            ("PLATFORM_QUERY_RATE_LIMIT", self.platform_query_rate_limit),
+            ("PLATFORM_RATE_LIMIT", self.platform_rate_limit),
+        ):
+            # Permits are whole calls, counted per second (nan and inf refused too).
+            if not 1 <= rate < float("inf"):
+                raise ConfigError(f"{name}={rate:g} must be at least 1 call per second")
         for name, port in (
             ("PG_PORT", self.pg_port),
             ("TEMPORAL_PORT", self.temporal_port),
@@ -337,7 +357,8 @@ class Settings:
             "TASK_QUEUE": self.task_queue,
             "SIMULATOR_PORT": str(self.simulator_port),
             "PLATFORM_TIMEOUT_S": str(self.platform_timeout_s),
-            "PLATFORM_RATE_LIMIT": str(self.platform_rate_limit),
+            "PLATFORM_SEND_RATE_LIMIT": str(self.platform_send_rate_limit),
+            "PLATFORM_QUERY_RATE_LIMIT": str(self.platform_query_rate_limit),
             "LAG_WINDOW_S": str(self.lag_window_s),
             "DB_POOL_SIZE": str(self.db_pool_size),
             "CLAIM_REPAIR_AFTER_S": str(self.claim_repair_after_s),
@@ -359,6 +380,7 @@ class Settings:
             "DATABASE_URL": self.database_url_override,
             "TEMPORAL_ADDRESS": self.temporal_address_override,
             "PLATFORM_URL": self.platform_url_override,
+            "PLATFORM_RATE_LIMIT": _text(self.platform_rate_limit_override),
             "API_PUBLIC_URL": self.api_public_url,
             "TEMPORAL_TLS_CA_FILE": _text(self.temporal_tls_ca_file),
             "TEMPORAL_TLS_CERT_FILE": _text(self.temporal_tls_cert_file),
@@ -435,7 +457,9 @@ class Settings:
             simulator_port=_number(env, "SIMULATOR_PORT", 8600, int),
             platform_api_key=env.get("PLATFORM_API_KEY") or None,
             platform_timeout_s=_number(env, "PLATFORM_TIMEOUT_S", 5.0, float),
-            platform_rate_limit=_number(env, "PLATFORM_RATE_LIMIT", 500.0, float),
+            platform_send_rate_limit=_number(env, "PLATFORM_SEND_RATE_LIMIT", 500.0, float),
+            platform_query_rate_limit=_number(env, "PLATFORM_QUERY_RATE_LIMIT", 500.0, float),
+            platform_rate_limit_override=_optional_number(env, "PLATFORM_RATE_LIMIT"),
             lag_window_s=_number(env, "LAG_WINDOW_S", 30.0, float),
             db_pool_size=_number(env, "DB_POOL_SIZE", 20, int),
             claim_repair_after_s=_number(env, "CLAIM_REPAIR_AFTER_S", 30.0, float),
@@ -560,8 +584,8 @@ def _path(env: Mapping[str, str], name: str) -> Path | None:
     return Path(raw).expanduser() if raw else None
 
 
-def _text(path: Path | None) -> str | None:
-    return None if path is None else str(path)
+def _text(value: Path | float | None) -> str | None:
+    return None if value is None else str(value)
 
 
 def _kept(path: Path) -> str | None:
@@ -583,6 +607,12 @@ def _number(env: Mapping[str, str], name: str, default: N, kind: type[N]) -> N:
     if value <= 0:
         raise ConfigError(f"{name}={raw!r} must be greater than zero")
     return value
+
+
+def _optional_number(env: Mapping[str, str], name: str) -> float | None:
+    """A number that may be unset (None), checked like `_number`'s."""
+    raw = env.get(name)
+    return None if raw is None or raw == "" else _number(env, name, 0.0, float)
 
 
 def _hour(env: Mapping[str, str], name: str, default: int) -> int:

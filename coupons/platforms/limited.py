@@ -1,0 +1,206 @@
+"""A Platform that takes a permit before each call it passes on, so the platform's frequency
+limits hold over calls, whatever activity makes them and in whichever worker process.
+
+Calls come in two kinds, as WeChat Pay publishes its limits: sends (发放代金券, "频率限制:
+500/s", https://pay.weixin.qq.com/docs/merchant/apis/cash-coupons/coupon/send-coupon.html)
+and queries (查询代金券详情, "不区分来源 1000/s, 单ip 500/s",
+https://pay.weixin.qq.com/docs/merchant/apis/cash-coupons/coupon/query-coupon.html; the
+stock query publishes the same). Every call that is not a send counts as a query: the
+confirming lookups, the redemption polls, reconciliation's lookups, batch reads, and the
+rare catalog calls, whose own limits (per minute) their backoff keeps.
+
+Where the permits come from is the caller's choice (`PermitSource`: in the worker, leases
+shared through PostgreSQL, coupons/ledger/permits.py); this module knows nothing of the
+ledger or Temporal, like the adapters it wraps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from enum import StrEnum
+from typing import Protocol, TypeVar
+
+from coupons.platforms.base import (
+    BatchAction,
+    BatchSpec,
+    CouponUsedNotice,
+    FixesRequest,
+    FlowKind,
+    FlowRecord,
+    Platform,
+    PlatformBatch,
+    PlatformCoupon,
+    PlatformRateLimited,
+    SendRequest,
+)
+
+T = TypeVar("T")
+
+
+class CallKind(StrEnum):
+    SEND = "send"
+    QUERY = "query"
+
+
+class Lease(Protocol):
+    @property
+    def granted(self) -> int: ...
+
+    # How long the permits stay good after the lease was asked for.
+    @property
+    def ends_in_s(self) -> float: ...
+
+
+class PermitSource(Protocol):
+    async def lease(self, kind: str, want: int, ask: int) -> Lease:
+        """Up to `want` permits of `kind`; `ask` of them for calls waiting now."""
+        ...
+
+
+class _Kind:
+    """One kind's permits in this process: those leased and not spent yet, and the calls
+    waiting for one, first come first served."""
+
+    def __init__(self) -> None:
+        self.permits = 0
+        self.good_until = 0.0  # the loop's clock
+        self.spent = 0  # of the current lease: how many to take ahead next time
+        self.waiting: deque[asyncio.Future[None]] = deque()
+        self.leasing: asyncio.Task[None] | None = None
+
+
+class LeasedPermits:
+    """Permits taken from `source` a few at a time: one lease for the calls waiting when it
+    is asked (and as many as the last lease saw spent, taken ahead), none while permits are
+    left. A call waits at most `max_wait_s`, then fails as rate limited (retried with the
+    activity's backoff, like the platform's own frequency-limit answer)."""
+
+    def __init__(self, source: PermitSource, max_wait_s: float) -> None:
+        self._source = source
+        self._max_wait_s = max_wait_s
+        self._kinds = {kind: _Kind() for kind in CallKind}
+
+    async def take(self, kind: CallKind) -> None:
+        state = self._kinds[kind]
+        if not state.waiting and self._spend(state):
+            return
+        loop = asyncio.get_running_loop()
+        turn: asyncio.Future[None] = loop.create_future()
+        state.waiting.append(turn)
+        if state.leasing is None or state.leasing.done():
+            state.leasing = asyncio.create_task(self._lease_while_waited(kind, state))
+        try:
+            async with asyncio.timeout(self._max_wait_s):
+                await turn
+        except TimeoutError:
+            raise PlatformRateLimited(
+                "PERMIT_WAIT",
+                f"no {kind} permit within {self._max_wait_s:g} s: the platform's limit is "
+                "used up by other calls",
+            ) from None
+        finally:
+            with contextlib.suppress(ValueError):
+                state.waiting.remove(turn)
+
+    def _spend(self, state: _Kind) -> bool:
+        if state.permits <= 0 or asyncio.get_running_loop().time() >= state.good_until:
+            return False
+        state.permits -= 1
+        state.spent += 1
+        return True
+
+    def _hand_out(self, state: _Kind) -> None:
+        while state.waiting and self._spend(state):
+            turn = state.waiting.popleft()
+            if not turn.done():
+                turn.set_result(None)
+
+    async def _lease_while_waited(self, kind: CallKind, state: _Kind) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while state.waiting:
+                self._hand_out(state)
+                if not state.waiting:
+                    return
+                ask = len(state.waiting)
+                asked_at = loop.time()
+                lease = await self._source.lease(kind, max(ask, state.spent), ask)
+                if lease.granted > 0:
+                    # Counted from before the question: the permits are spent inside the
+                    # database's window, whatever the answer's way back took.
+                    state.permits = lease.granted
+                    state.good_until = asked_at + lease.ends_in_s
+                    state.spent = 0
+                    self._hand_out(state)
+                if lease.granted < ask:
+                    # This window has no more for us: ask again in the next one (counted
+                    # from the answer, so the database's clock is past its end by then).
+                    await asyncio.sleep(lease.ends_in_s)
+        except Exception as err:
+            # The shared accounting cannot answer (PostgreSQL restarting): the calls
+            # waiting fail as rate limited and are retried; no call goes unpermitted.
+            for turn in state.waiting:
+                if not turn.done():
+                    turn.set_exception(
+                        PlatformRateLimited("PERMITS_UNAVAILABLE", f"no permits: {err!r}")
+                    )
+
+
+class LimitedPlatform:
+    """`inner`, with a permit of the call's kind taken from `permits` before each call."""
+
+    def __init__(self, inner: Platform, permits: LeasedPermits) -> None:
+        self._inner = inner
+        self._permits = permits
+
+    @property
+    def callback_success(self) -> str | None:
+        return self._inner.callback_success
+
+    def batch_request(self, spec: BatchSpec) -> BatchSpec:
+        """What the wrapped platform would send (base.FixesRequest); `spec` when it fixes
+        nothing."""
+        if isinstance(self._inner, FixesRequest):
+            return self._inner.batch_request(spec)
+        return spec
+
+    async def create_batch(self, spec: BatchSpec) -> PlatformBatch:
+        return await self._permitted(CallKind.QUERY, lambda: self._inner.create_batch(spec))
+
+    async def get_batch(self, batch_id: str) -> PlatformBatch:
+        return await self._permitted(CallKind.QUERY, lambda: self._inner.get_batch(batch_id))
+
+    async def change_batch(self, batch_id: str, action: BatchAction) -> PlatformBatch:
+        return await self._permitted(
+            CallKind.QUERY, lambda: self._inner.change_batch(batch_id, action)
+        )
+
+    async def batch_flow(self, batch_id: str, kind: FlowKind) -> list[FlowRecord]:
+        return await self._permitted(CallKind.QUERY, lambda: self._inner.batch_flow(batch_id, kind))
+
+    async def send_coupon(self, request: SendRequest) -> PlatformCoupon:
+        return await self._permitted(CallKind.SEND, lambda: self._inner.send_coupon(request))
+
+    async def get_coupon(self, user_id: str, coupon_id: str) -> PlatformCoupon | None:
+        return await self._permitted(
+            CallKind.QUERY, lambda: self._inner.get_coupon(user_id, coupon_id)
+        )
+
+    def verify_callback(self, headers: Mapping[str, str], body: bytes) -> CouponUsedNotice | None:
+        # Not a call to the platform: pure and local.
+        return self._inner.verify_callback(headers, body)
+
+    async def refresh_keys(self) -> bool:
+        return await self._permitted(CallKind.QUERY, self._inner.refresh_keys)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def _permitted(self, kind: CallKind, call: Callable[[], Awaitable[T]]) -> T:
+        # The call is made only once the permit is there: a coroutine made before would be
+        # left unawaited when the wait fails.
+        await self._permits.take(kind)
+        return await call()
