@@ -42,6 +42,9 @@ _ALIPAY_FILES = (
 # How an Alipay app names its users in voucher calls (ALIPAY_USER_ID_TYPE): open_id, the
 # per-app id Alipay gives new apps ("支付宝未来推出的新产品将只支持 openid"), or the older user_id.
 ALIPAY_USER_ID_TYPES = ("open_id", "user_id")
+# How a new worker version becomes current (WORKER_VERSION_ROLLOUT): when its first worker
+# starts, unless it was current before ("auto"), or by an operator's command ("manual").
+VERSION_ROLLOUTS = ("auto", "manual")
 # A merchant's PID: 2088 and at least 12 more digits (Alipay widens its ids, "升位扩展").
 _ALIPAY_PID = re.compile(r"2088[0-9]{12,}")
 
@@ -110,6 +113,12 @@ class Settings:
     # flight finish before it cancels them: a send and its receipt take a few seconds. Under
     # the orchestrator's own wait before it kills (Kubernetes: 30 s unless told otherwise).
     worker_shutdown_grace_s: float = 20.0
+    # Worker versioning (app/versioning.py): the worker deployment the workers join (None:
+    # unversioned), their build id (None: derived from the workflow code), and how a new
+    # version becomes current: "auto" when its first worker starts, "manual" by an operator.
+    temporal_deployment_name: str | None = "coupon-lifecycle"
+    temporal_build_id_override: str | None = None
+    worker_version_rollout: str = "auto"
     # Prometheus: the worker's endpoint (the SDK's runtime metrics and ours; None: off) and
     # the address both it and the API's /metrics are meant for.
     worker_metrics_port: int | None = 9464
@@ -319,6 +328,22 @@ class Settings:
             )
         if self.temporal_api_key is not None and self.temporal_api_key_file is not None:
             raise ConfigError("give TEMPORAL_API_KEY or TEMPORAL_API_KEY_FILE, not both")
+        name = self.temporal_deployment_name
+        if name is not None and (not name.strip() or "." in name):
+            # Temporal names a version `<deployment>.<build id>`: the first dot splits them.
+            raise ConfigError(
+                f"TEMPORAL_DEPLOYMENT_NAME={name!r} must be a name with no dot, or off"
+            )
+        if (
+            self.temporal_build_id_override is not None
+            and not self.temporal_build_id_override.strip()
+        ):
+            raise ConfigError("TEMPORAL_BUILD_ID must not be blank")
+        if self.worker_version_rollout not in VERSION_ROLLOUTS:
+            raise ConfigError(
+                f"WORKER_VERSION_ROLLOUT={self.worker_version_rollout!r} must be one of "
+                f"{', '.join(VERSION_ROLLOUTS)}"
+            )
         if self.worker_metrics_port is not None and not 0 < self.worker_metrics_port < 65536:
             raise ConfigError(
                 f"WORKER_METRICS_PORT={self.worker_metrics_port} must be a TCP port, or off"
@@ -372,6 +397,8 @@ class Settings:
             "WORKER_MAX_CONCURRENT_ACTIVITIES": str(self.worker_max_concurrent_activities),
             "WORKER_MAX_CONCURRENT_WORKFLOW_TASKS": str(self.worker_max_concurrent_workflow_tasks),
             "WORKER_SHUTDOWN_GRACE_S": str(self.worker_shutdown_grace_s),
+            "TEMPORAL_DEPLOYMENT_NAME": self.temporal_deployment_name or "off",
+            "WORKER_VERSION_ROLLOUT": self.worker_version_rollout,
             "WORKER_METRICS_PORT": str(self.worker_metrics_port or "off"),
             "METRICS_HOST": self.metrics_host,
             "CODEC_CORS_ORIGINS": ",".join(self.codec_cors_origins),
@@ -388,6 +415,7 @@ class Settings:
             "TEMPORAL_TLS_SERVER_NAME": self.temporal_tls_server_name,
             "TEMPORAL_API_KEY": self.temporal_api_key,
             "TEMPORAL_API_KEY_FILE": _text(self.temporal_api_key_file),
+            "TEMPORAL_BUILD_ID": self.temporal_build_id_override,
             "CODEC_KEYS_FILE": _text(self.codec_keys_file),
             "CODEC_TOKEN": self.codec_token,
             "PLATFORM_API_KEY": self.platform_api_key,
@@ -483,6 +511,11 @@ class Settings:
                 env, "WORKER_MAX_CONCURRENT_WORKFLOW_TASKS", 100, int
             ),
             worker_shutdown_grace_s=_number(env, "WORKER_SHUTDOWN_GRACE_S", 20.0, float),
+            temporal_deployment_name=_off_or(
+                env.get("TEMPORAL_DEPLOYMENT_NAME") or "coupon-lifecycle"
+            ),
+            temporal_build_id_override=env.get("TEMPORAL_BUILD_ID") or None,
+            worker_version_rollout=env.get("WORKER_VERSION_ROLLOUT") or "auto",
             worker_metrics_port=_port_or_off(env, "WORKER_METRICS_PORT", 9464),
             metrics_host=env.get("METRICS_HOST") or "127.0.0.1",
             codec_keys_file=_path(env, "CODEC_KEYS_FILE"),
@@ -570,6 +603,10 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
     if raw in ("1", "true", "yes", "on"):
         return True
     raise ConfigError(f"{name}={raw!r} must be true or false")
+
+
+def _off_or(raw: str) -> str | None:
+    return None if raw.strip().lower() == "off" else raw
 
 
 def _port_or_off(env: Mapping[str, str], name: str, default: int) -> int | None:
