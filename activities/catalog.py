@@ -154,18 +154,24 @@ class CatalogActivities:
 
     @activity.defn(name=act.SYNC_BATCH)
     async def sync_batch(self, batch_id: str) -> BatchSync:
-        """Upsert the platform's figures and flag drift; when budget is back, tell the
-        coupons waiting for it to try again."""
+        """Upsert the platform's figures and flag drift; when budget is back, tell as many
+        coupons waiting for it to try again as it can pay."""
         try:
             synced = await catalog.batches.sync_batch(self._pool, self._platform, batch_id)
         except Refused as err:
             raise ApplicationError(str(err), type=err.code, non_retryable=True) from err
         if synced.backlog and synced.remaining > 0 and synced.status == BatchStatus.RUNNING:
-            synced.woken = await self._wake_waiters(batch_id, synced.platform_batch_id)
+            synced.woken = await self._wake_waiters(
+                batch_id, synced.platform_batch_id, synced.remaining
+            )
         metrics.batch_synced(synced)
         return synced
 
-    async def _wake_waiters(self, batch_id: str, platform_batch_id: str) -> int:
+    async def _wake_waiters(self, batch_id: str, platform_batch_id: str, budget: int) -> int:
+        """Wake at most `budget` of the batch's usable coupons, in coupon id order: a coupon
+        woken beyond what the batch can pay would only be refused again, one more send at
+        the platform and more events in its history. The rest wait for their own recheck
+        or a later sync that sees budget left."""
         notice = BudgetNotice(platform_batch_id)
 
         async def wake(claim: claims.Claim) -> bool:
@@ -180,15 +186,22 @@ class CatalogActivities:
 
         woken = 0
         after = ""
-        while True:
+        while woken < budget:
+            # A coupon that is not waiting (no workflow yet, closed since) takes none of the
+            # budget, so a page holds no more coupons than the budget still to hand out.
             page = await claims.coupons_in_state(
-                self._pool, "usable", batch_id=batch_id, after=after, limit=PAGE
+                self._pool,
+                "usable",
+                batch_id=batch_id,
+                after=after,
+                limit=min(PAGE, budget - woken),
             )
             if not page:
                 return woken
             woken += sum(await _each(page, wake))
             after = page[-1].coupon_id
             activity.heartbeat(after)
+        return woken
 
     # ----- reconciliation -------------------------------------------------------------
 

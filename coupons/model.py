@@ -52,6 +52,24 @@ class CouponInput:
     resume_state: str | None = None
     tasks_done: list[str] = field(default_factory=list)
     receipt: Receipt | None = None
+    # Set only on a run that an earlier run of the same coupon continued as new into (its
+    # history had grown long while it waited for budget): what that run knew beyond the
+    # ledger's state, which `resume_state` and `tasks_done` carry.
+    carried: CarriedRun | None = None
+
+
+@dataclass
+class CarriedRun:
+    """What one run of a coupon's workflow hands the next when it continues as new."""
+
+    transitions: list[Transition]
+    ignored_signals: list[str]
+    # A report of the coupon's use that overtook its send, to be taken once it is issued.
+    redemption: RedemptionReport | None
+    # Where the budget recheck's backoff stood: the next run goes on from there.
+    budget_recheck_s: float
+    # How many runs came before this one (1 for the first continued run).
+    runs_before: int = 1
 
 
 @dataclass

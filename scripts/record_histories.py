@@ -27,7 +27,7 @@ import httpx
 from psycopg_pool import AsyncConnectionPool
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
-from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.client import Client, WorkflowHandle, WorkflowHistory, WorkflowUpdateFailedError
 from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
@@ -452,6 +452,69 @@ async def budget_wait_then_issued(r: Recorder, name: str) -> Handle:
     return handle
 
 
+async def budget_wait_continued_as_new(r: Recorder, name: str) -> Handle:
+    # The batch has no budget left when the task is done: the coupon waits, its recheck
+    # backing off to the cap, until its run's history is long enough to continue as new.
+    # The next run sends first (refused), waits, and is sent once the sync's notice comes
+    # after budget returned. Both runs are written (the first as __run1).
+    s = r.settings(name)
+    c = await r.campaign(f"rec-{name}", valid_days=60)
+    await set_at_platform(r, c, remaining=0)
+    async with r.workers(s):
+        handle = await r.claim_in(c, s, "u1")
+        await handle.signal(UserCouponWorkflow.task_done, TaskCompletion("first-order"))
+        await wait_for_waiting(handle, "budget")
+        first_run = (await handle.describe()).run_id
+        for _ in range(30):
+            await r.env.sleep(timedelta(days=1))
+            if (await handle.describe()).run_id != first_run:
+                break
+        else:
+            raise PathFailed("the waiting coupon never continued as new")
+        await wait_for_waiting(handle, "budget")
+        await set_at_platform(r, c, remaining=5)
+        await r.share_clock()
+        batch = await get_batch(r.pool, c.batch_id)
+        assert batch is not None
+        await handle.signal(
+            UserCouponWorkflow.budget_available, BudgetNotice(batch.platform_batch_id)
+        )
+        await wait_for_state(handle, "issued")
+        used_at = await r.env.get_current_time()
+        await handle.signal(
+            UserCouponWorkflow.report_redemption, RedemptionReport(used_at, "callback")
+        )
+        status = await handle.result()
+    check(
+        [t.to_state for t in status.transitions] == ["usable", "issued", "redeemed"],
+        f"transitions: {status.transitions}",
+    )
+    return handle
+
+
+async def late_callback_at_validity_end(r: Recorder, name: str) -> Handle:
+    # The platform's lookups fail as the validity ends, so the final lookup is still
+    # retrying when the shop's callback reports the use; the lookup then answers `sent`.
+    # From the patch `report-during-final-lookup` on the report redeems the coupon; before
+    # it, the coupon lapsed.
+    s = r.settings(name)
+    async with r.workers(s):
+        handle = await r.claim(name, s, required_tasks=[])
+        issued = await wait_for_state(handle, "issued")
+        assert issued.receipt is not None
+        await r.knobs(lookup_error_status=500)
+        until_end = issued.receipt.valid_until - await r.env.get_current_time()
+        await r.env.sleep(until_end + timedelta(hours=1))
+        used_at = await r.env.get_current_time()
+        await handle.signal(
+            UserCouponWorkflow.report_redemption, RedemptionReport(used_at, "callback")
+        )
+        await r.knobs(lookup_error_status=0)
+        await r.env.sleep(timedelta(minutes=15))  # past the final lookup's longest backoff
+        await handle.result()
+    return handle
+
+
 async def resumed_usable_issued(r: Recorder, name: str) -> Handle:
     # The first run is lost before its send (no worker ran it; terminated): `coupon recover`
     # starts a fresh run that resumes the ledger's `usable`, sends and is redeemed.
@@ -788,6 +851,16 @@ PATHS = [
     Scenario("budget_wait_then_issued", "redeemed", budget_wait_then_issued),
     Scenario("resumed_usable_issued", "redeemed", resumed_usable_issued),
     Scenario("resumed_issued_redeemed", "redeemed", resumed_issued_redeemed),
+    Scenario(
+        "budget_wait_continued_as_new__budget_wait_bounded",
+        "redeemed",
+        budget_wait_continued_as_new,
+    ),
+    Scenario(
+        "late_callback_at_validity_end__report_during_final_lookup",
+        "redeemed",
+        late_callback_at_validity_end,
+    ),
 ]
 
 
@@ -816,14 +889,29 @@ async def record(r: Recorder, recording: Recording, out: Path) -> None:
     began = time.monotonic()
     await r.knobs(**r.default_knobs)
     recorded = await asyncio.wait_for(recording.drive(r, recording.name), timeout=300)
-    history = await recorded.handle.fetch_history()
-    target = out / f"{recording.name}.json"
-    target.write_text(history.to_json() + "\n")
-    print(
-        f"  {recording.name:<36} {recorded.outcome:<44} {len(history.events):>3} events "
-        f"{target.stat().st_size:>7,} bytes  {time.monotonic() - began:5.1f} s",
-        flush=True,
-    )
+    runs = await runs_of(r.env.client, recorded.handle.id)
+    # A workflow that continued as new: each earlier run beside its last, as <name>__run<i>.
+    names = [f"{recording.name}__run{i}" for i in range(1, len(runs))] + [recording.name]
+    for name, history in zip(names, runs, strict=True):
+        target = out / f"{name}.json"
+        target.write_text(history.to_json() + "\n")
+        print(
+            f"  {name:<36} {recorded.outcome:<44} {len(history.events):>3} events "
+            f"{target.stat().st_size:>7,} bytes  {time.monotonic() - began:5.1f} s",
+            flush=True,
+        )
+
+
+async def runs_of(client: Client, workflow_id: str) -> list[WorkflowHistory]:
+    """Every run of the workflow, oldest first: its latest run, then each run that one
+    continued from."""
+    runs = [await client.get_workflow_handle(workflow_id).fetch_history()]
+    while True:
+        started = runs[0].events[0].workflow_execution_started_event_attributes
+        if not started.continued_execution_run_id:
+            return runs
+        earlier = client.get_workflow_handle(workflow_id, run_id=started.continued_execution_run_id)
+        runs.insert(0, await earlier.fetch_history())
 
 
 async def start_time_skipping() -> WorkflowEnvironment:

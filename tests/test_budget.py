@@ -15,6 +15,7 @@ from dataclasses import replace
 import httpx
 import pytest
 from psycopg_pool import AsyncConnectionPool
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
@@ -233,6 +234,56 @@ async def test_a_paused_batch_holds_coupons_until_resumed(
     finally:
         await close_workflows(client, [r.workflow_id for r in results])
     assert took < PROMPTLY_S
+
+
+async def signals_received(handle: Handle) -> int:
+    history = await handle.fetch_history()
+    kind = EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
+    return sum(1 for event in history.events if event.event_type == kind)
+
+
+async def test_a_sync_wakes_no_more_waiting_coupons_than_the_batch_can_pay(
+    dev_env: WorkflowEnvironment,
+    pool: AsyncConnectionPool,
+    platform: RestPlatform,
+    settings: Settings,
+    simulator: httpx.AsyncClient,
+) -> None:
+    """Five coupons wait, the platform has budget for two: the sync wakes two (in coupon id
+    order) and leaves three waiting, untouched; each wake beyond two would only have drawn
+    another refused send."""
+    client = dev_env.client
+    campaign = await new_campaign(pool, platform, required_tasks=[], quota=10)
+    await set_at_platform(pool, simulator, campaign.batch_id, remaining=0)
+    results: list[ClaimResult] = []
+    before = await sim_stats(simulator)
+    try:
+        async with running_workers(client, pool, settings):
+            service = claims_of(pool, client, settings)
+            results += [await service.claim(campaign.id, f"queue-{i}") for i in range(5)]
+            results.sort(key=lambda r: r.coupon_id)
+            handles = [handle_of(client, r.workflow_id) for r in results]
+            await asyncio.gather(*(wait_for_budget(h) for h in handles))
+
+            await set_at_platform(pool, simulator, campaign.batch_id, remaining=2)
+            woke = await sync_one(client, settings, campaign.batch_id)
+            assert (woke.remaining, woke.backlog, woke.woken) == (2, 5, 2)
+            await asyncio.gather(*(wait_for_state(h, "issued") for h in handles[:2]))
+            assert [await signals_received(h) for h in handles] == [1, 1, 0, 0, 0]
+            for handle in handles[2:]:
+                status = await handle.query(UserCouponWorkflow.status)
+                assert status.state == "usable" and "budget" in status.waiting_for, status
+            assert (await sim_stats(simulator))["sends_applied"] - before["sends_applied"] == 2
+
+            # Budget for all of them: the next sync wakes the three still waiting.
+            await set_at_platform(pool, simulator, campaign.batch_id, remaining=10)
+            rest = await sync_one(client, settings, campaign.batch_id)
+            assert (rest.backlog, rest.woken) == (3, 3)
+            await asyncio.gather(*(wait_for_state(h, "issued") for h in handles[2:]))
+            await assert_never_failed(pool, handles)
+    finally:
+        await close_workflows(client, [r.workflow_id for r in results])
+    assert (await sim_stats(simulator))["sends_applied"] - before["sends_applied"] == 5
 
 
 # ----------------------------------------------------------------- edges of the wait

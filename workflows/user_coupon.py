@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta
+from typing import NoReturn
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -25,6 +27,7 @@ with workflow.unsafe.imports_passed_through():
         USER_ID,
         BudgetNotice,
         CancelRequest,
+        CarriedRun,
         CouponInput,
         CouponStatus,
         ExpireRequest,
@@ -61,10 +64,30 @@ FINAL_LOOKUP_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=5), maximum_interval=timedelta(minutes=10)
 )
 PLATFORM_CALL_TIMEOUT = timedelta(seconds=30)
-# A coupon waiting for budget tries again when the catalog sync sees budget, or after this.
+# A coupon waiting for budget tries again when the catalog sync sees budget, or after its
+# recheck: this long at first, then twice as long after each recheck that found none.
 BUDGET_RECHECK = timedelta(minutes=10)
+# The recheck is only the fallback for a sync that does not run: the catalog-sync schedule
+# (every 5 minutes by default) wakes waiting coupons as soon as it sees budget. Two hours
+# bound how late a coupon learns of budget with no sync at all, keep 100,000 waiting coupons
+# to about 14 refused sends a second (under 3% of WeChat Pay's 500 sends a second, so the
+# sends that can be paid are not crowded out), and cost a coupon about 130 history events a
+# day (12 rechecks of 11 events).
+BUDGET_RECHECK_CAP = timedelta(hours=2)
+# A run that waits for budget continues as new once its history holds this many events, or
+# earlier if the server suggests it (by default at 4K events or 4 MB, past the issue's
+# bound of 2,000). At the recheck's cap a run lasts about a week of waiting, so a month's
+# wait is four or five runs; the server warns at 10K events and ends a run at 51,200.
+HISTORY_LIMIT = 1_000
 # Patches, each named for the change it guards; see "Changing the workflow" in the README.
 FIRST_POLL_AFTER_BACKOFF = "first-poll-after-backoff"
+# The budget recheck backs off (BUDGET_RECHECK doubling to BUDGET_RECHECK_CAP) and the
+# waiting run continues as new past HISTORY_LIMIT; runs from before it recheck every
+# BUDGET_RECHECK and never continue as new.
+BUDGET_WAIT_BOUNDED = "budget-wait-bounded"
+# A redemption report that arrives while the final lookup runs redeems the coupon; runs
+# from before it lapsed the coupon when the lookup said unused, the report dropped.
+REPORT_DURING_FINAL_LOOKUP = "report-during-final-lookup"
 
 
 @workflow.defn
@@ -80,20 +103,26 @@ class UserCouponWorkflow:
     - signal `budget_available` from the catalog sync, for coupons waiting for budget;
     - query `status` with the full state.
 
-    The workflow stays open after issuing so one history tells the coupon's whole story.
+    The workflow stays open after issuing so one history tells the coupon's whole story;
+    only a long wait for budget continues it as new (its runs together tell the story, the
+    status carries every transition).
     """
 
     @workflow.init
     def __init__(self, input: CouponInput) -> None:
         self._input = input
         self._machine = _machine_of(input)
-        self._transitions: list[Transition] = []
+        carried = input.carried
+        self._transitions: list[Transition] = list(carried.transitions) if carried else []
         self._unrecorded: list[Transition] = []
         # A run resumed from the ledger's `issued` starts with the ledger's receipt.
         self._receipt: Receipt | None = input.receipt
-        self._redemption: RedemptionReport | None = None
-        self._ignored: list[str] = []
+        self._redemption: RedemptionReport | None = carried.redemption if carried else None
+        self._ignored: list[str] = list(carried.ignored_signals) if carried else []
         self._budget_notices = 0
+        self._budget_recheck = (
+            timedelta(seconds=carried.budget_recheck_s) if carried else BUDGET_RECHECK
+        )
         self._waiting_for = "start"
         self._platform_queue = act.platform_task_queue(workflow.info().task_queue)
         # The claim started the workflow with these search attributes already set.
@@ -172,7 +201,15 @@ class UserCouponWorkflow:
                 if not isinstance(cause, ApplicationError):
                     raise
                 if cause.type == act.BATCH_UNAVAILABLE:
-                    await self._wait_for_budget(cause.message, notices)
+                    if not workflow.patched(BUDGET_WAIT_BOUNDED):
+                        await self._wait_for_budget(cause.message, notices, BUDGET_RECHECK)
+                        continue
+                    if await self._wait_for_budget(cause.message, notices, self._budget_recheck):
+                        # Nothing came: the next wait is longer, up to the cap.
+                        self._budget_recheck = min(2 * self._budget_recheck, BUDGET_RECHECK_CAP)
+                    if self._history_full():
+                        # The next run starts where this one would go on: with the send.
+                        await self._continue_as_new()
                     continue
                 if cause.type != act.SEND_REFUSED:
                     raise
@@ -182,9 +219,9 @@ class UserCouponWorkflow:
         # The issue activity wrote `issued` with the receipt in one transaction.
         self._fire("issue", "platform confirmed the send", at=receipt.confirmed_at, recorded=True)
 
-    async def _wait_for_budget(self, why: str, notices: int) -> None:
+    async def _wait_for_budget(self, why: str, notices: int, recheck: timedelta) -> bool:
         """The batch cannot send now: wait for the catalog sync to see budget (a notice
-        beyond the `notices` seen before the send), or a while.
+        beyond the `notices` seen before the send), or `recheck`; True if nothing came.
 
         Retrying the send on a short backoff instead would turn a campaign's backlog into a
         flood of refused calls at the platform.
@@ -194,11 +231,47 @@ class UserCouponWorkflow:
         try:
             await workflow.wait_condition(
                 lambda: self._budget_notices != notices,
-                timeout=BUDGET_RECHECK,
+                timeout=recheck,
                 timeout_summary="budget recheck",
             )
         except TimeoutError:
-            pass
+            return True
+        return False
+
+    def _history_full(self) -> bool:
+        info = workflow.info()
+        return (
+            info.is_continue_as_new_suggested()
+            or info.get_current_history_length() >= HISTORY_LIMIT
+        )
+
+    async def _continue_as_new(self) -> NoReturn:
+        """Go on in a fresh run of this workflow (same id, search attributes and task
+        queue), `usable` with the send next, carrying what the ledger does not hold.
+
+        Only from the wait for budget: the machine is `sending` there (refused, so nothing
+        reached the wallet) and the next run begins that send again with the same key."""
+        # The move into `usable` was written by the first refused send; nothing else moves
+        # in this wait, but what is unwritten must not be lost with this run.
+        await self._record_pending()
+        # Let update handlers that are still running reply before this run closes.
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        carried = self._input.carried
+        workflow.continue_as_new(
+            replace(
+                self._input,
+                resume_state="usable",
+                tasks_done=list(self._machine.tasks_done),
+                receipt=None,
+                carried=CarriedRun(
+                    transitions=list(self._transitions),
+                    ignored_signals=list(self._ignored),
+                    redemption=self._redemption,
+                    budget_recheck_s=self._budget_recheck.total_seconds(),
+                    runs_before=carried.runs_before + 1 if carried else 1,
+                ),
+            )
+        )
 
     async def _await_redemption(self) -> None:
         assert self._receipt is not None
@@ -261,6 +334,11 @@ class UserCouponWorkflow:
             )
         if view.status == "used":
             self._fire("redeem", "redeemed (platform lookup)", at=view.used_at)
+        elif self._redemption is not None and workflow.patched(REPORT_DURING_FINAL_LOOKUP):
+            # The report arrived while the final lookup ran (a callback that was slower
+            # than the platform's own lookup, or a reconciliation repair): the use stands.
+            report = self._redemption
+            self._fire("redeem", f"redeemed ({report.source})", at=report.used_at)
         else:
             self._fire("lapse", f"validity ended unused (platform: {view.status})")
 
@@ -457,10 +535,9 @@ def _machine_of(input: CouponInput) -> CouponLifecycle:
     campaign without tasks), or where the ledger says a recovered coupon is."""
     if input.resume_state in ("usable", "issued"):
         # Its tasks are done. A usable coupon's send starts again (same key); an issued
-        # one's is over.
-        return CouponLifecycle(
-            input.required_tasks, tasks_done=input.required_tasks, state=input.resume_state
-        )
+        # one's is over. A continued run keeps the order they were done in.
+        done = input.tasks_done if input.carried else input.required_tasks
+        return CouponLifecycle(input.required_tasks, tasks_done=done, state=input.resume_state)
     return CouponLifecycle(input.required_tasks)
 
 

@@ -1,0 +1,141 @@
+"""A coupon that waits months for budget, on the time-skipping server with the real ledger
+and simulator: its workflow continues as new before its history grows long, the recheck
+backs off, and once budget returns the coupon is issued as any other.
+
+Every test ends its coupons the way a coupon ends (redeemed), with its workers there: a
+workflow left open, or terminated with an activity in flight, stops time skipping for the
+tests after it (see `ts_env`).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import httpx
+from psycopg_pool import AsyncConnectionPool
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client, WorkflowHistory
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Replayer
+
+from app.workers import workflow_runner
+from coupons import contract as act
+from coupons.config import Settings
+from coupons.ledger import claims as ledger
+from coupons.model import RedemptionReport, SyncInput, SyncReport, TaskCompletion
+from coupons.platforms.generic.adapter import RestPlatform
+from tests.conftest import (
+    TASK,
+    USED_AT,
+    claims_of,
+    handle_of,
+    ledger_states,
+    new_campaign,
+    run_workflow,
+    running_workers,
+    set_at_platform,
+    share_clock,
+    wait_for_budget,
+    wait_for_state,
+)
+from workflows.user_coupon import UserCouponWorkflow
+
+WAIT = timedelta(days=90)
+# The issue's bound on one run's history; the server warns at 10,240 and stops at 51,200.
+HISTORY_BOUND = 2_000
+
+
+async def runs_of(client: Client, workflow_id: str) -> list[WorkflowHistory]:
+    """Every run of the workflow, oldest first: the latest, then each run it continued from."""
+    runs = [await client.get_workflow_handle(workflow_id).fetch_history()]
+    while True:
+        started = runs[0].events[0].workflow_execution_started_event_attributes
+        before = started.continued_execution_run_id
+        if not before:
+            return runs
+        handle = client.get_workflow_handle(workflow_id, run_id=before)
+        runs.insert(0, await handle.fetch_history())
+
+
+def ends_continued(history: WorkflowHistory) -> bool:
+    kind = history.events[-1].event_type
+    return kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW
+
+
+async def test_a_coupon_waits_90_days_for_budget_with_a_short_history_then_is_issued(
+    ts_env: WorkflowEnvironment,
+    pool: AsyncConnectionPool,
+    platform: RestPlatform,
+    settings: Settings,
+    simulator: httpx.AsyncClient,
+) -> None:
+    client = ts_env.client
+    await share_clock(ts_env, simulator)
+    # The batch's window outlasts the wait: only its budget (none) holds the coupon back.
+    campaign = await new_campaign(pool, platform, quota=10, valid_days=WAIT.days + 30)
+    await set_at_platform(pool, simulator, campaign.batch_id, remaining=0)
+    async with running_workers(client, pool, settings):
+        result = await claims_of(pool, client, settings).claim(campaign.id, "patient")
+        handle = handle_of(client, result.workflow_id)
+        try:
+            # Its task done, so the first run has a transition of its own to hand on.
+            await handle.signal(UserCouponWorkflow.task_done, TaskCompletion(TASK))
+            await wait_for_budget(handle)
+            # A day at a time: each sleep is one call, which must end within its RPC timeout
+            # while the workflow's rechecks run in real time.
+            for _ in range(WAIT.days):
+                await ts_env.sleep(timedelta(days=1))
+            waited = await wait_for_budget(handle)
+            assert "BUDGET_EXHAUSTED" in waited.waiting_for
+            # Budget returns at the platform (whose clock catches up with the 90 days),
+            # and the catalog sync wakes the coupon.
+            await set_at_platform(pool, simulator, campaign.batch_id, remaining=5)
+            await share_clock(ts_env, simulator)
+            with ts_env.auto_time_skipping_disabled():
+                report = await run_workflow(
+                    client,
+                    settings,
+                    act.CATALOG_SYNC_WORKFLOW,
+                    SyncInput([campaign.batch_id]),
+                    SyncReport,
+                )
+            (synced,) = report.batches
+            assert (synced.backlog, synced.woken) == (1, 1)
+            issued = await wait_for_state(handle, "issued")
+            await handle.signal(UserCouponWorkflow.report_redemption, RedemptionReport(USED_AT))
+            final = await handle.result()
+        except BaseException:
+            await handle.terminate("test failed")
+            raise
+
+    runs = await runs_of(client, handle.id)
+    lengths = [len(run.events) for run in runs]
+    print(
+        f"\n90-day budget wait: {len(runs)} runs, events per run {lengths}, "
+        f"current run {lengths[-1]}, all runs {sum(lengths)}"
+    )
+    assert lengths[-1] < HISTORY_BOUND
+    assert max(lengths) < HISTORY_BOUND
+    assert all(ends_continued(run) for run in runs[:-1])
+
+    # The ledger and the workflow agree, across all its runs.
+    assert final.state == "redeemed"
+    assert [t.to_state for t in final.transitions] == ["usable", "issued", "redeemed"]
+    assert final.tasks_done == [TASK]
+    assert await ledger_states(pool, final.coupon_id) == [
+        (None, "received"),
+        ("received", "usable"),
+        ("usable", "issued"),
+        ("issued", "redeemed"),
+    ]
+    claim = await ledger.get_claim(pool, final.coupon_id)
+    assert claim is not None and claim.state == final.state
+    view = await ledger.coupon_view(pool, final.coupon_id)
+    assert view is not None and issued.receipt is not None and final.receipt is not None
+    assert view["receipt"]["platform_coupon_id"] == final.receipt.platform_coupon_id
+    assert final.receipt.platform_coupon_id == issued.receipt.platform_coupon_id
+
+    # Each run replays on today's code.
+    replayer = Replayer(workflows=[UserCouponWorkflow], workflow_runner=workflow_runner())
+    for run in runs:
+        await replayer.replay_workflow(run)
