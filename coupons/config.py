@@ -328,11 +328,11 @@ class Settings:
             )
         if self.temporal_api_key is not None and self.temporal_api_key_file is not None:
             raise ConfigError("give TEMPORAL_API_KEY or TEMPORAL_API_KEY_FILE, not both")
-        name = self.temporal_deployment_name
-        if name is not None and (not name.strip() or "." in name):
+        deployment = self.temporal_deployment_name
+        if deployment is not None and (not deployment.strip() or "." in deployment):
             # Temporal names a version `<deployment>.<build id>`: the first dot splits them.
             raise ConfigError(
-                f"TEMPORAL_DEPLOYMENT_NAME={name!r} must be a name with no dot, or off"
+                f"TEMPORAL_DEPLOYMENT_NAME={deployment!r} must be a name with no dot, or off"
             )
         if (
             self.temporal_build_id_override is not None
