@@ -135,7 +135,7 @@ class LeasedPermits:
                     state.good_until = asked_at + lease.ends_in_s
                     state.spent = 0
                     self._hand_out(state)
-                if lease.granted < ask:
+                if lease.granted < ask or loop.time() >= state.good_until:
                     # This window has no more for us: ask again in the next one (counted
                     # from the answer, so the database's clock is past its end by then).
                     await asyncio.sleep(lease.ends_in_s)
