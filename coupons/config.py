@@ -113,10 +113,11 @@ class Settings:
     # flight finish before it cancels them: a send and its receipt take a few seconds. Under
     # the orchestrator's own wait before it kills (Kubernetes: 30 s unless told otherwise).
     worker_shutdown_grace_s: float = 20.0
-    # Worker versioning (app/versioning.py): the worker deployment the workers join (None:
-    # unversioned), their build id (None: derived from the workflow code), and how a new
-    # version becomes current: "auto" when its first worker starts, "manual" by an operator.
-    temporal_deployment_name: str | None = "coupon-lifecycle"
+    # Worker versioning (app/versioning.py): the worker deployment the workers join, their
+    # build id (None: derived from the workflow code), and how a new version becomes
+    # current: "auto" when its first worker starts, "manual" by an operator. Always on: the
+    # short workflows are PINNED, which Temporal refuses from an unversioned worker.
+    temporal_deployment_name: str = "coupon-lifecycle"
     temporal_build_id_override: str | None = None
     worker_version_rollout: str = "auto"
     # Prometheus: the worker's endpoint (the SDK's runtime metrics and ours; None: off) and
@@ -329,11 +330,9 @@ class Settings:
         if self.temporal_api_key is not None and self.temporal_api_key_file is not None:
             raise ConfigError("give TEMPORAL_API_KEY or TEMPORAL_API_KEY_FILE, not both")
         deployment = self.temporal_deployment_name
-        if deployment is not None and (not deployment.strip() or "." in deployment):
+        if not deployment.strip() or "." in deployment:
             # Temporal names a version `<deployment>.<build id>`: the first dot splits them.
-            raise ConfigError(
-                f"TEMPORAL_DEPLOYMENT_NAME={deployment!r} must be a name with no dot, or off"
-            )
+            raise ConfigError(f"TEMPORAL_DEPLOYMENT_NAME={deployment!r} must be a name with no dot")
         if (
             self.temporal_build_id_override is not None
             and not self.temporal_build_id_override.strip()
@@ -397,7 +396,7 @@ class Settings:
             "WORKER_MAX_CONCURRENT_ACTIVITIES": str(self.worker_max_concurrent_activities),
             "WORKER_MAX_CONCURRENT_WORKFLOW_TASKS": str(self.worker_max_concurrent_workflow_tasks),
             "WORKER_SHUTDOWN_GRACE_S": str(self.worker_shutdown_grace_s),
-            "TEMPORAL_DEPLOYMENT_NAME": self.temporal_deployment_name or "off",
+            "TEMPORAL_DEPLOYMENT_NAME": self.temporal_deployment_name,
             "WORKER_VERSION_ROLLOUT": self.worker_version_rollout,
             "WORKER_METRICS_PORT": str(self.worker_metrics_port or "off"),
             "METRICS_HOST": self.metrics_host,
@@ -511,9 +510,7 @@ class Settings:
                 env, "WORKER_MAX_CONCURRENT_WORKFLOW_TASKS", 100, int
             ),
             worker_shutdown_grace_s=_number(env, "WORKER_SHUTDOWN_GRACE_S", 20.0, float),
-            temporal_deployment_name=_off_or(
-                env.get("TEMPORAL_DEPLOYMENT_NAME") or "coupon-lifecycle"
-            ),
+            temporal_deployment_name=env.get("TEMPORAL_DEPLOYMENT_NAME") or "coupon-lifecycle",
             temporal_build_id_override=env.get("TEMPORAL_BUILD_ID") or None,
             worker_version_rollout=env.get("WORKER_VERSION_ROLLOUT") or "auto",
             worker_metrics_port=_port_or_off(env, "WORKER_METRICS_PORT", 9464),
@@ -603,10 +600,6 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
     if raw in ("1", "true", "yes", "on"):
         return True
     raise ConfigError(f"{name}={raw!r} must be true or false")
-
-
-def _off_or(raw: str) -> str | None:
-    return None if raw.strip().lower() == "off" else raw
 
 
 def _port_or_off(env: Mapping[str, str], name: str, default: int) -> int | None:
