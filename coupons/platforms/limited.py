@@ -9,6 +9,10 @@ stock query publishes the same). Every call that is not a send counts as a query
 confirming lookups, the redemption polls, reconciliation's lookups, batch reads, and the
 rare catalog calls, whose own limits (per minute) their backoff keeps.
 
+Order: where one limit covers both kinds (PLATFORM_RATE_LIMIT set under their sum), sends
+come first (the permit source's policy); among queries, those that follow a send in the same
+task (the issue's confirming lookups) go before the others waiting in their process.
+
 Where the permits come from is the caller's choice (`PermitSource`: in the worker, leases
 shared through PostgreSQL, coupons/ledger/permits.py); this module knows nothing of the
 ledger or Temporal, like the adapters it wraps.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from enum import StrEnum
@@ -38,6 +43,14 @@ from coupons.platforms.base import (
 )
 
 T = TypeVar("T")
+
+# Set once a task (an activity's attempt) has sent: its lookups after the send confirm it,
+# and a coupon is issued only once one sees it, so they go before the other queries waiting
+# in this process (redemption polls, reconciliation's lookups, batch reads). Each attempt of
+# an activity is its own task, so the mark never outlives the attempt that sent.
+_SENT_IN_THIS_TASK: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "sent_in_this_task", default=False
+)
 
 
 class CallKind(StrEnum):
@@ -62,14 +75,26 @@ class PermitSource(Protocol):
 
 class _Kind:
     """One kind's permits in this process: those leased and not spent yet, and the calls
-    waiting for one, first come first served."""
+    waiting for one: those that come first (`first`), then the others, each in order."""
 
     def __init__(self) -> None:
         self.permits = 0
         self.good_until = 0.0  # the loop's clock
         self.spent = 0  # of the current lease: how many to take ahead next time
-        self.waiting: deque[asyncio.Future[None]] = deque()
+        self.first: deque[asyncio.Future[None]] = deque()
+        self.others: deque[asyncio.Future[None]] = deque()
         self.leasing: asyncio.Task[None] | None = None
+
+    def waiting(self) -> int:
+        return len(self.first) + len(self.others)
+
+    def next_turn(self) -> asyncio.Future[None]:
+        return (self.first or self.others).popleft()
+
+    def leave(self, turn: asyncio.Future[None]) -> None:
+        for queue in (self.first, self.others):
+            with contextlib.suppress(ValueError):
+                queue.remove(turn)
 
 
 class LeasedPermits:
@@ -83,13 +108,15 @@ class LeasedPermits:
         self._max_wait_s = max_wait_s
         self._kinds = {kind: _Kind() for kind in CallKind}
 
-    async def take(self, kind: CallKind) -> None:
+    async def take(self, kind: CallKind, *, first: bool = False) -> None:
+        """A permit of `kind`, once there is one; `first`: before the calls waiting that
+        are not `first` themselves."""
         state = self._kinds[kind]
-        if not state.waiting and self._spend(state):
+        if not state.waiting() and self._spend(state):
             return
         loop = asyncio.get_running_loop()
         turn: asyncio.Future[None] = loop.create_future()
-        state.waiting.append(turn)
+        (state.first if first else state.others).append(turn)
         if state.leasing is None or state.leasing.done():
             state.leasing = asyncio.create_task(self._lease_while_waited(kind, state))
         try:
@@ -102,8 +129,7 @@ class LeasedPermits:
                 "used up by other calls",
             ) from None
         finally:
-            with contextlib.suppress(ValueError):
-                state.waiting.remove(turn)
+            state.leave(turn)
 
     def _spend(self, state: _Kind) -> bool:
         if state.permits <= 0 or asyncio.get_running_loop().time() >= state.good_until:
@@ -113,19 +139,19 @@ class LeasedPermits:
         return True
 
     def _hand_out(self, state: _Kind) -> None:
-        while state.waiting and self._spend(state):
-            turn = state.waiting.popleft()
+        while state.waiting() and self._spend(state):
+            turn = state.next_turn()
             if not turn.done():
                 turn.set_result(None)
 
     async def _lease_while_waited(self, kind: CallKind, state: _Kind) -> None:
         loop = asyncio.get_running_loop()
         try:
-            while state.waiting:
+            while state.waiting():
                 self._hand_out(state)
-                if not state.waiting:
+                if not state.waiting():
                     return
-                ask = len(state.waiting)
+                ask = state.waiting()
                 asked_at = loop.time()
                 lease = await self._source.lease(kind, max(ask, state.spent), ask)
                 if lease.granted > 0:
@@ -142,7 +168,7 @@ class LeasedPermits:
         except Exception as err:
             # The shared accounting cannot answer (PostgreSQL restarting): the calls
             # waiting fail as rate limited and are retried; no call goes unpermitted.
-            for turn in state.waiting:
+            for turn in (*state.first, *state.others):
                 if not turn.done():
                     turn.set_exception(
                         PlatformRateLimited("PERMITS_UNAVAILABLE", f"no permits: {err!r}")
@@ -182,6 +208,7 @@ class LimitedPlatform:
         return await self._permitted(CallKind.QUERY, lambda: self._inner.batch_flow(batch_id, kind))
 
     async def send_coupon(self, request: SendRequest) -> PlatformCoupon:
+        _SENT_IN_THIS_TASK.set(True)
         return await self._permitted(CallKind.SEND, lambda: self._inner.send_coupon(request))
 
     async def get_coupon(self, user_id: str, coupon_id: str) -> PlatformCoupon | None:
@@ -202,5 +229,5 @@ class LimitedPlatform:
     async def _permitted(self, kind: CallKind, call: Callable[[], Awaitable[T]]) -> T:
         # The call is made only once the permit is there: a coroutine made before would be
         # left unawaited when the wait fails.
-        await self._permits.take(kind)
+        await self._permits.take(kind, first=_SENT_IN_THIS_TASK.get())
         return await call()

@@ -184,3 +184,30 @@ async def test_no_call_is_made_without_a_permit() -> None:
     with pytest.raises(PlatformRateLimited):
         await platform.send_coupon(SendRequest("b1", "u1", "k1"))
     assert inner.calls == []
+
+
+async def test_the_lookups_after_a_send_go_before_the_other_queries_waiting() -> None:
+    """An issue's confirming lookup (a query in the task that sent) is served before the
+    polls already waiting; the polls keep their own order."""
+    source = Source(per_lease=1, good_for_s=0.01)  # a permit each 10 ms window
+    inner = Counting()
+    permits = LeasedPermits(source, max_wait_s=30)
+    platform = LimitedPlatform(inner, permits)  # type: ignore[arg-type]
+    served: list[str] = []
+
+    async def poll(name: str) -> None:
+        await platform.get_coupon(name, "c")
+        served.append(name)
+
+    async def issue() -> None:
+        await platform.send_coupon(SendRequest("b1", "u1", "k1"))
+        await platform.get_coupon("confirm", "c")
+        served.append("confirm")
+
+    polls = [asyncio.create_task(poll(f"poll-{i}")) for i in range(3)]
+    await asyncio.sleep(0)
+    source.gate.set()  # one permit a lease from here on
+    await issue()
+    await asyncio.gather(*polls)
+    assert served.index("confirm") <= 1  # at most the poll whose lease was already asked
+    assert [name for name in served if name != "confirm"] == ["poll-0", "poll-1", "poll-2"]
