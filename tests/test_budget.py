@@ -371,7 +371,7 @@ async def test_without_a_sync_a_waiting_coupon_tries_again_after_the_recheck(
     simulator: httpx.AsyncClient,
 ) -> None:
     """No sync runs (its Schedule paused, say): the coupon still tries again on its own,
-    every BUDGET_RECHECK, and never fails."""
+    at its first recheck (BUDGET_RECHECK; the later ones back off), and never fails."""
     client = ts_env.client
     await share_clock(ts_env, simulator)
     campaign = await new_campaign(pool, platform, required_tasks=[], quota=10)

@@ -18,11 +18,20 @@ from temporalio.client import Client, WorkflowHistory
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
+from app.embedded import find_binary
 from app.workers import workflow_runner
+from coupons import catalog
 from coupons import contract as act
 from coupons.config import Settings
 from coupons.ledger import claims as ledger
-from coupons.model import RedemptionReport, SyncInput, SyncReport, TaskCompletion
+from coupons.model import (
+    SEARCH_ATTRIBUTES,
+    BudgetNotice,
+    RedemptionReport,
+    SyncInput,
+    SyncReport,
+    TaskCompletion,
+)
 from coupons.platforms.generic.adapter import RestPlatform
 from tests.conftest import (
     TASK,
@@ -38,7 +47,7 @@ from tests.conftest import (
     wait_for_budget,
     wait_for_state,
 )
-from workflows.user_coupon import UserCouponWorkflow
+from workflows.user_coupon import BUDGET_RECHECK_CAP, HISTORY_LIMIT, UserCouponWorkflow
 
 WAIT = timedelta(days=90)
 # The issue's bound on one run's history; the server warns at 10,240 and stops at 51,200.
@@ -55,6 +64,17 @@ async def runs_of(client: Client, workflow_id: str) -> list[WorkflowHistory]:
             return runs
         handle = client.get_workflow_handle(workflow_id, run_id=before)
         runs.insert(0, await handle.fetch_history())
+
+
+def recheck_minutes(history: WorkflowHistory) -> list[float]:
+    """The length of each budget recheck the run waited for (its timers of that summary)."""
+    return [
+        event.timer_started_event_attributes.start_to_fire_timeout.ToTimedelta()
+        / timedelta(minutes=1)
+        for event in history.events
+        if event.event_type == EventType.EVENT_TYPE_TIMER_STARTED
+        and b"budget recheck" in event.user_metadata.summary.data
+    ]
 
 
 def ends_continued(history: WorkflowHistory) -> bool:
@@ -117,6 +137,10 @@ async def test_a_coupon_waits_90_days_for_budget_with_a_short_history_then_is_is
     assert lengths[-1] < HISTORY_BOUND
     assert max(lengths) < HISTORY_BOUND
     assert all(ends_continued(run) for run in runs[:-1])
+    # The recheck backed off to its cap, and each later run went on at the cap.
+    rechecks = [recheck_minutes(run) for run in runs]
+    assert rechecks[0][:6] == [10, 20, 40, 80, 120, 120], rechecks[0][:6]
+    assert all(set(later) == {BUDGET_RECHECK_CAP / timedelta(minutes=1)} for later in rechecks[1:])
 
     # The ledger and the workflow agree, across all its runs.
     assert final.state == "redeemed"
@@ -139,3 +163,55 @@ async def test_a_coupon_waits_90_days_for_budget_with_a_short_history_then_is_is
     replayer = Replayer(workflows=[UserCouponWorkflow], workflow_runner=workflow_runner())
     for run in runs:
         await replayer.replay_workflow(run)
+
+
+# The server suggests continuing as new past this many events (its default is 4,096).
+SUGGEST_AT = 60
+
+
+async def test_the_servers_suggestion_continues_a_waiting_coupon_as_new(
+    pool: AsyncConnectionPool,
+    platform: RestPlatform,
+    settings: Settings,
+    simulator: httpx.AsyncClient,
+) -> None:
+    """A dev server of its own that suggests continuing as new early: the waiting coupon
+    takes the suggestion long before HISTORY_LIMIT. Each wake-up with no budget behind it
+    (sent by hand here) is a refused send, so the history grows without any time passing."""
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(find_binary("temporal")),
+        search_attributes=SEARCH_ATTRIBUTES,
+        dev_server_extra_args=[
+            "--dynamic-config-value",
+            f"limit.historyCount.suggestContinueAsNew={SUGGEST_AT}",
+        ],
+    )
+    try:
+        client = env.client
+        campaign = await new_campaign(pool, platform, quota=10)
+        await set_at_platform(pool, simulator, campaign.batch_id, remaining=0)
+        batch = await catalog.batches.get_batch(pool, campaign.batch_id)
+        notice = BudgetNotice(batch.platform_batch_id)
+        async with running_workers(client, pool, settings):
+            result = await claims_of(pool, client, settings).claim(campaign.id, "nudged")
+            handle = handle_of(client, result.workflow_id)
+            await handle.signal(UserCouponWorkflow.task_done, TaskCompletion(TASK))
+            await wait_for_budget(handle)
+            first_run = (await handle.describe()).run_id
+            for _ in range(SUGGEST_AT):
+                await handle.signal(UserCouponWorkflow.budget_available, notice)
+                await wait_for_budget(handle)
+                if (await handle.describe()).run_id != first_run:
+                    break
+            await set_at_platform(pool, simulator, campaign.batch_id, remaining=5)
+            await handle.signal(UserCouponWorkflow.budget_available, notice)
+            await wait_for_state(handle, "issued")
+            await handle.signal(UserCouponWorkflow.report_redemption, RedemptionReport(USED_AT))
+            final = await handle.result()
+        runs = await runs_of(client, handle.id)
+    finally:
+        await env.shutdown()
+    assert len(runs) == 2 and ends_continued(runs[0])
+    assert SUGGEST_AT <= len(runs[0].events) < HISTORY_LIMIT
+    assert [t.to_state for t in final.transitions] == ["usable", "issued", "redeemed"]
+    assert (await ledger_states(pool, final.coupon_id))[-1] == ("issued", "redeemed")
