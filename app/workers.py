@@ -25,6 +25,7 @@ import workflows
 from activities.catalog import CatalogActivities
 from activities.ledger import LedgerActivities
 from activities.platform import PlatformActivities
+from app import versioning
 from app.claims import STARTS_AT_ONCE, ClaimService
 from app.schedules import ensure_schedules
 from app.wedged import count_by_cause, find_wedged
@@ -80,6 +81,9 @@ def build_workers(
     # before cancelling them: a deploy would otherwise cut every send mid-way, to be resent
     # by another worker once its heartbeat times out.
     grace = timedelta(seconds=settings.worker_shutdown_grace_s)
+    # Both of this process's version (app/versioning.py): a pinned run's activities go to
+    # the platform workers of the version it runs on.
+    deployment = versioning.deployment_config(versioning.worker_version(settings))
     return [
         # TASK_QUEUE: every workflow, and the activities that only touch the ledger.
         Worker(
@@ -105,6 +109,7 @@ def build_workers(
             max_concurrent_workflow_tasks=settings.worker_max_concurrent_workflow_tasks,
             max_concurrent_activities=settings.worker_max_concurrent_activities,
             graceful_shutdown_timeout=grace,
+            deployment_config=deployment,
         ),
         # <TASK_QUEUE>-platform: every platform call. The platform's limits are held per
         # call by `limited_platform`; each of these activities makes at least one call, so
@@ -123,6 +128,7 @@ def build_workers(
             max_task_queue_activities_per_second=settings.platform_rate_limit,
             max_concurrent_activities=settings.worker_max_concurrent_activities,
             graceful_shutdown_timeout=grace,
+            deployment_config=deployment,
         ),
     ]
 
@@ -219,6 +225,7 @@ async def worker_services(settings: Settings) -> AsyncIterator[WorkerServices]:
             async with in_background(
                 start_claims_forever(ClaimService(pool, client, settings)),
                 watch_wedged_forever(pool, client, settings, meter),
+                *_rollout(client, settings),
             ):
                 yield WorkerServices(client, pool, platform, stop)
         finally:
@@ -240,6 +247,13 @@ def limited_platform(inner: Platform, pool: AsyncConnectionPool, settings: Setti
     )
     permits = LeasedPermits(PermitLeases(pool, policy), settings.platform_timeout_s)
     return LimitedPlatform(inner, permits)
+
+
+def _rollout(client: Client, settings: Settings) -> list[Coroutine[Any, Any, None]]:
+    """WORKER_VERSION_ROLLOUT=auto: this version made current once its workers poll."""
+    if settings.worker_version_rollout != "auto":
+        return []
+    return [versioning.roll_out_beside(client, versioning.worker_version(settings))]
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

@@ -33,6 +33,7 @@ from temporalio.worker import Worker
 
 from app.claims import ClaimResult, ClaimService
 from app.embedded import EmbeddedPostgres, SimulatorProcess, find_binary, free_port
+from app.versioning import make_current, worker_version
 from app.workers import build_workers, in_background, start_claims_forever
 from coupons import catalog, metrics
 from coupons.config import Settings
@@ -84,6 +85,9 @@ async def dev_env() -> AsyncIterator[WorkflowEnvironment]:
         dev_server_existing_path=str(find_binary("temporal")),
         search_attributes=SEARCH_ATTRIBUTES,
     )
+    # The workers are versioned (app/versioning.py), and a version takes work only once it is
+    # current: the tests' version is, before their workers start (worker.py rolls out itself).
+    await make_current(env.client, worker_version(Settings()), allow_no_pollers=True)
     yield env
     await env.shutdown()
 

@@ -6,6 +6,7 @@ import asyncio
 from datetime import timedelta
 
 from temporalio import workflow
+from temporalio.common import VersioningBehavior
 from temporalio.exceptions import ActivityError
 
 from workflows.policies import LEDGER_CALL, PLATFORM_RETRY
@@ -21,7 +22,9 @@ with workflow.unsafe.imports_passed_through():
 PARALLEL = 8
 
 
-@workflow.defn(name=act.CATALOG_SYNC_WORKFLOW)
+# PINNED: each run stays on the worker version it started on (app/versioning.py); it is
+# short, done before that version's workers are retired.
+@workflow.defn(name=act.CATALOG_SYNC_WORKFLOW, versioning_behavior=VersioningBehavior.PINNED)
 class CatalogSyncWorkflow:
     """Run by the `catalog-sync` schedule and by `starter.py batch sync`; its current
     details name the batches that drifted."""

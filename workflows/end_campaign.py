@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 from temporalio import workflow
+from temporalio.common import VersioningBehavior
 
 from workflows.policies import LEDGER_CALL
 
@@ -80,7 +81,9 @@ class EndCampaignRun(EndCampaignInput):
     pass_waits_s: list[float] = field(default_factory=lambda: list(PASS_WAITS_S))
 
 
-@workflow.defn(name=act.END_CAMPAIGN_WORKFLOW)
+# PINNED: each run stays on the worker version it started on (app/versioning.py); it is
+# short, done before that version's workers are retired.
+@workflow.defn(name=act.END_CAMPAIGN_WORKFLOW, versioning_behavior=VersioningBehavior.PINNED)
 class EndCampaignWorkflow:
     """Started by `app.service.end_campaign` (the CLI's `campaign end --expire-pending`,
     the API's `end` with `expire_pending`) once the campaign is ended (so no new claim

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from temporalio import workflow
+from temporalio.common import VersioningBehavior
 from temporalio.exceptions import ActivityError
 
 from workflows.policies import LEDGER_CALL, PLATFORM_RETRY
@@ -23,7 +24,9 @@ REPAIR_WAIT_S = 60.0
 BATCH_FAILURE_REPORTED = "reconcile-batch-failure-reported"
 
 
-@workflow.defn(name=act.RECONCILE_WORKFLOW)
+# PINNED: each run stays on the worker version it started on (app/versioning.py); it is
+# short, done before that version's workers are retired.
+@workflow.defn(name=act.RECONCILE_WORKFLOW, versioning_behavior=VersioningBehavior.PINNED)
 class ReconcileWorkflow:
     """Run daily by the `reconcile-daily` schedule and by `starter.py reconcile`.
 
