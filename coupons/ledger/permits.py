@@ -64,20 +64,22 @@ class PermitLeases:
         self._pool = pool
         self._policy = policy
 
-    async def lease(self, kind: str, want: int, ask: int) -> Lease:
+    async def lease(self, kind: str, want: int, ask: int, first: int = 0) -> Lease:
         """Up to `want` permits of `kind` for the current window; `ask` of them are for
-        calls waiting now (the rest are taken ahead)."""
+        calls waiting now (the rest are taken ahead), `first` of those for calls that do not
+        yield (they complete what the kind yielded to began)."""
         policy = self._policy
         limit = policy.limits[kind]
         leased = await db.fetch_written(
             self._pool,
             _Leased,
             "SELECT granted, window_no, ends_in_ms FROM lease_platform_permits("
-            "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (
                 kind,
                 want,
                 min(ask, want),
+                min(first, ask, want),
                 limit,
                 window_cap(limit),
                 policy.total,

@@ -9,9 +9,11 @@ stock query publishes the same). Every call that is not a send counts as a query
 confirming lookups, the redemption polls, reconciliation's lookups, batch reads, and the
 rare catalog calls, whose own limits (per minute) their backoff keeps.
 
-Order: where one limit covers both kinds (PLATFORM_RATE_LIMIT set under their sum), sends
-come first (the permit source's policy); among queries, those that follow a send in the same
-task (the issue's confirming lookups) go before the others waiting in their process.
+Order: an issue before everything else. Where one limit covers both kinds
+(PLATFORM_RATE_LIMIT set under their sum), sends come first (the permit source's policy), and
+so do the queries that follow a send in the same task (the issue's confirming lookups: a
+coupon is issued only once one sees it); those also go before the other queries waiting in
+their process (redemption polls, reconciliation's lookups, batch reads).
 
 Where the permits come from is the caller's choice (`PermitSource`: in the worker, leases
 shared through PostgreSQL, coupons/ledger/permits.py); this module knows nothing of the
@@ -45,9 +47,9 @@ from coupons.platforms.base import (
 T = TypeVar("T")
 
 # Set once a task (an activity's attempt) has sent: its lookups after the send confirm it,
-# and a coupon is issued only once one sees it, so they go before the other queries waiting
-# in this process (redemption polls, reconciliation's lookups, batch reads). Each attempt of
-# an activity is its own task, so the mark never outlives the attempt that sent.
+# and a coupon is issued only once one sees it, so they go first: before the other queries
+# waiting in this process, and in the total without yielding to sends. Each attempt of an
+# activity is its own task, so the mark never outlives the attempt that sent.
 _SENT_IN_THIS_TASK: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "sent_in_this_task", default=False
 )
@@ -68,8 +70,9 @@ class Lease(Protocol):
 
 
 class PermitSource(Protocol):
-    async def lease(self, kind: str, want: int, ask: int) -> Lease:
-        """Up to `want` permits of `kind`; `ask` of them for calls waiting now."""
+    async def lease(self, kind: str, want: int, ask: int, first: int) -> Lease:
+        """Up to `want` permits of `kind`; `ask` of them for calls waiting now, `first` of
+        those for calls that go first (they do not yield to another kind)."""
         ...
 
 
@@ -153,7 +156,7 @@ class LeasedPermits:
                     return
                 ask = state.waiting()
                 asked_at = loop.time()
-                lease = await self._source.lease(kind, max(ask, state.spent), ask)
+                lease = await self._source.lease(kind, max(ask, state.spent), ask, len(state.first))
                 if lease.granted > 0:
                     # Counted from before the question: the permits are spent inside the
                     # database's window, whatever the answer's way back took.

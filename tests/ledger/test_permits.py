@@ -90,3 +90,21 @@ async def test_without_yielding_both_kinds_share_the_total(pool: AsyncConnection
     )
     assert max(ring_sums(sends + queries)) <= 100
     assert sum(queries.values()) * 3 > sum(sends.values())
+
+
+async def test_what_completes_a_send_does_not_yield_to_sends(pool: AsyncConnectionPool) -> None:
+    """Sends asked for the whole total; a query lease that yields gets nothing, but the
+    permits it asks for calls that go first (an issue's confirming lookups) it gets."""
+    policy = PermitPolicy(
+        limits={"send": 100, "query": 100}, total=100, yields_to={"query": "send"}
+    )
+    leases = PermitLeases(pool, policy)
+    while True:
+        sends = await leases.lease("send", 20, 20)  # asks more than the window's 10
+        await asyncio.sleep(sends.ends_in_s)  # into the next window, which their asks hold
+        polls = await leases.lease("query", 5, 5)
+        confirms = await leases.lease("query", 5, 5, first=3)
+        if sends.window_no + 1 == polls.window_no == confirms.window_no:
+            break
+    assert polls.granted == 0
+    assert confirms.granted == 3

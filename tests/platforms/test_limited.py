@@ -31,16 +31,18 @@ class Granted:
 @dataclass
 class Source:
     """Grants `per_lease` permits good for `good_for_s`, each lease once `gate` opens;
-    remembers every lease as (kind, want, ask)."""
+    remembers every lease as (kind, want, ask), and how many of the asked go first."""
 
     per_lease: int = 1000
     good_for_s: float = 60.0
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     leases: list[tuple[str, int, int]] = field(default_factory=list)
+    firsts: list[int] = field(default_factory=list)
     fail: Exception | None = None
 
-    async def lease(self, kind: str, want: int, ask: int) -> Granted:
+    async def lease(self, kind: str, want: int, ask: int, first: int) -> Granted:
         self.leases.append((kind, want, ask))
+        self.firsts.append(first)
         await self.gate.wait()
         if self.fail is not None:
             raise self.fail
@@ -210,4 +212,5 @@ async def test_the_lookups_after_a_send_go_before_the_other_queries_waiting() ->
     await issue()
     await asyncio.gather(*polls)
     assert served.index("confirm") <= 1  # at most the poll whose lease was already asked
+    assert 1 in source.firsts  # and its lease said so (it does not yield to sends)
     assert [name for name in served if name != "confirm"] == ["poll-0", "poll-1", "poll-2"]

@@ -37,12 +37,13 @@ LANGUAGE sql IMMUTABLE AS $$ SELECT coalesce(sum(c), 0)::integer FROM unnest(cou
 
 -- Up to `want` permits of `kind` for the current window: within the kind's limit over the
 -- ring and its share of one window (`window_cap`), within the total's, and, when the kind
--- yields to another, after the room that one's recent asks keep. `ask` (at
--- most `want`) is what callers wait for now, as opposed to what is taken ahead. Every lease
+-- yields to another, after the room that one's recent asks keep, except for the first
+-- `first` (calls that complete what the other kind began: an issue's confirming lookups).
+-- `ask` (at most `want`) is what callers wait for now, as opposed to what is taken ahead. Every lease
 -- takes the 'total' row's lock first: leases are serialized, and the window is read after
 -- the lock, so windows only move forward from one lease to the next.
 CREATE FUNCTION lease_platform_permits(
-    p_kind text, p_want integer, p_ask integer,
+    p_kind text, p_want integer, p_ask integer, p_first integer,
     p_limit integer, p_window_cap integer, p_total integer, p_total_cap integer,
     p_yields_to text, p_window_ms integer, p_ring integer
 ) RETURNS TABLE (granted integer, window_no bigint, ends_in_ms double precision)
@@ -78,7 +79,7 @@ BEGIN
             0, greatest(y.asked[i], y.asked[((w - 1) % p_ring)::integer + 1]) - y.granted[i]
         );
     END IF;
-    got := greatest(0, least(p_want, own, room - yielded));
+    got := greatest(0, least(p_want, own, greatest(room - yielded, least(p_first, room))));
     k.granted[i] := k.granted[i] + got;
     t.granted[i] := t.granted[i] + got;
     k.asked[i] := k.asked[i] + greatest(0, least(p_ask, own));
