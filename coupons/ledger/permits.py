@@ -74,12 +74,13 @@ class PermitLeases:
             self._pool,
             _Leased,
             "SELECT granted, window_no, ends_in_ms FROM lease_platform_permits("
-            "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (
                 kind,
                 want,
                 min(ask, want),
                 min(first, ask, want),
+                kind in policy.yields_to.values(),
                 limit,
                 window_cap(limit),
                 policy.total,

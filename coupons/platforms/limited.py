@@ -84,17 +84,17 @@ class _Kind:
         self.permits = 0
         self.good_until = 0.0  # the loop's clock
         self.spent = 0  # of the current lease: how many to take ahead next time
-        self.first: deque[asyncio.Future[None]] = deque()
-        self.others: deque[asyncio.Future[None]] = deque()
+        self.first: deque[asyncio.Future[float]] = deque()
+        self.others: deque[asyncio.Future[float]] = deque()
         self.leasing: asyncio.Task[None] | None = None
 
     def waiting(self) -> int:
         return len(self.first) + len(self.others)
 
-    def next_turn(self) -> asyncio.Future[None]:
+    def next_turn(self) -> asyncio.Future[float]:
         return (self.first or self.others).popleft()
 
-    def leave(self, turn: asyncio.Future[None]) -> None:
+    def leave(self, turn: asyncio.Future[float]) -> None:
         for queue in (self.first, self.others):
             with contextlib.suppress(ValueError):
                 queue.remove(turn)
@@ -112,25 +112,38 @@ class LeasedPermits:
         self._kinds = {kind: _Kind() for kind in CallKind}
 
     async def take(self, kind: CallKind, *, first: bool = False) -> None:
-        """A permit of `kind`, once there is one; `first`: before the calls waiting that
-        are not `first` themselves."""
+        """A permit of `kind`, still good when this returns: the caller makes its call at
+        once, inside the permit's window. `first`: before the calls waiting that are not
+        `first` themselves."""
         state = self._kinds[kind]
         if not state.waiting() and self._spend(state):
             return
         loop = asyncio.get_running_loop()
-        turn: asyncio.Future[None] = loop.create_future()
-        (state.first if first else state.others).append(turn)
-        if state.leasing is None or state.leasing.done():
-            state.leasing = asyncio.create_task(self._lease_while_waited(kind, state))
         try:
             async with asyncio.timeout(self._max_wait_s):
-                await turn
+                while True:
+                    good_until = await self._turn(kind, state, first)
+                    if loop.time() < good_until:
+                        return
+                    # Handed a permit, this task only ran after its window ended (a busy
+                    # loop): spent now, the call would land in a later window, over that
+                    # one's count. It waits for another, ahead of those that came later.
+                    first = True
         except TimeoutError:
             raise PlatformRateLimited(
                 "PERMIT_WAIT",
                 f"no {kind} permit within {self._max_wait_s:g} s: the platform's limit is "
                 "used up by other calls",
             ) from None
+
+    async def _turn(self, kind: CallKind, state: _Kind, first: bool) -> float:
+        """Wait in line for a permit; when the permit stops being good."""
+        turn: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        (state.first if first else state.others).append(turn)
+        if state.leasing is None or state.leasing.done():
+            state.leasing = asyncio.create_task(self._lease_while_waited(kind, state))
+        try:
+            return await turn
         finally:
             state.leave(turn)
 
@@ -145,7 +158,7 @@ class LeasedPermits:
         while state.waiting() and self._spend(state):
             turn = state.next_turn()
             if not turn.done():
-                turn.set_result(None)
+                turn.set_result(state.good_until)
 
     async def _lease_while_waited(self, kind: CallKind, state: _Kind) -> None:
         loop = asyncio.get_running_loop()

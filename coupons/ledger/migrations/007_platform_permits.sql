@@ -39,11 +39,13 @@ LANGUAGE sql IMMUTABLE AS $$ SELECT coalesce(sum(c), 0)::integer FROM unnest(cou
 -- ring and its share of one window (`window_cap`), within the total's, and, when the kind
 -- yields to another, after the room that one's recent asks keep, except for the first
 -- `first` (calls that complete what the other kind began: an issue's confirming lookups).
--- `ask` (at most `want`) is what callers wait for now, as opposed to what is taken ahead. Every lease
--- takes the 'total' row's lock first: leases are serialized, and the window is read after
--- the lock, so windows only move forward from one lease to the next.
+-- `ask` (at most `want`) is what callers wait for now, as opposed to what is taken ahead;
+-- it is kept (`keep_asks`) for a kind others yield to. A lease that gets nothing and keeps
+-- nothing only reads: a starved process asking each window costs no write. Otherwise it
+-- takes the 'total' row's lock first and counts again: leases are serialized, and the
+-- window is read after the lock, so windows only move forward from one lease to the next.
 CREATE FUNCTION lease_platform_permits(
-    p_kind text, p_want integer, p_ask integer, p_first integer,
+    p_kind text, p_want integer, p_ask integer, p_first integer, p_keep_asks boolean,
     p_limit integer, p_window_cap integer, p_total integer, p_total_cap integer,
     p_yields_to text, p_window_ms integer, p_ring integer
 ) RETURNS TABLE (granted integer, window_no bigint, ends_in_ms double precision)
@@ -58,31 +60,45 @@ DECLARE
     i integer;
     own integer;
     room integer;
-    yielded integer := 0;
+    yielded integer;
     got integer;
 BEGIN
-    SELECT * INTO STRICT t FROM platform_permits WHERE kind = 'total' FOR UPDATE;
-    SELECT * INTO STRICT k FROM platform_permits WHERE kind = p_kind FOR UPDATE;
-    now_ms := extract(epoch FROM clock_timestamp()) * 1000;
-    w := floor(now_ms / p_window_ms)::bigint;
-    i := (w % p_ring)::integer + 1;
-    t.granted := platform_permits_rolled(t.granted, t.window_no, w, p_ring);
-    k.granted := platform_permits_rolled(k.granted, k.window_no, w, p_ring);
-    k.asked := platform_permits_rolled(k.asked, k.window_no, w, p_ring);
-    own := least(p_limit - platform_permits_sum(k.granted), p_window_cap - k.granted[i]);
-    room := least(p_total - platform_permits_sum(t.granted), p_total_cap - t.granted[i]);
-    IF p_yields_to IS NOT NULL THEN
-        SELECT * INTO STRICT y FROM platform_permits WHERE kind = p_yields_to;
-        y.granted := platform_permits_rolled(y.granted, y.window_no, w, p_ring);
-        y.asked := platform_permits_rolled(y.asked, y.window_no, w, p_ring);
-        yielded := greatest(
-            0, greatest(y.asked[i], y.asked[((w - 1) % p_ring)::integer + 1]) - y.granted[i]
-        );
-    END IF;
-    got := greatest(0, least(p_want, own, greatest(room - yielded, least(p_first, room))));
+    FOR attempt IN 1 .. 2 LOOP
+        IF attempt = 1 THEN
+            SELECT * INTO STRICT t FROM platform_permits WHERE kind = 'total';
+            SELECT * INTO STRICT k FROM platform_permits WHERE kind = p_kind;
+        ELSE
+            SELECT * INTO STRICT t FROM platform_permits WHERE kind = 'total' FOR UPDATE;
+            SELECT * INTO STRICT k FROM platform_permits WHERE kind = p_kind FOR UPDATE;
+        END IF;
+        now_ms := extract(epoch FROM clock_timestamp()) * 1000;
+        w := floor(now_ms / p_window_ms)::bigint;
+        i := (w % p_ring)::integer + 1;
+        t.granted := platform_permits_rolled(t.granted, t.window_no, w, p_ring);
+        k.granted := platform_permits_rolled(k.granted, k.window_no, w, p_ring);
+        k.asked := platform_permits_rolled(k.asked, k.window_no, w, p_ring);
+        own := least(p_limit - platform_permits_sum(k.granted), p_window_cap - k.granted[i]);
+        room := least(p_total - platform_permits_sum(t.granted), p_total_cap - t.granted[i]);
+        yielded := 0;
+        IF p_yields_to IS NOT NULL THEN
+            SELECT * INTO STRICT y FROM platform_permits WHERE kind = p_yields_to;
+            y.granted := platform_permits_rolled(y.granted, y.window_no, w, p_ring);
+            y.asked := platform_permits_rolled(y.asked, y.window_no, w, p_ring);
+            yielded := greatest(
+                0, greatest(y.asked[i], y.asked[((w - 1) % p_ring)::integer + 1]) - y.granted[i]
+            );
+        END IF;
+        got := greatest(0, least(p_want, own, greatest(room - yielded, least(p_first, room))));
+        IF attempt = 1 AND got = 0 AND NOT (p_keep_asks AND least(p_ask, own) > 0) THEN
+            RETURN QUERY SELECT 0, w, (w + 1) * p_window_ms - now_ms;
+            RETURN;
+        END IF;
+    END LOOP;
     k.granted[i] := k.granted[i] + got;
     t.granted[i] := t.granted[i] + got;
-    k.asked[i] := k.asked[i] + greatest(0, least(p_ask, own));
+    IF p_keep_asks THEN
+        k.asked[i] := k.asked[i] + greatest(0, least(p_ask, own));
+    END IF;
     UPDATE platform_permits SET window_no = w, granted = t.granted WHERE kind = 'total';
     UPDATE platform_permits
     SET window_no = w, granted = k.granted, asked = k.asked
