@@ -17,6 +17,7 @@ import contextvars
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 
 import pytest
 from psycopg_pool import AsyncConnectionPool
@@ -30,7 +31,13 @@ from coupons.config import Settings
 from coupons.ledger import claims as ledger
 from coupons.ledger import db
 from coupons.ledger.permits import Lease, PermitLeases
-from coupons.platforms.base import Platform, PlatformRateLimited
+from coupons.platforms.base import (
+    Platform,
+    PlatformCoupon,
+    PlatformCouponStatus,
+    PlatformRateLimited,
+    SendRequest,
+)
 from coupons.platforms.generic.adapter import RestPlatform
 from coupons.platforms.metered import MeteredPlatform
 from tests.conftest import close_workflows, new_campaign, new_id
@@ -223,3 +230,85 @@ async def test_platform_calls_per_second_stay_under_the_limits_during_a_send_bur
     # whole total, got little of it; alone, they got many times more.
     assert len(sends) >= 4 * len(beside)
     assert most_in_any_second(alone) >= 4 * most_in_any_second(beside)
+
+
+class Answering:
+    """A platform that answers sends and lookups at once, noting when each call left."""
+
+    callback_success = None
+
+    def __init__(self, calls: Calls) -> None:
+        self._calls = calls
+
+    async def send_coupon(self, request: SendRequest) -> PlatformCoupon:
+        self._calls.record("send_coupon", "ok", 0.0)
+        return COUPON
+
+    async def get_coupon(self, user_id: str, coupon_id: str) -> PlatformCoupon | None:
+        self._calls.record("get_coupon", "ok", 0.0)
+        return None
+
+    async def aclose(self) -> None:
+        pass
+
+
+NOW = datetime(2026, 12, 1, tzinfo=UTC)
+COUPON = PlatformCoupon("c", "b", "u", PlatformCouponStatus.SENT, NOW, NOW, None, {})
+# WeChat Pay's figures, the defaults; each process offers far more than them.
+CALLERS = 100  # of each kind, in each process
+LOAD_S = 3.0
+
+
+async def test_at_wechat_pays_limits_two_processes_share_them_with_few_database_writes(
+    postgres: EmbeddedPostgres,
+    schema: str,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The default limits (500 sends, 500 queries a second) under far more demand from two
+    processes' limiters sharing the database: the counts hold, and the database sees a
+    write for many calls."""
+    calls, leases = Calls(), Leases()
+    lease = PermitLeases.lease
+
+    async def counted(self: PermitLeases, kind: str, want: int, ask: int, first: int = 0) -> Lease:
+        got = await lease(self, kind, want, ask, first)
+        leases.count += 1
+        leases.writes += got.granted > 0 or kind == "send"
+        return got
+
+    monkeypatch.setattr(PermitLeases, "lease", counted)
+
+    async def send(platform: Platform) -> None:
+        while True:
+            with contextlib.suppress(PlatformRateLimited):
+                await platform.send_coupon(SendRequest("b", "u", new_id("k")))
+
+    async def look_up(platform: Platform) -> None:
+        while True:
+            with contextlib.suppress(PlatformRateLimited):
+                await platform.get_coupon("u", "c")
+
+    async with (
+        db.pool(postgres.url(), schema=schema, max_size=4) as one,
+        db.pool(postgres.url(), schema=schema, max_size=4) as other,
+    ):
+        platforms = [
+            limited_platform(Answering(calls), pool, settings)  # type: ignore[arg-type]
+            for pool in (one, other)
+        ]
+        loops = [f(p) for p in platforms for f in (send, look_up) for _ in range(CALLERS)]
+        async with in_background(*loops):
+            await asyncio.sleep(LOAD_S)
+
+    sends, queries = calls.times("send"), calls.times("query")
+    print(
+        f"\n{len(sends)} sends, {len(queries)} queries in {LOAD_S:g} s; most in any second: "
+        f"sends {most_in_any_second(sends)}, queries {most_in_any_second(queries)}; leases "
+        f"{leases.count} ({leases.count / LOAD_S:.0f}/s), writes {leases.writes} "
+        f"({leases.writes / LOAD_S:.0f}/s), {len(calls.seen) / max(leases.writes, 1):.0f} "
+        "calls a write"
+    )
+    assert most_in_any_second(sends) <= settings.platform_send_rate_limit == 500
+    assert most_in_any_second(queries) <= settings.platform_query_rate_limit == 500
+    assert leases.writes * 10 <= len(calls.seen)
