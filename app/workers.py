@@ -203,8 +203,8 @@ async def worker_services(settings: Settings) -> AsyncIterator[WorkerServices]:
     """Everything around the workers: SIGINT and SIGTERM handled (the first a graceful stop,
     even during start-up; a second one stops at once), the database migrated and pooled, the
     client (with the worker's metrics), the search attributes checked, the schedules in
-    place, the platform metered, and the claims' workflow starter and the wedged-coupon loops
-    running until the block ends."""
+    place, the platform metered and limited (`limited_platform`), and the claims' workflow
+    starter and the wedged-coupon loops running until the block ends."""
     stop = asyncio.Event()
     _stop_on_signal(stop)
     await db.migrate_url(settings.database_url)
