@@ -40,6 +40,7 @@ async def test_migrations_build_an_empty_database_once(postgres: EmbeddedPostgre
             (4, "batch_intents"),
             (5, "claim_starts"),
             (6, "claim_slots"),
+            (7, "platform_permits"),
         ]
 
 
