@@ -43,6 +43,7 @@ from tests.conftest import (
     Handle,
     claims_of,
     close_workflows,
+    current_before_start,
     handle_of,
     ledger_states,
     new_campaign,
@@ -323,6 +324,7 @@ async def test_budget_returning_while_the_send_is_being_refused_is_not_missed(
     held = RefusalHeldBack(settings.platform_url, settings.platform_timeout_s)
     result: ClaimResult | None = None
     try:
+        await current_before_start(client, settings)
         workers = build_workers(client, pool, held, settings)
         starter = start_claims_forever(claims_of(pool, client, settings))
         async with workers[0], workers[1], in_background(starter):

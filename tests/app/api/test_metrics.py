@@ -44,6 +44,7 @@ from tests.app.api.conftest import (
 from tests.conftest import (
     TASK,
     close_workflows,
+    current_before_start,
     handle_of,
     run_workflow,
     set_at_platform,
@@ -71,6 +72,7 @@ async def worker_metrics(api: Api, dev_env: WorkflowEnvironment) -> AsyncIterato
     assert runtime is not None
     client = await connect(settings, runtime)
     platform = MeteredPlatform(make_platform(settings), metrics.platform_call)
+    await current_before_start(client, settings)
     workers = build_workers(client, api.pool, platform, settings)
     starter = start_claims_forever(ClaimService(api.pool, client, settings))
     try:
