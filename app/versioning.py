@@ -110,7 +110,9 @@ def code_build_id() -> str:
     workers it builds later are the same version even if the files changed meanwhile."""
     digest = hashlib.sha256()
     for path in workflow_sources():
-        digest.update(str(path.relative_to(ROOT)).encode())
+        # By its place in the tree, so a checkout anywhere gives the same id.
+        name = path.relative_to(ROOT) if path.is_relative_to(ROOT) else Path(path.name)
+        digest.update(name.as_posix().encode())
         digest.update(path.read_bytes())
     for library in _IN_WORKFLOWS:
         digest.update(f"{library}=={metadata.version(library)}".encode())
