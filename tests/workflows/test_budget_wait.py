@@ -1,6 +1,7 @@
 """A coupon that waits months for budget, on the time-skipping server with the real ledger
 and simulator: its workflow continues as new before its history grows long, the recheck
-backs off, and once budget returns the coupon is issued as any other.
+backs off, and once budget returns the coupon is issued as any other. The coupon's other
+waits write nothing while they last, so they need no continue-as-new.
 
 Every test ends its coupons the way a coupon ends (redeemed), with its workers there: a
 workflow left open, or terminated with an activity in flight, stops time skipping for the
@@ -9,6 +10,7 @@ tests after it (see `ts_env`).
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import httpx
@@ -36,6 +38,7 @@ from coupons.platforms.generic.adapter import RestPlatform
 from tests.conftest import (
     TASK,
     USED_AT,
+    Handle,
     claims_of,
     handle_of,
     ledger_states,
@@ -215,3 +218,63 @@ async def test_the_servers_suggestion_continues_a_waiting_coupon_as_new(
     assert SUGGEST_AT <= len(runs[0].events) < HISTORY_LIMIT
     assert [t.to_state for t in final.transitions] == ["usable", "issued", "redeemed"]
     assert (await ledger_states(pool, final.coupon_id))[-1] == ("issued", "redeemed")
+
+
+async def test_the_other_waits_write_nothing_to_history_however_long_they_last(
+    ts_env: WorkflowEnvironment,
+    pool: AsyncConnectionPool,
+    platform: RestPlatform,
+    settings: Settings,
+    simulator: httpx.AsyncClient,
+) -> None:
+    """Only the wait for budget loops. The wait for the task (no deadline here) is one
+    condition, and the wait for redemption one timer and one polling activity whose retries
+    are not history: 90 days of each add no event, so they need no continue-as-new."""
+    client = ts_env.client
+    await share_clock(ts_env, simulator)
+    campaign = await new_campaign(pool, platform, quota=10, valid_days=2 * WAIT.days + 30)
+    async with running_workers(client, pool, settings):
+        result = await claims_of(pool, client, settings).claim(campaign.id, "slow")
+        handle = handle_of(client, result.workflow_id)
+        try:
+            await wait_for_state(handle, "received")
+            before_task = await history_length(handle)
+            for _ in range(WAIT.days):
+                await ts_env.sleep(timedelta(days=1))
+            after_task = await history_length(handle)
+
+            await share_clock(ts_env, simulator)
+            await handle.signal(UserCouponWorkflow.task_done, TaskCompletion(TASK))
+            await wait_for_state(handle, "issued")
+            await ts_env.sleep(timedelta(minutes=10))  # past the first poll's timer
+            before_use = await history_length(handle)
+            for _ in range(WAIT.days):
+                await ts_env.sleep(timedelta(days=1))
+            after_use = await history_length(handle)
+            await handle.signal(UserCouponWorkflow.report_redemption, RedemptionReport(USED_AT))
+            final = await handle.result()
+        except BaseException:
+            await handle.terminate("test failed")
+            raise
+    print(
+        f"\n90 days for the task: {before_task} -> {after_task} events; "
+        f"90 days for redemption: {before_use} -> {after_use}"
+    )
+    assert after_task == before_task
+    assert after_use == before_use
+    assert final.state == "redeemed"
+
+
+async def history_length(handle: Handle) -> int:
+    """The run's event count once the workflow has answered everything that came to it (no
+    workflow task pending), so that two counts compare what the waits themselves wrote."""
+    pending = {
+        EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
+        EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED,
+    }
+    async with asyncio.timeout(15):
+        while True:
+            events = (await handle.fetch_history()).events
+            if events[-1].event_type not in pending:
+                return len(events)
+            await asyncio.sleep(0.1)
