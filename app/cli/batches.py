@@ -23,6 +23,7 @@ from app.cli.render import (
     batch_detail,
     batch_json,
     batch_table,
+    batches_failed,
     campaign_table,
     sync_view,
 )
@@ -154,10 +155,7 @@ async def cmd_batch_sync(b: Backends, args: argparse.Namespace) -> Answer:
         "drifted": len(report.drifted),
         "failed": report.failed,
     }
-    error = None
-    if report.failed:
-        error = f"{len(report.failed)} batches could not be synced: " + "; ".join(report.failed)
-    return Answer(data, lambda: sync_view(report), error)
+    return Answer(data, lambda: sync_view(report), batches_failed(report.failed, "synced"))
 
 
 COMMANDS: Commands = {

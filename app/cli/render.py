@@ -41,6 +41,13 @@ class Answer:
 CommandResult = dict[str, Any] | Answer
 
 
+def batches_failed(failed: list[str], undone: str) -> str | None:
+    """The error of a run that went on past the batches it could not do (None: none)."""
+    if not failed:
+        return None
+    return f"{len(failed)} batches could not be {undone}: " + "; ".join(failed)
+
+
 def json_default(value: object) -> object:
     if isinstance(value, datetime):
         return value.isoformat()
@@ -264,6 +271,7 @@ def reconcile_view(report: ReconcileReport) -> list[RenderableType]:
                     m.repair or "for an operator",
                 )
             lines.append(table)
+    lines += [Text(f"failed: {why}") for why in report.failed]
     lines.append(
         Text(f"{report.mismatches} mismatches, {report.repaired} repaired in {len(found)} batches")
     )

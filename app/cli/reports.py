@@ -9,7 +9,7 @@ from pathlib import Path
 
 from app import service
 from app.cli.args import Commands, Nouns, ident, json_flag, timeout_flag
-from app.cli.render import Answer, reconcile_view, report_json, report_view
+from app.cli.render import Answer, batches_failed, reconcile_view, report_json, report_view
 from app.service import Backends
 from coupons import report
 from coupons.errors import InvalidField
@@ -44,8 +44,10 @@ async def cmd_reconcile(b: Backends, args: argparse.Namespace) -> Answer:
         "mismatches": found.mismatches,
         "repaired": found.repaired,
         "batches": found.batches,
+        "failed": found.failed,
     }
-    return Answer(data, lambda: reconcile_view(found))
+    error = batches_failed(found.failed, "reconciled")
+    return Answer(data, lambda: reconcile_view(found), error)
 
 
 async def cmd_report(b: Backends, args: argparse.Namespace) -> Answer:

@@ -49,6 +49,7 @@ from tests.conftest import (
     new_id,
     row_count,
     running_workers,
+    scalar,
     set_at_platform,
     sim_stats,
 )
@@ -912,6 +913,31 @@ async def test_reconcile_reports_a_use_behind_our_back_then_repairs_it(
             assert "0 mismatches, 0 repaired in 1 batches" in await cli.table("reconcile")
     finally:
         await close_workflows(dev_env.client, [c["workflow_id"] for c in coupons])
+
+
+async def test_reconcile_goes_on_past_a_batch_it_cannot_do_and_exits_1_naming_it(
+    cli: Cli, dev_env: WorkflowEnvironment, pool: AsyncConnectionPool, settings: Settings
+) -> None:
+    """The run reconciles every batch it can (issue 17 item 5); the command prints what it
+    found, then names the batch it could not do, and exits 1 (as `batch sync` does)."""
+    kept = await new_cli_batch(cli)
+    gone = await new_cli_batch(cli)
+    await scalar(
+        pool,
+        "UPDATE batches SET platform_batch_id = %s WHERE id = %s RETURNING id",
+        new_id("unknown-at-platform"),
+        gone["id"],
+    )
+    async with running_workers(dev_env.client, pool, settings, starter=False):
+        ran = await cli("reconcile", "--json")  # every batch
+        text = await cli("reconcile")
+    assert ran.code == 1, ran
+    found = json.loads(ran.out)
+    assert kept["id"] in [b["batch_id"] for b in found["batches"]]
+    [failed] = found["failed"]
+    assert failed.startswith(f"{gone['id']}: ") and "BATCH_NOT_FOUND" in failed
+    assert ran.err.startswith(f"error: 1 batches could not be reconciled: {gone['id']}: "), ran
+    assert text.code == 1 and f"failed: {gone['id']}: " in text.out, text
 
 
 async def test_reconcile_refuses_an_unknown_batch_at_once(cli: Cli) -> None:
