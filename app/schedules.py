@@ -31,6 +31,16 @@ from coupons.model import ReconcileInput, SyncInput
 
 log = logging.getLogger(__name__)
 
+# The longest one scheduled run may last. Both workflows are pinned to the worker version
+# that started them (app/versioning.py): a run whose version's workers were all replaced
+# before it finished would wait for ever, and as overlapping runs are skipped, so would
+# every later sync or reconciliation. Past this bound the run times out and the next one
+# due starts on the current version. Cutting a slow run short loses nothing: both read the
+# platform afresh and their ledger writes are idempotent. A sync of every batch takes
+# seconds to minutes; a reconciliation reads each batch's flow files, once a day.
+SYNC_RUN_TIMEOUT = timedelta(minutes=30)
+RECONCILE_RUN_TIMEOUT = timedelta(hours=12)
+
 
 def catalog_schedules(settings: Settings) -> dict[str, Schedule]:
     return {
@@ -43,6 +53,7 @@ def catalog_schedules(settings: Settings) -> dict[str, Schedule]:
             ScheduleSpec(
                 intervals=[ScheduleIntervalSpec(every=timedelta(seconds=settings.sync_interval_s))]
             ),
+            SYNC_RUN_TIMEOUT,
         ),
         act.RECONCILE_SCHEDULE: _schedule(
             settings,
@@ -59,6 +70,7 @@ def catalog_schedules(settings: Settings) -> dict[str, Schedule]:
                     )
                 ]
             ),
+            RECONCILE_RUN_TIMEOUT,
         ),
     }
 
@@ -70,11 +82,17 @@ def _schedule(
     schedule_id: str,
     summary: str,
     spec: ScheduleSpec,
+    run_timeout: timedelta,
 ) -> Schedule:
     """One run of `workflow` at each time of `spec`, with the schedule's id as workflow id."""
     return Schedule(
         action=ScheduleActionStartWorkflow(
-            workflow, arg, id=schedule_id, task_queue=settings.task_queue, static_summary=summary
+            workflow,
+            arg,
+            id=schedule_id,
+            task_queue=settings.task_queue,
+            static_summary=summary,
+            execution_timeout=run_timeout,
         ),
         spec=spec,
         # SKIP: a run still going when the next is due makes the next one pointless.

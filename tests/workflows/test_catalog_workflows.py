@@ -32,7 +32,7 @@ from temporalio.client import (
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
-from app.schedules import ensure_schedules
+from app.schedules import RECONCILE_RUN_TIMEOUT, SYNC_RUN_TIMEOUT, ensure_schedules
 from coupons import catalog
 from coupons import contract as act
 from coupons.config import Settings
@@ -212,6 +212,8 @@ async def test_ensure_schedules_creates_the_sync_and_the_daily_reconciliation(
     action = sync_schedule.schedule.action
     assert isinstance(action, ScheduleActionStartWorkflow)
     assert (action.workflow, action.task_queue) == (act.CATALOG_SYNC_WORKFLOW, settings.task_queue)
+    # Bounded: a pinned run whose workers are gone cannot hold the schedule for ever.
+    assert action.execution_timeout == SYNC_RUN_TIMEOUT
     assert not sync_schedule.schedule.state.paused
 
     (calendar,) = daily.schedule.spec.calendars
@@ -225,6 +227,7 @@ async def test_ensure_schedules_creates_the_sync_and_the_daily_reconciliation(
         act.RECONCILE_WORKFLOW,
         settings.task_queue,
     )
+    assert daily_action.execution_timeout == RECONCILE_RUN_TIMEOUT
 
 
 async def test_ensure_schedules_again_updates_them_and_keeps_a_pause(
