@@ -55,7 +55,8 @@ from tests.conftest import (
     wait_for_budget,
     wait_for_state,
 )
-from workflows.user_coupon import BUDGET_RECHECK, UserCouponWorkflow
+from workflows.policies import BUDGET_RECHECK
+from workflows.user_coupon import UserCouponWorkflow
 
 # Far below the workflow's own recheck: only the sync's wake-up can be this quick.
 PROMPTLY_S = 20.0

@@ -50,7 +50,8 @@ from tests.conftest import (
     wait_for_budget,
     wait_for_state,
 )
-from workflows.user_coupon import BUDGET_RECHECK_CAP, HISTORY_LIMIT, UserCouponWorkflow
+from workflows.policies import BUDGET_RECHECK_CAP, HISTORY_LIMIT
+from workflows.user_coupon import UserCouponWorkflow
 
 WAIT = timedelta(days=90)
 # The bound on one run's history; the server warns at 10,240 and stops at 51,200.

@@ -27,7 +27,8 @@ from tests.conftest import (
     share_clock,
     wait_for_state,
 )
-from workflows.user_coupon import FINAL_LOOKUP_RETRY, UserCouponWorkflow
+from workflows.policies import FINAL_LOOKUP_RETRY
+from workflows.user_coupon import UserCouponWorkflow
 
 
 async def final_lookup_in_flight(handle: Handle) -> bool:
