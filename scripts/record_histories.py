@@ -222,11 +222,7 @@ async def issued_redeemed_by_signal(r: Recorder, name: str) -> Handle:
         handle = await r.claim(name, s)
         await handle.execute_update(UserCouponWorkflow.complete_task, TaskCompletion("first-order"))
         await wait_for_state(handle, "issued")
-        used_at = await r.env.get_current_time()
-        await handle.signal(
-            UserCouponWorkflow.report_redemption, RedemptionReport(used_at, "callback")
-        )
-        status = await handle.result()
+        status = await redeemed_by_callback(r, handle)
     check(status.transitions[-1].cause == "redeemed (callback)", "not redeemed by the report")
     return handle
 
@@ -302,11 +298,7 @@ async def no_task_usable_issued(r: Recorder, name: str) -> Handle:
             [t.to_state for t in issued.transitions] == ["issued"],
             f"transitions: {issued.transitions}",
         )
-        used_at = await r.env.get_current_time()
-        await handle.signal(
-            UserCouponWorkflow.report_redemption, RedemptionReport(used_at, "callback")
-        )
-        await handle.result()
+        await redeemed_by_callback(r, handle)
     return handle
 
 
@@ -330,11 +322,7 @@ async def lag_window_resend(r: Recorder, name: str) -> Handle:
         handle = await r.claim(name, s)
         await handle.execute_update(UserCouponWorkflow.complete_task, TaskCompletion("first-order"))
         await wait_for_state(handle, "issued")
-        used_at = await r.env.get_current_time()
-        await handle.signal(
-            UserCouponWorkflow.report_redemption, RedemptionReport(used_at, "callback")
-        )
-        status = await handle.result()
+        status = await redeemed_by_callback(r, handle)
     after = await r.stats()
     check(after["sends_applied"] - before["sends_applied"] == 1, "sent more than once")
     check(after["sends_replayed"] - before["sends_replayed"] >= 1, "no resend of the same key")
@@ -401,11 +389,7 @@ async def ignored_signals(r: Recorder, name: str) -> Handle:
             await asyncio.sleep(0.2)
             issued = await handle.query(UserCouponWorkflow.status)
         check(len(issued.ignored_signals) == 3, f"ignored: {issued.ignored_signals}")
-        used_at = await r.env.get_current_time()
-        await handle.signal(
-            UserCouponWorkflow.report_redemption, RedemptionReport(used_at, "callback")
-        )
-        await handle.result()
+        await redeemed_by_callback(r, handle)
     return handle
 
 
@@ -440,11 +424,7 @@ async def budget_wait_then_issued(r: Recorder, name: str) -> Handle:
             UserCouponWorkflow.budget_available, BudgetNotice(batch.platform_batch_id)
         )
         await wait_for_state(handle, "issued")
-        used_at = await r.env.get_current_time()
-        await handle.signal(
-            UserCouponWorkflow.report_redemption, RedemptionReport(used_at, "callback")
-        )
-        status = await handle.result()
+        status = await redeemed_by_callback(r, handle)
     check(
         [t.to_state for t in status.transitions] == ["usable", "issued", "redeemed"],
         f"transitions: {status.transitions}",
@@ -480,11 +460,7 @@ async def budget_wait_continued_as_new(r: Recorder, name: str) -> Handle:
             UserCouponWorkflow.budget_available, BudgetNotice(batch.platform_batch_id)
         )
         await wait_for_state(handle, "issued")
-        used_at = await r.env.get_current_time()
-        await handle.signal(
-            UserCouponWorkflow.report_redemption, RedemptionReport(used_at, "callback")
-        )
-        status = await handle.result()
+        status = await redeemed_by_callback(r, handle)
     check(
         [t.to_state for t in status.transitions] == ["usable", "issued", "redeemed"],
         f"transitions: {status.transitions}",
@@ -542,11 +518,7 @@ async def _recovered_then_redeemed(r: Recorder, s: Settings, first: Handle) -> H
     check(recovery.action == "restarted", f"recovery: {recovery}")
     resumed: Handle = r.env.client.get_workflow_handle_for(UserCouponWorkflow.run, first.id)
     await wait_for_state(resumed, "issued")
-    used_at = await r.env.get_current_time()
-    await resumed.signal(
-        UserCouponWorkflow.report_redemption, RedemptionReport(used_at, "callback")
-    )
-    status = await resumed.result()
+    status = await redeemed_by_callback(r, resumed)
     check(
         [t.to_state for t in status.transitions][-1:] == ["redeemed"],
         f"transitions: {status.transitions}",
@@ -560,6 +532,13 @@ async def wait_for_waiting(handle: Handle, what: str, timeout_s: float = 60) -> 
             if what in (await handle.query(UserCouponWorkflow.status)).waiting_for:
                 return
             await asyncio.sleep(0.2)
+
+
+async def redeemed_by_callback(r: Recorder, handle: Handle) -> CouponStatus:
+    """The shop's callback reports the use now; the coupon's last status, once it ends."""
+    used_at = await r.env.get_current_time()
+    await handle.signal(UserCouponWorkflow.report_redemption, RedemptionReport(used_at, "callback"))
+    return await handle.result()
 
 
 # ----- the catalog sync -----------------------------------------------------------------
@@ -621,11 +600,7 @@ async def every_batch_in_two_rounds(r: Recorder, name: str) -> Recorded:
             await set_at_platform(r, resumed, status="running")
             handle = await sync(r, name, s, SyncInput())
             await wait_for_state(coupon, "issued")
-            used_at = await r.env.get_current_time()
-            await coupon.signal(
-                UserCouponWorkflow.report_redemption, RedemptionReport(used_at, "callback")
-            )
-            await coupon.result()
+            await redeemed_by_callback(r, coupon)
         report = await handle.result()
     by_id = {b.batch_id: b for b in report.batches}
     read = {c.batch_id for c in [*fine, short, stopped, resumed]}

@@ -313,3 +313,23 @@ async def verified_notice(
     # fetch, and only the first one's fetch finds the key new.
     await platform.refresh_keys()
     return platform.verify_callback(headers, body)
+
+
+class PlatformWrapper:
+    """The part of a Platform that wraps another (metered, limited) and passes each call on
+    to it: what is not a call, the callback's answer and the request a batch would send, is
+    the inner platform's own."""
+
+    def __init__(self, inner: Platform) -> None:
+        self._inner = inner
+
+    @property
+    def callback_success(self) -> str | None:
+        return self._inner.callback_success
+
+    def batch_request(self, spec: BatchSpec) -> BatchSpec:
+        """What the wrapped platform would send (FixesRequest); `spec` when it fixes
+        nothing."""
+        if isinstance(self._inner, FixesRequest):
+            return self._inner.batch_request(spec)
+        return spec

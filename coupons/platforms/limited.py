@@ -34,13 +34,13 @@ from coupons.platforms.base import (
     BatchAction,
     BatchSpec,
     CouponUsedNotice,
-    FixesRequest,
     FlowKind,
     FlowRecord,
     Platform,
     PlatformBatch,
     PlatformCoupon,
     PlatformRateLimited,
+    PlatformWrapper,
     SendRequest,
 )
 
@@ -191,23 +191,12 @@ class LeasedPermits:
                     )
 
 
-class LimitedPlatform:
+class LimitedPlatform(PlatformWrapper):
     """`inner`, with a permit of the call's kind taken from `permits` before each call."""
 
     def __init__(self, inner: Platform, permits: LeasedPermits) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._permits = permits
-
-    @property
-    def callback_success(self) -> str | None:
-        return self._inner.callback_success
-
-    def batch_request(self, spec: BatchSpec) -> BatchSpec:
-        """What the wrapped platform would send (base.FixesRequest); `spec` when it fixes
-        nothing."""
-        if isinstance(self._inner, FixesRequest):
-            return self._inner.batch_request(spec)
-        return spec
 
     async def create_batch(self, spec: BatchSpec) -> PlatformBatch:
         return await self._permitted(CallKind.QUERY, lambda: self._inner.create_batch(spec))

@@ -16,7 +16,6 @@ from coupons.platforms.base import (
     BatchAction,
     BatchSpec,
     CouponUsedNotice,
-    FixesRequest,
     FlowKind,
     FlowRecord,
     FlowUnavailable,
@@ -30,6 +29,7 @@ from coupons.platforms.base import (
     PlatformRateLimited,
     PlatformRefused,
     PlatformUnavailable,
+    PlatformWrapper,
     SendRequest,
 )
 
@@ -56,7 +56,7 @@ def outcome_of(error: PlatformError) -> str:
     return next((name for kind, name in OUTCOMES if isinstance(error, kind)), "error")
 
 
-class MeteredPlatform:
+class MeteredPlatform(PlatformWrapper):
     """`inner`, with each call reported to `record` as (operation, outcome, seconds).
 
     Outcomes: `ok`; `not_found` for a lookup that does not show the coupon (yet); the
@@ -64,19 +64,8 @@ class MeteredPlatform:
     """
 
     def __init__(self, inner: Platform, record: CallRecorder) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._record = record
-
-    @property
-    def callback_success(self) -> str | None:
-        return self._inner.callback_success
-
-    def batch_request(self, spec: BatchSpec) -> BatchSpec:
-        """What the wrapped platform would send (base.FixesRequest); `spec` when it fixes
-        nothing."""
-        if isinstance(self._inner, FixesRequest):
-            return self._inner.batch_request(spec)
-        return spec
 
     async def create_batch(self, spec: BatchSpec) -> PlatformBatch:
         return await self._measured("create_batch", self._inner.create_batch(spec))
