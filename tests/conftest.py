@@ -78,12 +78,25 @@ def simulator_url(run_dir: Path) -> Iterator[str]:
     sim.stop()
 
 
+# Above two task queues for every test of the suite that runs workers.
+TASK_QUEUES_IN_A_VERSION = 20_000
+
+
 @pytest_asyncio.fixture(scope="session")
 async def dev_env() -> AsyncIterator[WorkflowEnvironment]:
-    """The real Temporal dev server (the one `make run` starts), in memory."""
+    """The real Temporal dev server (the one `make run` starts), in memory.
+
+    Every test's workers are the one worker version (app/versioning.py) on task queues of
+    their own, and the server registers at most 100 task queues in a version by default
+    (`matching.maxTaskQueuesInDeploymentVersion`): past about 50 tests the next workers'
+    polls were refused and their workflows never ran. A deployment of ours uses two."""
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(find_binary("temporal")),
         search_attributes=SEARCH_ATTRIBUTES,
+        dev_server_extra_args=[
+            "--dynamic-config-value",
+            f"matching.maxTaskQueuesInDeploymentVersion={TASK_QUEUES_IN_A_VERSION}",
+        ],
     )
     yield env
     await env.shutdown()
