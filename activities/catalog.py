@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
@@ -29,15 +28,21 @@ from coupons.errors import Refused
 from coupons.ledger import batches, claims
 from coupons.ledger.claims import LedgerCoupon
 from coupons.model import (
+    UPDATE_TIMEOUT_S,
     BatchReconciliation,
     BatchSync,
     BudgetNotice,
+    ExpireCoupons,
+    ExpiredCoupons,
     ExpirePage,
     ExpirePageResult,
     ExpireRequest,
+    PageCoupon,
+    PageTally,
     ReconcileInput,
     RedemptionReport,
     RepairCheck,
+    StuckCoupon,
 )
 from coupons.platforms.base import (
     BatchStatus,
@@ -57,80 +62,6 @@ from coupons.reconcile import REDEEM, compare
 # enough that a bulk operation never crowds out the app's own traffic.
 FAN_OUT = 32
 PAGE = 500
-
-
-# ----- ending a campaign: what a page takes, gives back and heartbeats ------------------
-
-# How long a coupon's workflow has to take an expiry before the page reports it stuck: a
-# workflow with a worker takes it in milliseconds.
-UPDATE_TIMEOUT_S = 10.0
-
-
-@dataclass
-class StuckCoupon:
-    """A coupon a campaign end left `received`, and why (`contract.STUCK_*`)."""
-
-    coupon_id: str
-    reason: str
-    detail: str = ""
-
-
-@dataclass
-class ExpireCoupons:
-    """One page of a campaign end: its received coupons after `after`, at most `limit`."""
-
-    campaign_id: str
-    after: str
-    reason: str
-    # Each coupon's update id is `<update_key>:<coupon id>`: the same on every retry and
-    # every pass, so a retry joins an update still in flight or reads its outcome (which
-    # Temporal keeps, even once the coupon's workflow has closed) and never counts twice.
-    update_key: str
-    limit: int = 200
-    update_timeout_s: float = UPDATE_TIMEOUT_S
-    ledger_wait_s: float = 60.0
-
-
-@dataclass
-class ExpiredCoupons:
-    """What one page did: counts, and the coupons it left with their reason (at most a page)."""
-
-    expired: int  # taken by the workflow and `expired` in the ledger
-    skipped: int  # no longer received when asked (task done, cancelled, finished)
-    stuck: list[StuckCoupon]
-    last: str  # the last coupon id read: the next page starts after it
-    done: bool  # the page was the pass's last
-
-
-@dataclass
-class PageCoupon:
-    coupon_id: str
-    workflow_id: str
-    workflow_started: bool
-
-
-@dataclass
-class PageTally:
-    """The page as its activity heartbeats it: the coupons as first read (a retry works on
-    these, not on a new read that no longer shows those already expired) and what became of
-    each one done so far."""
-
-    coupons: list[PageCoupon]
-    last: str
-    done: bool
-    accepted: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    stuck: list[StuckCoupon] = field(default_factory=list)
-
-    def untouched(self) -> list[PageCoupon]:
-        handled = {*self.accepted, *self.skipped, *(s.coupon_id for s in self.stuck)}
-        return [c for c in self.coupons if c.coupon_id not in handled]
-
-    def note(self, coupon: PageCoupon, outcome: bool | StuckCoupon) -> None:
-        if isinstance(outcome, StuckCoupon):
-            self.stuck.append(outcome)
-        else:
-            (self.accepted if outcome else self.skipped).append(coupon.coupon_id)
 
 
 class CatalogActivities:

@@ -13,19 +13,17 @@ from workflows.policies import LEDGER_CALL
 # Activities are called by reference; their module does I/O, so it (and what it imports)
 # comes from outside the sandbox.
 with workflow.unsafe.imports_passed_through():
-    from activities.catalog import (
-        UPDATE_TIMEOUT_S,
-        CatalogActivities,
-        ExpireCoupons,
-        ExpiredCoupons,
-        StuckCoupon,
-    )
+    from activities.catalog import CatalogActivities
     from coupons import contract as act
     from coupons.model import (
+        UPDATE_TIMEOUT_S,
         EndCampaignInput,
         EndProgress,
+        ExpireCoupons,
+        ExpiredCoupons,
         ExpirePage,
         RepairCheck,
+        StuckCoupon,
     )
 
 LEDGER_WAIT_S = 60.0

@@ -23,14 +23,14 @@ from temporalio.converter import DataConverter
 from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 from temporalio.worker import Replayer
 
-from activities.catalog import CatalogActivities, ExpireCoupons, PageTally, StuckCoupon
+from activities.catalog import CatalogActivities
 from app.claims import ClaimService
 from app.workers import workflow_runner
 from coupons import catalog
 from coupons import contract as act
 from coupons.config import Settings
 from coupons.ledger import claims as ledger
-from coupons.model import EndCampaignInput, TaskCompletion
+from coupons.model import EndCampaignInput, ExpireCoupons, PageTally, StuckCoupon, TaskCompletion
 from coupons.platforms.generic.adapter import RestPlatform
 from tests.conftest import (
     TASK,
