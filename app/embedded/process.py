@@ -57,7 +57,13 @@ def _stop_leftovers() -> None:
 # user waits on (PostgreSQL, the API) and lets the workflow engine and its worker, which
 # start and drive coupons behind the answer, take what is left. It changes nothing while
 # the machine has CPU to spare.
+# Where the kernel groups the CPU by session (autogroup, on by default in most
+# distributions' kernels), a niceness acts only inside the child's own session, and every
+# child here has a session of its own: the group's niceness is set too, or the engine took
+# as much CPU as the API in a claim burst (0.52 of a core against 0.60; with the group's
+# niceness, 0.36 against 0.75 and a quarter more claims a second).
 BACKGROUND_NICE = 10
+_AUTOGROUP = "/proc/self/autogroup"
 
 
 class ManagedProcess:
@@ -158,7 +164,8 @@ class ManagedProcess:
         logger.debug("started %s (pid %d), log %s", self.name, self._popen.pid, self.log_path)
 
     def _preexec(self) -> Callable[[], None] | None:
-        """What the child runs between fork and exec: its parent-death signal, its nice."""
+        """What the child runs between fork and exec: its parent-death signal, its nice (its
+        own and its session's)."""
         parent_death = die_with_parent(self.stop_signal) if self.die_with_parent else None
         if not self.nice:
             return parent_death
@@ -167,7 +174,10 @@ class ManagedProcess:
         def run() -> None:
             if parent_death is not None:
                 parent_death()
-            os.nice(nice)
+            niceness = os.nice(nice)
+            # After setsid (Popen runs it first), so this is the child's own group.
+            with contextlib.suppress(OSError), open(_AUTOGROUP, "w") as group:
+                group.write(str(niceness))
 
         return run
 
