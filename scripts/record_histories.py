@@ -420,15 +420,7 @@ async def budget_wait_then_issued(r: Recorder, name: str) -> Handle:
         await r.env.sleep(timedelta(minutes=11))
         await wait_for_waiting(handle, "budget")
         await r.platform.change_batch(batch.platform_batch_id, BatchAction.RESUME)
-        await handle.signal(
-            UserCouponWorkflow.budget_available, BudgetNotice(batch.platform_batch_id)
-        )
-        await wait_for_state(handle, "issued")
-        status = await redeemed_by_callback(r, handle)
-    check(
-        [t.to_state for t in status.transitions] == ["usable", "issued", "redeemed"],
-        f"transitions: {status.transitions}",
-    )
+        await woken_issued_and_redeemed(r, handle, batch.platform_batch_id)
     return handle
 
 
@@ -456,15 +448,7 @@ async def budget_wait_continued_as_new(r: Recorder, name: str) -> Handle:
         await r.share_clock()
         batch = await get_batch(r.pool, c.batch_id)
         assert batch is not None
-        await handle.signal(
-            UserCouponWorkflow.budget_available, BudgetNotice(batch.platform_batch_id)
-        )
-        await wait_for_state(handle, "issued")
-        status = await redeemed_by_callback(r, handle)
-    check(
-        [t.to_state for t in status.transitions] == ["usable", "issued", "redeemed"],
-        f"transitions: {status.transitions}",
-    )
+        await woken_issued_and_redeemed(r, handle, batch.platform_batch_id)
     return handle
 
 
@@ -539,6 +523,17 @@ async def redeemed_by_callback(r: Recorder, handle: Handle) -> CouponStatus:
     used_at = await r.env.get_current_time()
     await handle.signal(UserCouponWorkflow.report_redemption, RedemptionReport(used_at, "callback"))
     return await handle.result()
+
+
+async def woken_issued_and_redeemed(r: Recorder, handle: Handle, platform_batch_id: str) -> None:
+    """The sync's notice of budget wakes the waiting coupon: it is sent, then redeemed."""
+    await handle.signal(UserCouponWorkflow.budget_available, BudgetNotice(platform_batch_id))
+    await wait_for_state(handle, "issued")
+    status = await redeemed_by_callback(r, handle)
+    check(
+        [t.to_state for t in status.transitions] == ["usable", "issued", "redeemed"],
+        f"transitions: {status.transitions}",
+    )
 
 
 # ----- the catalog sync -----------------------------------------------------------------
