@@ -228,9 +228,10 @@ async def test_platform_calls_per_second_stay_under_the_limits_during_a_send_bur
     assert len(sends) >= COUPONS
     assert len(calls.times("query")) >= COUPONS
     # Sends first: while they were being made, the lookups beside them, which wanted the
-    # whole total, got little of it; alone, they got many times more a second.
-    assert len(sends) >= 4 * len(beside)
-    assert len(alone) / ALONE_S >= 4 * len(beside) / span
+    # whole total, got a small share of it (one query permit in OTHERS_EVERY while the
+    # confirming lookups wait: starved of none); alone, they got several times more a second.
+    assert 0 < len(beside) and len(sends) >= 2 * len(beside)
+    assert len(alone) / ALONE_S >= 3 * len(beside) / span
 
 
 class Answering:

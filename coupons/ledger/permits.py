@@ -9,10 +9,13 @@ a second, so no second of calls, wherever it starts, holds more than a limit.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from coupons.ledger import db
@@ -42,6 +45,8 @@ class Lease:
     # How long the window the permits belong to lasts after the lease was taken: they are
     # spent before then, or not at all.
     ends_in_s: float
+    # The loop's clock when the statement was sent, once a connection was in hand.
+    asked_at: float
 
 
 @dataclass
@@ -68,10 +73,18 @@ class PermitLeases:
         """Up to `want` permits of `kind` for the current window; `ask` of them are for
         calls waiting now (the rest are taken ahead), `first` of those for calls that do not
         yield (they complete what the kind yielded to began)."""
+        async with self._pool.connection() as conn:
+            asked_at = asyncio.get_running_loop().time()
+            leased = await self._leased(conn, kind, want, ask, first)
+        return Lease(leased.granted, leased.window_no, leased.ends_in_ms / 1000, asked_at)
+
+    async def _leased(
+        self, conn: AsyncConnection[Any], kind: str, want: int, ask: int, first: int
+    ) -> _Leased:
         policy = self._policy
         limit = policy.limits[kind]
-        leased = await db.fetch_written(
-            self._pool,
+        return await db.fetch_written(
+            conn,
             _Leased,
             "SELECT granted, window_no, ends_in_ms FROM lease_platform_permits("
             "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
@@ -90,4 +103,3 @@ class PermitLeases:
                 RING,
             ),
         )
-        return Lease(leased.granted, leased.window_no, leased.ends_in_ms / 1000)

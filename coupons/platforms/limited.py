@@ -64,9 +64,14 @@ class Lease(Protocol):
     @property
     def granted(self) -> int: ...
 
-    # How long the permits stay good after the lease was asked for.
+    # How long the permits stay good after `asked_at`.
     @property
     def ends_in_s(self) -> float: ...
+
+    # The loop's clock when the question left for the database, once it had a connection:
+    # a wait for one must not eat into the window.
+    @property
+    def asked_at(self) -> float: ...
 
 
 class PermitSource(Protocol):
@@ -74,6 +79,10 @@ class PermitSource(Protocol):
         """Up to `want` permits of `kind`; `ask` of them for calls waiting now, `first` of
         those for calls that go first (they do not yield to another kind)."""
         ...
+
+
+# While both lines wait, one permit in this many goes to a call that does not go first.
+OTHERS_EVERY = 4
 
 
 class _Kind:
@@ -87,11 +96,19 @@ class _Kind:
         self.first: deque[asyncio.Future[float]] = deque()
         self.others: deque[asyncio.Future[float]] = deque()
         self.leasing: asyncio.Task[None] | None = None
+        self.handed = 0  # permits handed out while both lines waited
 
     def waiting(self) -> int:
         return len(self.first) + len(self.others)
 
     def next_turn(self) -> asyncio.Future[float]:
+        if self.first and self.others:
+            # The calls that go first take most permits, never all: under a backlog of
+            # sends their confirming lookups alone could use up the query limit, and the
+            # redemption polls, syncs and reconciliations behind them would never run.
+            self.handed += 1
+            if self.handed % OTHERS_EVERY == 0:
+                return self.others.popleft()
         return (self.first or self.others).popleft()
 
     def leave(self, turn: asyncio.Future[float]) -> None:
@@ -168,16 +185,23 @@ class LeasedPermits:
                 if not state.waiting():
                     return
                 ask = state.waiting()
-                asked_at = loop.time()
                 lease = await self._source.lease(kind, max(ask, state.spent), ask, len(state.first))
+                # Counted from when the question left (not from before a wait for a
+                # connection, which once left no time at all): the permits are spent
+                # inside the database's window, whatever the answer's way back took.
+                good_until = lease.asked_at + lease.ends_in_s
+                if loop.time() >= good_until:
+                    # The answer came after the window ended: its permits are lost, and the
+                    # next question lands in a new window. Ask again at once; sleeping a
+                    # window's length here would bring every later question back late.
+                    await asyncio.sleep(0)
+                    continue
                 if lease.granted > 0:
-                    # Counted from before the question: the permits are spent inside the
-                    # database's window, whatever the answer's way back took.
                     state.permits = lease.granted
-                    state.good_until = asked_at + lease.ends_in_s
+                    state.good_until = good_until
                     state.spent = 0
                     self._hand_out(state)
-                if lease.granted < ask or loop.time() >= state.good_until:
+                if lease.granted < ask:
                     # This window has no more for us: ask again in the next one (counted
                     # from the answer, so the database's clock is past its end by then).
                     await asyncio.sleep(lease.ends_in_s)

@@ -19,13 +19,14 @@ from coupons.platforms.base import (
     PlatformRateLimited,
     SendRequest,
 )
-from coupons.platforms.limited import CallKind, LeasedPermits, LimitedPlatform
+from coupons.platforms.limited import OTHERS_EVERY, CallKind, LeasedPermits, LimitedPlatform
 
 
 @dataclass(frozen=True)
 class Granted:
     granted: int
     ends_in_s: float
+    asked_at: float
 
 
 @dataclass
@@ -39,6 +40,10 @@ class Source:
     leases: list[tuple[str, int, int]] = field(default_factory=list)
     firsts: list[int] = field(default_factory=list)
     fail: Exception | None = None
+    # A wait for a connection before each lease, and windows of this length on the loop's
+    # clock (0: every lease good for `good_for_s` from its question).
+    pool_wait_s: float = 0.0
+    window_s: float = 0.0
 
     async def lease(self, kind: str, want: int, ask: int, first: int) -> Granted:
         self.leases.append((kind, want, ask))
@@ -46,7 +51,10 @@ class Source:
         await self.gate.wait()
         if self.fail is not None:
             raise self.fail
-        return Granted(min(want, self.per_lease), self.good_for_s)
+        await asyncio.sleep(self.pool_wait_s)
+        now = asyncio.get_running_loop().time()
+        good_for = self.window_s - now % self.window_s if self.window_s else self.good_for_s
+        return Granted(min(want, self.per_lease), good_for, now)
 
 
 async def test_callers_waiting_together_share_one_lease() -> None:
@@ -82,6 +90,18 @@ async def test_permits_are_not_spent_after_their_window() -> None:
         await permits.take(CallKind.SEND)
     assert raised.value.code == "PERMIT_WAIT"
     assert len(source.leases) > 1  # asked again in each next window
+
+
+async def test_a_wait_for_a_connection_does_not_use_up_the_window() -> None:
+    """A lease that waited 60 ms for a database connection still hands out its permits: the
+    window is counted from when the question left, not from before the wait. Counted from
+    before it (as once), every lease from the second on came back stale: no call got a
+    permit at all once the wait passed about half a window."""
+    source = Source(per_lease=5, pool_wait_s=0.06, window_s=0.1)
+    source.gate.set()
+    permits = LeasedPermits(source, max_wait_s=3)
+    await asyncio.gather(*(permits.take(CallKind.SEND) for _ in range(40)))
+    assert len(source.leases) >= 8  # five a window: the 40 needed several windows
 
 
 async def test_a_call_waits_for_a_permit_at_most_max_wait() -> None:
@@ -214,3 +234,25 @@ async def test_the_lookups_after_a_send_go_before_the_other_queries_waiting() ->
     assert served.index("confirm") <= 1  # at most the poll whose lease was already asked
     assert 1 in source.firsts  # and its lease said so (it does not yield to sends)
     assert [name for name in served if name != "confirm"] == ["poll-0", "poll-1", "poll-2"]
+
+
+async def test_the_calls_that_go_first_never_take_every_permit() -> None:
+    """Under a backlog of confirming lookups, the other queries (redemption polls, syncs,
+    reconciliations) still get one permit in OTHERS_EVERY."""
+    source = Source(per_lease=1, good_for_s=0.01)  # a permit each 10 ms window
+    permits = LeasedPermits(source, max_wait_s=30)
+    served: list[str] = []
+
+    async def call(name: str, first: bool) -> None:
+        await permits.take(CallKind.QUERY, first=first)
+        served.append(name)
+
+    polls = [asyncio.create_task(call(f"poll-{i}", False)) for i in range(3)]
+    await asyncio.sleep(0)
+    confirming = [asyncio.create_task(call(f"confirm-{i}", True)) for i in range(12)]
+    await asyncio.sleep(0)
+    source.gate.set()
+    await asyncio.gather(*polls, *confirming)
+    # Without the share the three polls came last, after all twelve.
+    assert served.index("poll-2") < len(served) - 3, served
+    assert served.index("poll-0") <= OTHERS_EVERY, served
