@@ -42,11 +42,13 @@ BEATS_PER_HEARTBEAT_TIMEOUT = 3
 async def heartbeating(doing: str) -> AsyncIterator[None]:
     """Heartbeat all through the block, and once more when it ends well.
 
-    For the ledger writes of an activity with a heartbeat timeout: a write first waits for
-    a pool connection, up to the pool's timeout (30 s, twice the issue activity's 15 s
-    heartbeat timeout) when every connection is busy. Silent, the attempt would be timed
-    out as lost and run again on another worker while this one still writes; heartbeating,
-    it waits, and fails (PoolTimeout, retried) only when the pool's own timeout says so."""
+    For each step of an activity with a heartbeat timeout that can wait longer than it: a
+    ledger write first waits for a pool connection, up to the pool's timeout (30 s, twice
+    the issue activity's 15 s heartbeat timeout) when every connection is busy; a platform
+    call first waits for its permit (up to PLATFORM_TIMEOUT_S), and the send and the first
+    lookup together could pass 15 s. Silent, the attempt would be timed out as lost and run
+    again on another worker while this one still works; heartbeating, it waits, and fails
+    only when its own timeout says so."""
     timeout = activity.info().heartbeat_timeout
     if not timeout:
         yield
@@ -92,7 +94,9 @@ class PlatformActivities:
                 metrics.transition(input.became_usable)
         key = idempotency_key(input.coupon_id)
         try:
-            sent = await self._platform.send_coupon(SendRequest(input.batch_id, input.user_id, key))
+            async with heartbeating("sending"):
+                request = SendRequest(input.batch_id, input.user_id, key)
+                sent = await self._platform.send_coupon(request)
         except PlatformRefused as err:
             raise ApplicationError(
                 f"{err.code}: {err.message}",
@@ -110,7 +114,8 @@ class PlatformActivities:
                 non_retryable=True,
             ) from err
         try:
-            seen = await self._visible(sent)
+            async with heartbeating("looking the sent coupon up"):
+                seen = await self._visible(sent)
         except PlatformError as err:
             # The send went through; a failing lookup says nothing against it. Retry
             # (same key), never a refusal.

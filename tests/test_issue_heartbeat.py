@@ -1,4 +1,5 @@
-"""The issue activity heartbeats while its ledger writes wait for a pool connection.
+"""The issue activity heartbeats while its ledger writes wait for a pool connection, and
+while its send and its lookups wait (for a permit, for a slow platform).
 
 A worker whose connections are all busy makes a write wait up to the pool's timeout (30 s),
 twice the issue activity's 15 s heartbeat timeout: silent all that time, the attempt was
@@ -30,6 +31,7 @@ from coupons.ledger import claims as ledger
 from coupons.ledger import db
 from coupons.ledger.batches import get_batch
 from coupons.model import IssueInput, Receipt, Transition, idempotency_key
+from coupons.platforms.base import PlatformCoupon, SendRequest
 from coupons.platforms.generic.adapter import RestPlatform
 from tests.conftest import ledger_states, new_campaign, new_id
 
@@ -65,6 +67,40 @@ async def until_started(handle: WorkflowHandle[IssueOnceWorkflow, Receipt]) -> N
             await asyncio.sleep(0.05)
 
 
+async def issue_input(pool: AsyncConnectionPool, platform: RestPlatform) -> IssueInput:
+    campaign = await new_campaign(pool, platform)
+    claim, _ = await ledger.claim(pool, campaign.id, new_id("u"))
+    batch = await get_batch(pool, campaign.batch_id)
+    assert batch is not None
+    usable = Transition("received", "usable", "tasks done", datetime.now(UTC))
+    return IssueInput(claim.coupon_id, batch.platform_batch_id, claim.user_id, usable)
+
+
+def issue_worker(client: Client, settings: Settings, sends: PlatformActivities) -> Worker:
+    return Worker(
+        client,
+        task_queue=settings.task_queue,
+        workflows=[IssueOnceWorkflow],
+        activities=[sends.issue_coupon],
+        workflow_runner=UnsandboxedWorkflowRunner(),
+        # Heartbeats reach the server as they are made, not at 0.8 x HEARTBEAT: the short
+        # timeout then leaves a loaded machine the same room that 15 s leaves.
+        max_heartbeat_throttle_interval=timedelta(seconds=0.2),
+    )
+
+
+async def start_issue(
+    client: Client, settings: Settings, input: IssueInput
+) -> WorkflowHandle[IssueOnceWorkflow, Receipt]:
+    return await client.start_workflow(
+        IssueOnceWorkflow.run,
+        input,
+        id=new_id("issue-once"),
+        task_queue=settings.task_queue,
+        execution_timeout=timedelta(minutes=1),
+    )
+
+
 async def test_a_send_waiting_for_a_busy_pool_heartbeats_and_completes(
     dev_env: WorkflowEnvironment,
     postgres: EmbeddedPostgres,
@@ -74,39 +110,58 @@ async def test_a_send_waiting_for_a_busy_pool_heartbeats_and_completes(
     settings: Settings,
 ) -> None:
     client: Client = dev_env.client
-    campaign = await new_campaign(pool, platform)
-    claim, _ = await ledger.claim(pool, campaign.id, new_id("u"))
-    batch = await get_batch(pool, campaign.batch_id)
-    assert batch is not None
-    usable = Transition("received", "usable", "tasks done", datetime.now(UTC))
-    input = IssueInput(claim.coupon_id, batch.platform_batch_id, claim.user_id, usable)
+    input = await issue_input(pool, platform)
     async with db.pool(postgres.url(), schema=schema, max_size=1) as busy:
         sends = PlatformActivities(platform, busy, lag_window_s=settings.lag_window_s)
-        worker = Worker(
-            client,
-            task_queue=settings.task_queue,
-            workflows=[IssueOnceWorkflow],
-            activities=[sends.issue_coupon],
-            workflow_runner=UnsandboxedWorkflowRunner(),
-            # Heartbeats reach the server as they are made, not at 0.8 x HEARTBEAT: the
-            # short timeout then leaves a loaded machine the same room that 15 s leaves.
-            max_heartbeat_throttle_interval=timedelta(seconds=0.2),
-        )
-        async with worker:
+        async with issue_worker(client, settings, sends):
             async with busy.connection():
-                handle = await client.start_workflow(
-                    IssueOnceWorkflow.run,
-                    input,
-                    id=new_id("issue-once"),
-                    task_queue=settings.task_queue,
-                    execution_timeout=timedelta(minutes=1),
-                )
+                handle = await start_issue(client, settings, input)
                 await until_started(handle)
                 await asyncio.sleep(HELD_S)
             receipt = await handle.result()
-    assert receipt.idempotency_key == idempotency_key(claim.coupon_id)
-    assert await ledger_states(pool, claim.coupon_id) == [
+    claim_id = input.coupon_id
+    assert receipt.idempotency_key == idempotency_key(claim_id)
+    assert await ledger_states(pool, claim_id) == [
         (None, "received"),
         ("received", "usable"),
         ("usable", "issued"),
     ]
+
+
+class SlowPlatform(RestPlatform):
+    """The simulator behind calls that each take longer than the heartbeat timeout (a wait
+    for a permit, a slow platform), as a send and its first lookup together could take
+    longer than the issue activity's 15 s."""
+
+    async def send_coupon(self, request: SendRequest) -> PlatformCoupon:
+        await asyncio.sleep(SLOW_CALL_S)
+        return await super().send_coupon(request)
+
+    async def get_coupon(self, user_id: str, coupon_id: str) -> PlatformCoupon | None:
+        await asyncio.sleep(SLOW_CALL_S)
+        return await super().get_coupon(user_id, coupon_id)
+
+
+SLOW_CALL_S = 1.5 * HEARTBEAT.total_seconds()
+
+
+async def test_a_slow_send_and_lookup_heartbeat_and_complete(
+    dev_env: WorkflowEnvironment,
+    pool: AsyncConnectionPool,
+    platform: RestPlatform,
+    simulator_url: str,
+    settings: Settings,
+) -> None:
+    """Silent from the usable write to the receipt, the attempt was timed out as lost
+    after the send, while its lookup still ran (the review of issue 17's permits)."""
+    client: Client = dev_env.client
+    input = await issue_input(pool, platform)
+    slow = SlowPlatform(simulator_url, timeout_s=5.0)
+    try:
+        sends = PlatformActivities(slow, pool, lag_window_s=settings.lag_window_s)
+        async with issue_worker(client, settings, sends):
+            receipt = await (await start_issue(client, settings, input)).result()
+    finally:
+        await slow.aclose()
+    assert receipt.idempotency_key == idempotency_key(input.coupon_id)
+    assert (await ledger_states(pool, input.coupon_id))[-1] == ("usable", "issued")
