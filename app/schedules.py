@@ -31,13 +31,14 @@ from coupons.model import ReconcileInput, SyncInput
 
 log = logging.getLogger(__name__)
 
-# The longest one scheduled run may last. Both workflows are pinned to the worker version
-# that started them (app/versioning.py): a run whose version's workers were all replaced
-# before it finished would wait for ever, and as overlapping runs are skipped, so would
-# every later sync or reconciliation. Past this bound the run times out and the next one
-# due starts on the current version. Cutting a slow run short loses nothing: both read the
-# platform afresh and their ledger writes are idempotent. A sync of every batch takes
-# seconds to minutes; a reconciliation reads each batch's flow files, once a day.
+# The longest one run may last, scheduled or started by hand (app/service). Both workflows
+# are pinned to the worker version that started them (app/versioning.py): a run whose
+# version's workers were all replaced before it finished would wait for ever, and as
+# overlapping runs are skipped, so would every later scheduled one. Past this bound the run
+# times out and the next one due starts on the current version. Cutting a slow run short
+# loses nothing: both read the platform afresh and their ledger writes are idempotent. A
+# sync of every batch takes seconds to minutes; a reconciliation reads each batch's flow
+# files, once a day.
 SYNC_RUN_TIMEOUT = timedelta(minutes=30)
 RECONCILE_RUN_TIMEOUT = timedelta(hours=12)
 

@@ -183,7 +183,7 @@ async def test_roll_out_makes_a_new_version_current_and_never_a_replaced_one(
 # ----- what is versioned how ------------------------------------------------------------------
 
 
-def test_the_short_workflows_are_pinned_and_the_coupon_auto_upgrades() -> None:
+def test_the_short_workflows_are_pinned_and_the_long_ones_auto_upgrade() -> None:
     behavior = {
         cls.__name__: versioning.behavior_of(cls)
         for cls in (
@@ -196,7 +196,7 @@ def test_the_short_workflows_are_pinned_and_the_coupon_auto_upgrades() -> None:
     assert behavior == {
         "CatalogSyncWorkflow": VersioningBehavior.PINNED,
         "ReconcileWorkflow": VersioningBehavior.PINNED,
-        "EndCampaignWorkflow": VersioningBehavior.PINNED,
+        "EndCampaignWorkflow": VersioningBehavior.AUTO_UPGRADE,
         # Its own declaration, or the workers' default.
         "UserCouponWorkflow": VersioningBehavior.AUTO_UPGRADE,
     }

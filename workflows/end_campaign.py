@@ -79,9 +79,10 @@ class EndCampaignRun(EndCampaignInput):
     pass_waits_s: list[float] = field(default_factory=lambda: list(PASS_WAITS_S))
 
 
-# PINNED: each run stays on the worker version it started on (app/versioning.py); it is
-# short, done before that version's workers are retired.
-@workflow.defn(name=act.END_CAMPAIGN_WORKFLOW, versioning_behavior=VersioningBehavior.PINNED)
+# AUTO_UPGRADE, like the coupon's: ending a large campaign continues as new page after page
+# and waits minutes between passes, and a pinned run (its continuations too) would wait for
+# ever once its version's workers were retired mid-way. Its changes go behind patches.
+@workflow.defn(name=act.END_CAMPAIGN_WORKFLOW, versioning_behavior=VersioningBehavior.AUTO_UPGRADE)
 class EndCampaignWorkflow:
     """Started by `app.service.end_campaign` (the CLI's `campaign end --expire-pending`,
     the API's `end` with `expire_pending`) once the campaign is ended (so no new claim

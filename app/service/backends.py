@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from psycopg_pool import AsyncConnectionPool
@@ -108,11 +109,25 @@ async def opened(
 
 
 async def run_workflow(
-    b: Backends, workflow: str, arg: object, workflow_id: str, result: type[R], timeout_s: float
+    b: Backends,
+    workflow: str,
+    arg: object,
+    workflow_id: str,
+    result: type[R],
+    timeout_s: float,
+    *,
+    run_timeout: timedelta,
 ) -> R:
-    """Start a workflow and wait for its result, `Unavailable` after `timeout_s`."""
+    """Start a workflow and wait for its result, `Unavailable` after `timeout_s`. The run
+    itself ends after `run_timeout` whatever happens (see app/schedules.py: a pinned run
+    whose workers are gone would otherwise wait for ever)."""
     handle: WorkflowHandle[Any, R] = await (await b.client()).start_workflow(
-        workflow, arg, id=workflow_id, task_queue=b.settings.task_queue, result_type=result
+        workflow,
+        arg,
+        id=workflow_id,
+        task_queue=b.settings.task_queue,
+        result_type=result,
+        execution_timeout=run_timeout,
     )
     try:
         async with asyncio.timeout(timeout_s):

@@ -9,6 +9,7 @@ from typing import Any
 
 from temporalio.service import RPCError
 
+from app.schedules import SYNC_RUN_TIMEOUT
 from app.service.backends import Backends, run_workflow
 from coupons import catalog
 from coupons.contract import CATALOG_SYNC_WORKFLOW
@@ -63,6 +64,7 @@ async def change_batch(
                 id=f"catalog-sync:{action.value}:{batch.id}:{uuid.uuid4().hex[:8]}",
                 task_queue=b.settings.task_queue,
                 static_summary=f"sync batch {batch.id} after its {action.value}",
+                execution_timeout=SYNC_RUN_TIMEOUT,
             )
         except RPCError as err:
             # The batch did change; waiting coupons still hear at the next sync.
@@ -80,6 +82,12 @@ async def sync_catalog(
         await catalog.batches.get_batch(b.pool, batch_id)
     workflow_id = f"catalog-sync:manual:{uuid.uuid4()}"
     found = await run_workflow(
-        b, CATALOG_SYNC_WORKFLOW, SyncInput(batch_ids), workflow_id, SyncReport, timeout_s
+        b,
+        CATALOG_SYNC_WORKFLOW,
+        SyncInput(batch_ids),
+        workflow_id,
+        SyncReport,
+        timeout_s,
+        run_timeout=SYNC_RUN_TIMEOUT,
     )
     return workflow_id, found

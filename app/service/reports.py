@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 
+from app.schedules import RECONCILE_RUN_TIMEOUT
 from app.service.backends import Backends, run_workflow
 from coupons import catalog, report
 from coupons.contract import RECONCILE_WORKFLOW
@@ -34,5 +35,6 @@ async def reconcile(
         workflow_id,
         ReconcileReport,
         timeout_s,
+        run_timeout=RECONCILE_RUN_TIMEOUT,
     )
     return workflow_id, found
