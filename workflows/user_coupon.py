@@ -87,17 +87,17 @@ class UserCouponWorkflow:
     def __init__(self, input: CouponInput) -> None:
         self._input = input
         self._machine = _machine_of(input)
-        carried = input.carried
-        self._transitions: list[Transition] = list(carried.transitions) if carried else []
+        # A first run starts as a continued one would with nothing carried.
+        carried = input.carried or CarriedRun([], [], None, BUDGET_RECHECK.total_seconds(), 0)
+        self._runs_before = carried.runs_before
+        self._transitions: list[Transition] = list(carried.transitions)
         self._unrecorded: list[Transition] = []
         # A run resumed from the ledger's `issued` starts with the ledger's receipt.
         self._receipt: Receipt | None = input.receipt
-        self._redemption: RedemptionReport | None = carried.redemption if carried else None
-        self._ignored: list[str] = list(carried.ignored_signals) if carried else []
+        self._redemption: RedemptionReport | None = carried.redemption
+        self._ignored: list[str] = list(carried.ignored_signals)
         self._budget_notices = 0
-        self._budget_recheck = (
-            timedelta(seconds=carried.budget_recheck_s) if carried else BUDGET_RECHECK
-        )
+        self._budget_recheck = timedelta(seconds=carried.budget_recheck_s)
         self._waiting_for = "start"
         self._platform_queue = act.platform_task_queue(workflow.info().task_queue)
         # The claim started the workflow with these search attributes already set.
@@ -231,7 +231,6 @@ class UserCouponWorkflow:
         await self._record_pending()
         # Let update handlers that are still running reply before this run closes.
         await workflow.wait_condition(workflow.all_handlers_finished)
-        carried = self._input.carried
         workflow.continue_as_new(
             replace(
                 self._input,
@@ -243,7 +242,7 @@ class UserCouponWorkflow:
                     ignored_signals=list(self._ignored),
                     redemption=self._redemption,
                     budget_recheck_s=self._budget_recheck.total_seconds(),
-                    runs_before=carried.runs_before + 1 if carried else 1,
+                    runs_before=self._runs_before + 1,
                 ),
             )
         )
