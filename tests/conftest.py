@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -32,7 +32,13 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from app.claims import ClaimResult, ClaimService
-from app.embedded import EmbeddedPostgres, SimulatorProcess, find_binary, free_port
+from app.embedded import (
+    EmbeddedPostgres,
+    SimulatorProcess,
+    dynamic_config_args,
+    find_binary,
+    free_port,
+)
 from app.versioning import make_current, worker_version
 from app.workers import build_workers, in_background, start_claims_forever
 from coupons import catalog, metrics
@@ -90,16 +96,21 @@ async def dev_env() -> AsyncIterator[WorkflowEnvironment]:
     their own, and the server registers at most 100 task queues in a version by default
     (`matching.maxTaskQueuesInDeploymentVersion`): past about 50 tests the next workers'
     polls were refused and their workflows never ran. A deployment of ours uses two."""
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(find_binary("temporal")),
-        search_attributes=SEARCH_ATTRIBUTES,
-        dev_server_extra_args=[
-            "--dynamic-config-value",
-            f"matching.maxTaskQueuesInDeploymentVersion={TASK_QUEUES_IN_A_VERSION}",
-        ],
+    env = await start_dev_server(
+        {"matching.maxTaskQueuesInDeploymentVersion": TASK_QUEUES_IN_A_VERSION}
     )
     yield env
     await env.shutdown()
+
+
+async def start_dev_server(dynamic_config: Mapping[str, object]) -> WorkflowEnvironment:
+    """A dev server in memory with our search attributes, and `dynamic_config` over the
+    embedded stack's own (app.embedded.DEV_SERVER_DYNAMIC_CONFIG)."""
+    return await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(find_binary("temporal")),
+        search_attributes=SEARCH_ATTRIBUTES,
+        dev_server_extra_args=dynamic_config_args(dynamic_config),
+    )
 
 
 async def start_time_skipping() -> WorkflowEnvironment:

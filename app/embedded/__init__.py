@@ -20,13 +20,16 @@ from app.embedded.postgres import EmbeddedPostgres
 from app.embedded.process import BACKGROUND_NICE, ManagedProcess, ProcessStartError, Server
 from app.embedded.simulator import SimulatorProcess
 from app.embedded.temporal import (
+    DEV_SERVER_DYNAMIC_CONFIG,
     SEARCH_ATTRIBUTE_TYPES,
     SearchAttributeConflict,
     TemporalDevServer,
+    dynamic_config_args,
 )
 
 __all__ = [
     "BACKGROUND_NICE",
+    "DEV_SERVER_DYNAMIC_CONFIG",
     "LOCALHOST",
     "SEARCH_ATTRIBUTE_TYPES",
     "EmbeddedPostgres",
@@ -37,6 +40,7 @@ __all__ = [
     "SimulatorProcess",
     "TemporalDevServer",
     "answers_health",
+    "dynamic_config_args",
     "find_binary",
     "free_port",
     "free_ports",

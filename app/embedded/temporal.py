@@ -44,6 +44,27 @@ SEARCH_ATTRIBUTE_TYPES: Mapping[str, IndexedValueType.ValueType] = {
     "KeywordList": IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD_LIST,
 }
 
+# The dev server has one history shard, and each shard reads its transfer queue (the tasks
+# handing workflow and activity tasks to matching) and its visibility queue at most
+# `history.*ProcessorMaxPollRPS` times a second: 20 by default (temporalio/temporal,
+# common/dynamicconfig/constants.go), sized for clusters of hundreds of shards. Past 20
+# handoffs a second every workflow and activity task then waits for the next 50 ms read:
+# 60 to 100 ms of a 17 ms signal-to-activity-done at 10 signals a second. 200 reads a
+# second keeps a handoff within 5 ms; the most the server starts or finishes is unchanged.
+DEV_SERVER_DYNAMIC_CONFIG: Mapping[str, object] = {
+    "history.transferProcessorMaxPollRPS": 200,
+    "history.visibilityProcessorMaxPollRPS": 200,
+}
+
+
+def dynamic_config_args(values: Mapping[str, object]) -> list[str]:
+    """`values`, with DEV_SERVER_DYNAMIC_CONFIG under them, as start-dev arguments (each
+    value JSON-encoded)."""
+    args: list[str] = []
+    for key, value in {**DEV_SERVER_DYNAMIC_CONFIG, **values}.items():
+        args += ["--dynamic-config-value", f"{key}={json.dumps(value)}"]
+    return args
+
 
 def _run_blocking(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run a coroutine to completion from synchronous code.
@@ -89,7 +110,8 @@ class TemporalDevServer(Server):
     ) -> None:
         """`db_file` None keeps everything in memory (lost at stop); `ui_port` None runs
         headless; `search_attributes` maps names to CLI type names (Keyword, Int, ...);
-        `dynamic_config` values are JSON-encoded into --dynamic-config-value;
+        `dynamic_config` values are JSON-encoded into --dynamic-config-value, over
+        DEV_SERVER_DYNAMIC_CONFIG;
         `ui_codec_endpoint` is the codec server the Web UI decodes payloads with;
         `die_with_parent`, `nice`: see ManagedProcess."""
         unknown = {k: t for k, t in search_attributes.items() if t not in SEARCH_ATTRIBUTE_TYPES}
@@ -161,8 +183,7 @@ class TemporalDevServer(Server):
             argv += ["--namespace", self.namespace]
         for name, type_name in self.search_attributes.items():
             argv += ["--search-attribute", f"{name}={type_name}"]
-        for key, value in self.dynamic_config.items():
-            argv += ["--dynamic-config-value", f"{key}={json.dumps(value)}"]
+        argv += dynamic_config_args(self.dynamic_config)
         argv += ["--log-level", "warn"]
         return argv
 

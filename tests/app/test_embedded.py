@@ -21,6 +21,7 @@ from temporalio.client import Client
 
 from app.embedded import (
     BACKGROUND_NICE,
+    DEV_SERVER_DYNAMIC_CONFIG,
     EmbeddedPostgres,
     ManagedProcess,
     SearchAttributeConflict,
@@ -159,6 +160,21 @@ async def test_temporal_restarts_on_same_db_file_with_search_attributes(tmp_path
     with pytest.raises(SearchAttributeConflict, match="CouponState"):
         changed.start()
     assert not changed.alive
+
+
+def test_the_dev_server_reads_its_task_queues_often_enough_and_a_given_value_wins() -> None:
+    """Its one history shard must not hand tasks to matching on the default 50 ms beat."""
+    server = TemporalDevServer(
+        None, free_port(), None, {}, dynamic_config={"history.visibilityProcessorMaxPollRPS": 7}
+    )
+    argv = [str(a) for a in server._argv()]
+    values = [argv[i + 1] for i, a in enumerate(argv) if a == "--dynamic-config-value"]
+    assert "history.transferProcessorMaxPollRPS=200" in values
+    assert DEV_SERVER_DYNAMIC_CONFIG["history.transferProcessorMaxPollRPS"] == 200
+    # Given values override the defaults rather than being passed twice.
+    assert [v for v in values if v.startswith("history.visibilityProcessorMaxPollRPS=")] == [
+        "history.visibilityProcessorMaxPollRPS=7"
+    ]
 
 
 def test_temporal_sigkill_then_start(tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from app.claims import ClaimResult, ClaimService
-from app.embedded import find_binary, free_port
+from app.embedded import free_port
 from app.wedged import (
     CAUSES,
     CLOSED,
@@ -55,7 +55,6 @@ from coupons.config import Settings
 from coupons.ledger import claims as ledger
 from coupons.ledger.batches import get_batch
 from coupons.model import (
-    SEARCH_ATTRIBUTES,
     CouponInput,
     RedemptionReport,
     TaskCompletion,
@@ -75,6 +74,7 @@ from tests.conftest import (
     new_id,
     running_workers,
     sim_stats,
+    start_dev_server,
     wait_for_state,
 )
 from workflows.user_coupon import UserCouponWorkflow
@@ -90,13 +90,8 @@ ISSUED = [(None, "received"), ("received", "usable"), ("usable", "issued")]
 @pytest_asyncio.fixture(scope="module")
 async def env() -> AsyncIterator[WorkflowEnvironment]:
     """A dev server of our own: the shared one keeps Temporal's default threshold."""
-    threshold = (
-        f"system.numConsecutiveWorkflowTaskProblemsToTriggerSearchAttribute={PROBLEMS_AFTER}"
-    )
-    server = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(find_binary("temporal")),
-        search_attributes=SEARCH_ATTRIBUTES,
-        dev_server_extra_args=["--dynamic-config-value", threshold],
+    server = await start_dev_server(
+        {"system.numConsecutiveWorkflowTaskProblemsToTriggerSearchAttribute": PROBLEMS_AFTER}
     )
     yield server
     await server.shutdown()

@@ -20,14 +20,12 @@ from temporalio.client import Client, WorkflowHistory
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
-from app.embedded import find_binary
 from app.workers import workflow_runner
 from coupons import catalog
 from coupons import contract as act
 from coupons.config import Settings
 from coupons.ledger import claims as ledger
 from coupons.model import (
-    SEARCH_ATTRIBUTES,
     BudgetNotice,
     RedemptionReport,
     SyncInput,
@@ -47,6 +45,7 @@ from tests.conftest import (
     running_workers,
     set_at_platform,
     share_clock,
+    start_dev_server,
     wait_for_budget,
     wait_for_state,
 )
@@ -182,14 +181,7 @@ async def test_the_servers_suggestion_continues_a_waiting_coupon_as_new(
     """A dev server of its own that suggests continuing as new early: the waiting coupon
     takes the suggestion long before HISTORY_LIMIT. Each wake-up with no budget behind it
     (sent by hand here) is a refused send, so the history grows without any time passing."""
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(find_binary("temporal")),
-        search_attributes=SEARCH_ATTRIBUTES,
-        dev_server_extra_args=[
-            "--dynamic-config-value",
-            f"limit.historyCount.suggestContinueAsNew={SUGGEST_AT}",
-        ],
-    )
+    env = await start_dev_server({"limit.historyCount.suggestContinueAsNew": SUGGEST_AT})
     try:
         client = env.client
         campaign = await new_campaign(pool, platform, quota=10)
