@@ -15,6 +15,14 @@ import matplotlib.pyplot as plt
 from bench import claims_report, compare
 from bench.figures import get, num, p50_p99
 
+# Issue 16: the lifecycle at 0.8 of the floor, and unlock-to-issued at light rate no worse
+# than the day it was filed: p50 65 ms, 0.63 of that run's floor (104 ms). That floor, and
+# every figure before the dev server's task-queue reads were raised (app/embedded/temporal.py
+# DEV_SERVER_DYNAMIC_CONFIG), waited up to 50 ms at each task handoff; both are printed.
+LIFECYCLE_TO_FLOOR = 0.8
+FILED_LIGHT_MS = 65.0
+FILED_LIGHT_RATIO = 0.63
+
 
 def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
     """The issues' targets, each with its figure, its bound and whether it was met."""
@@ -32,15 +40,23 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
     second = recon.get("second") or {}
     return [
         {
-            "target": "lifecycle throughput >= 0.5 x floor",
+            "target": "lifecycle throughput >= 0.8 x floor (issue 16)",
             "figure": f"ratio {ratio:.2f}",
-            "met": ratio >= 0.5,
+            "met": ratio >= LIFECYCLE_TO_FLOOR,
         },
         {
-            "target": "light-rate unlock-to-issued p50 <= 2 x floor signal-to-done p50",
-            "figure": f"{light:.0f} ms vs 2 x {floor_light:.0f} ms = {2 * floor_light:.0f} ms "
-            f"({light / floor_light:.2f}x the floor)",
-            "met": light <= 2 * floor_light,
+            "target": f"light-rate unlock-to-issued p50 no worse than when issue 16 was filed "
+            f"({FILED_LIGHT_MS:.0f} ms)",
+            "figure": f"{light:.0f} ms",
+            "met": light <= FILED_LIGHT_MS,
+        },
+        {
+            "target": f"light-rate unlock-to-issued p50 <= {FILED_LIGHT_RATIO} x floor "
+            "signal-to-done p50 (issue 16)",
+            "figure": f"{light:.0f} ms vs {floor_light:.0f} ms ({light / floor_light:.2f}x the "
+            "floor; the floor's no-op activity against our send, confirming lookup and ledger "
+            "write)",
+            "met": light <= FILED_LIGHT_RATIO * floor_light,
         },
         {
             "target": "worker RSS < 1 GiB with 20,000 open coupons",

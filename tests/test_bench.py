@@ -151,7 +151,7 @@ def test_tiny_bench_end_to_end(tmp_path: Path) -> None:
     assert second["mismatches"] == 0, recon
     assert second["platform_sent"] == second["ledger_coupons"] == recon["coupons"], recon
     met = {t["target"]: t["met"] for t in data["targets"]}
-    assert len(met) == len(data["targets"]) == 14, data["targets"]
+    assert len(met) == len(data["targets"]) == 15, data["targets"]
     for name in (
         "claim storm: granted == quota",
         "claim storm through the HTTP API: granted == quota",
