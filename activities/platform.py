@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from psycopg_pool import AsyncConnectionPool
@@ -38,9 +40,21 @@ CONFIRM_BACKOFF = (0.2, 0.4, 0.8, 1.6, 3.2, 5.0)
 BEATS_PER_HEARTBEAT_TIMEOUT = 3
 
 
+@dataclass
+class _LastBeat:
+    """When this activity attempt last told the server it lives (loop time)."""
+
+    at: float
+
+
+# Per attempt: each activity runs in a task of its own, which sets this on its first step.
+_last_beat: ContextVar[_LastBeat] = ContextVar("_last_beat")
+
+
 @contextlib.asynccontextmanager
 async def heartbeating(doing: str) -> AsyncIterator[None]:
-    """Heartbeat all through the block, and once more when it ends well.
+    """Heartbeat through the block whenever a third of the heartbeat timeout has passed
+    since the attempt's last heartbeat (or its first step).
 
     For each step of an activity with a heartbeat timeout that can wait longer than it: a
     ledger write first waits for a pool connection, up to the pool's timeout (30 s, twice
@@ -48,27 +62,35 @@ async def heartbeating(doing: str) -> AsyncIterator[None]:
     call first waits for its permit (up to PLATFORM_TIMEOUT_S), and the send and the first
     lookup together could pass 15 s. Silent, the attempt would be timed out as lost and run
     again on another worker while this one still works; heartbeating, it waits, and fails
-    only when its own timeout says so."""
+    only when its own timeout says so.
+
+    Only a step that lasts heartbeats: each heartbeat is a call to the server and a write
+    of the workflow's state there, which an issue that takes 20 ms does not need."""
     timeout = activity.info().heartbeat_timeout
     if not timeout:
         yield
         return
+    loop = asyncio.get_running_loop()
+    last = _last_beat.get(None)
+    if last is None:
+        last = _LastBeat(loop.time())
+        _last_beat.set(last)
     every = timeout.total_seconds() / BEATS_PER_HEARTBEAT_TIMEOUT
-    beats = asyncio.create_task(_beat(doing, every))
+    beats = asyncio.create_task(_beat(doing, every, last))
     try:
         yield
     finally:
         beats.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await beats
-    # The next step (a platform call) starts with a whole heartbeat timeout before it.
-    activity.heartbeat(f"{doing}: done")
 
 
-async def _beat(doing: str, every: float) -> None:
+async def _beat(doing: str, every: float, last: _LastBeat) -> None:
+    loop = asyncio.get_running_loop()
     while True:
+        await asyncio.sleep(max(0.0, last.at + every - loop.time()))
         activity.heartbeat(doing)
-        await asyncio.sleep(every)
+        last.at = loop.time()
 
 
 class PlatformActivities:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 from temporalio import workflow
@@ -21,7 +22,13 @@ from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import RetryPolicy
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import UnsandboxedWorkflowRunner, Worker
+from temporalio.worker import (
+    ActivityInboundInterceptor,
+    ActivityOutboundInterceptor,
+    Interceptor,
+    UnsandboxedWorkflowRunner,
+    Worker,
+)
 
 from activities.platform import PlatformActivities
 from app.embedded import EmbeddedPostgres
@@ -165,3 +172,52 @@ async def test_a_slow_send_and_lookup_heartbeat_and_complete(
         await slow.aclose()
     assert receipt.idempotency_key == idempotency_key(input.coupon_id)
     assert (await ledger_states(pool, input.coupon_id))[-1] == ("usable", "issued")
+
+
+class CountedHeartbeats(Interceptor):
+    """Counts the heartbeats the activities of a worker make."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def intercept_activity(self, next: ActivityInboundInterceptor) -> ActivityInboundInterceptor:
+        counter = self
+
+        class Inbound(ActivityInboundInterceptor):
+            def init(self, outbound: ActivityOutboundInterceptor) -> None:
+                class Outbound(ActivityOutboundInterceptor):
+                    def heartbeat(self, *details: Any) -> None:
+                        counter.count += 1
+                        super().heartbeat(*details)
+
+                super().init(Outbound(outbound))
+
+        return Inbound(next)
+
+
+async def test_an_issue_quicker_than_its_heartbeat_interval_sends_no_heartbeat(
+    dev_env: WorkflowEnvironment,
+    pool: AsyncConnectionPool,
+    platform: RestPlatform,
+    settings: Settings,
+) -> None:
+    """Each heartbeat is a call to the server and a write of the workflow's state there: an
+    issue done in milliseconds makes none (it made one per step, four, before). The slow
+    ones above still beat."""
+    client: Client = dev_env.client
+    input = await issue_input(pool, platform)
+    sends = PlatformActivities(platform, pool, lag_window_s=settings.lag_window_s)
+    counted = CountedHeartbeats()
+    worker = Worker(
+        client,
+        task_queue=settings.task_queue,
+        workflows=[IssueOnceWorkflow],
+        activities=[sends.issue_coupon],
+        workflow_runner=UnsandboxedWorkflowRunner(),
+        interceptors=[counted],
+    )
+    async with worker:
+        receipt = await (await start_issue(client, settings, input)).result()
+    assert receipt.idempotency_key == idempotency_key(input.coupon_id)
+    assert (await ledger_states(pool, input.coupon_id))[-1] == ("usable", "issued")
+    assert counted.count == 0
