@@ -5,14 +5,12 @@ starter of claims' workflows and the wedged coupon count). `worker.py` puts them
 from __future__ import annotations
 
 import asyncio
-import compileall
 import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
@@ -21,7 +19,6 @@ from temporalio.common import MetricMeter
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
-import workflows
 from activities.catalog import CatalogActivities
 from activities.ledger import LedgerActivities
 from activities.platform import PlatformActivities
@@ -53,20 +50,16 @@ WEDGED_EVERY_S = 60.0
 
 
 def workflow_runner() -> SandboxedWorkflowRunner:
-    _cache_workflow_bytecode()
-    # The state machine library is pure but not written for the sandbox: pass it through.
+    """The sandbox, its restrictions on every call a workflow makes kept, its fresh import
+    of the workflow's module for each run left out.
+
+    That import re-ran our workflow modules and `workflow.defn` for every new coupon: a
+    seventh of the worker's CPU at lifecycle saturation (py-spy, 2026-12-06). Our workflow
+    modules hold constants only, checked by tests/test_layers.py, so a run can share them;
+    the state machine library is pure but not written for the sandbox."""
     return SandboxedWorkflowRunner(
-        restrictions=SandboxRestrictions.default.with_passthrough_modules("statemachine")
+        restrictions=SandboxRestrictions.default.with_passthrough_all_modules()
     )
-
-
-def _cache_workflow_bytecode() -> None:
-    """The sandbox imports a workflow's module afresh for each new run. With no bytecode
-    cache (PYTHONDONTWRITEBYTECODE set, as on the machines we measured, or a tree never
-    compiled) each of those imports compiles the source again: a tenth of the worker's
-    CPU at saturation (py-spy, bench quick). The cache is written once here, whatever
-    the environment says; a tree we cannot write to keeps compiling, as before."""
-    compileall.compile_dir(Path(workflows.__file__).parent, quiet=2)
 
 
 def build_workers(
