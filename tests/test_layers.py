@@ -96,3 +96,44 @@ def test_the_catalog_and_its_ledger_go_by_one_name_each() -> None:
         for line in _aliased(path)
     ]
     assert found == []
+
+
+# What a workflow module may bind at its top level besides functions, classes and imports:
+# values no run can change. The worker's sandbox passes every module through
+# (app/workers.py `workflow_runner`), so runs share these modules instead of each importing
+# its own copy: a list or dict there would carry one coupon's state into another's run.
+_CONSTANT_CALLS = {"timedelta", "RetryPolicy", "frozenset"}
+
+
+def _shared_state(source: str, name: str) -> list[str]:
+    found = []
+    tree = ast.parse(source, name)
+    for node in tree.body:
+        value = node.value if isinstance(node, ast.Assign | ast.AnnAssign) else None
+        if value is None:
+            continue
+        constant = isinstance(value, ast.Constant | ast.Tuple) or (
+            isinstance(value, ast.Call)
+            and isinstance(value.func, ast.Name)
+            and value.func.id in _CONSTANT_CALLS
+        )
+        if not constant:
+            found.append(f"{name}:{node.lineno} binds {ast.unparse(value)[:60]}")
+    for inner in ast.walk(tree):
+        if isinstance(inner, ast.Global | ast.Nonlocal):
+            found.append(f"{name}:{inner.lineno} rebinds {', '.join(inner.names)}")
+    return found
+
+
+def test_workflow_modules_hold_only_values_no_run_can_change() -> None:
+    found = [
+        problem
+        for path in sorted((ROOT / "workflows").rglob("*.py"))
+        for problem in _shared_state(path.read_text(), str(path.relative_to(ROOT)))
+    ]
+    assert found == []
+
+
+def test_the_shared_state_check_sees_a_list_and_a_global() -> None:
+    source = "SEEN = []\nLIMIT = 3\n\ndef f():\n    global LIMIT\n    LIMIT = 4\n"
+    assert _shared_state(source, "w.py") == ["w.py:1 binds []", "w.py:5 rebinds LIMIT"]
