@@ -57,6 +57,15 @@ DEV_SERVER_DYNAMIC_CONFIG: Mapping[str, object] = {
 }
 
 
+# start-dev reads the search attributes from its database on every request that names one,
+# unless told otherwise (temporalio/cli, `server start-dev`: "WithSearchAttributeCacheDisabled"
+# when this key is not given), so that one registered at run time is usable at once: two
+# database reads per coupon operation here. The stack registers its attributes as the server
+# starts and restarts it when it had to (`TemporalDevServer.start`), so the cache may stay on:
+# 15-25% more workflow starts a second (2,000 claims: 136-153/s before, 172/s after).
+SEARCH_ATTRIBUTES_READ_EACH_TIME = "system.forceSearchAttributesCacheRefreshOnRead"
+
+
 def dynamic_config_args(values: Mapping[str, object]) -> list[str]:
     """`values`, with DEV_SERVER_DYNAMIC_CONFIG under them, as start-dev arguments (each
     value JSON-encoded)."""
@@ -125,7 +134,8 @@ class TemporalDevServer(Server):
         self.ui_port = ui_port
         self.search_attributes = dict(search_attributes)
         self.namespace = namespace
-        self.dynamic_config = dict(dynamic_config or {})
+        self.dynamic_config = {SEARCH_ATTRIBUTES_READ_EACH_TIME: False, **(dynamic_config or {})}
+        self._registered_now = False
         self.ui_codec_endpoint = ui_codec_endpoint
         if log_path is not None:
             self.log_path = log_path
@@ -186,6 +196,18 @@ class TemporalDevServer(Server):
         argv += dynamic_config_args(self.dynamic_config)
         argv += ["--log-level", "warn"]
         return argv
+
+    def start(self) -> None:
+        """Start, and once more if search attributes had to be registered while the server
+        keeps them cached: restarted, it reads them all again (a cached server would refuse
+        a coupon naming one it has not read yet)."""
+        self._registered_now = False
+        super().start()
+        if self._registered_now and not self.dynamic_config[SEARCH_ATTRIBUTES_READ_EACH_TIME]:
+            logger.info(
+                "restarting %s so that it reads the search attributes just registered", self.label
+            )
+            self.restart()
 
     def _prepare(self) -> None:
         require_free_port(self.title, self.port)
@@ -275,3 +297,4 @@ class TemporalDevServer(Server):
                 AddSearchAttributesRequest(namespace=self.namespace, search_attributes=missing)
             )
             logger.info("registered search attributes %s in %r", ", ".join(missing), self.namespace)
+            self._registered_now = True

@@ -18,6 +18,7 @@ import pytest
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import Client
+from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 
 from app.embedded import (
     BACKGROUND_NICE,
@@ -153,6 +154,19 @@ async def test_temporal_restarts_on_same_db_file_with_search_attributes(tmp_path
         registered = await _custom_attributes(grown.address)
         assert registered["AddedLater"] == IndexedValueType.INDEXED_VALUE_TYPE_INT
         assert registered["UserId"] == KEYWORD
+        # Usable at once: the server, which caches its search attributes, was restarted
+        # after registering it (without the restart: "no mapping defined for search
+        # attribute AddedLater").
+        client = await Client.connect(grown.address)
+        handle = await client.start_workflow(
+            "NoWorkerNeeded",
+            id="names-added-later",
+            task_queue="nobody",
+            search_attributes=TypedSearchAttributes(
+                [SearchAttributePair(SearchAttributeKey.for_int("AddedLater"), 1)]
+            ),
+        )
+        await handle.terminate()
     finally:
         grown.stop()
 
