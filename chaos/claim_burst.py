@@ -214,8 +214,10 @@ async def _one_by_one(run: Run, kills: list[Kill]) -> float:
 
 
 async def _mid_wave(run: Run, kill: Kill) -> None:
-    """Until the kill's share of its wave is answered (at most half the gap to the next
-    wave past its start: a wave held up by another fault is met while it waits)."""
+    """Until the kill's share of its wave is answered and some of the driver's calls are
+    in flight (at most half the gap to the next wave past its start: a wave held up by
+    another fault is met while it waits). A wave answered in a few milliseconds could
+    otherwise be met between its calls, with none of them cut."""
     size, driver = run.size, run.driver
     begin = run.t0 + _wave_at(size, kill.wave)
     await asyncio.sleep(max(0.0, begin - time.monotonic()))
@@ -224,9 +226,9 @@ async def _mid_wave(run: Run, kill: Kill) -> None:
     while time.monotonic() < until:
         acked = {a.user_id for a in driver.acked.values()}
         answered = sum(u in acked or u in driver.refused for u in users)
-        if answered >= kill.answered * len(users):
+        if answered >= kill.answered * len(users) and driver.counters.in_flight:
             return
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(0.001)
 
 
 def _part(run: Run, name: str) -> tuple[int | None, Callable[[], None], Callable[[], None]]:
