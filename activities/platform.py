@@ -89,8 +89,15 @@ async def _beat(doing: str, every: float, last: _LastBeat) -> None:
     loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(max(0.0, last.at + every - loop.time()))
-        activity.heartbeat(doing)
-        last.at = loop.time()
+        _beat_now(doing)
+
+
+def _beat_now(doing: str) -> None:
+    """Heartbeat, and note when, so the beats of the step it is in count from here."""
+    activity.heartbeat(doing)
+    last = _last_beat.get(None)
+    if last is not None:
+        last.at = asyncio.get_running_loop().time()
 
 
 class PlatformActivities:
@@ -185,7 +192,7 @@ class PlatformActivities:
             delay = CONFIRM_BACKOFF[min(attempt, len(CONFIRM_BACKOFF) - 1)]
             if loop.time() + delay > give_up:
                 return None
-            activity.heartbeat(f"lookup {attempt + 1}: not visible yet")
+            _beat_now(f"lookup {attempt + 1}: not visible yet")
             metrics.lag_retry("lookup")
             await asyncio.sleep(delay)
             attempt += 1

@@ -13,6 +13,7 @@ as long), from a workflow that does nothing else and never retries it.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -83,7 +84,12 @@ async def issue_input(pool: AsyncConnectionPool, platform: RestPlatform) -> Issu
     return IssueInput(claim.coupon_id, batch.platform_batch_id, claim.user_id, usable)
 
 
-def issue_worker(client: Client, settings: Settings, sends: PlatformActivities) -> Worker:
+def issue_worker(
+    client: Client,
+    settings: Settings,
+    sends: PlatformActivities,
+    interceptors: Sequence[Interceptor] = (),
+) -> Worker:
     return Worker(
         client,
         task_queue=settings.task_queue,
@@ -93,6 +99,7 @@ def issue_worker(client: Client, settings: Settings, sends: PlatformActivities) 
         # Heartbeats reach the server as they are made, not at 0.8 x HEARTBEAT: the short
         # timeout then leaves a loaded machine the same room that 15 s leaves.
         max_heartbeat_throttle_interval=timedelta(seconds=0.2),
+        interceptors=interceptors,
     )
 
 
@@ -208,15 +215,7 @@ async def test_an_issue_quicker_than_its_heartbeat_interval_sends_no_heartbeat(
     input = await issue_input(pool, platform)
     sends = PlatformActivities(platform, pool, lag_window_s=settings.lag_window_s)
     counted = CountedHeartbeats()
-    worker = Worker(
-        client,
-        task_queue=settings.task_queue,
-        workflows=[IssueOnceWorkflow],
-        activities=[sends.issue_coupon],
-        workflow_runner=UnsandboxedWorkflowRunner(),
-        interceptors=[counted],
-    )
-    async with worker:
+    async with issue_worker(client, settings, sends, [counted]):
         receipt = await (await start_issue(client, settings, input)).result()
     assert receipt.idempotency_key == idempotency_key(input.coupon_id)
     assert (await ledger_states(pool, input.coupon_id))[-1] == ("usable", "issued")
