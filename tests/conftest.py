@@ -1,5 +1,6 @@
 """One real PostgreSQL, one Temporal dev server, one time-skipping server and one
-platform simulator per test run; each test gets its own schema and task queues.
+platform simulator per test process (`make test` runs one per core, scripts/run_tests.py);
+each test gets its own schema and task queues.
 
 Below the fixtures are the helpers the test modules share; they import them from here,
 never from one another.

@@ -42,6 +42,10 @@ from coupons.platforms.generic.adapter import RestPlatform
 from coupons.platforms.metered import MeteredPlatform
 from tests.conftest import close_workflows, current_before_start, new_campaign, new_id
 
+# Who gets the permits, and how many calls share a database write, depend on how fast the
+# callers ask: a test beside these would slow them.
+pytestmark = pytest.mark.alone
+
 SENDS_PER_S, QUERIES_PER_S, ALL_PER_S = 20, 20, 25
 COUPONS = 80
 FAN_OUT = 16  # lookups at once in each process, as reconciliation runs 32
