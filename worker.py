@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 
+from app.heap import freeze_startup_heap
 from app.running import settings_from_env
 from app.workers import build_workers, run_until_stopped, worker_services
 from coupons.config import ConfigError, Settings
@@ -24,6 +25,7 @@ async def main(settings: Settings) -> None:
     """Run the workers until SIGINT or SIGTERM, then let the work in flight finish."""
     async with worker_services(settings) as services:
         workers = build_workers(services.client, services.pool, services.platform, settings)
+        freeze_startup_heap()
         await run_until_stopped(workers, services.stop)
 
 

@@ -25,6 +25,7 @@ from app.api.limits import MAX_BODY_BYTES, BodyLimit
 from app.api.models import Health
 from app.api.problems import PROBLEM_JSON, TITLES, ApiProblem, Problem, handle
 from app.api.routing import BEARER, BEARER_SCHEME, IDEMPOTENCY_KEEP
+from app.heap import freeze_startup_heap
 from app.service import Backends, Unavailable
 from coupons.config import Settings
 from coupons.errors import Refused
@@ -95,6 +96,7 @@ def create_app(settings: Settings, backends: Backends | None = None) -> FastAPI:
         async with _running(settings) as opened:
             app.state.backends = opened
             pruning = asyncio.create_task(_prune_forever(opened))
+            freeze_startup_heap()
             log.info("API serving on %s (docs %s/docs)", settings.api_url, settings.api_url)
             try:
                 yield
