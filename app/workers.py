@@ -16,7 +16,7 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 from temporalio.client import Client
 from temporalio.common import MetricMeter
-from temporalio.worker import Worker
+from temporalio.worker import PollerBehaviorAutoscaling, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.catalog import CatalogActivities
@@ -47,6 +47,11 @@ log = logging.getLogger(__name__)
 STARTS_IDLE_S = 0.2
 # A scan costs a few counts and one query per wedged coupon (app/wedged.py).
 WEDGED_EVERY_S = 60.0
+# Workflow task pollers scaled on the server's word (a backlog asks for more): at the SDK's
+# fixed five, 20,000 coupons claimed in 21 s left their first workflow tasks queued for
+# minutes with the worker at 0.35 of a core, draining 37 a second; scaled, 76 a second with
+# the worker at a full core (bench/results/2026-12-06-profile.md).
+WORKFLOW_TASK_POLLERS = PollerBehaviorAutoscaling()
 
 
 def workflow_runner() -> SandboxedWorkflowRunner:
@@ -98,6 +103,7 @@ def build_workers(
                 catalog.expire_received_coupons,
             ],
             workflow_runner=workflow_runner(),
+            workflow_task_poller_behavior=WORKFLOW_TASK_POLLERS,
             max_cached_workflows=settings.worker_cache_size,
             max_concurrent_workflow_tasks=settings.worker_max_concurrent_workflow_tasks,
             max_concurrent_activities=settings.worker_max_concurrent_activities,

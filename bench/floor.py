@@ -22,7 +22,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from app.embedded import BACKGROUND_NICE, ManagedProcess
-from app.workers import workflow_runner
+from app.workers import WORKFLOW_TASK_POLLERS, workflow_runner
 from bench.floor_workflow import FLOOR_ACTIVITY, FLOOR_SIGNAL, FLOOR_WORKFLOW, FloorWorkflow
 from bench.load import LoadResult, closed_loop, fixed_rate, progress
 from bench.proc import CpuSplit
@@ -60,6 +60,7 @@ async def run_floor_worker(settings: Settings) -> None:
                 task_queue=queue,
                 workflows=[FloorWorkflow],
                 workflow_runner=workflow_runner(),
+                workflow_task_poller_behavior=WORKFLOW_TASK_POLLERS,
             )
         )
         await running.enter_async_context(
@@ -145,8 +146,9 @@ async def measure_floor(
             "rate_per_s": light_rate,
             "signal_to_done_ms": summary_ms(light.latencies_s),
         },
-        "worker": "bench/floor.py: same sandboxed runner, activity on a -platform queue "
-        "with the same rate limit, SDK defaults otherwise (as app/workers.py)",
+        "worker": "bench/floor.py: same sandboxed runner and workflow task pollers, activity "
+        "on a -platform queue with the same rate limit, SDK defaults otherwise (as "
+        "app/workers.py)",
     }
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from bench.compare import compare, markdown, previous_run, results_prefix
 from bench.load import open_loop
+from bench.report import targets
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -209,3 +210,24 @@ def test_compared_with_the_previous_run(tmp_path: Path) -> None:
     lines = markdown({"previous": compared})
     assert any("| 300 | 200 | +100, +50%, better |" in line for line in lines), lines
     assert compare(now, None)["file"] is None
+
+
+def test_claims_with_every_coupon_open_say_when_they_were_not_taken_at_rest() -> None:
+    """The wait for rest is bounded: a figure taken after it gave up says so."""
+
+    def figure(settle: dict[str, Any]) -> str:
+        data = {
+            "open_coupons": {
+                "claim_latency_ms_at_100": {"p50": 1.5},
+                "claim_latency_ms_at_all": {"p50": 3.0},
+                "settle": settle,
+            }
+        }
+        [target] = [t for t in targets(data) if t["target"].startswith("claim p50 with all")]
+        assert target["met"] is False
+        return str(target["figure"])
+
+    assert figure({"settle_s": 12.0, "backlog_left": 0}) == "3.0 ms vs 1.5 ms (2.00x)"
+    assert figure({"settle_s": 900.0, "backlog_left": 15232}) == (
+        "3.0 ms vs 1.5 ms (2.00x); not at rest: 15232 workflow tasks still queued after 900.0 s"
+    )
