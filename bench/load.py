@@ -18,6 +18,20 @@ def progress(phase: str, message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {phase}: {message}", flush=True)
 
 
+class Every:
+    """`progress` at most every PROGRESS_EVERY_S, for a wait that polls more often."""
+
+    def __init__(self, phase: str) -> None:
+        self.phase = phase
+        self._last = time.monotonic()
+
+    def say(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last >= PROGRESS_EVERY_S:
+            self._last = now
+            progress(self.phase, message)
+
+
 @dataclass
 class LoadResult:
     n: int

@@ -15,7 +15,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 
 from bench.end_to_end import LifecycleDriver
-from bench.load import PROGRESS_EVERY_S, closed_loop, progress
+from bench.load import Every, closed_loop, progress
 from bench.proc import cpu_seconds, rss_mib
 from bench.stats import summary_ms
 
@@ -52,7 +52,8 @@ async def settle(
     idle: the figures are about open coupons at rest, not about absorbing their starts.
 
     Returns the seconds waited and what was last seen (backlog, worker cores busy)."""
-    began = said = time.monotonic()
+    began = time.monotonic()
+    every = Every("settle")
     waiting = -1
     cores = 0.0
     while time.monotonic() - began < timeout_s:
@@ -66,13 +67,10 @@ async def settle(
             waiting = 0
         if waiting == 0 and cores < IDLE_CORES:
             break
-        if time.monotonic() - said >= PROGRESS_EVERY_S:
-            said = time.monotonic()
-            progress(
-                "settle",
-                f"{waiting} workflow tasks queued, worker at {cores:.2f} cores "
-                f"({said - began:.0f} s of at most {timeout_s:.0f})",
-            )
+        every.say(
+            f"{waiting} workflow tasks queued, worker at {cores:.2f} cores "
+            f"({time.monotonic() - began:.0f} s of at most {timeout_s:.0f})"
+        )
     return {
         "settle_s": round(time.monotonic() - began, 1),
         "backlog_left": waiting,

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from bench.claimers import Claimer, tally
-from bench.load import PROGRESS_EVERY_S, OpenLoopResult, open_loop, progress
+from bench.load import Every, OpenLoopResult, open_loop, progress
 from bench.probes import unstarted_claims
 from bench.proc import CpuSplit
 from bench.stats import summary_ms
@@ -34,16 +34,14 @@ async def wait_for_workflows(
     """Poll until no granted claim of `campaign` is without its workflow, for at most
     `timeout_s`; seconds from `load_ended` (monotonic) until then, or None."""
     deadline = time.monotonic() + timeout_s
-    said = time.monotonic()
+    every = Every("workflows")
     async with db.pool(url, max_size=1) as pool:
         while True:
             left = await unstarted_claims(pool, campaign)
             now = time.monotonic()
             if left == 0 or now >= deadline:
                 break
-            if now - said >= PROGRESS_EVERY_S:
-                said = now
-                progress("workflows", f"{left} granted claims of {campaign} without one yet")
+            every.say(f"{left} granted claims of {campaign} without one yet")
             await asyncio.sleep(POLL_EVERY_S)
     return {
         "all_started_after_s": round(max(now - load_ended, 0.0), 2) if left == 0 else None,
