@@ -62,6 +62,7 @@ async def use_and_call_back(run: Run, load: asyncio.Task[None]) -> float:
         gap = size.load_s / (len(size.api_outages) + 1)
         for mode, down_s in size.api_outages:
             await asyncio.sleep(gap)
+            await _uses_under_way(run, gap)
             back_at = await _api_outage(run, mode, down_s)
         await till
     finally:
@@ -106,6 +107,17 @@ async def _till(run: Run, load: asyncio.Task[None]) -> None:
     finally:
         for use in uses:
             use.cancel()
+
+
+async def _uses_under_way(run: Run, within_s: float) -> None:
+    """Until the till uses one more coupon (at most `within_s`): an outage that starts
+    between uses, or before the first one on a slow machine, would meet no callback."""
+    used = len(run.driver.used)
+    until = time.monotonic() + within_s
+    while time.monotonic() < until:
+        if len(run.driver.used) > used:
+            return
+        await asyncio.sleep(0.01)
 
 
 async def _api_outage(run: Run, mode: str, down_s: float) -> float:
