@@ -2,8 +2,9 @@
 and the driver that measures it.
 
 The worker is built like the coupon worker (app/workers.py): the same sandboxed
-workflow runner, the activity on a `-platform` queue with the same rate limit, default
-cache and pollers; only the workflow and the activity are trivial.
+workflow runner, workflow task pollers and workflow cache size, the activity on a
+`-platform` queue with the same rate limit; only the workflow and the activity are
+trivial.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ async def run_floor_worker(settings: Settings) -> None:
                 workflows=[FloorWorkflow],
                 workflow_runner=workflow_runner(),
                 workflow_task_poller_behavior=WORKFLOW_TASK_POLLERS,
+                max_cached_workflows=settings.worker_cache_size,
             )
         )
         await running.enter_async_context(
@@ -146,9 +148,9 @@ async def measure_floor(
             "rate_per_s": light_rate,
             "signal_to_done_ms": summary_ms(light.latencies_s),
         },
-        "worker": "bench/floor.py: same sandboxed runner and workflow task pollers, activity "
-        "on a -platform queue with the same rate limit, SDK defaults otherwise (as "
-        "app/workers.py)",
+        "worker": "bench/floor.py: same sandboxed runner, workflow task pollers and cache "
+        "size, activity on a -platform queue with the same rate limit, SDK defaults "
+        "otherwise (as app/workers.py)",
     }
 
 

@@ -104,7 +104,11 @@ SIZES = {
         late_limit_s=5,
         workflow_wait_s=60,
         history_sample=10,
-        worker_cache_size=100,
+        # Under the open coupons (500) so the oldest are evicted, yet above what the
+        # lifecycle part keeps busy: each issued coupon's last workflow task (the `issued`
+        # search attribute, its first redemption timer) waits seconds behind newer claims,
+        # and at 100 the worker had evicted it by then and replayed its history.
+        worker_cache_size=300,
         sync_batches=50,
         reconcile_coupons=500,
     ),
