@@ -109,10 +109,11 @@ async def _till(run: Run, load: asyncio.Task[None]) -> None:
             use.cancel()
 
 
-async def _uses_under_way(run: Run, within_s: float) -> None:
-    """Until the till uses one more coupon (at most `within_s`): an outage that starts
-    between uses, or before the first one on a slow machine, would meet no callback."""
-    used = len(run.driver.used)
+async def _uses_under_way(run: Run, within_s: float, since: int | None = None) -> None:
+    """Until the till has used more coupons than `since` (by default, than now), at most
+    `within_s`: an outage that starts between uses, or before the first one on a slow
+    machine, would meet no callback."""
+    used = len(run.driver.used) if since is None else since
     until = time.monotonic() + within_s
     while time.monotonic() < until:
         if len(run.driver.used) > used:
@@ -122,7 +123,8 @@ async def _uses_under_way(run: Run, within_s: float) -> None:
 
 async def _api_outage(run: Run, mode: str, down_s: float) -> float:
     """The API process stopped (`stop`: SIGTERM, graceful) or SIGKILLed (`kill`), started
-    again `down_s` later; the moment it answers its health check again."""
+    again `down_s` later, or later still once the till has used a coupon while it was
+    down; the moment it answers its health check again."""
     harness = run.harness
     api = harness.api
     pid, used, phase = api.pid, len(run.driver.used), run.phase
@@ -134,7 +136,11 @@ async def _api_outage(run: Run, mode: str, down_s: float) -> float:
     else:
         await asyncio.to_thread(api.stop)
         run.fault(f"API pid {pid} stopped (SIGTERM, graceful; {used} coupons used so far)")
+    used_when_down = len(run.driver.used)
     await asyncio.sleep(max(0.0, down_s - (time.monotonic() - began)))
+    # Down at least until the till has used a coupon meanwhile, so that the platform meets
+    # the stopped API: on a loaded machine the sends can come slower than the outage lasts.
+    await _uses_under_way(run, run.size.converge_timeout_s, since=used_when_down)
     await asyncio.to_thread(harness.stack.start_api)
     back_at = time.monotonic()
     run.phase = phase
