@@ -45,6 +45,7 @@ from coupons.platforms.generic.adapter import RestPlatform
 from coupons.validation import parse_duration, parse_time
 from tests.conftest import (
     close_workflows,
+    handle_of,
     new_campaign,
     new_id,
     row_count,
@@ -52,6 +53,7 @@ from tests.conftest import (
     scalar,
     set_at_platform,
     sim_stats,
+    wait_for_state,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -722,6 +724,8 @@ async def test_a_finished_coupon_is_wrong_state_to_every_coupon_command(
     cid = coupon["coupon_id"]
     try:
         async with running_workers(dev_env.client, pool, settings):
+            # The worker's starter starts the workflow behind the claim's answer.
+            await wait_for_state(handle_of(dev_env.client, coupon["workflow_id"]), "received")
             shown = await cli.coupon_json("show", "--coupon", cid)
             assert (shown["state"], shown["workflow_state"]) == ("received", "received")
             assert shown["tasks"] == {
