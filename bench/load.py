@@ -25,10 +25,16 @@ class Every:
         self.phase = phase
         self._last = time.monotonic()
 
-    def say(self, message: str) -> None:
+    def due(self, force: bool = False) -> bool:
+        """Whether to say something now (always when `force`); counts as said if so."""
         now = time.monotonic()
-        if now - self._last >= PROGRESS_EVERY_S:
+        if force or now - self._last >= PROGRESS_EVERY_S:
             self._last = now
+            return True
+        return False
+
+    def say(self, message: str) -> None:
+        if self.due():
             progress(self.phase, message)
 
 
@@ -79,14 +85,12 @@ class _Ticker:
         self.done = 0
         self.skipped = 0
         self.began = time.monotonic()
-        self._last = self.began
+        self._every = Every(phase)
 
     def tick(self) -> None:
         self.done += 1
-        now = time.monotonic()
-        if now - self._last >= PROGRESS_EVERY_S or self.done == self.total:
-            self._last = now
-            rate = self.done / max(now - self.began, 1e-9)
+        if self._every.due(force=self.done == self.total):
+            rate = self.done / max(time.monotonic() - self.began, 1e-9)
             skipped = f" ({self.skipped} skipped)" if self.skipped else ""
             progress(self.phase, f"{self.done}/{self.total} done{skipped}, {rate:.1f}/s")
 
