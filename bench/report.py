@@ -213,6 +213,9 @@ def write_markdown(data: dict[str, Any], path: Path, plot_name: str) -> None:
         f"| claim latency, 100 open / all open | "
         f"{p50_p99(data, 'open_coupons.claim_latency_ms_at_100')} / "
         f"{p50_p99(data, 'open_coupons.claim_latency_ms_at_all')} |",
+        f"| the same, first pass over the pool (one claim per connection) | "
+        f"{p50_p99(data, 'open_coupons.claim_latency_first_pass_ms_at_100')} / "
+        f"{p50_p99(data, 'open_coupons.claim_latency_first_pass_ms_at_all')} |",
         f"| evicted coupons resumed | {get(data, 'open_coupons.evicted_resumed')}/"
         f"{get(data, 'open_coupons.evicted_sample')} issued |",
         *claims_report.table_rows(data),

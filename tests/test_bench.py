@@ -131,6 +131,11 @@ def test_tiny_bench_end_to_end(tmp_path: Path) -> None:
     assert data["open_coupons"]["count"] == data["size"]["open_count"]
     assert data["open_coupons"]["worker_rss_mib"] > 0
     assert data["open_coupons"]["evicted_resumed_ok"] is True
+    # The first pass over the pool is a part of the probe, one claim per connection.
+    probes = data["size"]["open_probe_claims"]
+    for point in ("at_100", "at_all"):
+        first = data["open_coupons"][f"claim_latency_first_pass_ms_{point}"]
+        assert 1 <= first["count"] <= probes, first
     # The peer either measured or said why not; never a made-up number.
     peer = data["peer"]
     assert (peer["throughput_per_s"] or 0) > 0 or peer.get("error")
