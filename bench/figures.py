@@ -21,6 +21,12 @@ def num(value: Any) -> float:
     return float(value) if isinstance(value, int | float) else math.nan
 
 
+def ms(value: float) -> str:
+    """Milliseconds as read: a tenth where a figure is under 10 ms (a claim's 0.9 against
+    1.4 would both print as 1), whole ones above."""
+    return f"{value:.1f}" if value < 10 else f"{value:.0f}"
+
+
 def p50_p99(data: dict[str, Any], path: str) -> str:
     """A latency summary at `path` as "p50 X ms, p99 Y ms"."""
-    return f"p50 {num(get(data, f'{path}.p50')):.0f} ms, p99 {num(get(data, f'{path}.p99')):.0f} ms"
+    return f"p50 {ms(num(get(data, f'{path}.p50')))} ms, p99 {ms(num(get(data, f'{path}.p99')))} ms"
