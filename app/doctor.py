@@ -27,9 +27,12 @@ from temporalio.service import RPCError, RPCStatusCode
 from app import wedged
 from app.running import StackRecord, record_settings, stack_settings, without_password
 from coupons import contract
+from coupons.catalog.batches import drift_of
 from coupons.config import Settings
 from coupons.ledger import db
-from coupons.ledger.batches import list_batches, pending_intents
+from coupons.ledger.batches import list_batches, obligations, pending_intents
+from coupons.platforms.base import Platform, PlatformError
+from coupons.platforms.configured import make_platform
 from coupons.temporal import connect
 
 # Each check's own limit: a part that hangs is as down as one that refuses.
@@ -85,7 +88,7 @@ async def diagnose(settings: Settings, record: StackRecord | None) -> Diagnosis:
         else:
             found.findings += _unchecked("Temporal", "worker", "schedules", "workflow tasks")
         if pool is not None:
-            checks.append(_ledger(pool))
+            checks.append(_ledger(pool, settings))
         else:
             found.findings += _unchecked("PostgreSQL", "drift", "platform changes")
         if pool is not None and client is not None:
@@ -266,17 +269,12 @@ async def _failing_workflows(client: Client, settings: Settings) -> list[Finding
     return [Finding("workflow tasks", True, "no workflow is failing its tasks")]
 
 
-async def _ledger(pool: AsyncConnectionPool) -> list[Finding]:
-    batches = await list_batches(pool)
-    drifted = [b for b in batches if b.drift]
-    findings = [
-        Finding(
-            "drift",
-            not drifted,
-            "; ".join(f"batch {b.id}: {', '.join(b.drift)}" for b in drifted)
-            or f"none in {len(batches)} batch(es) at their last sync",
-        )
-    ]
+async def _ledger(pool: AsyncConnectionPool, settings: Settings) -> list[Finding]:
+    platform = make_platform(settings)
+    try:
+        findings = [await drift(pool, platform)]
+    finally:
+        await platform.aclose()
     pending = await pending_intents(pool)
     late = [i for i in pending if datetime.now(UTC) - i.created_at > INTENT_LATE]
     detail = f"{len(pending)} platform change(s) waiting for the next sync" if pending else "none"
@@ -288,6 +286,41 @@ async def _ledger(pool: AsyncConnectionPool) -> list[Finding]:
         )
     findings.append(Finding("platform changes", not late, detail))
     return findings
+
+
+async def drift(pool: AsyncConnectionPool, platform: Platform) -> Finding:
+    """Where the platform's batches no longer cover what the ledger owes: as each batch's
+    last sync found it, looked at again now where it found any.
+
+    A sync can catch sends in flight: applied at the platform, not yet `issued` in the
+    ledger (the confirming lookup, or a worker's death before the receipt, between them),
+    so a batch with exactly the stock it owes looks short until the next sync. Only what
+    still holds now is a problem."""
+    batches = await list_batches(pool)
+    drifted = [b for b in batches if b.drift]
+    if not drifted:
+        return Finding("drift", True, f"none in {len(batches)} batch(es) at their last sync")
+    still, gone = [], []
+    for b in drifted:
+        try:
+            seen = await asyncio.wait_for(platform.get_batch(b.platform_batch_id), CHECK_TIMEOUT_S)
+        except (PlatformError, TimeoutError) as err:
+            still.append(
+                f"batch {b.id}: {', '.join(b.drift)} (at its last sync; not looked at again: {err})"
+            )
+            continue
+        now = drift_of(seen, await obligations(pool, b.id))
+        if now:
+            still.append(f"batch {b.id}: {', '.join(now)}")
+        else:
+            gone.append(f"batch {b.id} ({', '.join(b.drift)})")
+    if still:
+        return Finding("drift", False, "; ".join(still))
+    return Finding(
+        "drift",
+        True,
+        "none now; at their last sync: " + "; ".join(gone) + " (the next sync clears it)",
+    )
 
 
 async def _wedged(pool: AsyncConnectionPool, client: Client, settings: Settings) -> list[Finding]:

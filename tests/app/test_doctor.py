@@ -1,5 +1,6 @@
 """`starter.py doctor` as a person runs it: all well on a healthy stack (exit 0), and with
-each part stopped in turn, that part named and exit 1."""
+each part stopped in turn, that part named and exit 1. Its drift finding against the
+ledger and the simulator alone."""
 
 from __future__ import annotations
 
@@ -12,11 +13,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from psycopg_pool import AsyncConnectionPool
 
+from app.doctor import drift
 from app.embedded import free_ports
 from app.stack import Stack
+from coupons import catalog
 from coupons.config import Settings
+from coupons.ledger import claims as ledger
+from coupons.platforms.generic.adapter import RestPlatform
+from tests.conftest import new_campaign, set_at_platform
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,3 +109,28 @@ def test_doctor_says_all_is_well_then_names_each_part_stopped_in_turn(
         assert code == 1, (part, answer)
         assert part in not_well(answer), (part, answer)
         assert "not well: " in err and part in err, (part, err)
+
+
+async def test_drift_is_what_the_last_sync_found_and_still_holds_now(
+    pool: AsyncConnectionPool, platform: RestPlatform, simulator: httpx.AsyncClient
+) -> None:
+    campaign = await new_campaign(pool, platform, quota=10)
+    assert (await drift(pool, platform)).ok is True  # never drifted
+    for i in range(3):
+        await ledger.claim(pool, campaign.id, f"owed-{i}")  # received, deadline open
+    await set_at_platform(pool, simulator, campaign.batch_id, remaining=2)
+    assert (await catalog.batches.sync_batch(pool, platform, campaign.batch_id)).drift
+
+    short = await drift(pool, platform)
+    assert short.ok is False
+    assert "2 coupons left, below the 3 we still owe" in short.detail, short.detail
+
+    # Covered again (as when the sync had caught sends in flight): no problem now, and the
+    # last sync's word is still shown until the next sync replaces it.
+    await set_at_platform(pool, simulator, campaign.batch_id, remaining=3)
+    covered = await drift(pool, platform)
+    assert covered.ok is True
+    assert covered.detail.startswith("none now; at their last sync:"), covered.detail
+    assert "below the 3 we still owe" in covered.detail
+    stored = await catalog.batches.get_batch(pool, campaign.batch_id)
+    assert stored.drift  # the doctor only looks; it writes nothing
