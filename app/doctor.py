@@ -28,7 +28,7 @@ from app import wedged
 from app.running import StackRecord, record_settings, stack_settings, without_password
 from coupons import contract
 from coupons.catalog.batches import drift_of
-from coupons.config import Settings
+from coupons.config import ConfigError, Settings
 from coupons.ledger import db
 from coupons.ledger.batches import list_batches, obligations, pending_intents
 from coupons.platforms.base import Platform, PlatformError
@@ -270,11 +270,15 @@ async def _failing_workflows(client: Client, settings: Settings) -> list[Finding
 
 
 async def _ledger(pool: AsyncConnectionPool, settings: Settings) -> list[Finding]:
-    platform = make_platform(settings)
     try:
-        findings = [await drift(pool, platform)]
-    finally:
-        await platform.aclose()
+        platform = make_platform(settings)
+    except ConfigError as err:  # the platform check names it too
+        findings = [await drift(pool, None, str(err))]
+    else:
+        try:
+            findings = [await drift(pool, platform)]
+        finally:
+            await platform.aclose()
     pending = await pending_intents(pool)
     late = [i for i in pending if datetime.now(UTC) - i.created_at > INTENT_LATE]
     detail = f"{len(pending)} platform change(s) waiting for the next sync" if pending else "none"
@@ -288,7 +292,9 @@ async def _ledger(pool: AsyncConnectionPool, settings: Settings) -> list[Finding
     return findings
 
 
-async def drift(pool: AsyncConnectionPool, platform: Platform) -> Finding:
+async def drift(
+    pool: AsyncConnectionPool, platform: Platform | None, unusable: str = ""
+) -> Finding:
     """Where the platform's batches no longer cover what the ledger owes: as each batch's
     last sync found it, looked at again now where it found any.
 
@@ -302,12 +308,17 @@ async def drift(pool: AsyncConnectionPool, platform: Platform) -> Finding:
         return Finding("drift", True, f"none in {len(batches)} batch(es) at their last sync")
     still, gone = [], []
     for b in drifted:
-        try:
-            seen = await asyncio.wait_for(platform.get_batch(b.platform_batch_id), CHECK_TIMEOUT_S)
-        except (PlatformError, TimeoutError) as err:
-            still.append(
-                f"batch {b.id}: {', '.join(b.drift)} (at its last sync; not looked at again: {err})"
-            )
+        why_not = unusable
+        if platform is not None:
+            try:
+                seen = await asyncio.wait_for(
+                    platform.get_batch(b.platform_batch_id), CHECK_TIMEOUT_S
+                )
+            except (PlatformError, TimeoutError) as err:
+                why_not = str(err) or "no answer in time"
+        if why_not or platform is None:
+            last = ", ".join(b.drift)
+            still.append(f"batch {b.id}: {last} (at its last sync; not looked at again: {why_not})")
             continue
         now = drift_of(seen, await obligations(pool, b.id))
         if now:

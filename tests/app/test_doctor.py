@@ -124,6 +124,10 @@ async def test_drift_is_what_the_last_sync_found_and_still_holds_now(
     short = await drift(pool, platform)
     assert short.ok is False
     assert "2 coupons left, below the 3 we still owe" in short.detail, short.detail
+    # No platform to look at (its settings are wrong): the last sync's word stands, so said.
+    unlooked = await drift(pool, None, "WECHAT_APIV3_KEY_FILE=/nowhere: no such file")
+    assert unlooked.ok is False
+    assert "not looked at again: WECHAT_APIV3_KEY_FILE=/nowhere" in unlooked.detail
 
     # Covered again (as when the sync had caught sends in flight): no problem now, and the
     # last sync's word is still shown until the next sync replaces it.
