@@ -27,10 +27,10 @@ from temporalio.service import RPCError, RPCStatusCode
 from app import wedged
 from app.running import StackRecord, record_settings, stack_settings, without_password
 from coupons import contract
-from coupons.catalog.batches import drift_of
+from coupons.catalog.batches import look
 from coupons.config import ConfigError, Settings
 from coupons.ledger import db
-from coupons.ledger.batches import list_batches, obligations, pending_intents
+from coupons.ledger.batches import list_batches, pending_intents
 from coupons.platforms.base import Platform, PlatformError
 from coupons.platforms.configured import make_platform
 from coupons.temporal import connect
@@ -308,23 +308,20 @@ async def drift(
         return Finding("drift", True, f"none in {len(batches)} batch(es) at their last sync")
     still, gone = [], []
     for b in drifted:
-        why_not = unusable
+        last = ", ".join(b.drift)
+        why_not, now = unusable, list[str]()
         if platform is not None:
             try:
-                seen = await asyncio.wait_for(
-                    platform.get_batch(b.platform_batch_id), CHECK_TIMEOUT_S
-                )
+                _, _, now = await asyncio.wait_for(look(pool, platform, b), CHECK_TIMEOUT_S)
             except (PlatformError, TimeoutError) as err:
                 why_not = str(err) or "no answer in time"
-        if why_not or platform is None:
-            last = ", ".join(b.drift)
+        if platform is None or why_not:
             still.append(f"batch {b.id}: {last} (at its last sync; not looked at again: {why_not})")
             continue
-        now = drift_of(seen, await obligations(pool, b.id))
         if now:
             still.append(f"batch {b.id}: {', '.join(now)}")
         else:
-            gone.append(f"batch {b.id} ({', '.join(b.drift)})")
+            gone.append(f"batch {b.id} ({last})")
     if still:
         return Finding("drift", False, "; ".join(still))
     return Finding(

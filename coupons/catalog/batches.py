@@ -292,10 +292,9 @@ async def sync_batch(pool: AsyncConnectionPool, platform: Platform, batch_id: st
     """Finish the batch's unfinished intents, read it at the platform, store it, and flag
     where it drifted from the ledger."""
     settled = await _settle(pool, platform, await get_batch(pool, batch_id))
-    seen = await platform.get_batch(settled.batch.platform_batch_id)
+    seen, owes, now = await look(pool, platform, settled.batch)
     stored = await batches.upsert_batch(pool, batch_id, seen)
-    owes = await batches.obligations(pool, batch_id)
-    drift = [*drift_of(seen, owes), *settled.drift]
+    drift = [*now, *settled.drift]
     if drift:
         log.warning("batch %s drifted: %s", batch_id, "; ".join(drift))
     await batches.record_sync(pool, batch_id, owes.owed, owes.backlog, drift)
@@ -455,6 +454,16 @@ async def _settle(pool: AsyncConnectionPool, platform: Platform, batch: Batch) -
                 raise
             return _Settled(batch, intent, str(err))
     return _Settled(batch)
+
+
+async def look(
+    pool: AsyncConnectionPool, platform: Platform, batch: Batch
+) -> tuple[PlatformBatch, batches.Obligations, list[str]]:
+    """The batch at the platform now, what the ledger owes from it now, and where the one
+    no longer covers the other; writes nothing."""
+    seen = await platform.get_batch(batch.platform_batch_id)
+    owes = await batches.obligations(pool, batch.id)
+    return seen, owes, drift_of(seen, owes)
 
 
 def drift_of(seen: PlatformBatch, owes: batches.Obligations) -> list[str]:
