@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
+from datetime import timedelta
 
 import httpx
 import pytest
@@ -388,8 +389,13 @@ async def test_without_a_sync_a_waiting_coupon_tries_again_after_the_recheck(
             await ts_env.sleep(BUDGET_RECHECK / 2)
             assert "budget" in (await handle.query(UserCouponWorkflow.status)).waiting_for
             await set_at_platform(pool, simulator, campaign.batch_id, remaining=5)
-            # ...and issued once the recheck comes round, with no sync and no signal.
-            await ts_env.sleep(BUDGET_RECHECK)
+            # ...and issued once the recheck comes round, with no sync and no signal. The
+            # skip lands a minute past the recheck, not on the first redemption poll's timer
+            # (due one REDEMPTION_POLL interval after the send): the time-skipping server
+            # refuses a workflow task that cancels a timer which fired while the task was
+            # with the worker, and strands the run (temporalio/sdk-java#2606, #3088), so the
+            # report below must not race that timer.
+            await ts_env.sleep(BUDGET_RECHECK / 2 + timedelta(minutes=1))
             status = await wait_for_state(handle, "issued")
             assert status.receipt is not None
             await assert_never_failed(pool, [handle])
