@@ -4,10 +4,17 @@ port is taken or a server answers."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
+import os
 import random
 import socket
+import tempfile
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 
 from app.embedded.process import ProcessStartError
 
@@ -18,7 +25,8 @@ _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def free_port(host: str = LOCALHOST) -> int:
-    """A TCP port that is free right now, below the kernel's ephemeral range.
+    """A TCP port that is free right now, below the kernel's ephemeral range, and handed to
+    no other caller on this machine for a while (`free_ports`).
 
     There is a window between this check and the child binding the port; callers that
     start several children take all their ports first, and startup errors name the port.
@@ -33,14 +41,21 @@ def free_ports(count: int, host: str = LOCALHOST) -> list[int]:
     Picked below the ephemeral range the kernel draws every outgoing connection's local
     port from: a port from `bind(0)` lies in that range, and a connection opened meanwhile
     can take it before our child binds it (seen: a Temporal UI port taken in between).
-    Where that range leaves no room below it, the kernel's own choice is taken."""
+    Where that range leaves no room below it, the kernel's own choice is taken.
+
+    A port handed out is promised to its caller, for PROMISE_S, against every process on the
+    machine that picks through here: two processes picking at once could otherwise both
+    find the same port free before either child binds it (seen: a chaos scenario's simulator
+    port bound by the other pytest-xdist process's server in the second between)."""
     low = _ephemeral_low()
     candidates = range(_PICK_FLOOR, low) if low - _PICK_FLOOR >= 1000 else range(0)
-    with contextlib.ExitStack() as held:
+    with contextlib.ExitStack() as held, _promises() as promised:
         ports: list[int] = []
         for port in random.sample(candidates, min(len(candidates), 50 * count)):
             if len(ports) == count:
                 break
+            if str(port) in promised:
+                continue
             sock = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
             try:
                 sock.bind((host, port))
@@ -51,7 +66,40 @@ def free_ports(count: int, host: str = LOCALHOST) -> list[int]:
             sock = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
             sock.bind((host, 0))
             ports.append(int(sock.getsockname()[1]))
+        now = time.time()
+        promised.update((str(port), now) for port in ports)
         return ports
+
+
+# Long enough for a stack to start every child it picked ports for.
+PROMISE_S = 120.0
+# The ports promised lately (port -> when), shared by every process of this machine's user.
+PROMISES = Path(tempfile.gettempdir()) / f"coupon-lifecycle-ports-{os.getuid()}.json"
+
+
+@contextlib.contextmanager
+def _promises() -> Iterator[dict[str, float]]:
+    """The ports promised in the last PROMISE_S, locked against other processes for the
+    block and written back after it. Unreadable or unwritable, it is an empty promise:
+    picking goes on as before, each process on its own."""
+    try:
+        lock = open(PROMISES.with_suffix(".lock"), "a")
+    except OSError:
+        yield {}
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            promised: dict[str, float] = json.loads(PROMISES.read_text())
+        except (OSError, ValueError):
+            promised = {}
+        now = time.time()
+        promised = {port: at for port, at in promised.items() if now - at < PROMISE_S}
+        yield promised
+        with contextlib.suppress(OSError):
+            written = PROMISES.with_suffix(f".{os.getpid()}.tmp")
+            written.write_text(json.dumps(promised))
+            written.replace(PROMISES)
 
 
 # Ports below this are left to services a machine runs on purpose.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -335,6 +336,26 @@ def test_a_background_child_and_its_session_are_niced_keeping_its_death_signal(
     # Where the kernel shares the CPU by session, the child's session is niced as well.
     expected_group = niceness if Path("/proc/self/autogroup").exists() else "none"
     assert group == expected_group
+
+
+def test_a_port_handed_out_is_not_handed_out_again_while_promised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two pickers at once (two pytest-xdist processes, say) get different ports, even from a
+    range so small that two free picks of 300 would share some: each leaves its ports
+    promised in the shared file, which the other reads under the same lock."""
+    low = ports._ephemeral_low()
+    monkeypatch.setattr(ports, "_PICK_FLOOR", low - 1000)
+    monkeypatch.setattr(ports, "PROMISES", tmp_path / "ports.json")
+    first = free_ports(300)
+    second = free_ports(300)
+    assert not set(first) & set(second)
+    promised = json.loads((tmp_path / "ports.json").read_text())
+    assert set(map(int, promised)) == set(first) | set(second)
+    # A promise ends: once PROMISE_S has passed, its ports are free to hand out again.
+    monkeypatch.setattr(ports, "PROMISE_S", 0.0)
+    free_ports(1)
+    assert len(json.loads((tmp_path / "ports.json").read_text())) == 1
 
 
 def test_free_ports_come_from_below_the_ephemeral_range_distinct_and_bindable() -> None:
