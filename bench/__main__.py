@@ -25,6 +25,7 @@ from types import FrameType
 from typing import Any
 
 import httpx
+from temporalio.client import Client
 
 from app.embedded import ManagedProcess, free_port
 from app.service import Backends
@@ -34,10 +35,11 @@ from bench.catalog import measure_reconcile, measure_sync
 from bench.claimers import service_campaign
 from bench.claiming import measure_claims
 from bench.compare import compare, previous_run, results_prefix
-from bench.end_to_end import LifecycleDriver, measure_lifecycle
-from bench.floor import floor_worker_process, measure_floor
+from bench.end_to_end import LifecycleDriver, lifecycle_saturation, measure_lifecycle
+from bench.floor import floor_saturation, floor_worker_process, measure_floor
 from bench.load import progress
-from bench.open_coupons import measure_open
+from bench.open_coupons import measure_open, settle
+from bench.paired import measure_paired
 from bench.peer_dbos import run_peer
 from bench.probes import IssuedWatcher, create_statement_stats, enable_statement_stats
 from bench.proc import memory_gib
@@ -55,6 +57,8 @@ FOREIGN_ENV = ("DATABASE_URL", "TEMPORAL_ADDRESS", "PLATFORM_URL", "PLATFORM_API
 # server's max_connections. The claim part's 100 (bench/claimers.py) come after it closed.
 CLIENT_POOL = 50
 PEER_TIMEOUT_S = {"tiny": 120.0, "quick": 180.0, "full": 420.0}
+# A lifecycle part's last workflow tasks drain in seconds once it ends; bounded all the same.
+PAIRED_SETTLE_S = 120.0
 
 
 def machine(size: Size) -> dict[str, Any]:
@@ -182,6 +186,19 @@ async def run_parts(
         if results["peer"].get("error"):
             progress("peer", f"not measured: {results['peer']['error'].splitlines()[0]}")
 
+        progress(
+            "paired",
+            f"{size.paired_parts} pairs of floor and lifecycle parts of {size.paired_n}",
+        )
+        results["paired"] = await measure_paired_parts(
+            client,
+            settings,
+            floor_worker,
+            LifecycleDriver(client, backends, watcher, "bench-life"),
+            size,
+            worker_pid,
+        )
+
         progress("open coupons", f"{size.open_count} coupons left in received")
         results["open_coupons"] = await measure_open(
             LifecycleDriver(client, backends, watcher, "bench-open"),
@@ -202,6 +219,48 @@ async def run_parts(
     # Only the claims need the API.
     await asyncio.to_thread(stack.api.stop)
     return results
+
+
+async def measure_paired_parts(
+    client: Client,
+    settings: Settings,
+    floor_worker: ManagedProcess,
+    driver: LifecycleDriver,
+    size: Size,
+    worker_pid: int,
+) -> dict[str, Any]:
+    """The floor's worker back for the pairs (bench/paired.py), and stopped again after."""
+    await asyncio.to_thread(floor_worker.start)
+    try:
+        # Its first workflows pay for the worker's sandbox imports and connections.
+        await floor_saturation(client, settings, 10, 10, ids="floor-pw", phase="floor warm-up")
+
+        async def settle_worker() -> float:
+            waited = await settle(client, settings.task_queue, worker_pid, PAIRED_SETTLE_S)
+            return waited["settle_s"]
+
+        return await measure_paired(
+            lambda k: floor_saturation(
+                client,
+                settings,
+                size.paired_n,
+                size.concurrency,
+                ids=f"floor-p{k}",
+                phase=f"floor part {k + 1}",
+            ),
+            lambda k: lifecycle_saturation(
+                driver,
+                size.paired_n,
+                size.concurrency,
+                users=f"pair{k}",
+                phase=f"lifecycle part {k + 1}",
+            ),
+            settle_worker,
+            pairs=size.paired_parts,
+            items_per_part=size.paired_n,
+        )
+    finally:
+        await asyncio.to_thread(floor_worker.stop)
 
 
 def with_statement_stats(stack: Stack) -> bool:

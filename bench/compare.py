@@ -24,6 +24,7 @@ COMPARED: tuple[tuple[str, str, bool], ...] = (
     ("floor signal-to-done p50, light rate, ms", "floor.light_rate.signal_to_done_ms.p50", False),
     ("lifecycle throughput, lifecycles/s", "lifecycle.throughput_per_s", True),
     ("lifecycle ratio to floor", "lifecycle.ratio_to_floor", True),
+    ("lifecycle ratio to floor, alternating parts (median)", "paired.ratio_median", True),
     ("unlock-to-issued p50, light rate, ms", "lifecycle.light_rate.unlock_to_issued_ms.p50", False),
     ("unlock-to-issued p99, saturation, ms", "lifecycle.unlock_to_issued_ms.p99", False),
     ("worker CPU per 1,000 lifecycles, s", "lifecycle.worker_cpu_s_per_1000", False),

@@ -16,7 +16,7 @@ from temporalio.client import Client
 
 from app import service
 from app.service import Backends
-from bench.load import closed_loop, fixed_rate, progress
+from bench.load import LoadResult, closed_loop, fixed_rate, progress
 from bench.probes import IssuedWatcher, per_item, statement_counts
 from bench.proc import CpuSplit, cpu_seconds
 from bench.stats import summary_ms
@@ -65,6 +65,18 @@ async def history_events(client: Client, workflow_ids: list[str]) -> dict[str, A
     }
 
 
+async def lifecycle_saturation(
+    driver: LifecycleDriver,
+    n: int,
+    concurrency: int,
+    *,
+    users: str = "sat",
+    phase: str = "lifecycle saturation",
+) -> LoadResult:
+    """`n` whole lifecycles with `concurrency` in flight, for users `users`-0, `users`-1, ..."""
+    return await closed_loop(phase, n, concurrency, lambda i: driver.whole(f"{users}-{i}"))
+
+
 async def measure_lifecycle(
     driver: LifecycleDriver,
     pool: AsyncConnectionPool,
@@ -94,9 +106,7 @@ async def measure_lifecycle(
     sql_before = await statement_counts(pool, statements_enabled)
     split = CpuSplit(processes)
     split.start()
-    saturated = await closed_loop(
-        "lifecycle saturation", n, concurrency, lambda i: driver.whole(f"sat-{i}")
-    )
+    saturated = await lifecycle_saturation(driver, n, concurrency)
     cpu_split = split.stop(saturated.wall_s)
     sql_after = await statement_counts(pool, statements_enabled)
     cpu = cpu_seconds(worker_pid) - cpu_before

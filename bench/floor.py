@@ -106,6 +106,19 @@ async def _signal_started(client: Client, workflow_id: str) -> float:
     return done - sent
 
 
+async def floor_saturation(
+    client: Client,
+    settings: Settings,
+    n: int,
+    concurrency: int,
+    *,
+    ids: str = "floor-s",
+    phase: str = "floor saturation",
+) -> LoadResult:
+    """`n` floor workflows with `concurrency` in flight, their ids `ids`-0, `ids`-1, ..."""
+    return await closed_loop(phase, n, concurrency, lambda i: _one(client, settings, f"{ids}-{i}"))
+
+
 async def measure_floor(
     client: Client,
     settings: Settings,
@@ -133,9 +146,7 @@ async def measure_floor(
 
     cpu = CpuSplit(processes)
     cpu.start()
-    saturated: LoadResult = await closed_loop(
-        "floor saturation", n, concurrency, lambda i: _one(client, settings, f"floor-s-{i}")
-    )
+    saturated = await floor_saturation(client, settings, n, concurrency)
     cpu_split = cpu.stop(saturated.wall_s)
     progress("floor", f"{saturated.throughput_per_s:.1f} workflows/s at saturation")
     return {

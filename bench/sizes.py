@@ -15,6 +15,10 @@ class Size:
     lifecycle_n: int
     peer_n: int
     concurrency: int
+    # The floor and the lifecycle again, in this many pairs of alternating parts of
+    # `paired_n` items each, so that each ratio sees the machine of the same minute.
+    paired_parts: int
+    paired_n: int
     # Light fixed-rate runs: this many unlocks, spaced evenly at this rate.
     light_n: int
     light_rate_per_s: float
@@ -60,6 +64,8 @@ SIZES = {
         lifecycle_n=2000,
         peer_n=1000,
         concurrency=100,
+        paired_parts=4,
+        paired_n=500,
         light_n=100,
         light_rate_per_s=10,
         open_count=20_000,
@@ -88,6 +94,8 @@ SIZES = {
         lifecycle_n=300,
         peer_n=200,
         concurrency=100,
+        paired_parts=2,
+        paired_n=300,
         light_n=30,
         light_rate_per_s=10,
         open_count=500,
@@ -120,6 +128,8 @@ SIZES = {
         lifecycle_n=40,
         peer_n=30,
         concurrency=40,
+        paired_parts=1,
+        paired_n=40,
         light_n=10,
         light_rate_per_s=10,
         open_count=150,

@@ -12,11 +12,13 @@ import math
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from bench.compare import compare, markdown, previous_run, results_prefix
-from bench.load import open_loop
+from bench.load import LoadResult, open_loop
+from bench.paired import measure_paired
 from bench.report import targets
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +28,7 @@ REQUIRED = (
     "floor.light_rate.signal_to_done_ms.p50",
     "lifecycle.throughput_per_s",
     "lifecycle.ratio_to_floor",
+    "paired.ratio_median",
     "lifecycle.unlock_to_issued_ms.p50",
     "lifecycle.unlock_to_issued_ms.p99",
     "lifecycle.light_rate.unlock_to_issued_ms.p50",
@@ -126,6 +129,12 @@ def test_tiny_bench_end_to_end(tmp_path: Path) -> None:
         summary = lookup(data, key)
         assert 0 < summary["p50"] <= summary["p99"]
     assert data["lifecycle"]["ratio_to_floor"] > 0
+    # The pairs: one ratio each, from parts that ran in alternating order.
+    paired, pairs = data["paired"], data["size"]["paired_parts"]
+    assert len(paired["ratios"]) == len(paired["floor_per_s"]) == pairs, paired
+    assert paired["order"][:2] == ["floor", "lifecycle"] and len(paired["order"]) == 2 * pairs
+    assert all(r > 0 for r in paired["ratios"]), paired
+    assert paired["ratio_min"] <= paired["ratio_median"] <= paired["ratio_max"], paired
     assert data["lifecycle"]["history_events_per_coupon"]["mean"] > 0
     assert data["lifecycle"]["sql_per_coupon"]["statements"] > 0
     assert data["open_coupons"]["count"] == data["size"]["open_count"]
@@ -188,6 +197,43 @@ def test_open_loop_sends_on_schedule_and_times_from_the_plan() -> None:
     assert min(result.latencies_s) >= 0.05
     assert max(result.latencies_s) > 0.3  # queued behind the others, counted from the plan
     assert took < 2
+
+
+def test_pairs_alternate_their_order_and_each_ratio_is_its_own_pair() -> None:
+    """Floor first, then lifecycle first, and so on; each ratio is its pair's lifecycle
+    part over its floor part, and the worker settles after each lifecycle part."""
+    ran: list[str] = []
+
+    def part(side: str, rates: list[float]) -> Callable[[int], Awaitable[LoadResult]]:
+        async def run(k: int) -> LoadResult:
+            ran.append(f"{side}{k}")
+            # Ten items finishing a second apart at `rate` per second.
+            return LoadResult(10, 1.0, finished_s=[i / rates[k] for i in range(10)])
+
+        return run
+
+    async def settle() -> float:
+        ran.append("settle")
+        return 0.5
+
+    paired = asyncio.run(
+        measure_paired(
+            part("floor", [40.0, 20.0, 30.0]),
+            part("life", [30.0, 18.0, 12.0]),
+            settle,
+            pairs=3,
+            items_per_part=10,
+        )
+    )
+    assert ran == [
+        *("floor0", "life0", "settle"),
+        *("life1", "settle", "floor1"),
+        *("floor2", "life2", "settle"),
+    ]
+    assert paired["order"] == ["floor", "lifecycle", "lifecycle", "floor", "floor", "lifecycle"]
+    assert paired["ratios"] == [0.75, 0.9, 0.4]
+    assert (paired["ratio_median"], paired["ratio_min"], paired["ratio_max"]) == (0.75, 0.4, 0.9)
+    assert paired["settle_s"] == [0.5, 0.5, 0.5]
 
 
 def test_compared_with_the_previous_run(tmp_path: Path) -> None:
