@@ -36,7 +36,12 @@ from bench.claimers import service_campaign
 from bench.claiming import measure_claims
 from bench.compare import compare, previous_run, results_prefix
 from bench.end_to_end import LifecycleDriver, lifecycle_saturation, measure_lifecycle
-from bench.floor import floor_saturation, floor_worker_process, measure_floor
+from bench.floor import (
+    floor_saturation,
+    floor_task_queue,
+    floor_worker_process,
+    measure_floor,
+)
 from bench.load import progress
 from bench.open_coupons import measure_open, settle
 from bench.paired import measure_paired
@@ -57,7 +62,7 @@ FOREIGN_ENV = ("DATABASE_URL", "TEMPORAL_ADDRESS", "PLATFORM_URL", "PLATFORM_API
 # server's max_connections. The claim part's 100 (bench/claimers.py) come after it closed.
 CLIENT_POOL = 50
 PEER_TIMEOUT_S = {"tiny": 120.0, "quick": 180.0, "full": 420.0}
-# A lifecycle part's last workflow tasks drain in seconds once it ends; bounded all the same.
+# A part's last workflow tasks drain in seconds once it ends; bounded all the same.
 PAIRED_SETTLE_S = 120.0
 
 
@@ -235,9 +240,17 @@ async def measure_paired_parts(
         # Its first workflows pay for the worker's sandbox imports and connections.
         await floor_saturation(client, settings, 10, 10, ids="floor-pw", phase="floor warm-up")
 
-        async def settle_worker() -> float:
-            waited = await settle(client, settings.task_queue, worker_pid, PAIRED_SETTLE_S)
-            return waited["settle_s"]
+        floor_pid = floor_worker.pid
+        assert floor_pid is not None
+        workers = {
+            "floor": (floor_task_queue(settings), floor_pid),
+            "lifecycle": (settings.task_queue, worker_pid),
+        }
+
+        async def settle_worker(side: str) -> float:
+            task_queue, pid = workers[side]
+            waited = await settle(client, task_queue, pid, PAIRED_SETTLE_S)
+            return float(waited["settle_s"])
 
         return await measure_paired(
             lambda k: floor_saturation(

@@ -200,40 +200,43 @@ def test_open_loop_sends_on_schedule_and_times_from_the_plan() -> None:
 
 
 def test_pairs_alternate_their_order_and_each_ratio_is_its_own_pair() -> None:
-    """Floor first, then lifecycle first, and so on; each ratio is its pair's lifecycle
-    part over its floor part, and the worker settles after each lifecycle part."""
+    """Floor first, then lifecycle first, and so on; each side's worker is waited for after
+    each of its parts, and that wait counts in the part's rate; each ratio is its pair's
+    lifecycle rate over its floor rate."""
     ran: list[str] = []
 
-    def part(side: str, rates: list[float]) -> Callable[[int], Awaitable[LoadResult]]:
+    def part(side: str, walls: list[float]) -> Callable[[int], Awaitable[LoadResult]]:
         async def run(k: int) -> LoadResult:
             ran.append(f"{side}{k}")
-            # Ten items finishing a second apart at `rate` per second.
-            return LoadResult(10, 1.0, finished_s=[i / rates[k] for i in range(10)])
+            return LoadResult(100, walls[k])
 
         return run
 
-    async def settle() -> float:
-        ran.append("settle")
-        return 0.5
+    async def settle(side: str) -> float:
+        ran.append(f"settle {side}")
+        return {"floor": 0.5, "lifecycle": 1.5}[side]
 
     paired = asyncio.run(
         measure_paired(
-            part("floor", [40.0, 20.0, 30.0]),
-            part("life", [30.0, 18.0, 12.0]),
+            part("floor", [1.5, 4.5, 2.0]),
+            part("life", [2.5, 5.5, 8.5]),
             settle,
             pairs=3,
-            items_per_part=10,
+            items_per_part=100,
         )
     )
     assert ran == [
-        *("floor0", "life0", "settle"),
-        *("life1", "settle", "floor1"),
-        *("floor2", "life2", "settle"),
+        *("floor0", "settle floor", "life0", "settle lifecycle"),
+        *("life1", "settle lifecycle", "floor1", "settle floor"),
+        *("floor2", "settle floor", "life2", "settle lifecycle"),
     ]
     assert paired["order"] == ["floor", "lifecycle", "lifecycle", "floor", "floor", "lifecycle"]
-    assert paired["ratios"] == [0.75, 0.9, 0.4]
-    assert (paired["ratio_median"], paired["ratio_min"], paired["ratio_max"]) == (0.75, 0.4, 0.9)
-    assert paired["settle_s"] == [0.5, 0.5, 0.5]
+    # 100 items over wall + wait: floor 2, 5 and 2.5 s; lifecycle 4, 7 and 10 s.
+    assert paired["floor_per_s"] == [50.0, 20.0, 40.0]
+    assert paired["lifecycle_per_s"] == [25.0, 14.29, 10.0]
+    assert paired["ratios"] == [0.5, 0.714, 0.25]
+    assert (paired["ratio_median"], paired["ratio_min"], paired["ratio_max"]) == (0.5, 0.25, 0.714)
+    assert paired["settle_s"] == {"floor": [0.5, 0.5, 0.5], "lifecycle": [1.5, 1.5, 1.5]}
 
 
 def test_compared_with_the_previous_run(tmp_path: Path) -> None:
