@@ -191,19 +191,6 @@ async def run_parts(
         if results["peer"].get("error"):
             progress("peer", f"not measured: {results['peer']['error'].splitlines()[0]}")
 
-        progress(
-            "paired",
-            f"{size.paired_parts} pairs of floor and lifecycle parts of {size.paired_n}",
-        )
-        results["paired"] = await measure_paired_parts(
-            client,
-            settings,
-            floor_worker,
-            LifecycleDriver(client, backends, watcher, "bench-life"),
-            size,
-            worker_pid,
-        )
-
         progress("open coupons", f"{size.open_count} coupons left in received")
         results["open_coupons"] = await measure_open(
             LifecycleDriver(client, backends, watcher, "bench-open"),
@@ -223,6 +210,18 @@ async def run_parts(
     )
     # Only the claims need the API.
     await asyncio.to_thread(stack.api.stop)
+
+    # After every other part, so that neither the pairs' coupons (polling for redemption
+    # minutes later) nor the workflows they add to the server weigh on those parts.
+    progress("paired", f"{size.paired_parts} pairs of floor and lifecycle parts of {size.paired_n}")
+    async with (
+        db.pool(settings.database_url, max_size=CLIENT_POOL, timeout_s=120) as pool,
+        IssuedWatcher(pool) as watcher,
+    ):
+        driver = LifecycleDriver(client, Backends(settings, pool, client), watcher, "bench-life")
+        results["paired"] = await measure_paired_parts(
+            client, settings, floor_worker, driver, size, worker_pid
+        )
     return results
 
 
@@ -234,7 +233,10 @@ async def measure_paired_parts(
     size: Size,
     worker_pid: int,
 ) -> dict[str, Any]:
-    """The floor's worker back for the pairs (bench/paired.py), and stopped again after."""
+    """The pairs (bench/paired.py), once the claims' coupons have had their first workflow
+    tasks; the floor's worker back for them, and stopped again after."""
+    waited = await settle(client, settings.task_queue, worker_pid)
+    progress("paired", f"the worker idle after {waited['settle_s']:.0f} s")
     await asyncio.to_thread(floor_worker.start)
     try:
         # Its first workflows pay for the worker's sandbox imports and connections.
@@ -249,10 +251,10 @@ async def measure_paired_parts(
 
         async def settle_worker(side: str) -> float:
             task_queue, pid = workers[side]
-            waited = await settle(client, task_queue, pid, PAIRED_SETTLE_S)
-            return float(waited["settle_s"])
+            idle = await settle(client, task_queue, pid, PAIRED_SETTLE_S)
+            return float(idle["settle_s"])
 
-        return await measure_paired(
+        paired = await measure_paired(
             lambda k: floor_saturation(
                 client,
                 settings,
@@ -272,6 +274,7 @@ async def measure_paired_parts(
             pairs=size.paired_parts,
             items_per_part=size.paired_n,
         )
+        return {**paired, "settle_before": waited}
     finally:
         await asyncio.to_thread(floor_worker.stop)
 
