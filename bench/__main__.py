@@ -219,9 +219,15 @@ async def run_parts(
         IssuedWatcher(pool) as watcher,
     ):
         driver = LifecycleDriver(client, Backends(settings, pool, client), watcher, "bench-life")
-        results["paired"] = await measure_paired_parts(
-            client, settings, floor_worker, driver, size, worker_pid
-        )
+        try:
+            results["paired"] = await measure_paired_parts(
+                client, settings, floor_worker, driver, size, worker_pid
+            )
+        except Exception as err:
+            # Last of a half-hour run: its failure must not lose the figures before it.
+            log.exception("the pairs failed")
+            results["paired"] = {"error": f"{type(err).__name__}: {err}"}
+            progress("paired", f"not measured: {results['paired']['error']}")
     return results
 
 
@@ -239,8 +245,10 @@ async def measure_paired_parts(
     progress("paired", f"the worker idle after {waited['settle_s']:.0f} s")
     await asyncio.to_thread(floor_worker.start)
     try:
-        # Its first workflows pay for the worker's sandbox imports and connections.
+        # The first items of each side pay for connections opened again (the floor's worker,
+        # the bench's pool) after a long idle; the main runs warm up the same way.
         await floor_saturation(client, settings, 10, 10, ids="floor-pw", phase="floor warm-up")
+        await lifecycle_saturation(driver, 10, 10, users="pairw", phase="lifecycle warm-up")
 
         floor_pid = floor_worker.pid
         assert floor_pid is not None
@@ -249,10 +257,9 @@ async def measure_paired_parts(
             "lifecycle": (settings.task_queue, worker_pid),
         }
 
-        async def settle_worker(side: str) -> float:
+        async def settle_worker(side: str) -> dict[str, Any]:
             task_queue, pid = workers[side]
-            idle = await settle(client, task_queue, pid, PAIRED_SETTLE_S)
-            return float(idle["settle_s"])
+            return await settle(client, task_queue, pid, PAIRED_SETTLE_S)
 
         paired = await measure_paired(
             lambda k: floor_saturation(

@@ -73,6 +73,7 @@ async def settle(
         )
     return {
         "settle_s": round(time.monotonic() - began, 1),
+        "idle": waiting == 0 and cores < IDLE_CORES,
         "backlog_left": waiting,
         "worker_cores": round(cores, 2),
     }

@@ -19,8 +19,8 @@ from bench.load import LoadResult, progress
 # One part: its index (for the ids it uses) -> the part's saturation run.
 Part = Callable[[int], Awaitable[LoadResult]]
 # After a part of one side ("floor" or "lifecycle"): wait until its worker is idle, and say
-# how long that took.
-Settle = Callable[[str], Awaitable[float]]
+# how long that took (`settle_s`) and whether it got there (`idle`), as bench.open_coupons.settle.
+Settle = Callable[[str], Awaitable[dict[str, Any]]]
 
 
 async def measure_paired(
@@ -37,13 +37,16 @@ async def measure_paired(
     rates: dict[str, list[float]] = {"floor": [], "lifecycle": []}
     settled: dict[str, list[float]] = {"floor": [], "lifecycle": []}
     order: list[str] = []
+    unsettled: list[str] = []
     for k in range(pairs):
         for side in ("floor", "lifecycle") if k % 2 == 0 else ("lifecycle", "floor"):
             order.append(side)
             result = await (floor if side == "floor" else lifecycle)(k)
             waited = await settle(side)
-            settled[side].append(waited)
-            rates[side].append(result.n / (result.wall_s + waited))
+            settled[side].append(waited["settle_s"])
+            if not waited["idle"]:
+                unsettled.append(f"{side} part {k + 1}")
+            rates[side].append(result.n / (result.wall_s + waited["settle_s"]))
         progress(
             "paired",
             f"pair {k + 1}/{pairs}: floor {rates['floor'][-1]:.1f}/s, lifecycle "
@@ -62,7 +65,9 @@ async def measure_paired(
         "ratio_min": round(min(ratios), 3),
         "ratio_max": round(max(ratios), 3),
         "settle_s": settled,
+        # Parts whose worker was still busy when the wait gave up: their rates are too low.
+        "unsettled_parts": unsettled,
         "measure": "each part's items over its wall time plus the wait until its worker was "
-        "idle after it; a pair's ratio is its lifecycle part's rate over its floor part's; "
-        "the earlier parts' issued coupons poll for redemption meanwhile, beside both sides",
+        "idle after it (not the main runs' mid-run rate); a pair's ratio is its lifecycle "
+        "part's rate over its floor part's",
     }

@@ -28,6 +28,8 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
     """The issues' targets, each with its figure, its bound and whether it was met."""
     ratio = num(get(data, "lifecycle.ratio_to_floor"))
     paired = get(data, "paired") or {}
+    if "ratio_median" not in paired:
+        paired = {}  # not run, or failed (its error is in the JSON)
     light = num(get(data, "lifecycle.light_rate.unlock_to_issued_ms.p50"))
     floor_light = num(get(data, "floor.light_rate.signal_to_done_ms.p50"))
     rss = num(get(data, "open_coupons.worker_rss_mib"))
@@ -98,12 +100,16 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _paired(paired: dict[str, Any]) -> str:
     """The pairs of alternating parts' ratios in a few words ("" when not run)."""
-    if not paired:
+    if "error" in paired:
+        return f"pairs not measured: {paired['error']}"
+    if "ratio_median" not in paired:
         return ""
+    unsettled = paired.get("unsettled_parts") or []
     return (
         f"median {paired['ratio_median']:.2f} ({paired['ratio_min']:.2f} to "
         f"{paired['ratio_max']:.2f}) in {paired['pairs']} pairs of alternating parts of "
         f"{paired['items_per_part']}"
+        + (f", {len(unsettled)} not settled after" if unsettled else "")
     )
 
 

@@ -89,12 +89,13 @@ def _promises() -> Iterator[dict[str, float]]:
         return
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            promised: dict[str, float] = json.loads(PROMISES.read_text())
-        except (OSError, ValueError):
-            promised = {}
         now = time.time()
-        promised = {port: at for port, at in promised.items() if now - at < PROMISE_S}
+        try:
+            read = json.loads(PROMISES.read_text())
+            # A clock stepped back must not keep a promise for longer than PROMISE_S.
+            promised = {str(p): float(at) for p, at in read.items() if 0 <= now - at < PROMISE_S}
+        except (OSError, ValueError, TypeError, AttributeError):
+            promised = {}  # none yet, or not ours to read: the next write replaces it
         yield promised
         with contextlib.suppress(OSError):
             written = PROMISES.with_suffix(f".{os.getpid()}.tmp")

@@ -356,6 +356,10 @@ def test_a_port_handed_out_is_not_handed_out_again_while_promised(
     monkeypatch.setattr(ports, "PROMISE_S", 0.0)
     free_ports(1)
     assert len(json.loads((tmp_path / "ports.json").read_text())) == 1
+    # A file that is not ours (or not what we wrote) is replaced, not a reason to fail.
+    (tmp_path / "ports.json").write_text("[1, 2]")
+    assert len(free_ports(3)) == 3
+    assert len(json.loads((tmp_path / "ports.json").read_text())) == 3
 
 
 def test_free_ports_come_from_below_the_ephemeral_range_distinct_and_bindable() -> None:
