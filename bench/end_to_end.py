@@ -90,7 +90,7 @@ async def measure_lifecycle(
     statements_enabled: bool,
     processes: dict[str, int],
 ) -> dict[str, Any]:
-    await closed_loop("lifecycle warm-up", 10, 10, lambda i: driver.whole(f"warm-{i}"))
+    await lifecycle_saturation(driver, 10, 10, users="warm", phase="lifecycle warm-up")
 
     # Light rate: claimed first (their first workflow task done), then unlocked evenly.
     light_claims = [await driver.claim(f"light-{i}") for i in range(light_n)]

@@ -130,7 +130,7 @@ async def measure_floor(
     processes: dict[str, int],
 ) -> dict[str, Any]:
     # Warm-up: the first workflows pay for the worker's sandbox imports and connections.
-    await closed_loop("floor warm-up", 10, 10, lambda i: _one(client, settings, f"floor-w-{i}"))
+    await floor_saturation(client, settings, 10, 10, ids="floor-w", phase="floor warm-up")
 
     # Light rate: start the workflows first and let their first task run, so the figure
     # is signal-to-activity-done alone, like unlock-to-issued.

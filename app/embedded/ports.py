@@ -85,6 +85,8 @@ def _promises() -> Iterator[dict[str, float]]:
     try:
         lock = open(PROMISES.with_suffix(".lock"), "a")
     except OSError:
+        lock = None
+    if lock is None:
         yield {}
         return
     with lock:
