@@ -52,6 +52,9 @@ _IN_WORKFLOWS = ("temporalio", "python-statemachine")
 # How long a worker waits to make its version current: its pollers reach the server a
 # moment after it starts, those of its second task queue a moment later still.
 ROLLOUT_TIMEOUT_S = 60.0
+# A worker's own rollout that failed is tried again after this, doubling up to the cap.
+ROLLOUT_RETRY_S = 2.0
+ROLLOUT_RETRY_CAP_S = 60.0
 _RETRY_S = 0.25
 # A version that was never current or ramping (or created by hand, not yet polled).
 _NEW = (
@@ -211,17 +214,29 @@ async def roll_out(
         return Rollout(version, "made current")
 
 
-async def roll_out_beside(client: Client, version: WorkerDeploymentVersion) -> None:
-    """`roll_out` beside a starting worker: what it did is logged, and a failure too (the
-    worker keeps running; its version is made current by hand then)."""
-    try:
-        await roll_out(client, version)
-    except Exception:
-        log.exception(
-            "worker version %s was not made current: `temporal worker deployment "
-            "set-current-version` does it by hand",
-            version.to_canonical_string(),
-        )
+async def roll_out_beside(
+    client: Client, version: WorkerDeploymentVersion, retry_s: float = ROLLOUT_RETRY_S
+) -> None:
+    """`roll_out` beside a starting worker, tried again after each failure (`retry_s`,
+    doubling up to ROLLOUT_RETRY_CAP_S) until it is done; each failure is logged.
+
+    Until its version is current the server dispatches none of its tasks, so one failed try
+    must not be the last: a worker that started while Temporal restarted (its calls
+    refused, then no poller seen in time) had no task for the rest of a chaos run."""
+    wait = retry_s
+    while True:
+        try:
+            await roll_out(client, version)
+            return
+        except Exception:
+            log.exception(
+                "worker version %s not made current yet; trying again in %.0f s "
+                "(`temporal worker deployment set-current-version` does it by hand)",
+                version.to_canonical_string(),
+                wait,
+            )
+        await asyncio.sleep(wait)
+        wait = min(2 * wait, ROLLOUT_RETRY_CAP_S)
 
 
 async def make_current(

@@ -19,6 +19,7 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import VersioningBehavior, WorkerDeploymentVersion
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -178,6 +179,35 @@ async def test_roll_out_makes_a_new_version_current_and_never_a_replaced_one(
         assert (await versioning.roll_out(client, v1)).outcome == "left"
     current = await versioning.current_version(client, deployment)
     assert current == v2
+
+
+async def test_a_worker_rollout_that_failed_is_tried_again_until_its_version_is_current(
+    dev_env: WorkflowEnvironment,
+    pool: AsyncConnectionPool,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker's rollout beside it survives a failed try (Temporal restarting as the
+    worker starts: forced here, the first try refused as the restart refuses it): it tries
+    again and the version becomes current, instead of leaving its tasks undispatched."""
+    client = dev_env.client
+    deployment = new_id("deploy")
+    real = versioning.roll_out
+    tries = 0
+
+    async def refused_once(client: Client, version: WorkerDeploymentVersion) -> Any:
+        nonlocal tries
+        tries += 1
+        if tries == 1:
+            raise RPCError("transport error", RPCStatusCode.UNKNOWN, b"")
+        return await real(client, version)
+
+    monkeypatch.setattr(versioning, "roll_out", refused_once)
+    async with versions(client, pool) as running:
+        v1 = await running.start(version_settings(settings, deployment, "v1"), 0)
+        await asyncio.wait_for(versioning.roll_out_beside(client, v1, retry_s=0.1), 60)
+    assert tries == 2
+    assert await versioning.current_version(client, deployment) == v1
 
 
 # ----- what is versioned how ------------------------------------------------------------------
