@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
+import shutil
 import signal
 import sys
 import threading
@@ -40,13 +42,14 @@ from app.embedded import (
     SimulatorProcess,
     TemporalDevServer,
     answers_health,
+    listens,
     port_open,
     process_start_time,
     set_own_parent_death_signal,
     stop_recorded,
 )
 from coupons.catalog.campaigns import ensure_campaign
-from coupons.config import ConfigError, Settings
+from coupons.config import PROMETHEUS_MULTIPROC_DIR, ConfigError, Settings
 from coupons.errors import Refused
 from coupons.ledger import db
 from coupons.model import SEARCH_ATTRIBUTES
@@ -178,7 +181,8 @@ class Stack:
         self.simulator_knobs = dict(simulator_knobs or {})
         self.demo = demo
         self.with_api = api
-        self.api: ManagedProcess | None = None
+        # API_PROCESSES of them on API_PORT, "API" first.
+        self.apis: list[ManagedProcess] = []
         self.started: list[tuple[str, Part]] = []
         self.stopping = threading.Event()
         self.postgres: EmbeddedPostgres | None = None
@@ -298,16 +302,27 @@ class Stack:
         self.worker.start()
         self._started("worker", self.worker)
         if self.with_api:
-            self.api = ManagedProcess(
-                "API",
-                [sys.executable, "-m", "app.api"],
-                logs / "api.log",
-                env={**os.environ, **s.to_env()},
-                cwd=PROJECT_ROOT,
-                die_with_parent=self.die_with_parent,
-            )
-            self.start_api()
-            self._started("API", self.api)
+            api_env = {**os.environ, **s.to_env()}
+            if s.api_processes > 1:
+                # Their shared metrics (coupons.metrics.api_registry), counted from zero at
+                # each start of the stack, as one process's would be.
+                shared_metrics = data / "api-metrics"
+                shutil.rmtree(shared_metrics, ignore_errors=True)
+                shared_metrics.mkdir()
+                api_env[PROMETHEUS_MULTIPROC_DIR] = str(shared_metrics)
+            for n in range(1, s.api_processes + 1):
+                name = "API" if n == 1 else f"API {n}"
+                api = ManagedProcess(
+                    name,
+                    [sys.executable, "-m", "app.api"],
+                    logs / ("api.log" if n == 1 else f"api-{n}.log"),
+                    env=api_env,
+                    cwd=PROJECT_ROOT,
+                    die_with_parent=self.die_with_parent,
+                )
+                self.apis.append(api)
+                self.start_api(api)
+                self._started(name, api)
 
     @property
     def lines(self) -> list[str]:
@@ -353,10 +368,11 @@ class Stack:
             f"Worker      pid {self.worker.pid}, task queues {s.task_queue} and "
             f"{s.platform_task_queue}{metrics}"
         )
-        if self.api is not None:
+        if self.apis:
+            pids = ", ".join(str(api.pid) for api in self.apis)
             lines.append(
-                f"API         {s.api_url}  docs {s.api_url}/docs  (pid {self.api.pid}; "
-                "keys: starter.py tenant create)"
+                f"API         {s.api_url}  docs {s.api_url}/docs  "
+                f"(pid{'s' if len(self.apis) > 1 else ''} {pids}; keys: starter.py tenant create)"
             )
         return [
             *lines,
@@ -384,16 +400,34 @@ class Stack:
         assert start_time is not None  # this very process runs
         running.write_record(self.settings, children, pid=os.getpid(), start_time=start_time)
 
-    def start_api(self) -> None:
-        """Start the API process and wait until it answers its health check."""
-        assert self.api is not None
-        self.api.start()
+    @property
+    def api(self) -> ManagedProcess | None:
+        """The first API process (of API_PROCESSES), if the stack runs the API."""
+        return self.apis[0] if self.apis else None
+
+    def start_api(self, api: ManagedProcess | None = None) -> None:
+        """Start an API process (all of them by default) and wait until it listens on
+        API_PORT and the port answers its health check."""
+        for process in self.apis if api is None else [api]:
+            self._start_api_process(process)
+
+    def _start_api_process(self, process: ManagedProcess) -> None:
+        process.start()
         health = f"{self.settings.api_url}/health"
+        port = self.settings.api_port
         try:
-            self.api.wait_ready(lambda: answers_health(health), API_START_TIMEOUT_S)
+            # Its own socket, not only its siblings' on the same port.
+            process.wait_ready(
+                lambda: listens(process.pid, port) and answers_health(health),
+                API_START_TIMEOUT_S,
+            )
         except BaseException:
-            self.api.stop(timeout_s=5)
+            process.stop(timeout_s=5)
             raise
+
+    def stop_api(self) -> None:
+        for api in self.apis:
+            api.stop()
 
     def supervise(self) -> None:
         """Keep the worker and the API running until asked to stop; a dead server ends the
@@ -401,8 +435,8 @@ class Stack:
         restartable: dict[str, tuple[ManagedProcess, Callable[[], None]]] = {
             "worker": (self.worker, self.worker.start)
         }
-        if self.api is not None:
-            restartable["API"] = (self.api, self.start_api)
+        for api in self.apis:
+            restartable[api.name] = (api, functools.partial(self.start_api, api))
         restarts = dict.fromkeys(restartable, 0)
         up_since = dict.fromkeys(restartable, time.monotonic())
         while not self.stopping.wait(1.0):

@@ -62,6 +62,8 @@ FOREIGN_ENV = ("DATABASE_URL", "TEMPORAL_ADDRESS", "PLATFORM_URL", "PLATFORM_API
 # server's max_connections. The claim part's 100 (bench/claimers.py) come after it closed.
 CLIENT_POOL = 50
 PEER_TIMEOUT_S = {"tiny": 120.0, "quick": 180.0, "full": 420.0}
+# One API process per core, as the API is deployed (API_PROCESSES); each its own pool.
+API_PROCESSES = min(os.cpu_count() or 1, 4)
 # A part's last workflow tasks drain in seconds once it ends; bounded all the same.
 PAIRED_SETTLE_S = 120.0
 
@@ -84,6 +86,7 @@ def machine(size: Size) -> dict[str, Any]:
         "temporalio": version("temporalio"),
         "dbos": version("dbos"),
         "size": size.name,
+        "api_processes": API_PROCESSES,
     }
 
 
@@ -96,6 +99,7 @@ def bench_settings(data_dir: Path, size: Size, platform: str = "generic") -> Set
         temporal_ui_port=free_port(),
         simulator_port=free_port(),
         api_port=free_port(),
+        api_processes=API_PROCESSES,
         worker_metrics_port=free_port(),
         worker_cache_size=size.worker_cache_size,
     ).check()
@@ -205,11 +209,15 @@ async def run_parts(
     # own), so that the thousands of coupons its claims leave open weigh on no other part.
     results.update(
         await measure_claims(
-            settings, client, size, worker_pid, {**processes, "api": stack.api.pid or 0}
+            settings,
+            client,
+            size,
+            worker_pid,
+            {**processes, **{api.name.lower(): api.pid or 0 for api in stack.apis}},
         )
     )
     # Only the claims need the API.
-    await asyncio.to_thread(stack.api.stop)
+    await asyncio.to_thread(stack.stop_api)
 
     # After every other part, so that neither the pairs' coupons (polling for redemption
     # minutes later) nor the workflows they add to the server weigh on those parts.
@@ -293,7 +301,7 @@ def with_statement_stats(stack: Stack) -> bool:
     try:
         enable_statement_stats(stack.postgres.url("postgres"))
         stack.worker.stop()
-        stack.api.stop()
+        stack.stop_api()
         stack.postgres.restart()
         stack.worker.start()
         stack.start_api()
@@ -301,8 +309,9 @@ def with_statement_stats(stack: Stack) -> bool:
         log.exception("could not load pg_stat_statements")
         if not stack.worker.alive:
             stack.worker.start()
-        if not stack.api.alive:
-            stack.start_api()
+        for api in stack.apis:
+            if not api.alive:
+                stack.start_api(api)
         return False
     return create_statement_stats(stack.settings.database_url)
 

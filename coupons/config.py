@@ -23,6 +23,13 @@ N = TypeVar("N", int, float)
 
 # Shorter callback secrets are guessable; the stack generates 32 random bytes.
 MIN_CALLBACK_SECRET = 16
+# Each opens DB_POOL_SIZE connections of PostgreSQL's (the embedded one's max_connections
+# is 200).
+MAX_API_PROCESSES = 8
+# prometheus_client's switch to its multiprocess mode, read when it is imported: each
+# counter then records into a file of its process's in that directory. Several API
+# processes need it (coupons.metrics.api_registry).
+PROMETHEUS_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 # The platform protocols this service speaks (and the simulator's modes).
 PLATFORMS = ("generic", "wechat", "alipay")
 # Each platform's settings that point at a real merchant's files; with the embedded simulator
@@ -95,6 +102,9 @@ class Settings:
     # callbacks with (never logged; callbacks are refused while it is unset).
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    # API processes serving API_PORT together (SO_REUSEPORT: the kernel spreads the
+    # connections); one process runs on one core.
+    api_processes: int = 1
     # The API's address as the platform reaches it (a TLS proxy's, say); None: `api_url`.
     api_public_url: str | None = None
     # A secured Temporal (Temporal Cloud, a cluster behind TLS): TLS, with a client
@@ -323,6 +333,10 @@ class Settings:
         ):
             if not 0 < port < 65536:
                 raise ConfigError(f"{name}={port} must be a TCP port, 1 to 65535")
+        if not 1 <= self.api_processes <= MAX_API_PROCESSES:
+            raise ConfigError(
+                f"API_PROCESSES={self.api_processes} must be 1 to {MAX_API_PROCESSES}"
+            )
         if (self.temporal_tls_cert_file is None) != (self.temporal_tls_key_file is None):
             raise ConfigError(
                 "TEMPORAL_TLS_CERT_FILE and TEMPORAL_TLS_KEY_FILE go together (mTLS needs both)"
@@ -391,6 +405,7 @@ class Settings:
             "RECONCILE_HOUR_UTC": str(self.reconcile_hour_utc),
             "API_HOST": self.api_host,
             "API_PORT": str(self.api_port),
+            "API_PROCESSES": str(self.api_processes),
             "PLATFORM": self.platform,
             "TEMPORAL_TLS": "true" if self.temporal_tls else "false",
             "WORKER_MAX_CONCURRENT_ACTIVITIES": str(self.worker_max_concurrent_activities),
@@ -495,6 +510,7 @@ class Settings:
             reconcile_hour_utc=_hour(env, "RECONCILE_HOUR_UTC", 3),
             api_host=env.get("API_HOST") or "127.0.0.1",
             api_port=_number(env, "API_PORT", 8000, int),
+            api_processes=_number(env, "API_PROCESSES", 1, int),
             api_public_url=env.get("API_PUBLIC_URL") or None,
             temporal_tls=_flag(env, "TEMPORAL_TLS"),
             temporal_tls_ca_file=_path(env, "TEMPORAL_TLS_CA_FILE"),

@@ -7,7 +7,9 @@ Two processes, two exporters:
   (`coupons.temporal.worker_runtime`, WORKER_METRICS_PORT). The SDK adds `namespace`,
   `task_queue` and `activity_type` to every series.
 - The API records with prometheus_client into `REGISTRY`, served at its `GET /metrics`.
-  The command line counts its claims there too, harmlessly: nothing serves them.
+  The command line counts its claims there too, harmlessly: nothing serves them. Several
+  API processes on one port (API_PROCESSES) record into files of prometheus_client's
+  multiprocess mode instead, and each serves the sum (`api_registry`).
 
 Labels hold bounded sets only (states, operations, outcomes, refusal codes, our batch ids);
 never a user, coupon or notification id.
@@ -15,15 +17,18 @@ never a user, coupon or notification id.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from temporalio import activity
 from temporalio.common import MetricMeter
 
+from coupons.config import PROMETHEUS_MULTIPROC_DIR
 from coupons.model import BatchReconciliation, BatchSync, Transition
 
 # ----------------------------------------------------------------- the worker (SDK meter)
@@ -157,6 +162,18 @@ REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)
 PlatformCollector(registry=REGISTRY)
 GCCollector(registry=REGISTRY)
+
+
+def api_registry() -> CollectorRegistry:
+    """What the API's /metrics serves: `REGISTRY`, or with several API processes the sum of
+    all their counters (the processes' own CPU, memory and collections are left out there:
+    they are each one process's, and a scrape reaches any one of them)."""
+    if PROMETHEUS_MULTIPROC_DIR not in os.environ:
+        return REGISTRY
+    summed = CollectorRegistry()
+    MultiProcessCollector(summed)  # type: ignore[no-untyped-call]  # its __init__ is unannotated
+    return summed
+
 
 CLAIMS = Counter(
     "coupons_claims",

@@ -1,16 +1,17 @@
-"""`python -m app.api`: the HTTP API on uvicorn, at API_HOST:API_PORT."""
+"""`python -m app.api`: the HTTP API on uvicorn, at API_HOST:API_PORT; one of
+API_PROCESSES processes there."""
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sys
 
 import uvicorn
 
-from app.api.app import create_app
-from app.api.codec import RedactPathToken
 from app.running import settings_from_env
-from coupons.config import ConfigError
+from coupons.config import PROMETHEUS_MULTIPROC_DIR, ConfigError, Settings
 
 log = logging.getLogger("app.api")
 
@@ -19,15 +20,24 @@ def main() -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    # The Web UI's codec endpoint carries its token in the path: never in the access log.
-    logging.getLogger("uvicorn.access").addFilter(RedactPathToken())
     try:
         # The running stack's settings where the environment says nothing (app.running).
         settings = settings_from_env().with_stack_secrets()
+        shared = _shared_socket(settings) if settings.api_processes > 1 else None
     except ConfigError as err:
         log.error("%s", err)
         return 2
-    uvicorn.run(
+    except OSError as err:
+        log.error("API_PORT %d on %s: %s", settings.api_port, settings.api_host, err)
+        return 2
+    # Imported once the metrics directory is checked: prometheus_client opens its files
+    # there as soon as the app's counters are made (coupons.metrics).
+    from app.api.app import create_app
+    from app.api.codec import RedactPathToken
+
+    # The Web UI's codec endpoint carries its token in the path: never in the access log.
+    logging.getLogger("uvicorn.access").addFilter(RedactPathToken())
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.api_host,
         port=settings.api_port,
@@ -40,7 +50,31 @@ def main() -> int:
         http="httptools",
         loop="uvloop",
     )
+    uvicorn.Server(config).run(sockets=None if shared is None else [shared])
     return 0
+
+
+def _shared_socket(settings: Settings) -> socket.socket:
+    """API_PORT bound with SO_REUSEPORT beside the other API processes, which the kernel
+    spreads new connections over. Bound, not yet listening: uvicorn listens once the app
+    has started, so no connection waits on a process that is still starting."""
+    if not os.path.isdir(os.environ.get(PROMETHEUS_MULTIPROC_DIR, "")):
+        # Otherwise each /metrics answer would count one process's claims, whichever it is.
+        raise ConfigError(
+            f"API_PROCESSES={settings.api_processes} needs {PROMETHEUS_MULTIPROC_DIR}: an existing "
+            "directory the API processes share, for their metrics (the stack makes one)"
+        )
+    host = settings.api_host
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, settings.api_port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""GET /metrics: the API process's Prometheus metrics (`coupons.metrics.REGISTRY`).
+"""GET /metrics: the API's Prometheus metrics (`coupons.metrics.api_registry`).
 
 Unauthenticated like /health, as scrapers expect; it holds counts, never an id or a secret.
 Left out of the OpenAPI document: it is for Prometheus, not for apps (and schemathesis
@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client.exposition import choose_encoder
 
-from coupons.metrics import REGISTRY
+from coupons.metrics import api_registry
 
 router = APIRouter(tags=["service"])
 
@@ -20,4 +20,4 @@ router = APIRouter(tags=["service"])
 async def metrics(request: Request) -> Response:
     # The text format, or OpenMetrics when the scraper asks for it.
     encode, content_type = choose_encoder(request.headers.get("accept", ""))
-    return Response(encode(REGISTRY), media_type=content_type)
+    return Response(encode(api_registry()), media_type=content_type)

@@ -15,7 +15,14 @@ from app.embedded.pids import (
     set_own_parent_death_signal,
     stop_recorded,
 )
-from app.embedded.ports import LOCALHOST, answers_health, free_port, free_ports, port_open
+from app.embedded.ports import (
+    LOCALHOST,
+    answers_health,
+    free_port,
+    free_ports,
+    listens,
+    port_open,
+)
 from app.embedded.postgres import EmbeddedPostgres
 from app.embedded.process import BACKGROUND_NICE, ManagedProcess, ProcessStartError, Server
 from app.embedded.simulator import SimulatorProcess
@@ -44,6 +51,7 @@ __all__ = [
     "find_binary",
     "free_port",
     "free_ports",
+    "listens",
     "port_open",
     "process_start_time",
     "same_process_alive",

@@ -16,6 +16,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
+
 from app.embedded.process import ProcessStartError
 
 LOCALHOST = "127.0.0.1"
@@ -139,6 +141,17 @@ def require_free_port(what: str, port: int, host: str = LOCALHOST) -> None:
             "from an earlier run?); set PG_PORT, TEMPORAL_PORT, TEMPORAL_UI_PORT or "
             "SIMULATOR_PORT to use another port"
         )
+
+
+def listens(pid: int | None, port: int) -> bool:
+    """True if process `pid` itself listens on TCP `port` (others may too: SO_REUSEPORT)."""
+    if pid is None:
+        return False
+    try:
+        sockets = psutil.Process(pid).net_connections(kind="tcp")
+    except psutil.Error:
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in sockets)
 
 
 def answers_health(url: str) -> bool:

@@ -372,6 +372,70 @@ def test_the_api_beside_the_worker_and_the_platforms_callback(stack: RunningStac
     assert stack.stop() == 0
 
 
+def test_api_processes_share_the_port_and_the_metrics_and_one_killed_the_others_answer(
+    tmp_path: Path,
+) -> None:
+    stack = RunningStack(tmp_path / "data")
+    stack.env["API_PROCESSES"] = "2"
+    claims = 30
+    try:
+        stack.start()
+        apis = {name: pid for name, pid, _ in _children(stack.record()) if name.startswith("API")}
+        assert list(apis) == ["API", "API 2"]
+        assert f"(pids {apis['API']}, {apis['API 2']};" in stack.log.read_text()
+        admin = asyncio.run(new_tenant_key(stack.database_url))
+        headers = {"Authorization": f"Bearer {admin}"}
+        with httpx.Client(base_url=stack.api_url, headers=headers, timeout=30) as api:
+            batch = api.post("/v1/batches", json={"quantity": claims}).json()
+            campaign = api.post(
+                "/v1/campaigns",
+                json={"batch_id": batch["id"], "quota": claims, "tasks": [{"key": "t"}]},
+            ).json()
+        path = f"/v1/campaigns/{campaign['id']}/claims"
+        # Each on a connection of its own: the kernel spreads connections, not requests.
+        for n in range(claims):
+            answer = httpx.post(
+                f"{stack.api_url}{path}", json={"user_id": f"u{n}"}, headers=headers, timeout=30
+            )
+            assert answer.status_code == 201, answer.text
+        logs = stack.data_dir / "logs"
+        served = {
+            name: (logs / log).read_text().count(f"POST {path}")
+            for name, log in (("API", "api.log"), ("API 2", "api-2.log"))
+        }
+        assert sum(served.values()) == claims and min(served.values()) > 0, served
+        # Whichever process a scrape reaches, it counts every process's claims.
+        for _ in range(6):
+            assert _claims_created(stack.api_url) == claims
+
+        os.kill(apis["API 2"], signal.SIGKILL)
+        for _ in range(10):
+            assert httpx.get(f"{stack.api_url}/health", timeout=5).status_code == 200
+        _wait_for(lambda: "API 2 exited" in stack.log.read_text(), 10)
+        restarted = _wait_for(
+            lambda: (
+                {n: p for n, p, _ in _children(stack.record()) if n == "API 2"}.get("API 2")
+                not in (None, apis["API 2"])
+            ),
+            30,
+        )
+        assert restarted
+        # The dead process's claims still counted beside the live ones'.
+        for _ in range(6):
+            assert _claims_created(stack.api_url) == claims
+        assert stack.stop() == 0
+    finally:
+        if stack.process is not None:
+            stack.kill()
+
+
+def _claims_created(api_url: str) -> float:
+    text = httpx.get(f"{api_url}/metrics", timeout=10).text
+    match = re.search(r'^coupons_claims_total\{outcome="created"\} (\S+)$', text, re.M)
+    assert match, text
+    return float(match.group(1))
+
+
 def _answers(api: httpx.Client) -> bool:
     try:
         return api.get("/health").status_code == 200
