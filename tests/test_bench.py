@@ -50,6 +50,10 @@ REQUIRED = (
     "claim_storm_api.claim_latency_ms.p99",
     "claim_storm.ratio_to_commit_rate",
     "claim_storm_api.ratio_to_commit_rate",
+    "claim_warm_up.throughput_per_s",
+    "claim_warm_up_api.throughput_per_s",
+    "open_coupons.settle.workflows_started_s",
+    "machine.api_processes",
     "claim_storm_large.not_run",
     "claim_storm_large_api.not_run",
     "commit_reference.single_row_commits_per_s",
@@ -103,12 +107,15 @@ def test_tiny_bench_end_to_end(tmp_path: Path) -> None:
         lookup(data, path)
     # The storm by both paths: exactly the quota granted and in the ledger, every other
     # claim refused as sold out.
-    for path in ("claim_storm", "claim_storm_api"):
+    for path in ("claim_warm_up", "claim_warm_up_api", "claim_storm", "claim_storm_api"):
         storm = data[path]
         assert storm["quota"] == data["size"]["storm_quota"], (path, storm)
         assert storm["granted"] == storm["claims_in_ledger"] == storm["quota"], (path, storm)
         assert storm["refused"] == {"sold_out": storm["claims"] - storm["quota"]}, (path, storm)
         assert storm["failed"] == {}, (path, storm)
+    # Every API process (one per core) measured, each on its own.
+    api_processes = [p for p in data["claim_storm_api"]["cpu_by_process"] if p.startswith("api")]
+    assert len(api_processes) == data["machine"]["api_processes"], api_processes
     # The reference and the open-loop runs: every claim offered is accounted for.
     assert data["commit_reference"]["single_row_commits_per_s"] > 0
     assert data["commit_reference"]["select1_per_s"] > 0
