@@ -49,6 +49,7 @@ PROCESS_SETTINGS = frozenset(
     {
         "API_HOST",
         "API_PORT",
+        "API_PROCESSES",
         "API_PUBLIC_URL",
         "WORKER_METRICS_PORT",
         "METRICS_HOST",

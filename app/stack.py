@@ -303,6 +303,9 @@ class Stack:
         self._started("worker", self.worker)
         if self.with_api:
             api_env = {**os.environ, **s.to_env()}
+            # Only the stack names it: one process keeps its own registry (a directory from
+            # the environment would be one that nothing empties).
+            api_env.pop(PROMETHEUS_MULTIPROC_DIR, None)
             if s.api_processes > 1:
                 # Their shared metrics (coupons.metrics.api_registry), counted from zero at
                 # each start of the stack, as one process's would be.
@@ -406,9 +409,9 @@ class Stack:
         return self.apis[0] if self.apis else None
 
     def start_api(self, api: ManagedProcess | None = None) -> None:
-        """Start an API process (all of them by default) and wait until it listens on
-        API_PORT and the port answers its health check."""
-        for process in self.apis if api is None else [api]:
+        """Start an API process (by default each one not running) and wait until it
+        listens on API_PORT and the port answers its health check."""
+        for process in [p for p in self.apis if not p.alive] if api is None else [api]:
             self._start_api_process(process)
 
     def _start_api_process(self, process: ManagedProcess) -> None:

@@ -58,12 +58,14 @@ log = logging.getLogger("bench")
 RESULTS = Path(__file__).resolve().parent / "results"
 # Variables that would point the run at someone's real services or fault knobs.
 FOREIGN_ENV = ("DATABASE_URL", "TEMPORAL_ADDRESS", "PLATFORM_URL", "PLATFORM_API_KEY")
-# The bench client's connections; with the worker's 20 and DBOS's, it stays under the
-# server's max_connections. The claim part's 100 (bench/claimers.py) come after it closed.
+# The bench client's connections; with the worker's 20, the API processes' and DBOS's, it
+# stays under the server's max_connections (200). The claim part's 100 (bench/claimers.py
+# and its pgbench reference) come after it closed.
 CLIENT_POOL = 50
 PEER_TIMEOUT_S = {"tiny": 120.0, "quick": 180.0, "full": 420.0}
-# One API process per core, as the API is deployed (API_PROCESSES); each its own pool.
-API_PROCESSES = min(os.cpu_count() or 1, 4)
+# API_PROCESSES: one per core this process may run on, as the API is deployed, and at most
+# two: each holds a pool of DB_POOL_SIZE (20) connections for the whole run.
+API_PROCESSES = min(len(os.sched_getaffinity(0)), 2)
 # A part's last workflow tasks drain in seconds once it ends; bounded all the same.
 PAIRED_SETTLE_S = 120.0
 

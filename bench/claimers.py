@@ -4,8 +4,8 @@ campaigns it claims from.
 In process, claims go straight to `ClaimService` on a warm pool of DB_POOL_SIZE
 connections (the service's own setting), as an app server's code would call it. Through
 the HTTP API, a claim is `POST /v1/campaigns/{id}/claims` with a tenant's app key from
-one aiohttp session of CLAIM_POOL connections to the API process (whose own warm pool is
-DB_POOL_SIZE): the key check, the tenant's campaign, the JSON in and out and uvicorn come
+one aiohttp session of CLAIM_POOL connections to the API's processes (each with a warm
+pool of DB_POOL_SIZE): the key check, the tenant's campaign, the JSON in and out and uvicorn come
 on top.
 
 Either way a claim comes back as one word: GRANTED, "already_held", a refusal code, or

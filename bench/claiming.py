@@ -8,6 +8,7 @@ workflow starts absorbed), so each starts from rest.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,13 +27,15 @@ from bench.claimers import (
     service_campaign,
 )
 from bench.load import progress
-from bench.open_coupons import settle
+from bench.open_coupons import SETTLE_TIMEOUT_S, settle
 from bench.reference import measure_reference
 from bench.sizes import Size
-from bench.steady import measure_steady, measure_sweep
+from bench.steady import measure_steady, measure_sweep, wait_for_workflows
 from bench.storm import measure_storm
 from coupons.config import Settings
 
+# The burst run first, for no target; its JSON key is claim_warm_up.
+WARM_UP = "warm_up"
 # Room for every claim of the steady runs and the sweep.
 OPEN_QUOTA = 1_000_000
 
@@ -44,16 +47,20 @@ class ClaimPath:
     open: Callable[[], Claimer]
     campaign: Callable[[str, int], Awaitable[None]]
     rest: Callable[[], Awaitable[None]]  # until the worker is idle
+    started: Callable[[str], Awaitable[None]]  # until the campaign's claims have workflows
 
     @asynccontextmanager
     async def ready(self, name: str, quota: int) -> AsyncIterator[tuple[Claimer, str]]:
         """The path open on a new campaign of `quota` of its own for `name` ("storm"), the
-        worker at rest; the claimer and the campaign's id."""
+        worker at rest; the claimer and the campaign's id. Once the caller is done, waits
+        for the campaign's workflows to start, which the next part's `rest` cannot see (its
+        backlog counts started workflows only)."""
         campaign = f"bench-{name}{self.suffix.replace('_', '-')}"
         await self.campaign(campaign, quota)
         await self.rest()
         async with self.open() as claimer:
             yield claimer, campaign
+        await self.started(campaign)
 
 
 async def _paths(
@@ -64,6 +71,11 @@ async def _paths(
     async def rest() -> None:
         await settle(client, settings.task_queue, worker_pid)
 
+    async def started(campaign: str) -> None:
+        await wait_for_workflows(
+            settings.database_url, campaign, time.monotonic(), SETTLE_TIMEOUT_S
+        )
+
     return (
         ClaimPath(
             "in_process",
@@ -71,6 +83,7 @@ async def _paths(
             lambda: InProcess(settings.database_url, client, settings),
             partial(service_campaign, settings),
             rest,
+            started,
         ),
         ClaimPath(
             "api",
@@ -78,6 +91,7 @@ async def _paths(
             lambda: ThroughApi(settings, key),
             partial(api_campaign, settings, tenant_id),
             rest,
+            started,
         ),
     )
 
@@ -110,26 +124,17 @@ async def measure_claims(
     paths = await _paths(settings, client, worker_pid)
 
     # Each path's first burst, run once before the measured ones: the API processes' first
-    # requests and their connections' first statements cost about twice the CPU of later
-    # ones (a quick run's first burst through two API processes: 1.48 ms of API CPU a claim,
-    # against 0.75 ms in the burst after it). Kept in the results, counted for no target.
-    progress(
-        "claim warm-up",
-        f"{size.storm_claims} claims at once, quota {size.storm_quota}: in process, then API",
-    )
-    for path in paths:
-        async with path.ready("warm-up", size.storm_quota) as (claimer, campaign):
-            results[f"claim_warm_up{path.suffix}"] = await measure_storm(
-                claimer,
-                url,
-                campaign,
-                claims=size.storm_claims,
-                quota=size.storm_quota,
-                processes=processes,
-            )
-
-    for name, claims, quota in _bursts(size):
-        progress("claim storm", f"{claims} claims at once, quota {quota}: in process, then API")
+    # requests and their pools' first statements cost about twice the CPU of later ones (a
+    # quick run's first burst through two API processes: 1.48 ms of API CPU a claim, against
+    # 0.75 ms in the burst after it). The API processes serve every burst; in process, each
+    # burst opens a pool of its own, so there it warms this process's code only. Kept in the
+    # results, counted for no target.
+    warm_up = (WARM_UP, size.storm_claims, size.storm_quota)
+    for name, claims, quota in [warm_up, *_bursts(size)]:
+        progress(
+            "claim warm-up" if name == WARM_UP else "claim storm",
+            f"{claims} claims at once, quota {quota}: in process, then API",
+        )
         for path in paths:
             async with path.ready(name.replace("_", "-"), quota) as (claimer, campaign):
                 burst = await measure_storm(

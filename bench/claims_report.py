@@ -192,11 +192,12 @@ def _storm_section(data: dict[str, Any]) -> list[str]:
         f"{get(data, 'claim_storm.pool_connections')} connections (DB_POOL_SIZE). HTTP API: "
         "`POST /v1/campaigns/{id}/claims` with a tenant's app key from "
         f"{get(data, 'claim_storm_api.http_connections')} clients of one HTTP connection "
-        f"each to the API process (its own pool: {api_pool} connections). Latency is the "
-        "client's: queueing for a connection included, on both paths. The reference: "
+        f"each to the API's {get(data, 'machine.api_processes') or 1} process(es) on one port "
+        f"(each with a pool of {api_pool} connections). Latency is the client's: queueing "
+        "for a connection included, on both paths. The reference: "
         f"{num(get(data, 'commit_reference.single_row_commits_per_s')):.0f} single-row "
         "commits/s in the same run. Each path's first burst ran once before the others as a "
-        "warm-up (the API processes' first requests, the connections' first statements), "
+        "warm-up (the API processes' first requests, their pools' first statements), "
         "for no target.",
         "",
         "| | " + " | ".join(f"{get(data, f'{k}.claims')} claims, {p}" for k, p in ran) + " |",

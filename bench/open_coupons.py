@@ -16,9 +16,9 @@ from temporalio.service import RPCError
 
 from bench.end_to_end import LifecycleDriver
 from bench.load import Every, closed_loop, progress
-from bench.probes import unstarted_claims
 from bench.proc import cpu_seconds, rss_mib
 from bench.stats import summary_ms
+from bench.steady import wait_for_workflows
 
 log = logging.getLogger(__name__)
 
@@ -80,20 +80,6 @@ async def settle(
     }
 
 
-async def started(driver: LifecycleDriver, timeout_s: float = SETTLE_TIMEOUT_S) -> float:
-    """Wait until every claim of the driver's campaign has its workflow (the worker starts
-    them behind the answers), which `settle` cannot see: its backlog counts the first tasks
-    of started workflows only. The seconds waited."""
-    began = time.monotonic()
-    every = Every("workflows")
-    while (left := await unstarted_claims(driver.backends.pool, driver.campaign)) and (
-        time.monotonic() - began < timeout_s
-    ):
-        every.say(f"{left} claims of {driver.campaign} without one yet")
-        await asyncio.sleep(0.2)
-    return round(time.monotonic() - began, 1)
-
-
 async def claim_latencies(driver: LifecycleDriver, prefix: str, count: int) -> list[float]:
     """Claims one after another, so each figure is a claim alone, not a queue.
 
@@ -125,8 +111,9 @@ async def measure_open(
 ) -> dict[str, Any]:
     fill = max(count - BASELINE_OPEN - 2 * probes, 0)
     # The oldest coupons: claimed first, completed last.
+    url = driver.backends.settings.database_url
     await closed_loop("open coupons (first 100)", BASELINE_OPEN, 20, lambda i: _claim(driver, i))
-    await started(driver)
+    await wait_for_workflows(url, driver.campaign, time.monotonic(), SETTLE_TIMEOUT_S)
     await settle(driver.client, task_queue, worker_pid)
     rss_at_100 = rss_mib(worker_pid)
     pass_100 = pool_connections(driver)
@@ -140,11 +127,11 @@ async def measure_open(
         lambda i: _claim(driver, BASELINE_OPEN + i),
     )
     fill_s = time.monotonic() - began
-    # The claims timed at 100 open and the fill's: a settle that does not wait for their
-    # workflows to start lets the probes below share the machine with those starts (a
-    # quick run's 250 claims: p50 2.4 ms against 1.1 ms at 100 open, its settle over in 2 s
-    # with the worker still at a quarter of a core).
-    all_started_s = await started(driver)
+    # The workflows of the claims timed at 100 open and of the fill's, which `settle`
+    # cannot see (its backlog counts started workflows only): without this wait a quick
+    # run timed the probes below beside 250 starts, p50 2.4 ms against 1.1 ms at 100 open,
+    # its settle over in 2 s with the worker still at a quarter of a core.
+    started = await wait_for_workflows(url, driver.campaign, time.monotonic(), SETTLE_TIMEOUT_S)
     settled = await settle(driver.client, task_queue, worker_pid)
     open_now = BASELINE_OPEN + probes + fill
     rss_at_all = rss_mib(worker_pid)
@@ -174,7 +161,7 @@ async def measure_open(
         "count": open_now,
         "fill_s": round(fill_s, 1),
         "fill_rate_per_s": round(fill / fill_s, 1) if fill_s > 0 else None,
-        "settle": {**settled, "workflows_started_s": all_started_s},
+        "settle": {**settled, "workflows": started},
         "settle_note": "after the fill, waited for every claim's workflow to start, the workflow "
         "task backlog to drain and the worker to go idle before measuring RSS and claim latency "
         "(open coupons at rest)",

@@ -287,7 +287,9 @@ def write_markdown(data: dict[str, Any], path: Path, plot_name: str) -> None:
 
 def _unsettled(settle: dict[str, Any]) -> str:
     """What a figure meant to be taken at rest says when the wait for rest gave up."""
+    unstarted = (settle.get("workflows") or {}).get("unstarted_left") or 0
     left = settle.get("backlog_left") or 0
-    if left <= 0:
-        return ""
-    return f"; not at rest: {left} workflow tasks still queued after {settle.get('settle_s')} s"
+    why = [f"{unstarted} claims without their workflow"] if unstarted > 0 else []
+    if left > 0:
+        why.append(f"{left} workflow tasks still queued after {settle.get('settle_s')} s")
+    return f"; not at rest: {', '.join(why)}" if why else ""

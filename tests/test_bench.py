@@ -52,7 +52,7 @@ REQUIRED = (
     "claim_storm_api.ratio_to_commit_rate",
     "claim_warm_up.throughput_per_s",
     "claim_warm_up_api.throughput_per_s",
-    "open_coupons.settle.workflows_started_s",
+    "open_coupons.settle.workflows.unstarted_left",
     "machine.api_processes",
     "claim_storm_large.not_run",
     "claim_storm_large_api.not_run",
@@ -314,4 +314,8 @@ def test_claims_with_every_coupon_open_say_when_they_were_not_taken_at_rest() ->
     assert figure({"settle_s": 12.0, "backlog_left": 0}) == "3.0 ms vs 1.5 ms (2.00x)"
     assert figure({"settle_s": 900.0, "backlog_left": 15232}) == (
         "3.0 ms vs 1.5 ms (2.00x); not at rest: 15232 workflow tasks still queued after 900.0 s"
+    )
+    unstarted = {"settle_s": 2.0, "backlog_left": 0, "workflows": {"unstarted_left": 40}}
+    assert figure(unstarted) == (
+        "3.0 ms vs 1.5 ms (2.00x); not at rest: 40 claims without their workflow"
     )

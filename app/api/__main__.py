@@ -3,12 +3,14 @@ API_PROCESSES processes there."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import sys
 
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 
 from app.running import settings_from_env
 from coupons.config import PROMETHEUS_MULTIPROC_DIR, ConfigError, Settings
@@ -23,6 +25,10 @@ def main() -> int:
     try:
         # The running stack's settings where the environment says nothing (app.running).
         settings = settings_from_env().with_stack_secrets()
+    except ConfigError as err:
+        log.error("%s", err)
+        return 2
+    try:
         shared = _shared_socket(settings) if settings.api_processes > 1 else None
     except ConfigError as err:
         log.error("%s", err)
@@ -50,8 +56,18 @@ def main() -> int:
         http="httptools",
         loop="uvloop",
     )
-    uvicorn.Server(config).run(sockets=None if shared is None else [shared])
-    return 0
+    if shared is not None:
+        # uvicorn names the address it serves only for a socket it bound itself.
+        log.info(
+            "serving on %s, one of API_PROCESSES=%d processes there",
+            settings.api_url,
+            settings.api_processes,
+        )
+    server = uvicorn.Server(config)
+    # As uvicorn.run: Ctrl-C stops it gracefully, and an app that did not start exits 3.
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=None if shared is None else [shared])
+    return 0 if server.started else STARTUP_FAILURE
 
 
 def _shared_socket(settings: Settings) -> socket.socket:

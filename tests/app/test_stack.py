@@ -21,7 +21,7 @@ import httpx
 import psycopg
 import pytest
 
-from app.embedded import find_binary, free_ports, same_process_alive, stop_recorded
+from app.embedded import find_binary, free_ports, listens, same_process_alive, stop_recorded
 from app.running import RECORD_NAME
 from coupons.ledger import claims as ledger
 from coupons.ledger import db
@@ -409,6 +409,10 @@ def test_api_processes_share_the_port_and_the_metrics_and_one_killed_the_others_
             assert _claims_created(stack.api_url) == claims
 
         os.kill(apis["API 2"], signal.SIGKILL)
+        # Until its socket is closed, the kernel may still hand it connections (reset when
+        # it dies): a process killed midway loses those, as a single process would.
+        port = int(stack.env["API_PORT"])
+        _wait_for(lambda: not listens(apis["API 2"], port), 10)
         for _ in range(10):
             assert httpx.get(f"{stack.api_url}/health", timeout=5).status_code == 200
         _wait_for(lambda: "API 2 exited" in stack.log.read_text(), 10)
