@@ -14,8 +14,12 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import pytest
+from temporalio.client import Client
+
+from bench import open_coupons
 from bench.compare import compare, markdown, previous_run, results_prefix
 from bench.load import LoadResult, open_loop
 from bench.paired import measure_paired
@@ -319,3 +323,20 @@ def test_claims_with_every_coupon_open_say_when_they_were_not_taken_at_rest() ->
     assert figure(unstarted) == (
         "3.0 ms vs 1.5 ms (2.00x); not at rest: 40 claims without their workflow"
     )
+
+
+async def test_a_settle_for_two_quiet_seconds_waits_out_a_busy_one_between(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One quiet second, then a busy one, then two quiet: only the last two end the wait."""
+    # The worker's CPU seconds, read before and after each second: 0.49, 0.8, 0.1, 0.1 busy.
+    readings = iter([0.0, 0.49, 0.49, 1.29, 1.29, 1.39, 1.39, 1.49])
+    monkeypatch.setattr(open_coupons, "cpu_seconds", lambda pid: next(readings))
+
+    async def empty(client: Client, task_queue: str) -> int:
+        return 0
+
+    monkeypatch.setattr(open_coupons, "backlog", empty)
+    settled = await open_coupons.settle(cast(Client, None), "queue", 1, idle_seconds=2)
+    assert settled["idle"] is True and settled["worker_cores"] == 0.1, settled
+    assert next(readings, None) is None  # four seconds read, not one
