@@ -311,9 +311,7 @@ def with_statement_stats(stack: Stack) -> bool:
         log.exception("could not load pg_stat_statements")
         if not stack.worker.alive:
             stack.worker.start()
-        for api in stack.apis:
-            if not api.alive:
-                stack.start_api(api)
+        stack.start_api()  # those not running
         return False
     return create_statement_stats(stack.settings.database_url)
 

@@ -5,8 +5,8 @@ In process, claims go straight to `ClaimService` on a warm pool of DB_POOL_SIZE
 connections (the service's own setting), as an app server's code would call it. Through
 the HTTP API, a claim is `POST /v1/campaigns/{id}/claims` with a tenant's app key from
 one aiohttp session of CLAIM_POOL connections to the API's processes (each with a warm
-pool of DB_POOL_SIZE): the key check, the tenant's campaign, the JSON in and out and uvicorn come
-on top.
+pool of DB_POOL_SIZE): the key check, the tenant's campaign, the JSON in and out and uvicorn
+come on top.
 
 Either way a claim comes back as one word: GRANTED, "already_held", a refusal code, or
 "error: <what>" (an unexpected failure is counted, not raised: one failed claim must not

@@ -119,9 +119,17 @@ async def measure_open(
     fill = max(count - BASELINE_OPEN - 2 * probes, 0)
     # The oldest coupons: claimed first, completed last.
     url = driver.backends.settings.database_url
+
+    async def at_rest() -> dict[str, Any]:
+        """Every claim's workflow started, which `settle` cannot see (its backlog counts
+        started workflows only), then two quiet seconds: right after the starts the backlog
+        is empty while the worker still runs their first tasks."""
+        started = await wait_for_workflows(url, driver.campaign, time.monotonic(), SETTLE_TIMEOUT_S)
+        settled = await settle(driver.client, task_queue, worker_pid, idle_seconds=2)
+        return {**settled, "workflows": started}
+
     await closed_loop("open coupons (first 100)", BASELINE_OPEN, 20, lambda i: _claim(driver, i))
-    await wait_for_workflows(url, driver.campaign, time.monotonic(), SETTLE_TIMEOUT_S)
-    await settle(driver.client, task_queue, worker_pid, idle_seconds=2)  # as at all, below
+    await at_rest()
     rss_at_100 = rss_mib(worker_pid)
     pass_100 = pool_connections(driver)
     at_100 = await claim_latencies(driver, "probe-a", probes)
@@ -134,15 +142,11 @@ async def measure_open(
         lambda i: _claim(driver, BASELINE_OPEN + i),
     )
     fill_s = time.monotonic() - began
-    # The workflows of the claims timed at 100 open and of the fill's, which `settle`
-    # cannot see (its backlog counts started workflows only): without this wait a quick
-    # run timed the probes below beside 250 starts, p50 2.4 ms against 1.1 ms at 100 open,
-    # its settle over in 2 s with the worker still at a quarter of a core.
-    started = await wait_for_workflows(url, driver.campaign, time.monotonic(), SETTLE_TIMEOUT_S)
-    # Two quiet seconds: right after the starts the backlog is empty while the worker still
-    # runs their first tasks (a quick run's one second read 0.49 of a core, just under
-    # IDLE_CORES, and the claims timed next gave p90 3.3 ms against 1.1 at 100 open).
-    settled = await settle(driver.client, task_queue, worker_pid, idle_seconds=2)
+    # Without waiting for the starts, a quick run timed the probes below beside 250 of them
+    # (p50 2.4 ms against 1.1 ms at 100 open, its settle over in 2 s with the worker still
+    # at a quarter of a core); with one quiet second instead of two, another read the worker
+    # at 0.49 of a core, just under IDLE_CORES, and gave p90 3.3 ms against 1.1.
+    settled = await at_rest()
     open_now = BASELINE_OPEN + probes + fill
     rss_at_all = rss_mib(worker_pid)
     pass_all = pool_connections(driver)
@@ -171,7 +175,7 @@ async def measure_open(
         "count": open_now,
         "fill_s": round(fill_s, 1),
         "fill_rate_per_s": round(fill / fill_s, 1) if fill_s > 0 else None,
-        "settle": {**settled, "workflows": started},
+        "settle": settled,
         "settle_note": "after the fill, waited for every claim's workflow to start, the workflow "
         "task backlog to drain and the worker to go idle before measuring RSS and claim latency "
         "(open coupons at rest)",
