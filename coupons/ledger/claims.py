@@ -7,7 +7,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
-from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
@@ -46,10 +45,8 @@ _CLAIM_COLUMNS = (
 )
 _WITH_CAMPAIGN = " JOIN campaigns k ON k.id = c.campaign_id JOIN batches b ON b.id = k.batch_id"
 _SELECT_CLAIMS = f"SELECT {_CLAIM_COLUMNS} FROM claims c{_WITH_CAMPAIGN}"
-_SELECT_RECEIPT = (
-    "SELECT platform_coupon_id, idempotency_key, sent_at, valid_until, confirmed_at, raw"
-    " FROM receipts WHERE coupon_id = %s"
-)
+_RECEIPT_COLUMNS = "platform_coupon_id, idempotency_key, sent_at, valid_until, confirmed_at, raw"
+_SELECT_RECEIPT = f"SELECT {_RECEIPT_COLUMNS} FROM receipts WHERE coupon_id = %s"
 
 
 # The claim in one statement, so the lock it takes on one of the campaign's quota slots
@@ -327,50 +324,64 @@ async def receipt_of(pool: AsyncConnectionPool, coupon_id: str) -> Receipt | Non
     return await db.fetch_one(pool, Receipt, _SELECT_RECEIPT, (coupon_id,))
 
 
-async def record_transition(conn: AsyncConnection[Any], coupon_id: str, t: Transition) -> bool:
+# A transition as data-modifying CTEs: its event appended (a repeat appends nothing) and the
+# claim moved to its state only then. One statement is atomic without a transaction around
+# it, so recording costs one round trip, not a BEGIN and a COMMIT besides.
+_TRANSITION_CTES = (
+    "event AS ("
+    " INSERT INTO coupon_events (coupon_id, from_state, to_state, cause, at)"
+    " VALUES (%(coupon_id)s, %(from_state)s, %(to_state)s, %(cause)s, %(at)s)"
+    " ON CONFLICT (coupon_id, to_state) DO NOTHING RETURNING coupon_id),"
+    " moved AS ("
+    " UPDATE claims SET state = %(to_state)s, updated_at = now()"
+    " WHERE coupon_id = (SELECT coupon_id FROM event) RETURNING 1)"
+)
+_RECORD = f"WITH {_TRANSITION_CTES} SELECT EXISTS (SELECT 1 FROM moved)"
+# The receipt beside the move to `issued`, in the same statement: never one without the
+# other. Answers the receipt written now or, on a repeat, the one written before.
+_RECORD_RECEIPT = (
+    "WITH stored AS ("
+    f" INSERT INTO receipts (coupon_id, {_RECEIPT_COLUMNS})"
+    " VALUES (%(coupon_id)s, %(platform_coupon_id)s, %(idempotency_key)s, %(sent_at)s,"
+    " %(valid_until)s, %(confirmed_at)s, %(raw)s)"
+    f" ON CONFLICT (coupon_id) DO NOTHING RETURNING {_RECEIPT_COLUMNS}),"
+    f" {_TRANSITION_CTES}"
+    " SELECT * FROM stored"
+    f" UNION ALL SELECT {_RECEIPT_COLUMNS} FROM receipts"
+    " WHERE coupon_id = %(coupon_id)s AND NOT EXISTS (SELECT 1 FROM stored)"
+)
+
+
+def _transition_params(coupon_id: str, t: Transition) -> dict[str, Any]:
+    return {"coupon_id": coupon_id, **asdict(t)}
+
+
+async def record(pool: AsyncConnectionPool, coupon_id: str, transition: Transition) -> bool:
     """Append the event and move the claim's state; False when it was already recorded."""
-    cur = await conn.execute(
-        "WITH event AS ("
-        " INSERT INTO coupon_events (coupon_id, from_state, to_state, cause, at)"
-        " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (coupon_id, to_state) DO NOTHING"
-        " RETURNING coupon_id)"
-        " UPDATE claims SET state = %s, updated_at = now()"
-        " WHERE coupon_id = (SELECT coupon_id FROM event) RETURNING 1",
-        (coupon_id, t.from_state, t.to_state, t.cause, t.at, t.to_state),
-    )
-    return await cur.fetchone() is not None
+    async with pool.connection() as conn:
+        cur = await conn.execute(_RECORD, _transition_params(coupon_id, transition))
+        row = await cur.fetchone()
+    return bool(row and row[0])
 
 
 async def record_receipt(
     pool: AsyncConnectionPool, coupon_id: str, receipt: Receipt, issued: Transition
 ) -> Receipt:
-    """The receipt and the move to `issued`, in one transaction: never one without the other.
+    """The receipt and the move to `issued`, in one statement: never one without the other.
 
     Returns the receipt as stored: the first one written, however often this runs.
     """
-    async with pool.connection() as conn, conn.transaction():
-        await conn.execute(
-            "INSERT INTO receipts (coupon_id, platform_coupon_id, idempotency_key, sent_at,"
-            " valid_until, confirmed_at, raw) VALUES (%s, %s, %s, %s, %s, %s, %s)"
-            " ON CONFLICT (coupon_id) DO NOTHING",
-            (
-                coupon_id,
-                receipt.platform_coupon_id,
-                receipt.idempotency_key,
-                receipt.sent_at,
-                receipt.valid_until,
-                receipt.confirmed_at,
-                Jsonb(receipt.raw),
-            ),
-        )
-        await record_transition(conn, coupon_id, issued)
-        # Written above, or by the attempt before.
-        return await db.fetch_written(conn, Receipt, _SELECT_RECEIPT, (coupon_id,))
-
-
-async def record(pool: AsyncConnectionPool, coupon_id: str, transition: Transition) -> bool:
-    async with pool.connection() as conn, conn.transaction():
-        return await record_transition(conn, coupon_id, transition)
+    params = {
+        **_transition_params(coupon_id, issued),
+        **asdict(receipt),
+        "raw": Jsonb(receipt.raw),
+    }
+    stored = await db.fetch_one(pool, Receipt, _RECORD_RECEIPT, params)
+    if stored is None:
+        # Another attempt wrote it while this statement waited on its row: committed after
+        # this statement's snapshot, so only a new statement reads it.
+        stored = await db.fetch_written(pool, Receipt, _SELECT_RECEIPT, (coupon_id,))
+    return stored
 
 
 async def coupon_view(

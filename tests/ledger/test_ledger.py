@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -171,13 +172,49 @@ async def test_receipt_and_issued_are_written_together_and_once(
     await claims.record(pool, coupon_id, Transition("received", "usable", "tasks done", AT))
     receipt = Receipt("cpn_1", "key-1", AT, AT, AT, {"coupon_id": "cpn_1"})
     issued = Transition("usable", "issued", "platform confirmed the send", AT)
-    await claims.record_receipt(pool, coupon_id, receipt, issued)
-    await claims.record_receipt(pool, coupon_id, receipt, issued)
+    assert await claims.record_receipt(pool, coupon_id, receipt, issued) == receipt
+    # A retry confirms later: the first receipt stays, and is the one answered.
+    later = replace(receipt, confirmed_at=AT + timedelta(seconds=5))
+    assert await claims.record_receipt(pool, coupon_id, later, issued) == receipt
     view = await claims.coupon_view(pool, coupon_id)
     assert view is not None
-    assert view["receipt"]["platform_coupon_id"] == "cpn_1"
+    assert view["receipt"]["confirmed_at"] == AT
+    assert view["claim"].state == "issued"
     assert [e["to_state"] for e in view["events"]] == ["received", "usable", "issued"]
     assert await scalar(pool, "SELECT count(*) FROM receipts WHERE coupon_id = %s", coupon_id) == 1
+
+
+async def test_a_receipt_another_attempt_commits_meanwhile_is_the_one_answered(
+    pool: AsyncConnectionPool, platform: RestPlatform
+) -> None:
+    """Two attempts of one send at once (the first outlived its heartbeat): the second's
+    write waits on the first's uncommitted receipt, then answers it, although its own
+    statement's snapshot was taken before that receipt was committed."""
+    coupon_id = await claimed(pool, platform)
+    await claims.record(pool, coupon_id, Transition("received", "usable", "tasks done", AT))
+    issued = Transition("usable", "issued", "platform confirmed the send", AT)
+    first = Receipt("cpn_1", "key-1", AT, AT, AT, {})
+    second = replace(first, confirmed_at=AT + timedelta(seconds=1))
+    async with pool.connection() as other:
+        async with other.transaction():
+            await other.execute(
+                "INSERT INTO receipts (coupon_id, platform_coupon_id, idempotency_key,"
+                " sent_at, valid_until, confirmed_at, raw) VALUES (%s, %s, %s, %s, %s, %s, '{}')",
+                (coupon_id, "cpn_1", "key-1", AT, AT, AT),
+            )
+            waiting = asyncio.create_task(claims.record_receipt(pool, coupon_id, second, issued))
+            while not await scalar(
+                pool,
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND query LIKE %s",
+                "WITH stored AS%",
+            ):
+                assert not waiting.done(), "the second attempt did not wait on the first"
+                await asyncio.sleep(0.01)
+    assert await waiting == first
+    assert (
+        await scalar(pool, "SELECT state FROM claims WHERE coupon_id = %s", coupon_id) == "issued"
+    )
 
 
 @pytest.mark.parametrize(
