@@ -337,8 +337,9 @@ _TRANSITION_CTES = (
     " WHERE coupon_id = (SELECT coupon_id FROM event) RETURNING 1)"
 )
 _RECORD = f"WITH {_TRANSITION_CTES} SELECT EXISTS (SELECT 1 FROM moved)"
-# The receipt beside the move to `issued`, in the same statement: never one without the
-# other. Answers the receipt written now or, on a repeat, the one written before.
+# The receipt and the move to `issued` in one statement: neither is committed without the
+# other. Answers the receipt written now or, on a repeat, the one written before; nothing
+# when another attempt committed it after this statement's snapshot (`record_receipt`).
 _RECORD_RECEIPT = (
     "WITH stored AS ("
     f" INSERT INTO receipts (coupon_id, {_RECEIPT_COLUMNS})"
@@ -367,13 +368,18 @@ async def record(pool: AsyncConnectionPool, coupon_id: str, transition: Transiti
 async def record_receipt(
     pool: AsyncConnectionPool, coupon_id: str, receipt: Receipt, issued: Transition
 ) -> Receipt:
-    """The receipt and the move to `issued`, in one statement: never one without the other.
+    """The receipt and the move to `issued`, in one statement: neither is committed without
+    the other.
 
     Returns the receipt as stored: the first one written, however often this runs.
     """
     params = {
         **_transition_params(coupon_id, issued),
-        **asdict(receipt),
+        "platform_coupon_id": receipt.platform_coupon_id,
+        "idempotency_key": receipt.idempotency_key,
+        "sent_at": receipt.sent_at,
+        "valid_until": receipt.valid_until,
+        "confirmed_at": receipt.confirmed_at,
         "raw": Jsonb(receipt.raw),
     }
     stored = await db.fetch_one(pool, Receipt, _RECORD_RECEIPT, params)

@@ -188,8 +188,8 @@ async def test_a_receipt_another_attempt_commits_meanwhile_is_the_one_answered(
     pool: AsyncConnectionPool, platform: RestPlatform
 ) -> None:
     """Two attempts of one send at once (the first outlived its heartbeat): the second's
-    write waits on the first's uncommitted receipt, then answers it, although its own
-    statement's snapshot was taken before that receipt was committed."""
+    write waits on the receipt the first has written but not committed, then answers it,
+    although its own statement's snapshot was taken before that receipt was committed."""
     coupon_id = await claimed(pool, platform)
     await claims.record(pool, coupon_id, Transition("received", "usable", "tasks done", AT))
     issued = Transition("usable", "issued", "platform confirmed the send", AT)
@@ -203,18 +203,41 @@ async def test_a_receipt_another_attempt_commits_meanwhile_is_the_one_answered(
                 (coupon_id, "cpn_1", "key-1", AT, AT, AT),
             )
             waiting = asyncio.create_task(claims.record_receipt(pool, coupon_id, second, issued))
-            while not await scalar(
-                pool,
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE wait_event_type = 'Lock' AND query LIKE %s",
-                "WITH stored AS%",
-            ):
-                assert not waiting.done(), "the second attempt did not wait on the first"
-                await asyncio.sleep(0.01)
+            # Blocked on this transaction: only then is its commit "meanwhile".
+            async with asyncio.timeout(10):
+                while not await scalar(
+                    pool,
+                    "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))",
+                    other.info.backend_pid,
+                ):
+                    assert not waiting.done(), "the second attempt did not wait on the first"
+                    await asyncio.sleep(0.01)
     assert await waiting == first
-    assert (
-        await scalar(pool, "SELECT state FROM claims WHERE coupon_id = %s", coupon_id) == "issued"
-    )
+    state = await scalar(pool, "SELECT state FROM claims WHERE coupon_id = %s", coupon_id)
+    assert state == "issued"
+
+
+async def test_a_receipt_that_cannot_be_stored_leaves_the_coupon_usable(
+    pool: AsyncConnectionPool, platform: RestPlatform
+) -> None:
+    """The receipt and `issued` are one statement: when the receipt is refused (here its
+    platform coupon id is another coupon's), no `issued` is recorded either."""
+    usable = Transition("received", "usable", "tasks done", AT)
+    issued = Transition("usable", "issued", "platform confirmed the send", AT)
+    taken = await claimed(pool, platform)
+    await claims.record(pool, taken, usable)
+    await claims.record_receipt(pool, taken, Receipt("cpn_1", "key-1", AT, AT, AT, {}), issued)
+    coupon_id = await claimed(pool, platform)
+    await claims.record(pool, coupon_id, usable)
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        await claims.record_receipt(
+            pool, coupon_id, Receipt("cpn_1", "key-2", AT, AT, AT, {}), issued
+        )
+    view = await claims.coupon_view(pool, coupon_id)
+    assert view is not None
+    assert view["receipt"] is None
+    assert view["claim"].state == "usable"
+    assert [e["to_state"] for e in view["events"]] == ["received", "usable"]
 
 
 @pytest.mark.parametrize(
