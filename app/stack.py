@@ -411,7 +411,8 @@ class Stack:
     def start_api(self, api: ManagedProcess | None = None) -> None:
         """Start an API process (by default each one not running) and wait until it
         listens on API_PORT and the port answers its health check."""
-        for process in [p for p in self.apis if not p.alive] if api is None else [api]:
+        processes = [api] if api is not None else [p for p in self.apis if not p.alive]
+        for process in processes:
             self._start_api_process(process)
 
     def _start_api_process(self, process: ManagedProcess) -> None:

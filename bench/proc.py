@@ -1,8 +1,9 @@
 """What the benchmark reads about processes and the machine (psutil), in one place (the
 stack's own readiness check, `app.embedded.ports.listens`, reads psutil for itself).
 
-psutil ships no type hints and the project does not list `types-psutil`; the ignore
-below is the only one, and the functions here are typed for the rest of the package.
+psutil ships no type hints and the project does not list `types-psutil` (pyproject's mypy
+settings ignore its missing stubs); the functions here are typed for the rest of the
+package.
 """
 
 from __future__ import annotations
