@@ -99,8 +99,7 @@ class ClaimService:
         """Claim a coupon and start its workflow before answering, through this service's
         own client: for a caller that wants the workflow at once (the command line's
         `claim`). The new claim is born leased to this caller, so no starter races it."""
-        lease = timedelta(seconds=self._settings.claim_repair_after_s)
-        claimed, created = await _claim(self._pool, campaign_id, user_id, None, lease)
+        claimed, created = await _claim(self._pool, campaign_id, user_id, None, self._start_lease())
         if not claimed.workflow_started:
             await self.start_workflow(claimed)
         return from_claim(ClaimResult, claimed, created=created)
@@ -109,15 +108,24 @@ class ClaimService:
         """Start the claim's workflow unless it exists, and record it started. With
         `signal`, the workflow gets it either way, in the same call: a new one finds it in
         its first task (one workflow task, not two). A closed one neither starts again nor
-        gets the signal: WorkflowAlreadyStartedError, then."""
-        await self._start_new(claim, signal)
+        gets the signal: WorkflowAlreadyStartedError, then.
+
+        The claim is held from the outbox's starters while this start is under way: a
+        second start of the same workflow would be answered with the first, but costs the
+        Temporal server nearly a start of its own. Should this start fail, the claim goes
+        back to the starters at once."""
+        await ledger.hold_start(self._pool, claim.coupon_id, self._start_lease())
+        try:
+            await self._start_new(claim, signal)
+        except Exception:
+            await ledger.hold_start(self._pool, claim.coupon_id, None)
+            raise
         await ledger.mark_started(self._pool, [claim.coupon_id])
 
     async def start_pending(self, limit: int = STARTS_AT_ONCE) -> int:
         """Start the workflows of up to `limit` claims not started yet (oldest first, none
         another starter holds); how many were started."""
-        lease = timedelta(seconds=self._settings.claim_repair_after_s)
-        taken = await ledger.take_unstarted(self._pool, limit, lease)
+        taken = await ledger.take_unstarted(self._pool, limit, self._start_lease())
         started = await asyncio.gather(*(self._start_new(c) for c in taken), return_exceptions=True)
         done = [c.coupon_id for c, outcome in zip(taken, started, strict=True) if outcome is None]
         for c, outcome in zip(taken, started, strict=True):
@@ -128,6 +136,10 @@ class ClaimService:
         if done:
             await ledger.mark_started(self._pool, done)
         return len(done)
+
+    def _start_lease(self) -> timedelta:
+        """How long a claim taken to be started is its taker's alone."""
+        return timedelta(seconds=self._settings.claim_repair_after_s)
 
     async def _start_new(self, claim: Claim, signal: StartSignal | None = None) -> None:
         try:

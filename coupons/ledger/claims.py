@@ -255,6 +255,19 @@ async def mark_started(pool: AsyncConnectionPool, coupon_ids: list[str]) -> None
         )
 
 
+async def hold_start(pool: AsyncConnectionPool, coupon_id: str, lease: timedelta | None) -> None:
+    """The claim's workflow start held by the caller for `lease` (no starter takes it
+    meanwhile), or with None handed back to the starters at once; a started claim is left
+    as it is. A starter already starting it is not stopped: both starts name one workflow."""
+    async with pool.connection() as conn:
+        await conn.execute(
+            # now() + NULL is NULL: no lease.
+            "UPDATE claims SET start_leased_until = now() + %s::interval"
+            " WHERE coupon_id = %s AND NOT workflow_started",
+            (lease, coupon_id),
+        )
+
+
 async def take_unstarted(pool: AsyncConnectionPool, limit: int, lease: timedelta) -> list[Claim]:
     """Up to `limit` claims whose workflow is not started, oldest first, that no other
     starter holds: each is the caller's to start for `lease`, then anyone's again."""

@@ -371,6 +371,46 @@ async def test_a_task_reported_the_instant_after_the_answer_is_neither_lost_nor_
         assert row is not None and row.workflow_started
 
 
+async def test_a_report_starting_the_workflow_holds_the_claim_from_the_starters(
+    dev_env: WorkflowEnvironment,
+    pool: AsyncConnectionPool,
+    platform: RestPlatform,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While a report starts the workflow, no starter takes the claim (a second start
+    costs the server nearly a start); a start that fails hands the claim back at once."""
+    client = dev_env.client
+    b = service.Backends(settings, pool, client, platform)
+    campaign = await new_campaign(pool, platform)
+    held, failed = [await service.claim(b, campaign.id, f"held-{n}") for n in range(2)]
+    taken_meanwhile: list[str] = []
+    real_start = ClaimService._start_new
+
+    async def start_watched(self: ClaimService, claim: ledger.Claim, *args: object) -> None:
+        # Under way: what a starter polling now would take.
+        taken = await ledger.take_unstarted(pool, 10, timedelta(seconds=1))
+        taken_meanwhile.extend(c.coupon_id for c in taken)
+        if claim.coupon_id == failed.coupon_id:
+            raise RPCError("Temporal unavailable", RPCStatusCode.UNAVAILABLE, b"")
+        await real_start(self, claim, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ClaimService, "_start_new", start_watched)
+    await service.report_task(b, service.CouponRef(held.coupon_id), TASK)
+    assert held.coupon_id not in taken_meanwhile
+    assert failed.coupon_id in taken_meanwhile  # the watch can see a claim not held
+    taken_meanwhile.clear()
+    with pytest.raises(service.Unavailable):
+        await service.report_task(b, service.CouponRef(failed.coupon_id), TASK)
+    assert failed.coupon_id not in taken_meanwhile
+    monkeypatch.undo()
+    [handed_back] = await ledger.take_unstarted(pool, 10, timedelta(seconds=30))
+    assert handed_back.coupon_id == failed.coupon_id
+    started = await ledger.get_claim(pool, held.coupon_id)
+    assert started is not None and started.workflow_started
+    assert await exists(handle_of(client, held.workflow_id))
+
+
 async def test_a_claim_whose_starter_died_is_started_once_when_its_lease_ends(
     dev_env: WorkflowEnvironment,
     pool: AsyncConnectionPool,
