@@ -113,14 +113,21 @@ class ClaimService:
         The claim is held from the outbox's starters while this start is under way: a
         second start of the same workflow would be answered with the first, but costs the
         Temporal server nearly a start of its own. Should this start fail, the claim goes
-        back to the starters at once."""
+        back to the starters at once; should this process die first, when the hold ends."""
         await ledger.hold_start(self._pool, claim.coupon_id, self._start_lease())
         try:
             await self._start_new(claim, signal)
-        except Exception:
-            await ledger.hold_start(self._pool, claim.coupon_id, None)
+        except BaseException:
+            await self._hand_back(claim)
             raise
         await ledger.mark_started(self._pool, [claim.coupon_id])
+
+    async def _hand_back(self, claim: Claim) -> None:
+        # Best effort, so the start's own error is the one raised: the hold ends anyway.
+        try:
+            await ledger.release_start(self._pool, claim.coupon_id)
+        except Exception as err:
+            log.warning("could not hand claim %s back to the starters: %s", claim.coupon_id, err)
 
     async def start_pending(self, limit: int = STARTS_AT_ONCE) -> int:
         """Start the workflows of up to `limit` claims not started yet (oldest first, none

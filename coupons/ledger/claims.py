@@ -255,16 +255,25 @@ async def mark_started(pool: AsyncConnectionPool, coupon_ids: list[str]) -> None
         )
 
 
-async def hold_start(pool: AsyncConnectionPool, coupon_id: str, lease: timedelta | None) -> None:
-    """The claim's workflow start held by the caller for `lease` (no starter takes it
-    meanwhile), or with None handed back to the starters at once; a started claim is left
-    as it is. A starter already starting it is not stopped: both starts name one workflow."""
+async def hold_start(pool: AsyncConnectionPool, coupon_id: str, lease: timedelta) -> None:
+    """The claim's workflow start held by the caller for `lease`: no starter takes it
+    meanwhile. A started claim is left as it is; a starter already starting it is not
+    stopped (both starts name one workflow)."""
     async with pool.connection() as conn:
         await conn.execute(
-            # now() + NULL is NULL: no lease.
-            "UPDATE claims SET start_leased_until = now() + %s::interval"
+            "UPDATE claims SET start_leased_until = now() + %s"
             " WHERE coupon_id = %s AND NOT workflow_started",
             (lease, coupon_id),
+        )
+
+
+async def release_start(pool: AsyncConnectionPool, coupon_id: str) -> None:
+    """The claim's workflow start handed back to the starters at once."""
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE claims SET start_leased_until = NULL"
+            " WHERE coupon_id = %s AND NOT workflow_started",
+            (coupon_id,),
         )
 
 

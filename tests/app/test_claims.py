@@ -3,8 +3,9 @@
 Each test proves one invariant of DESIGN.md: no oversell, the per-user limit, exactly
 one send (duplicate completions, ambiguous timeouts and 5xx), nothing lost (the claim
 repair, claims and workflows in one-to-one correspondence) and the audit trail agreeing
-with the workflows. Nothing is mocked: claims go through `ClaimService`, the worker runs
-the real activities, the platform is the simulator over HTTP.
+with the workflows. Nothing is mocked but a failed workflow start one test forces: claims
+go through `ClaimService`, the worker runs the real activities, the platform is the
+simulator over HTTP.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
 from app import service
-from app.claims import ClaimRefused, ClaimResult, ClaimService
+from app.claims import ClaimRefused, ClaimResult, ClaimService, StartSignal
 from coupons.config import Settings
 from coupons.errors import Refused
 from coupons.ledger import campaigns
@@ -381,19 +382,22 @@ async def test_a_report_starting_the_workflow_holds_the_claim_from_the_starters(
     """While a report starts the workflow, no starter takes the claim (a second start
     costs the server nearly a start); a start that fails hands the claim back at once."""
     client = dev_env.client
-    b = service.Backends(settings, pool, client, platform)
+    # A hold far longer than the test, so only a hand-back can free the claim.
+    b = service.Backends(replace(settings, claim_repair_after_s=60), pool, client, platform)
     campaign = await new_campaign(pool, platform)
     held, failed = [await service.claim(b, campaign.id, f"held-{n}") for n in range(2)]
     taken_meanwhile: list[str] = []
     real_start = ClaimService._start_new
 
-    async def start_watched(self: ClaimService, claim: ledger.Claim, *args: object) -> None:
-        # Under way: what a starter polling now would take.
-        taken = await ledger.take_unstarted(pool, 10, timedelta(seconds=1))
+    async def start_watched(
+        self: ClaimService, claim: ledger.Claim, signal: StartSignal | None = None
+    ) -> None:
+        # Under way: what a starter polling now would take (a lease of 0 holds nothing).
+        taken = await ledger.take_unstarted(pool, 10, timedelta(0))
         taken_meanwhile.extend(c.coupon_id for c in taken)
         if claim.coupon_id == failed.coupon_id:
             raise RPCError("Temporal unavailable", RPCStatusCode.UNAVAILABLE, b"")
-        await real_start(self, claim, *args)  # type: ignore[arg-type]
+        await real_start(self, claim, signal)
 
     monkeypatch.setattr(ClaimService, "_start_new", start_watched)
     await service.report_task(b, service.CouponRef(held.coupon_id), TASK)
