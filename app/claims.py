@@ -101,7 +101,8 @@ class ClaimService:
         `claim`). The new claim is born leased to this caller, so no starter races it."""
         claimed, created = await _claim(self._pool, campaign_id, user_id, None, self._start_lease())
         if not claimed.workflow_started:
-            await self.start_workflow(claimed)
+            # A new claim is born held; a repeated claim's is held here.
+            await (self._start_held(claimed) if created else self.start_workflow(claimed))
         return from_claim(ClaimResult, claimed, created=created)
 
     async def start_workflow(self, claim: Claim, signal: StartSignal | None = None) -> None:
@@ -115,6 +116,11 @@ class ClaimService:
         Temporal server nearly a start of its own. Should this start fail, the claim goes
         back to the starters at once; should this process die first, when the hold ends."""
         await ledger.hold_start(self._pool, claim.coupon_id, self._start_lease())
+        await self._start_held(claim, signal)
+
+    async def _start_held(self, claim: Claim, signal: StartSignal | None = None) -> None:
+        """Start the workflow of a claim this caller holds, and record it started; a failed
+        start hands the claim back."""
         try:
             await self._start_new(claim, signal)
         except BaseException:
