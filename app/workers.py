@@ -51,7 +51,12 @@ WEDGED_EVERY_S = 60.0
 # fixed five, 20,000 coupons claimed in 21 s left their first workflow tasks queued for
 # minutes with the worker at 0.35 of a core, draining 37 a second; scaled, 76 a second with
 # the worker at a full core (bench/results/2026-12-06-profile.md).
-WORKFLOW_TASK_POLLERS = PollerBehaviorAutoscaling()
+# The scaling is per queue, and the worker's sticky queue (every task of a cached workflow
+# after its first) stayed at the minimum: at 100 lifecycles in flight its one poller fell
+# behind, and for 0.2 to 0.5 of the coupons a task waited out the sticky queue's 10 s, to
+# be moved to the shared queue by a timeout. At eight each none did, and workflow tasks
+# waited 0.65 s on average instead of 1.8 (bench/results/2026-12-07-profile.md).
+WORKFLOW_TASK_POLLERS = PollerBehaviorAutoscaling(minimum=8, initial=8)
 
 
 def workflow_runner() -> SandboxedWorkflowRunner:
