@@ -17,7 +17,7 @@ from temporalio.client import Client
 from app import service
 from app.service import Backends
 from bench.load import LoadResult, closed_loop, fixed_rate, progress
-from bench.probes import IssuedWatcher, per_item, statement_counts
+from bench.probes import IssuedWatcher, per_item, statement_counts, workflow_task_waits
 from bench.proc import CpuSplit, cpu_seconds
 from bench.stats import summary_ms
 
@@ -104,10 +104,12 @@ async def measure_lifecycle(
 
     cpu_before = cpu_seconds(worker_pid)
     sql_before = await statement_counts(pool, statements_enabled)
+    waits_before = await workflow_task_waits(driver.backends.settings)
     split = CpuSplit(processes)
     split.start()
     saturated = await lifecycle_saturation(driver, n, concurrency)
     cpu_split = split.stop(saturated.wall_s)
+    waits_after = await workflow_task_waits(driver.backends.settings)
     sql_after = await statement_counts(pool, statements_enabled)
     cpu = cpu_seconds(worker_pid) - cpu_before
     progress("lifecycle", f"{saturated.throughput_per_s:.1f} lifecycles/s at saturation")
@@ -123,6 +125,7 @@ async def measure_lifecycle(
             "unlock_to_issued_ms": summary_ms(light.latencies_s),
         },
         "worker_cpu_s_per_1000": round(cpu / n * 1000, 2),
+        "workflow_task_wait_ms": _task_waits(waits_before, waits_after, n),
         "cpu_by_process": cpu_split,
         "history_events_per_coupon": await history_events(driver.client, sample),
         "sql_per_coupon": {
@@ -137,4 +140,20 @@ async def measure_lifecycle(
         },
         "issued_at": "the `issued` row's recorded_at in coupon_events (PostgreSQL's clock, "
         "same machine as the signal's)",
+    }
+
+
+def _task_waits(
+    before: tuple[float, float] | None, after: tuple[float, float] | None, n: int
+) -> dict[str, Any] | None:
+    """The worker's workflow tasks of the saturation run: their mean wait from scheduled to
+    started, and how many per lifecycle (the last ones of a run may fall after it)."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    tasks = after[1] - before[1]
+    return {
+        "mean": round((after[0] - before[0]) / tasks, 1),
+        "tasks_per_lifecycle": round(tasks / n, 2),
+        "measure": "the SDK's temporal_workflow_task_schedule_to_start_latency on the "
+        "worker's metrics, shared and sticky queue, read before and after the run",
     }

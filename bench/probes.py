@@ -1,6 +1,7 @@
-"""What the benchmark reads from PostgreSQL to observe the service from outside: when
+"""What the benchmark reads to observe the service from outside: from PostgreSQL, when
 each coupon's `issued` event was written, how many granted claims still wait for their
-workflow, and how many SQL statements ran.
+workflow, and how many SQL statements ran; from the worker's metrics, how long its
+workflow tasks waited to be started.
 
 Every statement here carries the /* bench */ marker, so the statement counts leave the
 benchmark's own reads out.
@@ -14,8 +15,12 @@ import logging
 from datetime import datetime
 from typing import Any
 
+import httpx
 import psycopg
+from prometheus_client.parser import text_string_to_metric_families
 from psycopg_pool import AsyncConnectionPool
+
+from coupons.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +94,28 @@ async def unstarted_claims(pool: AsyncConnectionPool, campaign_id: str) -> int:
         )
         row = await cur.fetchone()
         return int(row[0]) if row else 0
+
+
+# The SDK's histogram of each workflow task's wait from scheduled to started, in ms: on the
+# worker's shared queue and its sticky queue alike (both labelled with the shared one).
+TASK_WAIT = "temporal_workflow_task_schedule_to_start_latency"
+
+
+async def workflow_task_waits(settings: Settings) -> tuple[float, float] | None:
+    """The worker's workflow tasks on the coupons' queue so far: their waits from scheduled
+    to started summed (ms), and how many; None with the worker's metrics off."""
+    if settings.worker_metrics_port is None:
+        return None
+    url = f"http://{settings.metrics_host}:{settings.worker_metrics_port}/metrics"
+    async with httpx.AsyncClient(trust_env=False) as http:
+        response = await http.get(url)
+        response.raise_for_status()
+    total = {f"{TASK_WAIT}_sum": 0.0, f"{TASK_WAIT}_count": 0.0}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name in total and sample.labels.get("task_queue") == settings.task_queue:
+                total[sample.name] += sample.value
+    return total[f"{TASK_WAIT}_sum"], total[f"{TASK_WAIT}_count"]
 
 
 def enable_statement_stats(admin_url: str) -> None:

@@ -204,6 +204,7 @@ def write_markdown(data: dict[str, Any], path: Path, plot_name: str) -> None:
     )
     sql = get(data, "lifecycle.sql_per_coupon") or {}
     history = get(data, "lifecycle.history_events_per_coupon") or {}
+    waits = get(data, "lifecycle.workflow_task_wait_ms") or {}
     machine = data.get("machine", {})
     lines = [
         f"# Benchmark {data.get('date')} ({get(data, 'size.name')})",
@@ -226,6 +227,9 @@ def write_markdown(data: dict[str, Any], path: Path, plot_name: str) -> None:
         f"| unlock-to-issued, saturation | {p50_p99(data, 'lifecycle.unlock_to_issued_ms')} |",
         f"| worker CPU per 1,000 lifecycles | "
         f"{num(get(data, 'lifecycle.worker_cpu_s_per_1000')):.1f} s |",
+        f"| workflow task wait (scheduled to started), saturation | mean "
+        f"{waits.get('mean', 'n/a')} ms, {waits.get('tasks_per_lifecycle', 'n/a')} tasks "
+        "per lifecycle |",
         f"| history events per coupon | {history.get('mean')} (to `issued`) |",
         f"| SQL per coupon | {sql.get('statements', 'n/a')} statements "
         f"({sql.get('transaction_control', 'n/a')} of them BEGIN/COMMIT) |",

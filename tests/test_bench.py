@@ -37,6 +37,7 @@ REQUIRED = (
     "lifecycle.unlock_to_issued_ms.p99",
     "lifecycle.light_rate.unlock_to_issued_ms.p50",
     "lifecycle.worker_cpu_s_per_1000",
+    "lifecycle.workflow_task_wait_ms.mean",
     "lifecycle.history_events_per_coupon.mean",
     "lifecycle.sql_per_coupon",
     "open_coupons.count",
@@ -147,6 +148,8 @@ def test_tiny_bench_end_to_end(tmp_path: Path) -> None:
     assert all(r > 0 for r in paired["ratios"]), paired
     assert paired["ratio_min"] <= paired["ratio_median"] <= paired["ratio_max"], paired
     assert data["lifecycle"]["history_events_per_coupon"]["mean"] > 0
+    # Every lifecycle's tasks: the first, and the send's answer (sticky) at least.
+    assert data["lifecycle"]["workflow_task_wait_ms"]["tasks_per_lifecycle"] >= 1
     assert data["lifecycle"]["sql_per_coupon"]["statements"] > 0
     assert data["open_coupons"]["count"] == data["size"]["open_count"]
     assert data["open_coupons"]["worker_rss_mib"] > 0
