@@ -362,11 +362,7 @@ class Stack:
                 if self.simulator is not None
                 else "Demo        none (PLATFORM_URL is a real platform)"
             )
-        metrics = (
-            f", metrics http://{s.metrics_host}:{s.worker_metrics_port}/metrics"
-            if s.worker_metrics_port is not None
-            else ""
-        )
+        metrics = f", metrics {s.worker_metrics_url}" if s.worker_metrics_url else ""
         lines.append(
             f"Worker      pid {self.worker.pid}, task queues {s.task_queue} and "
             f"{s.platform_task_queue}{metrics}"

@@ -215,9 +215,7 @@ async def worker_services(settings: Settings) -> AsyncIterator[WorkerServices]:
     runtime = worker_runtime(settings)
     client = await connect(settings, runtime)
     if runtime is not None:
-        log.info(
-            "metrics at http://%s:%s/metrics", settings.metrics_host, settings.worker_metrics_port
-        )
+        log.info("metrics at %s", settings.worker_metrics_url)
     await check_search_attributes(client, settings.temporal_namespace)
     await ensure_schedules(client, settings)
     async with db.pool(settings.database_url, max_size=settings.db_pool_size) as pool:

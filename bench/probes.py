@@ -104,9 +104,9 @@ TASK_WAIT = "temporal_workflow_task_schedule_to_start_latency"
 async def workflow_task_waits(settings: Settings) -> tuple[float, float] | None:
     """The worker's workflow tasks on the coupons' queue so far: their waits from scheduled
     to started summed (ms), and how many; None with the worker's metrics off."""
-    if settings.worker_metrics_port is None:
+    url = settings.worker_metrics_url
+    if url is None:
         return None
-    url = f"http://{settings.metrics_host}:{settings.worker_metrics_port}/metrics"
     async with httpx.AsyncClient(trust_env=False) as http:
         response = await http.get(url)
         response.raise_for_status()

@@ -212,6 +212,13 @@ class Settings:
         return f"{simulator}/gateway.do" if self.platform == "alipay" else simulator
 
     @property
+    def worker_metrics_url(self) -> str | None:
+        """Where the worker serves its Prometheus metrics, or None with WORKER_METRICS_PORT off."""
+        if self.worker_metrics_port is None:
+            return None
+        return f"http://{self.metrics_host}:{self.worker_metrics_port}/metrics"
+
+    @property
     def api_client_host(self) -> str:
         """The address that reaches the API from this machine (a wildcard means loopback)."""
         return "127.0.0.1" if self.api_host in ("0.0.0.0", "::") else self.api_host

@@ -103,7 +103,8 @@ def metrics_runtime() -> Iterator[tuple[Runtime, str]]:
     settings = replace(Settings(), worker_metrics_port=free_port())
     runtime = worker_runtime(settings)
     assert runtime is not None
-    yield runtime, f"http://{settings.metrics_host}:{settings.worker_metrics_port}/metrics"
+    assert settings.worker_metrics_url is not None
+    yield runtime, settings.worker_metrics_url
 
 
 @pytest.fixture

@@ -77,7 +77,8 @@ async def worker_metrics(api: Api, dev_env: WorkflowEnvironment) -> AsyncIterato
     starter = start_claims_forever(ClaimService(api.pool, client, settings))
     try:
         async with workers[0], workers[1], in_background(starter):
-            yield f"http://{settings.metrics_host}:{settings.worker_metrics_port}/metrics"
+            assert settings.worker_metrics_url is not None
+            yield settings.worker_metrics_url
     finally:
         await platform.aclose()
 
