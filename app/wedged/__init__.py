@@ -22,8 +22,10 @@ How they are found, at a bounded cost whatever the number of coupons:
   cost follows the wedged, not the open coupons; describing every running workflow for its
   pending task's attempt instead would cost one call per open coupon per round. Then, for
   each one (bounded concurrency), its pending task's attempt and the last WorkflowTaskFailed
-  event, which is the first failure of the streak (Temporal writes no event for the retries
-  of a failing task) and whose failure names the cause (a CodecError is `undecodable`).
+  or TimedOut event, the first problem of the streak (Temporal writes no event for the
+  retries of a failing task, and the SDK reports a failure on a task's first attempt only).
+  A failure names the cause (a CodecError is `undecodable`); a timeout does not, so the
+  run's input is decoded here: if it cannot be, the coupon is `undecodable` too.
 - Missing or closed workflows: the ledger's count of started, unfinished claims against
   Temporal's count of running coupon workflows; only when they differ, the same by campaign,
   and only a campaign whose counts differ has its open claims checked page by page (one

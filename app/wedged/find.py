@@ -239,7 +239,7 @@ async def _failing(
     if not flagged and attempts < FAILING_ATTEMPTS:
         return None
     event = await _last_task_problem(client, claim.workflow_id, description.run_id)
-    cause, detail = await _classify(client, event, problems)
+    cause, detail = await _classify(client, claim.workflow_id, description.run_id, event, problems)
     since = event.event_time.ToDatetime(tzinfo=UTC) if event is not None else None
     return _wedged(
         claim,
@@ -273,12 +273,25 @@ async def _last_task_problem(
 
 
 async def _classify(
-    client: Client, event: HistoryEvent | None, problems: list[str]
+    client: Client,
+    workflow_id: str,
+    run_id: str | None,
+    event: HistoryEvent | None,
+    problems: list[str],
 ) -> tuple[str, str]:
     """(cause, detail) of a failing workflow task, from its failure as this process reads it."""
     if event is None:
         return TASK_FAILING, cut_detail("workflow task failing: " + (", ".join(problems) or "?"))
     if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT:
+        # A timeout says nothing of why, and may be the only problem recorded: the SDK reports
+        # a task's failure on its first attempt only, and lets the retries time out
+        # (temporalio/sdk-core, managed_run.rs: `should_report` is `attempt <= 1`). The first
+        # attempt may itself have timed out (a worker killed mid-task, a poll answer the
+        # server lost under load), and every retry failed on a payload since. So the run's
+        # input is read here: a worker with this key ring cannot read it either.
+        unreadable = await input_unreadable(client, workflow_id, run_id)
+        if unreadable is not None:
+            return UNDECODABLE, cut_detail(f"workflow task timing out: input {unreadable}")
         return TASK_FAILING, "workflow task timed out again and again (worker stuck or too slow)"
     attributes = event.workflow_task_failed_event_attributes
     kind = WorkflowTaskFailedCause.Name(attributes.cause).removeprefix(
@@ -292,6 +305,19 @@ async def _classify(
     error_type = error.type if isinstance(error, ApplicationError) else type(error).__name__
     cause = UNDECODABLE if error_type == "CodecError" else TASK_FAILING
     return cause, cut_detail(f"{kind}: {error_type}: {error}")
+
+
+async def input_unreadable(client: Client, workflow_id: str, run_id: str | None) -> str | None:
+    """Why this process's data converter cannot decode the run's input, None when it can."""
+    handle = client.get_workflow_handle(workflow_id, run_id=run_id)
+    async for event in handle.fetch_history_events():
+        started = event.workflow_execution_started_event_attributes
+        try:
+            await client.data_converter.decode(started.input.payloads)
+        except Exception as err:
+            return f"unreadable here: {err}"
+        return None
+    return None
 
 
 def _wedged(

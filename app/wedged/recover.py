@@ -21,6 +21,7 @@ from app.wedged.find import (
     cut_detail,
     diagnose,
     find_wedged,
+    input_unreadable,
 )
 from coupons.config import Settings
 from coupons.errors import Refused
@@ -101,7 +102,10 @@ async def _recover(
         return _recovery(
             found, "none", f"its run completed, the ledger says {claim.state}: check by hand"
         )
-    if found.cause == UNDECODABLE and await _readable_here(client, claim, found):
+    if (
+        found.cause == UNDECODABLE
+        and await input_unreadable(client, claim.workflow_id, found.run_id) is None
+    ):
         # The worker lacks a key this process holds: a new run would fail there the same way.
         return _recovery(
             found,
@@ -147,19 +151,6 @@ async def _terminate(client: Client, claim: Claim, found: Wedged) -> str | None:
             raise
         return None  # it closed meanwhile
     return found.run_id
-
-
-async def _readable_here(client: Client, claim: Claim, found: Wedged) -> bool:
-    """Whether this process's key ring decrypts the stuck run's input."""
-    handle = client.get_workflow_handle(claim.workflow_id, run_id=found.run_id)
-    async for event in handle.fetch_history_events():
-        started = event.workflow_execution_started_event_attributes
-        try:
-            await client.data_converter.decode(started.input.payloads)
-        except Exception:
-            return False
-        return True
-    return False
 
 
 async def _reported_tasks(client: Client, claim: Claim, found: Wedged) -> list[str]:

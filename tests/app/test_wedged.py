@@ -27,8 +27,13 @@ import pytest_asyncio
 from psycopg_pool import AsyncConnectionPool
 from temporalio import workflow
 from temporalio.api.common.v1 import WorkflowExecution
-from temporalio.api.enums.v1 import EventType
-from temporalio.api.workflowservice.v1 import DeleteWorkflowExecutionRequest
+from temporalio.api.deployment.v1 import WorkerDeploymentOptions
+from temporalio.api.enums.v1 import EventType, WorkerVersioningMode
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import (
+    DeleteWorkflowExecutionRequest,
+    PollWorkflowTaskQueueRequest,
+)
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode
@@ -37,6 +42,7 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from app.claims import ClaimResult, ClaimService
 from app.embedded import free_port
+from app.versioning import worker_version
 from app.wedged import (
     CAUSES,
     CLOSED,
@@ -67,6 +73,7 @@ from tests.conftest import (
     TASK,
     claims_of,
     close_workflows,
+    current_before_start,
     execute,
     handle_of,
     ledger_states,
@@ -283,6 +290,64 @@ async def test_a_start_encrypted_with_another_key_ring_is_found_and_recovered(
         ]
         await claim_row_intact(pool, claimed, "issued")
         assert await ledger_states(pool, claimed.coupon_id) == ISSUED
+    finally:
+        await close_workflows(env.client, [claimed.workflow_id])
+
+
+async def test_an_undecodable_start_whose_first_task_timed_out_is_still_undecodable(
+    env: WorkflowEnvironment,
+    pool: AsyncConnectionPool,
+    platform: RestPlatform,
+    settings: Settings,
+    client: Client,
+    tmp_path: Path,
+) -> None:
+    """The first attempt of the coupon's task is polled and never answered (a worker killed
+    mid-task; in a chaos run, a poll's answer the loaded dev server lost), so the only problem
+    Temporal records is a timeout: the SDK reports a failure on a task's first attempt only,
+    and the worker's codec failures on the retries leave no event. The run is still listed as
+    undecodable, from its input, and recovered."""
+    foreign_keys = tmp_path / "shell-keys.json"
+    ensure_keys(foreign_keys)
+    shell = with_keys(env.client, foreign_keys)
+    campaign = await new_campaign(pool, platform)
+    claimed = await ClaimService(pool, shell, settings).claim_started(campaign.id, new_id("u"))
+    try:
+        await current_before_start(client, settings)
+        version = worker_version(settings)
+        polled = await client.workflow_service.poll_workflow_task_queue(
+            PollWorkflowTaskQueueRequest(
+                namespace=client.namespace,
+                task_queue=TaskQueue(name=settings.task_queue),
+                identity="a worker killed mid-task",
+                deployment_options=WorkerDeploymentOptions(
+                    deployment_name=version.deployment_name,
+                    build_id=version.build_id,
+                    worker_versioning_mode=WorkerVersioningMode.WORKER_VERSIONING_MODE_VERSIONED,
+                ),
+            )
+        )
+        assert polled.workflow_execution.workflow_id == claimed.workflow_id
+        async with running_workers(client, pool, settings, starter=False):
+            found = await wait_wedged(pool, client, settings, claimed.coupon_id)
+            handle = handle_of(client, claimed.workflow_id)
+            problems = [
+                e.event_type
+                async for e in handle.fetch_history_events()
+                if e.event_type
+                in (
+                    EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED,
+                    EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT,
+                )
+            ]
+            assert problems == [EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT]
+            assert found.cause == UNDECODABLE, found.detail
+            assert load_keys(foreign_keys).current in found.detail, found.detail
+            recovery = await recover(pool, client, settings, claimed.coupon_id)
+            assert (recovery.action, recovery.cause) == ("restarted", UNDECODABLE)
+            await handle.execute_update(UserCouponWorkflow.complete_task, TaskCompletion(TASK))
+            await wait_for_state(handle, "issued")
+        await claim_row_intact(pool, claimed, "issued")
     finally:
         await close_workflows(env.client, [claimed.workflow_id])
 
