@@ -310,7 +310,7 @@ async def _classify(
 async def input_unreadable(client: Client, workflow_id: str, run_id: str | None) -> str | None:
     """Why this process's data converter cannot decode the run's input, None when it can."""
     handle = client.get_workflow_handle(workflow_id, run_id=run_id)
-    async for event in handle.fetch_history_events():
+    async for event in handle.fetch_history_events(page_size=1):  # the start is the first
         started = event.workflow_execution_started_event_attributes
         try:
             await client.data_converter.decode(started.input.payloads)
