@@ -24,6 +24,7 @@ from activities.ledger import LedgerActivities
 from activities.platform import PlatformActivities
 from app import versioning
 from app.claims import STARTS_AT_ONCE, ClaimService
+from app.heap import time_collections
 from app.schedules import ensure_schedules
 from app.wedged import count_by_cause, find_wedged
 from coupons import metrics
@@ -223,6 +224,7 @@ async def worker_services(settings: Settings) -> AsyncIterator[WorkerServices]:
             MeteredPlatform(make_platform(settings), metrics.platform_call), pool, settings
         )
         meter = runtime.metric_meter if runtime is not None else MetricMeter.noop
+        untime = time_collections(metrics.gc_pause_recorder(meter)) if runtime else None
         try:
             async with in_background(
                 start_claims_forever(ClaimService(pool, client, settings)),
@@ -231,6 +233,8 @@ async def worker_services(settings: Settings) -> AsyncIterator[WorkerServices]:
             ):
                 yield WorkerServices(client, pool, platform, stop)
         finally:
+            if untime is not None:
+                untime()
             await platform.aclose()
 
 

@@ -29,6 +29,7 @@ COMPARED: tuple[tuple[str, str, bool], ...] = (
     ("unlock-to-issued p99, saturation, ms", "lifecycle.unlock_to_issued_ms.p99", False),
     ("worker CPU per 1,000 lifecycles, s", "lifecycle.worker_cpu_s_per_1000", False),
     ("workflow task wait, saturation, mean ms", "lifecycle.workflow_task_wait_ms.mean", False),
+    ("worker garbage collection per lifecycle, ms", "lifecycle.worker_gc.ms_per_lifecycle", False),
     ("history events per coupon", "lifecycle.history_events_per_coupon.mean", False),
     ("SQL statements per coupon", "lifecycle.sql_per_coupon.statements", False),
     ("worker RSS with every coupon open, MiB", "open_coupons.worker_rss_mib", False),

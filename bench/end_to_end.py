@@ -17,7 +17,13 @@ from temporalio.client import Client
 from app import service
 from app.service import Backends
 from bench.load import LoadResult, closed_loop, fixed_rate, progress
-from bench.probes import IssuedWatcher, per_item, statement_counts, workflow_task_waits
+from bench.probes import (
+    IssuedWatcher,
+    per_item,
+    statement_counts,
+    worker_gc_pauses,
+    workflow_task_waits,
+)
 from bench.proc import CpuSplit, cpu_seconds
 from bench.stats import summary_ms
 
@@ -105,11 +111,13 @@ async def measure_lifecycle(
     cpu_before = cpu_seconds(worker_pid)
     sql_before = await statement_counts(pool, statements_enabled)
     waits_before = await workflow_task_waits(driver.backends.settings)
+    gc_before = await worker_gc_pauses(driver.backends.settings)
     split = CpuSplit(processes)
     split.start()
     saturated = await lifecycle_saturation(driver, n, concurrency)
     cpu_split = split.stop(saturated.wall_s)
     waits_after = await workflow_task_waits(driver.backends.settings)
+    gc_after = await worker_gc_pauses(driver.backends.settings)
     sql_after = await statement_counts(pool, statements_enabled)
     cpu = cpu_seconds(worker_pid) - cpu_before
     progress("lifecycle", f"{saturated.throughput_per_s:.1f} lifecycles/s at saturation")
@@ -126,6 +134,7 @@ async def measure_lifecycle(
         },
         "worker_cpu_s_per_1000": round(cpu / n * 1000, 2),
         "workflow_task_wait_ms": _task_waits(waits_before, waits_after, n),
+        "worker_gc": _collections(gc_before, gc_after, n),
         "cpu_by_process": cpu_split,
         "history_events_per_coupon": await history_events(driver.client, sample),
         "sql_per_coupon": {
@@ -140,6 +149,33 @@ async def measure_lifecycle(
         },
         "issued_at": "the `issued` row's recorded_at in coupon_events (PostgreSQL's clock, "
         "same machine as the signal's)",
+    }
+
+
+def _collections(
+    before: dict[str, tuple[float, float]] | None,
+    after: dict[str, tuple[float, float]] | None,
+    n: int,
+) -> dict[str, Any] | None:
+    """The worker's garbage collections during the saturation run: ms per lifecycle in all,
+    and the full ones (each stops the worker meanwhile) per 1,000 lifecycles and their mean."""
+    if before is None or after is None:
+        return None
+
+    def spent(generation: str) -> tuple[float, float]:
+        total, count = after.get(generation, (0.0, 0.0))
+        total_before, count_before = before.get(generation, (0.0, 0.0))
+        return total - total_before, count - count_before
+
+    seconds = sum(spent(generation)[0] for generation in after)
+    full_s, full = spent("2")
+    return {
+        "ms_per_lifecycle": round(seconds * 1000 / n, 2),
+        "full_ms_per_lifecycle": round(full_s * 1000 / n, 2),
+        "full_per_1000": round(full * 1000 / n, 1),
+        "full_mean_ms": round(full_s * 1000 / full, 1) if full else None,
+        "measure": "the worker's coupons_worker_gc_pause_seconds (each collection's time, "
+        "by generation; 2 is a full one), read before and after the run",
     }
 
 

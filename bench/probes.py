@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg_pool import AsyncConnectionPool
 
 from coupons.config import Settings
+from coupons.metrics import GC_PAUSE
 
 log = logging.getLogger(__name__)
 
@@ -104,18 +105,35 @@ TASK_WAIT = "temporal_workflow_task_schedule_to_start_latency"
 async def workflow_task_waits(settings: Settings) -> tuple[float, float] | None:
     """The worker's workflow tasks on the coupons' queue so far: their waits from scheduled
     to started summed (ms), and how many; None with the worker's metrics off."""
+    sums = await _histograms(settings, TASK_WAIT, "task_queue")
+    if sums is None:
+        return None
+    return sums.get(settings.task_queue, (0.0, 0.0))
+
+
+async def worker_gc_pauses(settings: Settings) -> dict[str, tuple[float, float]] | None:
+    """The worker's garbage collections so far, by generation ("2": full): their seconds
+    summed, and how many; None with the worker's metrics off."""
+    return await _histograms(settings, GC_PAUSE, "generation")
+
+
+async def _histograms(
+    settings: Settings, name: str, by: str
+) -> dict[str, tuple[float, float]] | None:
+    """Histogram `name` on the worker's metrics endpoint: (sum, count) by label `by`."""
     url = settings.worker_metrics_url
     if url is None:
         return None
     async with httpx.AsyncClient(trust_env=False) as http:
         response = await http.get(url)
         response.raise_for_status()
-    total = {f"{TASK_WAIT}_sum": 0.0, f"{TASK_WAIT}_count": 0.0}
+    sums: dict[str, list[float]] = {}
     for family in text_string_to_metric_families(response.text):
         for sample in family.samples:
-            if sample.name in total and sample.labels.get("task_queue") == settings.task_queue:
-                total[sample.name] += sample.value
-    return total[f"{TASK_WAIT}_sum"], total[f"{TASK_WAIT}_count"]
+            if sample.name in (f"{name}_sum", f"{name}_count"):
+                totals = sums.setdefault(sample.labels.get(by, ""), [0.0, 0.0])
+                totals[1 if sample.name.endswith("_count") else 0] += sample.value
+    return {key: (total, count) for key, (total, count) in sums.items()}
 
 
 def enable_statement_stats(admin_url: str) -> None:

@@ -205,6 +205,7 @@ def write_markdown(data: dict[str, Any], path: Path, plot_name: str) -> None:
     sql = get(data, "lifecycle.sql_per_coupon") or {}
     history = get(data, "lifecycle.history_events_per_coupon") or {}
     waits = get(data, "lifecycle.workflow_task_wait_ms") or {}
+    collections = get(data, "lifecycle.worker_gc") or {}
     machine = data.get("machine", {})
     lines = [
         f"# Benchmark {data.get('date')} ({get(data, 'size.name')})",
@@ -230,6 +231,10 @@ def write_markdown(data: dict[str, Any], path: Path, plot_name: str) -> None:
         f"| workflow task wait (scheduled to started), saturation | mean "
         f"{waits.get('mean', 'n/a')} ms, {waits.get('tasks_per_lifecycle', 'n/a')} tasks "
         "per lifecycle |",
+        f"| worker garbage collection, saturation | "
+        f"{collections.get('ms_per_lifecycle', 'n/a')} ms per lifecycle, "
+        f"{collections.get('full_per_1000', 'n/a')} full collections per 1,000 lifecycles "
+        f"(mean {collections.get('full_mean_ms', 'n/a')} ms) |",
         f"| history events per coupon | {history.get('mean')} (to `issued`) |",
         f"| SQL per coupon | {sql.get('statements', 'n/a')} statements "
         f"({sql.get('transaction_control', 'n/a')} of them BEGIN/COMMIT) |",

@@ -38,6 +38,7 @@ REQUIRED = (
     "lifecycle.light_rate.unlock_to_issued_ms.p50",
     "lifecycle.worker_cpu_s_per_1000",
     "lifecycle.workflow_task_wait_ms.mean",
+    "lifecycle.worker_gc.ms_per_lifecycle",
     "lifecycle.history_events_per_coupon.mean",
     "lifecycle.sql_per_coupon",
     "open_coupons.count",
@@ -150,6 +151,8 @@ def test_tiny_bench_end_to_end(tmp_path: Path) -> None:
     assert data["lifecycle"]["history_events_per_coupon"]["mean"] > 0
     # Every lifecycle's tasks: the first, and the send's answer (sticky) at least.
     assert data["lifecycle"]["workflow_task_wait_ms"]["tasks_per_lifecycle"] >= 1
+    # The young generation is collected many times in any run of lifecycles.
+    assert data["lifecycle"]["worker_gc"]["ms_per_lifecycle"] > 0
     assert data["lifecycle"]["sql_per_coupon"]["statements"] > 0
     assert data["open_coupons"]["count"] == data["size"]["open_count"]
     assert data["open_coupons"]["worker_rss_mib"] > 0
