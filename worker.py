@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 
-from app.heap import freeze_startup_heap, space_out_full_collections
+from app.heap import freeze_startup_heap
 from app.running import settings_from_env
 from app.workers import build_workers, run_until_stopped, worker_services
 from coupons.config import ConfigError, Settings
@@ -26,7 +26,6 @@ async def main(settings: Settings) -> None:
     async with worker_services(settings) as services:
         workers = build_workers(services.client, services.pool, services.platform, settings)
         freeze_startup_heap()
-        space_out_full_collections()
         await run_until_stopped(workers, services.stop)
 
 

@@ -7,16 +7,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-# Python runs a full collection after every 10 collections of its middle generation. A
-# worker's heap is mostly its cached workflows (about 360 tracked objects each), and evicting
-# one leaves a cycle of them only a full collection frees. So at 100 lifecycles in flight
-# with the cache full, 6 full collections per 1,000 lifecycles took 0.43 s each (the event
-# loop stopped meanwhile): 3.3 ms of the worker's CPU per lifecycle spent collecting, 2.5 of
-# them in full collections. After every 100 instead: one, and 1.2 ms in all; the worker's
-# CPU per lifecycle 22.4 ms against 24.4, its RSS 320 MiB against 280 to 297 with the
-# garbage kept longer (bench/results/2026-12-07-profile.md).
-FULL_COLLECTION_AFTER = 100
-
 
 def freeze_startup_heap() -> None:
     """Leave the objects made while starting (modules, clients, pools: most of the heap)
@@ -30,13 +20,6 @@ def freeze_startup_heap() -> None:
     Collected first, so no garbage of the start is frozen with it."""
     gc.collect()
     gc.freeze()
-
-
-def space_out_full_collections() -> None:
-    """Run a full collection after every FULL_COLLECTION_AFTER collections of the middle
-    generation instead of 10, the two younger generations' thresholds kept."""
-    young, middle, _ = gc.get_threshold()
-    gc.set_threshold(young, middle, FULL_COLLECTION_AFTER)
 
 
 def time_collections(record: Callable[[int, float], None]) -> Callable[[], None]:

@@ -23,7 +23,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from app.embedded import BACKGROUND_NICE, ManagedProcess
-from app.heap import freeze_startup_heap, space_out_full_collections
+from app.heap import freeze_startup_heap
 from app.workers import WORKFLOW_TASK_POLLERS, workflow_runner
 from bench.floor_workflow import FLOOR_ACTIVITY, FLOOR_SIGNAL, FLOOR_WORKFLOW, FloorWorkflow
 from bench.load import LoadResult, closed_loop, fixed_rate, progress
@@ -76,7 +76,6 @@ async def run_floor_worker(settings: Settings) -> None:
         )
         # The heap as the coupon worker keeps it (worker.py): the ratio stays fair.
         freeze_startup_heap()
-        space_out_full_collections()
         log.info("floor worker polling %s", queue)
         await stop.wait()
 

@@ -66,7 +66,7 @@ HISTOGRAM_BUCKETS: dict[str, list[float]] = {
         30.0,
     ],
     # A young collection takes well under a millisecond; a full one walks every cached
-    # workflow, 0.4 s at a thousand of them (app/heap.py).
+    # workflow, 0.15 to 0.43 s at a thousand of them (bench/results/2026-12-07-profile.md).
     GC_PAUSE: [0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5],
 }
 

@@ -1,6 +1,5 @@
 """The start-up heap frozen: out of later collections, with the start's garbage collected
-first rather than kept forever; full collections spaced out in the workers; each
-collection timed for the worker's metrics."""
+first rather than kept forever; each collection timed for the worker's metrics."""
 
 from __future__ import annotations
 
@@ -10,12 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from app.heap import (
-    FULL_COLLECTION_AFTER,
-    freeze_startup_heap,
-    space_out_full_collections,
-    time_collections,
-)
+from app.heap import freeze_startup_heap, time_collections
 
 
 class Node:
@@ -45,24 +39,6 @@ def test_the_heap_is_frozen_and_the_garbage_of_the_start_collected_first(
     assert gc.get_freeze_count() > before
     # What was kept is in the permanent generation: no collection visits it.
     assert not any(o is kept for o in gc.get_objects())
-
-
-@pytest.fixture
-def thresholds_restored() -> Iterator[tuple[int, int, int]]:
-    before = gc.get_threshold()
-    yield before
-    gc.set_threshold(*before)
-
-
-def test_full_collections_are_spaced_out_the_younger_generations_kept(
-    thresholds_restored: tuple[int, int, int],
-) -> None:
-    young, middle, _ = thresholds_restored
-
-    space_out_full_collections()
-
-    assert gc.get_threshold() == (young, middle, FULL_COLLECTION_AFTER)
-    assert FULL_COLLECTION_AFTER > 10  # Python's own default, which it replaces
 
 
 def test_each_collection_is_reported_with_its_generation_until_stopped() -> None:
