@@ -19,10 +19,10 @@ from app.service import Backends
 from bench.load import LoadResult, closed_loop, fixed_rate, progress
 from bench.probes import (
     IssuedWatcher,
+    WorkerHistograms,
     per_item,
     statement_counts,
-    worker_gc_pauses,
-    workflow_task_waits,
+    worker_histograms,
 )
 from bench.proc import CpuSplit, cpu_seconds
 from bench.stats import summary_ms
@@ -110,14 +110,12 @@ async def measure_lifecycle(
 
     cpu_before = cpu_seconds(worker_pid)
     sql_before = await statement_counts(pool, statements_enabled)
-    waits_before = await workflow_task_waits(driver.backends.settings)
-    gc_before = await worker_gc_pauses(driver.backends.settings)
+    worker_before = await worker_histograms(driver.backends.settings)
     split = CpuSplit(processes)
     split.start()
     saturated = await lifecycle_saturation(driver, n, concurrency)
     cpu_split = split.stop(saturated.wall_s)
-    waits_after = await workflow_task_waits(driver.backends.settings)
-    gc_after = await worker_gc_pauses(driver.backends.settings)
+    worker_after = await worker_histograms(driver.backends.settings)
     sql_after = await statement_counts(pool, statements_enabled)
     cpu = cpu_seconds(worker_pid) - cpu_before
     progress("lifecycle", f"{saturated.throughput_per_s:.1f} lifecycles/s at saturation")
@@ -133,8 +131,8 @@ async def measure_lifecycle(
             "unlock_to_issued_ms": summary_ms(light.latencies_s),
         },
         "worker_cpu_s_per_1000": round(cpu / n * 1000, 2),
-        "workflow_task_wait_ms": _task_waits(waits_before, waits_after, n),
-        "worker_gc": _collections(gc_before, gc_after, n),
+        "workflow_task_wait_ms": _task_waits(worker_before, worker_after, n),
+        "worker_gc": _collections(worker_before, worker_after, n),
         "cpu_by_process": cpu_split,
         "history_events_per_coupon": await history_events(driver.client, sample),
         "sql_per_coupon": {
@@ -153,9 +151,7 @@ async def measure_lifecycle(
 
 
 def _collections(
-    before: dict[str, tuple[float, float]] | None,
-    after: dict[str, tuple[float, float]] | None,
-    n: int,
+    before: WorkerHistograms | None, after: WorkerHistograms | None, n: int
 ) -> dict[str, Any] | None:
     """The worker's garbage collections during the saturation run: ms per lifecycle in all,
     and the full ones (each stops the worker meanwhile) per 1,000 lifecycles and their mean."""
@@ -163,11 +159,11 @@ def _collections(
         return None
 
     def spent(generation: str) -> tuple[float, float]:
-        total, count = after.get(generation, (0.0, 0.0))
-        total_before, count_before = before.get(generation, (0.0, 0.0))
+        total, count = after.gc_pauses.get(generation, (0.0, 0.0))
+        total_before, count_before = before.gc_pauses.get(generation, (0.0, 0.0))
         return total - total_before, count - count_before
 
-    seconds = sum(spent(generation)[0] for generation in after)
+    seconds = sum(spent(generation)[0] for generation in after.gc_pauses)
     full_s, full = spent("2")
     return {
         "ms_per_lifecycle": round(seconds * 1000 / n, 2),
@@ -180,15 +176,18 @@ def _collections(
 
 
 def _task_waits(
-    before: tuple[float, float] | None, after: tuple[float, float] | None, n: int
+    before: WorkerHistograms | None, after: WorkerHistograms | None, n: int
 ) -> dict[str, Any] | None:
     """The worker's workflow tasks of the saturation run: their mean wait from scheduled to
     started, and how many per lifecycle (the last ones of a run may fall after it)."""
-    if before is None or after is None or after[1] <= before[1]:
+    if before is None or after is None:
         return None
-    tasks = after[1] - before[1]
+    (waited_before, tasks_before), (waited, tasks_after) = before.task_waits, after.task_waits
+    tasks = tasks_after - tasks_before
+    if tasks <= 0:
+        return None
     return {
-        "mean": round((after[0] - before[0]) / tasks, 1),
+        "mean": round((waited - waited_before) / tasks, 1),
         "tasks_per_lifecycle": round(tasks / n, 2),
         "measure": "the SDK's temporal_workflow_task_schedule_to_start_latency on the "
         "worker's metrics, shared and sticky queue, read before and after the run",

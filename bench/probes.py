@@ -1,7 +1,7 @@
 """What the benchmark reads to observe the service from outside: from PostgreSQL, when
 each coupon's `issued` event was written, how many granted claims still wait for their
 workflow, and how many SQL statements ran; from the worker's metrics, how long its
-workflow tasks waited to be started.
+workflow tasks waited to be started and its garbage collections took.
 
 Every statement here carries the /* bench */ marker, so the statement counts leave the
 benchmark's own reads out.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -102,33 +103,36 @@ async def unstarted_claims(pool: AsyncConnectionPool, campaign_id: str) -> int:
 TASK_WAIT = "temporal_workflow_task_schedule_to_start_latency"
 
 
-async def workflow_task_waits(settings: Settings) -> tuple[float, float] | None:
-    """The worker's workflow tasks on the coupons' queue so far: their waits from scheduled
-    to started summed (ms), and how many; None with the worker's metrics off."""
-    sums = await _histograms(settings, TASK_WAIT, "task_queue")
-    if sums is None:
-        return None
-    return sums.get(settings.task_queue, (0.0, 0.0))
+@dataclass(frozen=True)
+class WorkerHistograms:
+    """Two of the worker's histograms, read in one scrape of its metrics."""
+
+    # The coupons' queue's workflow tasks so far: their waits from scheduled to started
+    # summed (ms), and how many.
+    task_waits: tuple[float, float]
+    # Its garbage collections so far, by generation ("2": full): seconds summed, and how many.
+    gc_pauses: dict[str, tuple[float, float]]
 
 
-async def worker_gc_pauses(settings: Settings) -> dict[str, tuple[float, float]] | None:
-    """The worker's garbage collections so far, by generation ("2": full): their seconds
-    summed, and how many; None with the worker's metrics off."""
-    return await _histograms(settings, GC_PAUSE, "generation")
-
-
-async def _histograms(
-    settings: Settings, name: str, by: str
-) -> dict[str, tuple[float, float]] | None:
-    """Histogram `name` on the worker's metrics endpoint: (sum, count) by label `by`."""
+async def worker_histograms(settings: Settings) -> WorkerHistograms | None:
+    """The worker's histograms the bench reports, now; None with the worker's metrics off."""
     url = settings.worker_metrics_url
     if url is None:
         return None
     async with httpx.AsyncClient(trust_env=False) as http:
         response = await http.get(url)
         response.raise_for_status()
+    waits = _by_label(response.text, TASK_WAIT, "task_queue")
+    return WorkerHistograms(
+        task_waits=waits.get(settings.task_queue, (0.0, 0.0)),
+        gc_pauses=_by_label(response.text, GC_PAUSE, "generation"),
+    )
+
+
+def _by_label(exposition: str, name: str, by: str) -> dict[str, tuple[float, float]]:
+    """Histogram `name` in a Prometheus exposition: (sum, count) by label `by`."""
     sums: dict[str, list[float]] = {}
-    for family in text_string_to_metric_families(response.text):
+    for family in text_string_to_metric_families(exposition):
         for sample in family.samples:
             if sample.name in (f"{name}_sum", f"{name}_count"):
                 totals = sums.setdefault(sample.labels.get(by, ""), [0.0, 0.0])
