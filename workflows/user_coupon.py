@@ -32,7 +32,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.platform import PlatformActivities
     from coupons import contract as act
     from coupons.errors import UNKNOWN_TASK, WRONG_STATE
-    from coupons.lifecycle import CouponLifecycle, TransitionNotAllowed, UnknownTask
+    from coupons.lifecycle import Lifecycle, TransitionNotAllowed, UnknownTask
     from coupons.model import (
         CAMPAIGN_ID,
         COUPON_STATE,
@@ -86,7 +86,7 @@ class UserCouponWorkflow:
     @workflow.init
     def __init__(self, input: CouponInput) -> None:
         self._input = input
-        self._machine = _machine_of(input)
+        self._lifecycle = _lifecycle_of(input)
         # A first run starts as a continued one would with nothing carried.
         carried = input.carried or CarriedRun([], [], None, BUDGET_RECHECK.total_seconds(), 0)
         self._runs_before = carried.runs_before
@@ -101,7 +101,7 @@ class UserCouponWorkflow:
         self._waiting_for = "start"
         self._platform_queue = act.platform_task_queue(workflow.info().task_queue)
         # The claim started the workflow with these search attributes already set.
-        self._published_state = self._machine.state
+        self._published_state = self._lifecycle.state
 
     # ----- the process -------------------------------------------------------------
 
@@ -110,11 +110,11 @@ class UserCouponWorkflow:
         if input.resume_state == "received":
             self._take_reported_tasks(input.tasks_done)
         # Each step runs only where the machine stands when the one before it ends.
-        if self._machine.received.is_active:
+        if self._lifecycle.value == "received":
             await self._await_tasks()
-        if self._machine.usable.is_active:
+        if self._lifecycle.value == "usable":
             await self._issue()
-        if self._machine.issued.is_active:
+        if self._lifecycle.value == "issued":
             await self._await_redemption()
         await self._record_pending()
         self._waiting_for = "nothing (final)"
@@ -133,7 +133,7 @@ class UserCouponWorkflow:
             if deadline is not None and _until(deadline) <= timedelta(0):
                 raise TimeoutError
             await workflow.wait_condition(
-                lambda: not self._machine.received.is_active,
+                lambda: self._lifecycle.value != "received",
                 timeout=_until(deadline) if deadline else None,
                 timeout_summary="task deadline",
             )
@@ -142,7 +142,7 @@ class UserCouponWorkflow:
 
     async def _issue(self) -> None:
         # From here on the coupon may be in the wallet: the machine refuses a cancel.
-        self._machine.begin_send()
+        self._lifecycle.send("begin_send")
         # The move into `usable` is written by the issue activity itself, saving a round trip.
         became_usable = self._unrecorded.pop() if self._unrecorded else None
         while True:
@@ -235,7 +235,7 @@ class UserCouponWorkflow:
             replace(
                 self._input,
                 resume_state="usable",
-                tasks_done=list(self._machine.tasks_done),
+                tasks_done=list(self._lifecycle.tasks_done),
                 receipt=None,
                 carried=CarriedRun(
                     transitions=list(self._transitions),
@@ -347,8 +347,8 @@ class UserCouponWorkflow:
 
     def _complete(self, completion: TaskCompletion) -> None:
         before = self._take("complete_task", completion.task)
-        if self._machine.state != before:
-            self._note(before, f"tasks done: {', '.join(self._machine.tasks_done)}")
+        if self._lifecycle.state != before:
+            self._note(before, f"tasks done: {', '.join(self._lifecycle.tasks_done)}")
         else:
             self._publish()  # one of several tasks, or a repeated report
 
@@ -393,10 +393,10 @@ class UserCouponWorkflow:
     @workflow.signal(name=act.REPORT_REDEMPTION)
     def report_redemption(self, report: RedemptionReport) -> None:
         # A report may overtake our own confirmation of the send: keep it for `issued`.
-        if self._machine.may_be_used and self._redemption is None:
+        if self._lifecycle.may_be_used and self._redemption is None:
             self._redemption = report
         else:
-            self._ignored.append(f"report_redemption: coupon is {self._machine.state}")
+            self._ignored.append(f"report_redemption: coupon is {self._lifecycle.state}")
 
     @workflow.query
     def status(self) -> CouponStatus:
@@ -404,9 +404,9 @@ class UserCouponWorkflow:
             coupon_id=self._input.coupon_id,
             campaign_id=self._input.campaign_id,
             user_id=self._input.user_id,
-            state=self._machine.state,
+            state=self._lifecycle.state,
             tasks_required=list(self._input.required_tasks),
-            tasks_done=list(self._machine.tasks_done),
+            tasks_done=list(self._lifecycle.tasks_done),
             task_deadline=self._input.task_deadline,
             claimed_at=self._input.claimed_at,
             waiting_for=self._waiting_for,
@@ -419,18 +419,18 @@ class UserCouponWorkflow:
 
     def _check(self, event: str, *args: str) -> None:
         """Refuse, as the caller's error, an event the machine would refuse now; moves
-        nothing (the machine answers on a copy), so validators can ask it."""
+        nothing (the coupon's values stay as they were), so validators can ask it."""
         try:
-            self._machine.check(event, *args)
+            self._lifecycle.check(event, *args)
         except (TransitionNotAllowed, UnknownTask) as err:
             raise self._refusal(event, err) from None
 
     def _take(self, event: str, *args: str) -> str:
         """Send an event a caller asked for; the state it left. Refused, it is the caller's
         error (a refused event moves nothing), never a workflow task failure."""
-        before = self._machine.state
+        before = self._lifecycle.state
         try:
-            self._machine.send(event, *args)
+            self._lifecycle.send(event, *args)
         except (TransitionNotAllowed, UnknownTask) as err:
             raise self._refusal(event, err) from None
         return before
@@ -438,16 +438,18 @@ class UserCouponWorkflow:
     def _refusal(self, event: str, err: TransitionNotAllowed | UnknownTask) -> ApplicationError:
         if isinstance(err, UnknownTask):
             return ApplicationError(str(err), type=UNKNOWN_TASK, non_retryable=True)
-        return ApplicationError(self._machine.refusal(event), type=WRONG_STATE, non_retryable=True)
+        return ApplicationError(
+            self._lifecycle.refusal(event), type=WRONG_STATE, non_retryable=True
+        )
 
     # ----- effects -------------------------------------------------------------------
 
     def _fire(
         self, event: str, cause: str, *, at: datetime | None = None, recorded: bool = False
     ) -> None:
-        before = self._machine.state
+        before = self._lifecycle.state
         try:
-            self._machine.send(event)
+            self._lifecycle.send(event)
         except TransitionNotAllowed as err:
             # The workflow's own events (deadline, the platform's answers) come only where
             # the machine takes them: a refusal is a bug in the workflow, not bad input.
@@ -457,7 +459,7 @@ class UserCouponWorkflow:
     def _note(
         self, before: str, cause: str, *, at: datetime | None = None, recorded: bool = False
     ) -> None:
-        transition = Transition(before, self._machine.state, cause, at or workflow.now())
+        transition = Transition(before, self._lifecycle.state, cause, at or workflow.now())
         self._transitions.append(transition)
         if not recorded:
             self._unrecorded.append(transition)
@@ -477,7 +479,7 @@ class UserCouponWorkflow:
 
     def _publish(self) -> None:
         """Keep the Web UI's search attributes and current details in step with the machine."""
-        state = self._machine.state
+        state = self._lifecycle.state
         if state != self._published_state:
             # Only on a state change: each upsert is a history event.
             # The same one upsert per state change as before the platform coupon id was
@@ -491,9 +493,9 @@ class UserCouponWorkflow:
                 updates.append(PLATFORM_COUPON_ID.value_set(self._receipt.platform_coupon_id))
             workflow.upsert_search_attributes(updates)
             self._published_state = state
-        done = len(self._machine.tasks_done)
+        done = len(self._lifecycle.tasks_done)
         required = len(self._input.required_tasks)
-        pending = ", ".join(self._machine.tasks_pending) or "none"
+        pending = ", ".join(self._lifecycle.tasks_pending) or "none"
         lines = [
             f"**{state}** · campaign `{self._input.campaign_id}` · user `{self._input.user_id}`",
             f"tasks {done}/{required} done (pending: {pending})",
@@ -504,15 +506,15 @@ class UserCouponWorkflow:
         workflow.set_current_details("\n\n".join(lines))
 
 
-def _machine_of(input: CouponInput) -> CouponLifecycle:
-    """The machine a run starts with: at the claim's start (`received`, or `usable` for a
+def _lifecycle_of(input: CouponInput) -> Lifecycle:
+    """Where a run starts: at the claim's start (`received`, or `usable` for a
     campaign without tasks), or where the ledger says a recovered coupon is."""
     if input.resume_state in ("usable", "issued"):
         # Its tasks are done. A usable coupon's send starts again (same key); an issued
         # one's is over. A continued run keeps the order they were done in.
         done = input.tasks_done if input.carried else input.required_tasks
-        return CouponLifecycle(input.required_tasks, tasks_done=done, state=input.resume_state)
-    return CouponLifecycle(input.required_tasks)
+        return Lifecycle(input.required_tasks, tasks_done=done, state=input.resume_state)
+    return Lifecycle(input.required_tasks)
 
 
 def _until(moment: datetime) -> timedelta:
