@@ -229,6 +229,19 @@ def test_coupons_taken_in_turns_on_one_thread_keep_their_own_tasks_and_states() 
     assert (second.value, second.tasks_done) == ("sending", ["x"])
 
 
+def test_a_coupon_reaching_a_final_state_leaves_the_next_coupon_a_working_machine() -> None:
+    """python-statemachine stops a machine's engine in a final state for good."""
+    for final in ("cancel", "expire"):
+        ending = Lifecycle(["a"])
+        ending.send(final)
+        assert ending.is_final
+        with pytest.raises(TransitionNotAllowed):
+            ending.check("complete_task", "a")
+        after = Lifecycle(["a"])
+        after.send("complete_task", "a")
+        assert after.value == "usable"
+
+
 def test_threads_each_run_their_coupons_on_their_own_machine() -> None:
     """As the SDK's executor threads do: many threads at once, each event to its end."""
     threads, per_thread = 4, 200
