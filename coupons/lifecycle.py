@@ -158,7 +158,9 @@ class Lifecycle:
     a thousand coupons cached for weeks, so it holds no machine per coupon: each event runs
     on its thread's one machine, loaded with these values first (`current_state_value`, the
     library's way to set a state), and the values are read back. Nothing awaits between the
-    load and the read, so no other coupon touches that machine meanwhile.
+    load and the read, so no other coupon touches that machine meanwhile, and the machine
+    keeps nothing of a coupon between events. It is built again after a final state (the
+    library stops it there) and after an event that did not finish.
     """
 
     __slots__ = ("required_tasks", "tasks_done", "value")
@@ -226,14 +228,19 @@ class Lifecycle:
         return f"coupon is {state}; {why}"
 
     def _run(self, event: str, *args: str) -> CouponLifecycle:
-        machine = self._loaded()
         try:
+            machine = self._loaded()
             machine.send(event, *args)
-        finally:
-            if machine.is_terminated:
-                # A final state ends a python-statemachine machine for good (its engine
-                # stops): this thread's next event gets a new one.
-                _THIS_THREAD.machine = None
+        except BaseException:
+            # A machine an event did not finish on is not used again. A refusal leaves it
+            # clean, but an interrupt (the SDK's deadlock interrupt is a BaseException) can
+            # leave the event queued, or the engine's lock held, for the next coupon.
+            _THIS_THREAD.machine = None
+            raise
+        if machine.is_terminated:
+            # A final state ends a python-statemachine machine for good (its engine
+            # stops): this thread's next event gets a new one.
+            _THIS_THREAD.machine = None
         return machine
 
     def _loaded(self) -> CouponLifecycle:

@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable
 
 import pytest
+from statemachine.engines.sync import SyncEngine
 
 from coupons.lifecycle import (
     EVENTS,
@@ -240,6 +241,33 @@ def test_a_coupon_reaching_a_final_state_leaves_the_next_coupon_a_working_machin
         after = Lifecycle(["a"])
         after.send("complete_task", "a")
         assert after.value == "usable"
+
+
+class _Interrupt(BaseException):
+    """As the SDK's deadlock interrupt, raised into a workflow's thread at any point."""
+
+
+def test_an_event_interrupted_on_its_way_leaves_nothing_for_the_threads_next_coupon(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Interrupted after python-statemachine queued the event and before its engine ran it:
+    kept, the machine would run that event for the next coupon on the thread."""
+    Lifecycle(["a"]).check("complete_task", "a")  # the thread's machine exists
+    interrupted = Lifecycle([], state="usable")
+
+    def interrupt(self: SyncEngine, *args: object) -> None:
+        raise _Interrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(SyncEngine, "processing_loop", interrupt)
+        with pytest.raises(_Interrupt):
+            interrupted.send("begin_send")
+    assert interrupted.value == "usable"
+    following = Lifecycle(["a"], ["a"], state="usable")
+    following.send("complete_task", "a")  # a repeated report: nothing moves
+    assert (following.value, following.tasks_done) == ("usable", ["a"])
+    interrupted.send("begin_send")
+    assert interrupted.value == "sending"
 
 
 def test_threads_each_run_their_coupons_on_their_own_machine() -> None:
