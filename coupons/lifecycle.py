@@ -228,19 +228,18 @@ class Lifecycle:
         return f"coupon is {state}; {why}"
 
     def _run(self, event: str, *args: str) -> CouponLifecycle:
+        machine = self._loaded()
+        finished = False
         try:
-            machine = self._loaded()
             machine.send(event, *args)
-        except BaseException:
-            # A machine an event did not finish on is not used again. A refusal leaves it
-            # clean, but an interrupt (the SDK's deadlock interrupt is a BaseException) can
-            # leave the event queued, or the engine's lock held, for the next coupon.
-            _THIS_THREAD.machine = None
-            raise
-        if machine.is_terminated:
-            # A final state ends a python-statemachine machine for good (its engine
-            # stops): this thread's next event gets a new one.
-            _THIS_THREAD.machine = None
+            finished = True
+        finally:
+            # This thread's next event gets a new machine after one that did not finish (a
+            # refusal leaves it clean, but the SDK's deadlock interrupt, a BaseException, can
+            # leave the event queued or the engine's lock held for the next coupon), and
+            # after a final state (python-statemachine stops its engine there for good).
+            if not finished or machine.is_terminated:
+                _THIS_THREAD.machine = None
         return machine
 
     def _loaded(self) -> CouponLifecycle:
