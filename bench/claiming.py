@@ -1,6 +1,6 @@
-"""Every claim figure, in one part: the same run's PostgreSQL reference, then bursts,
-steady claims and a sweep of offered rates, each in process and through the HTTP API
-(bench/claimers.py), each path on campaigns of its own.
+"""Every claim figure, in one part: the same run's PostgreSQL reference, then bursts, the
+same run's Temporal start-rate reference, steady claims and a sweep of offered rates, each
+in process and through the HTTP API (bench/claimers.py), each path on campaigns of its own.
 
 Before each burst, steady run and sweep the worker is let settle (the previous run's
 workflow starts absorbed), so each starts from rest.
@@ -30,6 +30,7 @@ from bench.load import progress
 from bench.open_coupons import SETTLE_TIMEOUT_S, settle
 from bench.reference import measure_reference
 from bench.sizes import Size
+from bench.start_reference import measure_start_reference
 from bench.steady import measure_steady, measure_sweep, wait_for_workflows
 from bench.storm import measure_storm
 from coupons.config import Settings
@@ -148,6 +149,13 @@ async def measure_claims(
         progress("claim storm", f"10,000 at once: not run ({LARGE_NOT_RUN})")
         for path in paths:
             results[f"claim_storm_large{path.suffix}"] = {"not_run": LARGE_NOT_RUN}
+
+    # Just before the steady claims, the server as old as they find it, and at rest.
+    progress("reference", f"the Temporal server's start rate: {size.reference_starts} starts")
+    await paths[0].rest()
+    results["start_reference"] = await measure_start_reference(
+        client, settings, n=size.reference_starts, processes=processes
+    )
 
     progress(
         "steady claims",

@@ -39,6 +39,7 @@ COMPARED: tuple[tuple[str, str, bool], ...] = (
     ("reconciliation with repairs, coupons/s", "reconciliation.first.coupons_per_s", True),
     ("single-row commits/s (reference)", "commit_reference.single_row_commits_per_s", True),
     ("SELECT 1 round trips/s (reference)", "commit_reference.select1_per_s", True),
+    ("workflow starts/s, the server alone (reference)", "start_reference.starts_per_s", True),
     ("claim storm in process, claims/s", "claim_storm.throughput_per_s", True),
     ("claim storm in process p99, ms", "claim_storm.claim_latency_ms.p99", False),
     ("claim storm HTTP API, claims/s", "claim_storm_api.throughput_per_s", True),

@@ -33,8 +33,10 @@ class Size:
     storm_quota: int
     large_storm_claims: int
     large_storm_quota: int
-    # The single-row commit rate and SELECT 1 rate, each measured this long.
+    # The single-row commit rate and SELECT 1 rate, each measured this long; the Temporal
+    # server's start rate over this many starts.
     reference_s: float
+    reference_starts: int
     # Steady claims, open loop: offered at this rate for this long; then a sweep of offered
     # rates, this long each. A claim the generator cannot send within the late limit of
     # its planned time is skipped (counted); the wait for the claims' workflows is bounded.
@@ -77,6 +79,7 @@ SIZES = {
         large_storm_claims=10_000,
         large_storm_quota=1000,
         reference_s=5,
+        reference_starts=2000,
         steady_rate_per_s=500,
         steady_s=20,
         sweep_rates_per_s=(100, 250, 500, 1000),
@@ -106,6 +109,7 @@ SIZES = {
         large_storm_claims=10_000,
         large_storm_quota=1000,
         reference_s=3,
+        reference_starts=1000,
         steady_rate_per_s=500,
         steady_s=5,
         sweep_rates_per_s=(100, 250, 500, 1000),
@@ -140,6 +144,7 @@ SIZES = {
         large_storm_claims=0,
         large_storm_quota=0,
         reference_s=1,
+        reference_starts=100,
         steady_rate_per_s=50,
         steady_s=2,
         sweep_rates_per_s=(25, 50),

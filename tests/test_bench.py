@@ -64,6 +64,8 @@ REQUIRED = (
     "claim_storm_large_api.not_run",
     "commit_reference.single_row_commits_per_s",
     "commit_reference.select1_per_s",
+    "start_reference.starts_per_s",
+    "start_reference.server_cpu_ms_per_start",
     "steady_claims.claim_latency_ms.p99",
     "steady_claims.achieved_per_s",
     "steady_claims.workflows.unstarted_left",
@@ -126,6 +128,15 @@ def test_tiny_bench_end_to_end(tmp_path: Path) -> None:
     assert data["commit_reference"]["single_row_commits_per_s"] > 0
     assert data["commit_reference"]["select1_per_s"] > 0
     size = data["size"]
+    # The server's own start rate, every start answered, and the workflow targets read
+    # against it.
+    starts = data["start_reference"]
+    assert starts["starts"] == size["reference_starts"], starts
+    assert starts["starts_per_s"] > 0 and starts["server_cpu_ms_per_start"] > 0, starts
+    for target in data["targets"]:
+        if "workflow started" in target["target"]:
+            assert "the Temporal server alone started" in target["figure"], target
+    assert "workflow start rate (reference, the Temporal server alone)" in summary
     for path in ("steady_claims", "steady_claims_api"):
         steady = data[path]
         assert steady["offered"] == round(size["steady_rate_per_s"] * size["steady_s"]), steady
