@@ -13,6 +13,7 @@ untouched until the bench's stack is thrown away.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from temporalio.client import Client
@@ -21,6 +22,7 @@ from app.claims import STARTS_AT_ONCE
 from bench.floor_workflow import FLOOR_WORKFLOW
 from bench.load import closed_loop, progress
 from bench.proc import CpuSplit
+from bench.stats import summary_ms
 from coupons.config import Settings
 
 
@@ -32,16 +34,16 @@ def unpolled_task_queue(settings: Settings) -> str:
 async def measure_start_reference(
     client: Client, settings: Settings, *, n: int, processes: dict[str, int]
 ) -> dict[str, Any]:
-    """`n` workflow starts, STARTS_AT_ONCE in flight: starts per second and the CPU of each
-    process meanwhile."""
-
+    """`n` workflow starts, STARTS_AT_ONCE in flight: starts per second, each start's wait
+    for the server's answer, and the CPU of each process meanwhile."""
     task_queue = unpolled_task_queue(settings)
 
     async def start(i: int) -> float:
+        sent = time.monotonic()
         await client.start_workflow(
             FLOOR_WORKFLOW, id=f"bench-start-reference-{i}", task_queue=task_queue
         )
-        return 0.0
+        return time.monotonic() - sent
 
     cpu = CpuSplit(processes)
     cpu.start()
@@ -59,6 +61,7 @@ async def measure_start_reference(
         "starts_per_s": round(run.throughput_per_s, 1),
         "starts_overall_per_s": round(run.overall_per_s, 1),
         "wall_s": round(run.wall_s, 2),
+        "start_latency_ms": summary_ms(run.latencies_s),
         "server_cpu_ms_per_start": round(server_ms, 2) if server_ms is not None else None,
         "cpu_by_process": split,
         "measure": f"{n} starts of the floor's workflow (no input, no search attributes) "

@@ -133,6 +133,8 @@ def test_tiny_bench_end_to_end(tmp_path: Path) -> None:
     starts = data["start_reference"]
     assert starts["starts"] == size["reference_starts"], starts
     assert starts["starts_per_s"] > 0 and starts["server_cpu_ms_per_start"] > 0, starts
+    assert starts["start_latency_ms"]["count"] == starts["starts"], starts
+    assert 0 < starts["start_latency_ms"]["p50"] <= starts["start_latency_ms"]["p99"], starts
     for target in data["targets"]:
         if "workflow started" in target["target"]:
             assert "the Temporal server alone started" in target["figure"], target
