@@ -174,14 +174,10 @@ def _start_reference_row(data: dict[str, Any]) -> str:
     ref = get(data, "start_reference") or {}
     if not ref:
         return "n/a"
-    answered = (
-        f", each answered in {p50_p99(data, 'start_reference.start_latency_ms')}"
-        if "start_latency_ms" in ref
-        else ""
-    )
     return (
         f"{num(ref.get('starts_per_s')):.0f} starts/s ({ref.get('starts')} starts, "
-        f"{ref.get('in_flight')} in flight, no worker polling{answered}; "
+        f"{ref.get('in_flight')} in flight, no worker polling, each answered in "
+        f"{p50_p99(data, 'start_reference.start_latency_ms')}; "
         f"{num(ref.get('server_cpu_ms_per_start')):.1f} ms of the server's CPU each, "
         f"{num(get(data, 'start_reference.cpu_by_process.temporal.cores')):.2f} cores)"
     )
