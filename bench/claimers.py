@@ -28,7 +28,6 @@ import aiohttp
 from temporalio.client import Client
 
 from app.claims import ClaimRefused, ClaimService
-from app.heap import freeze_startup_heap
 from bench.end_to_end import TASK
 from coupons import catalog
 from coupons.catalog.campaigns import ensure_campaign
@@ -96,8 +95,6 @@ class InProcess:
 
     async def __aenter__(self) -> InProcess:
         await self._pool.open(wait=True)
-        # As the API's process does once started: this process serves the claims here.
-        freeze_startup_heap()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
