@@ -61,7 +61,7 @@ class ClaimPath:
         await self.campaign(campaign, quota)
         await self.rest()
         # The load generator's own full collections would count in the claims' latency:
-        # unfrozen, each stopped this process's sending for 90 to 150 ms, about once in
+        # unfrozen, each stopped this process's sending for 90 to 150 ms, once or twice in
         # 10,000 claims at 500 a second through the API.
         freeze_startup_heap()
         async with self.open() as claimer:
